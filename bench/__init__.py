@@ -1,0 +1,1 @@
+"""shipyard benchmarks: each measures a ratio against a baseline in one run."""

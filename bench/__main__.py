@@ -1,0 +1,45 @@
+"""Run benchmarks: ``python -m bench [NAME ...] [--quick]``.
+
+Prints a table per benchmark and the JSON of all results; each result is also written
+to ``bench/out/<name>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+import time
+from typing import Any
+
+from bench.common import machine, write_json
+
+BENCHMARKS = ["echo"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument("names", nargs="*", choices=[*BENCHMARKS, []][0:0] or None,
+                        help=f"benchmarks to run (default: all of {', '.join(BENCHMARKS)})")
+    parser.add_argument("--quick", action="store_true", help="shorter runs, noisier numbers")
+    args = parser.parse_args(argv)
+    names = args.names or BENCHMARKS
+    unknown = [n for n in names if n not in BENCHMARKS]
+    if unknown:
+        parser.error(f"unknown benchmark(s): {', '.join(unknown)}; known: {', '.join(BENCHMARKS)}")
+    report: dict[str, Any] = {"machine": machine(), "when": time.strftime("%Y-%m-%d %H:%M:%S"),
+                              "results": {}}
+    ok = True
+    for name in names:
+        module = importlib.import_module(f"bench.{name}")
+        result = module.run(quick=args.quick)
+        report["results"][name] = result
+        write_json(name, {"machine": report["machine"], "when": report["when"], **result})
+        ok = ok and bool(result.get("pass", True))
+    print("\n" + json.dumps(report, indent=2))
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

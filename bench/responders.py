@@ -1,0 +1,70 @@
+"""Responder processes for the echo benchmark: raw nats-py, and the node runtime.
+
+    python -m bench.responders raw URL SUBJECT
+    python -m bench.responders node URL NAME
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any, ClassVar
+
+import anyio
+import nats
+
+from nodes.runtime.node import Node, handles
+from nodes.runtime.settings import NatsSettings
+from protocol.base import Command, Family, Message, Request
+
+
+class Echoed(Message, frozen=True, kw_only=True, tag="bench.echoed"):
+    payload: str
+
+
+class BenchEcho(Command[Echoed], frozen=True, kw_only=True, tag="echo"):
+    payload: str
+
+
+BENCH = Family("bench", BenchEcho, Echoed)
+
+
+class BenchNode(Node):
+    """A role whose one handler echoes: the runtime's full request path, nothing else."""
+
+    role: ClassVar[str] = "bench"
+    family: ClassVar[Family | None] = BENCH
+
+    @handles(BenchEcho)
+    async def echo(self, cmd: BenchEcho, req: Request[Any]) -> Echoed:
+        return Echoed(payload=cmd.payload)
+
+
+async def raw(url: str, subject: str) -> None:
+    nc = await nats.connect(url)
+
+    async def on_msg(msg: Any) -> None:
+        await msg.respond(msg.data)
+
+    await nc.subscribe(subject, queue="bench", cb=on_msg)
+    await nc.flush()
+    print("READY", flush=True)
+    await anyio.sleep_forever()
+
+
+async def node(url: str, name: str) -> None:
+    n = BenchNode(name=name, nats=NatsSettings(servers=(url,)), heartbeat_interval=2.0)
+    async with anyio.create_task_group() as tg:
+        await tg.start(n.serve)
+        print("READY", flush=True)
+
+
+def main() -> None:
+    kind, url, arg = sys.argv[1:4]
+    from nodes.runtime.logs import configure_logging
+    configure_logging("warning", json=True)
+    fn = raw if kind == "raw" else node
+    anyio.run(fn, url, arg, backend_options={"use_uvloop": True})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,65 @@
+"""The ``shipyard`` admin command line.
+
+Exit codes: 0 success; 1 the operation failed (unknown name, refused, timed out);
+2 usage error or NATS unreachable.  Expected errors print one line, no traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+import nodes
+from nodes.cli.common import EXIT_FAILED, EXIT_USAGE, CliState, err
+from nodes.cli.fleet import events_cmd, nodes_cmd
+from nodes.cli.stack import node, up
+from nodes.runtime.connection import CannotReachNats
+from nodes.runtime.embedded import EmbeddedNatsError
+from protocol.errors import OperationError, ShipyardError
+
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
+
+@click.group(context_settings=CONTEXT)
+@click.option("--nats", "nats_url", metavar="URL", default=None, envvar=None,
+              help="NATS server URL(s). Default: $SHIPYARD_NATS_URL, ./.shipyard/stack.json, "
+                   "nats://127.0.0.1:4222.")
+@click.version_option(nodes.__version__, prog_name="shipyard")
+@click.pass_context
+def cli(ctx: click.Context, nats_url: str | None) -> None:
+    """shipyard: a NATS-native elastic AI stack.
+
+    Start everything locally with 'shipyard up', then drive it from another shell.
+    """
+    ctx.obj = CliState(nats_url)
+
+
+cli.add_command(up)
+cli.add_command(node)
+cli.add_command(nodes_cmd)
+cli.add_command(events_cmd)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: run the CLI and map expected errors to exit codes."""
+    try:
+        code = cli.main(args=argv, prog_name="shipyard", standalone_mode=False)
+    except click.exceptions.Abort:
+        err.print("aborted")
+        code = EXIT_FAILED
+    except click.ClickException as exc:
+        exc.show()
+        code = exc.exit_code
+    except CannotReachNats as exc:
+        err.print(f"shipyard: {exc}", markup=False)
+        code = EXIT_USAGE
+    except OperationError as exc:
+        err.print(f"shipyard: {exc.message}", markup=False)
+        code = EXIT_FAILED
+    except (EmbeddedNatsError, ShipyardError) as exc:
+        err.print(f"shipyard: {exc}", markup=False)
+        code = EXIT_FAILED
+    except KeyboardInterrupt:
+        code = 130
+    sys.exit(code if isinstance(code, int) else 0)

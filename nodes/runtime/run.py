@@ -1,0 +1,73 @@
+"""Running a node as a process: signals, event loop, exit codes."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import sys
+from typing import Any
+
+import anyio
+
+from nodes.runtime.connection import CannotReachNats
+from nodes.runtime.logs import get_logger
+from nodes.runtime.node import Node
+
+PARENT_PID_ENV = "SHIPYARD_PARENT_PID"
+
+
+def die_with_parent() -> None:
+    """Under a supervisor, ask Linux to SIGTERM us if the supervisor dies (no orphans)."""
+    parent = os.environ.get(PARENT_PID_ENV)
+    if not parent or not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        pr_set_pdeathsig = 1
+        libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
+    except OSError:
+        return
+    if os.getppid() != int(parent):  # the parent died before prctl took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+async def serve_until_signalled(node: Node) -> None:
+    """Serve ``node``; the first SIGINT/SIGTERM stops it gracefully, a second one exits."""
+    log = get_logger(node=node.name, role=node.role)
+
+    async def watch_signals() -> None:
+        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            count = 0
+            async for sig in signals:
+                count += 1
+                if count == 1:
+                    log.info("signal received: stopping gracefully", signal=sig.name)
+                    node.stop()
+                else:
+                    log.warning("second signal: exiting now", signal=sig.name)
+                    os._exit(1)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(watch_signals)
+        await node.serve()
+        tg.cancel_scope.cancel()
+
+
+def run_node(node: Node) -> int:
+    """Run a node in this process until a signal; return the process exit code."""
+    die_with_parent()
+    try:
+        anyio.run(serve_until_signalled, node, backend_options=_backend_options())
+    except CannotReachNats as exc:
+        print(f"shipyard: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _backend_options() -> dict[str, Any]:
+    try:
+        import uvloop  # noqa: F401
+    except ImportError:
+        return {}
+    return {"use_uvloop": True}

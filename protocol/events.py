@@ -1,0 +1,79 @@
+"""Events: what happened, kept in the SY_EVENTS stream under ``sy.evt.>``.
+
+Every event has an ``id`` (also sent as ``Nats-Msg-Id``, so a retried publish is stored
+once) and a wall-clock ``ts``.  ``subject()`` says where it is published and
+``summary()`` is the one line ``shipyard events`` prints.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import msgspec
+
+from protocol import subjects
+from protocol.base import Codec, Message, new_id
+
+
+class Event(Message, frozen=True, kw_only=True):
+    id: str = msgspec.field(default_factory=new_id)
+    ts: float = msgspec.field(default_factory=time.time)
+
+    def subject(self) -> str:  # pragma: no cover - every kind overrides it
+        raise NotImplementedError
+
+    def summary(self) -> str:  # pragma: no cover - every kind overrides it
+        raise NotImplementedError
+
+
+class NodeOnline(Event, frozen=True, kw_only=True, tag="node.online"):
+    """A node's heartbeats started (``first_seen``), resumed after it was lost
+    (``resumed``), or came from a new process of the same node (``restarted``)."""
+
+    node: str
+    role: str
+    infra: str
+    host: str
+    pid: int
+    reason: str = "first_seen"
+
+    def subject(self) -> str:
+        return subjects.node_event(self.node)
+
+    def summary(self) -> str:
+        return (f"node {self.node} ({self.role}, infra {self.infra}) online: {self.reason}"
+                f" [{self.host} pid {self.pid}]")
+
+
+class NodeLost(Event, frozen=True, kw_only=True, tag="node.lost"):
+    """No heartbeat from ``node`` for ``silent_s`` seconds (3 of its intervals), or its
+    process ended (``reason`` says how)."""
+
+    node: str
+    role: str
+    infra: str
+    last_seen: float
+    silent_s: float
+    reason: str = ""
+
+    def subject(self) -> str:
+        return subjects.node_event(self.node)
+
+    def summary(self) -> str:
+        why = self.reason or f"no heartbeat for {self.silent_s:.1f}s"
+        return f"node {self.node} ({self.role}, infra {self.infra}) lost: {why}"
+
+
+AnyEvent = NodeOnline | NodeLost
+
+EVENT = Codec[AnyEvent](AnyEvent)
+
+
+def describe_unknown(raw: bytes) -> dict[str, Any]:
+    """Best-effort view of an event this reader does not know (a newer peer's)."""
+    try:
+        value = msgspec.json.decode(raw)
+    except msgspec.DecodeError:
+        return {"type": "?", "raw": raw[:200].decode("utf-8", "replace")}
+    return value if isinstance(value, dict) else {"type": "?", "value": value}

@@ -1,0 +1,117 @@
+"""The subject space.  No other module spells a subject, stream or bucket name.
+
+Namespace first, identifiers last, one token per level::
+
+    sy.hb.<role>.<node>                 heartbeats, core NATS, every node, every interval
+    sy.cmd.<role>.<verb>[.<verb>...]    commands to a role; the role's instances share them
+                                        in queue group <role> (least privilege per verb later)
+    sy.node.<node>.<verb>               commands to one node (ping, echo, status)
+    sy.evt.<kind>.<...>                 events; the SY_EVENTS JetStream stream keeps them
+        sy.evt.node.<node>                  node online / lost
+        sy.evt.deploy.<infra>.<project>     project deployments: desired, activated, failed
+        sy.evt.api.<infra>.<service>        API deployments
+        sy.evt.run.<project>.<run>          scenario runs: started, step, finished
+        sy.evt.govern.<item>                sign-offs and policy decisions
+    sy.rpt.<kind>.<node>                reports from nodes to the Deployer (activation, metrics)
+    sy.api.v1.<service>.<endpoint>      API service requests; nats.micro endpoints that the
+                                        service's API nodes share in queue group <service>
+    $SRV.PING|INFO|STATS[.<svc>[.<id>]] nats.micro discovery (spelled by nats-py itself)
+
+Tokens are ``[A-Za-z0-9_-]+``: names of nodes, roles, infras, projects and services are
+validated with ``token`` before they reach a subject.
+"""
+
+from __future__ import annotations
+
+import re
+
+ROOT = "sy"
+API_VERSION = "v1"
+
+_TOKEN = re.compile(r"^[A-Za-z0-9_-]+$")
+
+
+def token(value: str, what: str = "name") -> str:
+    """Return ``value`` if it is a valid subject token; raise ``ValueError`` otherwise."""
+    if not _TOKEN.match(value):
+        raise ValueError(
+            f"invalid {what} {value!r}: expected letters, digits, '_' or '-' "
+            "(no dots, spaces or wildcards)"
+        )
+    return value
+
+
+def _verb(verb: str) -> str:
+    for part in verb.split("."):
+        token(part, "verb")
+    return verb
+
+
+# -- heartbeats ---------------------------------------------------------------------------
+
+def heartbeat(role: str, node: str) -> str:
+    return f"{ROOT}.hb.{token(role, 'role')}.{token(node, 'node name')}"
+
+
+HEARTBEATS_ALL = f"{ROOT}.hb.>"
+
+
+# -- commands -----------------------------------------------------------------------------
+
+def command(role: str, verb: str) -> str:
+    return f"{ROOT}.cmd.{token(role, 'role')}.{_verb(verb)}"
+
+
+def node_command(node: str, verb: str) -> str:
+    return f"{ROOT}.node.{token(node, 'node name')}.{_verb(verb)}"
+
+
+def role_commands(role: str) -> str:
+    """Every command to ``role`` (what its instances subscribe to)."""
+    return f"{ROOT}.cmd.{token(role, 'role')}.>"
+
+
+def node_commands(node: str) -> str:
+    """Every command to one node."""
+    return f"{ROOT}.node.{token(node, 'node name')}.>"
+
+
+# -- events -------------------------------------------------------------------------------
+
+EVENTS_ALL = f"{ROOT}.evt.>"
+
+
+def event(kind: str, *ids: str) -> str:
+    parts = [token(kind, "event kind"), *(token(i, "identifier") for i in ids)]
+    return f"{ROOT}.evt." + ".".join(parts)
+
+
+def node_event(node: str) -> str:
+    return event("node", node)
+
+
+# -- reports ------------------------------------------------------------------------------
+
+def report(kind: str, node: str) -> str:
+    return f"{ROOT}.rpt.{token(kind, 'report kind')}.{token(node, 'node name')}"
+
+
+def reports(kind: str) -> str:
+    return f"{ROOT}.rpt.{token(kind, 'report kind')}.*"
+
+
+# -- API services -------------------------------------------------------------------------
+
+def api_endpoint(service: str, endpoint: str) -> str:
+    return f"{ROOT}.api.{API_VERSION}.{token(service, 'service')}.{token(endpoint, 'endpoint')}"
+
+
+def api_service_prefix(service: str) -> str:
+    return f"{ROOT}.api.{API_VERSION}.{token(service, 'service')}"
+
+
+# -- JetStream resources ------------------------------------------------------------------
+# Streams, KV buckets and object stores are part of the contract too.
+
+EVENTS_STREAM = "SY_EVENTS"
+REGISTRY_BUCKET = "sy_registry"

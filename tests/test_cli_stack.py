@@ -1,0 +1,131 @@
+"""The CLI and ``shipyard up`` as a user runs them: real subprocesses, real signals."""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+from tests.helpers import Background, pid_alive, shipyard, shipyard_argv, wait_until
+
+ROLES = {"deployer", "design", "govern", "automation", "api"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_cli_fails_fast_with_one_line_when_nats_is_unreachable(cli_env: dict[str, str],
+                                                                tmp_path: Path) -> None:
+    url = f"nats://127.0.0.1:{free_port()}"
+    for args in (["nodes", "--nats", url], ["--nats", url, "events"], ["nodes", "--json"]):
+        env = dict(cli_env, SHIPYARD_NATS_URL=url)
+        t0 = time.monotonic()
+        proc = shipyard(*args, env=env, cwd=tmp_path)
+        elapsed = time.monotonic() - t0
+        assert proc.returncode == 2, proc.stderr
+        assert elapsed < 5.0
+        lines = proc.stderr.strip().splitlines()
+        assert lines == [f"shipyard: cannot reach NATS at {url} (connection refused)"]
+        assert "Traceback" not in proc.stdout + proc.stderr
+
+
+def test_cli_usage_errors_exit_2_and_help_works(cli_env: dict[str, str], tmp_path: Path) -> None:
+    assert shipyard("--help", env=cli_env, cwd=tmp_path).returncode == 0
+    for sub in ("up", "nodes", "events", "node"):
+        proc = shipyard(sub, "--help", env=cli_env, cwd=tmp_path)
+        assert proc.returncode == 0 and "Usage:" in proc.stdout
+    proc = shipyard("events", "--since", "yesterday", env=cli_env, cwd=tmp_path)
+    assert proc.returncode == 2 and "expected e.g. 30s" in proc.stderr
+    proc = shipyard("node", "start", "chef", env=cli_env, cwd=tmp_path)
+    assert proc.returncode == 2 and "chef" in proc.stderr
+    proc = shipyard("node", "start", "api", "--name", "a.b", env=cli_env, cwd=tmp_path)
+    assert proc.returncode == 2 and "invalid node name 'a.b'" in proc.stderr
+
+
+def _nodes(cli_env: dict[str, str], cwd: Path) -> list[dict[str, Any]]:
+    proc = shipyard("nodes", "--json", env=cli_env, cwd=cwd, check=True)
+    return list(json.loads(proc.stdout))
+
+
+def test_up_starts_every_role_restarts_a_killed_node_and_stops_cleanly(
+        cli_env: dict[str, str], tmp_path: Path) -> None:
+    up = Background(shipyard_argv("up", "--nats-port", "-1", "--monitor-port", "-1",
+                                  "--heartbeat-interval", "0.5"), env=cli_env, cwd=tmp_path)
+    stack: dict[str, Any] = {}
+    pids: set[int] = set()
+    try:
+        up.wait_line("ready:", timeout=60)
+        stack = json.loads((tmp_path / ".shipyard" / "stack.json").read_text())
+        assert stack["nats_url"].startswith("nats://127.0.0.1:")
+
+        # From "another shell" in the same folder: stack.json tells the CLI where NATS is.
+        nodes = wait_until(lambda: _all_online(cli_env, tmp_path), timeout=20,
+                           message="every role online")
+        assert {n["role"] for n in nodes} == ROLES
+        for n in nodes:
+            assert set(n) >= {"name", "role", "infra", "status", "last_seen_s", "version",
+                              "host", "pid"}
+        pids = {n["pid"] for n in nodes}
+        victim = next(n for n in nodes if n["name"] == "automation-1")
+
+        # kill -9 one node: the registry shows it lost, then online again (new pid).
+        killed_at = time.monotonic()
+        import os
+        os.kill(victim["pid"], signal.SIGKILL)
+        wait_until(lambda: _status(cli_env, tmp_path, "automation-1") == "lost",
+                   timeout=3 * 0.5 + 2, interval=0.02, message="automation-1 lost")
+        assert time.monotonic() - killed_at < 3 * 0.5 + 2
+        back = wait_until(lambda: _back_online(cli_env, tmp_path, victim["pid"]), timeout=20,
+                          message="automation-1 restarted and online")
+        pids.add(back["pid"])
+        events = shipyard("events", "--json", env=cli_env, cwd=tmp_path, check=True).stdout
+        kinds = [(e["type"], e["node"]) for e in map(json.loads, events.splitlines())]
+        assert ("node.lost", "automation-1") in kinds
+        assert kinds.count(("node.online", "automation-1")) == 2
+    finally:
+        code = up.stop(signal.SIGINT, timeout=40)
+    assert code == 0, up.output()
+    assert "stopped" in up.output()
+    assert "Traceback" not in up.output()
+    # No process left behind: every node process and the NATS server are gone.
+    if stack.get("nats_pid"):
+        pids.add(stack["nats_pid"])
+    wait_until(lambda: not any(pid_alive(p) for p in pids), timeout=10,
+               message=f"no orphan processes among {sorted(pids)}")
+    assert not (tmp_path / ".shipyard" / "stack.json").exists()
+
+
+def _all_online(env: dict[str, str], cwd: Path) -> list[dict[str, Any]] | None:
+    nodes = _nodes(env, cwd)
+    if {n["role"] for n in nodes if n["status"] == "online"} == ROLES:
+        return nodes
+    return None
+
+
+def _status(env: dict[str, str], cwd: Path, name: str) -> str | None:
+    return next((n["status"] for n in _nodes(env, cwd) if n["name"] == name), None)
+
+
+def _back_online(env: dict[str, str], cwd: Path, old_pid: int) -> dict[str, Any] | None:
+    for n in _nodes(env, cwd):
+        if n["name"] == "automation-1" and n["status"] == "online" and n["pid"] != old_pid:
+            return n
+    return None
+
+
+def test_up_refuses_a_second_stack_in_the_same_home(cli_env: dict[str, str],
+                                                    tmp_path: Path) -> None:
+    home = tmp_path / ".shipyard"
+    home.mkdir()
+    # A live process (this test) owns the stack file.
+    import os
+    (home / "stack.json").write_text(json.dumps({"pid": os.getpid(), "nats_url": "nats://x:1"}))
+    proc = shipyard("up", "--nats-port", "-1", "--monitor-port", "-1", env=cli_env, cwd=tmp_path)
+    assert proc.returncode == 1
+    assert "a stack is already running" in proc.stderr

@@ -1,0 +1,200 @@
+"""The Node runtime against a real nats-server: dispatch, errors, concurrency, shutdown."""
+
+from __future__ import annotations
+
+import time
+
+import anyio
+import anyio.lowlevel
+import pytest
+from nats.aio.client import Client as NATS
+
+from nodes.runtime.calls import Caller
+from nodes.runtime.connection import CannotReachNats, connect
+from nodes.runtime.settings import NatsSettings
+from protocol import subjects
+from protocol.base import make_request
+from protocol.errors import BadRequest, Internal, NotFound, Unavailable
+from protocol.heartbeat import HEARTBEAT
+from protocol.system import Echo, Ping
+from tests.helpers import gather, running, wait_for
+from tests.probe import PROBE, Boom, Done, ProbeNode, Unhandled, Work
+
+
+def probe(settings: NatsSettings, name: str = "p1", **kw: object) -> ProbeNode:
+    return ProbeNode(name=name, nats=settings, heartbeat_interval=0.2, **kw)  # type: ignore[arg-type]
+
+
+async def client(settings: NatsSettings) -> NATS:
+    return await connect(settings, name="test")
+
+
+async def test_ready_means_subscribed_and_answering(settings: NatsSettings) -> None:
+    node = probe(settings)
+    nc = await client(settings)
+    async with running(node):
+        # No wait: readiness is only signalled once subscriptions exist.
+        done = await Caller(nc).call(Work(label="first"), timeout=2)
+        pong = await Caller(nc).call(Ping(), node="p1", timeout=2)
+    assert done == Done(label="first")
+    assert pong.node == "p1" and pong.role == "probe"
+    await nc.close()
+
+
+async def test_heartbeats_carry_identity_and_role_state(settings: NatsSettings) -> None:
+    nc = await client(settings)
+    beats: list[bytes] = []
+    got = anyio.Event()
+
+    async def on_beat(msg: object) -> None:
+        beats.append(msg.data)  # type: ignore[attr-defined]
+        if len(beats) >= 2:
+            got.set()
+
+    await nc.subscribe(subjects.heartbeat("probe", "p1"), cb=on_beat)
+    node = probe(settings)
+    async with running(node):
+        await Caller(nc).call(Work(label="x"), timeout=2)
+        with anyio.fail_after(5):
+            await got.wait()
+    hb = HEARTBEAT.decode(beats[-1])
+    assert (hb.node, hb.role, hb.infra, hb.interval_s) == ("p1", "probe", "default", 0.2)
+    assert hb.pid > 0 and hb.host and hb.version and hb.uptime_s >= 0
+    assert hb.state == {"finished": 1}
+    assert hb.seq >= 2
+    await nc.close()
+
+
+async def test_slow_handler_does_not_stall_other_requests_on_the_same_subject(
+        settings: NatsSettings) -> None:
+    node = probe(settings)
+    nc = await client(settings)
+    caller = Caller(nc)
+    async with running(node), anyio.create_task_group() as tg:
+        tg.start_soon(lambda: caller.call(Work(label="slow", seconds=3.0), timeout=10))
+        await wait_for(lambda: "slow" in node.started_work, message="slow request started")
+        t0 = time.monotonic()
+        fast = await gather(*(caller.call(Work(label=f"f{i}"), timeout=5) for i in range(20)))
+        fast_done = time.monotonic() - t0
+        assert "slow" not in node.finished_work, "fast requests waited for the slow one"
+        tg.cancel_scope.cancel()
+    assert [d.label for d in fast] == [f"f{i}" for i in range(20)]
+    assert fast_done < 3.0
+    await nc.close()
+
+
+async def test_concurrency_is_bounded(settings: NatsSettings) -> None:
+    node = probe(settings, max_concurrency=3)
+    nc = await client(settings)
+    caller = Caller(nc)
+    async with running(node), anyio.create_task_group() as tg:
+        for i in range(6):
+            tg.start_soon(lambda i=i: caller.call(Work(label=f"w{i}", seconds=0.5), timeout=10))
+        await wait_for(lambda: len(node.started_work) == 3, message="3 requests started")
+        # The other three wait for a slot instead of running beside them.
+        assert len(node.started_work) == 3
+        await wait_for(lambda: len(node.finished_work) == 6, message="all 6 finished")
+    await nc.close()
+
+
+async def test_malformed_payload_gets_a_typed_error_and_the_node_keeps_serving(
+        settings: NatsSettings) -> None:
+    node = probe(settings)
+    nc = await client(settings)
+    async with running(node):
+        for payload in (b"not json", b'{"id":"1","ts":0,"body":{"type":"work"}}',
+                        b'{"id":"1","ts":0,"body":{"type":"work","label":5}}', b""):
+            msg = await nc.request(subjects.command("probe", "work"), payload, timeout=2)
+            reply = PROBE.replies.decode(msg.data)
+            assert reply.ok is None and reply.error is not None
+            assert reply.error.code == "bad_request"
+            assert "malformed 'work' request" in reply.error.message
+            assert "expected" in reply.error.message
+        # A body whose type does not match the subject's verb is refused too.
+        msg = await nc.request(subjects.command("probe", "work"),
+                               make_request(Boom()), timeout=2)
+        reply = PROBE.replies.decode(msg.data)
+        assert reply.error is not None and "sent to verb 'work'" in reply.error.message
+        assert await Caller(nc).call(Work(label="still"), timeout=2) == Done(label="still")
+    await nc.close()
+
+
+async def test_handler_exceptions_become_typed_error_replies(settings: NatsSettings) -> None:
+    node = probe(settings)
+    nc = await client(settings)
+    caller = Caller(nc)
+    async with running(node):
+        with pytest.raises(NotFound, match="widget-7"):
+            await caller.call(Boom(typed=True), timeout=2)
+        with pytest.raises(Internal, match="ZeroDivisionError: division by zero"):
+            await caller.call(Boom(), timeout=2)
+        with pytest.raises(BadRequest, match="does not handle 'unhandled'"):
+            await caller.call(Unhandled(), timeout=2)
+        assert await caller.call(Echo(payload="ok"), node="p1", timeout=2)
+    assert node.requests_failed == 3
+    await nc.close()
+
+
+async def test_nothing_serving_is_unavailable_at_once(settings: NatsSettings) -> None:
+    nc = await client(settings)
+    t0 = time.monotonic()
+    with pytest.raises(Unavailable, match="no probe node is running"):
+        await Caller(nc).call(Work(label="x"), timeout=5)
+    assert time.monotonic() - t0 < 1.0
+    await nc.close()
+
+
+async def test_graceful_shutdown_finishes_in_flight_requests(settings: NatsSettings) -> None:
+    node = probe(settings)
+    nc = await client(settings)
+    caller = Caller(nc)
+    result: list[Done] = []
+    async with anyio.create_task_group() as tg:
+        await tg.start(node.serve)
+
+        async def slow() -> None:
+            result.append(await caller.call(Work(label="inflight", seconds=1.0), timeout=10))
+
+        tg.start_soon(slow)
+        await wait_for(lambda: "inflight" in node.started_work, message="request started")
+        node.stop()
+        # serve() returns only after the in-flight request was answered.
+    assert result == [Done(label="inflight")]
+    assert node._nc is not None and node._nc.is_closed
+    await nc.close()
+
+
+async def test_first_connect_is_bounded() -> None:
+    settings = NatsSettings(servers=("nats://127.0.0.1:1",), connect_timeout=1.0)
+    t0 = time.monotonic()
+    with pytest.raises(CannotReachNats, match=r"cannot reach NATS at nats://127\.0\.0\.1:1"):
+        await connect(settings, name="t")
+    assert time.monotonic() - t0 < 3.0
+
+
+async def test_node_reconnects_after_a_server_restart(tmp_path: object, settings: NatsSettings,
+                                                      nats_server: object) -> None:
+    from nodes.runtime.embedded import EmbeddedNats
+    assert isinstance(nats_server, EmbeddedNats)
+    node = probe(settings)
+    async with running(node):
+        port = nats_server.port
+        nats_server.stop()
+        restarted = EmbeddedNats(nats_server.store_dir, port=port, monitor_port=None)
+        await restarted.astart()
+        try:
+            nc = await client(settings)
+            got = await wait_for(lambda: _try(nc), timeout=10, message="node serving again")
+            assert got == Done(label="back")
+            await nc.close()
+        finally:
+            node.stop()
+            await anyio.lowlevel.checkpoint()
+    restarted.stop()
+
+
+async def _try(nc: NATS) -> Done | None:
+    try:
+        return await Caller(nc).call(Work(label="back"), timeout=0.5)
+    except (Unavailable, Exception):
+        return None
