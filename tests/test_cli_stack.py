@@ -129,3 +129,32 @@ def test_up_refuses_a_second_stack_in_the_same_home(cli_env: dict[str, str],
     proc = shipyard("up", "--nats-port", "-1", "--monitor-port", "-1", env=cli_env, cwd=tmp_path)
     assert proc.returncode == 1
     assert "a stack is already running" in proc.stderr
+
+
+async def test_node_worker_process_stops_gracefully_on_sigterm(cli_env: dict[str, str],
+                                                               settings: Any) -> None:
+    """``shipyard node start`` as a real process: serves, then SIGTERM -> exit 0."""
+    import anyio
+
+    from nodes.runtime.calls import Caller
+    from nodes.runtime.connection import connect
+    from protocol.system import Ping
+
+    worker = Background(shipyard_argv("node", "start", "design", "--name", "d-term",
+                                      "--nats", settings.url), env=cli_env)
+    nc = await connect(settings, name="t")
+    try:
+        async def pong() -> Any:
+            try:
+                return await Caller(nc).call(Ping(), node="d-term", timeout=0.5)
+            except Exception:
+                return None
+
+        from tests.helpers import wait_for
+        reply = await wait_for(pong, timeout=20, message="worker answering ping")
+        assert reply.role == "design"
+    finally:
+        code = await anyio.to_thread.run_sync(worker.stop, signal.SIGTERM)
+        await nc.close()
+    assert code == 0, worker.output()
+    assert "node stopped" in worker.output()
