@@ -317,7 +317,7 @@ class Node:
         try:
             if msg.reply:
                 await self.nc.publish(msg.reply, data)
-        except Exception as exc:  # noqa: BLE001 - the requester is gone or we are offline
+        except Exception as exc:  # the requester is gone, or we are offline
             self.log.warning("reply not sent", subject=msg.subject, error=str(exc))
 
     @handles(Ping)
