@@ -8,6 +8,7 @@ from typing import Any, TypeVar
 import nats.errors
 from nats.aio.client import Client as NATS
 
+from nodes.runtime.requests import requester
 from protocol import subjects
 from protocol.base import Command, Family, make_request, tag_of
 from protocol.errors import Internal, Timeout, Unavailable, error_from_wire
@@ -30,6 +31,7 @@ class Caller:
 
     def __init__(self, nc: NATS, *, sender: str = "", identity: str | None = None) -> None:
         self.nc = nc
+        self._requester = requester(nc)
         self.sender = sender
         self.identity = identity
 
@@ -51,7 +53,7 @@ class Caller:
         data = make_request(cmd, sender=self.sender, request_id=request_id,
                             identity=self.identity)
         try:
-            msg = await self.nc.request(subject, data, timeout=timeout)
+            msg = await self._requester.request(subject, data, timeout=timeout)
         except nats.errors.NoRespondersError:
             what = f"node {node} is not running" if node else f"no {family.role} node is running"
             raise Unavailable(f"{what}: nothing answers {subject}") from None

@@ -17,7 +17,6 @@ Lifecycle (``serve``)::
 
 from __future__ import annotations
 
-import asyncio
 import os
 import socket
 import time
@@ -38,6 +37,7 @@ from nodes.runtime.connection import ConnectionStats, close, connect
 from nodes.runtime.jetstream import ensure_events_stream, publish_event
 from nodes.runtime.logs import get_logger
 from nodes.runtime.settings import NatsSettings
+from nodes.runtime.workqueue import WorkQueue
 from protocol import subjects
 from protocol.base import Command, ErrorInfo, Family, Reply, Request, encode, tag_of
 from protocol.errors import BadRequest, DecodeError, Internal, OperationError
@@ -105,9 +105,9 @@ class Node:
         self._handlers: dict[type[Any], Handler] = {}
         self._subs: list[Subscription] = []
         self._stop = anyio.Event()
+        self._stopping = False
         # Requests wait here (bounded) for one of ``max_concurrency`` worker tasks.
-        self._queue: asyncio.Queue[tuple[Family, Routes, int, Msg]] = asyncio.Queue(
-            maxsize=max_concurrency)
+        self._queue: WorkQueue[tuple[Family, Routes, int, Msg]] = WorkQueue(max_concurrency)
         self._busy = 0
         self._idle = anyio.Event()
         self._nc: NATS | None = None
@@ -175,6 +175,7 @@ class Node:
 
     def stop(self) -> None:
         """Ask the node to shut down gracefully (safe from signal handlers and tasks)."""
+        self._stopping = True
         self._stop.set()
 
     async def serve(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
@@ -259,9 +260,7 @@ class Node:
 
         async def on_msg(msg: Msg) -> None:
             item = (family, routes, prefix_len, msg)
-            try:
-                queue.put_nowait(item)
-            except asyncio.QueueFull:
+            if not queue.put_nowait(item):
                 await queue.put(item)
 
         return on_msg
@@ -277,7 +276,7 @@ class Node:
                 await self._handle(family, routes, prefix_len, msg)
             finally:
                 self._busy -= 1
-                if self._stop.is_set() and not self._busy and self._queue.empty():
+                if self._stopping and not self._busy and self._queue.empty():
                     self._idle.set()
 
     async def _handle(self, family: Family, routes: Routes, prefix_len: int, msg: Msg) -> None:

@@ -1,0 +1,92 @@
+"""Lean request/reply: one wildcard inbox subscription per connection.
+
+nats-py's ``request`` pays per call for a random token (a ``getrandom`` syscall), an
+``asyncio.wait_for`` and loop look-ups.  This keeps one reply subscription, names
+requests with a counter, and times them out with one timer handle each.  Request paths
+that run per user request (the HTTP gateway, node-to-node calls, the CLI) use it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import weakref
+
+import anyio
+import nats.errors
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+
+NO_RESPONDERS = "503"
+
+
+class Requester:
+    def __init__(self, nc: NATS) -> None:
+        self.nc = nc
+        self._prefix = ""
+        self._pending: dict[str, asyncio.Future[Msg]] = {}
+        self._ids = itertools.count(1)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._lock = anyio.Lock()
+
+    async def _start(self) -> None:
+        async with self._lock:
+            if self._prefix:
+                return
+            prefix = self.nc.new_inbox() + "."
+            await self.nc.subscribe(prefix + "*", cb=self._on_reply,
+                                    pending_msgs_limit=100_000)
+            self._loop = asyncio.get_running_loop()
+            self._prefix = prefix
+
+    async def _on_reply(self, msg: Msg) -> None:
+        future = self._pending.pop(msg.subject[len(self._prefix):], None)
+        if future is not None and not future.done():
+            future.set_result(msg)
+
+    def _expire(self, token: str) -> None:
+        future = self._pending.pop(token, None)
+        if future is not None and not future.done():
+            future.set_exception(nats.errors.TimeoutError())
+
+    async def request(self, subject: str, payload: bytes, *, timeout: float,
+                      headers: dict[str, str] | None = None) -> Msg:
+        """Send a request and wait for its reply.
+
+        Raises ``nats.errors.NoRespondersError`` at once when nothing subscribes to
+        ``subject``, and ``nats.errors.TimeoutError`` after ``timeout`` seconds.
+        """
+        if not self._prefix:
+            await self._start()
+        loop = self._loop
+        assert loop is not None
+        token = format(next(self._ids), "x")
+        future: asyncio.Future[Msg] = loop.create_future()
+        self._pending[token] = future
+        timer = loop.call_later(timeout, self._expire, token)
+        try:
+            await self.nc.publish(subject, payload, reply=self._prefix + token, headers=headers)
+            msg = await future
+        finally:
+            timer.cancel()
+            self._pending.pop(token, None)
+        if msg.headers and msg.headers.get("Status") == NO_RESPONDERS and not msg.data:
+            raise nats.errors.NoRespondersError
+        return msg
+
+
+_by_connection: weakref.WeakKeyDictionary[NATS, Requester] = weakref.WeakKeyDictionary()
+
+
+def requester(nc: NATS) -> Requester:
+    """The connection's shared ``Requester``."""
+    r = _by_connection.get(nc)
+    if r is None:
+        r = _by_connection[nc] = Requester(nc)
+    return r
+
+
+def pending_count(nc: NATS) -> int:
+    r = _by_connection.get(nc)
+    return len(r._pending) if r else 0
+
