@@ -2,7 +2,7 @@
 
 JSON lines when stderr is not a terminal (collectors, files, CI), a readable console on
 one.  Context is carried in contextvars: ``node``/``role`` are bound once per process,
-``subject``/``msg_id`` per handled message.
+``subject``/``msg_id`` per handled request (``current_request``).
 """
 
 from __future__ import annotations
@@ -10,11 +10,25 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from contextvars import ContextVar
 from typing import Any, TextIO
 
 import structlog
 
 _configured = False
+
+# The request a worker is handling: (subject, request id).  Set per request on the hot
+# path (a ContextVar.set is cheap); read only when something is actually logged.
+current_request: ContextVar[tuple[str, str] | None] = ContextVar("sy_request", default=None)
+
+
+def _add_request(_logger: Any, _method: str, event: dict[str, Any]) -> dict[str, Any]:
+    req = current_request.get()
+    if req is not None:
+        event.setdefault("subject", req[0])
+        if req[1]:
+            event.setdefault("msg_id", req[1])
+    return event
 
 
 def configure_logging(level: str | None = None, *, json: bool | None = None,
@@ -33,6 +47,7 @@ def configure_logging(level: str | None = None, *, json: bool | None = None,
 
     processors: list[Any] = [
         structlog.contextvars.merge_contextvars,
+        _add_request,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]

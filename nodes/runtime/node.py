@@ -35,7 +35,7 @@ import nodes
 from nodes.runtime.calls import Caller
 from nodes.runtime.connection import ConnectionStats, close, connect
 from nodes.runtime.jetstream import ensure_events_stream, publish_event
-from nodes.runtime.logs import get_logger
+from nodes.runtime.logs import current_request, get_logger
 from nodes.runtime.settings import NatsSettings
 from nodes.runtime.workqueue import WorkQueue
 from protocol import subjects
@@ -285,9 +285,11 @@ class Node:
         Every failure becomes a typed error reply; nothing here can stop the node.
         """
         verb = msg.subject[prefix_len:]
+        current_request.set((msg.subject, ""))
         try:
             try:
                 request = family.requests.decode(msg.data, msg.subject)
+                current_request.set((msg.subject, request.id))
             except DecodeError as exc:
                 raise BadRequest(
                     f"malformed {verb!r} request: {exc.reason}; expected a JSON request "

@@ -1,0 +1,1 @@
+"""Projects: the manifest, bundles (packing, verifying, unpacking) and the flow engine."""
