@@ -1,0 +1,364 @@
+"""nodes.runtime.transfer against a real nats-server: round trips, replacement, integrity
+checks that leave ``dest`` untouched, stalls that fail instead of hanging, and
+interoperability with nats-py's own Object Store."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import json
+import os
+import signal
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import nats.js.errors
+import pytest
+from nats.js import JetStreamContext
+
+from nodes.runtime import transfer
+from nodes.runtime.connection import connect
+from nodes.runtime.embedded import EmbeddedNats
+from nodes.runtime.settings import NatsSettings
+from nodes.runtime.transfer import (
+    CorruptObject,
+    TransferError,
+    TransferStalled,
+    get_file,
+    put_file,
+    stat,
+)
+from protocol.errors import BadRequest, NotFound
+
+CHUNK = 64 * 1024
+STREAM = "OBJ_files"
+
+
+@asynccontextmanager
+async def jetstream(settings: NatsSettings, timeout: float = 5.0) -> AsyncIterator[Any]:
+    nc = await connect(settings, name="test-transfer")
+    try:
+        yield nc.jetstream(timeout=timeout)
+    finally:
+        await nc.close()
+
+
+def write(path: Path, size: int, seed: int = 0) -> bytes:
+    data = hashlib.shake_256(f"{seed}".encode()).digest(size) if size else b""
+    path.write_bytes(data)
+    return data
+
+
+def leftovers(directory: Path) -> list[str]:
+    """Files beside ``dest`` other than ``dest`` itself (a partial temp file would show)."""
+    return sorted(p.name for p in directory.iterdir() if p.name != "dest.bin")
+
+
+@pytest.mark.parametrize(("size", "chunks"), [
+    (0, 0),                     # empty: no chunks at all
+    (1000, 1),                  # smaller than one chunk
+    (CHUNK * 3, 3),             # an exact multiple
+    (CHUNK * 40 + 123, 41),     # many chunks, a short last one, several write batches
+])
+async def test_round_trip_returns_identical_bytes(settings: NatsSettings, tmp_path: Path,
+                                                  size: int, chunks: int) -> None:
+    """What put_file stores, get_file writes back byte for byte, with matching meta."""
+    src, dest = tmp_path / "src.bin", tmp_path / "dest.bin"
+    data = write(src, size)
+    async with jetstream(settings) as js:
+        stored = await put_file(js, "files", "bundle.tar", src, chunk_size=CHUNK,
+                                meta={"project": "demo"})
+        got = await get_file(js, "files", "bundle.tar", dest)
+        info = await stat(js, "files", "bundle.tar")
+    assert dest.read_bytes() == data
+    assert stored == got == info
+    assert (stored.size, stored.chunks) == (size, chunks)
+    assert stored.sha256 == hashlib.sha256(data).hexdigest()
+    assert stored.meta == {"project": "demo"}
+
+
+async def test_default_chunk_size_and_expected_digest(settings: NatsSettings,
+                                                      tmp_path: Path) -> None:
+    """The default chunk size round-trips, and a matching expected_sha256 is accepted."""
+    src, dest = tmp_path / "src.bin", tmp_path / "dest.bin"
+    data = write(src, 3 * transfer.DEFAULT_CHUNK_SIZE + 7)
+    async with jetstream(settings) as js:
+        stored = await put_file(js, "files", "big", src)
+        await get_file(js, "files", "big", dest, expected_sha256=stored.sha256.upper())
+    assert stored.chunks == 4 and dest.read_bytes() == data
+
+
+async def test_replacing_an_object_purges_its_old_chunks(settings: NatsSettings,
+                                                         tmp_path: Path) -> None:
+    """Re-using a name serves the new bytes and leaves no chunk of the old object."""
+    src, dest = tmp_path / "src.bin", tmp_path / "dest.bin"
+    write(src, CHUNK * 3, seed=1)
+    async with jetstream(settings) as js:
+        first = await put_file(js, "files", "obj", src, chunk_size=CHUNK)
+        data = write(src, CHUNK + 5, seed=2)
+        second = await put_file(js, "files", "obj", src, chunk_size=CHUNK)
+        await get_file(js, "files", "obj", dest)
+        with pytest.raises(nats.js.errors.NotFoundError):
+            await js.get_last_msg(STREAM, f"$O.files.C.{first.nuid}")
+        state = (await js.stream_info(STREAM)).state
+    assert dest.read_bytes() == data and second.nuid != first.nuid
+    assert state.messages == second.chunks + 1  # the new chunks and one meta message
+
+
+async def test_missing_objects_and_buckets_raise_not_found(settings: NatsSettings,
+                                                           tmp_path: Path) -> None:
+    """A missing object (or bucket, or a deleted object) is NotFound naming both; no file
+    is created."""
+    src, dest = tmp_path / "src.bin", tmp_path / "dest.bin"
+    write(src, 10)
+    async with jetstream(settings) as js:
+        with pytest.raises(NotFound, match="bucket not found: object 'x' in bucket 'nope'"):
+            await get_file(js, "nope", "x", dest)
+        await put_file(js, "files", "there", src)
+        with pytest.raises(NotFound, match="object not found: object 'x' in bucket 'files'"):
+            await get_file(js, "files", "x", dest)
+        stored = await stat(js, "files", "there")
+        await transfer.delete(js, "files", "there")
+        with pytest.raises(NotFound, match="'there' in bucket 'files' was deleted"):
+            await stat(js, "files", "there")
+        with pytest.raises(NotFound):
+            await transfer.delete(js, "files", "there")
+        with pytest.raises(nats.js.errors.NotFoundError):  # chunks purged
+            await js.get_last_msg(STREAM, f"$O.files.C.{stored.nuid}")
+    assert not dest.exists()
+
+
+async def test_bad_arguments_raise_bad_request(settings: NatsSettings, tmp_path: Path) -> None:
+    """A bad bucket name, an empty object name or an oversized chunk is refused up front."""
+    src = tmp_path / "src.bin"
+    write(src, 10)
+    async with jetstream(settings) as js:
+        with pytest.raises(BadRequest, match="bucket name"):
+            await put_file(js, "a.b", "x", src)
+        with pytest.raises(BadRequest, match="must not be empty"):
+            await put_file(js, "files", "", src)
+        with pytest.raises(BadRequest, match="chunk_size"):
+            await put_file(js, "files", "x", src, chunk_size=2 << 20)
+
+
+async def test_links_are_refused(settings: NatsSettings, tmp_path: Path) -> None:
+    """An Object Store link (written by Go clients) is a BadRequest, not a corrupt object."""
+    link = {"name": "l", "bucket": "files", "nuid": "", "size": 0, "chunks": 0,
+            "mtime": "2025-01-01T00:00:00Z", "options": {"link": {"bucket": "files",
+                                                                  "name": "obj"}}}
+    async with jetstream(settings) as js:
+        await transfer.ensure_bucket(js, "files")
+        await js.publish("$O.files.M." + base64.urlsafe_b64encode(b"l").decode(),
+                         json.dumps(link).encode(), headers={"Nats-Rollup": "sub"})
+        with pytest.raises(BadRequest, match="'l' in bucket 'files' is a link"):
+            await get_file(js, "files", "l", tmp_path / "dest.bin")
+    assert not (tmp_path / "dest.bin").exists()
+
+
+async def _chunk_seqs(js: JetStreamContext) -> list[int]:
+    """Stream sequences of the chunks in OBJ_files (the tests' buckets hold one object)."""
+    last = (await js.stream_info(STREAM)).state.last_seq
+    seqs = []
+    for seq in range(1, last + 1):
+        try:
+            msg = await js.get_msg(STREAM, seq)
+        except nats.js.errors.NotFoundError:
+            continue
+        if ".C." in (msg.subject or ""):
+            seqs.append(seq)
+    return seqs
+
+
+async def _rewrite_meta(js: JetStreamContext, **changes: Any) -> None:
+    subject = "$O.files.M." + base64.urlsafe_b64encode(b"obj").decode()
+    info = json.loads((await js.get_last_msg(STREAM, subject)).data or b"")
+    await js.publish(subject, json.dumps({**info, **changes}).encode(),
+                     headers={"Nats-Rollup": "sub"})
+
+
+async def _alter_chunk(js: JetStreamContext) -> None:
+    seqs = await _chunk_seqs(js)
+    msg = await js.get_msg(STREAM, seqs[1])
+    await js.delete_msg(STREAM, seqs[1])
+    await js.publish(msg.subject or "", bytes(b ^ 1 for b in msg.data or b""))
+
+
+async def _drop_middle_chunk(js: JetStreamContext) -> None:
+    await js.delete_msg(STREAM, (await _chunk_seqs(js))[2])
+
+
+async def _drop_last_chunk(js: JetStreamContext) -> None:
+    await js.delete_msg(STREAM, (await _chunk_seqs(js))[-1])
+
+
+async def _append_chunk(js: JetStreamContext) -> None:
+    msg = await js.get_msg(STREAM, (await _chunk_seqs(js))[0])
+    await js.publish(msg.subject or "", b"extra")
+
+
+async def _wrong_digest(js: JetStreamContext) -> None:
+    digest = base64.urlsafe_b64encode(hashlib.sha256(b"other").digest()).decode()
+    await _rewrite_meta(js, digest=f"SHA-256={digest}")
+
+
+async def _wrong_size(js: JetStreamContext) -> None:
+    await _rewrite_meta(js, size=CHUNK * 5)
+
+
+async def _more_chunks_in_meta(js: JetStreamContext) -> None:
+    await _rewrite_meta(js, chunks=6, size=CHUNK * 6)
+
+
+async def _smaller_max_chunk_in_meta(js: JetStreamContext) -> None:
+    await _rewrite_meta(js, options={"max_chunk_size": 1000})
+
+
+@pytest.mark.parametrize(("tamper", "problem"), [
+    (_alter_chunk, "SHA-256 mismatch"),
+    (_drop_middle_chunk, "truncated: meta says 5 chunks, 4 are stored"),
+    (_drop_last_chunk, "truncated: meta says 5 chunks, 4 are stored"),
+    (_more_chunks_in_meta, "truncated: meta says 6 chunks, 5 are stored"),
+    (_append_chunk, "extra chunks: meta says 5 chunks, 6 are stored"),
+    (_wrong_digest, "SHA-256 mismatch"),
+    (_wrong_size, "size mismatch: meta says 327680, 327590 arrived"),
+    (_smaller_max_chunk_in_meta, "chunk 1 has 65536 bytes, more than the meta's max_chunk_size"),
+], ids=["altered-chunk", "dropped-middle-chunk", "dropped-last-chunk", "meta-more-chunks",
+        "appended-chunk", "meta-wrong-digest", "meta-wrong-size", "meta-smaller-max-chunk"])
+async def test_tampered_objects_fail_and_leave_dest_untouched(
+        settings: NatsSettings, tmp_path: Path,
+        tamper: Callable[[JetStreamContext], Awaitable[None]], problem: str) -> None:
+    """An altered, removed or extra chunk, or meta that lies about size, chunk count or
+    digest, raises CorruptObject; dest keeps its old bytes and no temp file remains."""
+    src, out = tmp_path / "src.bin", tmp_path / "out"
+    write(src, CHUNK * 5 - 90)
+    out.mkdir()
+    dest = out / "dest.bin"
+    dest.write_bytes(b"previous contents")
+    async with jetstream(settings) as js:
+        await put_file(js, "files", "obj", src, chunk_size=CHUNK)
+        await tamper(js)
+        with pytest.raises(CorruptObject, match=problem) as caught:
+            await get_file(js, "files", "obj", dest)
+    assert isinstance(caught.value, TransferError)
+    assert caught.value.details["bucket"] == "files" and caught.value.details["name"] == "obj"
+    assert dest.read_bytes() == b"previous contents"
+    assert leftovers(out) == []
+
+
+async def test_unexpected_digest_is_refused_before_any_bytes_move(
+        settings: NatsSettings, tmp_path: Path) -> None:
+    """expected_sha256 that differs from the stored digest fails fast; dest not created."""
+    src, dest = tmp_path / "src.bin", tmp_path / "dest.bin"
+    write(src, 100)
+    async with jetstream(settings) as js:
+        await put_file(js, "files", "obj", src)
+        with pytest.raises(CorruptObject, match="expected " + "0" * 64):
+            await get_file(js, "files", "obj", dest, expected_sha256="0" * 64)
+    assert not dest.exists()
+
+
+async def test_progress_reports_monotonic_bytes_up_to_the_size(settings: NatsSettings,
+                                                               tmp_path: Path,
+                                                               monkeypatch: Any) -> None:
+    """progress(bytes_written, size) rises strictly, batch by batch, and ends at size."""
+    monkeypatch.setattr(transfer, "BLOCK_BYTES", 2 * CHUNK)
+    monkeypatch.setattr(transfer, "WINDOW_BYTES", 4 * CHUNK)  # so batches stay small
+    src, dest = tmp_path / "src.bin", tmp_path / "dest.bin"
+    size = CHUNK * 30 + 1
+    write(src, size)
+    calls: list[tuple[int, int]] = []
+    async with jetstream(settings) as js:
+        await put_file(js, "files", "obj", src, chunk_size=CHUNK)
+        await get_file(js, "files", "obj", dest, progress=lambda *a: calls.append(a))
+    done = [n for n, _ in calls]
+    assert len(calls) >= 8 and {t for _, t in calls} == {size}
+    assert done == sorted(set(done)) and done[-1] == size
+
+
+async def test_a_stalled_get_fails_instead_of_hanging(nats_server: EmbeddedNats,
+                                                      settings: NatsSettings, tmp_path: Path,
+                                                      monkeypatch: Any) -> None:
+    """When the server stops delivering mid-transfer (SIGSTOP), get_file raises
+    TransferStalled after ``timeout`` and removes its partial file."""
+    monkeypatch.setattr(transfer, "BLOCK_BYTES", 2 * CHUNK)
+    monkeypatch.setattr(transfer, "WINDOW_BYTES", 4 * CHUNK)
+    src, out = tmp_path / "src.bin", tmp_path / "out"
+    write(src, CHUNK * 20)
+    out.mkdir()
+    assert nats_server.proc is not None
+    pid = nats_server.proc.pid
+
+    def freeze(done: int, total: int) -> None:
+        os.kill(pid, signal.SIGSTOP)
+
+    async with jetstream(settings, timeout=0.5) as js:
+        await put_file(js, "files", "obj", src, chunk_size=CHUNK)
+        try:
+            with pytest.raises(TransferStalled, match=r"stalled: chunk \d+ of 20 did not arrive"):
+                await get_file(js, "files", "obj", out / "dest.bin", progress=freeze,
+                               timeout=0.5)
+        finally:
+            os.kill(pid, signal.SIGCONT)
+    assert leftovers(out) == [] and not (out / "dest.bin").exists()
+
+
+async def test_a_stalled_put_fails_instead_of_hanging(nats_server: EmbeddedNats,
+                                                      settings: NatsSettings, tmp_path: Path,
+                                                      monkeypatch: Any) -> None:
+    """When acks stop arriving mid-upload (server SIGSTOPped), put_file raises
+    TransferStalled after ``timeout``."""
+    monkeypatch.setattr(transfer, "BLOCK_BYTES", 2 * CHUNK)
+    monkeypatch.setattr(transfer, "WINDOW_BYTES", 4 * CHUNK)
+    src = tmp_path / "src.bin"
+    write(src, CHUNK * 20)
+    assert nats_server.proc is not None
+    pid = nats_server.proc.pid
+    read_block = transfer._read_block
+    blocks = 0
+
+    def read_then_freeze(*args: Any) -> list[bytes]:
+        nonlocal blocks
+        blocks += 1
+        if blocks == 3:
+            os.kill(pid, signal.SIGSTOP)
+        return read_block(*args)
+
+    monkeypatch.setattr(transfer, "_read_block", read_then_freeze)
+    async with jetstream(settings, timeout=0.5) as js:
+        try:
+            with pytest.raises(TransferStalled, match=r"stalled: the ack for chunk \d+ did not"):
+                await put_file(js, "files", "obj", src, chunk_size=CHUNK, timeout=0.5)
+        finally:
+            os.kill(pid, signal.SIGCONT)
+
+
+async def test_nats_py_object_store_reads_what_put_file_stores(settings: NatsSettings,
+                                                               tmp_path: Path) -> None:
+    """put_file's layout is the Object Store's: nats-py's ObjectStore.get returns the same
+    bytes and verifies the same digest."""
+    src = tmp_path / "src.bin"
+    data = write(src, CHUNK * 7 + 3)
+    async with jetstream(settings) as js:
+        stored = await put_file(js, "files", "dir/obj.tar", src, chunk_size=CHUNK)
+        store = await js.object_store("files")
+        sink = io.BytesIO()
+        result = await store.get("dir/obj.tar", writeinto=sink)
+    assert sink.getvalue() == data
+    assert (result.info.size, result.info.chunks, result.info.nuid) == (
+        stored.size, stored.chunks, stored.nuid)
+
+
+async def test_get_file_reads_what_nats_py_object_store_stores(settings: NatsSettings,
+                                                               tmp_path: Path) -> None:
+    """Objects written by nats-py's ObjectStore.put (128 KiB chunks) read back intact."""
+    dest = tmp_path / "dest.bin"
+    data = hashlib.shake_256(b"nats-py").digest(300_000)
+    async with jetstream(settings) as js:
+        store = await js.create_object_store("files")
+        await store.put("obj", data)
+        got = await get_file(js, "files", "obj", dest)
+    assert dest.read_bytes() == data
+    assert (got.size, got.chunks, got.sha256) == (len(data), 3, hashlib.sha256(data).hexdigest())
