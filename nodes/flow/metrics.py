@@ -1,0 +1,168 @@
+"""Dataset metrics and checks.
+
+Built-in metrics: ``size_bytes`` (a directory: the sum of its files, plus
+``file_count``) and, for ``.csv``/``.tsv`` files, ``row_count`` (data records, not the
+header; blank lines ignored; quoted newlines handled).  Recipes add their own with
+``ctx.metric``.
+
+Metrics persist beside the data in ``<data_dir>/.shipyard/metrics/<dataset>.json``,
+stamped with the file's mtime and size: a later check step reads them without
+rebuilding, and a dataset changed behind the engine's back (edited by hand, re-seeded)
+gets its built-in metrics measured again (its custom ones are dropped: they described
+other data).
+
+Blocking functions: callers run them in worker threads or in the job process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import os
+import time
+from pathlib import Path
+
+import msgspec
+
+from nodes.flow.results import CheckResult, CheckStatus, Metrics, Number
+from nodes.project.manifest import Check
+
+CHUNK = 1 << 20
+METRICS_DIR = Path(".shipyard") / "metrics"
+BUILTIN = ("row_count", "size_bytes", "file_count")
+
+
+class Stamp(msgspec.Struct, frozen=True):
+    mtime_ns: int
+    size: int
+
+
+class Sidecar(msgspec.Struct, frozen=True, kw_only=True):
+    dataset: str
+    stamp: Stamp
+    metrics: Metrics
+    updated_at: float
+    recipe: str = ""
+
+
+_sidecar = msgspec.json.Decoder(Sidecar)
+
+
+def stamp(path: Path) -> Stamp | None:
+    """mtime and size of a dataset (a directory: its newest file and total size)."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    if not path.is_dir():
+        return Stamp(st.st_mtime_ns, st.st_size)
+    newest, total = st.st_mtime_ns, 0
+    for root, _dirs, files in os.walk(path):
+        for f in files:
+            with contextlib.suppress(FileNotFoundError):
+                s = os.stat(os.path.join(root, f))
+                newest, total = max(newest, s.st_mtime_ns), total + s.st_size
+    return Stamp(newest, total)
+
+
+def count_rows(path: Path) -> int:
+    """Data records of a CSV/TSV file, without its header."""
+    quoted = False
+    with path.open("rb") as f:
+        while chunk := f.read(CHUNK):
+            if b'"' in chunk:
+                quoted = True
+                break
+    if quoted:
+        delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
+        with path.open(newline="", encoding="utf-8", errors="replace") as t:
+            records = sum(1 for row in csv.reader(t, delimiter=delimiter) if row)
+    else:
+        with path.open("rb") as f:
+            records = sum(1 for line in f if line.strip())
+    return max(0, records - 1)
+
+
+def measure(path: Path) -> Metrics:
+    """Built-in metrics of the dataset at ``path`` (empty if it does not exist)."""
+    if path.is_dir():
+        st = stamp(path)
+        files = sum(len(fs) for _, _, fs in os.walk(path))
+        return {"size_bytes": st.size if st else 0, "file_count": files}
+    try:
+        out: Metrics = {"size_bytes": path.stat().st_size}
+    except FileNotFoundError:
+        return {}
+    if path.suffix.lower() in (".csv", ".tsv"):
+        out["row_count"] = count_rows(path)
+    return out
+
+
+def sidecar_path(data_dir: Path, dataset: str) -> Path:
+    return data_dir / METRICS_DIR / f"{dataset}.json"
+
+
+def save_metrics(data_dir: Path, dataset: str, path: Path, metrics: Metrics, *,
+                 recipe: str = "") -> Metrics:
+    """Persist ``metrics`` for the dataset now at ``path``; returns them."""
+    st = stamp(path)
+    if st is None:
+        return metrics
+    target = sidecar_path(data_dir, dataset)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    body = msgspec.json.encode(Sidecar(dataset=dataset, stamp=st, metrics=metrics,
+                                       updated_at=time.time(), recipe=recipe))
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(body)
+    os.replace(tmp, target)
+    return metrics
+
+
+def load_metrics(data_dir: Path, dataset: str, path: Path) -> Metrics:
+    """The metrics of the dataset at ``path``: the persisted ones while they describe
+    the current file, else freshly measured built-in ones (persisted again)."""
+    st = stamp(path)
+    if st is None:
+        return {}
+    try:
+        side = _sidecar.decode(sidecar_path(data_dir, dataset).read_bytes())
+    except (FileNotFoundError, msgspec.DecodeError):
+        side = None
+    if side is not None and side.stamp == st:
+        return dict(side.metrics)
+    return save_metrics(data_dir, dataset, path, measure(path))
+
+
+def _fmt(v: Number | None) -> str:
+    if v is None:
+        return "?"
+    return str(int(v)) if float(v).is_integer() else f"{v:g}"
+
+
+def evaluate(dataset: str, check: Check, metrics: Metrics, *, present: bool = True,
+             ) -> CheckResult:
+    """One check against a dataset's metrics: ERROR on a hard bound, WARNING on a soft
+    one, EMPTY when the metric has no value, else OK."""
+    value = metrics.get(check.metric)
+    name = f"{dataset}.{check.metric}"
+    if value is None:
+        why = "dataset not found" if not present else "metric never recorded"
+        return CheckResult(dataset=dataset, metric=check.metric, status=CheckStatus.EMPTY,
+                           message=f"{name} has no value ({why})", check=check)
+    for bound, status, op in ((check.min, CheckStatus.ERROR, "min"),
+                              (check.max, CheckStatus.ERROR, "max"),
+                              (check.soft_min, CheckStatus.WARNING, "soft_min"),
+                              (check.soft_max, CheckStatus.WARNING, "soft_max")):
+        if bound is None:
+            continue
+        low = op.endswith("min")
+        if (value < bound) if low else (value > bound):
+            sign = "<" if low else ">"
+            return CheckResult(dataset=dataset, metric=check.metric, status=status,
+                               value=value, check=check,
+                               message=f"{name} = {_fmt(value)} {sign} {op} {_fmt(bound)}")
+    lo = max((b for b in (check.min, check.soft_min) if b is not None), default=None)
+    hi = min((b for b in (check.max, check.soft_max) if b is not None), default=None)
+    within = f"[{_fmt(lo) if lo is not None else '-inf'}, {_fmt(hi) if hi is not None else 'inf'}]"
+    return CheckResult(dataset=dataset, metric=check.metric, status=CheckStatus.OK,
+                       value=value, check=check, message=f"{name} = {_fmt(value)} in {within}")

@@ -1,0 +1,290 @@
+"""The engine's side of the fork server: start it, run jobs through it, replace it.
+
+``WorkerPool`` owns one fork server process (see ``forkserver``) and a reader task
+that routes its frames to the jobs waiting for them.  The event loop only ever awaits
+pipe reads: user code never runs here, in a thread or otherwise.
+
+A job is an async context manager, so whatever happens to the caller (an exception,
+its cancel scope) the job's process group is stopped before the caller moves on::
+
+    async with pool.job(spec, on_output=log.write_bytes) as job:
+        print(job.pid)
+        done = await job.wait(timeout=60, stop=cancel_event)
+
+If the fork server dies (killed, crashed), the jobs it was running end as lost and the
+next job starts a new one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import anyio
+from anyio.abc import Process, TaskGroup
+
+from nodes.flow.wire import (
+    Deframer,
+    Exited,
+    JobSpec,
+    Output,
+    Ready,
+    Report,
+    Spawn,
+    Started,
+    Stop,
+    decode_from_server,
+    decode_report,
+    frame,
+)
+
+ROOT = Path(__file__).resolve().parents[2]  # the directory holding the ``nodes`` package
+START_TIMEOUT_S = 30.0
+LOST = "the flow worker process died"
+
+
+@dataclass(frozen=True)
+class JobExit:
+    """How a job ended.  ``stopped`` is ``"timeout"`` or ``"stopped"`` when the
+    engine ended it, ``lost`` when the fork server died under it."""
+
+    returncode: int
+    report: Report | None
+    peak_rss_kb: int = 0
+    stopped: str | None = None
+    spawn_error: str = ""
+    lost: bool = False
+
+
+@dataclass(eq=False)
+class RunningJob:
+    id: int
+    on_output: Callable[[bytes], None]
+    pool: WorkerPool
+    pid: int | None = None
+    started: anyio.Event = field(default_factory=anyio.Event)
+    exited: anyio.Event = field(default_factory=anyio.Event)
+    exit: Exited | None = None
+    lost: bool = False
+
+    def _finish(self, msg: Exited, *, lost: bool = False) -> None:
+        if self.exit is None:
+            self.exit = msg
+            self.lost = lost
+        self.started.set()
+        self.exited.set()
+
+    async def wait(self, *, timeout: float | None = None,
+                   stop: anyio.Event | None = None) -> JobExit:
+        """Wait until the job exits; stop it (SIGTERM, then SIGKILL after the pool's
+        grace period) once ``timeout`` seconds pass or ``stop`` is set."""
+        stopped: str | None = None
+        with anyio.move_on_after(timeout) as scope:
+            if stop is None:
+                await self.exited.wait()
+            else:
+                await _first(self.exited, stop)
+        if not self.exited.is_set():
+            stopped = "timeout" if scope.cancelled_caught else "stopped"
+            with anyio.CancelScope(shield=True):
+                await self.pool._stop(self)
+        assert self.exit is not None
+        return JobExit(returncode=self.exit.returncode, report=decode_report(self.exit.report),
+                       peak_rss_kb=self.exit.peak_rss_kb, stopped=stopped,
+                       spawn_error=self.exit.spawn_error, lost=self.lost)
+
+
+async def _first(exited: anyio.Event, stop: anyio.Event) -> None:
+    """Return when either event is set."""
+    async with anyio.create_task_group() as tg:
+        async def watch() -> None:
+            await stop.wait()
+            tg.cancel_scope.cancel()
+
+        tg.start_soon(watch)
+        await exited.wait()
+        tg.cancel_scope.cancel()
+
+
+class WorkerPool:
+    """Runs jobs in processes forked from a warm fork server.
+
+    ``preload`` names modules the fork server imports once, so jobs that use them
+    start fast (for example ``["pandas"]``; beware modules that start threads at
+    import, or keep global state such as a random seed, which every job then shares).
+    ``spares`` is how many job processes the server keeps forked ahead of need.
+    ``kill_grace_s`` is how long a stopped job gets between SIGTERM and SIGKILL.
+    """
+
+    def __init__(self, *, preload: Sequence[str] = (), spares: int = 1,
+                 kill_grace_s: float = 1.0, python: str | None = None) -> None:
+        self.preload = list(preload)
+        self.spares = spares
+        self.kill_grace_s = kill_grace_s
+        self.python = python or sys.executable
+        self.jobs: dict[int, RunningJob] = {}
+        self.restarts = -1  # the first start is not a restart
+        self._next = 0
+        self._proc: Process | None = None
+        self._server_pid: int | None = None
+        self._tg: TaskGroup | None = None
+        self._stack: AsyncExitStack | None = None
+        self._start_lock = anyio.Lock()
+        self._send_lock = anyio.Lock()
+
+    @property
+    def pid(self) -> int | None:
+        """The fork server's pid, if it is running."""
+        return self._server_pid if self._proc is not None else None
+
+    async def __aenter__(self) -> WorkerPool:
+        stack = AsyncExitStack()
+        self._tg = await stack.enter_async_context(anyio.create_task_group())
+        self._stack = stack
+        try:
+            await self._ensure()
+        except BaseException:
+            await self.__aexit__(*sys.exc_info())
+            raise
+        return self
+
+    async def __aexit__(self, et: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        with anyio.CancelScope(shield=True):
+            await self._shutdown()
+        assert self._tg is not None and self._stack is not None
+        self._tg.cancel_scope.cancel()
+        # The body's exception propagates by itself; passing it to the task group
+        # would wrap it in an ExceptionGroup and break callers' ``except FlowError``.
+        await self._stack.__aexit__(None, None, None)
+
+    @asynccontextmanager
+    async def job(self, spec: JobSpec, *,
+                  on_output: Callable[[bytes], None] = lambda _: None,
+                  ) -> AsyncIterator[RunningJob]:
+        """Start ``spec`` in a new process; stop it on leaving the block if it is still
+        running.  The job has its ``pid`` (None if the fork failed) on entry."""
+        proc = await self._ensure()
+        self._next += 1
+        j = RunningJob(id=self._next, on_output=on_output, pool=self)
+        self.jobs[j.id] = j
+        try:
+            await self._send(proc, Spawn(job=j.id, spec=spec))
+            with anyio.move_on_after(START_TIMEOUT_S):
+                await j.started.wait()
+            if not j.started.is_set():  # a wedged server: replace it (this job is lost)
+                proc.kill()
+                await j.started.wait()
+            yield j
+        finally:
+            if not j.exited.is_set():
+                with anyio.CancelScope(shield=True):
+                    await self._stop(j)
+            self.jobs.pop(j.id, None)
+
+    # -- internals ---------------------------------------------------------------------
+
+    async def _ensure(self) -> Process:
+        async with self._start_lock:
+            if self._proc is not None and self._proc.returncode is None:
+                return self._proc
+            if self._tg is None:
+                raise RuntimeError("WorkerPool used outside 'async with'")
+            env = {**os.environ,
+                   "PYTHONPATH": os.pathsep.join(
+                       [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}
+            proc = await anyio.open_process(
+                [self.python, "-m", "nodes.flow.forkserver", f"--spares={self.spares}",
+                 *self.preload],
+                stdin=-1, stdout=-1, stderr=None, env=env, cwd=ROOT, start_new_session=True)
+            try:
+                with anyio.fail_after(START_TIMEOUT_S):
+                    await self._tg.start(self._read, proc)
+            except BaseException:
+                proc.kill()
+                with anyio.CancelScope(shield=True):
+                    await proc.wait()
+                raise
+            self._proc = proc
+            self.restarts += 1
+            return proc
+
+    async def _read(self, proc: Process, *, task_status: Any) -> None:
+        """Route the fork server's frames until it exits."""
+        assert proc.stdout is not None
+        deframer = Deframer()
+        ready = False
+        try:
+            async for chunk in proc.stdout:
+                for body in deframer.feed(chunk):
+                    msg = decode_from_server(body)
+                    if isinstance(msg, Output):
+                        j = self.jobs.get(msg.job)
+                        if j is not None:
+                            j.on_output(msg.data)
+                    elif isinstance(msg, Started):
+                        j = self.jobs.get(msg.job)
+                        if j is not None:
+                            j.pid = msg.pid
+                            j.started.set()
+                    elif isinstance(msg, Exited):
+                        j = self.jobs.get(msg.job)
+                        if j is not None:
+                            j._finish(msg)
+                    elif isinstance(msg, Ready) and not ready:
+                        ready = True
+                        self._server_pid = msg.pid
+                        task_status.started()
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+            pass
+        finally:
+            if self._proc is proc or self._proc is None:
+                self._proc = None
+            for j in list(self.jobs.values()):
+                j._finish(Exited(job=j.id, returncode=-9, spawn_error=LOST), lost=True)
+            with anyio.CancelScope(shield=True):
+                await proc.wait()
+        if not ready:
+            raise RuntimeError(f"the flow worker process exited at start "
+                               f"(code {proc.returncode})")
+
+    async def _send(self, proc: Process, msg: Spawn | Stop) -> None:
+        assert proc.stdin is not None
+        async with self._send_lock:
+            # If the server died, the reader finishes every job as lost.
+            with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError):
+                await proc.stdin.send(frame(msg))
+
+    async def _stop(self, j: RunningJob) -> None:
+        """SIGTERM the job, SIGKILL it after the grace period; if the fork server does
+        not report it gone soon after, replace the server (its death kills the job)."""
+        proc = self._proc
+        if proc is None or j.exited.is_set():
+            return
+        await self._send(proc, Stop(job=j.id, grace_s=self.kill_grace_s))
+        with anyio.move_on_after(self.kill_grace_s + 5.0):
+            await j.exited.wait()
+        if not j.exited.is_set():
+            proc.kill()
+            await j.exited.wait()
+
+    async def _shutdown(self) -> None:
+        proc = self._proc
+        if proc is None:
+            return
+        assert proc.stdin is not None
+        with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+            await proc.stdin.aclose()  # the server kills its jobs and exits
+        with anyio.move_on_after(5.0):
+            await proc.wait()
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        self._proc = None

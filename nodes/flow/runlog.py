@@ -1,0 +1,148 @@
+"""The run log: every line of a build or scenario run, timestamped, in one file.
+
+Lines come from the engine ("recipe clean started") and from job processes (their
+``ctx.log`` lines, prints and tracebacks).  ``write`` never blocks the event loop: it
+appends to memory, and a writer task puts batches into the file from a worker thread
+(within ``FLUSH_DELAY_S``, and everything when the log is closed).
+The last lines stay in memory (``tail``) for failure reports.
+
+    async with RunLog(path) as log:
+        log.write("engine", "build started")
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable
+from pathlib import Path
+from types import TracebackType
+from typing import IO
+
+import anyio
+
+TAIL_LINES = 200
+MAX_BYTES = 64 * 1024 * 1024  # beyond this a run log keeps only its tail in memory
+FLUSH_DELAY_S = 0.2           # lines reach the file at most this late (and at the end)
+
+
+def _stamp(now: float) -> str:
+    ms = int(now * 1000) % 1000
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{ms:03d}Z"
+
+
+class RunLog:
+    """A run's log: file ``path`` (optional) plus the last ``tail_lines`` in memory."""
+
+    def __init__(self, path: Path | None = None, *, tail_lines: int = TAIL_LINES,
+                 max_bytes: int = MAX_BYTES) -> None:
+        self.path = path
+        self.max_bytes = max_bytes
+        self._tail: deque[str] = deque(maxlen=tail_lines)
+        self._pending: list[str] = []
+        self._written = 0
+        self._truncated = False
+        self._file: IO[str] | None = None
+        self._wake = anyio.Event()
+        self._closing = anyio.Event()
+        self._closed = False
+        self._writer_done = anyio.Event()
+        self._tg: anyio.abc.TaskGroup | None = None
+
+    async def __aenter__(self) -> RunLog:
+        if self.path is not None:
+            path = self.path
+
+            def open_file() -> IO[str]:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                return path.open("a", encoding="utf-8")
+
+            self._file = await anyio.to_thread.run_sync(open_file)
+        self._tg = anyio.create_task_group()
+        await self._tg.__aenter__()
+        self._tg.start_soon(self._writer)
+        return self
+
+    async def __aexit__(self, et: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        self._closed = True
+        self._closing.set()
+        self._wake.set()
+        assert self._tg is not None
+        try:
+            with anyio.CancelScope(shield=True):
+                await self._writer_done.wait()
+            await self._tg.__aexit__(None, None, None)
+        finally:
+            if self._file is not None:
+                with anyio.CancelScope(shield=True):
+                    await anyio.to_thread.run_sync(self._file.close)
+
+    def write(self, source: str, text: str) -> None:
+        """Log ``text`` (one or more lines) from ``source`` ("engine", "recipe clean")."""
+        stamp = _stamp(time.time())
+        for line in text.splitlines() or [""]:
+            entry = f"{stamp} [{source}] {line}"
+            self._tail.append(entry)
+            if self._file is not None:
+                self._pending.append(entry)
+        if self._pending:
+            self._wake.set()
+
+    def lines_writer(self, source: str) -> LineSplitter:
+        """A callback for a job's output bytes that logs whole lines."""
+        return LineSplitter(lambda line: self.write(source, line))
+
+    def tail(self, n: int = 50) -> list[str]:
+        return list(self._tail)[-n:]
+
+    async def _writer(self) -> None:
+        try:
+            while True:
+                await self._wake.wait()
+                if not self._closed:
+                    # Gather what else comes soon: one thread hop per batch, not per line.
+                    with anyio.move_on_after(FLUSH_DELAY_S):
+                        await self._closing.wait()
+                self._wake = anyio.Event()
+                batch, self._pending = self._pending, []
+                if batch:
+                    await anyio.to_thread.run_sync(self._write_batch, batch)
+                if self._closed and not self._pending:
+                    return
+        finally:
+            self._writer_done.set()
+
+    def _write_batch(self, batch: list[str]) -> None:
+        assert self._file is not None
+        if self._truncated:
+            return
+        text = "\n".join(batch) + "\n"
+        if self._written + len(text) > self.max_bytes:
+            text = f"{_stamp(time.time())} [engine] log truncated at {self.max_bytes} bytes\n"
+            self._truncated = True
+        self._file.write(text)
+        self._file.flush()
+        self._written += len(text)
+
+
+class LineSplitter:
+    """Turns a byte stream into lines (a partial last line waits for more bytes)."""
+
+    def __init__(self, emit: Callable[[str], None]) -> None:
+        self.emit = emit
+        self._buf = b""
+
+    def __call__(self, data: bytes) -> None:
+        self._buf += data
+        *lines, self._buf = self._buf.split(b"\n")
+        for line in lines:
+            self.emit(line.decode("utf-8", "replace").rstrip("\r"))
+        if len(self._buf) > 64 * 1024:  # a huge line without newline: log it in pieces
+            self.emit(self._buf.decode("utf-8", "replace"))
+            self._buf = b""
+
+    def close(self) -> None:
+        if self._buf:
+            self.emit(self._buf.decode("utf-8", "replace").rstrip("\r"))
+            self._buf = b""

@@ -1,0 +1,147 @@
+"""Frames between the engine, its fork server and the job processes it forks.
+
+Length-prefixed msgpack (4-byte big-endian length), one tagged union per direction.
+Private to the flow package: both ends always run the same code, so there are no
+compatibility rules here, unlike ``protocol/``.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Any
+
+import msgspec
+
+HEADER = struct.Struct(">I")
+
+
+class JobSpec(msgspec.Struct, frozen=True, kw_only=True):
+    """Everything a job process needs: what to run, where, with which limits."""
+
+    kind: str                                  # "recipe" or "script"
+    name: str                                  # recipe name or script step name
+    code: str                                  # absolute path of the Python file
+    cwd: str
+    sys_path: list[str] = []
+    inputs: dict[str, str] = {}                # dataset -> path
+    outputs: dict[str, str] = {}               # dataset -> temporary path
+    datasets: dict[str, str] = {}              # every dataset -> path (scripts)
+    data_dir: str = ""
+    code_dir: str = ""
+    params: dict[str, Any] = {}
+    memory_mb: int | None = None
+    measure: bool = True                       # compute size/row metrics of outputs
+
+
+# -- engine -> fork server --------------------------------------------------------------
+
+class Spawn(msgspec.Struct, frozen=True, tag=True):
+    job: int
+    spec: JobSpec
+
+
+class Stop(msgspec.Struct, frozen=True, tag=True):
+    """SIGTERM the job's process group now, SIGKILL it after ``grace_s``."""
+
+    job: int
+    grace_s: float
+
+
+ToServer = Spawn | Stop
+
+
+# -- fork server -> engine --------------------------------------------------------------
+
+class Ready(msgspec.Struct, frozen=True, tag=True):
+    pid: int
+
+
+class Started(msgspec.Struct, frozen=True, tag=True):
+    job: int
+    pid: int
+
+
+class Output(msgspec.Struct, frozen=True, tag=True):
+    """Bytes the job wrote to its stdout or stderr (ctx.log writes there too)."""
+
+    job: int
+    data: bytes
+
+
+class Exited(msgspec.Struct, frozen=True, tag=True):
+    """The job process is gone.  ``returncode`` as in ``subprocess`` (negative: killed
+    by that signal); ``report`` is the job's encoded ``Report`` (empty if it died before
+    writing one); ``spawn_error`` is set when the fork itself failed."""
+
+    job: int
+    returncode: int
+    report: bytes = b""
+    peak_rss_kb: int = 0
+    spawn_error: str = ""
+
+
+FromServer = Ready | Started | Output | Exited
+
+
+# -- job process -> engine (through the fork server, in ``Exited.report``) -----------------
+
+class Report(msgspec.Struct, frozen=True, kw_only=True):
+    ok: bool
+    exit_code: int = 0
+    error: str = ""                            # "ValueError: bad row"
+    traceback_tail: list[str] = []
+    memory_error: bool = False
+    metrics: dict[str, dict[str, int | float]] = {}
+
+
+_spec = msgspec.msgpack.Decoder(JobSpec)
+_to_server = msgspec.msgpack.Decoder(ToServer)
+_from_server = msgspec.msgpack.Decoder(FromServer)
+_report = msgspec.msgpack.Decoder(Report)
+_encoder = msgspec.msgpack.Encoder()
+
+
+def frame(msg: msgspec.Struct) -> bytes:
+    body = _encoder.encode(msg)
+    return HEADER.pack(len(body)) + body
+
+
+def encode_report(report: Report) -> bytes:
+    return _encoder.encode(report)
+
+
+def decode_report(data: bytes) -> Report | None:
+    try:
+        return _report.decode(data) if data else None
+    except msgspec.DecodeError:
+        return None
+
+
+class Deframer:
+    """Accumulates bytes; yields complete frame bodies."""
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+
+    def feed(self, data: bytes) -> list[bytes]:
+        self._buf += data
+        out: list[bytes] = []
+        while len(self._buf) >= HEADER.size:
+            (n,) = HEADER.unpack_from(self._buf)
+            if len(self._buf) < HEADER.size + n:
+                break
+            out.append(bytes(self._buf[HEADER.size:HEADER.size + n]))
+            del self._buf[:HEADER.size + n]
+        return out
+
+
+def decode_spec(body: bytes) -> JobSpec:
+    return _spec.decode(body)
+
+
+def decode_to_server(body: bytes) -> ToServer:
+    return _to_server.decode(body)
+
+
+def decode_from_server(body: bytes) -> FromServer:
+    return _from_server.decode(body)
