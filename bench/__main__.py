@@ -15,12 +15,12 @@ from typing import Any
 
 from bench.common import machine, write_json
 
-BENCHMARKS = ["echo"]
+BENCHMARKS = ["echo", "deploy", "transfer", "flow"]
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
-    parser.add_argument("names", nargs="*", choices=[*BENCHMARKS, []][0:0] or None,
+    parser.add_argument("names", nargs="*",
                         help=f"benchmarks to run (default: all of {', '.join(BENCHMARKS)})")
     parser.add_argument("--quick", action="store_true", help="shorter runs, noisier numbers")
     args = parser.parse_args(argv)

@@ -9,9 +9,22 @@
 ``nodes.cli``         the ``shipyard`` admin command line
 """
 
-from importlib.metadata import PackageNotFoundError, version
+from functools import cache
 
-try:
-    __version__ = version("shipyard")
-except PackageNotFoundError:  # running from a source tree without an install
-    __version__ = "0.0.0+local"
+
+@cache
+def _version() -> str:
+    # Looked up on first use: importlib.metadata costs ~18 ms at import, and recipe
+    # worker processes import this package without needing it.
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("shipyard")
+    except PackageNotFoundError:  # running from a source tree without an install
+        return "0.0.0+local"
+
+
+def __getattr__(name: str) -> str:
+    if name == "__version__":
+        return _version()
+    raise AttributeError(f"module 'nodes' has no attribute {name!r}")

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
-from typing import ClassVar
+from pathlib import Path
+from typing import Any, ClassVar
 
 from nodes.runtime.node import Node
 
 
 class ApiNode(Node):
     role: ClassVar[str] = "api"
+
+    def __init__(self, *, data_dir: Path | None = None, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.data_dir = (data_dir or Path(".shipyard") / "nodes" / self.name).resolve()

@@ -1,11 +1,188 @@
-"""The Design node: hosts projects, test-builds them, makes bundles and API packages."""
+"""The Design node: hosts projects, test-builds them, makes bundles and API packages.
+
+Every subdirectory of the workspace that holds a ``shipyard.toml`` is a project,
+known by its manifest's ``project.key``.
+"""
 
 from __future__ import annotations
 
-from typing import ClassVar
+import getpass
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, ClassVar
 
-from nodes.runtime.node import Node
+import anyio
+import msgspec
+import nats.js.errors
+from nats.js.kv import KeyValue
+
+from nodes.project.bundle import pack
+from nodes.project.manifest import MANIFEST, Manifest, ManifestError, load_manifest
+from nodes.runtime import transfer
+from nodes.runtime.jetstream import ensure_kv
+from nodes.runtime.kvcache import snapshot
+from nodes.runtime.node import Node, handles
+from protocol import subjects
+from protocol.base import Family, Request, encode, new_id
+from protocol.bundles import (
+    BUNDLE_INFO,
+    BundleCreated,
+    BundleInfo,
+    BundleList,
+    BundleSummary,
+    CreateBundle,
+    ListBundles,
+    ListProjects,
+    ProjectList,
+    ProjectStatus,
+    check_bundle_id,
+    diff_bundles,
+)
+from protocol.deploy import BundleStored
+from protocol.design import DESIGN
+from protocol.errors import BadRequest, Conflict, NotFound
 
 
 class DesignNode(Node):
     role: ClassVar[str] = "design"
+    family: ClassVar[Family | None] = DESIGN
+
+    def __init__(self, *, workspace: Path | None = None, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.workspace = (workspace or Path("projects")).resolve()
+        self._bundles: KeyValue | None = None
+
+    @property
+    def bundles_kv(self) -> KeyValue:
+        assert self._bundles is not None
+        return self._bundles
+
+    async def setup(self) -> None:
+        await anyio.Path(self.workspace).mkdir(parents=True, exist_ok=True)
+        self._bundles = await ensure_kv(self.js, subjects.BUNDLE_BUCKET,
+                                        replicas=self.settings.replicas,
+                                        description="shipyard bundle records")
+        await transfer.ensure_bucket(self.js, subjects.BUNDLE_STORE,
+                                     replicas=self.settings.replicas)
+
+    def state(self) -> dict[str, Any]:
+        return {"workspace": str(self.workspace)}
+
+    # -- workspace ---------------------------------------------------------------------
+
+    def _scan(self) -> list[tuple[Path, Manifest | None, str]]:
+        """(dir, manifest or None, error) for every project directory (blocking)."""
+        out: list[tuple[Path, Manifest | None, str]] = []
+        if not self.workspace.is_dir():
+            return out
+        for d in sorted(self.workspace.iterdir()):
+            if not (d / MANIFEST).is_file():
+                continue
+            try:
+                out.append((d, load_manifest(d), ""))
+            except ManifestError as exc:
+                out.append((d, None, exc.message))
+        return out
+
+    async def project(self, key: str) -> tuple[Path, Manifest]:
+        """The project ``key``, with its manifest validated strictly."""
+        scanned = await anyio.to_thread.run_sync(self._scan)
+        for d, manifest, _ in scanned:
+            if manifest is not None and manifest.project.key == key:
+                return d, manifest
+        for d, manifest, error in scanned:
+            if manifest is None and d.name == key:
+                raise BadRequest(error, details={"file": f"{d.name}/{MANIFEST}"})
+        known = sorted(m.project.key for _, m, _ in scanned if m is not None)
+        raise NotFound(f"unknown project {key!r} in workspace {self.workspace}"
+                       + (f"; known: {', '.join(known)}" if known else "; it has no projects"))
+
+    @handles(ListProjects)
+    async def list_projects(self, cmd: ListProjects, req: Request[Any]) -> ProjectList:
+        scanned = await anyio.to_thread.run_sync(self._scan)
+        projects = []
+        for d, m, error in scanned:
+            if m is None:
+                projects.append(ProjectStatus(key=d.name, name="", path=str(d), ok=False,
+                                              error=error))
+            else:
+                projects.append(ProjectStatus(
+                    key=m.project.key, name=m.project.name, path=str(d), ok=True,
+                    datasets=len(m.datasets), recipes=len(m.recipes),
+                    scenarios=len(m.scenarios), api_services=sorted(m.api_services)))
+        return ProjectList(workspace=str(self.workspace), projects=projects)
+
+    # -- bundles -----------------------------------------------------------------------
+
+    async def bundle_infos(self, project: str) -> list[BundleInfo]:
+        snap = await snapshot(self.bundles_kv, f"{subjects.token(project, 'project')}.>")
+        infos = []
+        for _rev, raw in snap.values():
+            try:
+                infos.append(BUNDLE_INFO.decode(raw))
+            except msgspec.DecodeError:
+                self.log.warning("unreadable bundle record skipped", project=project)
+        return sorted(infos, key=lambda b: b.created_at)
+
+    @handles(ListBundles)
+    async def list_bundles(self, cmd: ListBundles, req: Request[Any]) -> BundleList:
+        infos = await self.bundle_infos(cmd.project)
+        if not infos:
+            await self.project(cmd.project)  # NotFound if the project is unknown too
+        return BundleList(project=cmd.project,
+                          bundles=[BundleSummary.of(b) for b in infos])
+
+    @handles(CreateBundle)
+    async def create_bundle(self, cmd: CreateBundle, req: Request[Any]) -> BundleCreated:
+        try:
+            check_bundle_id(cmd.bundle_id)
+        except ValueError as exc:
+            raise BadRequest(str(exc)) from None
+        project_dir, manifest = await self.project(cmd.project)
+        key = f"{manifest.project.key}.{cmd.bundle_id}"
+        existing = await self._get_info(key)
+        if existing is not None:
+            raise Conflict(_immutable(existing))
+        by = cmd.created_by or req.sender or getpass.getuser()
+        fd, tmp = tempfile.mkstemp(prefix=f"sy-bundle-{cmd.bundle_id}-", suffix=".tar")
+        os.close(fd)
+        archive = Path(tmp)
+        try:
+            packed = await anyio.to_thread.run_sync(
+                lambda: pack(project_dir, manifest, archive, bundle_id=cmd.bundle_id,
+                             created_by=by, notes=cmd.notes))
+            name = f"{manifest.project.key}/{cmd.bundle_id}/{new_id()}.tar"
+            stored = await transfer.put_file(self.js, subjects.BUNDLE_STORE, name, archive,
+                                             meta={"project": manifest.project.key,
+                                                   "bundle": cmd.bundle_id})
+        finally:
+            await anyio.Path(archive).unlink(missing_ok=True)
+        info = msgspec.structs.replace(packed.info, archive=name, archive_size=stored.size,
+                                       archive_sha256=stored.sha256)
+        previous = await self.bundle_infos(manifest.project.key)
+        try:
+            await self.bundles_kv.create(key, encode(info))
+        except nats.js.errors.KeyWrongLastSequenceError:
+            await transfer.delete(self.js, subjects.BUNDLE_STORE, name)
+            existing = await self._get_info(key)
+            raise Conflict(_immutable(existing) if existing else
+                           f"bundle {cmd.bundle_id} was created concurrently") from None
+        await self.emit(BundleStored(project=info.project, bundle=info.id, by=by,
+                                     files=len(info.files), size=info.size, digest=info.digest))
+        self.log.info("bundle created", project=info.project, bundle=info.id,
+                      files=len(info.files), size=info.size, skipped=len(packed.skipped))
+        return BundleCreated(bundle=BundleSummary.of(info),
+                             diff=diff_bundles(previous[-1] if previous else None, info))
+
+    async def _get_info(self, key: str) -> BundleInfo | None:
+        try:
+            entry = await self.bundles_kv.get(key)
+        except nats.js.errors.KeyNotFoundError:
+            return None
+        return BUNDLE_INFO.decode(entry.value) if entry.value else None
+
+
+def _immutable(b: BundleInfo) -> str:
+    return (f"bundle {b.id} of project {b.project} already exists (created by "
+            f"{b.created_by or '?'}); bundle ids are immutable: choose a new id")

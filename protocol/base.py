@@ -138,7 +138,11 @@ class Family:
 
     @classmethod
     def of(cls, command: type[Any]) -> Family:
-        try:
-            return cls._of[command]
-        except KeyError:
-            raise TypeError(f"{command.__name__} belongs to no command family") from None
+        family = cls._of.get(command)
+        if family is None:
+            import protocol.families  # noqa: F401 - registers every family
+
+            family = cls._of.get(command)
+        if family is None:
+            raise TypeError(f"{command.__name__} belongs to no command family")
+        return family

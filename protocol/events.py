@@ -1,5 +1,9 @@
 """Events: what happened, kept in the SY_EVENTS stream under ``sy.evt.>``.
 
+This module has the base class and the node events; each area defines its own events
+beside its commands, and ``protocol.stream`` gathers them into the one union readers
+decode with.
+
 Every event has an ``id`` (also sent as ``Nats-Msg-Id``, so a retried publish is stored
 once) and a wall-clock ``ts``.  ``subject()`` says where it is published and
 ``summary()`` is the one line ``shipyard events`` prints.
@@ -8,12 +12,11 @@ once) and a wall-clock ``ts``.  ``subject()`` says where it is published and
 from __future__ import annotations
 
 import time
-from typing import Any
 
 import msgspec
 
 from protocol import subjects
-from protocol.base import Codec, Message, new_id
+from protocol.base import Message, new_id
 
 
 class Event(Message, frozen=True, kw_only=True):
@@ -65,15 +68,4 @@ class NodeLost(Event, frozen=True, kw_only=True, tag="node.lost"):
         return f"node {self.node} ({self.role}, infra {self.infra}) lost: {why}"
 
 
-AnyEvent = NodeOnline | NodeLost
-
-EVENT = Codec[AnyEvent](AnyEvent)
-
-
-def describe_unknown(raw: bytes) -> dict[str, Any]:
-    """Best-effort view of an event this reader does not know (a newer peer's)."""
-    try:
-        value = msgspec.json.decode(raw)
-    except msgspec.DecodeError:
-        return {"type": "?", "raw": raw[:200].decode("utf-8", "replace")}
-    return value if isinstance(value, dict) else {"type": "?", "value": value}
+NodeEvent = NodeOnline | NodeLost

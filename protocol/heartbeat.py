@@ -25,6 +25,7 @@ class Heartbeat(Message, frozen=True, kw_only=True, tag="heartbeat"):
     interval_s: float
     seq: int = 0
     ts: float = 0.0
+    instance: str = ""  # unique per node object: tells a restart even with the same pid
     state: dict[str, Any] = {}
 
 

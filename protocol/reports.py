@@ -16,6 +16,7 @@ class NodeExit(Message, frozen=True, kw_only=True, tag="node.exit"):
     infra: str
     pid: int
     reason: str
+    instance: str = ""  # empty when the supervisor reports (it knows only the pid)
 
     def subject(self) -> str:
         return subjects.report("exit", self.node)

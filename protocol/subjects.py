@@ -115,3 +115,7 @@ def api_service_prefix(service: str) -> str:
 
 EVENTS_STREAM = "SY_EVENTS"
 REGISTRY_BUCKET = "sy_registry"
+INFRA_BUCKET = "sy_infra"
+DEPLOY_BUCKET = "sy_deploy"
+BUNDLE_BUCKET = "sy_bundles"  # KV: bundle records
+BUNDLE_STORE = "sy_bundle_data"  # Object Store: bundle archives

@@ -52,7 +52,7 @@ async def running(*nodes: Node) -> AsyncIterator[tuple[Node, ...]]:
 def shipyard(*args: str, env: dict[str, str], cwd: Path | None = None,
              timeout: float = 30.0, check: bool = False) -> subprocess.CompletedProcess[str]:
     """Run the real ``shipyard`` CLI in a subprocess."""
-    proc = subprocess.run([sys.executable, "-m", "nodes.cli", *args], env=env, cwd=cwd,
+    proc = subprocess.run([sys.executable, "-P", "-m", "nodes.cli", *args], env=env, cwd=cwd,
                           capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"shipyard {' '.join(args)} exited {proc.returncode}:\n"
@@ -137,7 +137,7 @@ class Background:
 
 
 def shipyard_argv(*args: str) -> list[str]:
-    return [sys.executable, "-m", "nodes.cli", *args]
+    return [sys.executable, "-P", "-m", "nodes.cli", *args]
 
 
 def pid_alive(pid: int) -> bool:
@@ -152,3 +152,43 @@ def pid_alive(pid: int) -> bool:
             return f.read().split(")")[-1].split()[0] != "Z"
     except OSError:
         return False
+
+
+class Fleet:
+    """Nodes served in one task group, each started and stopped when the test says."""
+
+    def __init__(self, tg: Any) -> None:
+        self.tg = tg
+        self._done: dict[int, anyio.Event] = {}
+        self.nodes: list[Node] = []
+
+    async def start(self, node: Node) -> Node:
+        done = anyio.Event()
+
+        async def serve(*, task_status: Any = anyio.TASK_STATUS_IGNORED) -> None:
+            try:
+                await node.serve(task_status=task_status)
+            finally:
+                done.set()
+
+        await self.tg.start(serve)
+        self._done[id(node)] = done
+        self.nodes.append(node)
+        return node
+
+    async def stop(self, node: Node) -> None:
+        """Graceful stop; returns once the node has shut down."""
+        node.stop()
+        await self._done[id(node)].wait()
+        self.nodes.remove(node)
+
+
+@asynccontextmanager
+async def fleet() -> AsyncIterator[Fleet]:
+    async with anyio.create_task_group() as tg:
+        f = Fleet(tg)
+        try:
+            yield f
+        finally:
+            for node in list(f.nodes):
+                node.stop()

@@ -23,7 +23,8 @@ def free_port() -> int:
 def test_cli_fails_fast_with_one_line_when_nats_is_unreachable(cli_env: dict[str, str],
                                                                 tmp_path: Path) -> None:
     url = f"nats://127.0.0.1:{free_port()}"
-    for args in (["nodes", "--nats", url], ["--nats", url, "events"], ["nodes", "--json"]):
+    for args in (["nodes", "--nats", url], ["--nats", url, "events"], ["nodes", "--json"],
+                 ["node", "start", "design", "--nats", url]):
         env = dict(cli_env, SHIPYARD_NATS_URL=url)
         t0 = time.monotonic()
         proc = shipyard(*args, env=env, cwd=tmp_path)
@@ -72,6 +73,11 @@ def test_up_starts_every_role_restarts_a_killed_node_and_stops_cleanly(
             assert set(n) >= {"name", "role", "infra", "status", "last_seen_s", "version",
                               "host", "pid"}
         pids = {n["pid"] for n in nodes}
+        infras = json.loads(shipyard("infra", "list", "--json", env=cli_env, cwd=tmp_path,
+                                     check=True).stdout)
+        assert {(i["name"], i["kind"]) for i in infras} == {("automation", "automation"),
+                                                            ("api", "api")}
+        assert {n["infra"] for n in nodes if n["role"] == "automation"} == {"automation"}
         victim = next(n for n in nodes if n["name"] == "automation-1")
 
         # kill -9 one node: the registry shows it lost, then online again (new pid).
@@ -85,7 +91,7 @@ def test_up_starts_every_role_restarts_a_killed_node_and_stops_cleanly(
                           message="automation-1 restarted and online")
         pids.add(back["pid"])
         events = shipyard("events", "--json", env=cli_env, cwd=tmp_path, check=True).stdout
-        kinds = [(e["type"], e["node"]) for e in map(json.loads, events.splitlines())]
+        kinds = [(e["type"], e.get("node")) for e in map(json.loads, events.splitlines())]
         assert ("node.lost", "automation-1") in kinds
         assert kinds.count(("node.online", "automation-1")) == 2
     finally:

@@ -9,9 +9,10 @@ from protocol import subjects
 from protocol.base import Reply, Request, encode, make_request
 from protocol.deployer import DEPLOYER
 from protocol.errors import DecodeError, Internal, NotFound, error_from_wire
-from protocol.events import EVENT, NodeLost, NodeOnline
+from protocol.events import NodeLost, NodeOnline
 from protocol.heartbeat import HEARTBEAT, Heartbeat
 from protocol.registry import ListNodes, NodeList
+from protocol.stream import EVENT
 
 
 def test_request_round_trip_keeps_body_type_and_metadata() -> None:
@@ -90,3 +91,13 @@ def test_request_envelope_leaves_room_for_identity_and_signature() -> None:
     req = Request(body=ListNodes(), id="1", ts=0.0, identity="UABC", signature="sig")
     back = DEPLOYER.requests.decode(encode(req))
     assert (back.identity, back.signature) == ("UABC", "sig")
+
+
+def test_a_command_finds_its_family_whatever_was_imported_first() -> None:
+    import subprocess
+    import sys
+    code = ("from protocol.registry import ListNodes\nfrom protocol.base import Family\n"
+            "print(Family.of(ListNodes).role)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.strip() == "deployer"

@@ -13,6 +13,15 @@ import click
 import nodes
 from nodes.cli.common import EXIT_FAILED, EXIT_USAGE, CliState, err
 from nodes.cli.fleet import events_cmd, nodes_cmd
+from nodes.cli.projects import (
+    bundle,
+    deploy,
+    deployments,
+    history,
+    infra,
+    projects_cmd,
+    rollback,
+)
 from nodes.cli.stack import node, up
 from nodes.runtime.connection import CannotReachNats
 from nodes.runtime.embedded import EmbeddedNatsError
@@ -39,6 +48,13 @@ cli.add_command(up)
 cli.add_command(node)
 cli.add_command(nodes_cmd)
 cli.add_command(events_cmd)
+cli.add_command(projects_cmd)
+cli.add_command(bundle)
+cli.add_command(infra)
+cli.add_command(deploy)
+cli.add_command(rollback)
+cli.add_command(deployments)
+cli.add_command(history)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -9,8 +9,8 @@ from __future__ import annotations
 import json
 import re
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -79,7 +79,7 @@ async def connected(nats_url: str | None) -> AsyncIterator[NATS]:
             await nc.close()
 
 
-async def call(nats_url: str | None, cmd: Any, *, timeout: float = 10.0) -> Any:
+async def call(nats_url: str | None, cmd: Any, timeout: float = 10.0) -> Any:
     async with connected(nats_url) as nc:
         return await Caller(nc, sender="cli").call(cmd, timeout=timeout)
 
@@ -131,6 +131,24 @@ def human_age(seconds: float) -> str:
     if seconds < 86400:
         return f"{seconds / 3600:.1f}h"
     return f"{seconds / 86400:.1f}d"
+
+
+def human_size(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GB"
+
+
+@contextmanager
+def spinner(text: str) -> Iterator[None]:
+    """A spinner on a terminal while a long operation runs; nothing otherwise."""
+    if err.is_terminal:
+        with err.status(text):
+            yield
+    else:
+        yield
 
 
 def home_option(fn: F) -> F:

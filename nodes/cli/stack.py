@@ -20,6 +20,7 @@ from nats.aio.msg import Msg
 import nodes
 from nodes.cli.common import EXIT_FAILED, EXIT_OK, err, home_option, nats_option, out, table
 from nodes.roles import ROLES
+from nodes.runtime.calls import Caller
 from nodes.runtime.connection import CannotReachNats, connect
 from nodes.runtime.embedded import EmbeddedNats, EmbeddedNatsError
 from nodes.runtime.logs import configure_logging
@@ -27,6 +28,8 @@ from nodes.runtime.run import run_node
 from nodes.runtime.settings import STACK_FILE, NatsSettings, read_stack_file, resolve
 from nodes.runtime.supervisor import Child, Supervisor, describe_exit
 from protocol import subjects
+from protocol.deploy import CreateInfra
+from protocol.errors import OperationError
 from protocol.heartbeat import HEARTBEAT
 from protocol.reports import REPORT, NodeExit
 
@@ -60,9 +63,19 @@ def node() -> None:
               show_default=True, help="Seconds between heartbeats.")
 @click.option("--max-concurrency", type=click.IntRange(min=1), default=256, show_default=True,
               help="Requests handled at once.")
+@click.option("--workspace", type=click.Path(path_type=Path), default=None,
+              help="design: the folder whose subfolders with a shipyard.toml are projects "
+                   "(default ./projects).")
+@click.option("--data-dir", type=click.Path(path_type=Path), default=None,
+              help="automation, api: where bundles and data live "
+                   "(default ./.shipyard/nodes/<name>).")
+@click.option("--keep-bundles", type=click.IntRange(min=2), default=5, show_default=True,
+              help="automation: unpacked bundles kept per project (rollbacks to them "
+                   "transfer nothing).")
 @click.option("--log-level", default=None, help="debug, info, warning or error.")
 def node_start(role: str, name: str | None, infra: str | None, nats_url: str | None,
-               heartbeat_interval: float, max_concurrency: int, log_level: str | None) -> None:
+               heartbeat_interval: float, max_concurrency: int, workspace: Path | None,
+               data_dir: Path | None, keep_bundles: int, log_level: str | None) -> None:
     """Run one node worker of ROLE in the foreground (SIGINT/SIGTERM stop it gracefully)."""
     configure_logging(log_level)
     name = name or default_node_name(role)
@@ -73,9 +86,21 @@ def node_start(role: str, name: str | None, infra: str | None, nats_url: str | N
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from None
     settings = resolve(nats_url)
+    extra: dict[str, Any] = {}
+    if role == "design":
+        extra["workspace"] = workspace or Path("projects")
+    elif workspace is not None:
+        raise click.BadParameter("--workspace is for design nodes", param_hint="--workspace")
+    if role in ("automation", "api"):
+        extra["data_dir"] = data_dir or Path(".shipyard") / "nodes" / name
+    elif data_dir is not None:
+        raise click.BadParameter("--data-dir is for automation and api nodes",
+                                 param_hint="--data-dir")
+    if role == "automation":
+        extra["keep_bundles"] = keep_bundles
     instance = ROLES[role](name=name, infra=infra, nats=settings,
                            heartbeat_interval=heartbeat_interval,
-                           max_concurrency=max_concurrency)
+                           max_concurrency=max_concurrency, **extra)
     sys.exit(run_node(instance))
 
 
@@ -92,16 +117,21 @@ def _pid_alive(pid: int) -> bool:
 
 
 def _children(home: Path, url: str, *, automation: int, api: int,
-              heartbeat_interval: float) -> list[Child]:
+              heartbeat_interval: float, workspace: Path) -> list[Child]:
     plan: list[tuple[str, str]] = [("deployer", "deployer"), ("design", "design"),
                                    ("govern", "govern")]
     plan += [("automation", f"automation-{i + 1}") for i in range(automation)]
     plan += [("api", f"api-{i + 1}") for i in range(api)]
     children = []
     for role, name in plan:
-        argv = [sys.executable, "-m", "nodes.cli", "node", "start", role, "--name", name,
+        # -P: the user's current folder must not shadow our packages (say, a "nodes/").
+        argv = [sys.executable, "-P", "-m", "nodes.cli", "node", "start", role, "--name", name,
                 "--infra", default_infra(role), "--nats", url,
                 "--heartbeat-interval", str(heartbeat_interval)]
+        if role == "design":
+            argv += ["--workspace", str(workspace)]
+        elif role in ("automation", "api"):
+            argv += ["--data-dir", str(home / "nodes" / name)]
         children.append(Child(name=name, role=role, argv=argv,
                               log_path=home / "logs" / f"{name}.log",
                               env={"SHIPYARD_LOG_FORMAT": "json"}))
@@ -120,8 +150,10 @@ def _children(home: Path, url: str, *, automation: int, api: int,
 @click.option("--api-nodes", type=click.IntRange(min=0), default=1, show_default=True)
 @click.option("--heartbeat-interval", type=click.FloatRange(min=0.05), default=2.0,
               show_default=True)
+@click.option("--workspace", type=click.Path(path_type=Path), default=Path("projects"),
+              show_default=True, help="The Design node's workspace: one project per folder.")
 def up(home: Path, nats_port: int, monitor_port: int, http_port: int, automation_nodes: int,
-       api_nodes: int, heartbeat_interval: float) -> None:
+       api_nodes: int, heartbeat_interval: float, workspace: Path) -> None:
     """Start the whole stack in the foreground: embedded NATS and every node role.
 
     Writes HOME/stack.json so other commands run in this folder find the stack.
@@ -137,12 +169,12 @@ def up(home: Path, nats_port: int, monitor_port: int, http_port: int, automation
                   f"(pid {previous['pid']}, NATS {previous.get('nats_url')})")
         sys.exit(EXIT_FAILED)
     code = anyio.run(_up, home, nats_port, monitor_port, http_port, automation_nodes,
-                     api_nodes, heartbeat_interval)
+                     api_nodes, heartbeat_interval, workspace.resolve())
     sys.exit(code)
 
 
 async def _up(home: Path, nats_port: int, monitor_port: int, http_port: int,
-              automation: int, api: int, heartbeat_interval: float) -> int:
+              automation: int, api: int, heartbeat_interval: float, workspace: Path) -> int:
     server = EmbeddedNats(home / "nats", port=nats_port, monitor_port=monitor_port,
                           log_file=home / "logs" / "nats.log", server_name="shipyard",
                           die_with_parent=True)
@@ -153,7 +185,7 @@ async def _up(home: Path, nats_port: int, monitor_port: int, http_port: int,
         return EXIT_FAILED
 
     children = _children(home, server.url, automation=automation, api=api,
-                         heartbeat_interval=heartbeat_interval)
+                         heartbeat_interval=heartbeat_interval, workspace=workspace)
     settings = NatsSettings(servers=(server.url,))
     try:
         nc = await connect(settings, name="shipyard-up")
@@ -186,6 +218,9 @@ async def _up(home: Path, nats_port: int, monitor_port: int, http_port: int,
                 await tg.start(supervisor.run)
                 ok = await _wait_online(nc, children, timeout=30.0)
                 _print_children(children, home)
+                await _default_infras(nc)
+                out.print(f"workspace   {workspace}  (projects: one folder each, with "
+                          "shipyard.toml)")
                 if not ok:
                     err.print("shipyard: some nodes did not come online; see their logs")
                 out.print(f"stack file  {home / STACK_FILE}")
@@ -235,6 +270,18 @@ async def _wait_online(nc: Any, children: list[Child], timeout: float) -> bool:
         with contextlib.suppress(nats.errors.Error):
             await sub.unsubscribe()
     return not waiting
+
+
+async def _default_infras(nc: Any) -> None:
+    """The infras ``up`` places its nodes in (kept if they already exist)."""
+    caller = Caller(nc, sender="shipyard-up")
+    for name, kind in (("automation", "automation"), ("api", "api")):
+        try:
+            await caller.call(CreateInfra(name=name, kind=kind, stage="development",
+                                          exist_ok=True, by="shipyard up"), timeout=10)
+        except OperationError as exc:
+            err.print(f"shipyard: could not create infra {name}: {exc.message}")
+    out.print("infras      automation (automation nodes), api (API nodes)")
 
 
 def _print_children(children: list[Child], home: Path) -> None:

@@ -13,6 +13,7 @@ from anyio.abc import TaskGroup
 from nats.aio.msg import Msg
 from nats.js.kv import KeyValue
 
+from nodes.deployer.projects import ProjectDeployer
 from nodes.deployer.registry import Registry
 from nodes.runtime.jetstream import ensure_kv
 from nodes.runtime.node import Node, handles
@@ -20,7 +21,7 @@ from protocol import subjects
 from protocol.base import Family, Request, encode
 from protocol.deployer import DEPLOYER
 from protocol.errors import DecodeError
-from protocol.events import AnyEvent
+from protocol.events import Event
 from protocol.heartbeat import HEARTBEAT
 from protocol.registry import REGISTRY_VALUE, ListNodes, NodeInfo, NodeList
 from protocol.reports import REPORT
@@ -35,11 +36,13 @@ class DeployerNode(Node):
     def __init__(self, *, sweep_interval: float | None = None, **kw: Any) -> None:
         super().__init__(**kw)
         self.registry = Registry()
+        self.projects = ProjectDeployer(self)
+        self.add_handlers(self.projects)
         self.sweep_interval = sweep_interval or min(0.5, self.heartbeat_interval / 4)
         self.heartbeats_seen = 0
         self.heartbeats_bad = 0
         self._kv: KeyValue | None = None
-        self._events_send, self._events_recv = anyio.create_memory_object_stream[AnyEvent](
+        self._events_send, self._events_recv = anyio.create_memory_object_stream[Event](
             EVENT_QUEUE)
         self._dirty = anyio.Event()
         self._events_done = anyio.Event()
@@ -54,6 +57,7 @@ class DeployerNode(Node):
                                    replicas=self.settings.replicas,
                                    description="shipyard node registry")
         await self._load_registry()
+        await self.projects.setup()
 
     async def _load_registry(self) -> None:
         try:
@@ -83,6 +87,7 @@ class DeployerNode(Node):
         tg.start_soon(self._sweeper)
         tg.start_soon(self._event_publisher)
         tg.start_soon(self._registry_writer)
+        await self.projects.started(tg)
 
     def state(self) -> dict[str, Any]:
         return {"nodes": len(self.registry.nodes), "heartbeats": self.heartbeats_seen}
@@ -103,6 +108,7 @@ class DeployerNode(Node):
             await self._queue_event(event)
         if self.registry.nodes[hb.node].dirty:
             self._dirty.set()
+            self.projects.kick()
 
     async def _on_exit_report(self, msg: Msg) -> None:
         try:
@@ -110,11 +116,12 @@ class DeployerNode(Node):
         except DecodeError as exc:
             self.log.warning("bad report ignored", subject=msg.subject, error=exc.reason)
             return
-        event = self.registry.on_exit(report.node, report.pid, report.reason)
+        event = self.registry.on_exit(report.node, report.pid, report.reason, report.instance)
         if event is not None:
             self.log.info("node exited", peer=report.node, reason=report.reason)
             await self._queue_event(event)
             self._dirty.set()
+            self.projects.kick()
 
     async def _sweeper(self) -> None:
         while not self.stopping_requested:
@@ -123,8 +130,9 @@ class DeployerNode(Node):
                 self.log.warning("node lost", peer=event.node)
                 await self._queue_event(event)
                 self._dirty.set()
+                self.projects.kick()
 
-    async def _queue_event(self, event: AnyEvent) -> None:
+    async def _queue_event(self, event: Event) -> None:
         try:
             await self._events_send.send(event)
         except anyio.ClosedResourceError:

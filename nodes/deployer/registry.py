@@ -19,7 +19,7 @@ from typing import Any
 
 import msgspec
 
-from protocol.events import AnyEvent, NodeLost, NodeOnline
+from protocol.events import NodeEvent, NodeLost, NodeOnline
 from protocol.heartbeat import Heartbeat
 from protocol.registry import LOST, ONLINE, NodeInfo
 
@@ -34,7 +34,9 @@ class Record:
     judge_from: float
     seq: int = 0
     dirty: bool = True
-    exited_pid: int | None = None  # beats still in flight from a dead process are ignored
+    instance: str = ""
+    # The process that reported its exit: beats still in flight from it are ignored.
+    exited: tuple[int, str] | None = None
 
 
 @dataclass
@@ -47,18 +49,21 @@ class Registry:
             self.nodes[info.name] = Record(
                 info=info, judge_from=max(info.last_seen, self.started_at), dirty=False)
 
-    def on_heartbeat(self, hb: Heartbeat, now: float | None = None) -> AnyEvent | None:
+    def on_heartbeat(self, hb: Heartbeat, now: float | None = None) -> NodeEvent | None:
         """Record a beat; return the ``node.online`` event if this is a transition."""
         now = time.time() if now is None else now
         rec = self.nodes.get(hb.node)
-        event: AnyEvent | None = None
-        if rec is not None and rec.exited_pid == hb.pid and rec.info.host == hb.host:
-            return None
+        event: NodeEvent | None = None
+        if rec is not None and rec.exited is not None and rec.info.host == hb.host:
+            pid, instance = rec.exited
+            if hb.pid == pid and (not instance or hb.instance == instance):
+                return None
         if rec is None:
             reason = "first_seen"
         elif rec.info.status == LOST:
             reason = "resumed"
-        elif rec.info.pid != hb.pid or rec.info.host != hb.host or hb.seq < rec.seq:
+        elif (rec.info.pid != hb.pid or rec.info.host != hb.host or hb.seq < rec.seq
+              or (rec.instance and hb.instance != rec.instance)):
             reason = "restarted"
         else:
             reason = ""
@@ -77,13 +82,14 @@ class Registry:
             uptime_s=hb.uptime_s, interval_s=hb.interval_s, state=hb.state,
         )
         self.nodes[hb.node] = Record(info=info, judge_from=now, seq=hb.seq,
-                                     dirty=changed or (rec is not None and rec.dirty))
+                                     dirty=changed or (rec is not None and rec.dirty),
+                                     instance=hb.instance)
         return event
 
-    def sweep(self, now: float | None = None) -> list[AnyEvent]:
+    def sweep(self, now: float | None = None) -> list[NodeEvent]:
         """Mark silent nodes lost; return the ``node.lost`` events."""
         now = time.time() if now is None else now
-        events: list[AnyEvent] = []
+        events: list[NodeEvent] = []
         for rec in self.nodes.values():
             info = rec.info
             if info.status != ONLINE:
@@ -97,17 +103,19 @@ class Registry:
                                        silent_s=round(now - info.last_seen, 3), ts=now))
         return events
 
-    def on_exit(self, node: str, pid: int, reason: str,
-                now: float | None = None) -> AnyEvent | None:
+    def on_exit(self, node: str, pid: int, reason: str, instance: str = "",
+                now: float | None = None) -> NodeEvent | None:
         """A node's process ended: mark it lost at once (if that process is current)."""
         now = time.time() if now is None else now
         rec = self.nodes.get(node)
         if rec is None or rec.info.status != ONLINE or rec.info.pid != pid:
             return None
+        if instance and rec.instance and instance != rec.instance:
+            return None
         info = rec.info
         rec.info = msgspec.structs.replace(info, status=LOST)
         rec.dirty = True
-        rec.exited_pid = pid
+        rec.exited = (pid, instance)
         return NodeLost(node=info.name, role=info.role, infra=info.infra,
                         last_seen=info.last_seen, silent_s=round(now - info.last_seen, 3),
                         reason=reason, ts=now)

@@ -16,7 +16,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from protocol import subjects
 from protocol.errors import DecodeError
-from protocol.events import EVENT, AnyEvent, describe_unknown
+from protocol.stream import EVENT, AnyEvent, describe_unknown
 
 BUFFER = 1024
 

@@ -15,7 +15,7 @@ from nats.js.kv import KeyValue
 from nodes.runtime.logs import get_logger
 from protocol import subjects
 from protocol.base import encode
-from protocol.events import AnyEvent
+from protocol.events import Event
 
 EVENTS_MAX_AGE_S = 30 * 24 * 3600
 EVENTS_MAX_BYTES = 1 << 30
@@ -85,7 +85,7 @@ async def publish_retry(js: JetStreamContext, subject: str, data: bytes, *, msg_
     return None  # unreachable
 
 
-async def publish_event(js: JetStreamContext, event: AnyEvent) -> None:
+async def publish_event(js: JetStreamContext, event: Event) -> None:
     """Store one event in SY_EVENTS (at most once, thanks to its id)."""
     try:
         await publish_retry(js, event.subject(), encode(event), msg_id=event.id)

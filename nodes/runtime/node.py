@@ -39,9 +39,9 @@ from nodes.runtime.logs import current_request, get_logger
 from nodes.runtime.settings import NatsSettings
 from nodes.runtime.workqueue import WorkQueue
 from protocol import subjects
-from protocol.base import Command, ErrorInfo, Family, Reply, Request, encode, tag_of
+from protocol.base import Command, ErrorInfo, Family, Reply, Request, encode, new_id, tag_of
 from protocol.errors import BadRequest, DecodeError, Internal, OperationError
-from protocol.events import AnyEvent
+from protocol.events import Event
 from protocol.heartbeat import HEARTBEAT, Heartbeat
 from protocol.reports import REPORT, NodeExit
 from protocol.system import SYSTEM, Echo, Echoed, Ping, Pong
@@ -96,6 +96,7 @@ class Node:
         self.shutdown_timeout = shutdown_timeout
         self.host = socket.gethostname()
         self.pid = os.getpid()
+        self.instance = new_id()
         self.log = get_logger(node=self.name, role=self.role)
         self.conn_stats = ConnectionStats()
         self.requests_handled = 0
@@ -113,11 +114,7 @@ class Node:
         self._nc: NATS | None = None
         self._tg: TaskGroup | None = None
         self.ready = anyio.Event()
-        for klass in reversed(type(self).__mro__):
-            for attr, fn in vars(klass).items():
-                command = getattr(fn, "_sy_handles", None)
-                if command is not None:
-                    self._handlers[command] = getattr(self, attr)
+        self.add_handlers(self)
 
     # -- properties subclasses use ------------------------------------------------------
 
@@ -152,6 +149,14 @@ class Node:
 
     def caller(self) -> Caller:
         return Caller(self.nc, sender=self.name)
+
+    def add_handlers(self, component: object) -> None:
+        """Register the ``@handles`` methods of a component (call before ``serve``)."""
+        for klass in reversed(type(component).__mro__):
+            for attr, fn in vars(klass).items():
+                command = getattr(fn, "_sy_handles", None)
+                if command is not None:
+                    self._handlers[command] = getattr(component, attr)
 
     # -- hooks for roles ---------------------------------------------------------------
 
@@ -338,7 +343,7 @@ class Node:
             node=self.name, role=self.role, infra=self.infra, version=nodes.__version__,
             host=self.host, pid=self.pid, uptime_s=round(self.uptime, 3),
             interval_s=self.heartbeat_interval, seq=self._seq, ts=time.time(),
-            state=self.state(),
+            state=self.state(), instance=self.instance,
         )
 
     async def _beat(self) -> None:
@@ -348,10 +353,14 @@ class Node:
         except Exception as exc:
             self.log.warning("heartbeat not sent", error=str(exc) or type(exc).__name__)
 
+    async def beat_now(self) -> None:
+        """Send a heartbeat at once (after a state change the registry should see now)."""
+        await self._beat()
+
     async def _say_goodbye(self) -> None:
         """Tell the registry this process ended on purpose, so it need not wait 3 beats."""
         report = NodeExit(node=self.name, role=self.role, infra=self.infra, pid=self.pid,
-                          reason="stopped")
+                          reason="stopped", instance=self.instance)
         try:
             await self.nc.publish(report.subject(), REPORT.encode(report))
         except Exception as exc:
@@ -370,6 +379,6 @@ class Node:
                 delay = self.heartbeat_interval
             await anyio.sleep(delay)
 
-    async def emit(self, event: AnyEvent) -> None:
+    async def emit(self, event: Event) -> None:
         """Store an event in the event stream (retried, deduplicated by its id)."""
         await publish_event(self.js, event)

@@ -57,12 +57,13 @@ async def serve_until_signalled(node: Node) -> None:
 def run_node(node: Node) -> int:
     """Run a node in this process until a signal; return the process exit code."""
     die_with_parent()
+    code = 0
     try:
         anyio.run(serve_until_signalled, node, backend_options=_backend_options())
-    except CannotReachNats as exc:
-        print(f"shipyard: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    except* CannotReachNats as group:
+        print(f"shipyard: {group.exceptions[0]}", file=sys.stderr)
+        code = 2
+    return code
 
 
 def _backend_options() -> dict[str, Any]:

@@ -1,0 +1,253 @@
+"""The Automation node: converges on its infra's desired bundles and activates them.
+
+Desired state comes from the ``sy_deploy`` KV bucket (keys ``bundle.<infra>.*``): a
+watch for speed, a periodic re-read and a re-read on reconnect for certainty, and a
+full read on start, so a node that was down, or joins later, converges by itself.
+
+Per project, one activation at a time: fetch (streamed to disk, skipped when the bundle
+is already unpacked here), verify and unpack in a worker thread, switch atomically.
+A bundle that fails verification is refused for that update (reported, not retried in
+a loop); a transport failure is retried with backoff.  The previous bundle stays active
+until the new one is completely in place.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, ClassVar
+
+import anyio
+import nats.errors
+import nats.js.errors
+from anyio.abc import TaskGroup
+from nats.js.kv import KeyValue
+
+from nodes.automation.store import BundleStore
+from nodes.project.bundle import BundleRejected
+from nodes.runtime import transfer
+from nodes.runtime.jetstream import ensure_kv
+from nodes.runtime.kvcache import Entry, KVCache
+from nodes.runtime.node import Node
+from protocol import subjects
+from protocol.base import encode, new_id
+from protocol.bundles import BUNDLE_INFO, BundleInfo
+from protocol.deploy import (
+    DEPLOYMENT_VALUE,
+    ActivationReport,
+    BundleActivated,
+    BundleActivationFailed,
+    DeploymentRecord,
+)
+from protocol.errors import NotFound
+
+PROGRESS_EVERY_S = 0.1
+
+
+class Permanent(Exception):
+    """An activation failure that retrying the same bundle cannot fix."""
+
+
+class AutomationNode(Node):
+    role: ClassVar[str] = "automation"
+
+    def __init__(self, *, data_dir: Path | None = None, keep_bundles: int = 5,
+                 resync_interval: float = 5.0, max_parallel_activations: int = 4,
+                 **kw: Any) -> None:
+        super().__init__(**kw)
+        self.data_dir = (data_dir or Path(".shipyard") / "nodes" / self.name).resolve()
+        self.store = BundleStore(self.data_dir, keep=keep_bundles)
+        self.resync_interval = resync_interval
+        self.limiter = anyio.CapacityLimiter(max_parallel_activations)
+        self.projects: dict[str, dict[str, Any]] = {}  # heartbeat state per project
+        self._activating: set[str] = set()
+        self._retry_at: dict[str, float] = {}
+        self._kick = anyio.Event()
+        self._desired: KVCache[DeploymentRecord] | None = None
+        self._bundles_kv: KeyValue | None = None
+
+    @property
+    def desired(self) -> KVCache[DeploymentRecord]:
+        assert self._desired is not None
+        return self._desired
+
+    async def setup(self) -> None:
+        await anyio.Path(self.data_dir).mkdir(parents=True, exist_ok=True)
+        deploy_kv = await ensure_kv(self.js, subjects.DEPLOY_BUCKET,
+                                    replicas=self.settings.replicas)
+        self._bundles_kv = await ensure_kv(self.js, subjects.BUNDLE_BUCKET,
+                                           replicas=self.settings.replicas)
+        await transfer.ensure_bucket(self.js, subjects.BUNDLE_STORE,
+                                     replicas=self.settings.replicas)
+        for project in await anyio.to_thread.run_sync(self.store.projects):
+            await self._load_local(project)
+        self._desired = KVCache(deploy_kv, f"bundle.{self.infra}.>", DEPLOYMENT_VALUE.decode,
+                                on_change=self._on_desired, resync_interval=self.resync_interval)
+
+    async def _load_local(self, project: str) -> None:
+        active = await anyio.to_thread.run_sync(self.store.active, project)
+        state = await anyio.to_thread.run_sync(self.store.read_state, project)
+        cached = await anyio.to_thread.run_sync(self.store.cached, project)
+        self.projects[project] = {"active": active, "previous": state.get("previous"),
+                                  "stage": "idle", "cached": cached}
+
+    async def started(self, tg: TaskGroup) -> None:
+        await tg.start(self.desired.run)
+        tg.start_soon(self._converge_loop, tg)
+
+    async def reconnected(self) -> None:
+        self.desired.resync()
+
+    def state(self) -> dict[str, Any]:
+        return {"data_dir": str(self.data_dir), "bundles": self.projects}
+
+    # -- convergence ---------------------------------------------------------------------
+
+    async def _on_desired(self, key: str, entry: Entry[DeploymentRecord] | None) -> None:
+        self._kick.set()
+
+    async def _converge_loop(self, tg: TaskGroup) -> None:
+        while not self.stopping_requested:
+            self._kick = anyio.Event()
+            now = time.monotonic()
+            for entry in list(self.desired.entries.values()):
+                rec = entry.value
+                project = rec.project
+                if project in self._activating or self._retry_at.get(project, 0) > now:
+                    continue
+                st = self.projects.get(project, {})
+                if st.get("active") == rec.desired and st.get("update") == rec.update_id:
+                    continue
+                failed = st.get("failed") or {}
+                if failed.get("bundle") == rec.desired and failed.get("update") == rec.update_id:
+                    continue  # refused for this update; a new deploy will try again
+                if st.get("active") == rec.desired:
+                    st["update"] = rec.update_id  # already running it: nothing to move
+                    st.pop("failed", None)
+                    continue
+                self._activating.add(project)
+                tg.start_soon(self._activate, rec)
+            with anyio.move_on_after(1.0 if self._retry_at else self.resync_interval):
+                await self._kick.wait()
+
+    async def _activate(self, rec: DeploymentRecord) -> None:
+        project, bundle = rec.project, rec.desired
+        st = self.projects.setdefault(project, {"active": None, "previous": None})
+        st.update(target=bundle, stage="starting", update=rec.update_id)
+        t0 = time.monotonic()
+        transferred = 0
+        try:
+            async with self.limiter:
+                transferred = await self._install(rec, st)
+                before = await anyio.to_thread.run_sync(self.store.activate, project, bundle)
+            st.update(active=bundle, previous=before if before != bundle else st.get("previous"),
+                      stage="idle")
+            st.pop("failed", None)
+            st.pop("error", None)
+            self._retry_at.pop(project, None)
+            duration = time.monotonic() - t0
+            self.log.info("bundle activated", project=project, bundle=bundle,
+                          ms=round(duration * 1000, 1), transferred=transferred)
+            await self._report(rec, "activated", transferred=transferred, duration=duration)
+            await self.beat_now()
+            await self.emit(BundleActivated(project=project, infra=self.infra, node=self.name,
+                                            bundle=bundle, update_id=rec.update_id,
+                                            duration_s=round(duration, 4),
+                                            transferred=transferred))
+            st["cached"] = await anyio.to_thread.run_sync(self._prune, project)
+        except Permanent as exc:
+            await self._failed(rec, st, str(exc))
+        except (nats.errors.Error, TimeoutError, OSError) as exc:
+            reason = f"{type(exc).__name__}: {exc}".rstrip(": ")
+            self.log.warning("activation interrupted; will retry", project=project,
+                             bundle=bundle, error=reason)
+            st.update(stage="retrying", error=reason)
+            self._retry_at[project] = time.monotonic() + 2.0
+        finally:
+            self._activating.discard(project)
+            self._kick.set()
+
+    def _prune(self, project: str) -> list[str]:
+        self.store.prune(project)
+        return self.store.cached(project)
+
+    async def _install(self, rec: DeploymentRecord, st: dict[str, Any]) -> int:
+        """Make the bundle available unpacked here; return bytes fetched (0 if cached)."""
+        project, bundle = rec.project, rec.desired
+        if await anyio.to_thread.run_sync(self.store.has, project, bundle):
+            return 0
+        info = await self._bundle_info(project, bundle)
+        downloads = self.data_dir / "downloads"
+        await anyio.Path(downloads).mkdir(parents=True, exist_ok=True)
+        archive = downloads / f"{project}-{bundle}-{new_id()}.tar"
+        last = 0.0
+
+        def progress(done: int, total: int) -> None:
+            nonlocal last
+            now = time.monotonic()
+            if now - last >= PROGRESS_EVERY_S or done == total:
+                last = now
+                self._report_nowait(rec, "fetching", done=done, total=total)
+
+        st["stage"] = "fetching"
+        try:
+            try:
+                await transfer.get_file(self.js, subjects.BUNDLE_STORE, info.archive, archive,
+                                        progress=progress, expected_sha256=info.archive_sha256)
+            except transfer.TransferError as exc:
+                raise Permanent(f"stored archive is damaged: {exc}") from None
+            except NotFound as exc:
+                raise Permanent(f"stored archive is missing: {exc.message}") from None
+            st["stage"] = "unpacking"
+            await self._report(rec, "unpacking", total=info.archive_size)
+            try:
+                await anyio.to_thread.run_sync(self.store.install, project, archive, info)
+            except BundleRejected as exc:
+                raise Permanent(exc.reason) from None
+        finally:
+            await anyio.Path(archive).unlink(missing_ok=True)
+        return info.archive_size
+
+    async def _bundle_info(self, project: str, bundle: str) -> BundleInfo:
+        assert self._bundles_kv is not None
+        try:
+            entry = await self._bundles_kv.get(f"{project}.{bundle}")
+        except nats.js.errors.KeyNotFoundError:
+            raise Permanent(f"bundle {bundle} of {project} does not exist") from None
+        if not entry.value:
+            raise Permanent(f"bundle {bundle} of {project} was deleted")
+        try:
+            return BUNDLE_INFO.decode(entry.value)
+        except Exception as exc:
+            raise Permanent(f"bundle record is unreadable: {exc}") from None
+
+    async def _failed(self, rec: DeploymentRecord, st: dict[str, Any], reason: str) -> None:
+        self.log.error("bundle refused", project=rec.project, bundle=rec.desired,
+                       reason=reason, still_active=st.get("active"))
+        st.update(stage="failed", failed={"bundle": rec.desired, "update": rec.update_id,
+                                          "reason": reason})
+        await self._report(rec, "failed", reason=reason)
+        await self.beat_now()
+        await self.emit(BundleActivationFailed(
+            project=rec.project, infra=self.infra, node=self.name, bundle=rec.desired,
+            update_id=rec.update_id, reason=reason, still_active=st.get("active")))
+
+    # -- reports -------------------------------------------------------------------------
+
+    def _activation_report(self, rec: DeploymentRecord, stage: str, *, done: int = 0,
+                           total: int = 0, transferred: int = 0, reason: str = "",
+                           duration: float = 0.0) -> ActivationReport:
+        return ActivationReport(node=self.name, infra=self.infra, project=rec.project,
+                                bundle=rec.desired, update_id=rec.update_id, stage=stage,
+                                bytes_done=done, bytes_total=total, transferred=transferred,
+                                reason=reason, duration_s=round(duration, 4), ts=time.time())
+
+    async def _report(self, rec: DeploymentRecord, stage: str, **kw: Any) -> None:
+        report = self._activation_report(rec, stage, **kw)
+        try:
+            await self.nc.publish(report.subject(), encode(report))
+        except Exception as exc:  # progress is best effort; heartbeats carry the outcome
+            self.log.debug("report not sent", error=str(exc))
+
+    def _report_nowait(self, rec: DeploymentRecord, stage: str, **kw: Any) -> None:
+        self.tg.start_soon(lambda: self._report(rec, stage, **kw))

@@ -1,0 +1,127 @@
+"""An Automation node's local bundle store.  Synchronous; callers use worker threads.
+
+Layout under the node's data directory::
+
+    projects/<project>/bundles/<id>/          unpacked, verified bundles (the last few)
+    projects/<project>/bundles/.partial-*     work in progress, never active
+    projects/<project>/current -> bundles/<id>  the active bundle (a symlink)
+    projects/<project>/state.json             active, previous (written atomically)
+    projects/<project>/data/                  datasets: persist across bundle versions
+
+Activation is one ``rename`` of a fresh symlink over ``current``: a reader sees the old
+bundle or the new one, never a half-written one, and a crash at any point leaves the
+previous bundle active.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from nodes.project.bundle import unpack
+from protocol.base import new_id
+from protocol.bundles import BundleInfo
+
+RECORD = ".shipyard-bundle.json"  # the verified BundleInfo, inside each unpacked bundle
+
+
+class BundleStore:
+    def __init__(self, root: Path, keep: int = 5) -> None:
+        self.root = root
+        self.keep = keep
+
+    def project_dir(self, project: str) -> Path:
+        return self.root / "projects" / project
+
+    def bundle_dir(self, project: str, bundle: str) -> Path:
+        return self.project_dir(project) / "bundles" / bundle
+
+    def data_dir(self, project: str) -> Path:
+        return self.project_dir(project) / "data"
+
+    def current_dir(self, project: str) -> Path:
+        return self.project_dir(project) / "current"
+
+    def projects(self) -> list[str]:
+        base = self.root / "projects"
+        return sorted(p.name for p in base.iterdir() if p.is_dir()) if base.is_dir() else []
+
+    def active(self, project: str) -> str | None:
+        try:
+            target = os.readlink(self.current_dir(project))
+        except OSError:
+            return None
+        return Path(target).name
+
+    def read_state(self, project: str) -> dict[str, Any]:
+        try:
+            data = json.loads((self.project_dir(project) / "state.json").read_text())
+        except (OSError, ValueError):
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    def has(self, project: str, bundle: str) -> bool:
+        return (self.bundle_dir(project, bundle) / RECORD).is_file()
+
+    def cached(self, project: str) -> list[str]:
+        base = self.project_dir(project) / "bundles"
+        if not base.is_dir():
+            return []
+        return sorted(p.name for p in base.iterdir() if (p / RECORD).is_file())
+
+    def install(self, project: str, archive: Path, info: BundleInfo) -> None:
+        """Verify and unpack ``archive`` as bundle ``info.id`` (raises BundleRejected)."""
+        final = self.bundle_dir(project, info.id)
+        if self.has(project, info.id):
+            return
+        work = final.parent / f".partial-{info.id}-{new_id()}"
+        final.parent.mkdir(parents=True, exist_ok=True)
+        self.data_dir(project).mkdir(parents=True, exist_ok=True)
+        unpack(archive, info, work)
+        (work / RECORD).write_bytes(msgspec.json.encode(info))
+        if final.exists():  # a leftover without a record: an interrupted earlier attempt
+            shutil.rmtree(final)
+        os.rename(work, final)
+
+    def activate(self, project: str, bundle: str) -> str | None:
+        """Make ``bundle`` active atomically; return the bundle that was active before."""
+        if not self.has(project, bundle):
+            raise FileNotFoundError(f"bundle {bundle} of {project} is not installed")
+        before = self.active(project)
+        pdir = self.project_dir(project)
+        link = pdir / f".current-{new_id()}"
+        os.symlink(Path("bundles") / bundle, link)
+        os.replace(link, self.current_dir(project))
+        state = self.read_state(project)
+        previous = before if before != bundle else state.get("previous")
+        self._write_state(project, {"active": bundle, "previous": previous})
+        return before
+
+    def _write_state(self, project: str, state: dict[str, Any]) -> None:
+        pdir = self.project_dir(project)
+        tmp = pdir / f".state-{new_id()}.json"
+        tmp.write_text(json.dumps(state))
+        os.replace(tmp, pdir / "state.json")
+
+    def prune(self, project: str) -> list[str]:
+        """Remove unpacked bundles beyond the newest ``keep`` (never active or previous)."""
+        base = self.project_dir(project) / "bundles"
+        if not base.is_dir():
+            return []
+        for leftover in base.glob(".partial-*"):
+            shutil.rmtree(leftover, ignore_errors=True)
+        state = self.read_state(project)
+        protect = {self.active(project), state.get("previous")}
+        bundles = sorted((p for p in base.iterdir() if (p / RECORD).is_file()),
+                         key=lambda p: (p / RECORD).stat().st_mtime, reverse=True)
+        removed = []
+        for p in bundles[self.keep:]:
+            if p.name not in protect:
+                shutil.rmtree(p, ignore_errors=True)
+                removed.append(p.name)
+        return removed

@@ -1,0 +1,277 @@
+"""Projects, bundles, infrastructures, deployments: the Project Deployer's commands."""
+
+from __future__ import annotations
+
+import datetime as dt
+import getpass
+import socket
+from typing import Any
+
+import click
+
+from nodes.cli.common import (
+    EXIT_FAILED,
+    call,
+    human_size,
+    json_option,
+    nats_option,
+    out,
+    print_json,
+    run,
+    spinner,
+    table,
+)
+from nodes.cli.waiting import wait_for_deployment
+from protocol.bundles import BundleCreated, BundleList, CreateBundle, ListBundles, ListProjects
+from protocol.deploy import (
+    KINDS,
+    STAGES,
+    CreateInfra,
+    DeployBundle,
+    DeploymentList,
+    DeploymentView,
+    GetHistory,
+    ListDeployments,
+    ListInfras,
+    RollbackBundle,
+)
+
+HEALTH_STYLE = {"HEALTHY": "green", "WARNING": "yellow", "ERROR": "red", "UNKNOWN": "dim"}
+
+
+def whoami() -> str:
+    return f"{getpass.getuser()}@{socket.gethostname()}"
+
+
+def when(ts: float | None) -> str:
+    if not ts:
+        return "-"
+    return dt.datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S")
+
+
+# -- projects and bundles --------------------------------------------------------------------
+
+@click.command("projects")
+@nats_option
+@json_option
+def projects_cmd(nats_url: str | None, as_json: bool) -> None:
+    """Projects in the Design node's workspace, and whether their manifests are valid."""
+    reply = run(call, nats_url, ListProjects())
+    if as_json:
+        print_json(reply.projects)
+        return
+    if not reply.projects:
+        out.print(f"no projects in {reply.workspace} (a project is a folder with shipyard.toml)")
+        return
+    table(["KEY", "NAME", "DATASETS", "RECIPES", "SCENARIOS", "API SERVICES", "STATUS"],
+          [(p.key, p.name, p.datasets, p.recipes, p.scenarios, ",".join(p.api_services),
+            "ok" if p.ok else f"[red]{p.error}[/red]") for p in reply.projects])
+
+
+@click.group()
+def bundle() -> None:
+    """Make and list project bundles."""
+
+
+@bundle.command("create")
+@click.argument("project")
+@click.option("--id", "bundle_id", required=True, help="Bundle id (immutable), e.g. v3.")
+@click.option("--notes", default="", help="Release notes.")
+@nats_option
+@json_option
+def bundle_create(project: str, bundle_id: str, notes: str, nats_url: str | None,
+                  as_json: bool) -> None:
+    """Pack PROJECT into a new bundle and show what changed since the previous one."""
+    cmd = CreateBundle(project=project, bundle_id=bundle_id, notes=notes, created_by=whoami())
+    with spinner(f"packing {project} as bundle {bundle_id} ..."):
+        reply: BundleCreated = run(call, nats_url, cmd, 600.0)
+    if as_json:
+        print_json(reply)
+        return
+    b, d = reply.bundle, reply.diff
+    out.print(f"bundle [bold]{b.project} {b.id}[/bold] created: {b.files} files, "
+              f"{human_size(b.size)}, digest {b.digest[:16]}")
+    if d.previous is None:
+        out.print("first bundle of this project")
+    else:
+        out.print(f"changes since {d.previous}: {len(d.added)} added, {len(d.removed)} "
+                  f"removed, {len(d.changed)} changed")
+    for sign, paths, style in (("+", d.added, "green"), ("-", d.removed, "red"),
+                               ("~", d.changed, "yellow")):
+        for p in paths:
+            out.print(f"  [{style}]{sign} {p}[/{style}]")
+
+
+@bundle.command("list")
+@click.argument("project")
+@nats_option
+@json_option
+def bundle_list(project: str, nats_url: str | None, as_json: bool) -> None:
+    """Bundles of PROJECT, oldest first."""
+    reply: BundleList = run(call, nats_url, ListBundles(project=project))
+    if as_json:
+        print_json(reply.bundles)
+        return
+    if not reply.bundles:
+        out.print(f"project {project} has no bundles yet")
+        return
+    table(["ID", "CREATED", "BY", "FILES", "SIZE", "DIGEST", "NOTES"],
+          [(b.id, when(b.created_at), b.created_by, b.files, human_size(b.size),
+            b.digest[:12], b.notes) for b in reply.bundles])
+
+
+# -- infrastructures ---------------------------------------------------------------------
+
+@click.group()
+def infra() -> None:
+    """Create and list infrastructures (groups of Automation or API nodes)."""
+
+
+@infra.command("create")
+@click.argument("name")
+@click.option("--kind", type=click.Choice(KINDS), required=True)
+@click.option("--stage", type=click.Choice(STAGES), default="development", show_default=True)
+@click.option("--description", default="")
+@nats_option
+@json_option
+def infra_create(name: str, kind: str, stage: str, description: str, nats_url: str | None,
+                 as_json: bool) -> None:
+    """Create infrastructure NAME.  Nodes join it with --infra NAME."""
+    reply = run(call, nats_url, CreateInfra(name=name, kind=kind, stage=stage,
+                                            description=description, by=whoami()))
+    if as_json:
+        print_json(reply.infra)
+    else:
+        out.print(f"infra {name} created ({kind}, {stage})")
+
+
+@infra.command("list")
+@nats_option
+@json_option
+def infra_list(nats_url: str | None, as_json: bool) -> None:
+    """Every infrastructure."""
+    reply = run(call, nats_url, ListInfras())
+    if as_json:
+        print_json(reply.infras)
+        return
+    table(["NAME", "KIND", "STAGE", "CREATED", "BY", "DESCRIPTION"],
+          [(i.name, i.kind, i.stage, when(i.created_at), i.created_by, i.description)
+           for i in reply.infras])
+
+
+# -- deployments -------------------------------------------------------------------------
+
+@click.group()
+def deploy() -> None:
+    """Deploy a bundle to an automation infra (or an API service to an API infra)."""
+
+
+@deploy.command("bundle")
+@click.argument("project")
+@click.argument("bundle_id")
+@click.option("--infra", required=True, help="Automation infrastructure.")
+@click.option("--wait", is_flag=True, help="Wait until every online node runs the bundle.")
+@click.option("--timeout", type=click.FloatRange(min=0.1), default=120.0, show_default=True,
+              help="Seconds to wait with --wait.")
+@click.option("--if-revision", type=int, default=None,
+              help="Only deploy if the deployment is still at this revision (see "
+                   "'deployments --json'; 0: not deployed yet).")
+@nats_option
+@json_option
+def deploy_bundle(project: str, bundle_id: str, infra: str, wait: bool, timeout: float,
+                  if_revision: int | None, nats_url: str | None, as_json: bool) -> None:
+    """Make BUNDLE_ID the desired bundle of PROJECT on an infrastructure."""
+    cmd = DeployBundle(project=project, bundle_id=bundle_id, infra=infra, by=whoami(),
+                       expected_revision=if_revision)
+    view: DeploymentView = run(call, nats_url, cmd)
+    _after_change(view, "deploying", wait, timeout, nats_url, as_json)
+
+
+def _after_change(view: DeploymentView, verb: str, wait: bool, timeout: float,
+                  nats_url: str | None, as_json: bool) -> None:
+    last = view.last_update
+    if not as_json:
+        out.print(f"{verb} {view.project} {last.from_bundle if last else '-'} -> "
+                  f"{view.desired} on {view.infra} (update {view.update_id}, revision "
+                  f"{view.revision})")
+    if not wait:
+        if as_json:
+            print_json(view)
+        return
+    final, ok, why = run(wait_for_deployment, nats_url, view, timeout, not as_json)
+    if as_json:
+        print_json(final)
+    elif ok:
+        out.print(f"[green]done[/green]: every online node of {view.infra} runs "
+                  f"{view.project} {view.desired}")
+    if not ok:
+        click.echo(f"shipyard: {why}", err=True)
+        raise SystemExit(EXIT_FAILED)
+
+
+@click.command("rollback")
+@click.argument("target", nargs=-1, required=True)
+@click.option("--infra", required=True)
+@click.option("--to", "to", default=None, help="Bundle id to go back to (default: the "
+                                                "bundle that was deployed before).")
+@click.option("--wait", is_flag=True, help="Wait until every online node runs it.")
+@click.option("--timeout", type=click.FloatRange(min=0.1), default=120.0, show_default=True)
+@nats_option
+@json_option
+def rollback(target: tuple[str, ...], infra: str, to: str | None, wait: bool, timeout: float,
+             nats_url: str | None, as_json: bool) -> None:
+    """Roll back: 'rollback PROJECT --infra I [--to ID]' or 'rollback api SERVICE --infra I'."""
+    if len(target) != 1:
+        raise click.UsageError("expected PROJECT, or 'api SERVICE'")
+    cmd = RollbackBundle(project=target[0], infra=infra, to=to, by=whoami())
+    view: DeploymentView = run(call, nats_url, cmd)
+    _after_change(view, "rolling back", wait, timeout, nats_url, as_json)
+
+
+def deployment_json(v: DeploymentView) -> dict[str, Any]:
+    from nodes.cli.common import to_builtins
+    d: dict[str, Any] = to_builtins(v)
+    d.pop("type", None)
+    return d
+
+
+@click.command("deployments")
+@click.option("--project", default=None)
+@click.option("--infra", default=None)
+@nats_option
+@json_option
+def deployments(project: str | None, infra: str | None, nats_url: str | None,
+                as_json: bool) -> None:
+    """Every deployment: desired vs running bundle per node, state and health."""
+    reply: DeploymentList = run(call, nats_url, ListDeployments(project=project, infra=infra))
+    views = list(reply.deployments)
+    if as_json:
+        print_json([deployment_json(v) for v in views])
+        return
+    if not views:
+        out.print("nothing is deployed yet")
+        return
+    rows = []
+    for v in views:
+        style = HEALTH_STYLE.get(v.health, "")
+        nodes = ", ".join(f"{n.node}={n.running or '-'}" + ("" if n.status == "online" else
+                                                            " (lost)") for n in v.nodes)
+        rows.append((v.kind, v.project, v.infra, v.desired, v.state,
+                     f"[{style}]{v.health}[/{style}]", nodes or "-", "; ".join(v.reasons)))
+    table(["KIND", "NAME", "INFRA", "DESIRED", "STATE", "HEALTH", "NODES", "REASONS"], rows)
+
+
+@click.command("history")
+@click.argument("project")
+@click.option("--infra", required=True)
+@nats_option
+@json_option
+def history(project: str, infra: str, nats_url: str | None, as_json: bool) -> None:
+    """Every update of PROJECT on an infra: who, when, from -> to, result."""
+    reply = run(call, nats_url, GetHistory(project=project, infra=infra))
+    if as_json:
+        print_json(reply.updates)
+        return
+    table(["WHEN", "WHO", "ACTION", "FROM", "TO", "RESULT", "DETAIL"],
+          [(when(u.at), u.by, u.action, u.from_bundle or "-", u.to_bundle, u.result,
+            u.detail) for u in reply.updates])

@@ -1,0 +1,129 @@
+"""``--wait``: follow a deployment until every online node runs it, or it fails.
+
+Progress comes from the nodes' activation reports (``sy.rpt.activation.*``); the verdict
+comes from the Deployer's view of the deployment, polled, so a lost report never
+decides anything.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import anyio
+import msgspec
+from nats.aio.msg import Msg
+from rich.progress import BarColumn, DownloadColumn, Progress, TaskID, TextColumn
+
+from nodes.cli.common import connected, err
+from nodes.runtime.calls import Caller
+from protocol import subjects
+from protocol.deploy import (
+    FAILED,
+    IN_SYNC,
+    ActivationReport,
+    DeploymentView,
+    ListDeployments,
+)
+from protocol.errors import OperationError
+
+REPORTS = msgspec.json.Decoder(ActivationReport)
+POLL_S = 0.2
+
+
+async def wait_for_deployment(nats_url: str | None, view: DeploymentView, timeout: float,
+                              show: bool) -> tuple[DeploymentView, bool, str]:
+    """Return (last view, ok, why-not)."""
+    async with connected(nats_url) as nc:
+        caller = Caller(nc, sender="cli")
+        progress = _Progress(show)
+
+        async def on_report(msg: Msg) -> None:
+            try:
+                r = REPORTS.decode(msg.data)
+            except msgspec.DecodeError:
+                return
+            if r.update_id == view.update_id:
+                progress.report(r)
+
+        sub = await nc.subscribe(subjects.reports("activation"), cb=on_report)
+        deadline = time.monotonic() + timeout
+        last = view
+        try:
+            with progress:
+                while True:
+                    try:
+                        reply = await caller.call(ListDeployments(project=view.project,
+                                                                  infra=view.infra), timeout=5)
+                        found = [v for v in reply.deployments if v.infra == view.infra]
+                        last = found[0] if found else last
+                    except OperationError as exc:
+                        progress.note(f"deployer: {exc.message}")
+                    verdict = _verdict(view, last)
+                    if verdict is not None:
+                        ok, why = verdict
+                        return last, ok, why
+                    if time.monotonic() > deadline:
+                        why = "; ".join(last.reasons) or last.state
+                        return last, False, f"timed out after {timeout:g}s: {why}"
+                    await anyio.sleep(POLL_S)
+        finally:
+            await sub.unsubscribe()
+
+
+def _verdict(asked: DeploymentView, now: DeploymentView) -> tuple[bool, str] | None:
+    if now.update_id != asked.update_id:
+        return False, (f"superseded: {now.project} on {now.infra} now wants {now.desired} "
+                       f"(update {now.update_id} by {now.updated_by})")
+    if now.state == IN_SYNC:
+        return True, ""
+    if now.state == FAILED:
+        return False, f"deployment failed: {'; '.join(now.reasons)}"
+    online = [n for n in now.nodes if n.status == "online"]
+    if not online:
+        return False, (f"no online automation node in infra {now.infra}; the bundle will be "
+                       "activated when nodes join")
+    return None
+
+
+class _Progress:
+    """Per-node progress bars on a terminal; one line per stage change otherwise."""
+
+    def __init__(self, show: bool) -> None:
+        self.show = show
+        self.tty = err.is_terminal
+        self.bars: Progress | None = None
+        self.tasks: dict[str, TaskID] = {}
+        self.stages: dict[str, str] = {}
+        if show and self.tty:
+            self.bars = Progress(TextColumn("{task.fields[node]:<16}"), BarColumn(),
+                                 DownloadColumn(), TextColumn("{task.fields[stage]}"),
+                                 console=err, transient=False)
+
+    def __enter__(self) -> _Progress:
+        if self.bars is not None:
+            self.bars.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.bars is not None:
+            self.bars.__exit__(*exc)
+
+    def note(self, text: str) -> None:
+        if self.show:
+            err.print(text)
+
+    def report(self, r: ActivationReport) -> None:
+        if not self.show:
+            return
+        stage = r.stage + (f": {r.reason}" if r.reason else "")
+        if self.bars is not None:
+            task = self.tasks.get(r.node)
+            if task is None:
+                task = self.tasks[r.node] = self.bars.add_task(
+                    "", total=r.bytes_total or 1, node=r.node, stage=stage)
+            done = r.bytes_done if r.stage == "fetching" else r.bytes_total or 1
+            self.bars.update(task, completed=done, total=r.bytes_total or 1, stage=stage)
+        elif self.stages.get(r.node) != r.stage:
+            self.stages[r.node] = r.stage
+            err.print(f"  {r.node:<16} {stage}", markup=False)

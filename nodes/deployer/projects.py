@@ -1,0 +1,383 @@
+"""The Project Deployer: infrastructures, bundle deployments, rollback, history, health.
+
+Desired state is one KV record per deployment, changed only by compare-and-set: a
+deploy that loses a race is refused (``conflict``), never silently overwritten.  Each
+record keeps its update history.  What nodes actually run comes from their heartbeats
+(via the registry), so a restarted Deployer recomputes every state from KV and the
+fleet, and loses nothing.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import msgspec
+import nats.js.errors
+from anyio.abc import TaskGroup
+from nats.js.kv import KeyValue
+
+from nodes.runtime.jetstream import ensure_kv
+from nodes.runtime.kvcache import Entry, KVCache
+from nodes.runtime.node import handles
+from protocol import subjects
+from protocol.base import Request, encode, new_id
+from protocol.bundles import BUNDLE_INFO, check_bundle_id
+from protocol.deploy import (
+    DEPLOYMENT_VALUE,
+    ERROR,
+    FAILED,
+    HEALTHY,
+    IN_SYNC,
+    INFRA_NAME,
+    INFRA_VALUE,
+    KINDS,
+    OUT_OF_SYNC,
+    PENDING,
+    STAGES,
+    SUCCEEDED,
+    SUPERSEDED,
+    UNKNOWN,
+    UPDATING,
+    WARNING,
+    CreateInfra,
+    DeployBundle,
+    DeploymentFinished,
+    DeploymentList,
+    DeploymentRecord,
+    DeploymentRequested,
+    DeploymentView,
+    GetHistory,
+    History,
+    Infra,
+    InfraCreated,
+    InfraCreatedEvent,
+    InfraList,
+    ListDeployments,
+    ListInfras,
+    NodeDeployment,
+    RollbackBundle,
+    Update,
+    deployment_key,
+)
+from protocol.errors import BadRequest, Conflict, NotFound
+from protocol.registry import ONLINE, NodeInfo
+
+if TYPE_CHECKING:
+    from nodes.deployer.node import DeployerNode
+
+HISTORY_LIMIT = 200
+BUSY_STAGES = ("starting", "fetching", "unpacking", "retrying")
+
+
+class ProjectDeployer:
+    def __init__(self, node: DeployerNode) -> None:
+        self.node = node
+        self.log = node.log.bind(component="project-deployer")
+        self._infra: KeyValue | None = None
+        self._deploy: KeyValue | None = None
+        self._bundles: KeyValue | None = None
+        self._cache: KVCache[DeploymentRecord] | None = None
+        self._kick = anyio.Event()
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    async def setup(self) -> None:
+        js, r = self.node.js, self.node.settings.replicas
+        self._infra = await ensure_kv(js, subjects.INFRA_BUCKET, replicas=r,
+                                      description="shipyard infrastructures")
+        self._deploy = await ensure_kv(js, subjects.DEPLOY_BUCKET, replicas=r,
+                                       description="shipyard desired state")
+        self._bundles = await ensure_kv(js, subjects.BUNDLE_BUCKET, replicas=r)
+        self._cache = KVCache(self._deploy, "bundle.>", DEPLOYMENT_VALUE.decode,
+                              on_change=self._changed)
+
+    async def started(self, tg: TaskGroup) -> None:
+        assert self._cache is not None
+        await tg.start(self._cache.run)
+        tg.start_soon(self._results_loop)
+
+    def kick(self) -> None:
+        """Something changed (a node's state, a record): re-judge pending updates."""
+        self._kick.set()
+
+    async def _changed(self, key: str, entry: Entry[DeploymentRecord] | None) -> None:
+        self.kick()
+
+    @property
+    def infra_kv(self) -> KeyValue:
+        assert self._infra is not None
+        return self._infra
+
+    @property
+    def deploy_kv(self) -> KeyValue:
+        assert self._deploy is not None
+        return self._deploy
+
+    # -- infrastructures -----------------------------------------------------------------
+
+    async def get_infra(self, name: str) -> Infra | None:
+        try:
+            entry = await self.infra_kv.get(name)
+        except (nats.js.errors.KeyNotFoundError, nats.js.errors.InvalidKeyError):
+            return None
+        return INFRA_VALUE.decode(entry.value) if entry.value else None
+
+    async def require_infra(self, name: str, kind: str) -> Infra:
+        infra = await self.get_infra(name)
+        if infra is None:
+            known = [i.name for i in await self._infras() if i.kind == kind]
+            raise NotFound(f"unknown infra {name!r}"
+                           + (f"; {kind} infras: {', '.join(known)}" if known else
+                              f"; create it with: shipyard infra create {name} --kind {kind}"))
+        if infra.kind != kind:
+            raise BadRequest(f"infra {name!r} is an {infra.kind} infra; expected a {kind} infra")
+        return infra
+
+    async def _infras(self) -> list[Infra]:
+        try:
+            keys = await self.infra_kv.keys()
+        except nats.js.errors.NoKeysError:
+            return []
+        out = [i for k in keys if (i := await self.get_infra(k)) is not None]
+        return sorted(out, key=lambda i: i.name)
+
+    @handles(CreateInfra)
+    async def create_infra(self, cmd: CreateInfra, req: Request[Any]) -> InfraCreated:
+        if not INFRA_NAME.match(cmd.name):
+            raise BadRequest(f"invalid infra name {cmd.name!r}: expected 1-64 letters, digits, "
+                             "'_' or '-'")
+        if cmd.kind not in KINDS:
+            raise BadRequest(f"invalid kind {cmd.kind!r}: expected one of {', '.join(KINDS)}")
+        if cmd.stage not in STAGES:
+            raise BadRequest(f"invalid stage {cmd.stage!r}: expected one of {', '.join(STAGES)}")
+        infra = Infra(name=cmd.name, kind=cmd.kind, stage=cmd.stage,
+                      description=cmd.description, created_at=time.time(),
+                      created_by=cmd.by or req.sender)
+        try:
+            await self.infra_kv.create(cmd.name, encode(infra))
+        except nats.js.errors.KeyWrongLastSequenceError:
+            existing = await self.get_infra(cmd.name)
+            if existing is not None and cmd.exist_ok and existing.kind == cmd.kind:
+                return InfraCreated(infra=existing, created=False)
+            what = f" ({existing.kind}, {existing.stage})" if existing else ""
+            raise Conflict(f"infra {cmd.name!r} already exists{what}") from None
+        await self.node.emit(InfraCreatedEvent(name=infra.name, kind=infra.kind,
+                                               stage=infra.stage, by=infra.created_by))
+        return InfraCreated(infra=infra, created=True)
+
+    @handles(ListInfras)
+    async def list_infras(self, cmd: ListInfras, req: Request[Any]) -> InfraList:
+        return InfraList(infras=await self._infras())
+
+    # -- deployments ---------------------------------------------------------------------
+
+    async def _require_bundle(self, project: str, bundle: str) -> None:
+        assert self._bundles is not None
+        try:
+            subjects.token(project, "project")
+            check_bundle_id(bundle)
+        except ValueError as exc:
+            raise BadRequest(str(exc)) from None
+        try:
+            entry = await self._bundles.get(f"{project}.{bundle}")
+            if entry.value:
+                BUNDLE_INFO.decode(entry.value)
+                return
+        except nats.js.errors.KeyNotFoundError:
+            pass
+        raise NotFound(f"bundle {bundle!r} of project {project!r} not found "
+                       f"(see: shipyard bundle list {project})")
+
+    async def _read(self, key: str) -> tuple[DeploymentRecord | None, int]:
+        try:
+            entry = await self.deploy_kv.get(key)
+        except nats.js.errors.KeyNotFoundError:
+            return None, 0
+        if not entry.value:
+            return None, entry.revision or 0
+        return DEPLOYMENT_VALUE.decode(entry.value), entry.revision or 0
+
+    async def _write(self, key: str, record: DeploymentRecord, revision: int) -> int:
+        """Compare-and-set: write only if the record is still at ``revision``."""
+        data = encode(record)
+        if revision == 0:
+            return int(await self.deploy_kv.create(key, data))
+        return int(await self.deploy_kv.update(key, data, last=revision))
+
+    async def _change_desired(self, *, project: str, infra: str, target: str, action: str,
+                              by: str, expected_revision: int | None) -> DeploymentView:
+        key = deployment_key("bundle", infra, project)
+        current, revision = await self._read(key)
+        if expected_revision is not None and expected_revision != revision:
+            raise Conflict(f"deployment of {project} on {infra} is at revision {revision}, "
+                           f"not {expected_revision}: it changed since you looked")
+        now = time.time()
+        update = Update(id=new_id(), at=now, by=by, action=action,
+                        from_bundle=current.desired if current else None, to_bundle=target)
+        history = list(current.history) if current else []
+        if history and history[-1].result == PENDING:
+            history[-1] = msgspec.structs.replace(history[-1], result=SUPERSEDED,
+                                                  finished_at=now,
+                                                  detail=f"superseded by {action} to {target}")
+        history = [*history, update][-HISTORY_LIMIT:]
+        previous = current.desired if current and current.desired != target else (
+            current.previous if current else None)
+        record = DeploymentRecord(project=project, infra=infra, desired=target,
+                                  previous=previous, update_id=update.id, updated_at=now,
+                                  updated_by=by, history=history)
+        try:
+            new_revision = await self._write(key, record, revision)
+        except nats.js.errors.KeyWrongLastSequenceError:
+            latest, _ = await self._read(key)
+            now_desired = latest.desired if latest else "nothing"
+            raise Conflict(
+                f"deployment of {project} on {infra} was changed concurrently (it now wants "
+                f"{now_desired}); this {action} was not applied: check "
+                "'shipyard deployments' and retry") from None
+        self.log.info("desired state changed", project=project, infra=infra, action=action,
+                      to=target, revision=new_revision)
+        await self.node.emit(DeploymentRequested(
+            project=project, infra=infra, update_id=update.id, action=action,
+            from_bundle=update.from_bundle, to_bundle=target, by=by))
+        self.kick()
+        return self.view(record, new_revision)
+
+    @handles(DeployBundle)
+    async def deploy(self, cmd: DeployBundle, req: Request[Any]) -> DeploymentView:
+        await self.require_infra(cmd.infra, "automation")
+        await self._require_bundle(cmd.project, cmd.bundle_id)
+        return await self._change_desired(project=cmd.project, infra=cmd.infra,
+                                          target=cmd.bundle_id, action="deploy",
+                                          by=cmd.by or req.sender,
+                                          expected_revision=cmd.expected_revision)
+
+    @handles(RollbackBundle)
+    async def rollback(self, cmd: RollbackBundle, req: Request[Any]) -> DeploymentView:
+        await self.require_infra(cmd.infra, "automation")
+        current, revision = await self._read(deployment_key("bundle", cmd.infra, cmd.project))
+        if current is None:
+            raise NotFound(f"project {cmd.project!r} is not deployed on {cmd.infra!r}")
+        target = cmd.to or current.previous
+        if target is None:
+            raise BadRequest(f"{cmd.project} on {cmd.infra} has no previous bundle to roll "
+                             "back to (use --to BUNDLE_ID)")
+        await self._require_bundle(cmd.project, target)
+        return await self._change_desired(project=cmd.project, infra=cmd.infra, target=target,
+                                          action="rollback", by=cmd.by or req.sender,
+                                          expected_revision=revision)
+
+    @handles(ListDeployments)
+    async def list_deployments(self, cmd: ListDeployments, req: Request[Any]) -> DeploymentList:
+        assert self._cache is not None
+        views = [self.view(e.value, e.revision) for e in self._cache.entries.values()
+                 if (cmd.project is None or e.value.project == cmd.project)
+                 and (cmd.infra is None or e.value.infra == cmd.infra)]
+        return DeploymentList(deployments=sorted(views, key=lambda v: (v.project, v.infra)))
+
+    @handles(GetHistory)
+    async def history(self, cmd: GetHistory, req: Request[Any]) -> History:
+        try:
+            key = deployment_key("bundle", cmd.infra, cmd.project)
+        except ValueError as exc:
+            raise BadRequest(str(exc)) from None
+        record, _ = await self._read(key)
+        if record is None:
+            if await self.get_infra(cmd.infra) is None:
+                raise NotFound(f"unknown infra {cmd.infra!r}")
+            raise NotFound(f"project {cmd.project!r} has never been deployed on {cmd.infra!r}")
+        return History(project=cmd.project, infra=cmd.infra, updates=record.history)
+
+    # -- state and health ----------------------------------------------------------------
+
+    def view(self, rec: DeploymentRecord, revision: int) -> DeploymentView:
+        nodes = self.node.registry.query(role="automation", infra=rec.infra)
+        per_node = [_node_deployment(n, rec) for n in nodes]
+        state, health, reasons = judge(rec, nodes, per_node)
+        return DeploymentView(
+            project=rec.project, infra=rec.infra, desired=rec.desired, previous=rec.previous,
+            revision=revision, update_id=rec.update_id, updated_at=rec.updated_at,
+            updated_by=rec.updated_by, state=state, health=health, reasons=reasons,
+            nodes=per_node, last_update=rec.history[-1] if rec.history else None)
+
+    async def _results_loop(self) -> None:
+        """Close pending updates once the fleet has answered (succeeded or failed)."""
+        assert self._cache is not None
+        while not self.node.stopping_requested:
+            self._kick = anyio.Event()
+            for entry in list(self._cache.entries.values()):
+                rec = entry.value
+                last = rec.history[-1] if rec.history else None
+                if last is None or last.result != PENDING:
+                    continue
+                view = self.view(rec, entry.revision)
+                if view.state == IN_SYNC:
+                    await self._finish(entry, SUCCEEDED, "")
+                elif view.state == FAILED:
+                    await self._finish(entry, FAILED, "; ".join(view.reasons))
+            with anyio.move_on_after(1.0):
+                await self._kick.wait()
+
+    async def _finish(self, entry: Entry[DeploymentRecord], result: str, detail: str) -> None:
+        rec = entry.value
+        last = rec.history[-1]
+        done = msgspec.structs.replace(last, result=result, detail=detail,
+                                       finished_at=time.time())
+        new = msgspec.structs.replace(rec, history=[*rec.history[:-1], done])
+        key = deployment_key("bundle", rec.infra, rec.project)
+        try:
+            await self._write(key, new, entry.revision)
+        except nats.js.errors.KeyWrongLastSequenceError:
+            return  # changed meanwhile (a new deploy): the cache will bring it back
+        self.log.info("update finished", project=rec.project, infra=rec.infra,
+                      bundle=rec.desired, result=result)
+        await self.node.emit(DeploymentFinished(project=rec.project, infra=rec.infra,
+                                                update_id=last.id, bundle=rec.desired,
+                                                result=result, detail=detail))
+
+
+def _node_deployment(n: NodeInfo, rec: DeploymentRecord) -> NodeDeployment:
+    st: dict[str, Any] = (n.state.get("bundles") or {}).get(rec.project) or {}
+    failed = st.get("failed") or {}
+    error = ""
+    if failed.get("bundle") == rec.desired and failed.get("update") == rec.update_id:
+        error = str(failed.get("reason", "activation failed"))
+    return NodeDeployment(node=n.name, status=n.status, running=st.get("active"),
+                          activity=str(st.get("stage", "")), error=error)
+
+
+def judge(rec: DeploymentRecord, nodes: list[NodeInfo],
+          per_node: list[NodeDeployment]) -> tuple[str, str, list[str]]:
+    """(state, health, reasons) of a deployment from node liveness and activations."""
+    if not nodes:
+        return OUT_OF_SYNC, UNKNOWN, [f"no automation node has joined infra {rec.infra}"]
+    online = [d for d in per_node if d.status == ONLINE]
+    lost = [d for d in per_node if d.status != ONLINE]
+    failed = [d for d in online if d.error]
+    behind = [d for d in online if d.running != rec.desired and not d.error]
+    reasons: list[str] = [f"{d.node}: refused {rec.desired}: {d.error} (still running "
+                          f"{d.running or 'nothing'})" for d in failed]
+    reasons += [f"{d.node} is lost (last ran {d.running or 'nothing'})" for d in lost]
+    reasons += [f"{d.node} runs {d.running or 'nothing'}, not {rec.desired}"
+                + (f" ({d.activity})" if d.activity not in ("", "idle") else "")
+                for d in behind]
+    pending = bool(rec.history) and rec.history[-1].result == PENDING
+    if failed:
+        state = FAILED
+    elif not online:
+        state = OUT_OF_SYNC
+        reasons.insert(0, f"no online automation node in infra {rec.infra}")
+    elif behind:
+        working = any(d.activity in BUSY_STAGES for d in behind)
+        state = UPDATING if pending or working else OUT_OF_SYNC
+    else:
+        state = IN_SYNC
+    if state == FAILED or not online:
+        health = ERROR
+    elif reasons:
+        health = WARNING
+    else:
+        health = HEALTHY
+    return state, health, reasons
+

@@ -1,0 +1,144 @@
+"""A local, always-converging copy of some keys of a KV bucket.
+
+A KV watch pushes changes within milliseconds, but a watch alone is not trusted (after
+a failover one went silent for ~17 s): the cache also re-reads every key periodically
+and whenever ``resync()`` is called (for example on reconnect).  Each change is handed
+to ``on_change``; the callback must be idempotent, since a resync may repeat entries.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+import anyio
+import nats.errors
+import nats.js.errors
+from anyio.abc import TaskStatus
+from nats.js.kv import KeyValue
+
+from nodes.runtime.logs import get_logger
+
+V = TypeVar("V")
+
+DELETE_OPS = ("DEL", "PURGE")
+
+
+@dataclass(frozen=True)
+class Entry(Generic[V]):
+    key: str
+    revision: int
+    value: V
+
+
+class KVCache(Generic[V]):
+    def __init__(self, kv: KeyValue, keys: str, decode: Callable[[bytes], V], *,
+                 on_change: Callable[[str, Entry[V] | None], Awaitable[None]] | None = None,
+                 resync_interval: float = 5.0) -> None:
+        self.kv = kv
+        self.keys = keys  # a subject-style filter: "bundle.prod.>"
+        self.decode = decode
+        self.on_change = on_change
+        self.resync_interval = resync_interval
+        self.entries: dict[str, Entry[V]] = {}
+        self.loaded = anyio.Event()
+        self.log = get_logger(component="kvcache", keys=keys)
+        self._resync_now = anyio.Event()
+
+    def get(self, key: str) -> Entry[V] | None:
+        return self.entries.get(key)
+
+    def values(self) -> list[V]:
+        return [e.value for e in self.entries.values()]
+
+    def resync(self) -> None:
+        """Re-read every key soon (safe to call from any task)."""
+        self._resync_now.set()
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Load, signal readiness, then follow the watch and resync periodically."""
+        await self._full_read()
+        self.loaded.set()
+        task_status.started()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._follow)
+            while True:
+                with anyio.move_on_after(self.resync_interval):
+                    await self._resync_now.wait()
+                self._resync_now = anyio.Event()
+                try:
+                    await self._full_read()
+                except Exception as exc:  # a failed resync is retried on the next tick
+                    self.log.warning("resync failed", error=str(exc) or type(exc).__name__)
+
+    async def _full_read(self) -> None:
+        snap = await snapshot(self.kv, self.keys)
+        for key, (revision, raw) in snap.items():
+            await self._apply(key, revision, raw, deleted=False)
+        for key in list(self.entries):
+            if key not in snap:
+                await self._apply(key, 0, b"", deleted=True)
+
+    async def _follow(self) -> None:
+        delay = 0.2
+        while True:
+            watcher: Any = None
+            try:
+                watcher = await self.kv.watch(self.keys)
+                delay = 0.2
+                async for entry in watcher:
+                    if entry is None:
+                        continue
+                    await self._apply(entry.key, entry.revision or 0, entry.value or b"",
+                                      deleted=entry.operation in DELETE_OPS)
+            except (nats.errors.Error, TimeoutError, OSError) as exc:
+                self.log.debug("watch interrupted", error=str(exc) or type(exc).__name__)
+            finally:
+                if watcher is not None:
+                    with contextlib.suppress(Exception):
+                        await watcher.stop()
+            await anyio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+    async def _apply(self, key: str, revision: int, raw: bytes, *, deleted: bool) -> None:
+        current = self.entries.get(key)
+        if deleted:
+            if current is None:
+                return
+            del self.entries[key]
+            if self.on_change is not None:
+                await self.on_change(key, None)
+            return
+        if current is not None and current.revision >= revision:
+            return  # already seen (a resync repeating what the watch delivered)
+        try:
+            value = self.decode(raw)
+        except Exception as exc:  # one unreadable value must not stop the cache
+            self.log.warning("unreadable value skipped", key=key, error=str(exc))
+            return
+        entry = Entry(key=key, revision=revision, value=value)
+        self.entries[key] = entry
+        if self.on_change is not None:
+            await self.on_change(key, entry)
+
+
+async def snapshot(kv: KeyValue, keys: str, timeout: float = 10.0) -> dict[str, tuple[int, bytes]]:
+    """Every live key matching ``keys`` (a subject filter), with revision and value.
+
+    One filtered watch read up to its end-of-replay marker: unlike ``kv.keys()``, it
+    filters on the server and brings the values along.
+    """
+    out: dict[str, tuple[int, bytes]] = {}
+    watcher: Any = await kv.watch(keys, ignore_deletes=True)
+    try:
+        with anyio.fail_after(timeout):
+            async for entry in watcher:
+                if entry is None:
+                    break
+                out[entry.key] = (entry.revision or 0, entry.value or b"")
+    finally:
+        with contextlib.suppress(Exception):
+            await watcher.stop()
+    return out

@@ -1,0 +1,287 @@
+"""Infrastructures and project deployments (the Project Deployer).
+
+Desired state lives in the ``sy_deploy`` KV bucket, one key per deployment
+(``bundle.<infra>.<project>``), updated only by compare-and-set.  Automation nodes watch
+their infra's keys, re-read them periodically and on reconnect, and report what they
+run in their heartbeats (``state["bundles"]``) and as ``sy.rpt.activation.<node>``.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import msgspec
+
+from protocol import subjects
+from protocol.base import Command, Message
+from protocol.events import Event
+
+KINDS = ("automation", "api")
+STAGES = ("development", "test", "production")
+INFRA_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+
+# Deployment states and health values users see.
+IN_SYNC, UPDATING, OUT_OF_SYNC, FAILED = "in_sync", "updating", "out_of_sync", "failed"
+HEALTHY, WARNING, ERROR, UNKNOWN = "HEALTHY", "WARNING", "ERROR", "UNKNOWN"
+
+# Results of one update.
+PENDING, SUCCEEDED, SUPERSEDED = "pending", "succeeded", "superseded"
+
+
+def deployment_key(kind: str, infra: str, name: str) -> str:
+    """KV key of a deployment: ``bundle.<infra>.<project>`` or ``api.<infra>.<service>``."""
+    return f"{kind}.{subjects.token(infra, 'infra')}.{subjects.token(name, 'name')}"
+
+
+class Infra(msgspec.Struct, frozen=True, kw_only=True):
+    name: str
+    kind: str
+    stage: str = "development"
+    description: str = ""
+    created_at: float = 0.0
+    created_by: str = ""
+    v: int = 1
+
+
+class Update(msgspec.Struct, frozen=True, kw_only=True):
+    """One change of a deployment's desired state, and how it ended."""
+
+    id: str
+    at: float
+    by: str
+    action: str  # deploy | rollback
+    from_bundle: str | None
+    to_bundle: str
+    result: str = PENDING  # pending | succeeded | failed | superseded
+    detail: str = ""
+    finished_at: float | None = None
+
+
+class DeploymentRecord(msgspec.Struct, frozen=True, kw_only=True):
+    """The desired state of one project on one infra (the KV value)."""
+
+    project: str
+    infra: str
+    desired: str
+    previous: str | None = None
+    update_id: str = ""
+    updated_at: float = 0.0
+    updated_by: str = ""
+    history: list[Update] = []
+    v: int = 1
+
+
+class NodeDeployment(msgspec.Struct, frozen=True, kw_only=True):
+    node: str
+    status: str  # node liveness: online | lost
+    running: str | None  # the bundle it actually runs
+    activity: str = ""  # idle | fetching | verifying | unpacking | failed
+    error: str = ""
+
+
+class DeploymentView(Message, frozen=True, kw_only=True, tag="deployment"):
+    project: str
+    infra: str
+    desired: str
+    previous: str | None
+    revision: int
+    update_id: str
+    updated_at: float
+    updated_by: str
+    state: str
+    health: str
+    reasons: list[str] = []
+    nodes: list[NodeDeployment] = []
+    last_update: Update | None = None
+    kind: str = "bundle"
+    extra: dict[str, Any] = {}
+
+
+class InfraList(Message, frozen=True, kw_only=True, tag="infra.list.reply"):
+    infras: list[Infra] = []
+
+
+class InfraCreated(Message, frozen=True, kw_only=True, tag="infra.created"):
+    infra: Infra
+    created: bool
+
+
+class DeploymentList(Message, frozen=True, kw_only=True, tag="deploy.list.reply"):
+    deployments: list[DeploymentView] = []
+
+
+class History(Message, frozen=True, kw_only=True, tag="deploy.history.reply"):
+    project: str
+    infra: str
+    updates: list[Update] = []
+
+
+class CreateInfra(Command[InfraCreated], frozen=True, kw_only=True, tag="infra.create"):
+    name: str
+    kind: str
+    stage: str = "development"
+    description: str = ""
+    exist_ok: bool = False
+    by: str = ""
+
+
+class ListInfras(Command[InfraList], frozen=True, kw_only=True, tag="infra.list"):
+    pass
+
+
+class DeployBundle(Command[DeploymentView], frozen=True, kw_only=True, tag="deploy.bundle"):
+    """Make ``bundle_id`` the desired bundle of ``project`` on ``infra``.
+
+    ``expected_revision``: only apply if the deployment is still at this KV revision
+    (0: it must not exist yet); otherwise the Deployer refuses with ``conflict``.
+    """
+
+    project: str
+    bundle_id: str
+    infra: str
+    by: str = ""
+    expected_revision: int | None = None
+
+
+class RollbackBundle(Command[DeploymentView], frozen=True, kw_only=True,
+                     tag="deploy.rollback"):
+    """Go back to the previous desired bundle, or to ``to``."""
+
+    project: str
+    infra: str
+    to: str | None = None
+    by: str = ""
+
+
+class ListDeployments(Command[DeploymentList], frozen=True, kw_only=True, tag="deploy.list"):
+    project: str | None = None
+    infra: str | None = None
+
+
+class GetHistory(Command[History], frozen=True, kw_only=True, tag="deploy.history"):
+    project: str
+    infra: str
+
+
+# -- reports and events ------------------------------------------------------------------
+
+class ActivationReport(Message, frozen=True, kw_only=True, tag="activation"):
+    """Progress and outcome of one node activating one bundle."""
+
+    node: str
+    infra: str
+    project: str
+    bundle: str
+    update_id: str
+    stage: str  # fetching | verifying | unpacking | activated | failed
+    bytes_done: int = 0
+    bytes_total: int = 0
+    transferred: int = 0  # bytes fetched over NATS (0: the bundle was already on disk)
+    reason: str = ""
+    duration_s: float = 0.0
+    ts: float = 0.0
+
+    def subject(self) -> str:
+        return subjects.report("activation", self.node)
+
+
+class DeploymentRequested(Event, frozen=True, kw_only=True, tag="deploy.requested"):
+    project: str
+    infra: str
+    update_id: str
+    action: str
+    from_bundle: str | None
+    to_bundle: str
+    by: str
+
+    def subject(self) -> str:
+        return subjects.event("deploy", self.infra, self.project)
+
+    def summary(self) -> str:
+        return (f"{self.action} {self.project} on {self.infra}: "
+                f"{self.from_bundle or '-'} -> {self.to_bundle} by {self.by or '?'}")
+
+
+class BundleActivated(Event, frozen=True, kw_only=True, tag="deploy.activated"):
+    project: str
+    infra: str
+    node: str
+    bundle: str
+    update_id: str
+    duration_s: float
+    transferred: int
+
+    def subject(self) -> str:
+        return subjects.event("deploy", self.infra, self.project)
+
+    def summary(self) -> str:
+        how = f"{self.transferred} bytes fetched" if self.transferred else "already on disk"
+        return (f"{self.node} activated {self.project} {self.bundle} "
+                f"in {self.duration_s * 1000:.0f} ms ({how})")
+
+
+class BundleActivationFailed(Event, frozen=True, kw_only=True, tag="deploy.failed"):
+    project: str
+    infra: str
+    node: str
+    bundle: str
+    update_id: str
+    reason: str
+    still_active: str | None
+
+    def subject(self) -> str:
+        return subjects.event("deploy", self.infra, self.project)
+
+    def summary(self) -> str:
+        return (f"{self.node} refused {self.project} {self.bundle}: {self.reason} "
+                f"(still running {self.still_active or 'nothing'})")
+
+
+class DeploymentFinished(Event, frozen=True, kw_only=True, tag="deploy.finished"):
+    project: str
+    infra: str
+    update_id: str
+    bundle: str
+    result: str
+    detail: str = ""
+
+    def subject(self) -> str:
+        return subjects.event("deploy", self.infra, self.project)
+
+    def summary(self) -> str:
+        return f"{self.project} {self.bundle} on {self.infra}: {self.result}" + (
+            f" ({self.detail})" if self.detail else "")
+
+
+class InfraCreatedEvent(Event, frozen=True, kw_only=True, tag="infra.created"):
+    name: str
+    kind: str
+    stage: str
+    by: str
+
+    def subject(self) -> str:
+        return subjects.event("infra", self.name)
+
+    def summary(self) -> str:
+        return f"infra {self.name} created ({self.kind}, {self.stage}) by {self.by or '?'}"
+
+
+class BundleStored(Event, frozen=True, kw_only=True, tag="bundle.created"):
+    project: str
+    bundle: str
+    by: str
+    files: int
+    size: int
+    digest: str
+
+    def subject(self) -> str:
+        return subjects.event("bundle", self.project)
+
+    def summary(self) -> str:
+        return (f"bundle {self.project} {self.bundle} created by {self.by or '?'}: "
+                f"{self.files} files, {self.size} bytes, digest {self.digest[:12]}")
+
+
+INFRA_VALUE = msgspec.json.Decoder(Infra)
+DEPLOYMENT_VALUE = msgspec.json.Decoder(DeploymentRecord)

@@ -1,0 +1,8 @@
+"""Every command family, imported in one place so any command class can find its family
+(``Family.of``) whatever the caller happened to import first."""
+
+from protocol.deployer import DEPLOYER
+from protocol.design import DESIGN
+from protocol.system import SYSTEM
+
+ALL = (DEPLOYER, DESIGN, SYSTEM)

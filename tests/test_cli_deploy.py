@@ -1,0 +1,132 @@
+"""Bundles and deployments through the real CLI, with every node a real process."""
+
+from __future__ import annotations
+
+import json
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from nodes.runtime.embedded import EmbeddedNats
+from tests.helpers import Background, shipyard, shipyard_argv, wait_until
+from tests.projects import make_project
+
+
+@pytest.fixture
+def cluster(nats_server: EmbeddedNats, tmp_path: Path,
+            cli_env: dict[str, str]) -> Iterator[dict[str, str]]:
+    """Deployer, Design and two Automation nodes as separate processes."""
+    env = dict(cli_env, SHIPYARD_NATS_URL=nats_server.url)
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    procs = [
+        Background(shipyard_argv("node", "start", "deployer", "--name", "deployer",
+                                 "--heartbeat-interval", "0.2"), env=env),
+        Background(shipyard_argv("node", "start", "design", "--name", "design",
+                                 "--workspace", str(ws), "--heartbeat-interval", "0.2"),
+                   env=env),
+    ]
+    procs += [Background(shipyard_argv("node", "start", "automation", "--name", name,
+                                       "--infra", "prod", "--data-dir",
+                                       str(tmp_path / "nodes" / name),
+                                       "--heartbeat-interval", "0.2"), env=env)
+              for name in ("a1", "a2")]
+    try:
+        for p in procs:
+            p.wait_line("node ready", timeout=30)
+        wait_until(lambda: len(_json(env, tmp_path, "nodes", "--json")) == 4, timeout=20,
+                   message="4 nodes registered")
+        yield env
+    finally:
+        for p in procs:
+            p.stop(signal.SIGTERM)
+
+
+def _json(env: dict[str, str], cwd: Path, *args: str) -> Any:
+    proc = shipyard(*args, env=env, cwd=cwd, check=True)
+    return json.loads(proc.stdout)
+
+
+def test_bundle_deploy_rollback_and_history_through_the_cli(cluster: dict[str, str],
+                                                            tmp_path: Path) -> None:
+    env, ws = cluster, tmp_path / "ws"
+    make_project(ws, "churn", version="1")
+    ok = shipyard("infra", "create", "prod", "--kind", "automation", "--stage", "production",
+                  env=env, check=True)
+    assert "infra prod created" in ok.stdout
+    infras = _json(env, tmp_path, "infra", "list", "--json")
+    assert [(i["name"], i["kind"], i["stage"]) for i in infras] == [
+        ("prod", "automation", "production")]
+
+    created = shipyard("bundle", "create", "churn", "--id", "v1", "--notes", "first",
+                       env=env, check=True)
+    assert "bundle churn v1 created: 4 files" in created.stdout
+    assert "first bundle of this project" in created.stdout
+
+    deployed = shipyard("deploy", "bundle", "churn", "v1", "--infra", "prod", "--wait",
+                        env=env, timeout=60)
+    assert deployed.returncode == 0, deployed.stderr
+    assert "every online node of prod runs churn v1" in deployed.stdout
+
+    make_project(ws, "churn", version="2", extra_files={"docs/new.md": "new"})
+    second = shipyard("bundle", "create", "churn", "--id", "v2", env=env, check=True)
+    assert "changes since v1: 1 added, 0 removed, 1 changed" in second.stdout
+    assert "+ docs/new.md" in second.stdout and "~ recipes/clean.py" in second.stdout
+    assert shipyard("deploy", "bundle", "churn", "v2", "--infra", "prod", "--wait",
+                    env=env, timeout=60).returncode == 0
+    back = shipyard("rollback", "churn", "--infra", "prod", "--wait", env=env, timeout=60)
+    assert back.returncode == 0, back.stderr
+
+    [dep] = _json(env, tmp_path, "deployments", "--json")
+    assert (dep["project"], dep["infra"], dep["desired"], dep["previous"]) == (
+        "churn", "prod", "v1", "v2")
+    assert dep["state"] == "in_sync" and dep["health"] == "HEALTHY"
+    assert sorted((n["node"], n["running"]) for n in dep["nodes"]) == [("a1", "v1"),
+                                                                       ("a2", "v1")]
+    history = wait_until(lambda: _finished(env, tmp_path), timeout=10, message="history")
+    assert [(h["action"], h["from_bundle"], h["to_bundle"], h["result"]) for h in history] == [
+        ("deploy", None, "v1", "succeeded"), ("deploy", "v1", "v2", "succeeded"),
+        ("rollback", "v2", "v1", "succeeded")]
+    assert all("@" in h["by"] and h["at"] > 0 for h in history)
+    bundles = _json(env, tmp_path, "bundle", "list", "churn", "--json")
+    assert [(b["id"], b["notes"]) for b in bundles] == [("v1", "first"), ("v2", "")]
+    text = shipyard("deployments", env=env, check=True).stdout
+    assert "churn" in text and "in_sync" in text and "a1=v1" in text
+
+
+def _finished(env: dict[str, str], cwd: Path) -> list[dict[str, Any]] | None:
+    history = _json(env, cwd, "history", "churn", "--infra", "prod", "--json")
+    return history if all(h["result"] != "pending" for h in history) else None
+
+
+def test_cli_errors_exit_1_with_the_reason(cluster: dict[str, str], tmp_path: Path) -> None:
+    env, ws = cluster, tmp_path / "ws"
+    project = make_project(ws, "churn")
+    shipyard("infra", "create", "prod", "--kind", "automation", env=env, check=True)
+    shipyard("bundle", "create", "churn", "--id", "v1", env=env, check=True)
+    cases = [
+        (["bundle", "create", "churn", "--id", "v1"], "already exists"),
+        (["bundle", "create", "nope", "--id", "v1"], "unknown project 'nope'"),
+        (["deploy", "bundle", "churn", "v9", "--infra", "prod"], "bundle 'v9' of project"),
+        (["deploy", "bundle", "nope", "v1", "--infra", "prod"], "of project 'nope' not found"),
+        (["deploy", "bundle", "churn", "v1", "--infra", "staging"], "unknown infra 'staging'"),
+        (["infra", "create", "prod", "--kind", "automation"], "already exists"),
+        (["history", "churn", "--infra", "prod"], "never been deployed"),
+        (["rollback", "churn", "--infra", "prod"], "not deployed"),
+    ]
+    for args, needle in cases:
+        proc = shipyard(*args, env=env)
+        assert proc.returncode == 1, (args, proc.stdout, proc.stderr)
+        assert needle in proc.stderr, (args, proc.stderr)
+        assert "Traceback" not in proc.stderr
+    manifest = project / "shipyard.toml"
+    manifest.write_text(manifest.read_text().replace('inputs = ["raw"]', 'inputs = 3'))
+    proc = shipyard("bundle", "create", "churn", "--id", "v2", env=env)
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == ("shipyard: churn/shipyard.toml: recipes.clean.inputs: "
+                                   "expected array, got int")
+    usage = shipyard("deploy", "bundle", "churn", env=env)
+    assert usage.returncode == 2
