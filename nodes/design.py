@@ -9,16 +9,24 @@ from __future__ import annotations
 import getpass
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, ClassVar
 
 import anyio
 import msgspec
 import nats.js.errors
+from anyio.abc import TaskGroup, TaskStatus
 from nats.js.kv import KeyValue
 
+from nodes.flow.engine import Flow, check_params
+from nodes.flow.pool import WorkerPool
+from nodes.flow.progress import Progress
+from nodes.flow.results import BuildResult
+from nodes.project.apipkg import ApiPackager
 from nodes.project.bundle import pack
 from nodes.project.manifest import MANIFEST, Manifest, ManifestError, load_manifest
+from nodes.project.running import LocalRuns, RunInfo
 from nodes.runtime import transfer
 from nodes.runtime.jetstream import ensure_kv
 from nodes.runtime.kvcache import snapshot
@@ -40,17 +48,26 @@ from protocol.bundles import (
     diff_bundles,
 )
 from protocol.deploy import BundleStored
-from protocol.design import DESIGN
+from protocol.design import DESIGN, RUNNER
 from protocol.errors import BadRequest, Conflict, NotFound
+from protocol.runs import DESIGN_BUILD, BuildDatasets, RunAccepted
 
 
 class DesignNode(Node):
     role: ClassVar[str] = "design"
     family: ClassVar[Family | None] = DESIGN
+    direct_families: ClassVar[tuple[Family, ...]] = (RUNNER,)
 
-    def __init__(self, *, workspace: Path | None = None, **kw: Any) -> None:
+    def __init__(self, *, workspace: Path | None = None, data_dir: Path | None = None,
+                 **kw: Any) -> None:
         super().__init__(**kw)
         self.workspace = (workspace or Path("projects")).resolve()
+        self.data_dir = (data_dir or Path(".shipyard") / "nodes" / self.name).resolve()
+        self.local = LocalRuns(self, self.data_dir / "runs")
+        self.add_handlers(self.local)
+        self.api_packages = ApiPackager(self)
+        self.add_handlers(self.api_packages)
+        self.pool: WorkerPool | None = None
         self._bundles: KeyValue | None = None
 
     @property
@@ -65,9 +82,50 @@ class DesignNode(Node):
                                         description="shipyard bundle records")
         await transfer.ensure_bucket(self.js, subjects.BUNDLE_STORE,
                                      replicas=self.settings.replicas)
+        await transfer.ensure_bucket(self.js, subjects.RUN_LOGS_STORE,
+                                     replicas=self.settings.replicas)
+        await self.api_packages.setup()
+
+    async def started(self, tg: TaskGroup) -> None:
+        await tg.start(self._host_pool)
+
+    async def _host_pool(self, *, task_status: TaskStatus[None]) -> None:
+        async with WorkerPool() as pool:
+            self.pool = pool
+            task_status.started()
+            await anyio.sleep_forever()
+
+    async def stopping(self) -> None:
+        await self.local.cancel_all()
 
     def state(self) -> dict[str, Any]:
-        return {"workspace": str(self.workspace)}
+        return {"workspace": str(self.workspace), "runs": self.local.state()}
+
+    # -- test builds ---------------------------------------------------------------------
+
+    @handles(BuildDatasets)
+    async def build(self, cmd: BuildDatasets, req: Request[Any]) -> RunAccepted:
+        """Test-build datasets in the workspace, with the engine Automation nodes use."""
+        assert self.pool is not None
+        if not cmd.datasets:
+            raise BadRequest("name at least one dataset to build")
+        project_dir, manifest = await self.project(cmd.project)
+        flow = Flow(manifest, code_dir=project_dir, pool=self.pool)
+        flow.graph.check_targets(cmd.datasets)
+        check_params(cmd.params)
+        await flow.validate(targets=cmd.datasets)
+        run = RunInfo(run_id=f"{manifest.project.key}-build-{time.strftime('%Y%m%dT%H%M%S')}-"
+                             f"{new_id()[-6:]}",
+                      project=manifest.project.key, scenario="build " + ",".join(cmd.datasets),
+                      infra="design", node=self.name, bundle="workspace", trigger=DESIGN_BUILD,
+                      firing=req.id, params=dict(cmd.params))
+
+        async def work(progress: Progress, cancel: anyio.Event) -> BuildResult:
+            return await flow.build(cmd.datasets, force=cmd.force, params=run.params,
+                                    log=run.log_path, progress=progress, cancel=cancel)
+
+        self.tg.start_soon(self.local.run, run, work)
+        return RunAccepted(run_id=run.run_id, node=self.name)
 
     # -- workspace ---------------------------------------------------------------------
 

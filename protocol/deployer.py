@@ -2,6 +2,16 @@
 
 from __future__ import annotations
 
+from protocol.api import (
+    ApiKeyCreated,
+    ApiKeyList,
+    ApiKeyRevoked,
+    CreateApiKey,
+    DeployApi,
+    ListApiKeys,
+    RevokeApiKey,
+    RollbackApi,
+)
 from protocol.base import Family
 from protocol.deploy import (
     CreateInfra,
@@ -17,10 +27,24 @@ from protocol.deploy import (
     RollbackBundle,
 )
 from protocol.registry import ListNodes, NodeList
+from protocol.runs import (
+    CancelRun,
+    GetRunLog,
+    ListRuns,
+    RunAccepted,
+    RunCancelled,
+    RunList,
+    RunLog,
+    RunScenario,
+)
 
 DeployerCommand = (ListNodes | CreateInfra | ListInfras | DeployBundle | RollbackBundle
-                   | ListDeployments | GetHistory)
+                   | ListDeployments | GetHistory
+                   | RunScenario | ListRuns | GetRunLog | CancelRun
+                   | DeployApi | RollbackApi | CreateApiKey | ListApiKeys | RevokeApiKey)
 DeployerReply = (NodeList | InfraCreated | InfraList | DeploymentView | DeploymentList
-                 | History)
+                 | History
+                 | RunAccepted | RunList | RunLog | RunCancelled
+                 | ApiKeyCreated | ApiKeyList | ApiKeyRevoked)
 
 DEPLOYER = Family("deployer", DeployerCommand, DeployerReply)

@@ -2,7 +2,7 @@
 (``Family.of``) whatever the caller happened to import first."""
 
 from protocol.deployer import DEPLOYER
-from protocol.design import DESIGN
+from protocol.design import DESIGN, RUNNER
 from protocol.system import SYSTEM
 
-ALL = (DEPLOYER, DESIGN, SYSTEM)
+ALL = (DEPLOYER, DESIGN, RUNNER, SYSTEM)

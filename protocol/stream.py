@@ -10,6 +10,14 @@ from typing import Any
 
 import msgspec
 
+from protocol.api import (
+    ApiDeploymentFinished,
+    ApiDeploymentRequested,
+    ApiKeyIssued,
+    ApiPackageStored,
+    GenerationFailed,
+    GenerationsServing,
+)
 from protocol.base import Codec
 from protocol.deploy import (
     BundleActivated,
@@ -20,9 +28,13 @@ from protocol.deploy import (
     InfraCreatedEvent,
 )
 from protocol.events import NodeLost, NodeOnline
+from protocol.runs import RunFinished, RunProgress, RunStarted
 
 AnyEvent = (NodeOnline | NodeLost | InfraCreatedEvent | BundleStored | DeploymentRequested
-            | BundleActivated | BundleActivationFailed | DeploymentFinished)
+            | BundleActivated | BundleActivationFailed | DeploymentFinished
+            | RunStarted | RunProgress | RunFinished
+            | ApiPackageStored | ApiDeploymentRequested | GenerationsServing | GenerationFailed
+            | ApiDeploymentFinished | ApiKeyIssued)
 
 EVENT = Codec[AnyEvent](AnyEvent)
 

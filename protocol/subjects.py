@@ -119,3 +119,22 @@ INFRA_BUCKET = "sy_infra"
 DEPLOY_BUCKET = "sy_deploy"
 BUNDLE_BUCKET = "sy_bundles"  # KV: bundle records
 BUNDLE_STORE = "sy_bundle_data"  # Object Store: bundle archives
+API_PACKAGE_BUCKET = "sy_api_packages"  # KV: API package records, <service>.<version>
+API_PACKAGE_STORE = "sy_api_package_data"  # Object Store: API package archives
+API_KEYS_BUCKET = "sy_api_keys"  # KV: API key hashes, <service>.<key id>
+
+
+def api_queue_group(service: str) -> str:
+    """The queue group every API node serving ``service`` joins."""
+    return token(service, "service")
+FIRED_BUCKET = "sy_fired"  # KV: trigger firings already claimed (expire after a week)
+LOCKS_BUCKET = "sy_locks"  # KV: lock.<infra>.<project>.<scenario>, cron.<...> marks
+RUN_LOGS_STORE = "sy_run_logs"  # Object Store: logs of finished runs
+
+
+def runs_of(project: str) -> str:
+    """Every run event of one project."""
+    return f"{ROOT}.evt.run.{token(project, 'project')}.>"
+
+
+RUN_EVENTS_ALL = f"{ROOT}.evt.run.>"

@@ -3,7 +3,9 @@ run nodes under a task group inside the test, and condition waits with deadlines
 
 from __future__ import annotations
 
+import json
 import os
+import signal
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,6 +14,7 @@ import pytest
 
 from nodes.runtime.embedded import EmbeddedNats
 from nodes.runtime.settings import NatsSettings
+from tests.helpers import Background, shipyard, shipyard_argv, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -30,6 +33,42 @@ def nats_server(tmp_path: Path) -> Iterator[EmbeddedNats]:
 @pytest.fixture
 def settings(nats_server: EmbeddedNats) -> NatsSettings:
     return NatsSettings(servers=(nats_server.url,))
+
+
+@pytest.fixture
+def cluster(nats_server: EmbeddedNats, tmp_path: Path,
+            cli_env: dict[str, str]) -> Iterator[dict[str, str]]:
+    """Deployer, Design and two Automation nodes as separate processes."""
+    env = dict(cli_env, SHIPYARD_NATS_URL=nats_server.url)
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    procs = [
+        Background(shipyard_argv("node", "start", "deployer", "--name", "deployer",
+                                 "--heartbeat-interval", "0.2"), env=env),
+        Background(shipyard_argv("node", "start", "design", "--name", "design",
+                                 "--workspace", str(ws), "--data-dir",
+                                 str(tmp_path / "nodes" / "design"),
+                                 "--heartbeat-interval", "0.2"), env=env),
+    ]
+    procs += [Background(shipyard_argv("node", "start", "automation", "--name", name,
+                                       "--infra", "prod", "--data-dir",
+                                       str(tmp_path / "nodes" / name),
+                                       "--heartbeat-interval", "0.2"), env=env)
+              for name in ("a1", "a2")]
+    try:
+        for p in procs:
+            p.wait_line("node ready", timeout=30)
+        wait_until(lambda: _registered(env, tmp_path) == 4, timeout=20,
+                   message="4 nodes registered")
+        yield env
+    finally:
+        for p in procs:
+            p.stop(signal.SIGTERM)
+
+
+def _registered(env: dict[str, str], cwd: Path) -> int:
+    proc = shipyard("nodes", "--json", env=env, cwd=cwd, check=True)
+    return len(json.loads(proc.stdout))
 
 
 @pytest.fixture

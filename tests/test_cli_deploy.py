@@ -3,46 +3,11 @@
 from __future__ import annotations
 
 import json
-import signal
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pytest
-
-from nodes.runtime.embedded import EmbeddedNats
-from tests.helpers import Background, shipyard, shipyard_argv, wait_until
+from tests.helpers import shipyard, wait_until
 from tests.projects import make_project
-
-
-@pytest.fixture
-def cluster(nats_server: EmbeddedNats, tmp_path: Path,
-            cli_env: dict[str, str]) -> Iterator[dict[str, str]]:
-    """Deployer, Design and two Automation nodes as separate processes."""
-    env = dict(cli_env, SHIPYARD_NATS_URL=nats_server.url)
-    ws = tmp_path / "ws"
-    ws.mkdir()
-    procs = [
-        Background(shipyard_argv("node", "start", "deployer", "--name", "deployer",
-                                 "--heartbeat-interval", "0.2"), env=env),
-        Background(shipyard_argv("node", "start", "design", "--name", "design",
-                                 "--workspace", str(ws), "--heartbeat-interval", "0.2"),
-                   env=env),
-    ]
-    procs += [Background(shipyard_argv("node", "start", "automation", "--name", name,
-                                       "--infra", "prod", "--data-dir",
-                                       str(tmp_path / "nodes" / name),
-                                       "--heartbeat-interval", "0.2"), env=env)
-              for name in ("a1", "a2")]
-    try:
-        for p in procs:
-            p.wait_line("node ready", timeout=30)
-        wait_until(lambda: len(_json(env, tmp_path, "nodes", "--json")) == 4, timeout=20,
-                   message="4 nodes registered")
-        yield env
-    finally:
-        for p in procs:
-            p.stop(signal.SIGTERM)
 
 
 def _json(env: dict[str, str], cwd: Path, *args: str) -> Any:

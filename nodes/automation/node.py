@@ -23,6 +23,7 @@ import nats.js.errors
 from anyio.abc import TaskGroup
 from nats.js.kv import KeyValue
 
+from nodes.automation.runner import Runner
 from nodes.automation.store import BundleStore
 from nodes.project.bundle import BundleRejected
 from nodes.runtime import transfer
@@ -30,7 +31,7 @@ from nodes.runtime.jetstream import ensure_kv
 from nodes.runtime.kvcache import Entry, KVCache
 from nodes.runtime.node import Node
 from protocol import subjects
-from protocol.base import encode, new_id
+from protocol.base import Family, encode, new_id
 from protocol.bundles import BUNDLE_INFO, BundleInfo
 from protocol.deploy import (
     DEPLOYMENT_VALUE,
@@ -39,6 +40,7 @@ from protocol.deploy import (
     BundleActivationFailed,
     DeploymentRecord,
 )
+from protocol.design import RUNNER
 from protocol.errors import NotFound
 
 PROGRESS_EVERY_S = 0.1
@@ -50,10 +52,11 @@ class Permanent(Exception):
 
 class AutomationNode(Node):
     role: ClassVar[str] = "automation"
+    direct_families: ClassVar[tuple[Family, ...]] = (RUNNER,)
 
     def __init__(self, *, data_dir: Path | None = None, keep_bundles: int = 5,
                  resync_interval: float = 5.0, max_parallel_activations: int = 4,
-                 **kw: Any) -> None:
+                 max_parallel_runs: int = 4, **kw: Any) -> None:
         super().__init__(**kw)
         self.data_dir = (data_dir or Path(".shipyard") / "nodes" / self.name).resolve()
         self.store = BundleStore(self.data_dir, keep=keep_bundles)
@@ -65,6 +68,9 @@ class AutomationNode(Node):
         self._kick = anyio.Event()
         self._desired: KVCache[DeploymentRecord] | None = None
         self._bundles_kv: KeyValue | None = None
+        self.runner = Runner(self, max_runs=max_parallel_runs)
+        self.add_handlers(self.runner)
+        self.add_handlers(self.runner.local)
 
     @property
     def desired(self) -> KVCache[DeploymentRecord]:
@@ -83,6 +89,7 @@ class AutomationNode(Node):
             await self._load_local(project)
         self._desired = KVCache(deploy_kv, f"bundle.{self.infra}.>", DEPLOYMENT_VALUE.decode,
                                 on_change=self._on_desired, resync_interval=self.resync_interval)
+        await self.runner.setup()
 
     async def _load_local(self, project: str) -> None:
         active = await anyio.to_thread.run_sync(self.store.active, project)
@@ -93,13 +100,18 @@ class AutomationNode(Node):
 
     async def started(self, tg: TaskGroup) -> None:
         await tg.start(self.desired.run)
+        await self.runner.started(tg)
         tg.start_soon(self._converge_loop, tg)
+
+    async def stopping(self) -> None:
+        await self.runner.stopping()
 
     async def reconnected(self) -> None:
         self.desired.resync()
 
     def state(self) -> dict[str, Any]:
-        return {"data_dir": str(self.data_dir), "bundles": self.projects}
+        return {"data_dir": str(self.data_dir), "bundles": self.projects,
+                "runs": self.runner.state()}
 
     # -- convergence ---------------------------------------------------------------------
 
@@ -155,6 +167,7 @@ class AutomationNode(Node):
                                             duration_s=round(duration, 4),
                                             transferred=transferred))
             st["cached"] = await anyio.to_thread.run_sync(self._prune, project)
+            await self.runner.on_activated(project, bundle, rec.update_id)
         except Permanent as exc:
             await self._failed(rec, st, str(exc))
         except (nats.errors.Error, TimeoutError, OSError) as exc:

@@ -6,7 +6,8 @@ Layout under the node's data directory::
     projects/<project>/bundles/.partial-*     work in progress, never active
     projects/<project>/current -> bundles/<id>  the active bundle (a symlink)
     projects/<project>/state.json             active, previous (written atomically)
-    projects/<project>/data/                  datasets: persist across bundle versions
+    projects/<project>/datasets/              datasets (at their manifest paths): persist
+                                              across bundle versions
 
 Activation is one ``rename`` of a fresh symlink over ``current``: a reader sees the old
 bundle or the new one, never a half-written one, and a crash at any point leaves the
@@ -42,7 +43,7 @@ class BundleStore:
         return self.project_dir(project) / "bundles" / bundle
 
     def data_dir(self, project: str) -> Path:
-        return self.project_dir(project) / "data"
+        return self.project_dir(project) / "datasets"
 
     def current_dir(self, project: str) -> Path:
         return self.project_dir(project) / "current"

@@ -11,6 +11,7 @@ import sys
 import click
 
 import nodes
+from nodes.cli.apis import api, deploy_api
 from nodes.cli.common import EXIT_FAILED, EXIT_USAGE, CliState, err
 from nodes.cli.fleet import events_cmd, nodes_cmd
 from nodes.cli.projects import (
@@ -22,6 +23,7 @@ from nodes.cli.projects import (
     projects_cmd,
     rollback,
 )
+from nodes.cli.runs import build_cmd, run_group, runs_cmd, scenario
 from nodes.cli.stack import node, up
 from nodes.runtime.connection import CannotReachNats
 from nodes.runtime.embedded import EmbeddedNatsError
@@ -55,6 +57,12 @@ cli.add_command(deploy)
 cli.add_command(rollback)
 cli.add_command(deployments)
 cli.add_command(history)
+cli.add_command(scenario)
+cli.add_command(runs_cmd)
+cli.add_command(run_group)
+cli.add_command(build_cmd)
+cli.add_command(api)
+deploy.add_command(deploy_api)
 
 
 def main(argv: list[str] | None = None) -> None:

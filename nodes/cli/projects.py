@@ -221,6 +221,14 @@ def _after_change(view: DeploymentView, verb: str, wait: bool, timeout: float,
 def rollback(target: tuple[str, ...], infra: str, to: str | None, wait: bool, timeout: float,
              nats_url: str | None, as_json: bool) -> None:
     """Roll back: 'rollback PROJECT --infra I [--to ID]' or 'rollback api SERVICE --infra I'."""
+    if len(target) == 2 and target[0] == "api":
+        from nodes.cli.apis import rollback_api
+
+        if to is not None:
+            raise click.UsageError("--to is for bundles; API rollback returns to the "
+                                   "previous mapping")
+        rollback_api(target[1], infra, wait, timeout, nats_url, as_json)
+        return
     if len(target) != 1:
         raise click.UsageError("expected PROJECT, or 'api SERVICE'")
     cmd = RollbackBundle(project=target[0], infra=infra, to=to, by=whoami())
@@ -256,8 +264,12 @@ def deployments(project: str | None, infra: str | None, nats_url: str | None,
         style = HEALTH_STYLE.get(v.health, "")
         nodes = ", ".join(f"{n.node}={n.running or '-'}" + ("" if n.status == "online" else
                                                             " (lost)") for n in v.nodes)
+        reasons = "; ".join(v.reasons)
+        if v.kind == "api":  # traffic per endpoint and generation, from the nodes' metrics
+            from nodes.cli.apis import api_summary
+            reasons = "; ".join(x for x in (reasons, api_summary(v)) if x)
         rows.append((v.kind, v.project, v.infra, v.desired, v.state,
-                     f"[{style}]{v.health}[/{style}]", nodes or "-", "; ".join(v.reasons)))
+                     f"[{style}]{v.health}[/{style}]", nodes or "-", reasons))
     table(["KIND", "NAME", "INFRA", "DESIRED", "STATE", "HEALTH", "NODES", "REASONS"], rows)
 
 

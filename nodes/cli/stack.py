@@ -18,6 +18,12 @@ import nats.errors
 from nats.aio.msg import Msg
 
 import nodes
+from nodes.cli.apinodes import (
+    add_http_port,
+    api_node_extra,
+    api_node_options,
+    print_api_urls,
+)
 from nodes.cli.common import EXIT_FAILED, EXIT_OK, err, home_option, nats_option, out, table
 from nodes.roles import ROLES
 from nodes.runtime.calls import Caller
@@ -67,15 +73,17 @@ def node() -> None:
               help="design: the folder whose subfolders with a shipyard.toml are projects "
                    "(default ./projects).")
 @click.option("--data-dir", type=click.Path(path_type=Path), default=None,
-              help="automation, api: where bundles and data live "
+              help="automation, api, design: where bundles, data and run logs live "
                    "(default ./.shipyard/nodes/<name>).")
 @click.option("--keep-bundles", type=click.IntRange(min=2), default=5, show_default=True,
               help="automation: unpacked bundles kept per project (rollbacks to them "
                    "transfer nothing).")
 @click.option("--log-level", default=None, help="debug, info, warning or error.")
+@api_node_options
 def node_start(role: str, name: str | None, infra: str | None, nats_url: str | None,
                heartbeat_interval: float, max_concurrency: int, workspace: Path | None,
-               data_dir: Path | None, keep_bundles: int, log_level: str | None) -> None:
+               data_dir: Path | None, keep_bundles: int, log_level: str | None,
+               **api_options: Any) -> None:
     """Run one node worker of ROLE in the foreground (SIGINT/SIGTERM stop it gracefully)."""
     configure_logging(log_level)
     name = name or default_node_name(role)
@@ -91,13 +99,14 @@ def node_start(role: str, name: str | None, infra: str | None, nats_url: str | N
         extra["workspace"] = workspace or Path("projects")
     elif workspace is not None:
         raise click.BadParameter("--workspace is for design nodes", param_hint="--workspace")
-    if role in ("automation", "api"):
+    if role in ("automation", "api", "design"):
         extra["data_dir"] = data_dir or Path(".shipyard") / "nodes" / name
     elif data_dir is not None:
-        raise click.BadParameter("--data-dir is for automation and api nodes",
+        raise click.BadParameter("--data-dir is for automation, api and design nodes",
                                  param_hint="--data-dir")
     if role == "automation":
         extra["keep_bundles"] = keep_bundles
+    extra.update(api_node_extra(role, api_options))
     instance = ROLES[role](name=name, infra=infra, nats=settings,
                            heartbeat_interval=heartbeat_interval,
                            max_concurrency=max_concurrency, **extra)
@@ -130,7 +139,7 @@ def _children(home: Path, url: str, *, automation: int, api: int,
                 "--heartbeat-interval", str(heartbeat_interval)]
         if role == "design":
             argv += ["--workspace", str(workspace)]
-        elif role in ("automation", "api"):
+        if role in ("automation", "api", "design"):
             argv += ["--data-dir", str(home / "nodes" / name)]
         children.append(Child(name=name, role=role, argv=argv,
                               log_path=home / "logs" / f"{name}.log",
@@ -186,6 +195,7 @@ async def _up(home: Path, nats_port: int, monitor_port: int, http_port: int,
 
     children = _children(home, server.url, automation=automation, api=api,
                          heartbeat_interval=heartbeat_interval, workspace=workspace)
+    add_http_port(children, http_port)
     settings = NatsSettings(servers=(server.url,))
     try:
         nc = await connect(settings, name="shipyard-up")
@@ -219,6 +229,7 @@ async def _up(home: Path, nats_port: int, monitor_port: int, http_port: int,
                 ok = await _wait_online(nc, children, timeout=30.0)
                 _print_children(children, home)
                 await _default_infras(nc)
+                await print_api_urls(nc, http_port, tg)
                 out.print(f"workspace   {workspace}  (projects: one folder each, with "
                           "shipyard.toml)")
                 if not ok:

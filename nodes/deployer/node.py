@@ -13,8 +13,11 @@ from anyio.abc import TaskGroup
 from nats.aio.msg import Msg
 from nats.js.kv import KeyValue
 
+from nodes.deployer.apikeys import ApiKeys
+from nodes.deployer.apis import ApiDeployer
 from nodes.deployer.projects import ProjectDeployer
 from nodes.deployer.registry import Registry
+from nodes.deployer.runs import RunDesk
 from nodes.runtime.jetstream import ensure_kv
 from nodes.runtime.node import Node, handles
 from protocol import subjects
@@ -38,6 +41,12 @@ class DeployerNode(Node):
         self.registry = Registry()
         self.projects = ProjectDeployer(self)
         self.add_handlers(self.projects)
+        self.runs = RunDesk(self)
+        self.add_handlers(self.runs)
+        self.apis = ApiDeployer(self)
+        self.add_handlers(self.apis)
+        self.api_keys = ApiKeys(self)
+        self.add_handlers(self.api_keys)
         self.sweep_interval = sweep_interval or min(0.5, self.heartbeat_interval / 4)
         self.heartbeats_seen = 0
         self.heartbeats_bad = 0
@@ -58,6 +67,9 @@ class DeployerNode(Node):
                                    description="shipyard node registry")
         await self._load_registry()
         await self.projects.setup()
+        await self.runs.setup()
+        await self.apis.setup()
+        await self.api_keys.setup()
 
     async def _load_registry(self) -> None:
         try:
@@ -87,7 +99,9 @@ class DeployerNode(Node):
         tg.start_soon(self._sweeper)
         tg.start_soon(self._event_publisher)
         tg.start_soon(self._registry_writer)
+        await self.runs.started(tg)
         await self.projects.started(tg)
+        await self.apis.started(tg)
 
     def state(self) -> dict[str, Any]:
         return {"nodes": len(self.registry.nodes), "heartbeats": self.heartbeats_seen}
@@ -109,6 +123,7 @@ class DeployerNode(Node):
         if self.registry.nodes[hb.node].dirty:
             self._dirty.set()
             self.projects.kick()
+            self.runs.kick()
 
     async def _on_exit_report(self, msg: Msg) -> None:
         try:
@@ -122,6 +137,7 @@ class DeployerNode(Node):
             await self._queue_event(event)
             self._dirty.set()
             self.projects.kick()
+            self.runs.kick()
 
     async def _sweeper(self) -> None:
         while not self.stopping_requested:
@@ -131,6 +147,7 @@ class DeployerNode(Node):
                 await self._queue_event(event)
                 self._dirty.set()
                 self.projects.kick()
+                self.runs.kick()
 
     async def _queue_event(self, event: Event) -> None:
         try:

@@ -274,6 +274,7 @@ class ProjectDeployer:
         views = [self.view(e.value, e.revision) for e in self._cache.entries.values()
                  if (cmd.project is None or e.value.project == cmd.project)
                  and (cmd.infra is None or e.value.infra == cmd.infra)]
+        views += self.node.apis.views(cmd)  # API deployments (kind "api")
         return DeploymentList(deployments=sorted(views, key=lambda v: (v.project, v.infra)))
 
     @handles(GetHistory)
@@ -295,6 +296,12 @@ class ProjectDeployer:
         nodes = self.node.registry.query(role="automation", infra=rec.infra)
         per_node = [_node_deployment(n, rec) for n in nodes]
         state, health, reasons = judge(rec, nodes, per_node)
+        last = self.node.runs.last_run(rec.infra, rec.project)
+        if last is not None and last.outcome == "FAILED":
+            reasons.append(f"last run {last.run_id} ({last.scenario}) failed: "
+                           f"{last.error or 'see its log'}")
+            if health in (HEALTHY, UNKNOWN):
+                health = WARNING
         return DeploymentView(
             project=rec.project, infra=rec.infra, desired=rec.desired, previous=rec.previous,
             revision=revision, update_id=rec.update_id, updated_at=rec.updated_at,

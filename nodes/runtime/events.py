@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,14 +35,25 @@ class StoredEvent:
 
 async def read_events(nc: NATS, *, since_s: float | None = None, last: int | None = None,
                       follow: bool = False, subject: str = subjects.EVENTS_ALL,
+                      caught_up: Callable[[], None] | None = None,
                       ) -> AsyncIterator[StoredEvent]:
     """Yield stored events: those newer than ``since_s`` seconds, or the ``last`` N, or
     all; then, with ``follow``, new ones as they arrive.  Without ``follow`` it ends
-    once it has caught up with the stream."""
+    once it has caught up with the stream.  ``caught_up`` is called once, when the
+    history is read (at once if there is none)."""
+    told = False
+
+    def tell() -> None:
+        nonlocal told
+        if not told and caught_up is not None:
+            told = True
+            caught_up()
+
     js = nc.jetstream()
     try:
         info = await js.stream_info(subjects.EVENTS_STREAM)
     except nats.js.errors.NotFoundError:
+        tell()
         return
     config = ConsumerConfig(ack_policy=AckPolicy.NONE, inactive_threshold=30.0)
     if since_s is not None:
@@ -64,11 +75,12 @@ async def read_events(nc: NATS, *, since_s: float | None = None, last: int | Non
     sub = await js.subscribe(subject, stream=subjects.EVENTS_STREAM, cb=on_msg,
                              ordered_consumer=True, config=config)
     try:
-        if not follow:
-            # Nothing pending and nothing already pushed to us: the stream has no match.
-            consumer = await sub.consumer_info()
-            delivered = consumer.delivered.consumer_seq if consumer.delivered else 0
-            if not consumer.num_pending and not delivered:
+        # Nothing pending and nothing already pushed to us: the stream has no match.
+        consumer = await sub.consumer_info()
+        delivered = consumer.delivered.consumer_seq if consumer.delivered else 0
+        if not consumer.num_pending and not delivered:
+            tell()
+            if not follow:
                 return
         async for msg in recv:
             meta = msg.metadata
@@ -78,8 +90,10 @@ async def read_events(nc: NATS, *, since_s: float | None = None, last: int | Non
                 event = None
             yield StoredEvent(seq=meta.sequence.stream, subject=msg.subject,
                               raw=msg.data, event=event)
-            if not follow and meta.num_pending == 0:
-                return
+            if meta.num_pending == 0:
+                tell()
+                if not follow:
+                    return
     finally:
         send.close()
         recv.close()

@@ -142,3 +142,17 @@ async def snapshot(kv: KeyValue, keys: str, timeout: float = 10.0) -> dict[str, 
         with contextlib.suppress(Exception):
             await watcher.stop()
     return out
+
+
+WRONG_LAST_SEQUENCE = (10071, 10164)
+
+
+async def delete_if(kv: KeyValue, key: str, revision: int) -> bool:
+    """Delete ``key`` only if it is still at ``revision`` (compare-and-set)."""
+    try:
+        await kv.delete(key, last=revision)
+    except nats.js.errors.APIError as exc:
+        if exc.err_code in WRONG_LAST_SEQUENCE:
+            return False
+        raise
+    return True

@@ -48,7 +48,7 @@ from protocol.system import SYSTEM, Echo, Echoed, Ping, Pong
 
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 Handler = Callable[[Any, Request[Any]], Awaitable[Any]]
-Routes = dict[str, tuple[type[Any], Handler | None]]
+Routes = dict[str, tuple[Family, type[Any], Handler | None]]
 
 # Pending limits for command subscriptions: bounded, so a flood is dropped (and counted
 # by the error callback) instead of growing memory without limit.
@@ -77,6 +77,7 @@ class Node:
 
     role: ClassVar[str] = "node"
     family: ClassVar[Family | None] = None
+    direct_families: ClassVar[tuple[Family, ...]] = ()  # beside SYSTEM, on sy.node.<name>.>
 
     def __init__(
         self,
@@ -108,7 +109,7 @@ class Node:
         self._stop = anyio.Event()
         self._stopping = False
         # Requests wait here (bounded) for one of ``max_concurrency`` worker tasks.
-        self._queue: WorkQueue[tuple[Family, Routes, int, Msg]] = WorkQueue(max_concurrency)
+        self._queue: WorkQueue[tuple[Routes, int, Msg]] = WorkQueue(max_concurrency)
         self._busy = 0
         self._idle = anyio.Event()
         self._nc: NATS | None = None
@@ -239,32 +240,34 @@ class Node:
     # -- requests ----------------------------------------------------------------------
 
     async def _subscribe(self) -> None:
-        own = {SYSTEM} | ({self.family} if self.family is not None else set())
-        for family in own:
-            if family.direct:
-                subject, queue = subjects.node_commands(self.name), ""
-            else:
-                subject, queue = subjects.role_commands(family.role), family.role
-            callback = self._make_callback(family, len(subject) - 1)
+        """Role commands (shared in queue group ``<role>``) and node-direct commands."""
+        groups: list[tuple[str, str, tuple[Family, ...]]] = [
+            (subjects.node_commands(self.name), "", (SYSTEM, *self.direct_families))]
+        if self.family is not None:
+            groups.append((subjects.role_commands(self.family.role), self.family.role,
+                           (self.family,)))
+        for subject, queue, families in groups:
+            callback = self._make_callback(families, len(subject) - 1)
             sub = await self.nc.subscribe(subject, queue=queue, cb=callback,
                                           pending_msgs_limit=PENDING_MSGS,
                                           pending_bytes_limit=PENDING_BYTES)
             self._subs.append(sub)
 
-    def _make_callback(self, family: Family, prefix_len: int) -> Callable[[Msg], Awaitable[None]]:
+    def _make_callback(self, families: tuple[Family, ...],
+                       prefix_len: int) -> Callable[[Msg], Awaitable[None]]:
         """The subscription callback: hand the message to the worker pool.
 
-        Routes (verb -> body type and handler) are resolved once, here, not per message.
-        When the queue is full the callback waits, and further messages wait in the
-        subscription's own bounded pending buffer.  The fast path does not yield, so a
-        burst is queued in one go and the replies leave in few writes.
+        Routes (verb -> family, body type, handler) are resolved once, here, not per
+        message.  When the queue is full the callback waits, and further messages wait
+        in the subscription's own bounded pending buffer.  The fast path does not yield,
+        so a burst is queued in one go and the replies leave in few writes.
         """
-        routes: Routes = {
-            verb: (cls, self._handlers.get(cls)) for verb, cls in family.verbs.items()}
+        routes: Routes = {verb: (family, cls, self._handlers.get(cls))
+                          for family in families for verb, cls in family.verbs.items()}
         queue = self._queue
 
         async def on_msg(msg: Msg) -> None:
-            item = (family, routes, prefix_len, msg)
+            item = (routes, prefix_len, msg)
             if not queue.put_nowait(item):
                 await queue.put(item)
 
@@ -275,16 +278,16 @@ class Node:
         group).  A pool costs less per request than a task per request."""
         get = self._queue.get
         while True:
-            family, routes, prefix_len, msg = await get()
+            routes, prefix_len, msg = await get()
             self._busy += 1
             try:
-                await self._handle(family, routes, prefix_len, msg)
+                await self._handle(routes, prefix_len, msg)
             finally:
                 self._busy -= 1
                 if self._stopping and not self._busy and self._queue.empty():
                     self._idle.set()
 
-    async def _handle(self, family: Family, routes: Routes, prefix_len: int, msg: Msg) -> None:
+    async def _handle(self, routes: Routes, prefix_len: int, msg: Msg) -> None:
         """The one place that decides what happens to a request: decode, dispatch, reply.
 
         Every failure becomes a typed error reply; nothing here can stop the node.
@@ -292,6 +295,11 @@ class Node:
         verb = msg.subject[prefix_len:]
         current_request.set((msg.subject, ""))
         try:
+            route = routes.get(verb)
+            if route is None:
+                raise BadRequest(f"{self.role} node {self.name} has no command {verb!r} "
+                                 f"(known: {', '.join(sorted(routes))})")
+            family, expected, handler = route
             try:
                 request = family.requests.decode(msg.data, msg.subject)
                 current_request.set((msg.subject, request.id))
@@ -301,7 +309,6 @@ class Node:
                     f"envelope {{\"id\", \"ts\", \"body\": {{\"type\": {verb!r}, ...}}}}"
                 ) from exc
             body = request.body
-            expected, handler = routes.get(verb, (None, None))
             if type(body) is not expected:
                 raise BadRequest(f"body type {tag_of(type(body))!r} sent to verb {verb!r}")
             if handler is None:

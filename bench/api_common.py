@@ -1,0 +1,142 @@
+"""Shared plumbing for the API benchmarks: a control plane in processes, a service with
+a no-op or sleeping endpoint, API node processes, deploys that wait until served."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+from bench.common import processes, python
+from nodes.runtime.calls import Caller
+from nodes.runtime.connection import connect
+from nodes.runtime.settings import NatsSettings
+from protocol.api import CreateApiPackage, DeployApi
+from protocol.deploy import CreateInfra, ListDeployments
+from protocol.registry import ListNodes
+
+SERVICE = "bench"
+
+MANIFEST = """\
+[project]
+key = "benchapi"
+
+[api_services.bench.endpoints.noop]
+kind = "prediction"
+code = "api/noop.py"
+
+[api_services.bench.endpoints.sleep]
+kind = "prediction"
+code = "api/sleep.py"
+"""
+
+NOOP = """\
+RESULT = {"prediction": 1}
+
+
+def predict(features):
+    return RESULT
+"""
+
+SLEEP = """\
+import time
+
+
+def predict(features):
+    time.sleep(0.02)
+    return {"prediction": 1}
+"""
+
+
+def write_project(ws: Path, version: str = "1") -> None:
+    d = ws / "benchapi"
+    (d / "api").mkdir(parents=True, exist_ok=True)
+    (d / "shipyard.toml").write_text(MANIFEST)
+    (d / "api" / "noop.py").write_text(NOOP + f"\nVERSION = {version!r}\n")
+    (d / "api" / "sleep.py").write_text(SLEEP + f"\nVERSION = {version!r}\n")
+
+
+def shipyard(*args: str) -> list[str]:
+    return python("-P", "-m", "nodes.cli", *args)
+
+
+@contextmanager
+def control_plane(url: str, ws: Path, data: Path) -> Iterator[None]:
+    argvs = [shipyard("node", "start", "deployer", "--name", "deployer", "--nats", url,
+                      "--heartbeat-interval", "0.5"),
+             shipyard("node", "start", "design", "--name", "design", "--nats", url,
+                      "--workspace", str(ws), "--data-dir", str(data / "design"),
+                      "--heartbeat-interval", "0.5")]
+    with processes(argvs, ready_line=None):
+        anyio.run(wait_nodes, url, None, 2)
+        yield
+
+
+def api_node_argv(url: str, name: str, data: Path, *extra: str, infra: str = "bench") -> list[str]:
+    return shipyard("node", "start", "api", "--name", name, "--infra", infra, "--nats", url,
+                    "--data-dir", str(data / name), "--heartbeat-interval", "0.5", *extra)
+
+
+@contextmanager
+def api_nodes(argvs: Sequence[Sequence[str]], url: str, n: int,
+              infra: str = "bench") -> Iterator[list[Any]]:
+    env = {**os.environ, "SHIPYARD_LOG_LEVEL": "warning"}
+    os.environ.update(env)
+    with processes(argvs, ready_line=None) as procs:
+        anyio.run(wait_nodes, url, infra, n)
+        yield procs
+
+
+async def wait_nodes(url: str, infra: str | None, n: int, role: str | None = None) -> None:
+    nc = await connect(NatsSettings(servers=(url,)), name="bench-wait")
+    caller = Caller(nc, sender="bench")
+    try:
+        with anyio.fail_after(120):
+            while True:
+                try:
+                    reply = await caller.call(ListNodes(infra=infra, status="online"), timeout=5)
+                    if len(reply.nodes) >= n:
+                        break
+                except Exception:
+                    pass
+                await anyio.sleep(0.1)
+    finally:
+        await nc.close()
+
+
+async def package(url: str, versions: Sequence[str], ws: Path) -> None:
+    nc = await connect(NatsSettings(servers=(url,)), name="bench-setup")
+    caller = Caller(nc, sender="bench")
+    await caller.call(CreateInfra(name="bench", kind="api", exist_ok=True), timeout=10)
+    for v in versions:
+        write_project(ws, v)
+        await caller.call(CreateApiPackage(project="benchapi", service=SERVICE, version=v),
+                          timeout=60)
+    await nc.close()
+
+
+async def deploy(url: str, generations: dict[str, int], nodes: int,
+                 timeout: float = 120.0) -> float:
+    """Deploy and wait until every node serves it; seconds taken."""
+    nc = await connect(NatsSettings(servers=(url,)), name="bench-deploy")
+    caller = Caller(nc, sender="bench")
+    t0 = time.perf_counter()
+    view = await caller.call(DeployApi(service=SERVICE, infra="bench",
+                                       generations=generations), timeout=30)
+    with anyio.fail_after(timeout):
+        while True:
+            reply = await caller.call(ListDeployments(project=SERVICE), timeout=10)
+            v = next(x for x in reply.deployments if x.kind == "api")
+            serving = [n for n in v.nodes if n.status == "online" and n.running == view.desired]
+            if v.update_id == view.update_id and len(serving) >= nodes:
+                break
+            if v.state == "failed":
+                raise RuntimeError(f"deploy failed: {v.reasons}")
+            await anyio.sleep(0.02)
+    await nc.close()
+    return time.perf_counter() - t0

@@ -1,0 +1,120 @@
+"""HTTP end to end through an API node vs a no-op endpoint served in-process by the same
+HTTP server library, driven by ``wrk`` (``apt-get install -y wrk``).
+
+* ``inproc``: uvicorn + the no-op endpoint in one process (bare ASGI, and Starlette);
+* ``api``: an API node process: its HTTP server, a NATS request to the service's queue
+  group, a worker process running the no-op ``predict``, and back.
+
+Latency: wrk with one connection (one request in flight), p50 added by the API path;
+target <= 0.5 ms.  Throughput: 32 connections; target api >= 0.4x in-process.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+from bench.api_common import SERVICE, api_node_argv, api_nodes, control_plane, deploy, package
+from bench.common import nats_server, print_table, processes, python
+
+LATENCY_TARGET_MS = 0.5
+THROUGHPUT_TARGET = 0.4
+LUA = """wrk.method = "POST"
+wrk.body = '{"features":{"x":1}}'
+wrk.headers["Content-Type"] = "application/json"
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _ms(text: str) -> float:
+    m = re.match(r"([\d.]+)(us|ms|s)", text)
+    if not m:
+        raise ValueError(f"cannot read wrk latency {text!r}")
+    return float(m.group(1)) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[m.group(2)]
+
+
+def wrk(url: str, connections: int, seconds: float, script: Path) -> dict[str, float]:
+    out = subprocess.run(["wrk", "-t1", f"-c{connections}", f"-d{seconds:g}s", "--latency",
+                          "-s", str(script), url], capture_output=True, text=True,
+                         check=True).stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    dist = out[out.index("Latency Distribution"):]
+    p50 = _ms(re.search(r"50%\s+(\S+)", dist).group(1))  # type: ignore[union-attr]
+    p99 = _ms(re.search(r"99%\s+(\S+)", dist).group(1))  # type: ignore[union-attr]
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    if errors:
+        raise RuntimeError(f"wrk saw {errors.group(1)} error responses from {url}")
+    return {"rps": round(rps), "p50_ms": round(p50, 3), "p99_ms": round(p99, 3)}
+
+
+def measure(url: str, script: Path, seconds: float) -> dict[str, Any]:
+    wrk(url, 1, 1.0, script)  # warm up
+    one = wrk(url, 1, seconds, script)
+    many = wrk(url, 32, seconds, script)
+    return {"p50_ms_1": one["p50_ms"], "p99_ms_1": one["p99_ms"], "rps_1": one["rps"],
+            "rps_32": many["rps"], "p50_ms_32": many["p50_ms"]}
+
+
+def run(quick: bool = False) -> dict[str, Any]:
+    if shutil.which("wrk") is None:
+        raise SystemExit("the HTTP benchmark needs wrk: apt-get install -y wrk")
+    seconds, rounds = (3.0, 1) if quick else (5.0, 3)
+    path = f"/public/api/v1/{SERVICE}/noop/predict"
+    cases: dict[str, list[dict[str, Any]]] = {"inproc-asgi": [], "inproc-starlette": [],
+                                              "api": []}
+    with tempfile.TemporaryDirectory(prefix="sy-bench-http-") as tmp_s, nats_server() as server:
+        tmp = Path(tmp_s)
+        script = tmp / "post.lua"
+        script.write_text(LUA)
+        with control_plane(server.url, tmp / "ws", tmp):
+            anyio.run(package, server.url, ["v1"], tmp / "ws")
+            for _ in range(rounds):
+                for kind in ("asgi", "starlette"):
+                    port = free_port()
+                    with processes([python("-m", "bench.api_inproc", str(port), kind)]):
+                        time.sleep(0.5)
+                        cases[f"inproc-{kind}"].append(
+                            measure(f"http://127.0.0.1:{port}{path}", script, seconds))
+                port = free_port()
+                argv = api_node_argv(server.url, "api-http", tmp, "--http-port", str(port),
+                                     "--http-host", "127.0.0.1")
+                with api_nodes([argv], server.url, 1):
+                    anyio.run(deploy, server.url, {"v1": 100}, 1)
+                    time.sleep(0.5)
+                    cases["api"].append(measure(f"http://127.0.0.1:{port}{path}", script,
+                                                seconds))
+    med = {k: _median(v) for k, v in cases.items()}
+    result: dict[str, Any] = {"latency_target_ms": LATENCY_TARGET_MS,
+                              "throughput_target": THROUGHPUT_TARGET, "cases": med}
+    rows = [(k, m["p50_ms_1"], m["p99_ms_1"], m["rps_1"], m["rps_32"]) for k, m in med.items()]
+    print_table("HTTP end to end (wrk): API node vs an in-process no-op on uvicorn",
+                ["path", "p50 ms @1", "p99 ms @1", "req/s @1", "req/s @32"], rows)
+    for base in ("inproc-asgi", "inproc-starlette"):
+        added = round(med["api"]["p50_ms_1"] - med[base]["p50_ms_1"], 3)
+        ratio = round(med["api"]["rps_32"] / med[base]["rps_32"], 3)
+        result[f"added_p50_ms_vs_{base}"] = added
+        result[f"throughput_ratio_vs_{base}"] = ratio
+        print(f"vs {base}: +{added} ms p50 at 1 in flight (target <= {LATENCY_TARGET_MS}), "
+              f"{ratio}x throughput at 32 (target >= {THROUGHPUT_TARGET})")
+    strict = "inproc-asgi"
+    result["pass"] = (result[f"added_p50_ms_vs_{strict}"] <= LATENCY_TARGET_MS
+                      and result[f"throughput_ratio_vs_{strict}"] >= THROUGHPUT_TARGET)
+    print(f"against the bare ASGI baseline -> {'PASS' if result['pass'] else 'FAIL'}")
+    return result
+
+
+def _median(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    return dict(sorted(runs, key=lambda r: r["rps_32"])[len(runs) // 2])

@@ -1,0 +1,254 @@
+"""The API node: converges on its infra's desired API deployments and serves them.
+
+Desired state comes from the ``sy_deploy`` KV bucket (keys ``api.<infra>.*``): a watch
+for speed, a periodic re-read and one on reconnect for certainty, so a node that was
+down or joins later converges by itself.  Per service, one change at a time:
+
+    fetch and verify every generation of the mapping (``generations``)
+    -> load each one in every worker, beside serving (``load()`` and ``warmup()``)
+    -> switch every worker's route: only now does traffic reach the new generation,
+       and generations that left the mapping are dropped (workers run one request at a
+       time, so none is in flight on them)
+
+A failure (a package that does not verify, a ``load()`` that raises) leaves the
+previous mapping serving, and is reported in heartbeats, as a report and as an event.
+Every API node also serves HTTP (``gateway``) on ``--http-port``.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any, ClassVar
+
+import anyio
+import nats.errors
+from anyio.abc import TaskGroup
+from nats.js.kv import KeyValue
+
+from nodes.api.gateway import Gateway
+from nodes.api.generations import PackageRefused, PackageStore, ensure
+from nodes.api.http import HttpServer
+from nodes.api.metrics import Metrics
+from nodes.api.workers import WorkerPool
+from nodes.runtime import transfer
+from nodes.runtime.jetstream import ensure_kv
+from nodes.runtime.kvcache import Entry, KVCache
+from nodes.runtime.node import Node
+from protocol import subjects
+from protocol.api import (
+    API_DEPLOYMENT_VALUE,
+    ApiDeploymentRecord,
+    GenerationFailed,
+    GenerationReport,
+    GenerationsServing,
+)
+from protocol.base import encode
+
+
+def default_workers() -> int:
+    return max(1, min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                      else (os.cpu_count() or 1)))
+
+
+class ApiNode(Node):
+    role: ClassVar[str] = "api"
+
+    def __init__(self, *, data_dir: Path | None = None, workers: int | None = None,
+                 http_port: int | None = 8080, http_host: str = "0.0.0.0",
+                 request_timeout: float = 30.0, queue_timeout: float = 1.0,
+                 kill_grace: float = 5.0,
+                 max_body: int = 512 * 1024, retry_after: float = 0.25,
+                 metrics_interval: float = 5.0, resync_interval: float = 5.0,
+                 debug: bool = False, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.data_dir = (data_dir or Path(".shipyard") / "nodes" / self.name).resolve()
+        self.store = PackageStore(self.data_dir)
+        self.n_workers = workers or default_workers()
+        self.http_port = http_port
+        self.http_host = http_host
+        self.request_timeout = request_timeout
+        self.retry_after = retry_after
+        self.max_body = max_body
+        self.metrics_interval = metrics_interval
+        self.resync_interval = resync_interval
+        self.metrics = Metrics(self.name, self.role)
+        self.pool = WorkerPool(self.n_workers, nats=self.settings, node=self.name,
+                               infra=self.infra, run_dir=self.data_dir / "run",
+                               metrics=self.metrics, max_body=max_body,
+                               queue_timeout=queue_timeout, request_timeout=request_timeout,
+                               kill_grace=kill_grace, debug=debug)
+        self.services: dict[str, dict[str, Any]] = {}  # heartbeat state per service
+        self.gateway: Gateway | None = None
+        self.http: HttpServer | None = None
+        self._desired: KVCache[ApiDeploymentRecord] | None = None
+        self._packages: KeyValue | None = None
+        self._switching: set[str] = set()
+        self._retry_at: dict[str, float] = {}
+        self._kick = anyio.Event()
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    async def setup(self) -> None:
+        await anyio.Path(self.data_dir).mkdir(parents=True, exist_ok=True)
+        r = self.settings.replicas
+        deploy = await ensure_kv(self.js, subjects.DEPLOY_BUCKET, replicas=r)
+        self._packages = await ensure_kv(self.js, subjects.API_PACKAGE_BUCKET, replicas=r)
+        await transfer.ensure_bucket(self.js, subjects.API_PACKAGE_STORE, replicas=r)
+        self._desired = KVCache(deploy, f"api.{self.infra}.>", API_DEPLOYMENT_VALUE.decode,
+                                on_change=self._on_desired,
+                                resync_interval=self.resync_interval)
+        self.gateway = Gateway(self.nc, self.metrics, timeout=self.request_timeout + 1.0,
+                               retry_after=self.retry_after, max_body=self.max_body,
+                               resync_interval=self.resync_interval)
+
+    async def started(self, tg: TaskGroup) -> None:
+        assert self._desired is not None and self.gateway is not None
+        await tg.start(self.pool.run)
+        await self.gateway.start(tg, self.js, self.settings.replicas)
+        if self.http_port is not None:
+            self.http = HttpServer(self.gateway, self.metrics, host=self.http_host,
+                                   port=self.http_port, node=self.name, required=False)
+            await tg.start(self.http.serve)
+        await tg.start(self._desired.run)
+        tg.start_soon(self._converge_loop, tg)
+        tg.start_soon(self._metrics_loop)
+
+    async def reconnected(self) -> None:
+        if self._desired is not None:
+            self._desired.resync()
+        if self.gateway is not None:
+            self.gateway.resync()
+
+    async def stopping(self) -> None:
+        """Leave the queue groups, finish what was accepted, then stop HTTP."""
+        await self.pool.drain(timeout=self.request_timeout)
+        if self.http is not None:
+            await self.http.shutdown()
+
+    def state(self) -> dict[str, Any]:
+        return {"data_dir": str(self.data_dir), "workers": self.n_workers,
+                "worker_pids": self.pool.pids(), "worker_crashes": self.pool.crashes,
+                "http": self.http.url if self.http else None,
+                "http_error": self.http.error if self.http else "",
+                "services": self.services}
+
+    # -- convergence --------------------------------------------------------------------
+
+    async def _on_desired(self, key: str, entry: Entry[ApiDeploymentRecord] | None) -> None:
+        self._kick.set()
+
+    async def _converge_loop(self, tg: TaskGroup) -> None:
+        assert self._desired is not None
+        while not self.stopping_requested:
+            self._kick = anyio.Event()
+            now = time.monotonic()
+            for entry in list(self._desired.entries.values()):
+                rec = entry.value
+                name = rec.service
+                if name in self._switching or self._retry_at.get(name, 0) > now:
+                    continue
+                st = self.services.get(name, {})
+                if st.get("update") == rec.update_id and st.get("stage") in ("serving",
+                                                                             "failed"):
+                    continue
+                if st.get("mapping") == rec.mapping.describe() and st.get("stage") == "serving":
+                    st["update"] = rec.update_id  # already serving exactly this
+                    continue
+                self._switching.add(name)
+                tg.start_soon(self._switch, rec)
+            with anyio.move_on_after(1.0 if self._retry_at else self.resync_interval):
+                await self._kick.wait()
+
+    async def _switch(self, rec: ApiDeploymentRecord) -> None:
+        assert self._packages is not None
+        name, mapping = rec.service, rec.mapping
+        st = self.services.setdefault(name, {"mapping": None, "stage": "idle"})
+        st.update(target=mapping.describe(), update=rec.update_id, stage="fetching")
+        t0 = time.monotonic()
+        generations = sorted({*mapping.generations, *([mapping.shadow] if mapping.shadow else [])})
+        try:
+            kinds: dict[str, dict[str, str]] = {}
+            dirs = {}
+            for gen in generations:
+                d, info, _ = await ensure(self.js, self._packages, self.store,
+                                          self.data_dir / "downloads", name, gen)
+                dirs[gen] = (d, info)
+                kinds[gen] = {e: spec.kind for e, spec in info.endpoints.items()}
+            st["stage"] = "loading"
+            await self._report(rec, "loading", generations)
+            for gen in generations:
+                if (name, gen) in self.pool.generations:
+                    continue
+                d, info = dirs[gen]
+                endpoints = [[e, s.kind, s.code, s.function] for e, s in info.endpoints.items()]
+                error = await self.pool.load(name, gen, d, endpoints)
+                if error:
+                    raise PackageRefused(f"{gen}: load failed: {error}")
+            description = next((dirs[g][1].description for g in generations
+                                if dirs[g][1].description), rec.description)
+            error = await self.pool.route(name, encode(mapping), kinds, description)
+            if error:
+                raise PackageRefused(f"switch failed: {error}")
+        except PackageRefused as exc:
+            await self._failed(rec, st, str(exc), generations)
+        except (nats.errors.Error, TimeoutError, OSError, transfer.TransferStalled) as exc:
+            reason = f"{type(exc).__name__}: {exc}".rstrip(": ")
+            self.log.warning("switch interrupted; will retry", service=name, error=reason)
+            st.update(stage="retrying", error=reason)
+            self._retry_at[name] = time.monotonic() + 2.0
+        else:
+            duration = time.monotonic() - t0
+            st.update(mapping=mapping.describe(), generations=dict(mapping.generations),
+                      shadow=mapping.shadow, stage="serving")
+            st.pop("failed", None)
+            st.pop("error", None)
+            self._retry_at.pop(name, None)
+            self.log.info("serving", service=name, mapping=mapping.describe(),
+                          ms=round(duration * 1000, 1))
+            await self._report(rec, "serving", generations, duration=duration)
+            await self.beat_now()
+            await self.emit(GenerationsServing(service=name, infra=self.infra, node=self.name,
+                                               update_id=rec.update_id,
+                                               mapping=mapping.describe(),
+                                               duration_s=round(duration, 4)))
+        finally:
+            self._switching.discard(name)
+            self._kick.set()
+
+    async def _failed(self, rec: ApiDeploymentRecord, st: dict[str, Any], reason: str,
+                      generations: list[str]) -> None:
+        self.log.error("mapping refused", service=rec.service, mapping=rec.mapping.describe(),
+                       reason=reason, still_serving=st.get("mapping"))
+        st.update(stage="failed", failed={"update": rec.update_id, "reason": reason})
+        await self._report(rec, "failed", generations, reason=reason)
+        await self.beat_now()
+        await self.emit(GenerationFailed(service=rec.service, infra=self.infra, node=self.name,
+                                         update_id=rec.update_id,
+                                         mapping=rec.mapping.describe(), reason=reason,
+                                         still_serving=st.get("mapping")))
+
+    async def _report(self, rec: ApiDeploymentRecord, stage: str, generations: list[str], *,
+                      reason: str = "", duration: float = 0.0) -> None:
+        report = GenerationReport(node=self.name, infra=self.infra, service=rec.service,
+                                  update_id=rec.update_id, stage=stage,
+                                  generations=generations, reason=reason,
+                                  duration_s=round(duration, 4), ts=time.time())
+        try:
+            await self.nc.publish(report.subject(), encode(report))
+        except Exception as exc:  # best effort; heartbeats carry the outcome
+            self.log.debug("report not sent", error=str(exc))
+
+    # -- requests and metrics -----------------------------------------------------------
+
+    async def _metrics_loop(self) -> None:
+        while True:
+            await anyio.sleep(self.metrics_interval)
+            self.metrics.workers = len(self.pool.workers)
+            self.metrics.workers_busy = self.pool.busy
+            report = self.metrics.report(self.infra, self.metrics_interval)
+            try:
+                await self.nc.publish(report.subject(), encode(report))
+            except Exception as exc:
+                self.log.debug("metrics report not sent", error=str(exc))

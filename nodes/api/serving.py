@@ -1,0 +1,326 @@
+"""Serving API services over NATS, inside a worker process.
+
+Every worker of every API node runs one nats.micro service per API service; each
+endpoint subscribes ``sy.api.v1.<service>.<endpoint>`` in queue group ``<service>``, so
+adding a node (or a worker) anywhere adds capacity and a request crosses no extra hop:
+NATS hands it to the process that runs the user code.
+
+Per request: check size and shape, shed it (``overloaded``) when the worker's backlog
+would make it wait longer than ``queue_timeout``, pick the generation (forced, sticky by
+dispatch key, or by weight), run the user code, reply, and only then run a shadow copy.
+A worker runs one request at a time, so micro's own counters are exact and a generation
+that leaves the route has no request in flight: it is dropped at once.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+import traceback
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+from nats.aio.client import Client as NATS
+from nats.micro import add_service
+from nats.micro.request import Request as MicroRequest
+from nats.micro.service import EndpointStats, Service, ServiceConfig
+
+import nodes
+from nodes.api.metrics import Stat
+from nodes.api.usercode import (
+    OP_MULTI,
+    OP_PREDICT,
+    OP_RUN,
+    Failed,
+    Generation,
+    call,
+    same_result,
+)
+from nodes.runtime.logs import get_logger
+from protocol import subjects
+from protocol.api import (
+    DISPATCH_HEADER,
+    ERROR_CODE_HEADER,
+    ERROR_HEADER,
+    GENERATION_HEADER,
+    OP_HEADER,
+    ApiMapping,
+    pick_generation,
+)
+from protocol.api import (
+    OP_MULTI as MULTI_VALUE,
+)
+from protocol.base import encode
+
+PREDICT_SHAPE = ('expected {"features": {...}} with optional "dispatch_key" and '
+                 '"generation"')
+MULTI_SHAPE = ('expected {"items": [{"features": {...}}, ...]} with optional '
+               '"dispatch_key" and "generation"')
+
+
+class PredictBody(msgspec.Struct, frozen=True):
+    features: msgspec.Raw
+    dispatch_key: str | None = None
+    generation: str | None = None
+
+
+class Item(msgspec.Struct, frozen=True):
+    features: msgspec.Raw
+
+
+class MultiBody(msgspec.Struct, frozen=True):
+    items: list[Item]
+    dispatch_key: str | None = None
+    generation: str | None = None
+
+
+_PREDICT = msgspec.json.Decoder(PredictBody)
+_MULTI = msgspec.json.Decoder(MultiBody)
+
+
+def error_body(code: str, message: str) -> bytes:
+    return encode({"error": {"code": code, "message": message}})
+
+
+@dataclass(frozen=True)
+class EndpointRoute:
+    kind: str
+    weights: list[tuple[str, int]]  # generations that have the endpoint, weight > 0
+    generations: dict[str, Generation]  # every loaded generation (live or shadow) with it
+    shadow: Generation | None
+
+
+@dataclass(frozen=True)
+class Route:
+    """One service's mapping as the request path needs it (replaced, never changed)."""
+
+    mapping: ApiMapping
+    endpoints: dict[str, EndpointRoute]
+
+    @classmethod
+    def build(cls, mapping: ApiMapping, kinds: dict[str, dict[str, str]],
+              loaded: dict[str, Generation]) -> Route:
+        """``kinds``: generation -> {endpoint: kind}; ``loaded``: generation -> code."""
+        endpoints = {}
+        for name in sorted({e for eps in kinds.values() for e in eps}):
+            have = {g: loaded[g] for g, eps in kinds.items() if name in eps}
+            weights = [(g, w) for g, w in sorted(mapping.generations.items())
+                       if w > 0 and g in have]
+            kind = next(kinds[g][name] for g in sorted(have))
+            shadow = have.get(mapping.shadow) if mapping.shadow else None
+            endpoints[name] = EndpointRoute(kind=kind, weights=weights, generations=have,
+                                            shadow=shadow)
+        return cls(mapping=mapping, endpoints=endpoints)
+
+
+@dataclass(eq=False)
+class ServiceServer:
+    name: str
+    route: Route
+    micro: Service | None = None
+    micro_endpoints: dict[str, Any] = field(default_factory=dict)
+
+
+class Serving:
+    def __init__(self, nc: NATS, *, node: str, infra: str, worker: int, max_body: int,
+                 queue_timeout: float, debug: bool, busy: Callable[[float], None]) -> None:
+        self.nc = nc
+        self.node = node
+        self.infra = infra
+        self.worker = worker
+        self.max_body = max_body
+        self.queue_timeout = queue_timeout
+        self.debug = debug
+        self.busy = busy
+        self.services: dict[str, ServiceServer] = {}
+        self.stats: dict[tuple[str, str, str, bool], Stat] = {}
+        self.overloaded = 0
+        self.shadow_mismatches = 0
+        self.service_time = 0.0  # recent mean seconds per request (for shedding)
+        self._random = random.random
+        self.log = get_logger(component="serving", worker=worker)
+
+    def stat(self, service: str, endpoint: str, generation: str, shadow: bool = False) -> Stat:
+        key = (service, endpoint, generation, shadow)
+        s = self.stats.get(key)
+        if s is None:
+            s = self.stats[key] = Stat()
+        return s
+
+    def backlog(self) -> dict[tuple[str, str], int]:
+        out = {}
+        for server in self.services.values():
+            for name, ep in server.micro_endpoints.items():
+                sub = ep._subscription
+                out[(server.name, name)] = sub._pending_queue.qsize() if sub else 0
+        return out
+
+    # -- routes -------------------------------------------------------------------------
+
+    async def apply(self, service: str, route: Route, description: str) -> None:
+        """Serve ``route`` from now on; start the micro service or add endpoints first."""
+        server = self.services.get(service)
+        if server is None:
+            server = self.services[service] = ServiceServer(name=service, route=route)
+        server.route = route
+        if server.micro is None:
+            version = nodes.__version__
+            server.micro = await add_service(self.nc, ServiceConfig(
+                name=service, version=version if _semver(version) else "0.0.0",
+                description=description or f"shipyard API service {service}",
+                queue_group=subjects.api_queue_group(service),
+                metadata=self._metadata(route), stats_handler=self._stats(server)))
+        else:
+            server.micro._metadata.update(self._metadata(route))
+        for name, ep in route.endpoints.items():
+            if name not in server.micro_endpoints:
+                await server.micro.add_endpoint(
+                    name=name, subject=subjects.api_endpoint(service, name),
+                    handler=self._handler(server, name), metadata={"kind": ep.kind})
+                server.micro_endpoints[name] = server.micro._endpoints[-1]
+        await self.nc.flush()
+
+    def _metadata(self, route: Route) -> dict[str, str]:
+        return {"node": self.node, "worker": str(self.worker), "infra": self.infra,
+                "generations": route.mapping.describe()}
+
+    def _stats(self, server: ServiceServer) -> Callable[[EndpointStats], Any]:
+        def data(stats: EndpointStats) -> dict[str, Any]:
+            ep = server.route.endpoints.get(stats.name)
+            return {"kind": ep.kind if ep else "",
+                    "generations": sorted(ep.generations) if ep else [],
+                    "node": self.node, "worker": self.worker}
+        return data
+
+    async def drain(self) -> None:
+        """Leave every queue group; requests already received are still answered."""
+        for server in self.services.values():
+            for ep in server.micro_endpoints.values():
+                sub = ep._subscription
+                if sub is not None:
+                    try:
+                        await sub.drain()
+                    except Exception as exc:
+                        self.log.warning("drain failed", error=str(exc) or type(exc).__name__)
+
+    # -- requests -----------------------------------------------------------------------
+
+    def _handler(self, server: ServiceServer,
+                 name: str) -> Callable[[MicroRequest], Awaitable[None]]:
+        service = server.name
+        publish = self.nc.publish
+
+        async def handle(request: MicroRequest) -> None:
+            msg = request._msg
+            reply = msg.reply
+            if not reply:
+                return None
+            micro_ep = server.micro_endpoints.get(name)
+            ep = server.route.endpoints.get(name)
+            data = msg.data
+            if ep is None:
+                return await self._fail(micro_ep, reply, 404, "not_found", f"no generation "
+                                        f"of {service} serves endpoint {name!r} here")
+            if len(data) > self.max_body:
+                return await self._fail(micro_ep, reply, 413, "too_large", f"request body of "
+                                        f"{len(data)} bytes is over the limit of "
+                                        f"{self.max_body}")
+            sub = micro_ep._subscription if micro_ep is not None else None
+            if sub is not None and self.service_time * sub._pending_queue.qsize() > \
+                    self.queue_timeout:
+                self.overloaded += 1
+                return await self._fail(micro_ep, reply, 503, "overloaded", "the node is at "
+                                        "its limit: the request would wait more than "
+                                        f"{self.queue_timeout:g}s for a worker")
+            forced = key = None
+            multi = False
+            headers = msg.headers
+            if headers:
+                forced = headers.get(GENERATION_HEADER)
+                key = headers.get(DISPATCH_HEADER)
+                multi = headers.get(OP_HEADER) == MULTI_VALUE
+            payload: Any
+            if ep.kind == "prediction":
+                try:
+                    if multi:
+                        mb = _MULTI.decode(data)
+                        payload = [bytes(i.features) for i in mb.items]
+                        key, forced, op = key or mb.dispatch_key, forced or mb.generation, \
+                            OP_MULTI
+                    else:
+                        pb = _PREDICT.decode(data)
+                        payload = pb.features
+                        key, forced, op = key or pb.dispatch_key, forced or pb.generation, \
+                            OP_PREDICT
+                except msgspec.DecodeError as exc:
+                    return await self._fail(micro_ep, reply, 400, "bad_request",
+                                            f"malformed request: {exc}; "
+                                            f"{MULTI_SHAPE if multi else PREDICT_SHAPE}")
+            else:
+                payload, op = data, OP_RUN
+            if forced:
+                gen = ep.generations.get(forced)
+                if gen is None:
+                    return await self._fail(micro_ep, reply, 404, "not_found", f"generation "
+                                            f"{forced!r} of {service} does not serve {name!r} "
+                                            f"here (serving {server.route.mapping.describe()})")
+            elif ep.weights:
+                gen = ep.generations[pick_generation(ep.weights, key, self._random())]
+            else:
+                return await self._fail(micro_ep, reply, 404, "not_found", f"no live generation "
+                                        f"of {service} serves endpoint {name!r}")
+            t0 = time.perf_counter()
+            self.busy(time.monotonic())
+            status, body = self._run(gen, name, op, payload)
+            self.busy(0.0)
+            elapsed = time.perf_counter() - t0
+            self.service_time += (elapsed - self.service_time) * 0.2 if self.service_time \
+                else elapsed
+            self.stat(service, name, gen.name).observe(elapsed, status != 0)
+            if status == 0:
+                await publish(reply, body)
+            else:
+                code, message = body
+                await self._fail(micro_ep, reply, status, code, message)
+            if ep.shadow is not None and status == 0:
+                self._shadow(service, name, ep.shadow, op, payload, body)
+            return None
+
+        return handle
+
+    def _run(self, gen: Generation, name: str, op: int, payload: Any) -> tuple[int, Any]:
+        try:
+            return 0, call(gen, name, op, payload)
+        except Failed as exc:
+            return exc.status, (exc.code, exc.message)
+        except Exception as exc:
+            message = f"{type(exc).__name__}: {exc}".rstrip(": ")
+            if self.debug:
+                message += "\n" + traceback.format_exc()
+            return 500, ("user_code", message)
+
+    def _shadow(self, service: str, name: str, gen: Generation, op: int, payload: Any,
+                primary: bytes) -> None:
+        t0 = time.perf_counter()
+        self.busy(time.monotonic())
+        status, body = self._run(gen, name, op, payload)
+        self.busy(0.0)
+        self.stat(service, name, gen.name, shadow=True).observe(time.perf_counter() - t0,
+                                                                status != 0)
+        if status != 0 or not same_result(body, primary):
+            self.shadow_mismatches += 1
+
+    async def _fail(self, micro_ep: Any, reply: str, status: int, code: str,
+                    message: str) -> None:
+        if micro_ep is not None:  # micro counts only raised errors: count answered ones
+            micro_ep._num_errors += 1
+            micro_ep._last_error = f"{code}: {message}"[:500]
+        await self.nc.publish(reply, error_body(code, message), headers={
+            ERROR_CODE_HEADER: str(status), ERROR_HEADER: message.split("\n")[0][:200]})
+
+
+def _semver(version: str) -> bool:
+    parts = version.split(".")
+    return len(parts) == 3 and all(p.isdigit() for p in parts)

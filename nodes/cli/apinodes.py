@@ -1,0 +1,132 @@
+"""API node and gateway options for ``shipyard node start``, and ``shipyard up``'s
+endpoint URLs."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import anyio
+import click
+import msgspec
+from anyio.abc import TaskGroup
+from nats.aio.msg import Msg
+
+from nodes.runtime.calls import Caller
+from nodes.runtime.supervisor import Child
+from protocol import subjects
+from protocol.api import ApiDeploymentFinished
+from protocol.deploy import DeploymentView, ListDeployments
+from protocol.errors import OperationError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+_OPTIONS: list[tuple[str, dict[str, Any]]] = [
+    ("--workers", dict(type=click.IntRange(min=1), default=None,
+                       help="api: worker processes for user code (default: one per core, "
+                            "at most 8).")),
+    ("--http-port", dict(type=int, default=None,
+                         help="api, gateway: HTTP port, shared by every API node on the host "
+                              "(SO_REUSEPORT; 0: any free port) [default: 8080]")),
+    ("--http-host", dict(default=None, help="api, gateway: HTTP address [default: 0.0.0.0]")),
+    ("--no-http", dict(is_flag=True, default=False, help="api: serve NATS only.")),
+    ("--request-timeout", dict(type=click.FloatRange(min=0.01), default=None,
+                               help="api, gateway: seconds before a request is answered "
+                                    "'timeout' [default: 30]")),
+    ("--queue-timeout", dict(type=click.FloatRange(min=0.001), default=None,
+                             help="api: seconds a request may wait for a free worker before "
+                                  "it is answered 'overloaded' [default: 1]")),
+    ("--retry-after", dict(type=click.FloatRange(min=0.01), default=None,
+                           help="api, gateway: least seconds without a reply before a "
+                                "prediction is sent again [default: 0.25]")),
+    ("--max-body", dict(type=click.IntRange(min=1), default=None,
+                        help="api, gateway: largest request body in bytes [default: 524288]")),
+    ("--metrics-interval", dict(type=click.FloatRange(min=0.1), default=None,
+                                help="api: seconds between metrics reports [default: 5]")),
+    ("--debug", dict(is_flag=True, default=False,
+                     help="api: show user code tracebacks in error replies.")),
+]
+_KEYS = {"workers": "workers", "http_port": "http_port", "http_host": "http_host",
+         "request_timeout": "request_timeout", "queue_timeout": "queue_timeout",
+         "retry_after": "retry_after", "max_body": "max_body",
+         "metrics_interval": "metrics_interval"}
+_GATEWAY = {"http_port", "http_host", "request_timeout", "retry_after", "max_body"}
+
+
+def api_node_options(fn: F) -> F:
+    for name, kw in reversed(_OPTIONS):
+        fn = click.option(name, **kw)(fn)
+    return fn
+
+
+def api_node_extra(role: str, options: dict[str, Any]) -> dict[str, Any]:
+    """Constructor arguments for ``role`` from the options; usage error if misplaced."""
+    given = {k: v for k, v in options.items() if v not in (None, False)}
+    allowed = set(_KEYS) | {"no_http", "debug"} if role == "api" else (
+        _GATEWAY if role == "gateway" else set())
+    wrong = sorted(set(given) - allowed)
+    if wrong:
+        flag = "--" + wrong[0].replace("_", "-")
+        raise click.BadParameter(f"{flag} is not an option of {role} nodes", param_hint=flag)
+    extra = {_KEYS[k]: v for k, v in given.items() if k in _KEYS}
+    if role == "api":
+        if given.get("no_http"):
+            extra["http_port"] = None
+        extra["debug"] = bool(given.get("debug"))
+    return extra
+
+
+def add_http_port(children: list[Child], port: int) -> None:
+    """``shipyard up``: every API node serves HTTP on the one port (SO_REUSEPORT)."""
+    for child in children:
+        if child.role == "api":
+            child.argv += ["--http-port", str(port)]
+
+
+def endpoint_urls(base: str, view: DeploymentView) -> list[str]:
+    endpoints: dict[str, str] = view.extra.get("endpoints") or {}
+    return [f"{base}/public/api/v1/{view.project}/{name}/"
+            f"{'run' if kind == 'function' else 'predict'}"
+            for name, kind in sorted(endpoints.items())]
+
+
+async def print_api_urls(nc: Any, http_port: int, tg: TaskGroup) -> None:
+    """Print the URL of every deployed endpoint now, and of each new deployment later."""
+    from nodes.cli.common import out
+
+    base = f"http://127.0.0.1:{http_port}"
+    caller = Caller(nc, sender="shipyard-up")
+
+    async def show(service: str | None) -> None:
+        try:
+            reply = await caller.call(ListDeployments(project=service), timeout=10)
+        except OperationError:
+            return
+        for view in reply.deployments:
+            if view.kind == "api":
+                for url in endpoint_urls(base, view):
+                    out.print(f"endpoint    {url}  ({view.desired})", markup=False)
+
+    out.print(f"http        {base}  (API services: POST "
+              f"{base}/public/api/v1/SERVICE/ENDPOINT/predict)", markup=False)
+    await show(None)
+    decoder = msgspec.json.Decoder(ApiDeploymentFinished)
+
+    async def on_event(msg: Msg) -> None:
+        try:
+            event = decoder.decode(msg.data)
+        except msgspec.DecodeError:
+            return
+        if event.result == "succeeded":
+            tg.start_soon(show, event.service)
+
+    sub = await nc.subscribe(subjects.event("api") + ".>", cb=on_event)
+
+    async def keep() -> None:
+        try:
+            await anyio.sleep_forever()
+        finally:
+            with anyio.CancelScope(shield=True), anyio.move_on_after(1):
+                await sub.unsubscribe()
+
+    tg.start_soon(keep)

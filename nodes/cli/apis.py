@@ -1,0 +1,264 @@
+"""API services on the command line: packages, keys, ``deploy api`` and ``rollback api``."""
+
+from __future__ import annotations
+
+import time
+
+import anyio
+import click
+
+from nodes.cli.common import (
+    EXIT_FAILED,
+    call,
+    connected,
+    human_size,
+    json_option,
+    nats_option,
+    out,
+    print_json,
+    run,
+    spinner,
+    table,
+)
+from nodes.runtime.calls import Caller
+from protocol.api import (
+    AUTH_MODES,
+    ApiPackageCreated,
+    ApiPackageList,
+    CreateApiKey,
+    CreateApiPackage,
+    DeployApi,
+    ListApiKeys,
+    ListApiPackages,
+    RevokeApiKey,
+    RollbackApi,
+    parse_split,
+)
+from protocol.deploy import FAILED, IN_SYNC, DeploymentView, ListDeployments
+from protocol.errors import OperationError
+
+
+def _whoami() -> str:
+    from nodes.cli.projects import whoami
+
+    return whoami()
+
+
+def _when(ts: float) -> str:
+    from nodes.cli.projects import when
+
+    return when(ts)
+
+
+@click.group()
+def api() -> None:
+    """API services: package versions, list them, manage API keys."""
+
+
+@api.command("package")
+@click.argument("project")
+@click.argument("service")
+@click.option("--version", "version", required=True, help="Version (immutable), e.g. v2.")
+@click.option("--notes", default="", help="Release notes.")
+@nats_option
+@json_option
+def api_package(project: str, service: str, version: str, notes: str, nats_url: str | None,
+                as_json: bool) -> None:
+    """Package API service SERVICE of PROJECT as an immutable VERSION."""
+    cmd = CreateApiPackage(project=project, service=service, version=version, notes=notes,
+                           created_by=_whoami())
+    with spinner(f"packaging {service} {version} ..."):
+        reply: ApiPackageCreated = run(call, nats_url, cmd, 600.0)
+    if as_json:
+        print_json(reply)
+        return
+    p = reply.package
+    eps = ", ".join(f"{n} ({k})" for n, k in sorted(p.endpoints.items()))
+    out.print(f"API package [bold]{p.service} {p.version}[/bold] created from {p.project}: "
+              f"{p.files} files, {human_size(p.size)}, digest {p.digest[:16]}")
+    out.print(f"endpoints: {eps}", markup=False)
+    if reply.previous is None:
+        out.print("first version of this service")
+    else:
+        out.print(f"changes since {reply.previous}: {len(reply.added)} added, "
+                  f"{len(reply.removed)} removed, {len(reply.changed)} changed")
+
+
+@api.command("versions")
+@click.argument("service")
+@nats_option
+@json_option
+def api_versions(service: str, nats_url: str | None, as_json: bool) -> None:
+    """Packaged versions of SERVICE, oldest first."""
+    reply: ApiPackageList = run(call, nats_url, ListApiPackages(service=service))
+    if as_json:
+        print_json(reply.packages)
+        return
+    if not reply.packages:
+        out.print(f"service {service} has no packaged versions yet")
+        return
+    table(["VERSION", "PROJECT", "CREATED", "BY", "ENDPOINTS", "FILES", "SIZE", "DIGEST",
+           "NOTES"],
+          [(p.version, p.project, _when(p.created_at), p.created_by,
+            ",".join(sorted(p.endpoints)), p.files, human_size(p.size), p.digest[:12], p.notes)
+           for p in reply.packages])
+
+
+@api.group("key")
+def api_key() -> None:
+    """API keys: create (shown once), list, revoke."""
+
+
+@api_key.command("create")
+@click.argument("service")
+@click.option("--name", default="", help="What the key is for.")
+@nats_option
+@json_option
+def key_create(service: str, name: str, nats_url: str | None, as_json: bool) -> None:
+    """Create an API key for SERVICE and print it once (only its hash is stored)."""
+    reply = run(call, nats_url, CreateApiKey(service=service, name=name, by=_whoami()))
+    if as_json:
+        print_json({"service": service, "id": reply.key.id, "key": reply.secret})
+        return
+    click.echo(reply.secret)
+    click.echo(f"API key {reply.key.id} for {service}: shown once, store it now; send it as "
+               "'Authorization: Bearer KEY'", err=True)
+
+
+@api_key.command("list")
+@click.argument("service")
+@nats_option
+@json_option
+def key_list(service: str, nats_url: str | None, as_json: bool) -> None:
+    """API keys of SERVICE (ids only: the keys themselves are not stored)."""
+    reply = run(call, nats_url, ListApiKeys(service=service))
+    if as_json:
+        print_json(reply.keys)
+        return
+    table(["ID", "NAME", "CREATED", "BY"],
+          [(k.id, k.name, _when(k.created_at), k.created_by) for k in reply.keys])
+
+
+@api_key.command("revoke")
+@click.argument("service")
+@click.argument("key_id")
+@nats_option
+def key_revoke(service: str, key_id: str, nats_url: str | None) -> None:
+    """Revoke API key KEY_ID of SERVICE."""
+    run(call, nats_url, RevokeApiKey(service=service, id=key_id, by=_whoami()))
+    out.print(f"API key {key_id} of {service} revoked")
+
+
+@click.command("api")
+@click.argument("service")
+@click.argument("version", required=False)
+@click.option("--infra", required=True, help="API infrastructure.")
+@click.option("--split", default=None, help="Weights of several versions: v1=90,v2=10.")
+@click.option("--shadow", default=None, help="A version that gets a copy of every request; "
+                                             "its replies are dropped and measured.")
+@click.option("--auth", type=click.Choice(AUTH_MODES), default=None,
+              help="public, or api-key (requests need 'Authorization: Bearer KEY'). "
+                   "Default: unchanged (public for a new deployment).")
+@click.option("--wait", is_flag=True, help="Wait until every online API node serves it.")
+@click.option("--timeout", type=click.FloatRange(min=0.1), default=120.0, show_default=True)
+@click.option("--if-revision", type=int, default=None,
+              help="Only deploy if the deployment is still at this revision.")
+@nats_option
+@json_option
+def deploy_api(service: str, version: str | None, infra: str, split: str | None,
+               shadow: str | None, auth: str | None, wait: bool, timeout: float,
+               if_revision: int | None, nats_url: str | None, as_json: bool) -> None:
+    """Serve VERSION of SERVICE on an API infra (or several versions with --split)."""
+    if split:
+        try:
+            generations = parse_split(split)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--split") from None
+        if version is not None and version not in generations:
+            raise click.BadParameter(f"{version} is not in --split {split}")
+    elif version is None:
+        raise click.UsageError("give a VERSION, or --split v1=90,v2=10")
+    else:
+        generations = {version: 100}
+    cmd = DeployApi(service=service, infra=infra, generations=generations, shadow=shadow,
+                    auth=auth, by=_whoami(), expected_revision=if_revision)
+    view: DeploymentView = run(call, nats_url, cmd)
+    after_change(view, "deploying", wait, timeout, nats_url, as_json)
+
+
+def rollback_api(service: str, infra: str, wait: bool, timeout: float, nats_url: str | None,
+                 as_json: bool) -> None:
+    """``shipyard rollback api SERVICE --infra I``: back to the previous mapping."""
+    view: DeploymentView = run(call, nats_url, RollbackApi(service=service, infra=infra,
+                                                           by=_whoami()))
+    after_change(view, "rolling back", wait, timeout, nats_url, as_json)
+
+
+def after_change(view: DeploymentView, verb: str, wait: bool, timeout: float,
+                 nats_url: str | None, as_json: bool) -> None:
+    last = view.last_update
+    if not as_json:
+        out.print(f"{verb} API {view.project} {(last.from_bundle if last else None) or '-'} -> "
+                  f"{view.desired} on {view.infra} (update {view.update_id}, revision "
+                  f"{view.revision}, auth {view.extra.get('auth')})", markup=False)
+    if not wait:
+        if as_json:
+            print_json(view)
+        return
+    final, ok, why = run(_wait, nats_url, view, timeout)
+    if as_json:
+        print_json(final)
+    elif ok:
+        out.print(f"[green]done[/green]: every online API node of {view.infra} serves "
+                  f"{view.project} {view.desired}")
+    if not ok:
+        click.echo(f"shipyard: {why}", err=True)
+        raise SystemExit(EXIT_FAILED)
+
+
+async def _wait(nats_url: str | None, view: DeploymentView,
+                timeout: float) -> tuple[DeploymentView, bool, str]:
+    async with connected(nats_url) as nc:
+        caller = Caller(nc, sender="cli")
+        deadline = time.monotonic() + timeout
+        last = view
+        while True:
+            try:
+                reply = await caller.call(ListDeployments(project=view.project,
+                                                          infra=view.infra), timeout=5)
+                last = next((v for v in reply.deployments if v.kind == "api"), last)
+            except OperationError:
+                pass
+            verdict = _verdict(view, last)
+            if verdict is not None:
+                return last, verdict[0], verdict[1]
+            if time.monotonic() > deadline:
+                why = "; ".join(last.reasons) or last.state
+                return last, False, f"timed out after {timeout:g}s: {why}"
+            await anyio.sleep(0.1)
+
+
+def _verdict(asked: DeploymentView, now: DeploymentView) -> tuple[bool, str] | None:
+    if now.update_id != asked.update_id:
+        return False, f"superseded: {now.project} on {now.infra} now wants {now.desired}"
+    if now.state == IN_SYNC:
+        return True, ""
+    if now.state == FAILED:
+        return False, f"deployment failed: {'; '.join(now.reasons)}"
+    if not any(n.status == "online" for n in now.nodes):
+        return False, (f"no online API node in infra {now.infra}; the service will be "
+                       "served when nodes join")
+    return None
+
+
+def api_summary(v: DeploymentView) -> str:
+    """Traffic of an API deployment, one line, for ``shipyard deployments``."""
+    parts = []
+    for m in v.extra.get("metrics") or []:
+        if not m.get("requests"):
+            continue
+        tag = f"{m['endpoint']}@{m['generation']}" + (" (shadow)" if m.get("shadow") else "")
+        p95 = m.get("p95_ms")
+        parts.append(f"{tag}: {m['requests']} req, {m['errors']} err, {m['rps']}/s"
+                     + (f", p95<={p95}ms" if p95 is not None else ""))
+    return "; ".join(parts)

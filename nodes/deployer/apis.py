@@ -1,0 +1,379 @@
+"""The API Deployer: API service deployments, rollback, history, health and metrics.
+
+Mirrors the Project Deployer: one KV record per service and infra (``api.<infra>.<service>``)
+changed only by compare-and-set, with its update history; what nodes actually serve comes
+from their heartbeats, and their request metrics from ``sy.rpt.metrics.<node>`` reports.
+A service is served by one API infra per NATS account, because its subjects and queue
+group carry no infra: a second infra is refused rather than silently sharing traffic.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import msgspec
+import nats.js.errors
+from anyio.abc import TaskGroup
+from nats.aio.msg import Msg
+from nats.js.kv import KeyValue
+
+from nodes.api.metrics import quantile
+from nodes.deployer.projects import BUSY_STAGES, HISTORY_LIMIT
+from nodes.runtime.jetstream import ensure_kv
+from nodes.runtime.kvcache import Entry, KVCache
+from nodes.runtime.node import handles
+from protocol import subjects
+from protocol.api import (
+    API_DEPLOYMENT_VALUE,
+    API_PACKAGE_INFO,
+    AUTH_MODES,
+    METRICS_REPORT,
+    ApiDeploymentFinished,
+    ApiDeploymentRecord,
+    ApiDeploymentRequested,
+    ApiMapping,
+    ApiMetricsReport,
+    ApiPackageInfo,
+    DeployApi,
+    RollbackApi,
+    check_version,
+    package_key,
+)
+from protocol.base import Request, encode, new_id
+from protocol.deploy import (
+    ERROR,
+    FAILED,
+    HEALTHY,
+    IN_SYNC,
+    OUT_OF_SYNC,
+    PENDING,
+    SUCCEEDED,
+    SUPERSEDED,
+    UNKNOWN,
+    UPDATING,
+    WARNING,
+    DeploymentView,
+    ListDeployments,
+    NodeDeployment,
+    Update,
+    deployment_key,
+)
+from protocol.errors import BadRequest, Conflict, NotFound
+from protocol.registry import ONLINE, NodeInfo
+
+if TYPE_CHECKING:
+    from nodes.deployer.node import DeployerNode
+
+
+class ApiDeployer:
+    def __init__(self, node: DeployerNode) -> None:
+        self.node = node
+        self.log = node.log.bind(component="api-deployer")
+        self._deploy: KeyValue | None = None
+        self._packages: KeyValue | None = None
+        self._cache: KVCache[ApiDeploymentRecord] | None = None
+        self._kick = anyio.Event()
+        self.reports: dict[str, tuple[ApiMetricsReport, ApiMetricsReport | None]] = {}
+
+    async def setup(self) -> None:
+        js, r = self.node.js, self.node.settings.replicas
+        self._deploy = await ensure_kv(js, subjects.DEPLOY_BUCKET, replicas=r,
+                                       description="shipyard desired state")
+        self._packages = await ensure_kv(js, subjects.API_PACKAGE_BUCKET, replicas=r,
+                                         description="shipyard API package records")
+        self._cache = KVCache(self._deploy, "api.>", API_DEPLOYMENT_VALUE.decode,
+                              on_change=self._changed)
+
+    async def started(self, tg: TaskGroup) -> None:
+        assert self._cache is not None
+        await tg.start(self._cache.run)
+        sub = await self.node.nc.subscribe(subjects.reports("metrics"), cb=self._on_metrics)
+        self.node._subs.append(sub)
+        sub = await self.node.nc.subscribe(subjects.reports("apigen"), cb=self._on_progress)
+        self.node._subs.append(sub)
+        tg.start_soon(self._results_loop)
+
+    def kick(self) -> None:
+        self._kick.set()
+
+    async def _changed(self, key: str, entry: Entry[ApiDeploymentRecord] | None) -> None:
+        self.kick()
+
+    async def _on_metrics(self, msg: Msg) -> None:
+        try:
+            report = METRICS_REPORT.decode(msg.data)
+        except msgspec.DecodeError:
+            return
+        last = self.reports.get(report.node)
+        self.reports[report.node] = (report, last[0] if last else None)
+
+    async def _on_progress(self, msg: Msg) -> None:
+        self.kick()
+
+    @property
+    def kv(self) -> KeyValue:
+        assert self._deploy is not None
+        return self._deploy
+
+    # -- deployments ---------------------------------------------------------------------
+
+    async def _package(self, service: str, version: str) -> ApiPackageInfo:
+        assert self._packages is not None
+        try:
+            key = package_key(service, check_version(version))
+            entry = await self._packages.get(key)
+            if entry.value:
+                return API_PACKAGE_INFO.decode(entry.value)
+        except ValueError as exc:
+            raise BadRequest(str(exc)) from None
+        except nats.js.errors.KeyNotFoundError:
+            pass
+        raise NotFound(f"API package {service} {version} not found (see: shipyard api "
+                       f"versions {service})")
+
+    async def _read(self, key: str) -> tuple[ApiDeploymentRecord | None, int]:
+        try:
+            entry = await self.kv.get(key)
+        except nats.js.errors.KeyNotFoundError:
+            return None, 0
+        if not entry.value:
+            return None, entry.revision or 0
+        return API_DEPLOYMENT_VALUE.decode(entry.value), entry.revision or 0
+
+    async def _endpoints(self, service: str, mapping: ApiMapping) -> tuple[dict[str, str], str]:
+        endpoints: dict[str, str] = {}
+        description = ""
+        for version in sorted({*mapping.generations, *([mapping.shadow] if mapping.shadow
+                                                         else [])}):
+            info = await self._package(service, version)
+            description = description or info.description
+            for name, spec in info.endpoints.items():
+                if endpoints.setdefault(name, spec.kind) != spec.kind:
+                    raise BadRequest(f"endpoint {name} is a {endpoints[name]} endpoint in one "
+                                     f"version and a {spec.kind} endpoint in {version}: "
+                                     "versions served together must agree")
+        return endpoints, description
+
+    async def _change(self, *, service: str, infra: str, mapping: ApiMapping, action: str,
+                      by: str, expected_revision: int | None) -> DeploymentView:
+        assert self._cache is not None
+        for entry in self._cache.entries.values():
+            other = entry.value
+            if other.service == service and other.infra != infra:
+                raise Conflict(f"API service {service} is already served by infra "
+                               f"{other.infra}; a service is served by one API infra per "
+                               "NATS account (its subjects carry no infra)")
+        endpoints, description = await self._endpoints(service, mapping)
+        key = deployment_key("api", infra, service)
+        current, revision = await self._read(key)
+        if expected_revision is not None and expected_revision != revision:
+            raise Conflict(f"deployment of {service} on {infra} is at revision {revision}, "
+                           f"not {expected_revision}: it changed since you looked")
+        now = time.time()
+        before = current.mapping.describe() if current else None
+        update = Update(id=new_id(), at=now, by=by, action=action, from_bundle=before,
+                        to_bundle=mapping.describe())
+        history = list(current.history) if current else []
+        if history and history[-1].result == PENDING:
+            history[-1] = msgspec.structs.replace(
+                history[-1], result=SUPERSEDED, finished_at=now,
+                detail=f"superseded by {action} to {mapping.describe()}")
+        history = [*history, update][-HISTORY_LIMIT:]
+        previous = current.mapping if current and current.mapping != mapping else (
+            current.previous if current else None)
+        record = ApiDeploymentRecord(service=service, infra=infra, mapping=mapping,
+                                     endpoints=endpoints, description=description,
+                                     previous=previous, update_id=update.id, updated_at=now,
+                                     updated_by=by, history=history)
+        try:
+            data = encode(record)
+            new_revision = int(await self.kv.create(key, data) if revision == 0 else
+                               await self.kv.update(key, data, last=revision))
+        except nats.js.errors.KeyWrongLastSequenceError:
+            raise Conflict(f"deployment of {service} on {infra} was changed concurrently; "
+                           f"this {action} was not applied: check 'shipyard deployments' "
+                           "and retry") from None
+        self.log.info("desired API mapping changed", service=service, infra=infra,
+                      action=action, to=mapping.describe(), revision=new_revision)
+        await self.node.emit(ApiDeploymentRequested(
+            service=service, infra=infra, update_id=update.id, action=action,
+            from_mapping=before, to_mapping=mapping.describe(), by=by))
+        self.kick()
+        return self.view(record, new_revision)
+
+    @handles(DeployApi)
+    async def deploy(self, cmd: DeployApi, req: Request[Any]) -> DeploymentView:
+        try:
+            subjects.token(cmd.service, "service")
+            for version in cmd.generations:
+                check_version(version)
+        except ValueError as exc:
+            raise BadRequest(str(exc)) from None
+        await self.node.projects.require_infra(cmd.infra, "api")
+        if not cmd.generations or not any(w > 0 for w in cmd.generations.values()):
+            raise BadRequest("name at least one version with a weight above 0")
+        if any(w < 0 for w in cmd.generations.values()):
+            raise BadRequest("weights must be 0 or more")
+        if cmd.shadow is not None and cmd.generations.get(cmd.shadow, 0) > 0:
+            raise BadRequest(f"{cmd.shadow} cannot be both live and the shadow")
+        if cmd.auth is not None and cmd.auth not in AUTH_MODES:
+            raise BadRequest(f"invalid auth {cmd.auth!r}: expected one of "
+                             f"{', '.join(AUTH_MODES)}")
+        current, _ = await self._read(deployment_key("api", cmd.infra, cmd.service))
+        auth = cmd.auth or (current.mapping.auth if current else "public")
+        mapping = ApiMapping(generations=dict(sorted(cmd.generations.items())),
+                             shadow=cmd.shadow, auth=auth)
+        return await self._change(service=cmd.service, infra=cmd.infra, mapping=mapping,
+                                  action="deploy", by=cmd.by or req.sender,
+                                  expected_revision=cmd.expected_revision)
+
+    @handles(RollbackApi)
+    async def rollback(self, cmd: RollbackApi, req: Request[Any]) -> DeploymentView:
+        await self.node.projects.require_infra(cmd.infra, "api")
+        try:
+            key = deployment_key("api", cmd.infra, cmd.service)
+        except ValueError as exc:
+            raise BadRequest(str(exc)) from None
+        current, revision = await self._read(key)
+        if current is None:
+            raise NotFound(f"API service {cmd.service!r} is not deployed on {cmd.infra!r}")
+        if current.previous is None:
+            raise BadRequest(f"{cmd.service} on {cmd.infra} has no previous mapping to roll "
+                             "back to")
+        return await self._change(service=cmd.service, infra=cmd.infra,
+                                  mapping=current.previous, action="rollback",
+                                  by=cmd.by or req.sender, expected_revision=revision)
+
+    def views(self, cmd: ListDeployments) -> list[DeploymentView]:
+        """API deployments for ``shipyard deployments`` (``project`` filters by service)."""
+        if self._cache is None:
+            return []
+        return [self.view(e.value, e.revision) for e in self._cache.entries.values()
+                if (cmd.project is None or e.value.service == cmd.project)
+                and (cmd.infra is None or e.value.infra == cmd.infra)]
+
+    # -- state, health, metrics ----------------------------------------------------------
+
+    def view(self, rec: ApiDeploymentRecord, revision: int) -> DeploymentView:
+        nodes = self.node.registry.query(role="api", infra=rec.infra)
+        per_node = [_node_deployment(n, rec) for n in nodes]
+        state, health, reasons = judge(rec, per_node)
+        online = {n.name for n in nodes if n.status == ONLINE}
+        return DeploymentView(
+            project=rec.service, infra=rec.infra, desired=rec.mapping.describe(),
+            previous=rec.previous.describe() if rec.previous else None, revision=revision,
+            update_id=rec.update_id, updated_at=rec.updated_at, updated_by=rec.updated_by,
+            state=state, health=health, reasons=reasons, nodes=per_node,
+            last_update=rec.history[-1] if rec.history else None, kind="api",
+            extra={"generations": rec.mapping.generations, "shadow": rec.mapping.shadow,
+                   "auth": rec.mapping.auth, "endpoints": rec.endpoints,
+                   "metrics": self._metrics(rec.service, online)})
+
+    def _metrics(self, service: str, online: set[str]) -> list[dict[str, Any]]:
+        rows: dict[tuple[str, str, bool], dict[str, Any]] = {}
+        for node, (report, prev) in self.reports.items():
+            if node not in online:
+                continue
+            before = {(m.endpoint, m.generation, m.shadow): m for m in prev.endpoints
+                      if m.service == service} if prev else {}
+            span = (report.ts - prev.ts) if prev else 0.0
+            for m in report.endpoints:
+                if m.service != service:
+                    continue
+                key = (m.endpoint, m.generation, m.shadow)
+                row = rows.setdefault(key, {"endpoint": m.endpoint, "generation": m.generation,
+                                            "shadow": m.shadow, "requests": 0, "errors": 0,
+                                            "inflight": 0, "rps": 0.0, "nodes": 0,
+                                            "buckets": [0] * len(m.buckets)})
+                row["requests"] += m.requests
+                row["errors"] += m.errors
+                row["inflight"] += m.inflight
+                row["nodes"] += 1
+                row["buckets"] = [a + b for a, b in zip(row["buckets"], m.buckets, strict=False)]
+                old = before.get(key)
+                if old is not None and span > 0:
+                    row["rps"] += max(0, m.requests - old.requests) / span
+        out = []
+        for row in rows.values():
+            buckets = row.pop("buckets")
+            p50, p95 = quantile(buckets, 0.5), quantile(buckets, 0.95)
+            row["p50_ms"] = None if p50 is None else round(p50 * 1000, 2)
+            row["p95_ms"] = None if p95 is None else round(p95 * 1000, 2)
+            row["rps"] = round(row["rps"], 1)
+            out.append(row)
+        return sorted(out, key=lambda r: (r["endpoint"], r["generation"]))
+
+    async def _results_loop(self) -> None:
+        assert self._cache is not None
+        while not self.node.stopping_requested:
+            self._kick = anyio.Event()
+            for entry in list(self._cache.entries.values()):
+                rec = entry.value
+                last = rec.history[-1] if rec.history else None
+                if last is None or last.result != PENDING:
+                    continue
+                view = self.view(rec, entry.revision)
+                if view.state == IN_SYNC:
+                    await self._finish(entry, SUCCEEDED, "")
+                elif view.state == FAILED:
+                    await self._finish(entry, FAILED, "; ".join(view.reasons))
+            with anyio.move_on_after(1.0):
+                await self._kick.wait()
+
+    async def _finish(self, entry: Entry[ApiDeploymentRecord], result: str, detail: str) -> None:
+        rec = entry.value
+        last = rec.history[-1]
+        done = msgspec.structs.replace(last, result=result, detail=detail,
+                                       finished_at=time.time())
+        new = msgspec.structs.replace(rec, history=[*rec.history[:-1], done])
+        try:
+            await self.kv.update(deployment_key("api", rec.infra, rec.service), encode(new),
+                                 last=entry.revision)
+        except nats.js.errors.KeyWrongLastSequenceError:
+            return
+        self.log.info("API update finished", service=rec.service, infra=rec.infra,
+                      mapping=rec.mapping.describe(), result=result)
+        await self.node.emit(ApiDeploymentFinished(
+            service=rec.service, infra=rec.infra, update_id=last.id,
+            mapping=rec.mapping.describe(), result=result, detail=detail))
+
+
+def _node_deployment(n: NodeInfo, rec: ApiDeploymentRecord) -> NodeDeployment:
+    st: dict[str, Any] = (n.state.get("services") or {}).get(rec.service) or {}
+    failed = st.get("failed") or {}
+    error = str(failed.get("reason", "refused")) if failed.get("update") == rec.update_id \
+        else ""
+    return NodeDeployment(node=n.name, status=n.status, running=st.get("mapping"),
+                          activity=str(st.get("stage", "")), error=error)
+
+
+def judge(rec: ApiDeploymentRecord,
+          per_node: list[NodeDeployment]) -> tuple[str, str, list[str]]:
+    """(state, health, reasons) of an API deployment from node liveness and switches."""
+    want = rec.mapping.describe()
+    if not per_node:
+        return OUT_OF_SYNC, UNKNOWN, [f"no API node has joined infra {rec.infra}"]
+    online = [d for d in per_node if d.status == ONLINE]
+    failed = [d for d in online if d.error]
+    behind = [d for d in online if d.running != want and not d.error]
+    reasons = [f"{d.node}: refused {want}: {d.error} (still serving {d.running or 'nothing'})"
+               for d in failed]
+    reasons += [f"{d.node} is lost" for d in per_node if d.status != ONLINE]
+    reasons += [f"{d.node} serves {d.running or 'nothing'}, not {want}"
+                + (f" ({d.activity})" if d.activity not in ("", "idle", "serving") else "")
+                for d in behind]
+    pending = bool(rec.history) and rec.history[-1].result == PENDING
+    if failed:
+        state = FAILED
+    elif not online:
+        state = OUT_OF_SYNC
+        reasons.insert(0, f"no online API node in infra {rec.infra}")
+    elif behind:
+        working = any(d.activity in (*BUSY_STAGES, "loading") for d in behind)
+        state = UPDATING if pending or working else OUT_OF_SYNC
+    else:
+        state = IN_SYNC
+    health = ERROR if state == FAILED or not online else WARNING if reasons else HEALTHY
+    return state, health, reasons

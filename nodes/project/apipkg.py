@@ -1,0 +1,249 @@
+"""API packages: the Design node packs one API service of a project as an immutable version.
+
+A package holds what its endpoints need and nothing else: the manifest, each endpoint's
+code module with the Python files beside it (helpers it imports), and the endpoint's
+artifacts (files or folders).  The archive has the bundle layout (``files/<path>`` plus
+``bundle.json``, here the package record), so API nodes unpack it with the same verifying
+``unpack``; the record (``ApiPackageInfo``) lists every file with size and SHA-256 and a
+digest over them.
+"""
+
+from __future__ import annotations
+
+import getpass
+import hashlib
+import io
+import os
+import stat
+import tarfile
+import tempfile
+import time
+from pathlib import Path, PurePosixPath
+from typing import IO, TYPE_CHECKING, Any
+
+import anyio
+import msgspec
+import nats.js.errors
+from nats.js.kv import KeyValue
+
+from nodes.project.bundle import EXCLUDED_DIRS, EXCLUDED_NAMES, EXCLUDED_SUFFIXES
+from nodes.project.manifest import MANIFEST, ApiService, Manifest
+from nodes.runtime import transfer
+from nodes.runtime.jetstream import ensure_kv
+from nodes.runtime.kvcache import snapshot
+from nodes.runtime.node import handles
+from protocol import subjects
+from protocol.api import (
+    API_PACKAGE_INFO,
+    ApiPackageCreated,
+    ApiPackageInfo,
+    ApiPackageList,
+    ApiPackageStored,
+    ApiPackageSummary,
+    CreateApiPackage,
+    EndpointSpec,
+    ListApiPackages,
+    check_version,
+    package_key,
+)
+from protocol.base import Request, encode, new_id
+from protocol.bundles import FileEntry, files_digest
+from protocol.errors import BadRequest, Conflict, NotFound
+
+if TYPE_CHECKING:
+    from nodes.design import DesignNode
+
+
+def endpoint_specs(service: ApiService) -> dict[str, EndpointSpec]:
+    return {name: EndpointSpec(kind=ep.kind, code=ep.code,
+                               function=ep.function or ("predict" if ep.kind == "prediction"
+                                                        else name),
+                               artifacts=list(ep.artifacts), description=ep.description)
+            for name, ep in service.endpoints.items()}
+
+
+def _walk(root: Path, rel_dir: str, only_py: bool) -> list[str]:
+    out: list[str] = []
+    base = root / rel_dir
+    for dirpath, dirnames, filenames in os.walk(base):
+        dirnames[:] = sorted(d for d in dirnames if d not in EXCLUDED_DIRS)
+        for fname in sorted(filenames):
+            if fname in EXCLUDED_NAMES or fname.endswith(EXCLUDED_SUFFIXES):
+                continue
+            if only_py and not fname.endswith(".py"):
+                continue
+            path = Path(dirpath) / fname
+            if path.is_symlink() and not path.resolve().is_relative_to(root):
+                continue
+            if path.is_file():
+                out.append(path.relative_to(root).as_posix())
+    return out
+
+
+def collect(project_dir: Path, service_name: str, service: ApiService) -> list[str]:
+    """Relative paths of every file the package of ``service`` holds.
+
+    Raises ``BadRequest`` naming the manifest field when a code file or artifact is
+    missing."""
+    root = project_dir.resolve()
+    where = f"{project_dir.name}/{MANIFEST}: api_services.{service_name}.endpoints"
+    files = {MANIFEST}
+    for name, ep in service.endpoints.items():
+        code = root / ep.code
+        if not code.is_file():
+            raise BadRequest(f"{where}.{name}.code: {ep.code} does not exist")
+        files.add(PurePosixPath(ep.code).as_posix())
+        parent = PurePosixPath(ep.code).parent.as_posix()
+        files.update(_walk(root, parent, only_py=True) if parent != "." else
+                     [p.name for p in root.glob("*.py") if p.is_file()])
+        for art in ep.artifacts:
+            path = root / art
+            if path.is_dir():
+                files.update(_walk(root, art.rstrip("/"), only_py=False))
+            elif path.is_file():
+                files.add(PurePosixPath(art).as_posix())
+            else:
+                raise BadRequest(f"{where}.{name}.artifacts: {art} does not exist")
+    return sorted(files)
+
+
+class _Hashing:
+    """Hashes what tarfile reads through it (files are streamed, never held whole)."""
+
+    def __init__(self, f: IO[bytes]) -> None:
+        self.f, self.h = f, hashlib.sha256()
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.f.read(n)
+        self.h.update(data)
+        return data
+
+
+def pack(project_dir: Path, manifest: Manifest, service_name: str, out: Path, *,
+         version: str, created_by: str, notes: str) -> ApiPackageInfo:
+    """Write the package archive to ``out`` and return its record (blocking)."""
+    service = manifest.api_services[service_name]
+    root = project_dir.resolve()
+    entries: list[FileEntry] = []
+    with tarfile.open(out, "w", format=tarfile.PAX_FORMAT) as tar:
+        for rel in collect(project_dir, service_name, service):
+            path = root / rel
+            st = path.stat()
+            ti = tarfile.TarInfo(f"files/{rel}")
+            ti.size, ti.mtime = st.st_size, int(st.st_mtime)
+            ti.mode = 0o755 if st.st_mode & stat.S_IXUSR else 0o644
+            with path.open("rb") as f:
+                reader = _Hashing(f)
+                tar.addfile(ti, reader)
+            entries.append(FileEntry(path=rel, size=st.st_size, sha256=reader.h.hexdigest()))
+        info = ApiPackageInfo(service=service_name, version=version,
+                              project=manifest.project.key, created_at=time.time(),
+                              created_by=created_by, notes=notes,
+                              description=service.description,
+                              endpoints=endpoint_specs(service), files=entries,
+                              digest=files_digest(entries), size=sum(e.size for e in entries))
+        raw = msgspec.json.encode(info)
+        ti = tarfile.TarInfo("bundle.json")  # the name unpack() expects
+        ti.size, ti.mtime, ti.mode = len(raw), int(info.created_at), 0o644
+        tar.addfile(ti, io.BytesIO(raw))
+    return info
+
+
+class ApiPackager:
+    """The Design node's API packaging component (registered with ``add_handlers``)."""
+
+    def __init__(self, node: DesignNode) -> None:
+        self.node = node
+        self._kv: KeyValue | None = None
+
+    @property
+    def kv(self) -> KeyValue:
+        assert self._kv is not None
+        return self._kv
+
+    async def setup(self) -> None:
+        r = self.node.settings.replicas
+        self._kv = await ensure_kv(self.node.js, subjects.API_PACKAGE_BUCKET, replicas=r,
+                                   description="shipyard API package records")
+        await transfer.ensure_bucket(self.node.js, subjects.API_PACKAGE_STORE, replicas=r)
+
+    async def infos(self, service: str) -> list[ApiPackageInfo]:
+        snap = await snapshot(self.kv, f"{subjects.token(service, 'service')}.>")
+        out = []
+        for _rev, raw in snap.values():
+            try:
+                out.append(API_PACKAGE_INFO.decode(raw))
+            except msgspec.DecodeError:
+                self.node.log.warning("unreadable API package record skipped", service=service)
+        return sorted(out, key=lambda p: p.created_at)
+
+    @handles(ListApiPackages)
+    async def list_packages(self, cmd: ListApiPackages, req: Request[Any]) -> ApiPackageList:
+        try:
+            infos = await self.infos(cmd.service)
+        except ValueError as exc:
+            raise BadRequest(str(exc)) from None
+        return ApiPackageList(service=cmd.service,
+                              packages=[ApiPackageSummary.of(p) for p in infos])
+
+    @handles(CreateApiPackage)
+    async def create(self, cmd: CreateApiPackage, req: Request[Any]) -> ApiPackageCreated:
+        try:
+            check_version(cmd.version)
+            key = package_key(cmd.service, cmd.version)
+        except ValueError as exc:
+            raise BadRequest(str(exc)) from None
+        project_dir, manifest = await self.node.project(cmd.project)
+        if cmd.service not in manifest.api_services:
+            known = ", ".join(sorted(manifest.api_services)) or "none"
+            raise NotFound(f"project {cmd.project!r} has no API service {cmd.service!r} "
+                           f"(its services: {known})")
+        if (existing := await self._get(key)) is not None:
+            raise Conflict(_immutable(existing))
+        by = cmd.created_by or req.sender or getpass.getuser()
+        fd, tmp = tempfile.mkstemp(prefix=f"sy-apipkg-{cmd.version}-", suffix=".tar")
+        os.close(fd)
+        archive = Path(tmp)
+        try:
+            info = await anyio.to_thread.run_sync(
+                lambda: pack(project_dir, manifest, cmd.service, archive, version=cmd.version,
+                             created_by=by, notes=cmd.notes))
+            name = f"{cmd.service}/{cmd.version}/{new_id()}.tar"
+            stored = await transfer.put_file(self.node.js, subjects.API_PACKAGE_STORE, name,
+                                             archive, meta={"service": cmd.service,
+                                                            "version": cmd.version})
+        finally:
+            await anyio.Path(archive).unlink(missing_ok=True)
+        info = msgspec.structs.replace(info, archive=name, archive_size=stored.size,
+                                       archive_sha256=stored.sha256)
+        previous = await self.infos(cmd.service)
+        try:
+            await self.kv.create(key, encode(info))
+        except nats.js.errors.KeyWrongLastSequenceError:
+            await transfer.delete(self.node.js, subjects.API_PACKAGE_STORE, name)
+            raise Conflict(f"API package {cmd.service} {cmd.version} was created "
+                           "concurrently") from None
+        await self.node.emit(ApiPackageStored(
+            service=info.service, version=info.version, project=info.project, by=by,
+            files=len(info.files), size=info.size, digest=info.digest))
+        self.node.log.info("API package created", service=info.service, version=info.version,
+                           files=len(info.files), size=info.size)
+        prev = previous[-1] if previous else None
+        before = {f.path: f.sha256 for f in prev.files} if prev else {}
+        after = {f.path: f.sha256 for f in info.files}
+        return ApiPackageCreated(
+            package=ApiPackageSummary.of(info), previous=prev.version if prev else None,
+            added=sorted(set(after) - set(before)), removed=sorted(set(before) - set(after)),
+            changed=sorted(p for p in set(after) & set(before) if after[p] != before[p]))
+
+    async def _get(self, key: str) -> ApiPackageInfo | None:
+        try:
+            entry = await self.kv.get(key)
+        except nats.js.errors.KeyNotFoundError:
+            return None
+        return API_PACKAGE_INFO.decode(entry.value) if entry.value else None
+
+
+def _immutable(p: ApiPackageInfo) -> str:
+    return (f"API package {p.service} {p.version} already exists (created by "
+            f"{p.created_by or '?'}); versions are immutable: choose a new version")

@@ -1,0 +1,463 @@
+"""API services: packages, deployments, keys, metrics, and the request wire format.
+
+A *package* is an immutable version ("generation") of one API service, made by the
+Design node: the endpoints' code, their artifacts and a digest over every file.  Its
+``ApiPackageInfo`` is in the ``sy_api_packages`` KV bucket (key ``<service>.<version>``),
+the archive (the bundle tar layout) in the ``sy_api_package_data`` object store.
+
+A *deployment* is one KV record per service and infra in ``sy_deploy``
+(``api.<infra>.<service>``): the generations and their weights, an optional shadow
+generation, the auth mode, the endpoints, and the previous mapping (rollback).  API nodes
+converge on it; the Deployer changes it only by compare-and-set.
+
+Requests travel on ``sy.api.v1.<service>.<endpoint>`` (queue group ``<service>``):
+
+* prediction endpoints take ``{"features": {...}, "dispatch_key"?, "generation"?}`` and
+  reply ``{"result": {...}, "generation": "v2"}``; with the header ``Sy-Op: multi`` they
+  take ``{"items": [{"features": ...}, ...]}`` and reply ``{"results": [...], ...}``;
+* function endpoints take any JSON and reply ``{"response": ..., "generation": ...}``;
+  ``Sy-Dispatch-Key`` and ``Sy-Generation`` headers pick the generation.
+
+Errors follow the nats.micro convention: headers ``Nats-Service-Error-Code`` (the HTTP
+status) and ``Nats-Service-Error`` (the message), body ``{"error": {"code", "message"}}``,
+so a gateway maps a reply to an HTTP response without decoding it.
+"""
+
+from __future__ import annotations
+
+import re
+import zlib
+
+import msgspec
+
+from protocol import subjects
+from protocol.base import Command, Message
+from protocol.bundles import FileEntry
+from protocol.deploy import DeploymentView, Update
+from protocol.events import Event
+
+AUTH_MODES = ("public", "api-key")
+ENDPOINT_KINDS = ("prediction", "function")
+
+# Request headers (NATS).
+OP_HEADER = "Sy-Op"  # "multi" for predict-multi
+GENERATION_HEADER = "Sy-Generation"  # force a generation (testing)
+DISPATCH_HEADER = "Sy-Dispatch-Key"  # sticky dispatch for function endpoints
+OP_MULTI = "multi"
+
+# Reply headers (the nats.micro error convention).
+ERROR_CODE_HEADER = "Nats-Service-Error-Code"
+ERROR_HEADER = "Nats-Service-Error"
+
+# Operation error code -> HTTP status.
+HTTP_STATUS = {
+    "bad_request": 400, "unauthorized": 401, "forbidden": 403, "not_found": 404,
+    "too_large": 413, "user_code": 500, "internal": 500, "unavailable": 503,
+    "overloaded": 503, "timeout": 504,
+}
+
+_VERSION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_SPLIT = re.compile(r"^\s*([^=\s]+)\s*=\s*(\d+)\s*$")
+
+
+def check_version(value: str) -> str:
+    if not _VERSION.match(value):
+        raise ValueError(f"invalid version {value!r}: expected 1-64 letters, digits, '.', '_' "
+                         "or '-', starting with a letter or digit")
+    return value
+
+
+def parse_split(text: str) -> dict[str, int]:
+    """``"v1=90,v2=10"`` -> ``{"v1": 90, "v2": 10}``.  Raises ``ValueError``."""
+    out: dict[str, int] = {}
+    for part in text.split(","):
+        m = _SPLIT.match(part)
+        if not m:
+            raise ValueError(f"invalid split {text!r}: expected VERSION=WEIGHT[,...], "
+                             "e.g. v1=90,v2=10")
+        version, weight = check_version(m.group(1)), int(m.group(2))
+        if version in out:
+            raise ValueError(f"version {version} appears twice in split {text!r}")
+        out[version] = weight
+    if not any(out.values()):
+        raise ValueError(f"split {text!r} gives no traffic to any version")
+    return out
+
+
+def describe_mapping(generations: dict[str, int], shadow: str | None = None) -> str:
+    """A mapping as people read it: ``v2``, ``v1=90,v2=10``, ``v2 (+shadow v3)``."""
+    live = {g: w for g, w in generations.items() if w > 0}
+    text = next(iter(live)) if len(live) == 1 else ",".join(
+        f"{g}={w}" for g, w in sorted(generations.items()))
+    return text + (f" (+shadow {shadow})" if shadow else "")
+
+
+def pick_generation(weights: list[tuple[str, int]], key: str | None, rand: float) -> str:
+    """The generation for one request: by ``key`` when given (sticky: the same key and
+    weights give the same generation on every node), else by ``rand`` in [0, 1).
+
+    ``weights`` is sorted by generation name, every weight > 0."""
+    total = sum(w for _, w in weights)
+    point = (zlib.crc32(key.encode()) % total) if key is not None else int(rand * total)
+    for generation, weight in weights:
+        if point < weight:
+            return generation
+        point -= weight
+    return weights[-1][0]
+
+
+def http_status(code: str) -> int:
+    return HTTP_STATUS.get(code, 500)
+
+
+# -- packages ----------------------------------------------------------------------------
+
+class EndpointSpec(msgspec.Struct, frozen=True, kw_only=True):
+    kind: str
+    code: str  # module path inside the package
+    function: str  # the callable's name: "predict" for predictions
+    artifacts: list[str] = []
+    description: str = ""
+
+
+class ApiPackageInfo(msgspec.Struct, frozen=True, kw_only=True):
+    service: str
+    version: str
+    project: str
+    created_at: float
+    created_by: str
+    notes: str = ""
+    description: str = ""
+    endpoints: dict[str, EndpointSpec] = {}
+    files: list[FileEntry] = []
+    digest: str = ""
+    size: int = 0
+    archive: str = ""
+    archive_size: int = 0
+    archive_sha256: str = ""
+    v: int = 1
+
+
+class ApiPackageSummary(msgspec.Struct, frozen=True, kw_only=True):
+    service: str
+    version: str
+    project: str
+    created_at: float
+    created_by: str
+    notes: str
+    endpoints: dict[str, str]  # name -> kind
+    files: int
+    size: int
+    digest: str
+
+    @classmethod
+    def of(cls, p: ApiPackageInfo) -> ApiPackageSummary:
+        return cls(service=p.service, version=p.version, project=p.project,
+                   created_at=p.created_at, created_by=p.created_by, notes=p.notes,
+                   endpoints={n: e.kind for n, e in p.endpoints.items()},
+                   files=len(p.files), size=p.size, digest=p.digest)
+
+
+def package_key(service: str, version: str) -> str:
+    return f"{subjects.token(service, 'service')}.{check_version(version)}"
+
+
+class ApiPackageCreated(Message, frozen=True, kw_only=True, tag="api.package.created"):
+    package: ApiPackageSummary
+    previous: str | None = None
+    added: list[str] = []
+    removed: list[str] = []
+    changed: list[str] = []
+
+
+class ApiPackageList(Message, frozen=True, kw_only=True, tag="api.package.list.reply"):
+    service: str
+    packages: list[ApiPackageSummary] = []
+
+
+class CreateApiPackage(Command[ApiPackageCreated], frozen=True, kw_only=True,
+                       tag="api.package.create"):
+    """Package ``service`` of workspace project ``project`` as ``version`` (immutable)."""
+
+    project: str
+    service: str
+    version: str
+    notes: str = ""
+    created_by: str = ""
+
+
+class ListApiPackages(Command[ApiPackageList], frozen=True, kw_only=True,
+                      tag="api.package.list"):
+    service: str
+
+
+# -- deployments -------------------------------------------------------------------------
+
+class ApiMapping(msgspec.Struct, frozen=True, kw_only=True):
+    """Which generations serve a service, with what weight, and the shadow."""
+
+    generations: dict[str, int]
+    shadow: str | None = None
+    auth: str = "public"
+
+    def describe(self) -> str:
+        return describe_mapping(self.generations, self.shadow)
+
+
+class ApiDeploymentRecord(msgspec.Struct, frozen=True, kw_only=True):
+    """The desired state of one service on one API infra (the KV value)."""
+
+    service: str
+    infra: str
+    mapping: ApiMapping
+    endpoints: dict[str, str] = {}  # name -> kind, over the mapping's generations
+    description: str = ""
+    previous: ApiMapping | None = None
+    update_id: str = ""
+    updated_at: float = 0.0
+    updated_by: str = ""
+    history: list[Update] = []
+    v: int = 1
+
+
+class DeployApi(Command[DeploymentView], frozen=True, kw_only=True, tag="api.deploy"):
+    """Serve ``service`` on ``infra`` with ``generations`` (version -> weight).
+
+    ``auth`` None keeps the current mode (``public`` for a new deployment).
+    ``expected_revision``: refuse with ``conflict`` unless the record is at it."""
+
+    service: str
+    infra: str
+    generations: dict[str, int]
+    shadow: str | None = None
+    auth: str | None = None
+    by: str = ""
+    expected_revision: int | None = None
+
+
+class RollbackApi(Command[DeploymentView], frozen=True, kw_only=True, tag="api.rollback"):
+    """Go back to the previous mapping of ``service`` on ``infra``."""
+
+    service: str
+    infra: str
+    by: str = ""
+
+
+# -- keys --------------------------------------------------------------------------------
+
+KEY_PREFIX = "sy"
+
+
+class ApiKeyRecord(msgspec.Struct, frozen=True, kw_only=True):
+    """One API key of a service: only the SHA-256 of its secret is stored."""
+
+    service: str
+    id: str
+    sha256: str
+    created_at: float
+    created_by: str = ""
+    name: str = ""
+    v: int = 1
+
+
+class ApiKeyInfo(msgspec.Struct, frozen=True, kw_only=True):
+    service: str
+    id: str
+    name: str
+    created_at: float
+    created_by: str
+
+
+class ApiKeyCreated(Message, frozen=True, kw_only=True, tag="api.key.created"):
+    key: ApiKeyInfo
+    secret: str  # the whole key, shown once: "sy_<id>_<secret>"
+
+
+class ApiKeyList(Message, frozen=True, kw_only=True, tag="api.key.list.reply"):
+    service: str
+    keys: list[ApiKeyInfo] = []
+
+
+class ApiKeyRevoked(Message, frozen=True, kw_only=True, tag="api.key.revoked"):
+    service: str
+    id: str
+
+
+class CreateApiKey(Command[ApiKeyCreated], frozen=True, kw_only=True, tag="api.key.create"):
+    service: str
+    name: str = ""
+    by: str = ""
+
+
+class ListApiKeys(Command[ApiKeyList], frozen=True, kw_only=True, tag="api.key.list"):
+    service: str
+
+
+class RevokeApiKey(Command[ApiKeyRevoked], frozen=True, kw_only=True, tag="api.key.revoke"):
+    service: str
+    id: str
+    by: str = ""
+
+
+def key_record_key(service: str, key_id: str) -> str:
+    return f"{subjects.token(service, 'service')}.{subjects.token(key_id, 'key id')}"
+
+
+# -- reports, metrics, events ----------------------------------------------------------
+
+class EndpointMetrics(msgspec.Struct, frozen=True, kw_only=True, array_like=True):
+    """Counters of one (service, endpoint, generation) on one node since it started.
+
+    ``buckets`` counts latencies up to each bound of ``LATENCY_BUCKETS_S`` (not
+    cumulative; the last slot is everything above)."""
+
+    service: str
+    endpoint: str
+    generation: str
+    shadow: bool
+    requests: int
+    errors: int
+    inflight: int
+    latency_sum_s: float
+    buckets: list[int]
+
+
+LATENCY_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+                     2.5, 5.0, 10.0)
+
+
+class ApiMetricsReport(Message, frozen=True, kw_only=True, tag="api.metrics"):
+    """Sent by every API node every few seconds on ``sy.rpt.metrics.<node>``."""
+
+    node: str
+    infra: str
+    ts: float
+    interval_s: float
+    endpoints: list[EndpointMetrics] = []
+    overloaded: int = 0
+    workers: int = 0
+    workers_busy: int = 0
+
+    def subject(self) -> str:
+        return subjects.report("metrics", self.node)
+
+
+class GenerationReport(Message, frozen=True, kw_only=True, tag="api.generation"):
+    """Progress and outcome of one node switching one service to a mapping."""
+
+    node: str
+    infra: str
+    service: str
+    update_id: str
+    stage: str  # fetching | loading | serving | failed
+    generations: list[str] = []
+    reason: str = ""
+    duration_s: float = 0.0
+    ts: float = 0.0
+
+    def subject(self) -> str:
+        return subjects.report("apigen", self.node)
+
+
+class ApiPackageStored(Event, frozen=True, kw_only=True, tag="api.package.stored"):
+    service: str
+    version: str
+    project: str
+    by: str
+    files: int
+    size: int
+    digest: str
+
+    def subject(self) -> str:
+        return subjects.event("apipkg", self.service)
+
+    def summary(self) -> str:
+        return (f"API package {self.service} {self.version} created from {self.project} by "
+                f"{self.by or '?'}: {self.files} files, {self.size} bytes")
+
+
+class ApiDeploymentRequested(Event, frozen=True, kw_only=True, tag="api.deploy.requested"):
+    service: str
+    infra: str
+    update_id: str
+    action: str
+    from_mapping: str | None
+    to_mapping: str
+    by: str
+
+    def subject(self) -> str:
+        return subjects.event("api", self.infra, self.service)
+
+    def summary(self) -> str:
+        return (f"{self.action} API {self.service} on {self.infra}: "
+                f"{self.from_mapping or '-'} -> {self.to_mapping} by {self.by or '?'}")
+
+
+class GenerationsServing(Event, frozen=True, kw_only=True, tag="api.generation.serving"):
+    service: str
+    infra: str
+    node: str
+    update_id: str
+    mapping: str
+    duration_s: float
+
+    def subject(self) -> str:
+        return subjects.event("api", self.infra, self.service)
+
+    def summary(self) -> str:
+        return (f"{self.node} serves {self.service} {self.mapping} "
+                f"(switched in {self.duration_s * 1000:.0f} ms)")
+
+
+class GenerationFailed(Event, frozen=True, kw_only=True, tag="api.generation.failed"):
+    service: str
+    infra: str
+    node: str
+    update_id: str
+    mapping: str
+    reason: str
+    still_serving: str | None
+
+    def subject(self) -> str:
+        return subjects.event("api", self.infra, self.service)
+
+    def summary(self) -> str:
+        return (f"{self.node} refused {self.service} {self.mapping}: {self.reason} "
+                f"(still serving {self.still_serving or 'nothing'})")
+
+
+class ApiDeploymentFinished(Event, frozen=True, kw_only=True, tag="api.deploy.finished"):
+    service: str
+    infra: str
+    update_id: str
+    mapping: str
+    result: str
+    detail: str = ""
+
+    def subject(self) -> str:
+        return subjects.event("api", self.infra, self.service)
+
+    def summary(self) -> str:
+        return f"API {self.service} {self.mapping} on {self.infra}: {self.result}" + (
+            f" ({self.detail})" if self.detail else "")
+
+
+class ApiKeyIssued(Event, frozen=True, kw_only=True, tag="api.key.issued"):
+    service: str
+    id: str
+    by: str
+    revoked: bool = False
+
+    def subject(self) -> str:
+        return subjects.event("apikey", self.service)
+
+    def summary(self) -> str:
+        verb = "revoked" if self.revoked else "created"
+        return f"API key {self.id} of {self.service} {verb} by {self.by or '?'}"
+
+
+API_PACKAGE_INFO = msgspec.json.Decoder(ApiPackageInfo)
+API_DEPLOYMENT_VALUE = msgspec.json.Decoder(ApiDeploymentRecord)
+API_KEY_VALUE = msgspec.json.Decoder(ApiKeyRecord)
+METRICS_REPORT = msgspec.json.Decoder(ApiMetricsReport)
+GENERATION_REPORT = msgspec.json.Decoder(GenerationReport)

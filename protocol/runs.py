@@ -1,0 +1,232 @@
+"""Scenario runs: firings, claims, locks, history, and the commands around them.
+
+A trigger firing has an id every node of the infra computes the same way (a cron slot,
+a bundle activation, an upstream run, a manual request).  A node runs it only after
+creating the firing's key in ``sy_fired`` (so each firing runs once per infra) and the
+scenario's lock in ``sy_locks`` (so a scenario never runs twice at once); a firing that
+finds the lock taken is parked on it as the one pending firing (coalesced).  Run
+history is the ``sy.evt.run.<project>.<run>`` events; ``sy_runs`` keeps the last run
+of each scenario for health.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+from protocol import subjects
+from protocol.base import Command, Message
+from protocol.events import Event
+
+# Triggers
+MANUAL, CRON, ON_ACTIVATION, AFTER, DESIGN_BUILD = (
+    "manual", "cron", "on_activation", "after", "build")
+
+
+def lock_key(infra: str, project: str, scenario: str) -> str:
+    return f"{infra}.{project}.{scenario}"
+
+
+def fired_key(infra: str, project: str, scenario: str, firing: str) -> str:
+    return f"{infra}.{project}.{scenario}.{firing}"
+
+
+class Firing(msgspec.Struct, frozen=True, kw_only=True):
+    """One reason to run a scenario."""
+
+    id: str  # same on every node for the same trigger event: cron-<ts>, act-<update>...
+    trigger: str
+    params: dict[str, Any] = {}
+    by: str = ""
+    detail: str = ""  # cron expression, upstream run id, bundle...
+
+
+class RunLock(msgspec.Struct, frozen=True, kw_only=True):
+    """The value of a scenario's lock: who runs it now, and what waits."""
+
+    run_id: str
+    project: str
+    scenario: str
+    infra: str
+    node: str
+    instance: str
+    bundle: str
+    firing: Firing
+    started_at: float
+    pending: Firing | None = None
+    v: int = 1
+
+
+class StepSummary(msgspec.Struct, frozen=True, kw_only=True):
+    index: int
+    kind: str
+    name: str
+    outcome: str
+    message: str = ""
+    duration_s: float = 0.0
+
+
+class RunSummary(msgspec.Struct, frozen=True, kw_only=True):
+    """A run, as ``shipyard runs`` shows it."""
+
+    run_id: str
+    project: str
+    scenario: str
+    infra: str
+    node: str
+    bundle: str
+    trigger: str
+    params: dict[str, Any] = {}
+    started_at: float = 0.0
+    finished_at: float | None = None
+    outcome: str = "RUNNING"  # RUNNING | SUCCESS | WARNING | FAILED | CANCELLED
+    duration_s: float | None = None
+    error: str = ""
+    metrics: dict[str, Any] = {}
+    steps: list[StepSummary] = []
+    log_tail: list[str] = []
+    v: int = 1
+
+
+# -- events ------------------------------------------------------------------------------
+
+class RunStarted(Event, frozen=True, kw_only=True, tag="run.started"):
+    run_id: str
+    project: str
+    scenario: str
+    infra: str
+    node: str
+    bundle: str
+    trigger: str
+    firing: str
+    params: dict[str, Any] = {}
+
+    def subject(self) -> str:
+        return subjects.event("run", self.project, self.run_id)
+
+    def summary(self) -> str:
+        return (f"run {self.run_id} of {self.project}/{self.scenario} started on {self.node} "
+                f"({self.trigger}, bundle {self.bundle or '-'})")
+
+
+class RunProgress(Event, frozen=True, kw_only=True, tag="run.step"):
+    run_id: str
+    project: str
+    scenario: str
+    node: str
+    step: int
+    kind: str
+    name: str
+    status: str  # STARTED, or the step's outcome
+    message: str = ""
+    duration_s: float = 0.0
+
+    def subject(self) -> str:
+        return subjects.event("run", self.project, self.run_id)
+
+    def summary(self) -> str:
+        done = f" in {self.duration_s:.2f}s" if self.status != "STARTED" else ""
+        why = f": {self.message}" if self.message else ""
+        return (f"run {self.run_id} step {self.step + 1} ({self.name}) "
+                f"{self.status}{done}{why}")
+
+
+class RunFinished(Event, frozen=True, kw_only=True, tag="run.finished"):
+    run: RunSummary
+
+    def subject(self) -> str:
+        return subjects.event("run", self.run.project, self.run.run_id)
+
+    def summary(self) -> str:
+        r = self.run
+        why = f": {r.error}" if r.error else ""
+        return (f"run {r.run_id} of {r.project}/{r.scenario} on {r.node} {r.outcome} "
+                f"in {r.duration_s or 0:.2f}s{why}")
+
+
+# -- commands ----------------------------------------------------------------------------
+
+class RunAccepted(Message, frozen=True, kw_only=True, tag="run.accepted"):
+    """``run_id`` is the run that will carry this firing: a new one, or the running one
+    it was coalesced into (``coalesced``)."""
+
+    run_id: str
+    node: str
+    coalesced: bool = False
+    detail: str = ""
+
+
+class RunList(Message, frozen=True, kw_only=True, tag="run.list.reply"):
+    runs: list[RunSummary] = []
+
+
+class RunLog(Message, frozen=True, kw_only=True, tag="run.log.reply"):
+    run_id: str
+    text: str
+    truncated: bool = False
+    running: bool = False
+
+
+class RunCancelled(Message, frozen=True, kw_only=True, tag="run.cancelled"):
+    run_id: str
+    node: str
+    was_running: bool
+
+
+class RunScenario(Command[RunAccepted], frozen=True, kw_only=True, tag="scenario.run"):
+    """Manual trigger (to the Deployer, which picks a node of the infra)."""
+
+    project: str
+    scenario: str
+    infra: str
+    params: dict[str, Any] = {}
+    by: str = ""
+
+
+class ListRuns(Command[RunList], frozen=True, kw_only=True, tag="run.list"):
+    project: str
+    infra: str | None = None
+    scenario: str | None = None
+    limit: int = 50
+
+
+class GetRunLog(Command[RunLog], frozen=True, kw_only=True, tag="run.logs"):
+    run_id: str
+    max_bytes: int = 1 << 20
+
+
+class CancelRun(Command[RunCancelled], frozen=True, kw_only=True, tag="run.cancel"):
+    run_id: str
+    by: str = ""
+
+
+# Node-direct (sy.node.<node>.<verb>): what the Deployer asks one Automation node.
+
+class FireScenario(Command[RunAccepted], frozen=True, kw_only=True, tag="scenario.fire"):
+    project: str
+    scenario: str
+    firing: Firing
+
+
+class NodeRunLog(Command[RunLog], frozen=True, kw_only=True, tag="node.run.logs"):
+    run_id: str
+    max_bytes: int = 1 << 20
+
+
+class NodeCancelRun(Command[RunCancelled], frozen=True, kw_only=True, tag="node.run.cancel"):
+    run_id: str
+
+
+# Design node: test builds in the workspace, reported like runs.
+
+class BuildDatasets(Command[RunAccepted], frozen=True, kw_only=True, tag="build"):
+    project: str
+    datasets: list[str]
+    force: bool = False
+    params: dict[str, Any] = {}
+    by: str = ""
+
+
+RUN_LOCK = msgspec.json.Decoder(RunLock)
+RUN_SUMMARY = msgspec.json.Decoder(RunSummary)
