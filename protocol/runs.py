@@ -128,8 +128,9 @@ class RunProgress(Event, frozen=True, kw_only=True, tag="run.step"):
     def summary(self) -> str:
         done = f" in {self.duration_s:.2f}s" if self.status != "STARTED" else ""
         why = f": {self.message}" if self.message else ""
-        return (f"run {self.run_id} step {self.step + 1} ({self.name}) "
-                f"{self.status}{done}{why}")
+        what = f"step {self.step + 1} ({self.name})" if self.step >= 0 else \
+            f"{self.kind} {self.name}"
+        return f"run {self.run_id} {what} {self.status}{done}{why}"
 
 
 class RunFinished(Event, frozen=True, kw_only=True, tag="run.finished"):

@@ -35,8 +35,10 @@ EXIT_USAGE = 2
 # The CLI fails within 5 s when NATS is unreachable.
 CLI_CONNECT_TIMEOUT = 3.0
 
-out = Console(highlight=False, soft_wrap=True)
-err = Console(stderr=True, highlight=False, soft_wrap=True)
+# Off a terminal (pipes, files, CI logs) tables are not squeezed into 80 columns.
+out = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 200)
+err = Console(stderr=True, highlight=False, soft_wrap=True,
+              width=None if sys.stderr.isatty() else 200)
 
 
 class CliState:

@@ -191,7 +191,7 @@ def _after_change(view: DeploymentView, verb: str, wait: bool, timeout: float,
                   nats_url: str | None, as_json: bool) -> None:
     last = view.last_update
     if not as_json:
-        out.print(f"{verb} {view.project} {last.from_bundle if last else '-'} -> "
+        out.print(f"{verb} {view.project} {(last.from_bundle if last else None) or '-'} -> "
                   f"{view.desired} on {view.infra} (update {view.update_id}, revision "
                   f"{view.revision})")
     if not wait:
