@@ -138,16 +138,20 @@ def test_up_refuses_a_second_stack_in_the_same_home(cli_env: dict[str, str],
 
 
 async def test_node_worker_process_stops_gracefully_on_sigterm(cli_env: dict[str, str],
-                                                               settings: Any) -> None:
-    """``shipyard node start`` as a real process: serves, then SIGTERM -> exit 0."""
+                                                               settings: Any,
+                                                               tmp_path: Path) -> None:
+    """``shipyard node start`` as a real process: serves, then SIGTERM -> exit 0; off a
+    terminal its logs are JSON lines carrying the node and role."""
     import anyio
 
     from nodes.runtime.calls import Caller
     from nodes.runtime.connection import connect
     from protocol.system import Ping
 
+    env = {k: v for k, v in cli_env.items() if k != "SHIPYARD_LOG_FORMAT"}
     worker = Background(shipyard_argv("node", "start", "design", "--name", "d-term",
-                                      "--nats", settings.url), env=cli_env)
+                                      "--nats", settings.url, "--data-dir",
+                                      str(tmp_path / "d-term")), env=env)
     nc = await connect(settings, name="t")
     try:
         async def pong() -> Any:
@@ -163,4 +167,8 @@ async def test_node_worker_process_stops_gracefully_on_sigterm(cli_env: dict[str
         code = await anyio.to_thread.run_sync(worker.stop, signal.SIGTERM)
         await nc.close()
     assert code == 0, worker.output()
-    assert "node stopped" in worker.output()
+    logs = [json.loads(line) for line in worker.lines if line.startswith("{")]
+    assert logs and len(logs) == len(worker.lines)  # every line is a JSON object
+    stopped = [entry for entry in logs if entry["msg"] == "node stopped"]
+    assert stopped and stopped[0]["node"] == "d-term" and stopped[0]["role"] == "design"
+    assert {"level", "timestamp"} <= set(stopped[0])
