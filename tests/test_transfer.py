@@ -1,6 +1,8 @@
 """nodes.runtime.transfer against a real nats-server: round trips, replacement, integrity
 checks that leave ``dest`` untouched, stalls that fail instead of hanging, and
-interoperability with nats-py's own Object Store."""
+interoperability with nats-py's own Object Store.  ``get_file`` is checked on both receive
+paths: the direct one (``bulkfetch``: its own connection and threads, with the client's
+credentials and TLS) and the nats-py subscription it falls back to."""
 
 from __future__ import annotations
 
@@ -9,17 +11,24 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import signal
+import subprocess
+import threading
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import anyio
 import nats.js.errors
+import nkeys
 import pytest
+import structlog.testing
 from nats.js import JetStreamContext
 
-from nodes.runtime import transfer
+from nodes.runtime import bulkfetch, transfer
 from nodes.runtime.connection import connect
 from nodes.runtime.embedded import EmbeddedNats
 from nodes.runtime.settings import NatsSettings
@@ -57,6 +66,49 @@ def leftovers(directory: Path) -> list[str]:
     return sorted(p.name for p in directory.iterdir() if p.name != "dest.bin")
 
 
+def fetch_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("sy-transfer-")]
+
+
+class Fetches:
+    """Outcomes of the direct receive path (``bulkfetch.Fetch.run``) in this test: "ok" or
+    the exception's class name.  The real function runs; this only records."""
+
+    def __init__(self) -> None:
+        self.outcomes: list[str] = []
+
+
+@pytest.fixture
+def fetches(monkeypatch: Any) -> Fetches:
+    record = Fetches()
+    real = bulkfetch.Fetch.run
+
+    async def recording(self: bulkfetch.Fetch, job: bulkfetch.Job, progress: Any = None) -> int:
+        try:
+            written = await real(self, job, progress)
+        except BaseException as exc:
+            record.outcomes.append(type(exc).__name__)
+            raise
+        record.outcomes.append("ok")
+        return written
+
+    monkeypatch.setattr(bulkfetch.Fetch, "run", recording)
+    return record
+
+
+@pytest.fixture(autouse=True)
+def direct_for_small_objects(monkeypatch: Any) -> None:
+    """The direct path normally starts at 1 MiB; these tests use small objects."""
+    monkeypatch.setattr(transfer, "DIRECT_MIN_BYTES", 0)
+
+
+@pytest.fixture(params=["direct", "nats-py"])
+def receive(request: Any, monkeypatch: Any, fetches: Fetches) -> str:
+    """Run the test on both receive paths (``FAST_RECEIVE``)."""
+    monkeypatch.setattr(transfer, "FAST_RECEIVE", request.param == "direct")
+    return str(request.param)
+
+
 @pytest.mark.parametrize(("size", "chunks"), [
     (0, 0),                     # empty: no chunks at all
     (1000, 1),                  # smaller than one chunk
@@ -64,8 +116,10 @@ def leftovers(directory: Path) -> list[str]:
     (CHUNK * 40 + 123, 41),     # many chunks, a short last one, several write batches
 ])
 async def test_round_trip_returns_identical_bytes(settings: NatsSettings, tmp_path: Path,
-                                                  size: int, chunks: int) -> None:
-    """What put_file stores, get_file writes back byte for byte, with matching meta."""
+                                                  size: int, chunks: int, receive: str,
+                                                  fetches: Fetches) -> None:
+    """What put_file stores, get_file writes back byte for byte, with matching meta, on
+    either receive path (an empty object has no chunks to receive)."""
     src, dest = tmp_path / "src.bin", tmp_path / "dest.bin"
     data = write(src, size)
     async with jetstream(settings) as js:
@@ -78,6 +132,8 @@ async def test_round_trip_returns_identical_bytes(settings: NatsSettings, tmp_pa
     assert (stored.size, stored.chunks) == (size, chunks)
     assert stored.sha256 == hashlib.sha256(data).hexdigest()
     assert stored.meta == {"project": "demo"}
+    assert fetches.outcomes == (["ok"] if receive == "direct" and chunks else [])
+    assert fetch_threads() == []
 
 
 async def test_default_chunk_size_and_expected_digest(settings: NatsSettings,
@@ -229,9 +285,11 @@ async def _smaller_max_chunk_in_meta(js: JetStreamContext) -> None:
         "appended-chunk", "meta-wrong-digest", "meta-wrong-size", "meta-smaller-max-chunk"])
 async def test_tampered_objects_fail_and_leave_dest_untouched(
         settings: NatsSettings, tmp_path: Path,
-        tamper: Callable[[JetStreamContext], Awaitable[None]], problem: str) -> None:
+        tamper: Callable[[JetStreamContext], Awaitable[None]], problem: str,
+        receive: str) -> None:
     """An altered, removed or extra chunk, or meta that lies about size, chunk count or
-    digest, raises CorruptObject; dest keeps its old bytes and no temp file remains."""
+    digest, raises CorruptObject on either path; dest keeps its old bytes and no temp
+    file remains."""
     src, out = tmp_path / "src.bin", tmp_path / "out"
     write(src, CHUNK * 5 - 90)
     out.mkdir()
@@ -245,7 +303,7 @@ async def test_tampered_objects_fail_and_leave_dest_untouched(
     assert isinstance(caught.value, TransferError)
     assert caught.value.details["bucket"] == "files" and caught.value.details["name"] == "obj"
     assert dest.read_bytes() == b"previous contents"
-    assert leftovers(out) == []
+    assert leftovers(out) == [] and fetch_threads() == []
 
 
 async def test_unexpected_digest_is_refused_before_any_bytes_move(
@@ -280,9 +338,10 @@ async def test_progress_reports_monotonic_bytes_up_to_the_size(settings: NatsSet
 
 async def test_a_stalled_get_fails_instead_of_hanging(nats_server: EmbeddedNats,
                                                       settings: NatsSettings, tmp_path: Path,
-                                                      monkeypatch: Any) -> None:
+                                                      monkeypatch: Any, receive: str) -> None:
     """When the server stops delivering mid-transfer (SIGSTOP), get_file raises
-    TransferStalled after ``timeout`` and removes its partial file."""
+    TransferStalled after ``timeout`` (plus at most ``timeout`` more to give up deleting
+    the consumer on the frozen server) and removes its partial file."""
     monkeypatch.setattr(transfer, "BLOCK_BYTES", 2 * CHUNK)
     monkeypatch.setattr(transfer, "WINDOW_BYTES", 4 * CHUNK)
     src, out = tmp_path / "src.bin", tmp_path / "out"
@@ -291,8 +350,11 @@ async def test_a_stalled_get_fails_instead_of_hanging(nats_server: EmbeddedNats,
     assert nats_server.proc is not None
     pid = nats_server.proc.pid
 
+    frozen: list[float] = []
+
     def freeze(done: int, total: int) -> None:
         os.kill(pid, signal.SIGSTOP)
+        frozen.append(time.monotonic())
 
     async with jetstream(settings, timeout=0.5) as js:
         await put_file(js, "files", "obj", src, chunk_size=CHUNK)
@@ -302,7 +364,55 @@ async def test_a_stalled_get_fails_instead_of_hanging(nats_server: EmbeddedNats,
                                timeout=0.5)
         finally:
             os.kill(pid, signal.SIGCONT)
+    assert time.monotonic() - frozen[0] < 2.5
     assert leftovers(out) == [] and not (out / "dest.bin").exists()
+    assert fetch_threads() == []
+
+
+async def test_a_consumer_deleted_mid_get_ends_it_with_the_servers_status(
+        settings: NatsSettings, tmp_path: Path, monkeypatch: Any, receive: str) -> None:
+    """If the read's consumer disappears mid-transfer, get_file fails with
+    TransferStalled on either path: the server's status (409 for waiting pulls, 503 "no
+    responders" for a pull sent after) or, for a pull it swallowed, the stall timeout.
+    No temp file remains.  (512-byte chunks, two in flight: the read takes far longer
+    than the delete.)"""
+    monkeypatch.setattr(transfer, "BLOCK_BYTES", 16 << 10)
+    monkeypatch.setattr(transfer, "WINDOW_BYTES", 1 << 10)
+    src, out = tmp_path / "src.bin", tmp_path / "out"
+    write(src, 3000 * 512)
+    out.mkdir()
+    async with jetstream(settings) as js, anyio.create_task_group() as tg:
+        await put_file(js, "files", "obj", src, chunk_size=512)
+
+        async def delete_the_consumer(names: list[str]) -> None:
+            for name in names or [c.name for c in await js.consumers_info(STREAM)]:
+                await js.delete_consumer(STREAM, name)
+
+        deleting: list[bool] = []
+
+        def on_progress(done: int, total: int) -> None:
+            if not deleting:  # the direct path's thread is named after the consumer
+                names = [t.name.split("-")[2] for t in fetch_threads() if t.name.count("-") == 2]
+                tg.start_soon(delete_the_consumer, names)
+                deleting.append(True)
+
+        with pytest.raises(TransferStalled, match=r"server ended the read: status (409|503)"
+                                                  r"|stalled: chunk"):
+            await get_file(js, "files", "obj", out / "dest.bin", progress=on_progress,
+                           timeout=1.0)
+    assert leftovers(out) == [] and fetch_threads() == []
+
+
+async def test_durable_get_writes_the_same_bytes(settings: NatsSettings, tmp_path: Path,
+                                                 receive: str) -> None:
+    """durable=True (fsync of file and directory) changes nothing but durability."""
+    src, out = tmp_path / "src.bin", tmp_path / "out"
+    data = write(src, CHUNK * 3 + 1)
+    out.mkdir()
+    async with jetstream(settings) as js:
+        await put_file(js, "files", "obj", src, chunk_size=CHUNK)
+        await get_file(js, "files", "obj", out / "dest.bin", durable=True)
+    assert (out / "dest.bin").read_bytes() == data and leftovers(out) == []
 
 
 async def test_a_stalled_put_fails_instead_of_hanging(nats_server: EmbeddedNats,
@@ -362,3 +472,176 @@ async def test_get_file_reads_what_nats_py_object_store_stores(settings: NatsSet
         got = await get_file(js, "files", "obj", dest)
     assert dest.read_bytes() == data
     assert (got.size, got.chunks, got.sha256) == (len(data), 3, hashlib.sha256(data).hexdigest())
+
+
+# -- the direct receive path: cancellation, fallback, credentials ---------------------
+
+
+async def test_cancelling_a_get_mid_transfer_leaves_no_thread_or_temp_file(
+        settings: NatsSettings, tmp_path: Path, monkeypatch: Any, fetches: Fetches) -> None:
+    """Cancelling get_file while chunks flow ends the receive threads before get_file
+    returns, removes the partial file and leaves dest untouched."""
+    monkeypatch.setattr(transfer, "BLOCK_BYTES", 2 * CHUNK)
+    monkeypatch.setattr(transfer, "WINDOW_BYTES", 4 * CHUNK)
+    src, out = tmp_path / "src.bin", tmp_path / "out"
+    write(src, CHUNK * 40)
+    out.mkdir()
+    (out / "dest.bin").write_bytes(b"previous contents")
+    async with jetstream(settings) as js:
+        await put_file(js, "files", "obj", src, chunk_size=CHUNK)
+        with anyio.CancelScope() as scope:
+            await get_file(js, "files", "obj", out / "dest.bin",
+                           progress=lambda done, total: scope.cancel())
+        assert scope.cancelled_caught
+        assert fetch_threads() == []
+        assert (await js.stream_info(STREAM)).state.consumer_count == 0
+    assert fetches.outcomes == ["CancelledError"]
+    assert leftovers(out) == [] and (out / "dest.bin").read_bytes() == b"previous contents"
+
+
+async def test_cancelling_a_stalled_get_unblocks_its_thread_at_once(
+        nats_server: EmbeddedNats, settings: NatsSettings, tmp_path: Path,
+        monkeypatch: Any) -> None:
+    """With the server frozen the receive thread sits in a blocking recv; cancelling
+    get_file shuts its socket down from the event loop, so the threads end at once, long
+    before the stall timeout, and no temp file remains."""
+    monkeypatch.setattr(transfer, "BLOCK_BYTES", 2 * CHUNK)
+    monkeypatch.setattr(transfer, "WINDOW_BYTES", 4 * CHUNK)
+    src, out = tmp_path / "src.bin", tmp_path / "out"
+    write(src, CHUNK * 40)
+    out.mkdir()
+    assert nats_server.proc is not None
+    pid = nats_server.proc.pid
+    threads: list[threading.Thread] = []
+    ended_after: list[float] = []
+
+    async def thaw_when_threads_end(deadline: float) -> None:
+        for thread in threads:
+            await anyio.to_thread.run_sync(thread.join, 10.0)
+        ended_after.append(anyio.current_time() - deadline)
+        os.kill(pid, signal.SIGCONT)  # so the consumer can be deleted
+
+    async with jetstream(settings) as js, anyio.create_task_group() as tg:
+        await put_file(js, "files", "obj", src, chunk_size=CHUNK)
+
+        def freeze_then_cancel_soon(done: int, total: int) -> None:
+            if not threads:
+                threads.extend(fetch_threads())
+                os.kill(pid, signal.SIGSTOP)
+                scope.deadline = anyio.current_time() + 0.2  # the caller gives up
+                tg.start_soon(thaw_when_threads_end, scope.deadline)
+
+        try:
+            with anyio.CancelScope() as scope:
+                await get_file(js, "files", "obj", out / "dest.bin",
+                               progress=freeze_then_cancel_soon, timeout=10.0)
+        finally:
+            os.kill(pid, signal.SIGCONT)
+    assert scope.cancelled_caught and len(threads) == 2  # receiver and hasher
+    assert ended_after[0] < 1.0 and not any(t.is_alive() for t in threads)
+    assert fetch_threads() == [] and leftovers(out) == []
+
+
+async def test_fallback_path_when_direct_receive_is_off(settings: NatsSettings,
+                                                        tmp_path: Path, monkeypatch: Any,
+                                                        fetches: Fetches) -> None:
+    """FAST_RECEIVE = False keeps every byte on the nats-py subscription."""
+    monkeypatch.setattr(transfer, "FAST_RECEIVE", False)
+    src, dest = tmp_path / "src.bin", tmp_path / "dest.bin"
+    data = write(src, CHUNK * 9 + 1)
+    async with jetstream(settings) as js:
+        await put_file(js, "files", "obj", src, chunk_size=CHUNK)
+        await get_file(js, "files", "obj", dest)
+    assert dest.read_bytes() == data and fetches.outcomes == []
+
+
+async def test_small_objects_skip_the_extra_connection(settings: NatsSettings,
+                                                        tmp_path: Path, monkeypatch: Any,
+                                                        fetches: Fetches) -> None:
+    """Below DIRECT_MIN_BYTES get_file stays on the nats-py connection; from it on, the
+    direct path is used."""
+    monkeypatch.setattr(transfer, "DIRECT_MIN_BYTES", CHUNK * 4)
+    src, dest = tmp_path / "src.bin", tmp_path / "dest.bin"
+    async with jetstream(settings) as js:
+        for size in (CHUNK * 4 - 1, CHUNK * 4):
+            data = write(src, size)
+            await put_file(js, "files", "obj", src, chunk_size=CHUNK)
+            await get_file(js, "files", "obj", dest)
+            assert dest.read_bytes() == data
+    assert fetches.outcomes == ["ok"]
+
+
+async def test_falls_back_to_nats_py_when_the_server_refuses_a_second_connection(
+        tmp_path: Path, fetches: Fetches) -> None:
+    """A server that allows one connection refuses the direct path's own: get_file logs
+    why and receives the object over the nats-py connection instead."""
+    conf = tmp_path / "one.conf"
+    conf.write_text("max_connections: 1\n")
+    server = EmbeddedNats(tmp_path / "nats", port=-1, monitor_port=None,
+                          extra_args=["-c", str(conf)])
+    await server.astart()
+    try:
+        src, dest = tmp_path / "src.bin", tmp_path / "dest.bin"
+        data = write(src, CHUNK * 5)
+        async with jetstream(NatsSettings(servers=(server.url,))) as js:
+            await put_file(js, "files", "obj", src, chunk_size=CHUNK)
+            with structlog.testing.capture_logs() as logs:
+                await get_file(js, "files", "obj", dest)
+    finally:
+        await server.astop()
+    assert dest.read_bytes() == data and fetches.outcomes == ["Unavailable"]
+    [line] = [e for e in logs if e["event"].startswith("direct receive unavailable")]
+    assert "maximum connections exceeded" in line["reason"]
+
+
+def _self_signed_cert(directory: Path) -> tuple[Path, Path]:
+    assert shutil.which("openssl"), "the openssl command makes this test's certificate"
+    cert, key = directory / "cert.pem", directory / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
+                    "ec_paramgen_curve:prime256v1", "-nodes", "-days", "1",
+                    "-subj", "/CN=localhost", "-addext",
+                    "subjectAltName=IP:127.0.0.1,DNS:localhost",
+                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+    return cert, key
+
+
+def _nkey_user(directory: Path) -> tuple[str, Path]:
+    seed = nkeys.encode_seed(os.urandom(32), nkeys.PREFIX_BYTE_USER)
+    seed_file = directory / "user.nk"
+    seed_file.write_bytes(seed)
+    return nkeys.from_seed(bytearray(seed)).public_key.decode(), seed_file
+
+
+def _secured(kind: str, directory: Path) -> tuple[list[str], dict[str, Any]]:
+    """Server arguments and the matching client settings for one kind of security."""
+    if kind == "user-password":
+        return ["--user", "u", "--pass", "p"], {"user": "u", "password": "p"}
+    if kind == "token":
+        return ["--auth", "s3cret"], {"token": "s3cret"}
+    if kind == "nkey":
+        public, seed_file = _nkey_user(directory)
+        conf = directory / "nkey.conf"
+        conf.write_text(f'authorization {{ users = [ {{ nkey: "{public}" }} ] }}\n')
+        return ["-c", str(conf)], {"nkey_seed_file": str(seed_file)}
+    cert, key = _self_signed_cert(directory)  # TLS, plus a password
+    return (["--tls", "--tlscert", str(cert), "--tlskey", str(key), "--user", "u",
+             "--pass", "p"], {"tls_ca_file": str(cert), "user": "u", "password": "p"})
+
+
+@pytest.mark.parametrize("kind", ["user-password", "token", "nkey", "tls"])
+async def test_direct_receive_uses_the_clients_credentials(tmp_path: Path, kind: str,
+                                                           fetches: Fetches) -> None:
+    """Against a server that demands a password, a token, a signed nkey nonce or TLS,
+    the direct path connects with the nats-py client's own options and succeeds."""
+    args, options = _secured(kind, tmp_path)
+    server = EmbeddedNats(tmp_path / "nats", port=-1, monitor_port=None, extra_args=args)
+    await server.astart()
+    try:
+        src, dest = tmp_path / "src.bin", tmp_path / "dest.bin"
+        data = write(src, CHUNK * 6 + 5)
+        async with jetstream(NatsSettings(servers=(server.url,), **options)) as js:
+            await put_file(js, "files", "obj", src, chunk_size=CHUNK)
+            await get_file(js, "files", "obj", dest)
+    finally:
+        await server.astop()
+    assert dest.read_bytes() == data and fetches.outcomes == ["ok"]
