@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import json
 import mmap
 import os
@@ -34,6 +33,7 @@ import msgspec
 from nodes.api import wire
 from nodes.api.serving import Route, Serving
 from nodes.api.usercode import Generation
+from nodes.orphans import die_with_parent
 from nodes.runtime.connection import connect
 from nodes.runtime.logs import configure_logging, get_logger
 from nodes.runtime.settings import NatsSettings
@@ -141,17 +141,11 @@ class Worker:
                         s.overloaded, s.shadow_mismatches]])
 
 
-def _die_with_parent() -> None:
-    if sys.platform.startswith("linux"):
-        with contextlib.suppress(OSError):
-            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)
-    if os.getppid() == 1:
-        os._exit(1)
-
-
 def main() -> None:
     fd = int(sys.argv[1])
-    _die_with_parent()
+    die_with_parent(signal.SIGKILL)
+    if os.getppid() == 1:  # the node died before we could ask to follow it
+        os._exit(1)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the node decides when workers stop
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     os.dup2(2, 1)  # user code's prints go to the node's log

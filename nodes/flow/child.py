@@ -10,8 +10,6 @@ stdout/stderr, which the fork server forwards to the engine's run log.
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import fcntl
 import importlib.util
 import os
@@ -26,25 +24,13 @@ from typing import NoReturn
 from nodes.flow.context import RecipeContext, ScriptContext
 from nodes.flow.metrics import measure
 from nodes.flow.wire import HEADER, JobSpec, Report, decode_spec, encode_report
+from nodes.orphans import die_with_parent
 
 TRACEBACK_LINES = 20
 EXIT_FAILED = 1      # run(ctx) raised
 EXIT_REPORT = 70     # the report itself could not be written
 EXIT_SETUP = 71      # the process failed before it could run anything
 CTL_FD, SPEC_FD = 3, 4
-PR_SET_PDEATHSIG = 1
-
-try:
-    _libc: ctypes.CDLL | None = ctypes.CDLL(None, use_errno=True)
-except OSError:
-    _libc = None
-
-
-def die_with_parent(sig: int = signal.SIGKILL) -> None:
-    """Ask Linux to send ``sig`` to this process when its parent dies (no orphans)."""
-    if _libc is not None and sys.platform.startswith("linux"):
-        with contextlib.suppress(AttributeError):
-            _libc.prctl(PR_SET_PDEATHSIG, sig)
 
 
 def become_job(spec: JobSpec | None, out_w: int, ctl_w: int, spec_r: int | None) -> NoReturn:

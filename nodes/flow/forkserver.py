@@ -32,7 +32,7 @@ from typing import Any
 
 import msgspec
 
-from nodes.flow.child import become_job, die_with_parent
+from nodes.flow.child import become_job
 from nodes.flow.wire import (
     Deframer,
     Exited,
@@ -45,6 +45,7 @@ from nodes.flow.wire import (
     decode_to_server,
     frame,
 )
+from nodes.orphans import die_with_parent
 
 READ = 1 << 16
 SPARE_BACKOFF_S = 1.0  # after a spare died unused, wait this long before forking another

@@ -7,8 +7,6 @@ guessed with a sleep; the ports it actually bound are read from the same lines.
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import os
 import re
 import shutil
@@ -23,6 +21,7 @@ from types import TracebackType
 
 import anyio
 
+from nodes.orphans import die_with_parent
 from protocol.errors import ShipyardError
 
 _CLIENT_RE = re.compile(r"Listening for client connections on (\S+):(\d+)")
@@ -51,8 +50,7 @@ def find_binary() -> str:
 
 
 def _pdeathsig() -> None:  # runs in the child between fork and exec
-    with contextlib.suppress(Exception):
-        ctypes.CDLL("libc.so.6").prctl(1, signal.SIGTERM)
+    die_with_parent(signal.SIGTERM)
 
 
 class EmbeddedNats:

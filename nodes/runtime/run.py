@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ctypes
 import os
 import signal
 import sys
@@ -10,6 +9,7 @@ from typing import Any
 
 import anyio
 
+from nodes.orphans import die_with_parent
 from nodes.runtime.connection import CannotReachNats
 from nodes.runtime.logs import get_logger
 from nodes.runtime.node import Node
@@ -17,19 +17,11 @@ from nodes.runtime.node import Node
 PARENT_PID_ENV = "SHIPYARD_PARENT_PID"
 
 
-def die_with_parent() -> None:
-    """Under a supervisor, ask Linux to SIGTERM us if the supervisor dies (no orphans)."""
+def die_with_supervisor() -> None:
+    """Under a supervisor, be SIGTERMed if the supervisor dies (a graceful stop)."""
     parent = os.environ.get(PARENT_PID_ENV)
-    if not parent or not sys.platform.startswith("linux"):
-        return
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        pr_set_pdeathsig = 1
-        libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
-    except OSError:
-        return
-    if os.getppid() != int(parent):  # the parent died before prctl took effect
-        os.kill(os.getpid(), signal.SIGTERM)
+    if parent and parent.isdigit():
+        die_with_parent(signal.SIGTERM, parent=int(parent))
 
 
 async def serve_until_signalled(node: Node) -> None:
@@ -56,7 +48,7 @@ async def serve_until_signalled(node: Node) -> None:
 
 def run_node(node: Node) -> int:
     """Run a node in this process until a signal; return the process exit code."""
-    die_with_parent()
+    die_with_supervisor()
     code = 0
     try:
         anyio.run(serve_until_signalled, node, backend_options=_backend_options())
