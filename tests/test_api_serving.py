@@ -31,7 +31,7 @@ from tests.apiproject import make_api_project
 from tests.apistack import SERVICE, api_stack, url
 from tests.helpers import gather, wait_for
 
-SCHEMAS = Path(__file__).resolve().parents[2] / "shared" / "schemas" / "nats-micro-v1"
+SCHEMAS = Path(__file__).resolve().parent / "schemas" / "nats-micro-v1"
 
 
 async def test_package_deploy_and_call_over_http_and_nats(settings: NatsSettings,
