@@ -12,7 +12,6 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Any
 
-import anyio
 import msgspec
 import nats.js.errors
 from anyio.abc import TaskGroup
@@ -21,6 +20,7 @@ from nats.js.kv import KeyValue
 
 from nodes.api.metrics import quantile
 from nodes.deployer.projects import BUSY_STAGES, HISTORY_LIMIT
+from nodes.deployer.updates import UpdateCloser, close_last
 from nodes.runtime.jetstream import ensure_kv
 from nodes.runtime.kvcache import Entry, KVCache
 from nodes.runtime.node import handles
@@ -49,7 +49,6 @@ from protocol.deploy import (
     IN_SYNC,
     OUT_OF_SYNC,
     PENDING,
-    SUCCEEDED,
     SUPERSEDED,
     UNKNOWN,
     UPDATING,
@@ -74,7 +73,8 @@ class ApiDeployer:
         self._deploy: KeyValue | None = None
         self._packages: KeyValue | None = None
         self._cache: KVCache[ApiDeploymentRecord] | None = None
-        self._kick = anyio.Event()
+        self.closer = UpdateCloser(self.view, self._finish,
+                                   lambda: self.node.stopping_requested)
         self.reports: dict[str, tuple[ApiMetricsReport, ApiMetricsReport | None]] = {}
 
     async def setup(self) -> None:
@@ -93,10 +93,10 @@ class ApiDeployer:
         self.node._subs.append(sub)
         sub = await self.node.nc.subscribe(subjects.reports("apigen"), cb=self._on_progress)
         self.node._subs.append(sub)
-        tg.start_soon(self._results_loop)
+        tg.start_soon(self.closer.run, self._cache)
 
     def kick(self) -> None:
-        self._kick.set()
+        self.closer.kick()
 
     async def _changed(self, key: str, entry: Entry[ApiDeploymentRecord] | None) -> None:
         self.kick()
@@ -305,29 +305,9 @@ class ApiDeployer:
             out.append(row)
         return sorted(out, key=lambda r: (r["endpoint"], r["generation"]))
 
-    async def _results_loop(self) -> None:
-        assert self._cache is not None
-        while not self.node.stopping_requested:
-            self._kick = anyio.Event()
-            for entry in list(self._cache.entries.values()):
-                rec = entry.value
-                last = rec.history[-1] if rec.history else None
-                if last is None or last.result != PENDING:
-                    continue
-                view = self.view(rec, entry.revision)
-                if view.state == IN_SYNC:
-                    await self._finish(entry, SUCCEEDED, "")
-                elif view.state == FAILED:
-                    await self._finish(entry, FAILED, "; ".join(view.reasons))
-            with anyio.move_on_after(1.0):
-                await self._kick.wait()
-
     async def _finish(self, entry: Entry[ApiDeploymentRecord], result: str, detail: str) -> None:
         rec = entry.value
-        last = rec.history[-1]
-        done = msgspec.structs.replace(last, result=result, detail=detail,
-                                       finished_at=time.time())
-        new = msgspec.structs.replace(rec, history=[*rec.history[:-1], done])
+        new, last = close_last(rec, result, detail)
         try:
             await self.kv.update(deployment_key("api", rec.infra, rec.service), encode(new),
                                  last=entry.revision)

@@ -12,12 +12,12 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Any
 
-import anyio
 import msgspec
 import nats.js.errors
 from anyio.abc import TaskGroup
 from nats.js.kv import KeyValue
 
+from nodes.deployer.updates import UpdateCloser, close_last
 from nodes.runtime.jetstream import ensure_kv
 from nodes.runtime.kvcache import Entry, KVCache
 from nodes.runtime.node import handles
@@ -36,7 +36,6 @@ from protocol.deploy import (
     OUT_OF_SYNC,
     PENDING,
     STAGES,
-    SUCCEEDED,
     SUPERSEDED,
     UNKNOWN,
     UPDATING,
@@ -79,7 +78,8 @@ class ProjectDeployer:
         self._deploy: KeyValue | None = None
         self._bundles: KeyValue | None = None
         self._cache: KVCache[DeploymentRecord] | None = None
-        self._kick = anyio.Event()
+        self.closer = UpdateCloser(self.view, self._finish,
+                                   lambda: self.node.stopping_requested)
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -96,11 +96,11 @@ class ProjectDeployer:
     async def started(self, tg: TaskGroup) -> None:
         assert self._cache is not None
         await tg.start(self._cache.run)
-        tg.start_soon(self._results_loop)
+        tg.start_soon(self.closer.run, self._cache)
 
     def kick(self) -> None:
         """Something changed (a node's state, a record): re-judge pending updates."""
-        self._kick.set()
+        self.closer.kick()
 
     async def _changed(self, key: str, entry: Entry[DeploymentRecord] | None) -> None:
         self.kick()
@@ -308,30 +308,9 @@ class ProjectDeployer:
             updated_by=rec.updated_by, state=state, health=health, reasons=reasons,
             nodes=per_node, last_update=rec.history[-1] if rec.history else None)
 
-    async def _results_loop(self) -> None:
-        """Close pending updates once the fleet has answered (succeeded or failed)."""
-        assert self._cache is not None
-        while not self.node.stopping_requested:
-            self._kick = anyio.Event()
-            for entry in list(self._cache.entries.values()):
-                rec = entry.value
-                last = rec.history[-1] if rec.history else None
-                if last is None or last.result != PENDING:
-                    continue
-                view = self.view(rec, entry.revision)
-                if view.state == IN_SYNC:
-                    await self._finish(entry, SUCCEEDED, "")
-                elif view.state == FAILED:
-                    await self._finish(entry, FAILED, "; ".join(view.reasons))
-            with anyio.move_on_after(1.0):
-                await self._kick.wait()
-
     async def _finish(self, entry: Entry[DeploymentRecord], result: str, detail: str) -> None:
         rec = entry.value
-        last = rec.history[-1]
-        done = msgspec.structs.replace(last, result=result, detail=detail,
-                                       finished_at=time.time())
-        new = msgspec.structs.replace(rec, history=[*rec.history[:-1], done])
+        new, last = close_last(rec, result, detail)
         key = deployment_key("bundle", rec.infra, rec.project)
         try:
             await self._write(key, new, entry.revision)

@@ -1,0 +1,65 @@
+"""Closing a deployment's pending update once the fleet has answered.
+
+Shared by the Project and API Deployers: a record's last update stays ``pending`` until
+the deployment's view says every online node runs it (``succeeded``) or one refused it
+(``failed``); the record is then rewritten by compare-and-set.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, Generic, Protocol, TypeVar
+
+import anyio
+import msgspec
+
+from nodes.runtime.kvcache import Entry, KVCache
+from protocol.deploy import FAILED, IN_SYNC, PENDING, SUCCEEDED, DeploymentView, Update
+
+
+class WithHistory(Protocol):
+    @property
+    def history(self) -> list[Update]: ...
+
+
+R = TypeVar("R", bound=WithHistory)
+
+
+def close_last(record: R, result: str, detail: str) -> tuple[R, Update]:
+    """``record`` with its last update closed as ``result``; and that update."""
+    done = msgspec.structs.replace(record.history[-1], result=result, detail=detail,
+                                   finished_at=time.time())
+    new: Any = msgspec.structs.replace(record, history=[*record.history[:-1], done])  # type: ignore[type-var]
+    return new, done
+
+
+class UpdateCloser(Generic[R]):
+    """Watches the records in ``cache`` and calls ``finish(entry, result, detail)`` for
+    each pending update the fleet has answered.  ``kick()`` re-judges at once."""
+
+    def __init__(self, view: Callable[[R, int], DeploymentView],
+                 finish: Callable[[Entry[R], str, str], Awaitable[None]],
+                 stopping: Callable[[], bool]) -> None:
+        self.view = view
+        self.finish = finish
+        self.stopping = stopping
+        self._kick = anyio.Event()
+
+    def kick(self) -> None:
+        self._kick.set()
+
+    async def run(self, cache: KVCache[R]) -> None:
+        while not self.stopping():
+            self._kick = anyio.Event()
+            for entry in list(cache.entries.values()):
+                history = entry.value.history
+                if not history or history[-1].result != PENDING:
+                    continue
+                view = self.view(entry.value, entry.revision)
+                if view.state == IN_SYNC:
+                    await self.finish(entry, SUCCEEDED, "")
+                elif view.state == FAILED:
+                    await self.finish(entry, FAILED, "; ".join(view.reasons))
+            with anyio.move_on_after(1.0):
+                await self._kick.wait()
