@@ -22,7 +22,7 @@ from nodes.api.metrics import quantile
 from nodes.deployer.projects import BUSY_STAGES, HISTORY_LIMIT
 from nodes.deployer.updates import UpdateCloser, close_last
 from nodes.runtime.jetstream import ensure_kv
-from nodes.runtime.kvcache import Entry, KVCache
+from nodes.runtime.kvcache import Entry, KVCache, read
 from nodes.runtime.node import handles
 from protocol import subjects
 from protocol.api import (
@@ -134,13 +134,7 @@ class ApiDeployer:
                        f"versions {service})")
 
     async def _read(self, key: str) -> tuple[ApiDeploymentRecord | None, int]:
-        try:
-            entry = await self.kv.get(key)
-        except nats.js.errors.KeyNotFoundError:
-            return None, 0
-        if not entry.value:
-            return None, entry.revision or 0
-        return API_DEPLOYMENT_VALUE.decode(entry.value), entry.revision or 0
+        return await read(self.kv, key, API_DEPLOYMENT_VALUE.decode)
 
     async def _endpoints(self, service: str, mapping: ApiMapping) -> tuple[dict[str, str], str]:
         endpoints: dict[str, str] = {}

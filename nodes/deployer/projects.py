@@ -19,7 +19,7 @@ from nats.js.kv import KeyValue
 
 from nodes.deployer.updates import UpdateCloser, close_last
 from nodes.runtime.jetstream import ensure_kv
-from nodes.runtime.kvcache import Entry, KVCache
+from nodes.runtime.kvcache import Entry, KVCache, read
 from nodes.runtime.node import handles
 from protocol import subjects
 from protocol.base import Request, encode, new_id
@@ -191,13 +191,7 @@ class ProjectDeployer:
                        f"(see: shipyard bundle list {project})")
 
     async def _read(self, key: str) -> tuple[DeploymentRecord | None, int]:
-        try:
-            entry = await self.deploy_kv.get(key)
-        except nats.js.errors.KeyNotFoundError:
-            return None, 0
-        if not entry.value:
-            return None, entry.revision or 0
-        return DEPLOYMENT_VALUE.decode(entry.value), entry.revision or 0
+        return await read(self.deploy_kv, key, DEPLOYMENT_VALUE.decode)
 
     async def _write(self, key: str, record: DeploymentRecord, revision: int) -> int:
         """Compare-and-set: write only if the record is still at ``revision``."""

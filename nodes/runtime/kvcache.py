@@ -156,3 +156,15 @@ async def delete_if(kv: KeyValue, key: str, revision: int) -> bool:
             return False
         raise
     return True
+
+
+async def read(kv: KeyValue, key: str, decode: Callable[[bytes], V]) -> tuple[V | None, int]:
+    """A key's decoded value and revision; ``(None, 0)`` if it does not exist, and
+    ``(None, revision)`` if it was deleted (a compare-and-set must name that revision)."""
+    try:
+        entry = await kv.get(key)
+    except nats.js.errors.KeyNotFoundError:
+        return None, 0
+    if not entry.value:
+        return None, entry.revision or 0
+    return decode(entry.value), entry.revision or 0
