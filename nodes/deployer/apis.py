@@ -19,8 +19,8 @@ from nats.aio.msg import Msg
 from nats.js.kv import KeyValue
 
 from nodes.api.metrics import quantile
-from nodes.deployer.projects import BUSY_STAGES, HISTORY_LIMIT
-from nodes.deployer.updates import UpdateCloser, close_last
+from nodes.deployer.projects import HISTORY_LIMIT
+from nodes.deployer.updates import UpdateCloser, close_last, judge
 from nodes.runtime.jetstream import ensure_kv
 from nodes.runtime.kvcache import Entry, KVCache, read
 from nodes.runtime.node import handles
@@ -43,16 +43,8 @@ from protocol.api import (
 )
 from protocol.base import Request, encode, new_id
 from protocol.deploy import (
-    ERROR,
-    FAILED,
-    HEALTHY,
-    IN_SYNC,
-    OUT_OF_SYNC,
     PENDING,
     SUPERSEDED,
-    UNKNOWN,
-    UPDATING,
-    WARNING,
     DeploymentView,
     ListDeployments,
     NodeDeployment,
@@ -253,7 +245,11 @@ class ApiDeployer:
     def view(self, rec: ApiDeploymentRecord, revision: int) -> DeploymentView:
         nodes = self.node.registry.query(role="api", infra=rec.infra)
         per_node = [_node_deployment(n, rec) for n in nodes]
-        state, health, reasons = judge(rec, per_node)
+        state, health, reasons = judge(
+            want=rec.mapping.describe(), infra=rec.infra, role="API",
+            verbs=("serves", "serving", "served"),
+            pending=bool(rec.history) and rec.history[-1].result == PENDING,
+            per_node=per_node, quiet=("", "idle", "serving"))
         online = {n.name for n in nodes if n.status == ONLINE}
         return DeploymentView(
             project=rec.service, infra=rec.infra, desired=rec.mapping.describe(),
@@ -321,33 +317,3 @@ def _node_deployment(n: NodeInfo, rec: ApiDeploymentRecord) -> NodeDeployment:
         else ""
     return NodeDeployment(node=n.name, status=n.status, running=st.get("mapping"),
                           activity=str(st.get("stage", "")), error=error)
-
-
-def judge(rec: ApiDeploymentRecord,
-          per_node: list[NodeDeployment]) -> tuple[str, str, list[str]]:
-    """(state, health, reasons) of an API deployment from node liveness and switches."""
-    want = rec.mapping.describe()
-    if not per_node:
-        return OUT_OF_SYNC, UNKNOWN, [f"no API node has joined infra {rec.infra}"]
-    online = [d for d in per_node if d.status == ONLINE]
-    failed = [d for d in online if d.error]
-    behind = [d for d in online if d.running != want and not d.error]
-    reasons = [f"{d.node}: refused {want}: {d.error} (still serving {d.running or 'nothing'})"
-               for d in failed]
-    reasons += [f"{d.node} is lost" for d in per_node if d.status != ONLINE]
-    reasons += [f"{d.node} serves {d.running or 'nothing'}, not {want}"
-                + (f" ({d.activity})" if d.activity not in ("", "idle", "serving") else "")
-                for d in behind]
-    pending = bool(rec.history) and rec.history[-1].result == PENDING
-    if failed:
-        state = FAILED
-    elif not online:
-        state = OUT_OF_SYNC
-        reasons.insert(0, f"no online API node in infra {rec.infra}")
-    elif behind:
-        working = any(d.activity in (*BUSY_STAGES, "loading") for d in behind)
-        state = UPDATING if pending or working else OUT_OF_SYNC
-    else:
-        state = IN_SYNC
-    health = ERROR if state == FAILED or not online else WARNING if reasons else HEALTHY
-    return state, health, reasons

@@ -17,7 +17,7 @@ import nats.js.errors
 from anyio.abc import TaskGroup
 from nats.js.kv import KeyValue
 
-from nodes.deployer.updates import UpdateCloser, close_last
+from nodes.deployer.updates import UpdateCloser, close_last, judge
 from nodes.runtime.jetstream import ensure_kv
 from nodes.runtime.kvcache import Entry, KVCache, read
 from nodes.runtime.node import handles
@@ -26,19 +26,14 @@ from protocol.base import Request, encode, new_id
 from protocol.bundles import BUNDLE_INFO, check_bundle_id
 from protocol.deploy import (
     DEPLOYMENT_VALUE,
-    ERROR,
-    FAILED,
     HEALTHY,
-    IN_SYNC,
     INFRA_NAME,
     INFRA_VALUE,
     KINDS,
-    OUT_OF_SYNC,
     PENDING,
     STAGES,
     SUPERSEDED,
     UNKNOWN,
-    UPDATING,
     WARNING,
     CreateInfra,
     DeployBundle,
@@ -61,13 +56,12 @@ from protocol.deploy import (
     deployment_key,
 )
 from protocol.errors import BadRequest, Conflict, NotFound
-from protocol.registry import ONLINE, NodeInfo
+from protocol.registry import NodeInfo
 
 if TYPE_CHECKING:
     from nodes.deployer.node import DeployerNode
 
 HISTORY_LIMIT = 200
-BUSY_STAGES = ("starting", "fetching", "unpacking", "retrying")
 
 
 class ProjectDeployer:
@@ -289,7 +283,11 @@ class ProjectDeployer:
     def view(self, rec: DeploymentRecord, revision: int) -> DeploymentView:
         nodes = self.node.registry.query(role="automation", infra=rec.infra)
         per_node = [_node_deployment(n, rec) for n in nodes]
-        state, health, reasons = judge(rec, nodes, per_node)
+        state, health, reasons = judge(
+            want=rec.desired, infra=rec.infra, role="automation",
+            verbs=("runs", "running", "ran"),
+            pending=bool(rec.history) and rec.history[-1].result == PENDING,
+            per_node=per_node)
         last = self.node.runs.last_run(rec.infra, rec.project)
         if last is not None and last.outcome == "FAILED":
             reasons.append(f"last run {last.run_id} ({last.scenario}) failed: "
@@ -325,39 +323,3 @@ def _node_deployment(n: NodeInfo, rec: DeploymentRecord) -> NodeDeployment:
         error = str(failed.get("reason", "activation failed"))
     return NodeDeployment(node=n.name, status=n.status, running=st.get("active"),
                           activity=str(st.get("stage", "")), error=error)
-
-
-def judge(rec: DeploymentRecord, nodes: list[NodeInfo],
-          per_node: list[NodeDeployment]) -> tuple[str, str, list[str]]:
-    """(state, health, reasons) of a deployment from node liveness and activations."""
-    if not nodes:
-        return OUT_OF_SYNC, UNKNOWN, [f"no automation node has joined infra {rec.infra}"]
-    online = [d for d in per_node if d.status == ONLINE]
-    lost = [d for d in per_node if d.status != ONLINE]
-    failed = [d for d in online if d.error]
-    behind = [d for d in online if d.running != rec.desired and not d.error]
-    reasons: list[str] = [f"{d.node}: refused {rec.desired}: {d.error} (still running "
-                          f"{d.running or 'nothing'})" for d in failed]
-    reasons += [f"{d.node} is lost (last ran {d.running or 'nothing'})" for d in lost]
-    reasons += [f"{d.node} runs {d.running or 'nothing'}, not {rec.desired}"
-                + (f" ({d.activity})" if d.activity not in ("", "idle") else "")
-                for d in behind]
-    pending = bool(rec.history) and rec.history[-1].result == PENDING
-    if failed:
-        state = FAILED
-    elif not online:
-        state = OUT_OF_SYNC
-        reasons.insert(0, f"no online automation node in infra {rec.infra}")
-    elif behind:
-        working = any(d.activity in BUSY_STAGES for d in behind)
-        state = UPDATING if pending or working else OUT_OF_SYNC
-    else:
-        state = IN_SYNC
-    if state == FAILED or not online:
-        health = ERROR
-    elif reasons:
-        health = WARNING
-    else:
-        health = HEALTHY
-    return state, health, reasons
-

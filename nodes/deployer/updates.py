@@ -15,7 +15,22 @@ import anyio
 import msgspec
 
 from nodes.runtime.kvcache import Entry, KVCache
-from protocol.deploy import FAILED, IN_SYNC, PENDING, SUCCEEDED, DeploymentView, Update
+from protocol.deploy import (
+    ERROR,
+    FAILED,
+    HEALTHY,
+    IN_SYNC,
+    OUT_OF_SYNC,
+    PENDING,
+    SUCCEEDED,
+    UNKNOWN,
+    UPDATING,
+    WARNING,
+    DeploymentView,
+    NodeDeployment,
+    Update,
+)
+from protocol.registry import ONLINE
 
 
 class WithHistory(Protocol):
@@ -63,3 +78,39 @@ class UpdateCloser(Generic[R]):
                     await self.finish(entry, FAILED, "; ".join(view.reasons))
             with anyio.move_on_after(1.0):
                 await self._kick.wait()
+
+
+BUSY_STAGES = ("starting", "fetching", "unpacking", "retrying", "loading")
+
+
+def judge(*, want: str, infra: str, role: str, verbs: tuple[str, str, str], pending: bool,
+          per_node: list[NodeDeployment],
+          quiet: tuple[str, ...] = ("", "idle")) -> tuple[str, str, list[str]]:
+    """(state, health, reasons) of a deployment from its nodes: the one rule both
+    Deployers apply.  ``want`` is what every online node should run; ``verbs`` words it
+    (("runs", "running", "ran") or ("serves", "serving", "served")); ``quiet`` are
+    activities not worth a reason."""
+    verb, doing, did = verbs
+    if not per_node:
+        return OUT_OF_SYNC, UNKNOWN, [f"no {role} node has joined infra {infra}"]
+    online = [d for d in per_node if d.status == ONLINE]
+    failed = [d for d in online if d.error]
+    behind = [d for d in online if d.running != want and not d.error]
+    reasons = [f"{d.node}: refused {want}: {d.error} (still {doing} "
+               f"{d.running or 'nothing'})" for d in failed]
+    reasons += [f"{d.node} is lost (last {did} {d.running or 'nothing'})"
+                for d in per_node if d.status != ONLINE]
+    reasons += [f"{d.node} {verb} {d.running or 'nothing'}, not {want}"
+                + (f" ({d.activity})" if d.activity not in quiet else "") for d in behind]
+    if failed:
+        state = FAILED
+    elif not online:
+        state = OUT_OF_SYNC
+        reasons.insert(0, f"no online {role} node in infra {infra}")
+    elif behind:
+        working = any(d.activity in BUSY_STAGES for d in behind)
+        state = UPDATING if pending or working else OUT_OF_SYNC
+    else:
+        state = IN_SYNC
+    health = ERROR if state == FAILED or not online else WARNING if reasons else HEALTHY
+    return state, health, reasons
