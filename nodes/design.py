@@ -217,7 +217,8 @@ class DesignNode(Node):
         finally:
             await anyio.Path(archive).unlink(missing_ok=True)
         info = msgspec.structs.replace(packed.info, archive=name, archive_size=stored.size,
-                                       archive_sha256=stored.sha256)
+                                       archive_sha256=stored.sha256,
+                                       archive_blake3=stored.blake3)
         previous = await self.bundle_infos(manifest.project.key)
         try:
             await self.bundles_kv.create(key, encode(info))

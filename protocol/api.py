@@ -135,6 +135,7 @@ class ApiPackageInfo(msgspec.Struct, frozen=True, kw_only=True):
     archive: str = ""
     archive_size: int = 0
     archive_sha256: str = ""
+    archive_blake3: str = ""  # empty in records made before it was kept
     v: int = 1
 
 

@@ -54,6 +54,7 @@ class BundleInfo(msgspec.Struct, frozen=True, kw_only=True):
     archive: str = ""  # object name in the bundles object store
     archive_size: int = 0
     archive_sha256: str = ""
+    archive_blake3: str = ""  # empty in records made before it was kept
     v: int = 1
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import blake3
 import nats.js.errors
 import nkeys
 import pytest
@@ -131,6 +132,7 @@ async def test_round_trip_returns_identical_bytes(settings: NatsSettings, tmp_pa
     assert stored == got == info
     assert (stored.size, stored.chunks) == (size, chunks)
     assert stored.sha256 == hashlib.sha256(data).hexdigest()
+    assert stored.blake3 == blake3.blake3(data).hexdigest()
     assert stored.meta == {"project": "demo"}
     assert fetches.outcomes == (["ok"] if receive == "direct" and chunks else [])
     assert fetch_threads() == []
@@ -198,6 +200,8 @@ async def test_bad_arguments_raise_bad_request(settings: NatsSettings, tmp_path:
             await put_file(js, "files", "", src)
         with pytest.raises(BadRequest, match="chunk_size"):
             await put_file(js, "files", "x", src, chunk_size=2 << 20)
+        with pytest.raises(BadRequest, match="meta key 'sy-blake3' is reserved"):
+            await put_file(js, "files", "x", src, meta={transfer.BLAKE3_KEY: "x"})
 
 
 async def test_links_are_refused(settings: NatsSettings, tmp_path: Path) -> None:
@@ -256,8 +260,11 @@ async def _append_chunk(js: JetStreamContext) -> None:
 
 
 async def _wrong_digest(js: JetStreamContext) -> None:
-    digest = base64.urlsafe_b64encode(hashlib.sha256(b"other").digest()).decode()
-    await _rewrite_meta(js, digest=f"SHA-256={digest}")
+    await _rewrite_meta(js, metadata={transfer.BLAKE3_KEY: blake3.blake3(b"other").hexdigest()})
+
+
+async def _malformed_digest(js: JetStreamContext) -> None:
+    await _rewrite_meta(js, metadata={transfer.BLAKE3_KEY: "not hex"})
 
 
 async def _wrong_size(js: JetStreamContext) -> None:
@@ -273,16 +280,18 @@ async def _smaller_max_chunk_in_meta(js: JetStreamContext) -> None:
 
 
 @pytest.mark.parametrize(("tamper", "problem"), [
-    (_alter_chunk, "SHA-256 mismatch"),
+    (_alter_chunk, "BLAKE3 mismatch"),
     (_drop_middle_chunk, "truncated: meta says 5 chunks, 4 are stored"),
     (_drop_last_chunk, "truncated: meta says 5 chunks, 4 are stored"),
     (_more_chunks_in_meta, "truncated: meta says 6 chunks, 5 are stored"),
     (_append_chunk, "extra chunks: meta says 5 chunks, 6 are stored"),
-    (_wrong_digest, "SHA-256 mismatch"),
+    (_wrong_digest, "BLAKE3 mismatch"),
+    (_malformed_digest, "meta has no valid BLAKE3 digest: 'not hex'"),
     (_wrong_size, "size mismatch: meta says 327680, 327590 arrived"),
     (_smaller_max_chunk_in_meta, "chunk 1 has 65536 bytes, more than the meta's max_chunk_size"),
 ], ids=["altered-chunk", "dropped-middle-chunk", "dropped-last-chunk", "meta-more-chunks",
-        "appended-chunk", "meta-wrong-digest", "meta-wrong-size", "meta-smaller-max-chunk"])
+        "appended-chunk", "meta-wrong-digest", "meta-malformed-digest", "meta-wrong-size",
+        "meta-smaller-max-chunk"])
 async def test_tampered_objects_fail_and_leave_dest_untouched(
         settings: NatsSettings, tmp_path: Path,
         tamper: Callable[[JetStreamContext], Awaitable[None]], problem: str,
@@ -306,6 +315,33 @@ async def test_tampered_objects_fail_and_leave_dest_untouched(
     assert leftovers(out) == [] and fetch_threads() == []
 
 
+async def test_a_caller_trusting_only_sha256_gets_the_bytes_checked_with_it(
+        settings: NatsSettings, tmp_path: Path, receive: str) -> None:
+    """Altered bytes whose meta BLAKE3 was rewritten to match pass a BLAKE3 check, so a
+    caller that names only a SHA-256 gets SHA-256 over the bytes, and the change is
+    caught; naming the original BLAKE3 catches it before any byte moves."""
+    src, out = tmp_path / "src.bin", tmp_path / "out"
+    write(src, CHUNK * 5 - 90)
+    out.mkdir()
+    dest = out / "dest.bin"
+    async with jetstream(settings) as js:
+        stored = await put_file(js, "files", "obj", src, chunk_size=CHUNK)
+        await _alter_chunk(js)
+        data = src.read_bytes()  # _alter_chunk re-publishes chunk 2, flipped, last
+        chunks = [data[i:i + CHUNK] for i in range(0, len(data), CHUNK)]
+        altered = b"".join([chunks[0], *chunks[2:], bytes(x ^ 1 for x in chunks[1])])
+        await _rewrite_meta(js, metadata={transfer.BLAKE3_KEY: blake3.blake3(altered).hexdigest()})
+        with pytest.raises(CorruptObject, match="SHA-256 mismatch"):
+            await get_file(js, "files", "obj", dest, expected_sha256=stored.sha256)
+        with pytest.raises(CorruptObject, match=f"BLAKE3 is .*, expected {stored.blake3}"):
+            await get_file(js, "files", "obj", dest, expected_sha256=stored.sha256,
+                           expected_blake3=stored.blake3)
+        # Without expectations the meta is all there is, and the bytes do match it.
+        got = await get_file(js, "files", "obj", dest)
+    assert dest.read_bytes() == altered and got.blake3 != stored.blake3
+    assert leftovers(out) == []
+
+
 async def test_unexpected_digest_is_refused_before_any_bytes_move(
         settings: NatsSettings, tmp_path: Path) -> None:
     """expected_sha256 that differs from the stored digest fails fast; dest not created."""
@@ -315,6 +351,8 @@ async def test_unexpected_digest_is_refused_before_any_bytes_move(
         await put_file(js, "files", "obj", src)
         with pytest.raises(CorruptObject, match="expected " + "0" * 64):
             await get_file(js, "files", "obj", dest, expected_sha256="0" * 64)
+        with pytest.raises(CorruptObject, match="BLAKE3 is [0-9a-f]{64}, expected " + "1" * 64):
+            await get_file(js, "files", "obj", dest, expected_blake3="1" * 64)
     assert not dest.exists()
 
 
@@ -472,6 +510,30 @@ async def test_get_file_reads_what_nats_py_object_store_stores(settings: NatsSet
         got = await get_file(js, "files", "obj", dest)
     assert dest.read_bytes() == data
     assert (got.size, got.chunks, got.sha256) == (len(data), 3, hashlib.sha256(data).hexdigest())
+    assert got.blake3 == ""
+
+
+async def test_objects_without_blake3_are_checked_with_sha256(
+        settings: NatsSettings, tmp_path: Path, receive: str) -> None:
+    """An object stored by nats-py carries only SHA-256: altered bytes are caught with it,
+    and a caller expecting a BLAKE3 is told there is none to compare."""
+    out = tmp_path / "out"
+    out.mkdir()
+    dest = out / "dest.bin"
+    data = hashlib.shake_256(b"nats-py").digest(300_000)
+    async with jetstream(settings) as js:
+        store = await js.create_object_store("files")
+        await store.put("obj", data)
+        want = blake3.blake3(data).hexdigest()
+        with pytest.raises(CorruptObject, match="BLAKE3 is not recorded, expected"):
+            await get_file(js, "files", "obj", dest, expected_blake3=want)
+        seqs = await _chunk_seqs(js)
+        msg = await js.get_msg(STREAM, seqs[1])
+        await js.delete_msg(STREAM, seqs[1])
+        await js.publish(msg.subject or "", bytes(b ^ 1 for b in msg.data or b""))
+        with pytest.raises(CorruptObject, match="SHA-256 mismatch"):
+            await get_file(js, "files", "obj", dest)
+    assert leftovers(out) == []
 
 
 # -- the direct receive path: cancellation, fallback, credentials ---------------------

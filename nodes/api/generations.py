@@ -96,7 +96,8 @@ async def ensure(js: JetStreamContext, kv: KeyValue, store: PackageStore, downlo
     try:
         try:
             await transfer.get_file(js, subjects.API_PACKAGE_STORE, info.archive, archive,
-                                    expected_sha256=info.archive_sha256)
+                                    expected_sha256=info.archive_sha256,
+                                    expected_blake3=info.archive_blake3 or None)
         except transfer.TransferStalled:
             raise
         except transfer.TransferError as exc:

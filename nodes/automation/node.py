@@ -206,7 +206,8 @@ class AutomationNode(Node):
         try:
             try:
                 await transfer.get_file(self.js, subjects.BUNDLE_STORE, info.archive, archive,
-                                        progress=progress, expected_sha256=info.archive_sha256)
+                                        progress=progress, expected_sha256=info.archive_sha256,
+                                        expected_blake3=info.archive_blake3 or None)
             except transfer.TransferError as exc:
                 raise Permanent(f"stored archive is damaged: {exc}") from None
             except NotFound as exc:

@@ -215,7 +215,8 @@ class ApiPackager:
         finally:
             await anyio.Path(archive).unlink(missing_ok=True)
         info = msgspec.structs.replace(info, archive=name, archive_size=stored.size,
-                                       archive_sha256=stored.sha256)
+                                       archive_sha256=stored.sha256,
+                                       archive_blake3=stored.blake3)
         previous = await self.infos(cmd.service)
         try:
             await self.kv.create(key, encode(info))

@@ -185,7 +185,7 @@ class Job:
     window: int  # messages requested but not yet received, at most
     size_limit: int  # stop once more payload bytes than this arrived
     fd: int
-    hasher: Any  # hashlib object: update() releases the GIL for big buffers
+    hasher: Any  # hashlib or blake3 object: update() releases the GIL for big buffers
     check: Check
     timeout: float  # no bytes for this long: Stalled
     preallocate: int = 0  # bytes to reserve in the file first (0: don't)

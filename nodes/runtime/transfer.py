@@ -7,12 +7,20 @@ header on ``$O.<bucket>.M.<base64url(name)>``), so ``nats object`` and nats-py r
 writes and vice versa, but ``put_file`` keeps ``WINDOW_BYTES`` of publishes un-acked while a
 thread reads and hashes ahead, and ``get_file`` pulls from an ephemeral no-ack consumer with
 credit for ``WINDOW_BYTES`` (bounded memory, well under the server's 64 MB per-client limit)
-into a temporary file, renamed into place once size and SHA-256 match.  Objects of
+into a temporary file, renamed into place once size and digest match.  Objects of
 ``DIRECT_MIN_BYTES`` or more are received by ``bulkfetch``: a second connection with the
 client's own credentials and TLS, read by a worker thread straight into the file while
 another thread hashes (~1.5x nats-py's receive path here); smaller ones, and connections it
 cannot reproduce, use a nats-py subscription with hashing and writing in worker threads.
 Every wait is bounded: no progress for ``timeout`` raises ``TransferStalled``.
+
+Digests: the meta data's ``digest`` is SHA-256, as the Object Store layout requires.
+``put_file`` also records a BLAKE3 digest in the meta's ``metadata`` (key ``BLAKE3_KEY``),
+and ``get_file`` checks the bytes against it when it is there: BLAKE3 is as strong a
+check and costs a quarter of SHA-256's CPU (0.13 vs 0.48 CPU-s/GB with AVX-512 and SHA-NI),
+which on a machine whose cores the server and the receiver share is a quarter of the
+receiver's time.  A caller that trusts only a SHA-256 (``expected_sha256`` without
+``expected_blake3``) gets the bytes checked with SHA-256.
 """
 
 from __future__ import annotations
@@ -29,6 +37,7 @@ from pathlib import Path
 from typing import IO, Any
 
 import anyio
+import blake3
 import msgspec
 import nats.errors
 import nats.js.errors
@@ -54,6 +63,8 @@ DEFAULT_TIMEOUT = 10.0
 FAST_RECEIVE = True
 DIRECT_MIN_BYTES = 1 << 20
 _DIGEST_PREFIX = "SHA-256="
+BLAKE3_KEY = "sy-blake3"  # in the meta's user metadata: BLAKE3 of the object, lowercase hex
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
 _ROLLUP = {"Nats-Rollup": "sub"}
 _STREAM_NOT_FOUND = 10059
 _BUCKET_RE = re.compile(r"^[a-zA-Z0-9_-]+$")
@@ -80,7 +91,8 @@ class TransferStalled(TransferError):
 
 
 class StoredObject(msgspec.Struct, frozen=True, kw_only=True):
-    """An object as its meta data describes it; ``sha256`` is lowercase hex."""
+    """An object as its meta data describes it; digests are lowercase hex, ``blake3`` is
+    empty for objects stored by other writers (nats-py, ``nats object``)."""
 
     name: str
     bucket: str
@@ -88,6 +100,7 @@ class StoredObject(msgspec.Struct, frozen=True, kw_only=True):
     chunks: int
     sha256: str
     nuid: str
+    blake3: str = ""
     meta: dict[str, str] = {}
     mtime: str = ""
 
@@ -152,9 +165,25 @@ def _stored(info: _Info) -> StoredObject:
     if digest[:len(_DIGEST_PREFIX)].upper() != _DIGEST_PREFIX or len(raw) != 32:
         raise CorruptObject(info.bucket, info.name, f"meta has no valid SHA-256 digest: "
                             f"{digest!r}")
+    meta = dict(info.metadata or {})
+    b3 = meta.pop(BLAKE3_KEY, "")
+    if b3 and not _HEX64.match(b3):
+        raise CorruptObject(info.bucket, info.name, f"meta has no valid BLAKE3 digest: {b3!r}")
     return StoredObject(name=info.name, bucket=info.bucket, size=info.size, chunks=info.chunks,
-                        sha256=raw.hex(), nuid=info.nuid, meta=dict(info.metadata or {}),
+                        sha256=raw.hex(), nuid=info.nuid, blake3=b3, meta=meta,
                         mtime=info.mtime)
+
+
+class _BothHashes:
+    """SHA-256 (the Object Store digest) and BLAKE3 (what ``get_file`` checks) in one
+    pass; each ``update`` releases the GIL for big buffers."""
+
+    def __init__(self) -> None:
+        self.sha256, self.blake3 = hashlib.sha256(), blake3.blake3()
+
+    def update(self, data: bytes | memoryview) -> None:
+        self.sha256.update(data)
+        self.blake3.update(data)
 
 
 @contextlib.asynccontextmanager
@@ -328,13 +357,16 @@ async def put_file(js: JetStreamContext, bucket: str, name: str, path: Path, *,
     """Store the file at ``path`` as object ``name``, creating the bucket if needed and
     replacing (and purging) an object of the same name.
 
-    Raises ``BadRequest`` for a bad bucket or empty name or a chunk size over the server's
-    max payload; ``TransferStalled`` if the server refuses a chunk or stops answering (the
-    chunks already sent are purged); ``OSError`` if the file cannot be read.
+    Raises ``BadRequest`` for a bad bucket or empty name, a chunk size over the server's
+    max payload or ``meta`` using the reserved key ``BLAKE3_KEY``; ``TransferStalled`` if
+    the server refuses a chunk or stops answering (the chunks already sent are purged);
+    ``OSError`` if the file cannot be read.
     """
     _check(bucket, name)
     if not 0 < chunk_size <= js._nc.max_payload:
         raise BadRequest(f"chunk_size {chunk_size} must be in 1..{js._nc.max_payload}")
+    if meta and BLAKE3_KEY in meta:
+        raise BadRequest(f"meta key {BLAKE3_KEY!r} is reserved for the object's digest")
     async with _nats_errors(bucket, name, "opening the bucket"):
         await ensure_bucket(js, bucket, replicas=replicas)
     try:
@@ -343,14 +375,16 @@ async def put_file(js: JetStreamContext, bucket: str, name: str, path: Path, *,
         old = None
     nuid = _nuid.next().decode()
     subject = _chunks_subject(bucket, nuid)
-    h = hashlib.sha256()
+    h = _BothHashes()
     async with await anyio.open_file(path, "rb") as f:
         try:
             size, chunks = await _publish_chunks(js, _Acks(bucket, name), subject, f.wrapped,
                                                  chunk_size, h, timeout)
             info = _Info(name=name, bucket=bucket, nuid=nuid, size=size, chunks=chunks,
-                         mtime=datetime.now(UTC).isoformat(), metadata=dict(meta) if meta else None,
-                         digest=_DIGEST_PREFIX + base64.urlsafe_b64encode(h.digest()).decode(),
+                         mtime=datetime.now(UTC).isoformat(),
+                         metadata={**(meta or {}), BLAKE3_KEY: h.blake3.hexdigest()},
+                         digest=_DIGEST_PREFIX
+                         + base64.urlsafe_b64encode(h.sha256.digest()).decode(),
                          options=_Options(max_chunk_size=chunk_size))
             async with _nats_errors(bucket, name, "storing meta data"):
                 await js.publish(_meta_subject(bucket, name), _ENCODER.encode(info),
@@ -546,27 +580,33 @@ async def _receive_nats_py(nc: Any, pull: _Pull, fd: int, h: Any,
 
 async def get_file(js: JetStreamContext, bucket: str, name: str, dest: Path, *,
                    progress: Callable[[int, int], None] | None = None,
-                   expected_sha256: str | None = None, durable: bool = False,
-                   timeout: float = DEFAULT_TIMEOUT) -> StoredObject:
+                   expected_sha256: str | None = None, expected_blake3: str | None = None,
+                   durable: bool = False, timeout: float = DEFAULT_TIMEOUT) -> StoredObject:
     """Fetch object ``name`` into ``dest``: replaced atomically, untouched on any failure.
 
-    ``progress(bytes_written, size)`` is called after each batch written.  ``durable``
-    fsyncs the file before the rename and the directory after it, so ``dest`` survives
-    a crash.  Raises ``NotFound``; ``CorruptObject`` if the bytes disagree with the meta's
-    size, chunk count or digest, or the digest is not ``expected_sha256``;
-    ``TransferStalled`` if nothing arrives for ``timeout`` seconds; ``BadRequest`` for
-    links (not supported); ``OSError`` if ``dest`` cannot be written.
+    The bytes are checked against the meta's BLAKE3 digest if it has one and the caller
+    did not name a SHA-256 alone, else against its SHA-256: a digest given by the caller
+    is always one the bytes are checked against.  ``progress(bytes_written, size)`` is
+    called after each batch written.  ``durable`` fsyncs the file before the rename and
+    the directory after it, so ``dest`` survives a crash.  Raises ``NotFound``;
+    ``CorruptObject`` if the bytes disagree with the meta's size, chunk count or digest,
+    or a digest is not the expected one (or the meta has no BLAKE3 to compare with
+    ``expected_blake3``); ``TransferStalled`` if nothing arrives for ``timeout`` seconds;
+    ``BadRequest`` for links (not supported); ``OSError`` if ``dest`` cannot be written.
     """
     info = await _read_info(js, bucket, name)
     obj = _stored(info)
-    if expected_sha256 is not None and expected_sha256.lower() != obj.sha256:
-        raise CorruptObject(bucket, name, f"SHA-256 is {obj.sha256}, expected "
-                            f"{expected_sha256.lower()}", expected=expected_sha256,
-                            got=obj.sha256)
+    for what, want, got in (("SHA-256", expected_sha256, obj.sha256),
+                            ("BLAKE3", expected_blake3, obj.blake3)):
+        if want is not None and want.lower() != got:
+            raise CorruptObject(bucket, name, f"{what} is {got or 'not recorded'}, expected "
+                                f"{want.lower()}", expected=want, got=got)
+    use_blake3 = bool(obj.blake3) and (expected_blake3 is not None or expected_sha256 is None)
+    algorithm, want_digest = ("BLAKE3", obj.blake3) if use_blake3 else ("SHA-256", obj.sha256)
+    h: Any = blake3.blake3() if use_blake3 else hashlib.sha256()
     tmp = Path(dest).with_name(f".{Path(dest).name}.{_nuid.next().decode()}.part")
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
     fd = await anyio.to_thread.run_sync(os.open, tmp, flags, 0o666)
-    h = hashlib.sha256()
     try:
         try:
             written = await _receive(js, info, fd, h, progress, timeout) if info.chunks else 0
@@ -574,11 +614,12 @@ async def get_file(js: JetStreamContext, bucket: str, name: str, dest: Path, *,
                 await anyio.to_thread.run_sync(os.fsync, fd)
         finally:
             await anyio.to_thread.run_sync(os.close, fd)
-        for what, want, got in (("size", info.size, written),
-                                 ("SHA-256", obj.sha256, h.hexdigest())):
-            if want != got:
-                raise CorruptObject(bucket, name, f"{what} mismatch: meta says {want}, "
-                                    f"{got} arrived", expected=want, got=got)
+        checks: tuple[tuple[str, int | str, int | str], ...] = (
+            ("size", info.size, written), (algorithm, want_digest, h.hexdigest()))
+        for what, meant, came in checks:
+            if meant != came:
+                raise CorruptObject(bucket, name, f"{what} mismatch: meta says {meant}, "
+                                    f"{came} arrived", expected=meant, got=came)
         await anyio.to_thread.run_sync(os.replace, tmp, dest)
     except BaseException:
         with anyio.CancelScope(shield=True):
