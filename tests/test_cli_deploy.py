@@ -6,6 +6,13 @@ import json
 from pathlib import Path
 from typing import Any
 
+import anyio
+import nats
+
+from nodes.runtime import transfer
+from nodes.runtime.embedded import EmbeddedNats
+from protocol import subjects
+from protocol.bundles import BUNDLE_INFO
 from tests.helpers import shipyard, wait_until
 from tests.projects import make_project
 
@@ -95,3 +102,55 @@ def test_cli_errors_exit_1_with_the_reason(cluster: dict[str, str], tmp_path: Pa
                                    "expected array, got int")
     usage = shipyard("deploy", "bundle", "churn", env=env)
     assert usage.returncode == 2
+
+
+async def _flip_a_stored_chunk(url: str, project: str, bundle: str) -> None:
+    """Corrupt one chunk of a stored bundle archive in place (its meta data, and the
+    bundle record, still describe the original bytes)."""
+    nc = await nats.connect(url)
+    try:
+        js = nc.jetstream()
+        kv = await js.key_value(subjects.BUNDLE_BUCKET)
+        entry = await kv.get(f"{project}.{bundle}")
+        assert entry.value is not None
+        info = BUNDLE_INFO.decode(entry.value)
+        stored = await transfer.stat(js, subjects.BUNDLE_STORE, info.archive)
+        stream = f"OBJ_{subjects.BUNDLE_STORE}"
+        chunk = await js.get_last_msg(stream, f"$O.{subjects.BUNDLE_STORE}.C.{stored.nuid}")
+        assert chunk.data and chunk.seq is not None
+        await js.delete_msg(stream, chunk.seq)
+        await js.publish(chunk.subject or "", bytes(b ^ 0xFF for b in chunk.data))
+    finally:
+        await nc.close()
+
+
+def test_a_corrupted_stored_bundle_is_refused_and_the_old_one_keeps_running(
+        cluster: dict[str, str], nats_server: EmbeddedNats, tmp_path: Path) -> None:
+    """A chunk of a stored archive flipped behind the Object Store's back: every node
+    refuses the bundle with the reason, the deploy exits 1, v1 stays active."""
+    env, ws = cluster, tmp_path / "ws"
+    make_project(ws, "churn", version="1")
+    shipyard("infra", "create", "prod", "--kind", "automation", env=env, check=True)
+    shipyard("bundle", "create", "churn", "--id", "v1", env=env, check=True)
+    shipyard("deploy", "bundle", "churn", "v1", "--infra", "prod", "--wait", env=env,
+             timeout=60, check=True)
+    make_project(ws, "churn", version="2")
+    shipyard("bundle", "create", "churn", "--id", "v2", env=env, check=True)
+    anyio.run(_flip_a_stored_chunk, nats_server.url, "churn", "v2")
+
+    deployed = shipyard("deploy", "bundle", "churn", "v2", "--infra", "prod", "--wait",
+                        env=env, timeout=60)
+    assert deployed.returncode == 1, (deployed.stdout, deployed.stderr)
+    assert "BLAKE3 mismatch" in deployed.stderr + deployed.stdout
+    assert "Traceback" not in deployed.stderr
+    [dep] = _json(env, tmp_path, "deployments", "--json")
+    assert (dep["desired"], dep["state"], dep["health"]) == ("v2", "failed", "ERROR")
+    assert sorted((n["node"], n["running"]) for n in dep["nodes"]) == [("a1", "v1"),
+                                                                       ("a2", "v1")]
+    assert any("stored archive is damaged" in r and "BLAKE3 mismatch" in r
+               for r in dep["reasons"]), dep["reasons"]
+    for node in ("a1", "a2"):  # on disk: v1 active and whole, nothing of v2 unpacked
+        project = tmp_path / "nodes" / node / "projects" / "churn"
+        assert (project / "current").resolve() == (project / "bundles" / "v1").resolve()
+        assert "VERSION = '1'" in (project / "current" / "recipes" / "clean.py").read_text()
+        assert sorted(p.name for p in (project / "bundles").iterdir()) == ["v1"]
