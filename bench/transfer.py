@@ -1,7 +1,9 @@
 """Large-file transfer: ``get_file``/``put_file`` vs a plain file copy and nats-py's Object Store.
 
 One 100 MiB file of random bytes, measured in one run on this machine, every source hot in
-the page cache, uvloop in every process (as the nodes run).  Each ``get_file`` case has a
+the page cache, uvloop in every process (as the nodes run), ``nats-server`` with the
+``GOGC`` that ``shipyard up`` gives it (``GOGC=100 python -m bench transfer`` measures Go's
+default instead; the server's GOGC and peak RSS are printed).  Each ``get_file`` case has a
 file-copy baseline with the same kind of destination:
 
 * ``new dest``: ``shutil.copyfile`` to a temporary name renamed onto an absent
@@ -44,7 +46,7 @@ import blake3
 import nats
 
 from bench.common import ROOT, nats_server, print_table
-from nodes.runtime import bulkfetch, transfer
+from nodes.runtime import bulkfetch, embedded, transfer
 
 SIZE = 100 << 20
 TARGET = 0.3
@@ -70,9 +72,10 @@ def _settle() -> None:
     os.sync()
 
 
-def _peak_rss_kib() -> int:
-    """This process image's peak RSS (VmHWM; ``ru_maxrss`` also counts the forked parent)."""
-    with open("/proc/self/status") as f:
+def _peak_rss_kib(pid: int | None = None) -> int:
+    """A process image's peak RSS (VmHWM; ``ru_maxrss`` also counts the forked parent);
+    this one's by default."""
+    with open(f"/proc/{pid or 'self'}/status") as f:
         return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
 
 
@@ -174,6 +177,11 @@ def _fresh_process(url: str, dest: Path) -> dict[str, Any]:
     return result
 
 
+def server_env_gogc() -> str:
+    """The GOGC the benchmark's nats-server runs with (see ``nodes.runtime.embedded``)."""
+    return os.environ.get("GOGC", str(embedded.DEFAULT_GOGC))
+
+
 def _hash_gb_s(new: Callable[[], Any]) -> float:
     data = memoryview(os.urandom(SIZE))
     h = new()
@@ -205,6 +213,7 @@ def run(quick: bool = False) -> dict[str, Any]:
                           backend_options=UVLOOP)
                 rss.append(_fresh_process(server.url, _fresh(tmp / "fresh.bin")))
                 times["get_file, fresh process (new dest)"].append(rss[-1]["seconds"])
+            server_hwm_kib = _peak_rss_kib(server.proc.pid)
             ref = anyio.run(_nats_py, server.url, src, tmp / "natspy.bin",
                             backend_options=UVLOOP)
         for name in ("get-new.bin", "get-old.bin", "get-durable.bin", "get-fallback.bin",
@@ -236,6 +245,8 @@ def run(quick: bool = False) -> dict[str, Any]:
              "blake3_gb_s": _hash_gb_s(blake3.blake3), "sha256_gb_s": _hash_gb_s(hashlib.sha256),
              "cpu_bound_max_mb_s": round(os.cpu_count() or 1) * 1000 / (server_s + client_s)}
     floor["cpu_bound_max_mb_s"] = round(floor["cpu_bound_max_mb_s"], 1)
+    gogc = server_env_gogc()
+    print(f"nats-server: GOGC={gogc}, peak RSS {server_hwm_kib / 1024:.0f} MiB")
     print_table("get_file, new dest: CPU per GB received (all rounds; 10 ms clock ticks)",
                 ["nats-server CPU s/GB", "receiver CPU s/GB", "BLAKE3 alone GB/s",
                  "SHA-256 alone GB/s",
@@ -250,6 +261,7 @@ def run(quick: bool = False) -> dict[str, Any]:
         "chunk_size": transfer.DEFAULT_CHUNK_SIZE, "window_bytes": transfer.WINDOW_BYTES,
         "ring_bytes": bulkfetch.BLOCKS * bulkfetch.BLOCK_BYTES,
         "paths": paths, "get_ratios": ratios, "new_dest_ratio": strictest, "cpu": floor,
+        "server": {"gogc": gogc, "peak_rss_mib": round(server_hwm_kib / 1024, 1)},
         "receiver": {"peak_rss_mib": round(peak, 1), "growth_mib": round(growth, 1),
                      "peak_over_size": round(peak / size_mib, 3)},
         "pass": strictest >= TARGET and mem_ok,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import anyio
 import anyio.lowlevel
@@ -198,3 +199,20 @@ async def _try(nc: NATS) -> Done | None:
         return await Caller(nc).call(Work(label="back"), timeout=0.5)
     except (Unavailable, Exception):
         return None
+
+
+@pytest.mark.parametrize(("env", "expected"), [(None, "400"), ("150", "150")])
+def test_the_embedded_server_gets_a_gc_default_the_environment_can_override(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, env: str | None, expected: str) -> None:
+    """``GOGC`` defaults to ``DEFAULT_GOGC`` for the server process; a ``GOGC`` already in
+    the environment wins.  Read back from the running process itself."""
+    from nodes.runtime.embedded import DEFAULT_GOGC, EmbeddedNats
+    assert str(DEFAULT_GOGC) == "400"
+    if env is None:
+        monkeypatch.delenv("GOGC", raising=False)
+    else:
+        monkeypatch.setenv("GOGC", env)
+    with EmbeddedNats(tmp_path / "nats", port=-1, monitor_port=None) as server:
+        assert server.proc is not None
+        environ = Path(f"/proc/{server.proc.pid}/environ").read_bytes().split(b"\0")
+    assert f"GOGC={expected}".encode() in environ

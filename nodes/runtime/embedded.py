@@ -3,6 +3,12 @@
 Started with JetStream, a store dir under the stack home, chosen (or free) ports and the
 monitoring port.  Readiness is read from the server's own log ("Server is ready"), never
 guessed with a sleep; the ports it actually bound are read from the same lines.
+
+The server runs with Go's garbage collector set to ``GOGC=400`` (``DEFAULT_GOGC``) unless
+the environment sets ``GOGC``: JetStream reads allocate per message, and at Go's default
+of 100 the collector (and the page faults of a heap kept small) cost about a seventh of
+the server's CPU while it streams a bundle.  The price is heap headroom: the server's
+peak RSS in the transfer benchmark (100 MiB objects) is ~365 MiB instead of ~150.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from protocol.errors import ShipyardError
 _CLIENT_RE = re.compile(r"Listening for client connections on (\S+):(\d+)")
 _MONITOR_RE = re.compile(r"Starting http monitor on (\S+):(\d+)")
 _READY = "Server is ready"
+DEFAULT_GOGC = 400
 
 
 class EmbeddedNatsError(ShipyardError):
@@ -111,6 +118,12 @@ class EmbeddedNats:
             cmd += ["-n", self.server_name]
         return cmd + self.extra_args
 
+    def environment(self) -> dict[str, str]:
+        """The server's environment: this one, with ``GOGC`` defaulted."""
+        env = dict(os.environ)
+        env.setdefault("GOGC", str(DEFAULT_GOGC))
+        return env
+
     def spawn(self) -> None:
         """Start the process (returns at once; ``wait_ready`` waits for readiness)."""
         if self.proc is not None:
@@ -121,7 +134,7 @@ class EmbeddedNats:
         use_pdeathsig = self.die_with_parent and sys.platform.startswith("linux")
         self.proc = subprocess.Popen(
             self.command(), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE, start_new_session=True,
+            stderr=subprocess.PIPE, start_new_session=True, env=self.environment(),
             preexec_fn=_pdeathsig if use_pdeathsig else None,
         )
         self._pump = threading.Thread(target=self._read_log, name="nats-server-log",
