@@ -154,3 +154,23 @@ def test_a_corrupted_stored_bundle_is_refused_and_the_old_one_keeps_running(
         assert (project / "current").resolve() == (project / "bundles" / "v1").resolve()
         assert "VERSION = '1'" in (project / "current" / "recipes" / "clean.py").read_text()
         assert sorted(p.name for p in (project / "bundles").iterdir()) == ["v1"]
+
+
+def test_bundle_changes_show_file_names_verbatim(cluster: dict[str, str],
+                                                 tmp_path: Path) -> None:
+    """File names and notes that look like terminal markup are printed as they are, not
+    styled away or refused after the bundle was already stored."""
+    env, ws = cluster, tmp_path / "ws"
+    make_project(ws, "churn", version="1")
+    shipyard("bundle", "create", "churn", "--id", "v1", env=env, check=True)
+    make_project(ws, "churn", version="1",
+                 extra_files={"docs/[bold]draft.md": "a", "docs/a[/green]b.md": "b"})
+    second = shipyard("bundle", "create", "churn", "--id", "v2", "--notes", "[wip] a[/x]",
+                      env=env)
+    assert second.returncode == 0, second.stderr
+    assert "changes since v1: 2 added, 0 removed, 0 changed" in second.stdout
+    assert "+ docs/[bold]draft.md" in second.stdout
+    assert "+ docs/a[/green]b.md" in second.stdout
+    listed = shipyard("bundle", "list", "churn", env=env)
+    assert listed.returncode == 0, listed.stderr
+    assert "[wip] a[/x]" in listed.stdout

@@ -15,10 +15,13 @@ from nodes.cli.common import (
     json_option,
     nats_option,
     out,
+    print_changes,
     print_json,
     run,
     spinner,
     table,
+    when,
+    whoami,
 )
 from nodes.runtime.calls import Caller
 from protocol.api import (
@@ -38,18 +41,6 @@ from protocol.deploy import FAILED, IN_SYNC, DeploymentView, ListDeployments
 from protocol.errors import OperationError
 
 
-def _whoami() -> str:
-    from nodes.cli.projects import whoami
-
-    return whoami()
-
-
-def _when(ts: float) -> str:
-    from nodes.cli.projects import when
-
-    return when(ts)
-
-
 @click.group()
 def api() -> None:
     """API services: package versions, list them, manage API keys."""
@@ -66,7 +57,7 @@ def api_package(project: str, service: str, version: str, notes: str, nats_url: 
                 as_json: bool) -> None:
     """Package API service SERVICE of PROJECT as an immutable VERSION."""
     cmd = CreateApiPackage(project=project, service=service, version=version, notes=notes,
-                           created_by=_whoami())
+                           created_by=whoami())
     with spinner(f"packaging {service} {version} ..."):
         reply: ApiPackageCreated = run(call, nats_url, cmd, 600.0)
     if as_json:
@@ -77,11 +68,8 @@ def api_package(project: str, service: str, version: str, notes: str, nats_url: 
     out.print(f"API package [bold]{p.service} {p.version}[/bold] created from {p.project}: "
               f"{p.files} files, {human_size(p.size)}, digest {p.digest[:16]}")
     out.print(f"endpoints: {eps}", markup=False)
-    if reply.previous is None:
-        out.print("first version of this service")
-    else:
-        out.print(f"changes since {reply.previous}: {len(reply.added)} added, "
-                  f"{len(reply.removed)} removed, {len(reply.changed)} changed")
+    print_changes(reply.previous, "first version of this service", reply.added,
+                  reply.removed, reply.changed)
 
 
 @api.command("versions")
@@ -99,7 +87,7 @@ def api_versions(service: str, nats_url: str | None, as_json: bool) -> None:
         return
     table(["VERSION", "PROJECT", "CREATED", "BY", "ENDPOINTS", "FILES", "SIZE", "DIGEST",
            "NOTES"],
-          [(p.version, p.project, _when(p.created_at), p.created_by,
+          [(p.version, p.project, when(p.created_at), p.created_by,
             ",".join(sorted(p.endpoints)), p.files, human_size(p.size), p.digest[:12], p.notes)
            for p in reply.packages])
 
@@ -116,7 +104,7 @@ def api_key() -> None:
 @json_option
 def key_create(service: str, name: str, nats_url: str | None, as_json: bool) -> None:
     """Create an API key for SERVICE and print it once (only its hash is stored)."""
-    reply = run(call, nats_url, CreateApiKey(service=service, name=name, by=_whoami()))
+    reply = run(call, nats_url, CreateApiKey(service=service, name=name, by=whoami()))
     if as_json:
         print_json({"service": service, "id": reply.key.id, "key": reply.secret})
         return
@@ -136,7 +124,7 @@ def key_list(service: str, nats_url: str | None, as_json: bool) -> None:
         print_json(reply.keys)
         return
     table(["ID", "NAME", "CREATED", "BY"],
-          [(k.id, k.name, _when(k.created_at), k.created_by) for k in reply.keys])
+          [(k.id, k.name, when(k.created_at), k.created_by) for k in reply.keys])
 
 
 @api_key.command("revoke")
@@ -145,7 +133,7 @@ def key_list(service: str, nats_url: str | None, as_json: bool) -> None:
 @nats_option
 def key_revoke(service: str, key_id: str, nats_url: str | None) -> None:
     """Revoke API key KEY_ID of SERVICE."""
-    run(call, nats_url, RevokeApiKey(service=service, id=key_id, by=_whoami()))
+    run(call, nats_url, RevokeApiKey(service=service, id=key_id, by=whoami()))
     out.print(f"API key {key_id} of {service} revoked")
 
 
@@ -181,7 +169,7 @@ def deploy_api(service: str, version: str | None, infra: str, split: str | None,
     else:
         generations = {version: 100}
     cmd = DeployApi(service=service, infra=infra, generations=generations, shadow=shadow,
-                    auth=auth, by=_whoami(), expected_revision=if_revision)
+                    auth=auth, by=whoami(), expected_revision=if_revision)
     view: DeploymentView = run(call, nats_url, cmd)
     after_change(view, "deploying", wait, timeout, nats_url, as_json)
 
@@ -190,7 +178,7 @@ def rollback_api(service: str, infra: str, wait: bool, timeout: float, nats_url:
                  as_json: bool) -> None:
     """``shipyard rollback api SERVICE --infra I``: back to the previous mapping."""
     view: DeploymentView = run(call, nats_url, RollbackApi(service=service, infra=infra,
-                                                           by=_whoami()))
+                                                           by=whoami()))
     after_change(view, "rolling back", wait, timeout, nats_url, as_json)
 
 

@@ -6,8 +6,11 @@ Expected errors print one line on stderr and never a traceback.
 
 from __future__ import annotations
 
+import datetime as dt
+import getpass
 import json
 import re
+import socket
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
@@ -19,7 +22,9 @@ import click
 import msgspec
 from nats.aio.client import Client as NATS
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from nodes.runtime.calls import Caller
 from nodes.runtime.connection import connect
@@ -105,11 +110,14 @@ def print_json_line(value: Any) -> None:
 
 def table(columns: Sequence[str], rows: Sequence[Sequence[Any]], *,
           title: str | None = None) -> None:
+    """Cells are shown as they are (names, notes and errors may hold ``[``); pass a rich
+    ``Text`` to style one."""
     t = Table(title=title, box=None, header_style="bold", pad_edge=False)
     for c in columns:
         t.add_column(c)
     for r in rows:
-        t.add_row(*("" if v is None else str(v) for v in r))
+        t.add_row(*(v if isinstance(v, Text) else Text("" if v is None else str(v))
+                    for v in r))
     out.print(t)
 
 
@@ -133,6 +141,31 @@ def human_age(seconds: float) -> str:
     if seconds < 86400:
         return f"{seconds / 3600:.1f}h"
     return f"{seconds / 86400:.1f}d"
+
+
+def whoami() -> str:
+    """Who runs this command, as recorded in bundles, packages, keys and deploys."""
+    return f"{getpass.getuser()}@{socket.gethostname()}"
+
+
+def when(ts: float | None) -> str:
+    if not ts:
+        return "-"
+    return dt.datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def print_changes(previous: str | None, first: str, added: Sequence[str],
+                  removed: Sequence[str], changed: Sequence[str]) -> None:
+    """What a new bundle or package changed since the previous one, a line per file."""
+    if previous is None:
+        out.print(first)
+        return
+    out.print(f"changes since {previous}: {len(added)} added, {len(removed)} removed, "
+              f"{len(changed)} changed")
+    for sign, paths, style in (("+", added, "green"), ("-", removed, "red"),
+                               ("~", changed, "yellow")):
+        for p in paths:
+            out.print(f"  [{style}]{sign} {escape(p)}[/{style}]")
 
 
 def human_size(n: float) -> str:

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import datetime as dt
-import getpass
-import socket
 from typing import Any
 
 import click
+from rich.text import Text
 
 from nodes.cli.common import (
     EXIT_FAILED,
@@ -16,10 +14,13 @@ from nodes.cli.common import (
     json_option,
     nats_option,
     out,
+    print_changes,
     print_json,
     run,
     spinner,
     table,
+    when,
+    whoami,
 )
 from nodes.cli.waiting import wait_for_deployment
 from protocol.bundles import BundleCreated, BundleList, CreateBundle, ListBundles, ListProjects
@@ -39,16 +40,6 @@ from protocol.deploy import (
 HEALTH_STYLE = {"HEALTHY": "green", "WARNING": "yellow", "ERROR": "red", "UNKNOWN": "dim"}
 
 
-def whoami() -> str:
-    return f"{getpass.getuser()}@{socket.gethostname()}"
-
-
-def when(ts: float | None) -> str:
-    if not ts:
-        return "-"
-    return dt.datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S")
-
-
 # -- projects and bundles --------------------------------------------------------------------
 
 @click.command("projects")
@@ -65,7 +56,7 @@ def projects_cmd(nats_url: str | None, as_json: bool) -> None:
         return
     table(["KEY", "NAME", "DATASETS", "RECIPES", "SCENARIOS", "API SERVICES", "STATUS"],
           [(p.key, p.name, p.datasets, p.recipes, p.scenarios, ",".join(p.api_services),
-            "ok" if p.ok else f"[red]{p.error}[/red]") for p in reply.projects])
+            "ok" if p.ok else Text(p.error, style="red")) for p in reply.projects])
 
 
 @click.group()
@@ -91,15 +82,7 @@ def bundle_create(project: str, bundle_id: str, notes: str, nats_url: str | None
     b, d = reply.bundle, reply.diff
     out.print(f"bundle [bold]{b.project} {b.id}[/bold] created: {b.files} files, "
               f"{human_size(b.size)}, digest {b.digest[:16]}")
-    if d.previous is None:
-        out.print("first bundle of this project")
-    else:
-        out.print(f"changes since {d.previous}: {len(d.added)} added, {len(d.removed)} "
-                  f"removed, {len(d.changed)} changed")
-    for sign, paths, style in (("+", d.added, "green"), ("-", d.removed, "red"),
-                               ("~", d.changed, "yellow")):
-        for p in paths:
-            out.print(f"  [{style}]{sign} {p}[/{style}]")
+    print_changes(d.previous, "first bundle of this project", d.added, d.removed, d.changed)
 
 
 @bundle.command("list")

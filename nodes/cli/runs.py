@@ -21,8 +21,9 @@ from nodes.cli.common import (
     print_json,
     run,
     table,
+    when,
+    whoami,
 )
-from nodes.cli.projects import when, whoami
 from nodes.runtime.events import read_events
 from protocol import subjects
 from protocol.runs import (
