@@ -190,7 +190,7 @@ async def _up(home: Path, nats_port: int, monitor_port: int, http_port: int,
     try:
         await server.astart()
     except EmbeddedNatsError as exc:
-        err.print(f"shipyard: cannot start NATS: {exc}")
+        err.print(f"shipyard: cannot start NATS: {exc}", markup=False)
         return EXIT_FAILED
 
     children = _children(home, server.url, automation=automation, api=api,
@@ -201,7 +201,7 @@ async def _up(home: Path, nats_port: int, monitor_port: int, http_port: int,
         nc = await connect(settings, name="shipyard-up")
     except CannotReachNats as exc:
         await server.astop()
-        err.print(f"shipyard: {exc}")
+        err.print(f"shipyard: {exc}", markup=False)
         return EXIT_FAILED
 
     async def report_exit(child: Child, code: int) -> None:
@@ -291,7 +291,8 @@ async def _default_infras(nc: Any) -> None:
             await caller.call(CreateInfra(name=name, kind=kind, stage="development",
                                           exist_ok=True, by="shipyard up"), timeout=10)
         except OperationError as exc:
-            err.print(f"shipyard: could not create infra {name}: {exc.message}")
+            err.print(f"shipyard: could not create infra {name}: {exc.message}",
+                      markup=False)
     out.print("infras      automation (automation nodes), api (API nodes)")
 
 

@@ -111,7 +111,7 @@ class _Progress:
 
     def note(self, text: str) -> None:
         if self.show:
-            err.print(text)
+            err.print(text, markup=False)
 
     def report(self, r: ActivationReport) -> None:
         if not self.show:
