@@ -17,10 +17,10 @@ Every wait is bounded: no progress for ``timeout`` raises ``TransferStalled``.
 Digests: the meta data's ``digest`` is SHA-256, as the Object Store layout requires.
 ``put_file`` also records a BLAKE3 digest in the meta's ``metadata`` (key ``BLAKE3_KEY``),
 and ``get_file`` checks the bytes against it when it is there: BLAKE3 is as strong a
-check and costs a quarter of SHA-256's CPU (0.13 vs 0.48 CPU-s/GB with AVX-512 and SHA-NI),
-which on a machine whose cores the server and the receiver share is a quarter of the
-receiver's time.  A caller that trusts only a SHA-256 (``expected_sha256`` without
-``expected_blake3``) gets the bytes checked with SHA-256.
+check at a quarter of SHA-256's CPU (0.13 vs 0.48 CPU-s/GB with AVX-512 and SHA-NI), and
+when the server and the receiver share the cores, CPU per byte sets the speed.  A caller
+that trusts only a SHA-256 (``expected_sha256`` without ``expected_blake3``) gets the
+bytes checked with SHA-256.
 """
 
 from __future__ import annotations
