@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import json
 import mmap
+import os
 import socket
 import sys
 import time
@@ -128,7 +129,7 @@ class WorkerPool:
                     sys.executable, "-P", "-m", "nodes.api.worker", str(child.fileno()),
                     pass_fds=(child.fileno(),), stdin=asyncio.subprocess.DEVNULL,
                     cwd=str(ROOT), start_new_session=True,
-                    env={**_environ(), CONFIG_ENV: json.dumps(config)})
+                    env={**os.environ, CONFIG_ENV: json.dumps(config)})
             finally:
                 child.close()
             w.page = await anyio.to_thread.run_sync(_map, busy)
@@ -269,17 +270,8 @@ class WorkerPool:
         """Load a generation in every worker (beside serving); "" or the first error."""
         item = [wire.LOAD, service, generation, str(directory), endpoints]
         async with self._lock:
-            workers = [w for w in self.workers if w.ready]
-            futures = [w.expect(wire.LOADED, service, generation) for w in workers]
-            for w in workers:
-                w.send([item])
-            errors = []
-            with anyio.move_on_after(timeout) as scope:
-                for fut in futures:
-                    errors.append(await fut)
-            if scope.cancelled_caught:
-                errors.append(f"loading did not finish within {timeout:g}s")
-            error = next((e for e in errors if e), "")
+            error = await self._broadcast(item, (wire.LOADED, service, generation), timeout,
+                                          "loading")
             if not error:
                 self.generations[(service, generation)] = item
             return error
@@ -289,28 +281,30 @@ class WorkerPool:
         """Switch every worker to the mapping; "" or the first error."""
         item = [wire.ROUTE, service, mapping_json, kinds, description]
         async with self._lock:
-            workers = [w for w in self.workers if w.ready]
-            futures = [w.expect(wire.ROUTED, service) for w in workers]
-            for w in workers:
-                w.send([item])
-            errors = []
-            with anyio.move_on_after(timeout) as scope:
-                for fut in futures:
-                    errors.append(await fut)
-            if scope.cancelled_caught:
-                errors.append(f"switching did not finish within {timeout:g}s")
+            error = await self._broadcast(item, (wire.ROUTED, service), timeout, "switching")
             self.routes[service] = item
             for key in [k for k in self.generations if k[0] == service and k[1] not in kinds]:
                 del self.generations[key]
-            return next((e for e in errors if e), "")
+            return error
+
+    async def _broadcast(self, item: list[Any], reply: tuple[Any, ...], timeout: float,
+                         doing: str) -> str:
+        """Send ``item`` to every ready worker and wait (bounded) for each one's ``reply``;
+        "" or the first error.  The caller holds ``_lock``."""
+        workers = [w for w in self.workers if w.ready]
+        futures = [w.expect(*reply) for w in workers]
+        for w in workers:
+            w.send([item])
+        errors = []
+        with anyio.move_on_after(timeout) as scope:
+            for fut in futures:
+                errors.append(await fut)
+        if scope.cancelled_caught:
+            errors.append(f"{doing} did not finish within {timeout:g}s")
+        return next((e for e in errors if e), "")
 
 
 def _map(path: Path) -> mmap.mmap:
     with path.open("r+b") as f:
         return mmap.mmap(f.fileno(), wire.BUSY.size)
 
-
-def _environ() -> dict[str, str]:
-    import os
-
-    return dict(os.environ)
