@@ -12,13 +12,12 @@ from typing import Any
 
 import anyio
 
-from bench.common import processes, python
+from bench.common import processes, python, wait_nodes
 from nodes.runtime.calls import Caller
 from nodes.runtime.connection import connect
 from nodes.runtime.settings import NatsSettings
 from protocol.api import CreateApiPackage, DeployApi
 from protocol.deploy import CreateInfra, ListDeployments
-from protocol.registry import ListNodes
 
 SERVICE = "bench"
 
@@ -90,23 +89,6 @@ def api_nodes(argvs: Sequence[Sequence[str]], url: str, n: int,
     with processes(argvs, ready_line=None) as procs:
         anyio.run(wait_nodes, url, infra, n)
         yield procs
-
-
-async def wait_nodes(url: str, infra: str | None, n: int, role: str | None = None) -> None:
-    nc = await connect(NatsSettings(servers=(url,)), name="bench-wait")
-    caller = Caller(nc, sender="bench")
-    try:
-        with anyio.fail_after(120):
-            while True:
-                try:
-                    reply = await caller.call(ListNodes(infra=infra, status="online"), timeout=5)
-                    if len(reply.nodes) >= n:
-                        break
-                except Exception:
-                    pass
-                await anyio.sleep(0.1)
-    finally:
-        await nc.close()
 
 
 async def package(url: str, versions: Sequence[str], ws: Path) -> None:

@@ -15,7 +15,13 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import anyio
+
+from nodes.runtime.calls import Caller
+from nodes.runtime.connection import connect
 from nodes.runtime.embedded import EmbeddedNats
+from nodes.runtime.settings import NatsSettings
+from protocol.registry import ListNodes
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -115,3 +121,22 @@ def write_json(name: str, result: dict[str, Any]) -> Path:
     path = out / f"{name}.json"
     path.write_text(json.dumps(result, indent=2) + "\n")
     return path
+
+
+async def wait_nodes(url: str, infra: str | None, n: int) -> None:
+    """Wait (at most 2 min) until the Deployer lists ``n`` online nodes in ``infra``
+    (``None``: in all infras); it may still be starting, so errors mean "not yet"."""
+    nc = await connect(NatsSettings(servers=(url,)), name="bench-wait")
+    caller = Caller(nc, sender="bench")
+    try:
+        with anyio.fail_after(120):
+            while True:
+                try:
+                    reply = await caller.call(ListNodes(infra=infra, status="online"), timeout=5)
+                    if len(reply.nodes) >= n:
+                        return
+                except Exception:
+                    pass
+                await anyio.sleep(0.1)
+    finally:
+        await nc.close()

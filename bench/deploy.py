@@ -19,14 +19,13 @@ import anyio
 import msgspec
 from nats.aio.msg import Msg
 
-from bench.common import nats_server, percentile, print_table, processes, python
+from bench.common import nats_server, percentile, print_table, processes, python, wait_nodes
 from nodes.runtime.calls import Caller
 from nodes.runtime.connection import connect
 from nodes.runtime.settings import NatsSettings
 from protocol import subjects
 from protocol.bundles import CreateBundle
 from protocol.deploy import ActivationReport, CreateInfra, DeployBundle
-from protocol.registry import ListNodes
 
 KB, MB = 1024, 1024 * 1024
 TARGET_MS = 250.0
@@ -105,21 +104,13 @@ async def setup(url: str, projects: dict[str, int], repeats: dict[int, int]) -> 
     await nc.close()
 
 
-async def wait_nodes(url: str, infra: str, n: int) -> None:
-    nc = await connect(NatsSettings(servers=(url,)), name="bench-wait")
-    caller = Caller(nc, sender="bench")
-    with anyio.fail_after(120):
-        while True:
-            try:
-                reply = await caller.call(ListNodes(infra=infra, status="online"), timeout=5)
-                if len(reply.nodes) >= n:
-                    break
-            except Exception:  # the Deployer may still be starting
-                pass
-            await anyio.sleep(0.2)
-    for name in (infra,):
-        await caller.call(CreateInfra(name=name, kind="automation", exist_ok=True), timeout=10)
-    await nc.close()
+async def create_infra(url: str, name: str) -> None:
+    nc = await connect(NatsSettings(servers=(url,)), name="bench-setup")
+    try:
+        await Caller(nc, sender="bench").call(
+            CreateInfra(name=name, kind="automation", exist_ok=True), timeout=10)
+    finally:
+        await nc.close()
 
 
 def run(quick: bool = False) -> dict[str, Any]:
@@ -144,6 +135,7 @@ def run(quick: bool = False) -> dict[str, Any]:
             anyio.run(setup, server.url, projects, repeats)
             for n in node_counts:
                 infra = f"bench{n}"
+                anyio.run(create_infra, server.url, infra)
                 argvs = [node_argv(server.url, f"{infra}-a{i}", infra, tmp / "nodes")
                          for i in range(n)]
                 with processes(argvs, ready_line=None) as procs:

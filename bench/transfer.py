@@ -88,14 +88,6 @@ def _fresh(dest: Path) -> Path:
     return dest
 
 
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _copy(src: Path, dest: Path, durable: bool = False) -> float:
     part = dest.with_name(dest.name + ".part")
     _settle()
@@ -106,7 +98,7 @@ def _copy(src: Path, dest: Path, durable: bool = False) -> float:
             os.fsync(f.fileno())
     os.replace(part, dest)
     if durable:
-        _fsync_dir(dest.parent)
+        transfer.fsync_dir(dest.parent)
     return time.perf_counter() - t0
 
 

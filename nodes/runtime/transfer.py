@@ -626,13 +626,14 @@ async def get_file(js: JetStreamContext, bucket: str, name: str, dest: Path, *,
             await anyio.to_thread.run_sync(tmp.unlink, True)
         raise
     if durable:
-        await anyio.to_thread.run_sync(_fsync_dir, Path(dest).parent)
+        await anyio.to_thread.run_sync(fsync_dir, Path(dest).parent)
     if progress is not None and info.size == 0:
         progress(0, 0)
     return obj
 
 
-def _fsync_dir(directory: Path) -> None:
+def fsync_dir(directory: Path) -> None:
+    """Make a rename or a new file in ``directory`` survive a crash (blocking)."""
     fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
