@@ -34,6 +34,7 @@ from protocol import subjects
 from protocol.base import Command, Message
 from protocol.bundles import FileEntry
 from protocol.deploy import DeploymentView, Update
+from protocol.errors import BadName
 from protocol.events import Event
 
 AUTH_MODES = ("public", "api-key")
@@ -62,7 +63,7 @@ _SPLIT = re.compile(r"^\s*([^=\s]+)\s*=\s*(\d+)\s*$")
 
 def check_version(value: str) -> str:
     if not _VERSION.match(value):
-        raise ValueError(f"invalid version {value!r}: expected 1-64 letters, digits, '.', '_' "
+        raise BadName(f"invalid version {value!r}: expected 1-64 letters, digits, '.', '_' "
                          "or '-', starting with a letter or digit")
     return value
 

@@ -15,13 +15,14 @@ import re
 import msgspec
 
 from protocol.base import Command, Message
+from protocol.errors import BadName
 
 BUNDLE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
 def check_bundle_id(value: str) -> str:
     if not BUNDLE_ID.match(value):
-        raise ValueError(f"invalid bundle id {value!r}: expected 1-64 letters, digits, "
+        raise BadName(f"invalid bundle id {value!r}: expected 1-64 letters, digits, "
                          "'.', '_' or '-', starting with a letter or digit")
     return value
 

@@ -54,6 +54,12 @@ class BadRequest(OperationError):
     code = "bad_request"
 
 
+class BadName(BadRequest, ValueError):
+    """A name (node, role, infra, project, service, endpoint, version, ...) breaks the
+    naming rules.  Also a ``ValueError``, so validation code that predates the typed tree
+    still catches it; as a ``BadRequest`` it reaches the caller as ``bad_request``."""
+
+
 class NotFound(OperationError):
     """The request names a project, bundle, infra, node or service that does not exist."""
 

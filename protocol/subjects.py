@@ -25,18 +25,27 @@ from __future__ import annotations
 
 import re
 
+from protocol.errors import BadName
+
 ROOT = "sy"
 API_VERSION = "v1"
 
-_TOKEN = re.compile(r"^[A-Za-z0-9_-]+$")
+MAX_TOKEN = 128
+_TOKEN = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
 
 
 def token(value: str, what: str = "name") -> str:
-    """Return ``value`` if it is a valid subject token; raise ``ValueError`` otherwise."""
-    if not _TOKEN.match(value):
-        raise ValueError(
-            f"invalid {what} {value!r}: expected letters, digits, '_' or '-' "
-            "(no dots, spaces or wildcards)"
+    """Return ``value`` if it is a valid subject token; raise ``BadName`` otherwise.
+
+    The length bound matters as much as the characters: a name travels into subjects and
+    KV keys, and nats-server closes a connection whose control line exceeds 4 KiB, so one
+    unchecked long name could disconnect the node that used it.
+    """
+    if not isinstance(value, str) or not _TOKEN.match(value):
+        shown = repr(value) if len(repr(value)) <= 80 else repr(value)[:77] + "..."
+        raise BadName(
+            f"invalid {what} {shown}: expected letters, digits, '_' or '-' "
+            f"(at most {MAX_TOKEN}; no dots, spaces or wildcards)"
         )
     return value
 

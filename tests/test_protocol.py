@@ -79,6 +79,20 @@ def test_subject_tokens_reject_wildcards_dots_and_spaces(bad: str) -> None:
         subjects.heartbeat("api", bad)
 
 
+def test_names_are_bounded_in_length_and_refused_as_bad_request() -> None:
+    """A name travels into subjects and KV keys; nats-server closes a connection whose
+    control line passes 4 KiB, so a long name must be refused before it gets there."""
+    from protocol.errors import BadRequest
+
+    assert subjects.token("a" * subjects.MAX_TOKEN) == "a" * subjects.MAX_TOKEN
+    with pytest.raises(BadRequest, match="at most 128") as info:
+        subjects.heartbeat("api", "a" * 5000)
+    assert info.value.code == "bad_request"
+    assert len(str(info.value)) < 300  # the message does not echo 5,000 characters
+    with pytest.raises(ValueError, match="expected letters"):
+        subjects.token("")
+
+
 def test_subject_space_is_namespaced() -> None:
     assert subjects.heartbeat("api", "n1") == "sy.hb.api.n1"
     assert subjects.command("deployer", "nodes.list") == "sy.cmd.deployer.nodes.list"
