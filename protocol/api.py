@@ -31,7 +31,7 @@ import zlib
 import msgspec
 
 from protocol import subjects
-from protocol.base import Command, Message
+from protocol.base import Command, Message, encode
 from protocol.bundles import FileEntry
 from protocol.deploy import DeploymentView, Update
 from protocol.errors import BadName
@@ -50,11 +50,13 @@ OP_MULTI = "multi"
 ERROR_CODE_HEADER = "Nats-Service-Error-Code"
 ERROR_HEADER = "Nats-Service-Error"
 
-# Operation error code -> HTTP status.
+# Error code -> HTTP status: the one table every HTTP answer and every worker error reply
+# takes its status from (README's error table is checked against it by a test).
 HTTP_STATUS = {
     "bad_request": 400, "unauthorized": 401, "forbidden": 403, "not_found": 404,
-    "too_large": 413, "user_code": 500, "internal": 500, "unavailable": 503,
-    "overloaded": 503, "timeout": 504,
+    "method_not_allowed": 405, "client_timeout": 408, "too_large": 413,
+    "headers_too_large": 431, "user_code": 500, "bad_result": 500, "internal": 500,
+    "unavailable": 503, "overloaded": 503, "timeout": 504,
 }
 
 _VERSION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -108,7 +110,30 @@ def pick_generation(weights: list[tuple[str, int]], key: str | None, rand: float
 
 
 def http_status(code: str) -> int:
+    """The HTTP status of an error code (500 for a code this table does not know)."""
     return HTTP_STATUS.get(code, 500)
+
+
+class ErrorDetail(msgspec.Struct, frozen=True):
+    code: str
+    message: str
+
+
+class ErrorBody(msgspec.Struct, frozen=True):
+    """``{"error": {"code", "message"}}``: the body of every error an API answers, over
+    HTTP and in worker replies (beside the nats.micro error headers)."""
+
+    error: ErrorDetail
+
+
+def error_body(code: str, message: str) -> bytes:
+    """The JSON error body for ``code`` (a key of ``HTTP_STATUS``) and a human message."""
+    return encode(ErrorBody(error=ErrorDetail(code=code, message=message)))
+
+
+def error_reply(code: str, message: str) -> tuple[int, bytes]:
+    """``(HTTP status, JSON error body)`` for ``code``, the status from ``HTTP_STATUS``."""
+    return http_status(code), error_body(code, message)
 
 
 # -- packages ----------------------------------------------------------------------------

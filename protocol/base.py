@@ -71,6 +71,10 @@ class Reply(msgspec.Struct, Generic[T], frozen=True, kw_only=True):
     v: int = SCHEMA_VERSION
 
 
+# msgspec raises RecursionError (not DecodeError) for JSON nested deeper than the
+# interpreter's recursion limit (about 1,000 levels): 2 KB of "[" is enough.
+NESTED_TOO_DEEPLY = "JSON nested too deeply (at most about 1,000 levels)"
+
 # One encoder for every message; msgspec encoders are stateless and thread-safe.
 _ENCODER = msgspec.json.Encoder()
 encode = _ENCODER.encode
@@ -110,6 +114,8 @@ class Codec(Generic[T]):
             return self._decoder.decode(data)
         except msgspec.DecodeError as exc:
             raise DecodeError(subject, bytes(data[:512]), str(exc)) from exc
+        except RecursionError as exc:  # msgspec's answer to JSON nested past its depth
+            raise DecodeError(subject, bytes(data[:512]), NESTED_TOO_DEEPLY) from exc
 
     @staticmethod
     def encode(msg: Any) -> bytes:
