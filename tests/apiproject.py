@@ -47,6 +47,8 @@ def predict(features, model):
         os._exit(3)
     if features.get("boom"):
         raise ValueError("boom: " + str(features["boom"]))
+    if "float" in features:  # "nan", "inf": a result JSON cannot carry
+        return {{"score": float(features["float"]), "scores": [1.0, float(features["float"])]}}
     x = float(features.get("x", 0))
     p = 1.0 if x * model["weight"] > 0.5 else 0.0
     return {{"prediction": label(p), "probas": {{"yes": p, "no": 1 - p}}, "version": VERSION,
@@ -62,6 +64,8 @@ from helpers import VERSION
 def score(body):
     if isinstance(body, dict) and body.get("sleep"):
         time.sleep(body["sleep"])
+    if isinstance(body, dict) and "float" in body:
+        return {{"value": float(body["float"])}}
     return {{"echo": body, "version": VERSION}}
 """
 

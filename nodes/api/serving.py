@@ -47,12 +47,14 @@ from protocol.api import (
     GENERATION_HEADER,
     OP_HEADER,
     ApiMapping,
+    error_body,
+    http_status,
     pick_generation,
 )
 from protocol.api import (
     OP_MULTI as MULTI_VALUE,
 )
-from protocol.base import encode
+from protocol.base import NESTED_TOO_DEEPLY
 
 PREDICT_SHAPE = ('expected {"features": {...}} with optional "dispatch_key" and '
                  '"generation"')
@@ -78,10 +80,6 @@ class MultiBody(msgspec.Struct, frozen=True):
 
 _PREDICT = msgspec.json.Decoder(PredictBody)
 _MULTI = msgspec.json.Decoder(MultiBody)
-
-
-def error_body(code: str, message: str) -> bytes:
-    return encode({"error": {"code": code, "message": message}})
 
 
 @dataclass(frozen=True)
@@ -221,17 +219,17 @@ class Serving:
             ep = server.route.endpoints.get(name)
             data = msg.data
             if ep is None:
-                return await self._fail(micro_ep, reply, 404, "not_found", f"no generation "
+                return await self._fail(micro_ep, reply, "not_found", f"no generation "
                                         f"of {service} serves endpoint {name!r} here")
             if len(data) > self.max_body:
-                return await self._fail(micro_ep, reply, 413, "too_large", f"request body of "
+                return await self._fail(micro_ep, reply, "too_large", f"request body of "
                                         f"{len(data)} bytes is over the limit of "
                                         f"{self.max_body}")
             sub = micro_ep._subscription if micro_ep is not None else None
             if sub is not None and self.service_time * sub._pending_queue.qsize() > \
                     self.queue_timeout:
                 self.overloaded += 1
-                return await self._fail(micro_ep, reply, 503, "overloaded", "the node is at "
+                return await self._fail(micro_ep, reply, "overloaded", "the node is at "
                                         "its limit: the request would wait more than "
                                         f"{self.queue_timeout:g}s for a worker")
             forced = key = None
@@ -254,22 +252,23 @@ class Serving:
                         payload = pb.features
                         key, forced, op = key or pb.dispatch_key, forced or pb.generation, \
                             OP_PREDICT
-                except msgspec.DecodeError as exc:
-                    return await self._fail(micro_ep, reply, 400, "bad_request",
-                                            f"malformed request: {exc}; "
+                except (msgspec.DecodeError, RecursionError) as exc:
+                    why = NESTED_TOO_DEEPLY if isinstance(exc, RecursionError) else exc
+                    return await self._fail(micro_ep, reply, "bad_request",
+                                            f"malformed request: {why}; "
                                             f"{MULTI_SHAPE if multi else PREDICT_SHAPE}")
             else:
                 payload, op = data, OP_RUN
             if forced:
                 gen = ep.generations.get(forced)
                 if gen is None:
-                    return await self._fail(micro_ep, reply, 404, "not_found", f"generation "
+                    return await self._fail(micro_ep, reply, "not_found", f"generation "
                                             f"{forced!r} of {service} does not serve {name!r} "
                                             f"here (serving {server.route.mapping.describe()})")
             elif ep.weights:
                 gen = ep.generations[pick_generation(ep.weights, key, self._random())]
             else:
-                return await self._fail(micro_ep, reply, 404, "not_found", f"no live generation "
+                return await self._fail(micro_ep, reply, "not_found", f"no live generation "
                                         f"of {service} serves endpoint {name!r}")
             t0 = time.perf_counter()
             self.busy(time.monotonic())
@@ -283,7 +282,7 @@ class Serving:
                 await publish(reply, body)
             else:
                 code, message = body
-                await self._fail(micro_ep, reply, status, code, message)
+                await self._fail(micro_ep, reply, code, message)
             if ep.shadow is not None and status == 0:
                 self._shadow(service, name, ep.shadow, op, payload, body)
             return None
@@ -299,7 +298,7 @@ class Serving:
             message = f"{type(exc).__name__}: {exc}".rstrip(": ")
             if self.debug:
                 message += "\n" + traceback.format_exc()
-            return 500, ("user_code", message)
+            return http_status("user_code"), ("user_code", message)
 
     def _shadow(self, service: str, name: str, gen: Generation, op: int, payload: Any,
                 primary: bytes) -> None:
@@ -312,13 +311,12 @@ class Serving:
         if status != 0 or not same_result(body, primary):
             self.shadow_mismatches += 1
 
-    async def _fail(self, micro_ep: Any, reply: str, status: int, code: str,
-                    message: str) -> None:
+    async def _fail(self, micro_ep: Any, reply: str, code: str, message: str) -> None:
         if micro_ep is not None:  # micro counts only raised errors: count answered ones
             micro_ep._num_errors += 1
             micro_ep._last_error = f"{code}: {message}"[:500]
         await self.nc.publish(reply, error_body(code, message), headers={
-            ERROR_CODE_HEADER: str(status), ERROR_HEADER: message.split("\n")[0][:200]})
+            ERROR_CODE_HEADER: str(http_status(code)), ERROR_HEADER: message.split("\n")[0][:200]})
 
 
 def _semver(version: str) -> bool:

@@ -14,6 +14,7 @@ import contextlib
 import importlib.util
 import inspect
 import itertools
+import math
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -21,6 +22,9 @@ from types import ModuleType
 from typing import Any
 
 import msgspec
+
+from protocol.api import http_status
+from protocol.base import NESTED_TOO_DEEPLY
 
 _MODULE_IDS = itertools.count(1)
 JSON = msgspec.json.Decoder()
@@ -36,12 +40,54 @@ def _enc_hook(obj: Any) -> Any:
     raise TypeError(f"{type(obj).__name__} is not JSON-serializable")
 
 
-ENCODE = msgspec.json.Encoder(enc_hook=_enc_hook).encode
+_ENCODE = msgspec.json.Encoder(enc_hook=_enc_hook).encode
+
+
+def encode_result(value: Any, name: str = "result") -> bytes:
+    """``value`` as JSON; ``Failed`` (``bad_result``) if it holds NaN or an infinity.
+
+    msgspec writes a non-finite float as ``null``, so a model's NaN would reach the client
+    as a 200 that lies; JSON has no such numbers, so such a result is refused.  The check
+    walks the value (dicts, lists, tuples, numpy values) only when the encoded text has a
+    ``null`` in it, so a result without one costs a substring search."""
+    data = _ENCODE(value)
+    if b"null" in data:
+        where = _non_finite(value, name)
+        if where is not None:
+            raise Failed("bad_result", f"the result is not valid JSON: {where} is not a "
+                                       "finite number (JSON has no NaN or infinity)")
+    return data
+
+
+def _non_finite(value: Any, path: str, depth: int = 0) -> str | None:
+    """Where ``value`` holds a NaN or an infinity (a path like ``result.probas[2]``)."""
+    if isinstance(value, float):
+        return None if math.isfinite(value) else f"{path} ({value})"
+    if depth > 200:
+        return None
+    if isinstance(value, dict):
+        for k, v in value.items():
+            found = _non_finite(v, f"{path}.{k}", depth + 1)
+            if found:
+                return found
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            found = _non_finite(v, f"{path}[{i}]", depth + 1)
+            if found:
+                return found
+    elif not isinstance(value, (str, int, bytes)) and value is not None:
+        tolist = getattr(value, "tolist", None) or getattr(value, "item", None)
+        if callable(tolist):  # numpy arrays and scalars, as the encoder sees them
+            return _non_finite(tolist(), path, depth + 1)
+    return None
 
 
 class Failed(Exception):
-    def __init__(self, status: int, code: str, message: str) -> None:
-        self.status, self.code, self.message = status, code, message
+    """A request refused (or a result rejected) with an error code; the HTTP status is
+    the code's, from ``protocol.api.HTTP_STATUS``."""
+
+    def __init__(self, code: str, message: str) -> None:
+        self.status, self.code, self.message = http_status(code), code, message
         super().__init__(message)
 
 
@@ -138,8 +184,10 @@ def _features(raw: bytes) -> dict[str, Any]:
     try:
         return FEATURES.decode(raw)
     except msgspec.DecodeError as exc:
-        raise Failed(400, "bad_request", f"features: {exc}; expected a JSON object of "
-                                         "feature values") from None
+        raise Failed("bad_request", f"features: {exc}; expected a JSON object of "
+                                    "feature values") from None
+    except RecursionError:
+        raise Failed("bad_request", f"features: {NESTED_TOO_DEEPLY}") from None
 
 
 def _result(value: Any) -> Any:
@@ -155,25 +203,28 @@ def call(gen: Generation, endpoint: str, op: int, payload: Any) -> bytes:
     anything else for a failure of user code."""
     ep = gen.endpoints.get(endpoint)
     if ep is None:
-        raise Failed(404, "not_found", f"generation {gen.name} has no endpoint {endpoint!r}")
+        raise Failed("not_found", f"generation {gen.name} has no endpoint {endpoint!r}")
     tag = gen.tag
     if op == OP_PREDICT:
-        return b'{"result":' + ENCODE(_result(ep.call(_features(payload)))) + \
+        return b'{"result":' + encode_result(_result(ep.call(_features(payload)))) + \
             b',"generation":' + tag + b"}"
     if op == OP_MULTI:
         parts = []
         for i, raw in enumerate(payload):
             try:
-                parts.append(ENCODE(_result(ep.call(_features(raw)))))
+                parts.append(encode_result(_result(ep.call(_features(raw)))))
             except Failed as exc:
-                raise Failed(exc.status, exc.code, f"items[{i}]: {exc.message}") from None
+                raise Failed(exc.code, f"items[{i}]: {exc.message}") from None
         return b'{"results":[' + b",".join(parts) + b'],"generation":' + tag + b"}"
     try:
         arg = JSON.decode(payload)
     except msgspec.DecodeError as exc:
-        raise Failed(400, "bad_request", f"malformed JSON body: {exc}; expected any JSON "
-                                         "value") from None
-    return b'{"response":' + ENCODE(ep.call(arg)) + b',"generation":' + tag + b"}"
+        raise Failed("bad_request", f"malformed JSON body: {exc}; expected any JSON "
+                                    "value") from None
+    except RecursionError:
+        raise Failed("bad_request", f"malformed JSON body: {NESTED_TOO_DEEPLY}") from None
+    return b'{"response":' + encode_result(ep.call(arg), "response") + b',"generation":' + \
+        tag + b"}"
 
 
 def same_result(a: bytes, b: bytes) -> bool:
