@@ -10,7 +10,9 @@ Predictions are idempotent, so a lost one is sent again, once: when no reply has
 after ``retry_after`` (at least the configured floor, more for endpoints whose recent
 latencies are long), a second copy goes to the queue group, and whichever reply comes
 first wins; a node that answers ``overloaded`` also gets one retry elsewhere.  A client
-therefore does not see one API node die.
+therefore does not see one API node die.  While this node's own NATS connection is down,
+every call is answered 503 at once instead of waiting out its deadline.  Error bodies and
+their statuses come from ``protocol.api`` (``error_reply``).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
 from nodes.api.http import HttpServer
+from nodes.api.httplimits import HttpLimits
 from nodes.api.keys import KeyCache
 from nodes.api.metrics import Metrics
 from nodes.runtime.jetstream import ensure_kv
@@ -40,14 +43,12 @@ from protocol.api import (
     OP_HEADER,
     OP_MULTI,
     ApiDeploymentRecord,
+    error_reply,
 )
-from protocol.base import encode
 
 ACTIONS = {"predict": "prediction", "predict-multi": "prediction", "run": "function"}
-
-
-def error_json(code: str, message: str) -> bytes:
-    return encode({"error": {"code": code, "message": message}})
+_OFFLINE = (nats.errors.ConnectionClosedError, nats.errors.ConnectionReconnectingError,
+            nats.errors.OutboundBufferLimitError, nats.errors.StaleConnectionError)
 
 
 class HedgingRequester(Requester):
@@ -137,6 +138,16 @@ class Gateway:
                 for s, rec in sorted(self.services.items())
                 for e, k in sorted(rec.endpoints.items())]
 
+    @property
+    def connected(self) -> bool:
+        """Whether the node's NATS connection is up (not reconnecting, not closed)."""
+        return bool(self.nc.is_connected)
+
+    def known(self, service: str, endpoint: str) -> bool:
+        """Whether the desired state (KV) has this endpoint: only those get series."""
+        rec = self.services.get(service)
+        return rec is not None and endpoint in rec.endpoints
+
     def subject(self, service: str, endpoint: str) -> str:
         key = (service, endpoint)
         subject = self._subjects.get(key)
@@ -148,25 +159,28 @@ class Gateway:
                      authorization: str | None, generation: str | None,
                      dispatch_key: str | None) -> tuple[int, bytes]:
         """One API call: (HTTP status, JSON body).  Never raises for a bad request."""
+        if not self.nc.is_connected:  # fail fast: a request now would wait out its deadline
+            return error_reply("unavailable", "this node has lost its NATS connection and "
+                                              "is reconnecting; try again shortly")
         rec = self.services.get(service)
         if rec is None:
             known = ", ".join(sorted(self.services)) or "none is deployed"
-            return 404, error_json("not_found", f"unknown API service {service!r} "
-                                                f"(services: {known})")
+            return error_reply("not_found", f"unknown API service {service!r} "
+                                            f"(services: {known})")
         kind = rec.endpoints.get(endpoint)
         if kind is None:
-            return 404, error_json("not_found", f"service {service} has no endpoint "
-                                                f"{endpoint!r} (endpoints: "
-                                                f"{', '.join(sorted(rec.endpoints))})")
+            return error_reply("not_found", f"service {service} has no endpoint "
+                                            f"{endpoint!r} (endpoints: "
+                                            f"{', '.join(sorted(rec.endpoints))})")
         if ACTIONS[action] != kind:
             use = "run" if kind == "function" else "predict or predict-multi"
-            return 404, error_json("not_found", f"{endpoint} is a {kind} endpoint: POST "
-                                                f"/public/api/v1/{service}/{endpoint}/{use}")
+            return error_reply("not_found", f"{endpoint} is a {kind} endpoint: POST "
+                                            f"/public/api/v1/{service}/{endpoint}/{use}")
         if rec.mapping.auth == "api-key":
             assert self.keys is not None
             problem = self.keys.check(service, authorization)
             if problem is not None:
-                return 401, error_json("unauthorized", problem)
+                return error_reply("unauthorized", problem)
         headers: dict[str, str] | None = None
         if action == "predict-multi" or generation or dispatch_key:
             headers = {}
@@ -184,15 +198,19 @@ class Gateway:
                 msg = await self.requester.request(subject, body, timeout=self.timeout,
                                                    headers=headers)
         except nats.errors.NoRespondersError:
-            return 503, error_json("unavailable", f"no API node serves {service} right now")
+            return error_reply("unavailable", f"no API node serves {service} right now")
         except nats.errors.TimeoutError:
-            return 504, error_json("timeout", f"{service}/{endpoint} did not answer within "
-                                              f"{self.timeout:g}s")
+            return error_reply("timeout", f"{service}/{endpoint} did not answer within "
+                                          f"{self.timeout:g}s")
+        except _OFFLINE as exc:
+            return error_reply("unavailable", f"this node's NATS connection failed while "
+                                              f"sending the request ({type(exc).__name__})")
         hdrs = msg.headers
         if hdrs:
             code = hdrs.get(ERROR_CODE_HEADER)
             if code is not None:
-                return (int(code) if code.isdigit() else 500), msg.data
+                status = int(code) if code.isdigit() else 500
+                return (status if 400 <= status <= 599 else 500), msg.data
         return 200, msg.data
 
     async def _predict(self, subject: str, body: bytes, headers: dict[str, str] | None) -> Msg:
@@ -223,8 +241,10 @@ class GatewayNode(Node):
 
     def __init__(self, *, http_port: int = 8080, http_host: str = "0.0.0.0",
                  request_timeout: float = 31.0, retry_after: float = 0.25,
-                 max_body: int = 512 * 1024, resync_interval: float = 5.0, **kw: Any) -> None:
+                 max_body: int = 512 * 1024, resync_interval: float = 5.0,
+                 http_limits: HttpLimits | None = None, **kw: Any) -> None:
         super().__init__(**kw)
+        self.http_limits = http_limits or HttpLimits()
         self.http_port = http_port
         self.http_host = http_host
         self.metrics = Metrics(self.name, self.role)
@@ -244,7 +264,7 @@ class GatewayNode(Node):
         assert self.gateway is not None
         await self.gateway.start(tg, self.js, self.settings.replicas)
         self.http = HttpServer(self.gateway, self.metrics, host=self.http_host,
-                               port=self.http_port, node=self.name)
+                               port=self.http_port, node=self.name, limits=self.http_limits)
         await tg.start(self.http.serve)
 
     async def reconnected(self) -> None:

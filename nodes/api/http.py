@@ -10,7 +10,11 @@ Routes::
 
 A plain ASGI callable, not a framework router: the request path is the hot path, and a
 router's request and response objects cost more than the rest of the gateway.  Every
-error is JSON ``{"error": {"code", "message"}}``.  The listening socket has
+error is ``protocol.api.error_body`` with the status of its code (``http_status``),
+including a wrong method (405 with ``Allow``) and what the connection itself refuses
+(``httplimits``: oversized or slow heads and bodies, too many connections, malformed
+requests).  ``/isAlive`` is 503 while the node's NATS connection is down, and so is every
+API call: it would otherwise wait out its deadline.  The listening socket has
 ``SO_REUSEPORT``, so several API nodes on one host share one port and the kernel spreads
 connections across them.
 """
@@ -26,8 +30,10 @@ import anyio
 import uvicorn
 from anyio.abc import TaskStatus
 
-from nodes.api.metrics import CONTENT_TYPE, Metrics
+from nodes.api.httplimits import HttpLimits, bounded_protocol
+from nodes.api.metrics import CONTENT_TYPE, OTHER, Metrics
 from nodes.runtime.logs import get_logger
+from protocol.api import error_reply
 from protocol.base import encode
 
 if TYPE_CHECKING:
@@ -38,12 +44,9 @@ Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
 Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 
 PREFIX = "/public/api/v1/"
-JSON_HEADERS = [(b"content-type", b"application/json")]
+JSON = b"application/json"
 ACTIONS = ("predict", "predict-multi", "run")
-
-
-def _error(code: str, message: str) -> bytes:
-    return encode({"error": {"code": code, "message": message}})
+PROBES = ("/isAlive", "/metrics")
 
 
 class HttpApp:
@@ -62,30 +65,36 @@ class HttpApp:
         try:
             if path.startswith(PREFIX):
                 await self._api(scope, path, method, receive, send)
+            elif path in PROBES and method not in ("GET", "HEAD"):
+                await _error(send, "method_not_allowed", f"{path} takes GET, not {method}",
+                             allow=b"GET, HEAD")
             elif path == "/isAlive":
-                await _respond(send, 200, self.alive)
+                if self.gateway.connected:
+                    await _respond(send, 200, self.alive)
+                else:
+                    await _error(send, "unavailable", f"node {self.node} is not alive: its "
+                                 "NATS connection is down (reconnecting)")
             elif path == "/metrics":
                 body = await anyio.to_thread.run_sync(self.metrics.render)
-                await _respond(send, 200, body, [(b"content-type", CONTENT_TYPE.encode())])
+                await _respond(send, 200, body, CONTENT_TYPE.encode())
             else:
-                await _respond(send, 404, _error("not_found", f"no route {path}; API calls "
-                                                 f"are POST {PREFIX}SERVICE/ENDPOINT/predict"))
+                await _error(send, "not_found", f"no route {path}; API calls are POST "
+                                                f"{PREFIX}SERVICE/ENDPOINT/predict")
         except Exception:  # never a stack trace to the client
             self.log.exception("HTTP request failed", path=path)
-            await _respond(send, 500, _error("internal", "internal error in the gateway"))
+            await _error(send, "internal", "internal error in the gateway")
 
     async def _api(self, scope: Scope, path: str, method: str, receive: Receive,
                    send: Send) -> None:
         parts = path[len(PREFIX):].split("/")
         if len(parts) != 3 or parts[2] not in ACTIONS or not parts[0] or not parts[1]:
-            await _respond(send, 404, _error("not_found", f"no route {path}; expected POST "
-                                             f"{PREFIX}SERVICE/ENDPOINT/(predict|"
-                                             "predict-multi|run)"))
+            await _error(send, "not_found", f"no route {path}; expected POST {PREFIX}"
+                                            "SERVICE/ENDPOINT/(predict|predict-multi|run)")
             return
         service, endpoint, action = parts
         if method != "POST":
-            await _respond(send, 405, _error("method_not_allowed", f"{path} takes POST"),
-                           [*JSON_HEADERS, (b"allow", b"POST")])
+            await _error(send, "method_not_allowed", f"{path} takes POST, not {method}",
+                         allow=b"POST")
             return
         authorization = generation = dispatch_key = None
         length = -1
@@ -100,23 +109,35 @@ class HttpApp:
                 dispatch_key = value.decode("latin-1")
         limit = self.gateway.max_body
         if length > limit:
-            status, body = 413, _error("too_large", f"request body of {length} bytes is over "
+            status, body = error_reply("too_large", f"request body of {length} bytes is over "
                                                     f"the limit of {limit}")
         else:
-            data = await _read_body(receive, limit)
+            try:
+                data = await _read_body(receive, limit)
+            except _ClientGone:
+                return  # the client went away (or was too slow): no one to answer
             if data is None:
-                status, body = 413, _error("too_large", f"request body is over the limit of "
-                                                        f"{limit} bytes")
+                status, body = error_reply("too_large", f"request body is over the limit "
+                                                        f"of {limit} bytes")
             else:
                 status, body = await self.gateway.handle(service, endpoint, action, data,
                                                          authorization, generation,
                                                          dispatch_key)
+        if not self.gateway.known(service, endpoint):
+            service = endpoint = OTHER  # names from clients never become series
         self.metrics.count_http(service, endpoint, status)
         await _respond(send, status, body)
 
 
+class _ClientGone(Exception):
+    """The client disconnected (or was cut off as too slow) before its body arrived."""
+
+
 async def _read_body(receive: Receive, limit: int) -> bytes | None:
+    """The request body; None when it is over ``limit``.  Raises ``_ClientGone``."""
     message = await receive()
+    if message["type"] == "http.disconnect":
+        raise _ClientGone
     body: bytes = message.get("body", b"")
     if not message.get("more_body"):
         return body if len(body) <= limit else None
@@ -124,6 +145,8 @@ async def _read_body(receive: Receive, limit: int) -> bytes | None:
     size = len(body)
     while message.get("more_body"):
         message = await receive()
+        if message["type"] == "http.disconnect":
+            raise _ClientGone
         chunk = message.get("body", b"")
         size += len(chunk)
         if size > limit:
@@ -132,11 +155,18 @@ async def _read_body(receive: Receive, limit: int) -> bytes | None:
     return b"".join(parts)
 
 
-async def _respond(send: Send, status: int, body: bytes,
-                   headers: list[tuple[bytes, bytes]] | None = None) -> None:
-    await send({"type": "http.response.start", "status": status,
-                "headers": headers or JSON_HEADERS})
+async def _respond(send: Send, status: int, body: bytes, content_type: bytes = JSON,
+                   allow: bytes | None = None) -> None:
+    headers = [(b"content-type", content_type), (b"content-length", b"%d" % len(body))]
+    if allow is not None:
+        headers.append((b"allow", allow))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
+
+
+async def _error(send: Send, code: str, message: str, allow: bytes | None = None) -> None:
+    status, body = error_reply(code, message)
+    await _respond(send, status, body, allow=allow)
 
 
 class _Server(uvicorn.Server):
@@ -168,8 +198,9 @@ class HttpServer:
     """uvicorn serving ``HttpApp`` in the node's event loop."""
 
     def __init__(self, gateway: Gateway, metrics: Metrics, *, host: str, port: int,
-                 node: str, required: bool = True) -> None:
+                 node: str, required: bool = True, limits: HttpLimits | None = None) -> None:
         self.app = HttpApp(gateway, metrics, node=node)
+        self.limits = limits or HttpLimits()
         self.host = host
         self.port = port
         self.required = required
@@ -197,9 +228,13 @@ class HttpServer:
             task_status.started()
             return
         self.port = sock.getsockname()[1]
-        config = uvicorn.Config(self.app, http="httptools", loop="none", lifespan="off",
-                                access_log=False, log_level="warning", server_header=False,
+        limits = self.limits
+        # timeout_keep_alive is annotated int, but uvicorn hands it to call_later: seconds.
+        config = uvicorn.Config(self.app, http=bounded_protocol(limits), ws="none",
+                                loop="none", lifespan="off", access_log=False,
+                                log_level="warning", server_header=False,
                                 proxy_headers=False,
+                                timeout_keep_alive=limits.keep_alive,  # type: ignore[arg-type]
                                 timeout_graceful_shutdown=10, backlog=2048)
         self.server = server = _Server(config)
         try:

@@ -30,6 +30,7 @@ from nats.js.kv import KeyValue
 from nodes.api.gateway import Gateway
 from nodes.api.generations import PackageRefused, PackageStore, ensure
 from nodes.api.http import HttpServer
+from nodes.api.httplimits import HttpLimits
 from nodes.api.metrics import Metrics
 from nodes.api.workers import WorkerPool
 from nodes.runtime import transfer
@@ -61,8 +62,10 @@ class ApiNode(Node):
                  kill_grace: float = 5.0,
                  max_body: int = 512 * 1024, retry_after: float = 0.25,
                  metrics_interval: float = 5.0, resync_interval: float = 5.0,
-                 debug: bool = False, **kw: Any) -> None:
+                 debug: bool = False, http_limits: HttpLimits | None = None,
+                 **kw: Any) -> None:
         super().__init__(**kw)
+        self.http_limits = http_limits or HttpLimits()
         self.data_dir = (data_dir or Path(".shipyard") / "nodes" / self.name).resolve()
         self.store = PackageStore(self.data_dir)
         self.n_workers = workers or default_workers()
@@ -109,7 +112,8 @@ class ApiNode(Node):
         await self.gateway.start(tg, self.js, self.settings.replicas)
         if self.http_port is not None:
             self.http = HttpServer(self.gateway, self.metrics, host=self.http_host,
-                                   port=self.http_port, node=self.name, required=False)
+                                   port=self.http_port, node=self.name, required=False,
+                                   limits=self.http_limits)
             await tg.start(self.http.serve)
         await tg.start(self._desired.run)
         tg.start_soon(self._converge_loop, tg)

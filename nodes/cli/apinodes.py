@@ -12,6 +12,7 @@ import msgspec
 from anyio.abc import TaskGroup
 from nats.aio.msg import Msg
 
+from nodes.api.httplimits import HttpLimits
 from nodes.runtime.calls import Caller
 from nodes.runtime.supervisor import Child
 from protocol import subjects
@@ -41,6 +42,22 @@ _OPTIONS: list[tuple[str, dict[str, Any]]] = [
                                 "prediction is sent again [default: 0.25]")),
     ("--max-body", dict(type=click.IntRange(min=1), default=None,
                         help="api, gateway: largest request body in bytes [default: 524288]")),
+    ("--max-header-bytes", dict(type=click.IntRange(min=256), default=None,
+                                help="api, gateway: largest request line plus headers in "
+                                     "bytes; over it: 431 [default: 16384]")),
+    ("--header-timeout", dict(type=click.FloatRange(min=0.01), default=None,
+                              help="api, gateway: seconds a client has to send a request's "
+                                   "headers; then 408 and the connection is closed "
+                                   "[default: 10]")),
+    ("--body-timeout", dict(type=click.FloatRange(min=0.01), default=None,
+                            help="api, gateway: seconds a client has to send a request's "
+                                 "body after its headers; then 408 [default: 30]")),
+    ("--keep-alive", dict(type=click.FloatRange(min=0.01), default=None,
+                          help="api, gateway: seconds an idle connection is kept open "
+                               "[default: 5]")),
+    ("--max-connections", dict(type=click.IntRange(min=1), default=None,
+                               help="api, gateway: open HTTP connections per node; beyond: "
+                                    "503 at once [default: 1024]")),
     ("--metrics-interval", dict(type=click.FloatRange(min=0.1), default=None,
                                 help="api: seconds between metrics reports [default: 5]")),
     ("--debug", dict(is_flag=True, default=False,
@@ -50,7 +67,10 @@ _KEYS = {"workers": "workers", "http_port": "http_port", "http_host": "http_host
          "request_timeout": "request_timeout", "queue_timeout": "queue_timeout",
          "retry_after": "retry_after", "max_body": "max_body",
          "metrics_interval": "metrics_interval"}
-_GATEWAY = {"http_port", "http_host", "request_timeout", "retry_after", "max_body"}
+_LIMITS = {"max_header_bytes": "max_header_bytes", "header_timeout": "header_timeout",
+           "body_timeout": "body_timeout", "keep_alive": "keep_alive",
+           "max_connections": "max_connections"}
+_GATEWAY = {"http_port", "http_host", "request_timeout", "retry_after", "max_body", *_LIMITS}
 
 
 def api_node_options(fn: F) -> F:
@@ -62,13 +82,16 @@ def api_node_options(fn: F) -> F:
 def api_node_extra(role: str, options: dict[str, Any]) -> dict[str, Any]:
     """Constructor arguments for ``role`` from the options; usage error if misplaced."""
     given = {k: v for k, v in options.items() if v not in (None, False)}
-    allowed = set(_KEYS) | {"no_http", "debug"} if role == "api" else (
+    allowed = set(_KEYS) | set(_LIMITS) | {"no_http", "debug"} if role == "api" else (
         _GATEWAY if role == "gateway" else set())
     wrong = sorted(set(given) - allowed)
     if wrong:
         flag = "--" + wrong[0].replace("_", "-")
         raise click.BadParameter(f"{flag} is not an option of {role} nodes", param_hint=flag)
     extra = {_KEYS[k]: v for k, v in given.items() if k in _KEYS}
+    limits = {_LIMITS[k]: v for k, v in given.items() if k in _LIMITS}
+    if limits:
+        extra["http_limits"] = HttpLimits(**limits)
     if role == "api":
         if given.get("no_http"):
             extra["http_port"] = None
