@@ -51,32 +51,38 @@ class Answer:
         return error
 
 
-def _read_answer(sock: socket.socket, timeout: float = 10.0) -> Answer:
-    """One HTTP response from a blocking socket, and whether the server then closed."""
+def _read_answer(sock: socket.socket, timeout: float = 10.0,
+                 buffer: bytearray | None = None) -> Answer:
+    """One HTTP response from a blocking socket, and whether the server then closed.
+    ``buffer`` keeps bytes of later (pipelined) responses between calls."""
     sock.settimeout(timeout)
-    data = b""
+    data = buffer if buffer is not None else bytearray()
     while b"\r\n\r\n" not in data:
         chunk = sock.recv(65536)
         if not chunk:
-            raise AssertionError(f"connection closed before a response: {data!r}")
+            raise AssertionError(f"connection closed before a response: {bytes(data)!r}")
         data += chunk
-    head, _, body = data.partition(b"\r\n\r\n")
-    lines = head.decode("latin-1").split("\r\n")
+    end = data.index(b"\r\n\r\n")
+    lines = data[:end].decode("latin-1").split("\r\n")
     status = int(lines[0].split()[1])
     headers = {k.lower(): v.strip() for k, v in (x.split(":", 1) for x in lines[1:])}
     length = int(headers.get("content-length", "0"))
-    while len(body) < length:
+    while len(data) < end + 4 + length:
         chunk = sock.recv(65536)
         if not chunk:
             break
-        body += chunk
+        data += chunk
+    body = bytes(data[end + 4:end + 4 + length])
+    del data[:end + 4 + length]
+    if data:
+        return Answer(status, headers, body, closed=False)  # more responses follow
     try:
         closed = sock.recv(65536) == b""
     except TimeoutError:
         closed = False
     except ConnectionResetError:
         closed = True
-    return Answer(status, headers, body[:length], closed)
+    return Answer(status, headers, body, closed)
 
 
 def exchange(port: int, *parts: bytes, pause: float = 0.0, timeout: float = 10.0) -> Answer:
@@ -252,6 +258,27 @@ async def test_malformed_requests_and_wrong_methods_get_json_errors(
             assert r.status_code == 200
             r = await http.get("/nope")
             assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
+
+
+async def test_pipelined_and_keep_alive_requests_keep_their_limits(
+        settings: NatsSettings) -> None:
+    """Limits are per request: pipelined requests are answered in order, and a later
+    request on the same connection with a head too large gets its own 431."""
+    async with gateway(settings, max_header_bytes=1024) as node:
+        port = port_of(node)
+
+        def pipelined() -> list[Answer]:
+            get = b"GET /isAlive HTTP/1.1\r\nhost: x\r\nx-pad: " + b"p" * 600 + b"\r\n\r\n"
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+                sock.sendall(get * 3)
+                buffer = bytearray()
+                answers = [_read_answer(sock, 0.5, buffer) for _ in range(3)]
+                sock.sendall(b"GET /isAlive HTTP/1.1\r\nx-pad: " + b"p" * 2000 + b"\r\n\r\n")
+                answers.append(_read_answer(sock))
+                return answers
+        answers = await anyio.to_thread.run_sync(pipelined)
+        assert [a.status for a in answers] == [200, 200, 200, 431]
+        assert not any(a.closed for a in answers[:3]) and answers[3].closed
 
 
 # -- /metrics --------------------------------------------------------------------------------
