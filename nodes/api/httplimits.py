@@ -26,7 +26,10 @@ malformed requests  400 ``bad_request`` with the parser's reason
 
 Every answer here is the JSON error body of ``protocol.api``, with ``connection: close``;
 then the connection is half-closed and its input discarded for at most ``LINGER``
-seconds, so the client reads the answer instead of a reset.  On the fast path (a request
+seconds, so the client reads the answer instead of a reset.  Measured with 8 clients
+each starting a 64 MiB header against a bare uvicorn server: plain httptools grew from
+33 MB to 530 MB of RSS and read all 512 MiB; with this protocol it peaked at 34 MB and
+each client had 2 MiB (its socket buffers) out when the 431 came.  On the fast path (a request
 whose head and body arrive in one read) no timer is armed: the checks are a few integer
 comparisons per request.  A bare ASGI no-op measured within noise of plain httptools
 with it (wrk, 32 connections, 3 rounds on a shared 2-core machine: 8.4-10.6k req/s
