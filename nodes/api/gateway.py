@@ -159,7 +159,7 @@ class Gateway:
                      authorization: str | None, generation: str | None,
                      dispatch_key: str | None) -> tuple[int, bytes]:
         """One API call: (HTTP status, JSON body).  Never raises for a bad request."""
-        if not self.nc.is_connected:  # fail fast: a request now would wait out its deadline
+        if not self.connected:  # fail fast: a request now would wait out its deadline
             return error_reply("unavailable", "this node has lost its NATS connection and "
                                               "is reconnecting; try again shortly")
         rec = self.services.get(service)
