@@ -15,7 +15,7 @@ from typing import Any
 
 import msgspec
 
-from protocol import subjects
+from protocol import checks, subjects
 from protocol.base import Command, Message
 from protocol.events import Event
 
@@ -139,11 +139,29 @@ class RunFinished(Event, frozen=True, kw_only=True, tag="run.finished"):
     def subject(self) -> str:
         return subjects.event("run", self.run.project, self.run.run_id)
 
+    def validate(self, subject: str) -> None:
+        """Raise ``InvalidMessage`` unless the run's names are valid (its id becomes part
+        of downstream firing ids and KV keys) and match ``subject``."""
+        r = self.run
+        checks.name(r.project, "project")
+        checks.name(r.scenario, "scenario")
+        checks.name(r.infra, "infra name")
+        checks.name(r.node, "node name")
+        checks.name(r.run_id, "run id")
+        checks.same_subject(subject, self.subject(), "run event")
+
     def summary(self) -> str:
         r = self.run
         why = f": {r.error}" if r.error else ""
         return (f"run {r.run_id} of {r.project}/{r.scenario} on {r.node} {r.outcome} "
                 f"in {r.duration_s or 0:.2f}s{why}")
+
+
+def validate_run_event(event: object, subject: str) -> None:
+    """The rule for events heard on ``sy.evt.run.>``: finished runs start downstream
+    scenarios, so they are checked; other kinds are not acted on."""
+    if isinstance(event, RunFinished):
+        event.validate(subject)
 
 
 # -- commands ----------------------------------------------------------------------------
