@@ -36,6 +36,11 @@ class Drops:
     def count(self, kind: str) -> int:
         return self.by_kind.get(kind, 0)
 
+    @property
+    def remembered(self) -> int:
+        """Senders currently remembered as already logged (at most ``max_senders``)."""
+        return len(self._seen)
+
     def drop(self, kind: str, sender: str, subject: str, reason: str) -> None:
         """Count one dropped message; log it if ``sender`` has not been logged yet."""
         self.total += 1
