@@ -326,10 +326,11 @@ class EndpointMetrics(msgspec.Struct, frozen=True, kw_only=True, array_like=True
     def validate(self) -> None:
         checks.name(self.service, "service")
         checks.name(self.endpoint, "endpoint")
-        try:
-            check_version(self.generation)
-        except BadName as exc:
-            raise InvalidMessage(str(exc)) from None
+        if self.generation != ANY_GENERATION:
+            try:
+                check_version(self.generation)
+            except BadName as exc:
+                raise InvalidMessage(str(exc)) from None
         checks.count(self.requests, "requests")
         checks.count(self.errors, "errors", limit=self.requests)
         checks.count(self.inflight, "inflight", limit=MAX_INFLIGHT)
@@ -341,6 +342,7 @@ class EndpointMetrics(msgspec.Struct, frozen=True, kw_only=True, array_like=True
             checks.count(n, "latency bucket", limit=self.requests)
 
 
+ANY_GENERATION = "*"  # in-flight requests not yet given a generation
 MAX_INFLIGHT = 10**7
 MAX_METRICS_ROWS = 10_000  # (service, endpoint, generation) rows in one report
 LATENCY_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
