@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import msgspec
 import nats.js.errors
 from nats.aio.client import Client as NATS
 
@@ -372,3 +373,25 @@ def test_a_flood_of_new_senders_is_logged_at_a_capped_rate() -> None:
     for i in range(100):
         drops.drop("metrics report", f"n{i}", f"sy.rpt.metrics.n{i}", "bad")
     assert len(log.lines) == 5 and drops.total == 100
+
+
+async def test_stored_records_whose_name_is_not_their_key_are_skipped_on_load(
+        settings: NatsSettings) -> None:
+    nc = await connect(settings, name="t")
+    async with running(deployer(settings)):
+        pass  # creates the bucket
+    kv = await nc.jetstream().key_value(subjects.REGISTRY_BUCKET)
+    good = NodeInfo(name="kept", role="automation", infra="prod", status="online",
+                    last_seen=0.0, first_seen=0.0, version="1", host="h", pid=1,
+                    uptime_s=0.0, interval_s=5.0)
+    await kv.put("kept", encode(good))
+    await kv.put("smuggled", encode(msgspec.structs.replace(good, name="bad name*")))
+    await kv.put("n" * 200, encode(msgspec.structs.replace(good, name="n" * 200)))
+    d = deployer(settings)
+    async with running(d):
+        listed = await names(nc)
+        assert set(listed) >= {"kept"}
+        assert not {"bad name*", "smuggled", "n" * 200} & set(listed)
+        await send_beat(nc, heartbeat("fresh"))
+        await wait_for(lambda: stored(nc, "fresh"), message="writes still work")
+    await nc.close()
