@@ -105,6 +105,11 @@ class RunStarted(Event, frozen=True, kw_only=True, tag="run.started"):
     def subject(self) -> str:
         return subjects.event("run", self.project, self.run_id)
 
+    def validate(self, subject: str) -> None:
+        """Raise ``InvalidMessage`` unless the names are valid and match ``subject``."""
+        _check_run(self.project, self.scenario, self.node, self.run_id, self.infra)
+        checks.same_subject(subject, self.subject(), "run event")
+
     def summary(self) -> str:
         return (f"run {self.run_id} of {self.project}/{self.scenario} started on {self.node} "
                 f"({self.trigger}, bundle {self.bundle or '-'})")
@@ -125,6 +130,11 @@ class RunProgress(Event, frozen=True, kw_only=True, tag="run.step"):
     def subject(self) -> str:
         return subjects.event("run", self.project, self.run_id)
 
+    def validate(self, subject: str) -> None:
+        """Raise ``InvalidMessage`` unless the names are valid and match ``subject``."""
+        _check_run(self.project, self.scenario, self.node, self.run_id)
+        checks.same_subject(subject, self.subject(), "run event")
+
     def summary(self) -> str:
         done = f" in {self.duration_s:.2f}s" if self.status != "STARTED" else ""
         why = f": {self.message}" if self.message else ""
@@ -143,11 +153,7 @@ class RunFinished(Event, frozen=True, kw_only=True, tag="run.finished"):
         """Raise ``InvalidMessage`` unless the run's names are valid (its id becomes part
         of downstream firing ids and KV keys) and match ``subject``."""
         r = self.run
-        checks.name(r.project, "project")
-        checks.name(r.scenario, "scenario")
-        checks.name(r.infra, "infra name")
-        checks.name(r.node, "node name")
-        checks.name(r.run_id, "run id")
+        _check_run(r.project, r.scenario, r.node, r.run_id, r.infra)
         checks.same_subject(subject, self.subject(), "run event")
 
     def summary(self) -> str:
@@ -157,10 +163,19 @@ class RunFinished(Event, frozen=True, kw_only=True, tag="run.finished"):
                 f"in {r.duration_s or 0:.2f}s{why}")
 
 
+def _check_run(project: str, scenario: str, node: str, run_id: str,
+               infra: str = "-") -> None:
+    checks.name(project, "project")
+    checks.text(scenario, "scenario")  # free text for builds: "build a,b"
+    checks.name(infra, "infra name")
+    checks.name(node, "node name")
+    checks.name(run_id, "run id")
+
+
 def validate_run_event(event: object, subject: str) -> None:
-    """The rule for events heard on ``sy.evt.run.>``: finished runs start downstream
-    scenarios, so they are checked; other kinds are not acted on."""
-    if isinstance(event, RunFinished):
+    """The rule for events on ``sy.evt.run.>``: their names reach subjects, KV keys
+    and object names (a run's log), so they are checked before use."""
+    if isinstance(event, RunStarted | RunProgress | RunFinished):
         event.validate(subject)
 
 

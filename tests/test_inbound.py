@@ -28,6 +28,7 @@ from protocol.events import NodeForgotten, NodeLost, NodeOnline
 from protocol.heartbeat import HEARTBEAT, Heartbeat
 from protocol.registry import LOST, REGISTRY_VALUE, ListNodes, NodeInfo
 from protocol.reports import REPORT, NodeExit
+from protocol.runs import RunStarted
 from tests.helpers import Background, running, shipyard, shipyard_argv, wait_for, wait_until
 from tests.probe import ProbeNode
 
@@ -394,4 +395,22 @@ async def test_stored_records_whose_name_is_not_their_key_are_skipped_on_load(
         assert not {"bad name*", "smuggled", "n" * 200} & set(listed)
         await send_beat(nc, heartbeat("fresh"))
         await wait_for(lambda: stored(nc, "fresh"), message="writes still work")
+    await nc.close()
+
+
+async def test_run_events_with_invalid_names_never_reach_the_run_history(
+        settings: NatsSettings) -> None:
+    nc = await connect(settings, name="t")
+    d = deployer(settings)
+    async with running(d):
+        forged = RunStarted(run_id="r" * 5000, project="p", scenario="s", infra="prod",
+                            node="a1", bundle="b", trigger="manual", firing="f")
+        # Stored under a valid subject: only the body is forged.
+        await nc.jetstream().publish(subjects.event("run", "p", "short"), encode(forged))
+        honest = RunStarted(run_id="p-s-1", project="p", scenario="build a,b", infra="prod",
+                            node="a1", bundle="b", trigger="manual", firing="f")
+        await nc.jetstream().publish(honest.subject(), encode(honest))
+        await wait_for(lambda: "p-s-1" in d.runs.runs, message="honest run folded")
+        await wait_for(lambda: d.drops.count("run event") == 1, message="forged one counted")
+        assert list(d.runs.runs) == ["p-s-1"]
     await nc.close()
