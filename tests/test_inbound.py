@@ -414,3 +414,19 @@ async def test_run_events_with_invalid_names_never_reach_the_run_history(
         await wait_for(lambda: d.drops.count("run event") == 1, message="forged one counted")
         assert list(d.runs.runs) == ["p-s-1"]
     await nc.close()
+
+
+async def test_a_full_registry_refuses_new_names_but_keeps_known_nodes(
+        settings: NatsSettings) -> None:
+    nc = await connect(settings, name="t")
+    d = deployer(settings)
+    async with running(d):
+        await wait_for(lambda: "deployer" in d.registry.nodes, message="own beat")
+        d.registry.max_nodes = len(d.registry.nodes) + 2
+        for name in ("n1", "n2", "n3"):
+            await send_beat(nc, heartbeat(name, interval_s=5.0))
+        await wait_for(lambda: d.heartbeats_bad == 1, message="the third name refused")
+        await send_beat(nc, heartbeat("n1", interval_s=5.0, seq=2))
+        await wait_for(lambda: d.registry.nodes["n1"].seq == 2, message="n1 still beating")
+        assert "n3" not in d.registry.nodes and "n2" in d.registry.nodes
+    await nc.close()

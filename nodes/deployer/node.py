@@ -140,6 +140,11 @@ class DeployerNode(Node):
     # -- heartbeats --------------------------------------------------------------------
 
     async def _on_heartbeat(self, hb: Heartbeat) -> None:
+        if not self.registry.admits(hb.node):
+            self.drops.drop("heartbeat", hb.node, subjects.heartbeat(hb.role, hb.node),
+                            f"the registry is full ({self.registry.max_nodes} nodes): "
+                            "forget lost nodes with 'shipyard node forget'")
+            return
         self.heartbeats_seen += 1
         event = self.registry.on_heartbeat(hb)
         if event is not None:

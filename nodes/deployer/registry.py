@@ -33,6 +33,7 @@ from protocol.registry import LOST, ONLINE, NodeInfo
 LOST_AFTER = 3.0  # missed intervals
 EXIT_LATE_BEATS = 1  # beats after an exit report still taken as in flight
 FORGET_AFTER_S = 24 * 3600.0  # default: lost nodes are kept a day
+MAX_NODES = 10_000  # beyond this, beats from unknown nodes are refused (memory is bounded)
 
 
 @dataclass
@@ -63,6 +64,11 @@ class Registry:
     clock: Callable[[], float] = time.monotonic
     wall: Callable[[], float] = time.time
     removed: set[str] = field(default_factory=set)  # forgotten, not yet deleted from KV
+    max_nodes: int = MAX_NODES
+
+    def admits(self, name: str) -> bool:
+        """Whether a beat from ``name`` may be recorded: known, or room for one more."""
+        return name in self.nodes or len(self.nodes) < self.max_nodes
 
     def load(self, infos: list[NodeInfo]) -> None:
         """Records read back from KV (validated by the caller)."""
