@@ -129,8 +129,7 @@ class DeployerNode(Node):
         await self.apis.started(tg)
 
     def state(self) -> dict[str, Any]:
-        return {"nodes": len(self.registry.nodes), "heartbeats": self.heartbeats_seen,
-                "heartbeats_bad": self.heartbeats_bad}
+        return {"nodes": len(self.registry.nodes), "heartbeats": self.heartbeats_seen}
 
     @property
     def heartbeats_bad(self) -> int:

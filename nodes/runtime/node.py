@@ -10,10 +10,11 @@ exception becomes a typed error reply and the node keeps serving.  One place dec
 what happens to a message on a plain subscription (``subscribe_decoded``): decode,
 validate, hand it on; a malformed one is dropped, counted and logged once per sender.
 
-If the connection is closed for good (nats-py gives up: the server sent an error such
-as an authorization violation), ``serve`` raises ``ConnectionClosed`` and the process
-exits non-zero, so its supervisor restarts it; a node that stayed up unable to talk
-would look alive to its supervisor and be lost to everyone else.
+If the connection is closed for good (nats-py closes it when the server sends an error
+while connected, such as "maximum control line exceeded"), ``serve`` raises
+``ConnectionClosed`` and the process exits non-zero, so its supervisor restarts it; a
+node that stayed up unable to talk would look alive to its supervisor and be lost to
+everyone else.
 
 Lifecycle (``serve``)::
 
