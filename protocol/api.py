@@ -407,7 +407,7 @@ class GenerationReport(Message, frozen=True, kw_only=True, tag="api.generation")
         checks.name(self.service, "service")
         checks.text(self.update_id, "update_id", limit=128)
         checks.text(self.stage, "stage", limit=64)
-        checks.text(self.reason, "reason")
+        checks.text(self.reason, "reason", limit=65536)  # may carry a user-code traceback
         for g in self.generations:
             checks.label(g, "generation")
         checks.finite(self.duration_s, "duration_s")

@@ -65,7 +65,7 @@ def default_node_name(role: str) -> str:
 
 @click.group()
 def node() -> None:
-    """Run node workers."""
+    """Run node workers, and forget nodes that are gone."""
 
 
 @node.command("start")
