@@ -28,6 +28,7 @@ from nodes.runtime.requests import Requester
 from nodes.runtime.settings import NatsSettings
 from protocol import subjects
 from protocol.api import GENERATION_REPORT, DeployApi
+from protocol.errors import DecodeError
 
 
 async def measure(url: str, versions: list[str], nodes: int) -> list[dict[str, float]]:
@@ -40,7 +41,7 @@ async def measure(url: str, versions: list[str], nodes: int) -> list[dict[str, f
     async def on_report(msg: Msg) -> None:
         try:
             r = GENERATION_REPORT.decode(msg.data)
-        except msgspec.DecodeError:
+        except DecodeError:
             return
         if r.stage == "serving":
             serving.setdefault(r.update_id, set()).add(r.node)

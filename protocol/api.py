@@ -30,11 +30,11 @@ import zlib
 
 import msgspec
 
-from protocol import subjects
-from protocol.base import Command, Message, encode
+from protocol import checks, subjects
+from protocol.base import Codec, Command, Message, encode
 from protocol.bundles import FileEntry
 from protocol.deploy import DeploymentView, Update
-from protocol.errors import BadName
+from protocol.errors import BadName, InvalidMessage
 from protocol.events import Event
 
 AUTH_MODES = ("public", "api-key")
@@ -348,7 +348,28 @@ class EndpointMetrics(msgspec.Struct, frozen=True, kw_only=True, array_like=True
     latency_sum_s: float
     buckets: list[int]
 
+    def validate(self) -> None:
+        checks.name(self.service, "service")
+        checks.name(self.endpoint, "endpoint")
+        if self.generation != ANY_GENERATION:
+            try:
+                check_version(self.generation)
+            except BadName as exc:
+                raise InvalidMessage(str(exc)) from None
+        checks.count(self.requests, "requests")
+        checks.count(self.errors, "errors", limit=self.requests)
+        checks.count(self.inflight, "inflight", limit=MAX_INFLIGHT)
+        checks.number(self.latency_sum_s, "latency_sum_s", 0.0, 1e15)
+        if len(self.buckets) > len(LATENCY_BUCKETS_S) + 1:
+            raise InvalidMessage(f"{len(self.buckets)} latency buckets: expected at most "
+                                 f"{len(LATENCY_BUCKETS_S) + 1}")
+        for n in self.buckets:
+            checks.count(n, "latency bucket", limit=self.requests)
 
+
+ANY_GENERATION = "*"  # in-flight requests not yet given a generation
+MAX_INFLIGHT = 10**7
+MAX_METRICS_ROWS = 10_000  # (service, endpoint, generation) rows in one report
 LATENCY_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
                      2.5, 5.0, 10.0)
 
@@ -368,6 +389,24 @@ class ApiMetricsReport(Message, frozen=True, kw_only=True, tag="api.metrics"):
     def subject(self) -> str:
         return subjects.report("metrics", self.node)
 
+    def validate(self, subject: str) -> None:
+        """Raise ``InvalidMessage`` unless every name and counter is in bounds (a report
+        claiming 10**15 requests never reaches the health rollup) and the node is the one
+        ``subject`` names."""
+        checks.name(self.node, "node name")
+        checks.name(self.infra, "infra name")
+        checks.finite(self.ts, "ts")
+        checks.number(self.interval_s, "interval_s", 0.0, 86400.0)
+        for what, n in (("overloaded", self.overloaded), ("workers", self.workers),
+                        ("workers_busy", self.workers_busy)):
+            checks.count(n, what)
+        if len(self.endpoints) > MAX_METRICS_ROWS:
+            raise InvalidMessage(f"{len(self.endpoints)} endpoint rows: expected at most "
+                                 f"{MAX_METRICS_ROWS}")
+        for row in self.endpoints:
+            row.validate()
+        checks.same_subject(subject, self.subject(), "metrics report")
+
 
 class GenerationReport(Message, frozen=True, kw_only=True, tag="api.generation"):
     """Progress and outcome of one node switching one service to a mapping."""
@@ -384,6 +423,21 @@ class GenerationReport(Message, frozen=True, kw_only=True, tag="api.generation")
 
     def subject(self) -> str:
         return subjects.report("apigen", self.node)
+
+    def validate(self, subject: str) -> None:
+        """Raise ``InvalidMessage`` unless names are in bounds and the node is the one
+        ``subject`` names."""
+        checks.name(self.node, "node name")
+        checks.name(self.infra, "infra name")
+        checks.name(self.service, "service")
+        checks.text(self.update_id, "update_id", limit=128)
+        checks.text(self.stage, "stage", limit=64)
+        checks.text(self.reason, "reason", limit=65536)  # may carry a user-code traceback
+        for g in self.generations:
+            checks.label(g, "generation")
+        checks.finite(self.duration_s, "duration_s")
+        checks.finite(self.ts, "ts")
+        checks.same_subject(subject, self.subject(), "generation report")
 
 
 class ApiPackageStored(Event, frozen=True, kw_only=True, tag="api.package.stored"):
@@ -486,5 +540,5 @@ class ApiKeyIssued(Event, frozen=True, kw_only=True, tag="api.key.issued"):
 API_PACKAGE_INFO = msgspec.json.Decoder(ApiPackageInfo)
 API_DEPLOYMENT_VALUE = msgspec.json.Decoder(ApiDeploymentRecord)
 API_KEY_VALUE = msgspec.json.Decoder(ApiKeyRecord)
-METRICS_REPORT = msgspec.json.Decoder(ApiMetricsReport)
-GENERATION_REPORT = msgspec.json.Decoder(GenerationReport)
+METRICS_REPORT = Codec[ApiMetricsReport](ApiMetricsReport)
+GENERATION_REPORT = Codec[GenerationReport](GenerationReport)

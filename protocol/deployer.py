@@ -26,7 +26,7 @@ from protocol.deploy import (
     ListInfras,
     RollbackBundle,
 )
-from protocol.registry import ListNodes, NodeList
+from protocol.registry import ForgetNode, ForgottenNode, ListNodes, NodeList
 from protocol.runs import (
     CancelRun,
     GetRunLog,
@@ -38,12 +38,12 @@ from protocol.runs import (
     RunScenario,
 )
 
-DeployerCommand = (ListNodes | CreateInfra | ListInfras | DeployBundle | RollbackBundle
+DeployerCommand = (ListNodes | ForgetNode | CreateInfra | ListInfras | DeployBundle | RollbackBundle
                    | ListDeployments | GetHistory
                    | RunScenario | ListRuns | GetRunLog | CancelRun
                    | DeployApi | RollbackApi | CreateApiKey | ListApiKeys | RevokeApiKey)
-DeployerReply = (NodeList | InfraCreated | InfraList | DeploymentView | DeploymentList
-                 | History
+DeployerReply = (NodeList | ForgottenNode | InfraCreated | InfraList | DeploymentView
+                 | DeploymentList | History
                  | RunAccepted | RunList | RunLog | RunCancelled
                  | ApiKeyCreated | ApiKeyList | ApiKeyRevoked)
 

@@ -37,6 +37,17 @@ class DecodeError(ProtocolError):
         super().__init__(f"cannot decode message on {subject!r}: {reason}")
 
 
+class InvalidMessage(ProtocolError, ValueError):
+    """Raised when a message decodes but breaks a rule: a bad name, a number out of its
+    bounds, or a sender that does not match the subject it arrived on.  Messages that
+    arrive on plain subscriptions (heartbeats, reports, events) have no one to answer, so
+    the subscriber drops them; ``reason`` says what was wrong and what was expected."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+        super().__init__(reason)
+
+
 class OperationError(ShipyardError):
     """A request that was refused or failed; travels as ``{"code", "message"}``."""
 

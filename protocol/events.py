@@ -68,4 +68,23 @@ class NodeLost(Event, frozen=True, kw_only=True, tag="node.lost"):
         return f"node {self.node} ({self.role}, infra {self.infra}) lost: {why}"
 
 
-NodeEvent = NodeOnline | NodeLost
+class NodeForgotten(Event, frozen=True, kw_only=True, tag="node.forgotten"):
+    """``node`` was removed from the registry: lost for longer than the Deployer keeps
+    lost nodes, or forgotten on request (``by`` says who)."""
+
+    node: str
+    role: str
+    infra: str
+    last_seen: float
+    reason: str
+    by: str = ""
+
+    def subject(self) -> str:
+        return subjects.node_event(self.node)
+
+    def summary(self) -> str:
+        who = f" by {self.by}" if self.by else ""
+        return f"node {self.node} ({self.role}, infra {self.infra}) forgotten{who}: {self.reason}"
+
+
+NodeEvent = NodeOnline | NodeLost | NodeForgotten

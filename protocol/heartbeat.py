@@ -4,7 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
+from protocol import checks, subjects
 from protocol.base import Codec, Message
+
+# The heartbeat intervals the registry accepts.  Below 50 ms a beat costs more than it
+# tells; above 5 minutes a dead node would look alive for a quarter of an hour.
+MIN_INTERVAL_S = 0.05
+MAX_INTERVAL_S = 300.0
 
 
 class Heartbeat(Message, frozen=True, kw_only=True, tag="heartbeat"):
@@ -27,6 +33,24 @@ class Heartbeat(Message, frozen=True, kw_only=True, tag="heartbeat"):
     ts: float = 0.0
     instance: str = ""  # unique per node object: tells a restart even with the same pid
     state: dict[str, Any] = {}
+    dropped: int = 0  # inbound messages this node dropped as malformed, since it started
+
+    def validate(self, subject: str) -> None:
+        """Raise ``InvalidMessage`` unless every name and number is in bounds and the
+        node and role are the ones ``subject`` (``sy.hb.<role>.<node>``) names."""
+        checks.name(self.node, "node name")
+        checks.name(self.role, "role")
+        checks.name(self.infra, "infra name")
+        checks.label(self.version, "version")
+        checks.text(self.host, "host", limit=255)
+        checks.label(self.instance, "instance", empty=True)
+        checks.count(self.pid, "pid")
+        checks.count(self.seq, "seq")
+        checks.count(self.dropped, "dropped")
+        checks.number(self.interval_s, "interval_s", MIN_INTERVAL_S, MAX_INTERVAL_S)
+        checks.number(self.uptime_s, "uptime_s", 0.0, 1e10)
+        checks.finite(self.ts, "ts")
+        checks.same_subject(subject, subjects.heartbeat(self.role, self.node), "heartbeat")
 
 
 HEARTBEAT = Codec[Heartbeat](Heartbeat)

@@ -6,7 +6,9 @@ from typing import Any
 
 import msgspec
 
+from protocol import checks, subjects
 from protocol.base import Command, Message
+from protocol.errors import InvalidMessage
 
 ONLINE = "online"
 LOST = "lost"
@@ -28,6 +30,22 @@ class NodeInfo(msgspec.Struct, frozen=True, kw_only=True):
     interval_s: float
     state: dict[str, Any] = {}
     last_seen_s: float = 0.0
+    dropped: int = 0  # inbound messages the node dropped as malformed (its last beat)
+
+    def validate(self, key: str) -> None:
+        """Raise ``InvalidMessage`` unless this record's names are valid and its name is
+        ``key`` (a record read back from KV must not bring in what a heartbeat could not)."""
+        checks.name(self.name, "node name")
+        checks.name(self.role, "role")
+        checks.name(self.infra, "infra name")
+        if key != node_key(self.name):
+            raise InvalidMessage(f"record of node {self.name!r} is stored under key "
+                                 f"{key!r}: expected {node_key(self.name)!r}")
+
+
+def node_key(name: str) -> str:
+    """The registry bucket's key of one node."""
+    return subjects.token(name, "node name")
 
 
 class NodeList(Message, frozen=True, kw_only=True, tag="nodes"):
@@ -40,6 +58,19 @@ class ListNodes(Command[NodeList], frozen=True, kw_only=True, tag="nodes.list"):
     role: str | None = None
     infra: str | None = None
     status: str | None = None
+
+
+class ForgottenNode(Message, frozen=True, kw_only=True, tag="nodes.forget.reply"):
+    node: NodeInfo
+
+
+class ForgetNode(Command[ForgottenNode], frozen=True, kw_only=True, tag="nodes.forget"):
+    """Remove ``name`` from the registry and its KV record.  An online node is refused
+    (``conflict``) unless ``force``: it would come back with its next heartbeat."""
+
+    name: str
+    force: bool = False
+    by: str = ""
 
 
 REGISTRY_VALUE = msgspec.json.Decoder(NodeInfo)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from protocol import subjects
+from protocol import checks, subjects
 from protocol.base import Codec, Message
 
 
@@ -20,6 +20,17 @@ class NodeExit(Message, frozen=True, kw_only=True, tag="node.exit"):
 
     def subject(self) -> str:
         return subjects.report("exit", self.node)
+
+    def validate(self, subject: str) -> None:
+        """Raise ``InvalidMessage`` unless the names and pid are in bounds and the node
+        is the one ``subject`` names."""
+        checks.name(self.node, "node name")
+        checks.name(self.role, "role")
+        checks.name(self.infra, "infra name")
+        checks.count(self.pid, "pid")
+        checks.text(self.reason, "reason", limit=1024)
+        checks.label(self.instance, "instance", empty=True)
+        checks.same_subject(subject, self.subject(), "exit report")
 
 
 AnyReport = NodeExit

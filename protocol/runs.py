@@ -15,7 +15,7 @@ from typing import Any
 
 import msgspec
 
-from protocol import subjects
+from protocol import checks, subjects
 from protocol.base import Command, Message
 from protocol.events import Event
 
@@ -105,6 +105,11 @@ class RunStarted(Event, frozen=True, kw_only=True, tag="run.started"):
     def subject(self) -> str:
         return subjects.event("run", self.project, self.run_id)
 
+    def validate(self, subject: str) -> None:
+        """Raise ``InvalidMessage`` unless the names are valid and match ``subject``."""
+        _check_run(self.project, self.scenario, self.node, self.run_id, self.infra)
+        checks.same_subject(subject, self.subject(), "run event")
+
     def summary(self) -> str:
         return (f"run {self.run_id} of {self.project}/{self.scenario} started on {self.node} "
                 f"({self.trigger}, bundle {self.bundle or '-'})")
@@ -125,6 +130,11 @@ class RunProgress(Event, frozen=True, kw_only=True, tag="run.step"):
     def subject(self) -> str:
         return subjects.event("run", self.project, self.run_id)
 
+    def validate(self, subject: str) -> None:
+        """Raise ``InvalidMessage`` unless the names are valid and match ``subject``."""
+        _check_run(self.project, self.scenario, self.node, self.run_id)
+        checks.same_subject(subject, self.subject(), "run event")
+
     def summary(self) -> str:
         done = f" in {self.duration_s:.2f}s" if self.status != "STARTED" else ""
         why = f": {self.message}" if self.message else ""
@@ -139,11 +149,34 @@ class RunFinished(Event, frozen=True, kw_only=True, tag="run.finished"):
     def subject(self) -> str:
         return subjects.event("run", self.run.project, self.run.run_id)
 
+    def validate(self, subject: str) -> None:
+        """Raise ``InvalidMessage`` unless the run's names are valid (its id becomes part
+        of downstream firing ids and KV keys) and match ``subject``."""
+        r = self.run
+        _check_run(r.project, r.scenario, r.node, r.run_id, r.infra)
+        checks.same_subject(subject, self.subject(), "run event")
+
     def summary(self) -> str:
         r = self.run
         why = f": {r.error}" if r.error else ""
         return (f"run {r.run_id} of {r.project}/{r.scenario} on {r.node} {r.outcome} "
                 f"in {r.duration_s or 0:.2f}s{why}")
+
+
+def _check_run(project: str, scenario: str, node: str, run_id: str,
+               infra: str = "-") -> None:
+    checks.name(project, "project")
+    checks.text(scenario, "scenario")  # free text for builds: "build a,b"
+    checks.name(infra, "infra name")
+    checks.name(node, "node name")
+    checks.name(run_id, "run id")
+
+
+def validate_run_event(event: object, subject: str) -> None:
+    """The rule for events on ``sy.evt.run.>``: their names reach subjects, KV keys
+    and object names (a run's log), so they are checked before use."""
+    if isinstance(event, RunStarted | RunProgress | RunFinished):
+        event.validate(subject)
 
 
 # -- commands ----------------------------------------------------------------------------

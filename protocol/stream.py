@@ -27,10 +27,11 @@ from protocol.deploy import (
     DeploymentRequested,
     InfraCreatedEvent,
 )
-from protocol.events import NodeLost, NodeOnline
+from protocol.events import NodeForgotten, NodeLost, NodeOnline
 from protocol.runs import RunFinished, RunProgress, RunStarted
 
-AnyEvent = (NodeOnline | NodeLost | InfraCreatedEvent | BundleStored | DeploymentRequested
+AnyEvent = (NodeOnline | NodeLost | NodeForgotten | InfraCreatedEvent | BundleStored
+            | DeploymentRequested
             | BundleActivated | BundleActivationFailed | DeploymentFinished
             | RunStarted | RunProgress | RunFinished
             | ApiPackageStored | ApiDeploymentRequested | GenerationsServing | GenerationFailed

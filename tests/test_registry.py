@@ -7,15 +7,17 @@ import time
 
 import anyio
 import anyio.lowlevel
+import msgspec
 from nats.aio.client import Client as NATS
 
 from nodes.deployer import DeployerNode
+from nodes.deployer.registry import Registry
 from nodes.runtime.calls import Caller
 from nodes.runtime.connection import connect
 from nodes.runtime.events import read_events
 from nodes.runtime.settings import NatsSettings
 from protocol import subjects
-from protocol.events import NodeLost, NodeOnline
+from protocol.events import NodeForgotten, NodeLost, NodeOnline
 from protocol.heartbeat import HEARTBEAT, Heartbeat
 from protocol.registry import ListNodes, NodeInfo
 from tests.helpers import running, wait_for
@@ -144,3 +146,99 @@ async def test_malformed_heartbeat_is_ignored_and_counted(settings: NatsSettings
         await wait_for(lambda: d.heartbeats_bad == 2, message="bad beats counted")
         assert await status_of(nc, "junk") is None
     await nc.close()
+
+
+# -- the pure state machine, with injected clocks --------------------------------------
+
+class Clocks:
+    """A monotonic clock and a wall clock the test moves by hand."""
+
+    def __init__(self) -> None:
+        self.mono = 1000.0
+        self.wall_time = 1_700_000_000.0
+
+    def registry(self, **kw: object) -> Registry:
+        return Registry(clock=lambda: self.mono, wall=lambda: self.wall_time,
+                        **kw)  # type: ignore[arg-type]
+
+    def advance(self, seconds: float) -> None:
+        self.mono += seconds
+        self.wall_time += seconds
+
+
+def hb(name: str = "n1", seq: int = 1, **kw: object) -> Heartbeat:
+    fields: dict[str, object] = dict(node=name, role="automation", infra="prod",
+                                     version="1", host="h1", pid=7, uptime_s=1.0,
+                                     interval_s=1.0, seq=seq, instance="i1")
+    fields.update(kw)
+    return Heartbeat(**fields)  # type: ignore[arg-type]
+
+
+def test_liveness_follows_the_monotonic_clock_not_the_wall_clock() -> None:
+    clocks = Clocks()
+    reg = clocks.registry()
+    reg.on_heartbeat(hb())
+    clocks.wall_time += 3600.0  # the wall clock steps an hour ahead (NTP, a resumed VM)
+    assert reg.sweep() == []
+    assert reg.get("n1").status == "online"  # type: ignore[union-attr]
+    clocks.wall_time -= 7200.0  # and back, past where it was
+    clocks.mono += 2.9
+    assert reg.sweep() == []
+    clocks.mono += 0.2  # 3.1 intervals of real silence
+    events = reg.sweep()
+    assert [type(e) for e in events] == [NodeLost]
+    assert events[0].silent_s == 3.1  # type: ignore[union-attr]
+
+
+def test_an_exit_report_is_not_sticky_while_the_process_keeps_beating() -> None:
+    clocks = Clocks()
+    reg = clocks.registry()
+    reg.on_heartbeat(hb(seq=5))
+    assert isinstance(reg.on_exit("n1", 7, "stopped", "i1"), NodeLost)
+    # A beat already in flight when the process said goodbye is ignored...
+    assert reg.on_heartbeat(hb(seq=6)) is None
+    assert reg.get("n1").status == "lost"  # type: ignore[union-attr]
+    # ...but a process that keeps beating is alive, whatever the report said.
+    back = reg.on_heartbeat(hb(seq=7))
+    assert isinstance(back, NodeOnline) and back.reason == "resumed"
+    assert reg.get("n1").status == "online"  # type: ignore[union-attr]
+
+
+def test_lost_nodes_are_forgotten_after_the_period_and_names_handed_to_the_writer() -> None:
+    clocks = Clocks()
+    reg = clocks.registry(forget_after=60.0)
+    reg.on_heartbeat(hb())
+    clocks.advance(4.0)
+    assert [type(e) for e in reg.sweep()] == [NodeLost]
+    clocks.advance(59.0)
+    assert reg.sweep() == []
+    clocks.advance(1.0)
+    events = reg.sweep()
+    assert [type(e) for e in events] == [NodeForgotten]
+    assert reg.get("n1") is None and reg.take_removed() == ["n1"]
+
+
+def test_a_forgotten_node_that_beats_again_is_not_deleted_from_kv() -> None:
+    clocks = Clocks()
+    reg = clocks.registry()
+    reg.on_heartbeat(hb())
+    reg.forget("n1", reason="on request")
+    reg.on_heartbeat(hb(seq=2))
+    assert reg.take_removed() == []
+    assert [i.name for i in reg.take_dirty()] == ["n1"]
+
+
+def test_records_loaded_from_kv_get_a_grace_period_and_a_bounded_interval() -> None:
+    clocks = Clocks()
+    reg = clocks.registry(forget_after=100.0)
+    phantom = NodeInfo(name="ph", role="automation", infra="prod", status="online",
+                       last_seen=clocks.wall_time - 5, first_seen=0.0, version="1",
+                       host="h", pid=1, uptime_s=0.0, interval_s=1e9)
+    old_lost = msgspec.structs.replace(phantom, name="old", status="lost",
+                                       last_seen=clocks.wall_time - 1000, interval_s=1.0)
+    reg.load([phantom, old_lost])
+    assert reg.get("ph").interval_s == 300.0  # type: ignore[union-attr]
+    events = reg.sweep()
+    assert [(type(e), e.node) for e in events] == [(NodeForgotten, "old")]
+    clocks.advance(901.0)
+    assert [(type(e), e.node) for e in reg.sweep()] == [(NodeLost, "ph")]

@@ -31,7 +31,6 @@ import msgspec
 import nats.js.errors
 from anyio.abc import TaskGroup, TaskStatus
 from croniter import croniter
-from nats.aio.msg import Msg
 from nats.js.api import KeyValueConfig, StorageType
 from nats.js.kv import KeyValue
 
@@ -57,8 +56,9 @@ from protocol.runs import (
     RunFinished,
     RunLock,
     lock_key,
+    validate_run_event,
 )
-from protocol.stream import EVENT
+from protocol.stream import EVENT, AnyEvent
 
 if TYPE_CHECKING:
     from nodes.automation.node import AutomationNode
@@ -110,9 +110,10 @@ class Runner:
 
     async def started(self, tg: TaskGroup) -> None:
         await tg.start(self._host_pool)
-        sub = await self.node.nc.subscribe(subjects.RUN_EVENTS_ALL, cb=self._on_run_event,
-                                           pending_msgs_limit=10_000)
-        self.node._subs.append(sub)
+        await self.node.subscribe_decoded(
+            subjects.RUN_EVENTS_ALL, EVENT, self._on_run_event, validate=validate_run_event,
+            kind="run event", sender=lambda s: s.rsplit(".", 1)[0],
+            pending_msgs_limit=10_000)
         await self._release_stale_locks()
         for project, st in list(self.node.projects.items()):
             if st.get("active"):
@@ -232,11 +233,7 @@ class Runner:
                 await self._fire_quietly(project, name, Firing(
                     id=f"act-{update_id}", trigger=ON_ACTIVATION, detail=bundle))
 
-    async def _on_run_event(self, msg: Msg) -> None:
-        try:
-            event = EVENT.decode(msg.data, msg.subject)
-        except Exception:  # a newer peer's event kind: not ours to judge
-            return
+    async def _on_run_event(self, event: AnyEvent) -> None:
         if not isinstance(event, RunFinished) or event.run.outcome not in SUCCESSFUL:
             return
         run = event.run

@@ -13,7 +13,7 @@ import click
 import nodes
 from nodes.cli.apis import api, deploy_api
 from nodes.cli.common import EXIT_FAILED, EXIT_USAGE, CliState, err
-from nodes.cli.fleet import events_cmd, nodes_cmd
+from nodes.cli.fleet import events_cmd, node_forget, nodes_cmd
 from nodes.cli.projects import (
     bundle,
     deploy,
@@ -48,6 +48,7 @@ def cli(ctx: click.Context, nats_url: str | None) -> None:
 
 cli.add_command(up)
 cli.add_command(node)
+node.add_command(node_forget)
 cli.add_command(nodes_cmd)
 cli.add_command(events_cmd)
 cli.add_command(projects_cmd)

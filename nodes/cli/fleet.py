@@ -1,4 +1,4 @@
-"""``shipyard nodes`` and ``shipyard events``."""
+"""``shipyard nodes``, ``shipyard node forget`` and ``shipyard events``."""
 
 from __future__ import annotations
 
@@ -19,9 +19,11 @@ from nodes.cli.common import (
     print_json_line,
     run,
     table,
+    to_builtins,
+    whoami,
 )
 from nodes.runtime.events import StoredEvent, read_events
-from protocol.registry import ListNodes, NodeList
+from protocol.registry import ForgetNode, ForgottenNode, ListNodes, NodeList
 
 STATUS_STYLE = {"online": "green", "lost": "red"}
 
@@ -39,7 +41,7 @@ def nodes_cmd(role: str | None, infra: str | None, nats_url: str | None, as_json
             {"name": n.name, "role": n.role, "infra": n.infra, "status": n.status,
              "last_seen_s": n.last_seen_s, "version": n.version, "host": n.host, "pid": n.pid,
              "uptime_s": n.uptime_s, "interval_s": n.interval_s, "last_seen": n.last_seen,
-             "first_seen": n.first_seen, "state": n.state}
+             "first_seen": n.first_seen, "dropped": n.dropped, "state": n.state}
             for n in reply.nodes])
         return
     if not reply.nodes:
@@ -51,6 +53,26 @@ def nodes_cmd(role: str | None, infra: str | None, nats_url: str | None, as_json
         rows.append((n.name, n.role, n.infra, f"[{style}]{n.status}[/{style}]",
                      f"{human_age(n.last_seen_s)} ago", n.version, n.host, n.pid))
     table(["NAME", "ROLE", "INFRA", "STATUS", "LAST SEEN", "VERSION", "HOST", "PID"], rows)
+
+
+@click.command("forget")
+@click.argument("name")
+@click.option("--force", is_flag=True,
+              help="Forget the node even if it is online (it comes back with its next "
+                   "heartbeat).")
+@nats_option
+@json_option
+def node_forget(name: str, force: bool, nats_url: str | None, as_json: bool) -> None:
+    """Remove node NAME from the registry and its stored record (a node that is gone for
+    good).  Lost nodes are also forgotten by the Deployer after --forget-after."""
+    reply: ForgottenNode = run(call, nats_url, ForgetNode(name=name, force=force,
+                                                            by=whoami()))
+    if as_json:
+        print_json(to_builtins(reply.node))
+        return
+    n = reply.node
+    out.print(f"forgot node {n.name} ({n.role}, infra {n.infra}, was {n.status})",
+              markup=False)
 
 
 def _line(e: StoredEvent) -> str:

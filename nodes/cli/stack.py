@@ -24,7 +24,16 @@ from nodes.cli.apinodes import (
     api_node_options,
     print_api_urls,
 )
-from nodes.cli.common import EXIT_FAILED, EXIT_OK, err, home_option, nats_option, out, table
+from nodes.cli.common import (
+    EXIT_FAILED,
+    EXIT_OK,
+    err,
+    home_option,
+    nats_option,
+    out,
+    parse_duration,
+    table,
+)
 from nodes.roles import ROLES
 from nodes.runtime.calls import Caller
 from nodes.runtime.connection import CannotReachNats, connect
@@ -36,7 +45,7 @@ from nodes.runtime.supervisor import Child, Supervisor, describe_exit
 from protocol import subjects
 from protocol.deploy import CreateInfra
 from protocol.errors import OperationError
-from protocol.heartbeat import HEARTBEAT
+from protocol.heartbeat import HEARTBEAT, MAX_INTERVAL_S, MIN_INTERVAL_S
 from protocol.reports import REPORT, NodeExit
 
 DEFAULT_INFRA = {"automation": "automation", "api": "api"}
@@ -56,7 +65,7 @@ def default_node_name(role: str) -> str:
 
 @click.group()
 def node() -> None:
-    """Run node workers."""
+    """Run node workers, and forget nodes that are gone."""
 
 
 @node.command("start")
@@ -65,8 +74,10 @@ def node() -> None:
 @click.option("--infra", help="Infrastructure to join. Default: automation/api for those "
                               "roles, 'control' otherwise.")
 @nats_option
-@click.option("--heartbeat-interval", type=click.FloatRange(min=0.05), default=2.0,
-              show_default=True, help="Seconds between heartbeats.")
+@click.option("--heartbeat-interval", type=click.FloatRange(MIN_INTERVAL_S, MAX_INTERVAL_S),
+              default=2.0, show_default=True, help="Seconds between heartbeats.")
+@click.option("--forget-after", metavar="DURATION", default="1d", show_default=True,
+              help="deployer: forget nodes lost for this long (30s, 15m, 2h, 1d; 0: never).")
 @click.option("--max-concurrency", type=click.IntRange(min=1), default=256, show_default=True,
               help="Requests handled at once.")
 @click.option("--workspace", type=click.Path(path_type=Path), default=None,
@@ -81,7 +92,8 @@ def node() -> None:
 @click.option("--log-level", default=None, help="debug, info, warning or error.")
 @api_node_options
 def node_start(role: str, name: str | None, infra: str | None, nats_url: str | None,
-               heartbeat_interval: float, max_concurrency: int, workspace: Path | None,
+               heartbeat_interval: float, forget_after: str, max_concurrency: int,
+               workspace: Path | None,
                data_dir: Path | None, keep_bundles: int, log_level: str | None,
                **api_options: Any) -> None:
     """Run one node worker of ROLE in the foreground (SIGINT/SIGTERM stop it gracefully)."""
@@ -106,6 +118,11 @@ def node_start(role: str, name: str | None, infra: str | None, nats_url: str | N
                                  param_hint="--data-dir")
     if role == "automation":
         extra["keep_bundles"] = keep_bundles
+    if role == "deployer":
+        extra["forget_after"] = parse_duration(forget_after) or None
+    elif forget_after != "1d":
+        raise click.BadParameter("--forget-after is for deployer nodes",
+                                 param_hint="--forget-after")
     extra.update(api_node_extra(role, api_options))
     instance = ROLES[role](name=name, infra=infra, nats=settings,
                            heartbeat_interval=heartbeat_interval,

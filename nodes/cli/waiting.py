@@ -26,6 +26,7 @@ from protocol.deploy import (
     ListDeployments,
 )
 from protocol.errors import OperationError
+from protocol.registry import ONLINE
 
 REPORTS = msgspec.json.Decoder(ActivationReport)
 POLL_S = 0.2
@@ -79,7 +80,7 @@ def _verdict(asked: DeploymentView, now: DeploymentView) -> tuple[bool, str] | N
         return True, ""
     if now.state == FAILED:
         return False, f"deployment failed: {'; '.join(now.reasons)}"
-    online = [n for n in now.nodes if n.status == "online"]
+    online = [n for n in now.nodes if n.status == ONLINE]
     if not online:
         return False, (f"no online automation node in infra {now.infra}; the bundle will be "
                        "activated when nodes join")

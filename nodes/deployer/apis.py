@@ -10,12 +10,12 @@ group carry no infra: a second infra is refused rather than silently sharing tra
 from __future__ import annotations
 
 import time
+from collections import OrderedDict
 from typing import TYPE_CHECKING, Any
 
 import msgspec
 import nats.js.errors
 from anyio.abc import TaskGroup
-from nats.aio.msg import Msg
 from nats.js.kv import KeyValue
 
 from nodes.api.metrics import quantile
@@ -29,6 +29,7 @@ from protocol.api import (
     API_DEPLOYMENT_VALUE,
     API_PACKAGE_INFO,
     AUTH_MODES,
+    GENERATION_REPORT,
     METRICS_REPORT,
     ApiDeploymentFinished,
     ApiDeploymentRecord,
@@ -37,6 +38,7 @@ from protocol.api import (
     ApiMetricsReport,
     ApiPackageInfo,
     DeployApi,
+    GenerationReport,
     RollbackApi,
     check_version,
     package_key,
@@ -57,6 +59,17 @@ from protocol.registry import ONLINE, NodeInfo
 if TYPE_CHECKING:
     from nodes.deployer.node import DeployerNode
 
+MAX_REPORTING_NODES = 10_000  # metrics kept for at most this many nodes (oldest dropped)
+
+
+def _sender(subject: str) -> str:
+    return subject.rsplit(".", 1)[-1]
+
+
+# A node's last two metrics reports, each with the Deployer's monotonic time of arrival
+# (rates are measured on the Deployer's clock, not on what the sender claims).
+Reports = tuple[tuple[ApiMetricsReport, float], tuple[ApiMetricsReport, float] | None]
+
 
 class ApiDeployer:
     def __init__(self, node: DeployerNode) -> None:
@@ -67,7 +80,7 @@ class ApiDeployer:
         self._cache: KVCache[ApiDeploymentRecord] | None = None
         self.closer = UpdateCloser(self.view, self._finish,
                                    lambda: self.node.stopping_requested)
-        self.reports: dict[str, tuple[ApiMetricsReport, ApiMetricsReport | None]] = {}
+        self.reports: OrderedDict[str, Reports] = OrderedDict()
 
     async def setup(self) -> None:
         js, r = self.node.js, self.node.settings.replicas
@@ -81,10 +94,12 @@ class ApiDeployer:
     async def started(self, tg: TaskGroup) -> None:
         assert self._cache is not None
         await tg.start(self._cache.run)
-        sub = await self.node.nc.subscribe(subjects.reports("metrics"), cb=self._on_metrics)
-        self.node._subs.append(sub)
-        sub = await self.node.nc.subscribe(subjects.reports("apigen"), cb=self._on_progress)
-        self.node._subs.append(sub)
+        await self.node.subscribe_decoded(
+            subjects.reports("metrics"), METRICS_REPORT, self._on_metrics,
+            validate=ApiMetricsReport.validate, kind="metrics report", sender=_sender)
+        await self.node.subscribe_decoded(
+            subjects.reports("apigen"), GENERATION_REPORT, self._on_progress,
+            validate=GenerationReport.validate, kind="generation report", sender=_sender)
         tg.start_soon(self.closer.run, self._cache)
 
     def kick(self) -> None:
@@ -93,16 +108,18 @@ class ApiDeployer:
     async def _changed(self, key: str, entry: Entry[ApiDeploymentRecord] | None) -> None:
         self.kick()
 
-    async def _on_metrics(self, msg: Msg) -> None:
-        try:
-            report = METRICS_REPORT.decode(msg.data)
-        except msgspec.DecodeError:
-            return
-        last = self.reports.get(report.node)
-        self.reports[report.node] = (report, last[0] if last else None)
+    async def _on_metrics(self, report: ApiMetricsReport) -> None:
+        last = self.reports.pop(report.node, None)
+        self.reports[report.node] = ((report, time.monotonic()), last[0] if last else None)
+        while len(self.reports) > MAX_REPORTING_NODES:
+            self.reports.popitem(last=False)
 
-    async def _on_progress(self, msg: Msg) -> None:
+    async def _on_progress(self, report: GenerationReport) -> None:
         self.kick()
+
+    def forget(self, node: str) -> None:
+        """``node`` left the registry: its metrics leave the rollup."""
+        self.reports.pop(node, None)
 
     @property
     def kv(self) -> KeyValue:
@@ -263,12 +280,13 @@ class ApiDeployer:
 
     def _metrics(self, service: str, online: set[str]) -> list[dict[str, Any]]:
         rows: dict[tuple[str, str, bool], dict[str, Any]] = {}
-        for node, (report, prev) in self.reports.items():
+        for node, ((report, at), earlier) in self.reports.items():
             if node not in online:
                 continue
+            prev, prev_at = earlier if earlier else (None, at)
             before = {(m.endpoint, m.generation, m.shadow): m for m in prev.endpoints
                       if m.service == service} if prev else {}
-            span = (report.ts - prev.ts) if prev else 0.0
+            span = max(at - prev_at, 0.1) if prev else 0.0  # two queued reports: no spike
             for m in report.endpoints:
                 if m.service != service:
                     continue

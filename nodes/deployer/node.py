@@ -1,6 +1,9 @@
 """The Deployer node: the one place that manages production.
 
 This module holds the node registry half; project and API deployments plug in beside it.
+Heartbeats and exit reports are validated before the registry sees them (a name reaches a
+KV key, an interval decides liveness), and the KV writer writes each record on its own:
+one record that cannot be written is dropped, never holding back the others.
 """
 
 from __future__ import annotations
@@ -10,35 +13,53 @@ from typing import Any, ClassVar
 import anyio
 import nats.js.errors
 from anyio.abc import TaskGroup
-from nats.aio.msg import Msg
 from nats.js.kv import KeyValue
 
 from nodes.deployer.apikeys import ApiKeys
 from nodes.deployer.apis import ApiDeployer
 from nodes.deployer.projects import ProjectDeployer
-from nodes.deployer.registry import Registry
+from nodes.deployer.registry import FORGET_AFTER_S, Registry
 from nodes.deployer.runs import RunDesk
 from nodes.runtime.jetstream import ensure_kv
 from nodes.runtime.node import Node, handles
 from protocol import subjects
 from protocol.base import Family, Request, encode
 from protocol.deployer import DEPLOYER
-from protocol.errors import DecodeError
-from protocol.events import Event
-from protocol.heartbeat import HEARTBEAT
-from protocol.registry import REGISTRY_VALUE, ListNodes, NodeInfo, NodeList
-from protocol.reports import REPORT
+from protocol.errors import BadName, Conflict, NotFound
+from protocol.events import Event, NodeEvent
+from protocol.events import NodeForgotten as NodeForgottenEvent
+from protocol.heartbeat import HEARTBEAT, Heartbeat
+from protocol.registry import (
+    ONLINE,
+    REGISTRY_VALUE,
+    ForgetNode,
+    ForgottenNode,
+    ListNodes,
+    NodeInfo,
+    NodeList,
+    node_key,
+)
+from protocol.reports import REPORT, AnyReport
 
 EVENT_QUEUE = 10_000
+WRITE_RETRY_S = 0.5
+
+
+def _sender(subject: str) -> str:
+    """The node a heartbeat or report subject names (its last token)."""
+    return subject.rsplit(".", 1)[-1]
 
 
 class DeployerNode(Node):
     role: ClassVar[str] = "deployer"
     family: ClassVar[Family | None] = DEPLOYER
 
-    def __init__(self, *, sweep_interval: float | None = None, **kw: Any) -> None:
+    def __init__(self, *, sweep_interval: float | None = None,
+                 forget_after: float | None = FORGET_AFTER_S, **kw: Any) -> None:
+        """``forget_after``: seconds a lost node is kept before it is forgotten (None:
+        kept until ``shipyard node forget``)."""
         super().__init__(**kw)
-        self.registry = Registry()
+        self.registry = Registry(forget_after=forget_after)
         self.projects = ProjectDeployer(self)
         self.add_handlers(self.projects)
         self.runs = RunDesk(self)
@@ -49,7 +70,6 @@ class DeployerNode(Node):
         self.add_handlers(self.api_keys)
         self.sweep_interval = sweep_interval or min(0.5, self.heartbeat_interval / 4)
         self.heartbeats_seen = 0
-        self.heartbeats_bad = 0
         self._kv: KeyValue | None = None
         self._events_send, self._events_recv = anyio.create_memory_object_stream[Event](
             EVENT_QUEUE)
@@ -84,18 +104,23 @@ class DeployerNode(Node):
                 continue
             if entry.value:
                 try:
-                    infos.append(REGISTRY_VALUE.decode(entry.value))
-                except Exception:
-                    self.log.warning("skipping unreadable registry record", key=key)
+                    info = REGISTRY_VALUE.decode(entry.value)
+                    info.validate(key)
+                except Exception as exc:
+                    self.log.warning("skipping unreadable registry record", key=key,
+                                     error=str(exc))
+                    continue
+                infos.append(info)
         self.registry.load(infos)
         self.log.info("registry loaded", nodes=len(infos))
 
     async def started(self, tg: TaskGroup) -> None:
-        sub = await self.nc.subscribe(subjects.HEARTBEATS_ALL, cb=self._on_heartbeat,
-                                      pending_msgs_limit=100_000)
-        self._subs.append(sub)
-        sub = await self.nc.subscribe(subjects.reports("exit"), cb=self._on_exit_report)
-        self._subs.append(sub)
+        await self.subscribe_decoded(subjects.HEARTBEATS_ALL, HEARTBEAT, self._on_heartbeat,
+                                     validate=Heartbeat.validate, kind="heartbeat",
+                                     sender=_sender, pending_msgs_limit=100_000)
+        await self.subscribe_decoded(subjects.reports("exit"), REPORT, self._on_exit_report,
+                                     validate=AnyReport.validate, kind="exit report",
+                                     sender=_sender)
         tg.start_soon(self._sweeper)
         tg.start_soon(self._event_publisher)
         tg.start_soon(self._registry_writer)
@@ -106,14 +131,18 @@ class DeployerNode(Node):
     def state(self) -> dict[str, Any]:
         return {"nodes": len(self.registry.nodes), "heartbeats": self.heartbeats_seen}
 
+    @property
+    def heartbeats_bad(self) -> int:
+        """Heartbeats dropped as malformed (bad JSON, names, numbers or subject)."""
+        return self.drops.count("heartbeat")
+
     # -- heartbeats --------------------------------------------------------------------
 
-    async def _on_heartbeat(self, msg: Msg) -> None:
-        try:
-            hb = HEARTBEAT.decode(msg.data, msg.subject)
-        except DecodeError as exc:
-            self.heartbeats_bad += 1
-            self.log.warning("bad heartbeat ignored", subject=msg.subject, error=exc.reason)
+    async def _on_heartbeat(self, hb: Heartbeat) -> None:
+        if not self.registry.admits(hb.node):
+            self.drops.drop("heartbeat", hb.node, subjects.heartbeat(hb.role, hb.node),
+                            f"the registry is full ({self.registry.max_nodes} nodes): "
+                            "forget lost nodes with 'shipyard node forget'")
             return
         self.heartbeats_seen += 1
         event = self.registry.on_heartbeat(hb)
@@ -125,12 +154,7 @@ class DeployerNode(Node):
             self.projects.kick()
             self.runs.kick()
 
-    async def _on_exit_report(self, msg: Msg) -> None:
-        try:
-            report = REPORT.decode(msg.data, msg.subject)
-        except DecodeError as exc:
-            self.log.warning("bad report ignored", subject=msg.subject, error=exc.reason)
-            return
+    async def _on_exit_report(self, report: AnyReport) -> None:
         event = self.registry.on_exit(report.node, report.pid, report.reason, report.instance)
         if event is not None:
             self.log.info("node exited", peer=report.node, reason=report.reason)
@@ -143,11 +167,19 @@ class DeployerNode(Node):
         while not self.stopping_requested:
             await anyio.sleep(self.sweep_interval)
             for event in self.registry.sweep():
-                self.log.warning("node lost", peer=event.node)
-                await self._queue_event(event)
-                self._dirty.set()
-                self.projects.kick()
-                self.runs.kick()
+                await self._changed(event)
+
+    async def _changed(self, event: NodeEvent) -> None:
+        if isinstance(event, NodeForgottenEvent):
+            self.log.info("node forgotten", peer=event.node, reason=event.reason,
+                          by=event.by or None)
+            self.apis.forget(event.node)
+        else:
+            self.log.warning("node lost", peer=event.node)
+        await self._queue_event(event)
+        self._dirty.set()
+        self.projects.kick()
+        self.runs.kick()
 
     async def _queue_event(self, event: Event) -> None:
         try:
@@ -165,27 +197,53 @@ class DeployerNode(Node):
         # Store every queued event and registry change before the connection drains.
         self._events_send.close()
         await self._events_done.wait()
-        for info in self.registry.take_dirty():
-            try:
-                await self.kv.put(info.name, encode(info))
-            except Exception as exc:
-                self.log.warning("registry write failed at shutdown", peer=info.name,
-                                 error=str(exc))
+        await self._write_pass(retry=False)
 
     async def _registry_writer(self) -> None:
         """Write changed records to KV, coalescing bursts into one pass."""
         while True:
             await self._dirty.wait()
             self._dirty = anyio.Event()
-            for info in self.registry.take_dirty():
-                try:
-                    await self.kv.put(info.name, encode(info))
-                except Exception as exc:
+            if not await self._write_pass(retry=True):
+                await anyio.sleep(WRITE_RETRY_S)
+                self._dirty.set()
+
+    async def _write_pass(self, *, retry: bool) -> bool:
+        """Delete forgotten records and write changed ones, each on its own.
+
+        A record whose name cannot be a key is dropped (logged); one whose write failed
+        (a NATS timeout, say) is kept dirty for the next pass when ``retry``.  Returns
+        False if anything is left for a retry.  Never raises.
+        """
+        ok = True
+        for name in self.registry.take_removed():
+            try:
+                await self.kv.delete(node_key(name))
+            except BadName:
+                pass  # never stored
+            except Exception as exc:
+                ok = False
+                if retry and name not in self.registry.nodes:
+                    self.registry.removed.add(name)
+                self.log.warning("registry delete failed", peer=name, error=str(exc))
+        for info in self.registry.take_dirty():
+            if info.name not in self.registry.nodes:
+                continue  # forgotten meanwhile
+            try:
+                key = node_key(info.name)
+            except BadName as exc:
+                self.log.error("registry record dropped: its name cannot be a key",
+                               error=str(exc))
+                continue
+            try:
+                await self.kv.put(key, encode(info))
+            except Exception as exc:
+                ok = False
+                if retry:
                     self.registry.mark_dirty(info.name)
-                    self.log.warning("registry write failed", peer=info.name, error=str(exc))
-                    await anyio.sleep(0.5)
-                    self._dirty.set()
-                    break
+                self.log.warning("registry write failed", peer=info.name,
+                                 error=str(exc) or type(exc).__name__)
+        return ok
 
     # -- queries -----------------------------------------------------------------------
 
@@ -193,3 +251,18 @@ class DeployerNode(Node):
     async def list_nodes(self, cmd: ListNodes, req: Request[Any]) -> NodeList:
         return NodeList(nodes=self.registry.query(role=cmd.role, infra=cmd.infra,
                                                  status=cmd.status))
+
+    @handles(ForgetNode)
+    async def forget_node(self, cmd: ForgetNode, req: Request[Any]) -> ForgottenNode:
+        subjects.token(cmd.name, "node name")
+        info = self.registry.get(cmd.name)
+        if info is None:
+            raise NotFound(f"unknown node {cmd.name!r} (see: shipyard nodes)")
+        if info.status == ONLINE and not cmd.force:
+            raise Conflict(f"node {cmd.name} is online (it would come back with its next "
+                           "heartbeat): stop it first, or forget it anyway with --force")
+        by = cmd.by or req.sender
+        event = self.registry.forget(cmd.name, reason=f"forgotten while {info.status}",
+                                     by=by)
+        await self._changed(event)
+        return ForgottenNode(node=info)

@@ -2,7 +2,9 @@
 runs whose node died.
 
 History is the run events in the event stream, folded into one summary per run (read
-back on start, so it survives restarts).  Manual runs go to one online Automation node
+back on start, so it survives restarts); an event whose names are invalid or do not
+match its subject is dropped and counted, since a run's id and node reach subjects and
+object names when someone asks for its log.  Manual runs go to one online Automation node
 of the infra that runs the project; the firing id comes from the request id, so a
 retried command is the same firing.  A lock whose holder is gone (lost, or restarted as
 a new process) is freed and its run recorded as failed, "node lost".
@@ -52,6 +54,7 @@ from protocol.runs import (
     RunStarted,
     RunSummary,
     StepSummary,
+    validate_run_event,
 )
 
 if TYPE_CHECKING:
@@ -96,8 +99,15 @@ class RunDesk:
                 async for stored in read_events(self.node.nc, since_s=HISTORY_S, follow=True,
                                                 subject=subjects.RUN_EVENTS_ALL,
                                                 caught_up=ready.set):
-                    if stored.event is not None:
-                        self.fold(stored.event)
+                    if stored.event is None:
+                        continue
+                    try:
+                        validate_run_event(stored.event, stored.subject)
+                    except ValueError as exc:  # InvalidMessage is one
+                        self.node.drops.drop("run event", stored.subject.rsplit(".", 1)[0],
+                                             stored.subject, str(exc))
+                        continue
+                    self.fold(stored.event)
 
             tg.start_soon(consume)
             await ready.wait()

@@ -15,6 +15,17 @@ from nodes.runtime.settings import NatsSettings
 from protocol.errors import ShipyardError
 
 
+class ConnectionClosed(ShipyardError):
+    """Raised by a node whose NATS connection was closed for good (the client library
+    stopped reconnecting, for example after the server refused its credentials)."""
+
+    def __init__(self, url: str, reason: str = "") -> None:
+        self.url = url
+        self.reason = reason
+        super().__init__(f"connection to NATS at {url} closed for good"
+                         + (f" ({reason})" if reason else ""))
+
+
 class CannotReachNats(ShipyardError):
     """Raised when the first connection to NATS fails within its deadline."""
 
@@ -43,6 +54,7 @@ async def connect(
     name: str,
     on_reconnect: Hook | None = None,
     on_disconnect: Hook | None = None,
+    on_closed: Hook | None = None,
     stats: ConnectionStats | None = None,
     first_connect_timeout: float | None = None,
 ) -> NATS:
@@ -50,7 +62,9 @@ async def connect(
 
     The first connect must succeed within ``first_connect_timeout`` (default: the
     settings' ``connect_timeout``) or ``CannotReachNats`` is raised.  After that the
-    client reconnects forever and re-sends its subscriptions.
+    client reconnects forever and re-sends its subscriptions.  ``on_closed`` runs when
+    the connection is closed, by ``close()`` or for good by the client library (which
+    does so when the server sends an error such as an authorization violation).
     """
     log = get_logger(component="nats")
     stats = stats or ConnectionStats()
@@ -83,6 +97,10 @@ async def connect(
         if on_reconnect is not None:
             await on_reconnect()
 
+    async def closed_cb() -> None:
+        if connected and on_closed is not None:
+            await on_closed()
+
     nc = NATS()
     options: dict[str, Any] = dict(
         servers=list(settings.servers),
@@ -94,6 +112,7 @@ async def connect(
         error_cb=error_cb,
         disconnected_cb=disconnected_cb,
         reconnected_cb=reconnected_cb,
+        closed_cb=closed_cb,
         **settings.connect_options(),
     )
     deadline = settings.connect_timeout if first_connect_timeout is None else first_connect_timeout

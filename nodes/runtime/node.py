@@ -6,7 +6,15 @@ the role's instances in queue group ``<role>``) and its own node-direct commands
 
 One place decides what happens to a request (``_handle``): decode, dispatch to the
 handler registered for the body's type, encode the reply; a decode error or an
-exception becomes a typed error reply and the node keeps serving.
+exception becomes a typed error reply and the node keeps serving.  One place decides
+what happens to a message on a plain subscription (``subscribe_decoded``): decode,
+validate, hand it on; a malformed one is dropped, counted and logged once per sender.
+
+If the connection is closed for good (nats-py closes it when the server sends an error
+while connected, such as "maximum control line exceeded"), ``serve`` raises
+``ConnectionClosed`` and the process exits non-zero, so its supervisor restarts it; a
+node that stayed up unable to talk would look alive to its supervisor and be lost to
+everyone else.
 
 Lifecycle (``serve``)::
 
@@ -33,20 +41,32 @@ from nats.js import JetStreamContext
 
 import nodes
 from nodes.runtime.calls import Caller
-from nodes.runtime.connection import ConnectionStats, close, connect
+from nodes.runtime.connection import ConnectionClosed, ConnectionStats, close, connect
+from nodes.runtime.inbound import Drops
 from nodes.runtime.jetstream import ensure_events_stream, publish_event
 from nodes.runtime.logs import current_request, get_logger
 from nodes.runtime.settings import NatsSettings
 from nodes.runtime.workqueue import WorkQueue
 from protocol import subjects
-from protocol.base import Command, ErrorInfo, Family, Reply, Request, encode, new_id, tag_of
-from protocol.errors import BadRequest, DecodeError, Internal, OperationError
+from protocol.base import (
+    Codec,
+    Command,
+    ErrorInfo,
+    Family,
+    Reply,
+    Request,
+    encode,
+    new_id,
+    tag_of,
+)
+from protocol.errors import BadRequest, DecodeError, Internal, InvalidMessage, OperationError
 from protocol.events import Event
-from protocol.heartbeat import HEARTBEAT, Heartbeat
+from protocol.heartbeat import HEARTBEAT, MAX_INTERVAL_S, MIN_INTERVAL_S, Heartbeat
 from protocol.reports import REPORT, NodeExit
 from protocol.system import SYSTEM, Echo, Echoed, Ping, Pong
 
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
+M = TypeVar("M")
 Handler = Callable[[Any, Request[Any]], Awaitable[Any]]
 Routes = dict[str, tuple[Family, type[Any], Handler | None]]
 
@@ -91,6 +111,9 @@ class Node:
     ) -> None:
         self.name = subjects.token(name, "node name")
         self.infra = subjects.token(infra, "infra name")
+        if not MIN_INTERVAL_S <= heartbeat_interval <= MAX_INTERVAL_S:
+            raise ValueError(f"heartbeat interval {heartbeat_interval:g}s out of bounds: "
+                             f"expected {MIN_INTERVAL_S:g} to {MAX_INTERVAL_S:g} seconds")
         self.settings = nats
         self.heartbeat_interval = heartbeat_interval
         self.max_concurrency = max_concurrency
@@ -102,6 +125,8 @@ class Node:
         self.conn_stats = ConnectionStats()
         self.requests_handled = 0
         self.requests_failed = 0
+        self.drops = Drops(self.log)
+        self.closed_reason: str | None = None
         self._t0 = time.monotonic()
         self._seq = 0
         self._handlers: dict[type[Any], Handler] = {}
@@ -188,7 +213,8 @@ class Node:
         """Run the node until ``stop()``; signal readiness once subscriptions exist."""
         structlog.contextvars.bind_contextvars(node=self.name, role=self.role)
         self._nc = await connect(self.settings, name=f"{self.role}:{self.name}",
-                                 on_reconnect=self._on_reconnect, stats=self.conn_stats)
+                                 on_reconnect=self._on_reconnect, on_closed=self._on_closed,
+                                 stats=self.conn_stats)
         try:
             async with anyio.create_task_group() as tg:
                 self._tg = tg
@@ -205,10 +231,26 @@ class Node:
                 self.ready.set()
                 task_status.started()
                 await self._stop.wait()
-                await self._shutdown(tg)
+                if self.closed_reason is None:
+                    await self._shutdown(tg)
+                else:  # nothing can be handed off or reported without a connection
+                    tg.cancel_scope.cancel()
         finally:
+            self._stopping = True  # the close below is ours, not a connection loss
             await close(self.nc)
             self.log.info("node stopped")
+        if self.closed_reason is not None:
+            raise ConnectionClosed(self.settings.url, self.closed_reason)
+
+    async def _on_closed(self) -> None:
+        """nats-py closed the connection: for good, unless we are stopping."""
+        if self._stopping:
+            return
+        reason = str(self.nc.last_error or "") or "closed by the client library"
+        self.log.error("NATS connection closed for good: exiting so a supervisor restarts "
+                       "this node", error=reason)
+        self.closed_reason = reason
+        self._stop.set()
 
     async def _shutdown(self, tg: TaskGroup) -> None:
         self.log.info("shutting down", inflight=self.inflight)
@@ -237,6 +279,60 @@ class Node:
         except Exception:
             self.log.exception("reconnect hook failed")
 
+    # -- plain subscriptions -------------------------------------------------------------
+
+    async def subscribe_decoded(
+        self,
+        subject: str,
+        codec: Codec[M],
+        handler: Callable[[M], Awaitable[None]],
+        *,
+        validate: Callable[[M, str], None] | None = None,
+        kind: str = "message",
+        sender: Callable[[str], str] | None = None,
+        queue: str = "",
+        pending_msgs_limit: int = PENDING_MSGS,
+        pending_bytes_limit: int = PENDING_BYTES,
+    ) -> Subscription:
+        """Subscribe to ``subject`` and call ``await handler(message)`` with each message
+        that decodes with ``codec`` and passes ``validate(message, msg.subject)`` (which
+        raises ``InvalidMessage`` or ``ValueError`` to refuse).
+
+        A message that fails either is dropped, counted under ``kind`` in ``self.drops``
+        (and in the heartbeat's ``dropped``) and logged once per sender (``sender`` maps
+        a subject to one; the default is the subject itself).  Nothing the handler raises
+        escapes the callback.  The subscription's pending buffer is bounded by the
+        limits, and it is unsubscribed when the node stops.
+        """
+        who = sender or (lambda s: s)
+
+        async def on_msg(msg: Msg) -> None:
+            try:
+                value = codec.decode(msg.data, msg.subject)
+                if validate is not None:
+                    validate(value, msg.subject)
+            except (DecodeError, InvalidMessage) as exc:
+                self.drops.drop(kind, who(msg.subject), msg.subject, exc.reason)
+                return
+            except ValueError as exc:
+                self.drops.drop(kind, who(msg.subject), msg.subject, str(exc))
+                return
+            try:
+                await handler(value)
+            except Exception as exc:
+                self.drops.drop(f"{kind} (handler failed)", who(msg.subject), msg.subject,
+                                f"{type(exc).__name__}: {exc}")
+
+        sub = await self.nc.subscribe(subject, queue=queue, cb=on_msg,
+                                      pending_msgs_limit=pending_msgs_limit,
+                                      pending_bytes_limit=pending_bytes_limit)
+        self.add_subscription(sub)
+        return sub
+
+    def add_subscription(self, sub: Subscription) -> None:
+        """Have ``sub`` unsubscribed when the node stops taking work."""
+        self._subs.append(sub)
+
     # -- requests ----------------------------------------------------------------------
 
     async def _subscribe(self) -> None:
@@ -251,7 +347,7 @@ class Node:
             sub = await self.nc.subscribe(subject, queue=queue, cb=callback,
                                           pending_msgs_limit=PENDING_MSGS,
                                           pending_bytes_limit=PENDING_BYTES)
-            self._subs.append(sub)
+            self.add_subscription(sub)
 
     def _make_callback(self, families: tuple[Family, ...],
                        prefix_len: int) -> Callable[[Msg], Awaitable[None]]:
@@ -350,7 +446,7 @@ class Node:
             node=self.name, role=self.role, infra=self.infra, version=nodes.__version__,
             host=self.host, pid=self.pid, uptime_s=round(self.uptime, 3),
             interval_s=self.heartbeat_interval, seq=self._seq, ts=time.time(),
-            state=self.state(), instance=self.instance,
+            state=self.state(), instance=self.instance, dropped=self.drops.total,
         )
 
     async def _beat(self) -> None:

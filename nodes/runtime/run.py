@@ -10,7 +10,7 @@ from typing import Any
 import anyio
 
 from nodes.orphans import die_with_parent
-from nodes.runtime.connection import CannotReachNats
+from nodes.runtime.connection import CannotReachNats, ConnectionClosed
 from nodes.runtime.logs import get_logger
 from nodes.runtime.node import Node
 
@@ -53,6 +53,9 @@ def run_node(node: Node) -> int:
     try:
         anyio.run(serve_until_signalled, node, backend_options=_backend_options())
     except* CannotReachNats as group:
+        print(f"shipyard: {group.exceptions[0]}", file=sys.stderr)
+        code = 2
+    except* ConnectionClosed as group:
         print(f"shipyard: {group.exceptions[0]}", file=sys.stderr)
         code = 2
     return code
