@@ -6,10 +6,16 @@ from typing import Any
 
 import msgspec
 
+from protocol import subjects
 from protocol.base import Command, Message
 
 ONLINE = "online"
 LOST = "lost"
+
+
+def registry_key(node: str) -> str:
+    """KV key of a node's record (``NodeInfo``) in ``sy_registry``: its name."""
+    return subjects.token(node, "node name")
 
 
 class NodeInfo(msgspec.Struct, frozen=True, kw_only=True):

@@ -26,7 +26,7 @@ from protocol.deployer import DEPLOYER
 from protocol.errors import DecodeError
 from protocol.events import Event
 from protocol.heartbeat import HEARTBEAT
-from protocol.registry import REGISTRY_VALUE, ListNodes, NodeInfo, NodeList
+from protocol.registry import REGISTRY_VALUE, ListNodes, NodeInfo, NodeList, registry_key
 from protocol.reports import REPORT
 
 EVENT_QUEUE = 10_000
@@ -167,7 +167,7 @@ class DeployerNode(Node):
         await self._events_done.wait()
         for info in self.registry.take_dirty():
             try:
-                await self.kv.put(info.name, encode(info))
+                await self.kv.put(registry_key(info.name), encode(info))
             except Exception as exc:
                 self.log.warning("registry write failed at shutdown", peer=info.name,
                                  error=str(exc))
@@ -179,7 +179,7 @@ class DeployerNode(Node):
             self._dirty = anyio.Event()
             for info in self.registry.take_dirty():
                 try:
-                    await self.kv.put(info.name, encode(info))
+                    await self.kv.put(registry_key(info.name), encode(info))
                 except Exception as exc:
                     self.registry.mark_dirty(info.name)
                     self.log.warning("registry write failed", peer=info.name, error=str(exc))
