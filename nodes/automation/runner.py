@@ -72,6 +72,9 @@ FIRED_TTL_S = 7 * 24 * 3600
 # A cron slot is a wall-clock time; waiting for it in steps of at most this long keeps a
 # clock step (NTP, a suspended VM) from delaying a slot by more than one step.
 CRON_RECHECK_S = 30.0
+# How long a finished run keeps trying to release its scenario's lock through an outage
+# (after that the lock is freed when this node restarts or is declared lost).
+RELEASE_TIMEOUT_S = 300.0
 SUCCESSFUL = ("SUCCESS", "WARNING")
 
 
@@ -172,21 +175,25 @@ class Runner:
 
     async def _cron_project(self, project: str, scope: anyio.CancelScope) -> None:
         with scope:
-            try:
-                _, manifest = await self.manifest(project)
-            except (NotFound, BadRequest) as exc:
-                self.log.warning("no schedule", project=project, error=exc.message)
-                return
-            async with anyio.create_task_group() as tg:
-                for name, sc in manifest.scenarios.items():
-                    for trig in sc.triggers:
-                        if trig.cron is not None:
-                            catch_up = sc.catch_up if trig.catch_up is None else trig.catch_up
-                            # A NATS timeout in a KV call restarts the schedule (which
-                            # re-reads its mark), after a backoff; it never ends it.
-                            tg.start_soon(partial(
-                                supervised, f"cron {project}/{name}", self._cron, project,
-                                name, trig.cron, catch_up, log=self.log))
+            await supervised(f"schedules of {project}", self._cron_schedules, project,
+                             log=self.log)
+
+    async def _cron_schedules(self, project: str) -> None:
+        try:
+            _, manifest = await self.manifest(project)
+        except (NotFound, BadRequest) as exc:
+            self.log.warning("no schedule", project=project, error=exc.message)
+            return
+        async with anyio.create_task_group() as tg:
+            for name, sc in manifest.scenarios.items():
+                for trig in sc.triggers:
+                    if trig.cron is not None:
+                        catch_up = sc.catch_up if trig.catch_up is None else trig.catch_up
+                        # A NATS timeout in a KV call restarts the schedule (which re-reads
+                        # its mark), after a backoff; it never ends it.
+                        tg.start_soon(partial(
+                            supervised, f"cron {project}/{name}", self._cron, project, name,
+                            trig.cron, catch_up, log=self.log))
 
     async def _cron(self, project: str, scenario: str, expr: str, catch_up: bool) -> None:
         if not croniter.is_valid(expr):
@@ -339,12 +346,22 @@ class Runner:
             nonlocal released
             if not released:
                 released = True
-                with anyio.CancelScope(shield=True):
-                    await self._release(key, lock.run_id)
+                # Retried through a NATS outage (compare-and-set: safe to repeat), since a
+                # lock left behind would hold the scenario; bounded, so a stop can finish.
+                limit = (self.node.shutdown_timeout if self.node.stopping_requested
+                         else RELEASE_TIMEOUT_S)
+                with anyio.move_on_after(limit, shield=True) as scope:
+                    await supervised(f"release {key}", self._release, key, lock.run_id,
+                                     log=self.log)
+                if scope.cancelled_caught:
+                    self.log.error("lock not released", lock=key, run=lock.run_id,
+                                   seconds=limit)
 
         try:
             async with self.slots:
                 await self._run(lock, release)
+        except Exception:  # a defect must not end the node; the lock is released below
+            self.log.exception("run failed unexpectedly", run=lock.run_id)
         finally:
             await release()
 

@@ -96,12 +96,18 @@ class RunLog:
                     self._wake.set()
                     with anyio.CancelScope(shield=True):
                         await self._writer_done.wait()
+                        # A cancelled writer leaves lines behind: they go in now.
+                        batch, self._pending = self._pending, []
+                        await self._flush(batch)
             if failed is not None:
                 raise failed
         finally:
             if self._file is not None:
                 with anyio.CancelScope(shield=True):
-                    await anyio.to_thread.run_sync(self._file.close)
+                    try:
+                        await anyio.to_thread.run_sync(self._file.close)
+                    except OSError as exc:  # closed all the same; its last flush failed
+                        self.write_error = self.write_error or f"{type(exc).__name__}: {exc}"
 
     def write(self, source: str, text: str) -> None:
         """Log ``text`` (one or more lines) from ``source`` ("engine", "recipe clean")."""
@@ -131,17 +137,21 @@ class RunLog:
                         await self._closing.wait()
                 self._wake = anyio.Event()
                 batch, self._pending = self._pending, []
-                if batch and not self.write_error:
-                    try:
-                        await anyio.to_thread.run_sync(self._write_batch, batch)
-                    except OSError as exc:  # the run goes on; its tail stays in memory
-                        self.write_error = f"{type(exc).__name__}: {exc}"
-                        self._tail.append(f"{_stamp(time.time())} [engine] log file not "
-                                          f"written from here on: {self.write_error}")
+                await self._flush(batch)
                 if self._closed and not self._pending:
                     return
         finally:
             self._writer_done.set()
+
+    async def _flush(self, batch: list[str]) -> None:
+        if not batch or self._file is None or self.write_error:
+            return
+        try:
+            await anyio.to_thread.run_sync(self._write_batch, batch)
+        except OSError as exc:  # the run goes on; its tail stays in memory
+            self.write_error = f"{type(exc).__name__}: {exc}"
+            self._tail.append(f"{_stamp(time.time())} [engine] log file not written from "
+                              f"here on: {self.write_error}")
 
     def _write_batch(self, batch: list[str]) -> None:
         assert self._file is not None
