@@ -57,7 +57,7 @@ HTTP_STATUS = {
     "overloaded": 503, "timeout": 504,
 }
 
-_VERSION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_VERSION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
 _SPLIT = re.compile(r"^\s*([^=\s]+)\s*=\s*(\d+)\s*$")
 
 

@@ -18,7 +18,7 @@ from protocol import subjects
 from protocol.base import Command, Message
 from protocol.errors import BadName
 
-BUNDLE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+BUNDLE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
 
 
 def check_bundle_id(value: str) -> str:

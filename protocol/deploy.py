@@ -20,7 +20,7 @@ from protocol.events import Event
 
 KINDS = ("automation", "api")
 STAGES = ("development", "test", "production")
-INFRA_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+INFRA_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}\Z")
 
 # Deployment states and health values users see.
 IN_SYNC, UPDATING, OUT_OF_SYNC, FAILED = "in_sync", "updating", "out_of_sync", "failed"

@@ -33,7 +33,7 @@ MANUAL, CRON, ON_ACTIVATION, AFTER, DESIGN_BUILD = (
 # sy_run_logs (object store): <run>.log              the log of a finished run
 
 MAX_FIRING_ID = 256
-_FIRING_ID = re.compile(rf"^[A-Za-z0-9_-]{{1,{MAX_FIRING_ID}}}$")
+_FIRING_ID = re.compile(rf"^[A-Za-z0-9_-]{{1,{MAX_FIRING_ID}}}\Z")
 
 
 def _scenario_path(infra: str, project: str, scenario: str) -> str:
