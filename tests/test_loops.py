@@ -9,12 +9,16 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import nats
 import nats.errors
 import nats.js.errors
 import pytest
+from nats.js.api import KeyValueConfig
 
 from nodes.flow.runlog import RunLog
+from nodes.runtime.kvcache import Entry, KVCache
 from nodes.runtime.loops import Backoff, forever, is_transient, supervised
+from nodes.runtime.settings import NatsSettings
 from tests.helpers import wait_for
 
 
@@ -166,6 +170,33 @@ def test_backoff_refuses_nonsense() -> None:
     delays = Backoff(initial=1.0, cap=8.0, jitter=0.5)
     for expected in (1.0, 2.0, 4.0, 8.0, 8.0):
         assert expected * 0.5 <= delays.delay() <= expected
+
+
+async def test_a_kv_cache_keeps_following_after_its_callback_raises(
+        settings: NatsSettings) -> None:
+    """A defect in ``on_change`` is logged and the watch is started again; it does not
+    end the cache (nor the node whose task group holds it)."""
+    nc = await nats.connect(settings.url)
+    try:
+        kv = await nc.jetstream().create_key_value(KeyValueConfig(bucket="cache_test"))
+        seen: list[str] = []
+
+        async def on_change(key: str, entry: Entry[bytes] | None) -> None:
+            seen.append(key)
+            if key == "bad":
+                raise RuntimeError("a defect in the callback")
+
+        cache = KVCache(kv, ">", bytes, on_change=on_change, resync_interval=600)
+        async with anyio.create_task_group() as tg:
+            await tg.start(cache.run)
+            await kv.put("bad", b"1")
+            await wait_for(lambda: "bad" in seen, message="the failing change")
+            await kv.put("good", b"2")
+            await wait_for(lambda: "good" in cache.entries, message="a later change applied")
+            tg.cancel_scope.cancel()
+        assert seen.count("bad") == 1  # the restarted watch does not repeat it
+    finally:
+        await nc.close()
 
 
 # -- the run log's writer task ------------------------------------------------------------

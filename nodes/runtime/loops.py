@@ -108,14 +108,18 @@ async def forever(name: str, step: Callable[..., Awaitable[Any]], *args: Any, lo
     After ``step()`` returns, wait ``interval`` seconds (``0``: call it again at once,
     for a step that waits for its own work).  After it raises an ``Exception``, log it
     (a warning for ``TRANSIENT`` errors, an error with traceback for anything else) and
-    wait the next ``backoff`` delay.  Never returns; raises only cancellation (and other
-    ``BaseException`` such as ``KeyboardInterrupt``).
+    wait the next ``backoff`` delay (which starts over after a step that returned, or
+    that ran longer than the backoff's cap).  Never returns; raises only cancellation
+    (and other ``BaseException`` such as ``KeyboardInterrupt``).
     """
     delays = backoff or Backoff()
     while True:
+        started = time.monotonic()
         try:
             await step(*args)
         except Exception as exc:
+            if time.monotonic() - started > delays.cap:
+                delays.reset()
             await _failed(name, exc, log, delays)
             continue
         delays.reset()
