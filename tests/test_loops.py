@@ -199,6 +199,27 @@ async def test_a_kv_cache_keeps_following_after_its_callback_raises(
         await nc.close()
 
 
+async def test_a_cron_slot_is_not_delayed_by_a_wall_clock_step(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Waiting for a wall-clock slot rechecks the clock: when the clock steps forward
+    past the slot, the wait ends at the next recheck, not after the old remainder."""
+    from nodes.automation import runner
+
+    clock = [1000.0]
+    monkeypatch.setattr(runner, "CRON_RECHECK_S", 0.01)
+    monkeypatch.setattr(runner.time, "time", lambda: clock[0])
+
+    async def step_the_clock() -> None:
+        await anyio.sleep(0.05)
+        clock[0] = 5000.0  # NTP, or a VM resumed: the slot (at 2000) is now past
+
+    with anyio.fail_after(10):  # the slot was 1000 s away when the wait began
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(step_the_clock)
+            await runner._sleep_until(2000.0)
+    assert clock[0] == 5000.0
+
+
 # -- the run log's writer task ------------------------------------------------------------
 
 def _tasks() -> set[asyncio.Task[Any]]:
