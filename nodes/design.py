@@ -44,6 +44,8 @@ from protocol.bundles import (
     ListProjects,
     ProjectList,
     ProjectStatus,
+    bundle_key,
+    bundle_keys,
     check_bundle_id,
     diff_bundles,
 )
@@ -174,7 +176,7 @@ class DesignNode(Node):
     # -- bundles -----------------------------------------------------------------------
 
     async def bundle_infos(self, project: str) -> list[BundleInfo]:
-        snap = await snapshot(self.bundles_kv, f"{subjects.token(project, 'project')}.>")
+        snap = await snapshot(self.bundles_kv, bundle_keys(project))
         infos = []
         for _rev, raw in snap.values():
             try:
@@ -198,7 +200,7 @@ class DesignNode(Node):
         except ValueError as exc:
             raise BadRequest(str(exc)) from None
         project_dir, manifest = await self.project(cmd.project)
-        key = f"{manifest.project.key}.{cmd.bundle_id}"
+        key = bundle_key(manifest.project.key, cmd.bundle_id)
         existing = await self._get_info(key)
         if existing is not None:
             raise Conflict(_immutable(existing))

@@ -59,7 +59,7 @@ HTTP_STATUS = {
     "unavailable": 503, "overloaded": 503, "timeout": 504,
 }
 
-_VERSION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_VERSION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
 _SPLIT = re.compile(r"^\s*([^=\s]+)\s*=\s*(\d+)\s*$")
 
 
@@ -186,7 +186,13 @@ class ApiPackageSummary(msgspec.Struct, frozen=True, kw_only=True):
 
 
 def package_key(service: str, version: str) -> str:
+    """KV key of an API package record in ``sy_api_packages``."""
     return f"{subjects.token(service, 'service')}.{check_version(version)}"
+
+
+def package_keys(service: str) -> str:
+    """The KV filter for every package record of ``service``."""
+    return f"{subjects.token(service, 'service')}.>"
 
 
 class ApiPackageCreated(Message, frozen=True, kw_only=True, tag="api.package.created"):
@@ -327,7 +333,13 @@ class RevokeApiKey(Command[ApiKeyRevoked], frozen=True, kw_only=True, tag="api.k
 
 
 def key_record_key(service: str, key_id: str) -> str:
+    """KV key of an API key record in ``sy_api_keys``."""
     return f"{subjects.token(service, 'service')}.{subjects.token(key_id, 'key id')}"
+
+
+def key_record_keys(service: str | None = None) -> str:
+    """The KV filter for every API key record, or every one of ``service``."""
+    return ">" if service is None else f"{subjects.token(service, 'service')}.>"
 
 
 # -- reports, metrics, events ----------------------------------------------------------

@@ -14,10 +14,11 @@ import re
 
 import msgspec
 
+from protocol import subjects
 from protocol.base import Command, Message
 from protocol.errors import BadName
 
-BUNDLE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+BUNDLE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
 
 
 def check_bundle_id(value: str) -> str:
@@ -25,6 +26,19 @@ def check_bundle_id(value: str) -> str:
         raise BadName(f"invalid bundle id {value!r}: expected 1-64 letters, digits, "
                          "'.', '_' or '-', starting with a letter or digit")
     return value
+
+
+# -- KV keys ------------------------------------------------------------------------------
+# sy_bundles: <project>.<bundle id> (BundleInfo; bundle ids may hold dots)
+
+def bundle_key(project: str, bundle_id: str) -> str:
+    """KV key of a bundle record in ``sy_bundles``."""
+    return f"{subjects.token(project, 'project')}.{check_bundle_id(bundle_id)}"
+
+
+def bundle_keys(project: str) -> str:
+    """The KV filter for every bundle record of ``project``."""
+    return f"{subjects.token(project, 'project')}.>"
 
 
 class FileEntry(msgspec.Struct, frozen=True, array_like=True):

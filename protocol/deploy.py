@@ -15,11 +15,12 @@ import msgspec
 
 from protocol import subjects
 from protocol.base import Command, Message
+from protocol.errors import BadName
 from protocol.events import Event
 
 KINDS = ("automation", "api")
 STAGES = ("development", "test", "production")
-INFRA_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+INFRA_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}\Z")
 
 # Deployment states and health values users see.
 IN_SYNC, UPDATING, OUT_OF_SYNC, FAILED = "in_sync", "updating", "out_of_sync", "failed"
@@ -29,9 +30,36 @@ HEALTHY, WARNING, ERROR, UNKNOWN = "HEALTHY", "WARNING", "ERROR", "UNKNOWN"
 PENDING, SUCCEEDED, SUPERSEDED = "pending", "succeeded", "superseded"
 
 
+# -- KV keys ------------------------------------------------------------------------------
+# sy_deploy: bundle.<infra>.<project>  (DeploymentRecord), api.<infra>.<service>
+#            (ApiDeploymentRecord)
+# sy_infra:  <infra>                   (Infra)
+
+DEPLOYMENT_KINDS = ("bundle", "api")
+
+
+def _deployment_kind(kind: str) -> str:
+    if kind not in DEPLOYMENT_KINDS:
+        raise BadName(f"invalid deployment kind {kind!r}: expected one of "
+                      f"{', '.join(DEPLOYMENT_KINDS)}")
+    return kind
+
+
 def deployment_key(kind: str, infra: str, name: str) -> str:
     """KV key of a deployment: ``bundle.<infra>.<project>`` or ``api.<infra>.<service>``."""
-    return f"{kind}.{subjects.token(infra, 'infra')}.{subjects.token(name, 'name')}"
+    return (f"{_deployment_kind(kind)}.{subjects.token(infra, 'infra')}."
+            f"{subjects.token(name, 'name')}")
+
+
+def deployment_keys(kind: str, infra: str | None = None) -> str:
+    """The KV filter for every deployment of ``kind``, or of ``kind`` on ``infra``."""
+    kind = _deployment_kind(kind)
+    return f"{kind}.>" if infra is None else f"{kind}.{subjects.token(infra, 'infra')}.>"
+
+
+def infra_key(name: str) -> str:
+    """KV key of an infra record in ``sy_infra``."""
+    return subjects.token(name, "infra name")
 
 
 class Infra(msgspec.Struct, frozen=True, kw_only=True):

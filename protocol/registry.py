@@ -14,6 +14,11 @@ ONLINE = "online"
 LOST = "lost"
 
 
+def registry_key(node: str) -> str:
+    """KV key of a node's record (``NodeInfo``) in ``sy_registry``: its name."""
+    return subjects.token(node, "node name")
+
+
 class NodeInfo(msgspec.Struct, frozen=True, kw_only=True):
     """One node as the registry last saw it.  Also the value in the registry KV bucket."""
 
@@ -38,14 +43,9 @@ class NodeInfo(msgspec.Struct, frozen=True, kw_only=True):
         checks.name(self.name, "node name")
         checks.name(self.role, "role")
         checks.name(self.infra, "infra name")
-        if key != node_key(self.name):
+        if key != registry_key(self.name):
             raise InvalidMessage(f"record of node {self.name!r} is stored under key "
-                                 f"{key!r}: expected {node_key(self.name)!r}")
-
-
-def node_key(name: str) -> str:
-    """The registry bucket's key of one node."""
-    return subjects.token(name, "node name")
+                                 f"{key!r}: expected {registry_key(self.name)!r}")
 
 
 class NodeList(Message, frozen=True, kw_only=True, tag="nodes"):

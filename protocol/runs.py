@@ -11,12 +11,14 @@ of each scenario for health.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import msgspec
 
 from protocol import checks, subjects
 from protocol.base import Command, Message
+from protocol.errors import BadName
 from protocol.events import Event
 
 # Triggers
@@ -24,12 +26,53 @@ MANUAL, CRON, ON_ACTIVATION, AFTER, DESIGN_BUILD = (
     "manual", "cron", "on_activation", "after", "build")
 
 
-def lock_key(infra: str, project: str, scenario: str) -> str:
-    return f"{infra}.{project}.{scenario}"
+# -- KV keys ------------------------------------------------------------------------------
+# sy_fired:  <infra>.<project>.<scenario>.<firing>   one claim per firing and infra
+# sy_locks:  lock.<infra>.<project>.<scenario>       who runs the scenario now (RunLock)
+#            cron.<infra>.<project>.<scenario>       the last cron slot fired (a float)
+# sy_run_logs (object store): <run>.log              the log of a finished run
+
+MAX_FIRING_ID = 256
+_FIRING_ID = re.compile(rf"^[A-Za-z0-9_-]{{1,{MAX_FIRING_ID}}}\Z")
+
+
+def _scenario_path(infra: str, project: str, scenario: str) -> str:
+    return (f"{subjects.token(infra, 'infra')}.{subjects.token(project, 'project')}."
+            f"{subjects.token(scenario, 'scenario')}")
+
+
+def check_firing_id(value: str) -> str:
+    """Return ``value`` if it can be a firing id (a KV key token); raise ``BadName``."""
+    if not isinstance(value, str) or not _FIRING_ID.match(value):
+        shown = repr(value) if len(repr(value)) <= 80 else repr(value)[:77] + "..."
+        raise BadName(f"invalid firing id {shown}: expected letters, digits, '_' or '-' "
+                      f"(at most {MAX_FIRING_ID})")
+    return value
 
 
 def fired_key(infra: str, project: str, scenario: str, firing: str) -> str:
-    return f"{infra}.{project}.{scenario}.{firing}"
+    """The claim of one firing in ``sy_fired``: created once, by the node that runs it."""
+    return f"{_scenario_path(infra, project, scenario)}.{check_firing_id(firing)}"
+
+
+def lock_key(infra: str, project: str, scenario: str) -> str:
+    """A scenario's lock in ``sy_locks`` (its value is a ``RunLock``)."""
+    return f"lock.{_scenario_path(infra, project, scenario)}"
+
+
+def lock_keys(infra: str | None = None) -> str:
+    """The KV filter for every lock, or every lock of ``infra``."""
+    return "lock.>" if infra is None else f"lock.{subjects.token(infra, 'infra')}.>"
+
+
+def cron_mark_key(infra: str, project: str, scenario: str) -> str:
+    """A scenario's cron mark in ``sy_locks``: the last slot fired, in epoch seconds."""
+    return f"cron.{_scenario_path(infra, project, scenario)}"
+
+
+def run_log_name(run_id: str) -> str:
+    """The object name of a finished run's log in ``sy_run_logs``."""
+    return f"{subjects.token(run_id, 'run id')}.log"
 
 
 class Firing(msgspec.Struct, frozen=True, kw_only=True):

@@ -31,7 +31,7 @@ ROOT = "sy"
 API_VERSION = "v1"
 
 MAX_TOKEN = 128
-_TOKEN = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
+_TOKEN = re.compile(r"^[A-Za-z0-9_-]{1,128}\Z")  # \Z: "$" would let a final "\n" in
 
 
 def token(value: str, what: str = "name") -> str:

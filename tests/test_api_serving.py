@@ -25,6 +25,7 @@ from protocol.api import (
     ListApiPackages,
     RevokeApiKey,
     RollbackApi,
+    key_record_key,
 )
 from protocol.errors import BadRequest, Conflict, NotFound
 from tests.apiproject import make_api_project
@@ -309,7 +310,7 @@ async def test_api_keys_are_checked_and_only_their_hash_is_stored(settings: Nats
                                                                   name="ci"))
         key = created.secret
         kv = await s.nc.jetstream().key_value(subjects.API_KEYS_BUCKET)
-        stored = (await kv.get(f"{SERVICE}.{created.key.id}")).value or b""
+        stored = (await kv.get(key_record_key(SERVICE, created.key.id))).value or b""
         assert key.split("_", 2)[2].encode() not in stored and b"sha256" in stored
 
         async def status(headers: dict[str, str]) -> int:

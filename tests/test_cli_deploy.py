@@ -12,7 +12,7 @@ import nats
 from nodes.runtime import transfer
 from nodes.runtime.embedded import EmbeddedNats
 from protocol import subjects
-from protocol.bundles import BUNDLE_INFO
+from protocol.bundles import BUNDLE_INFO, bundle_key
 from tests.helpers import shipyard, wait_until
 from tests.projects import make_project
 
@@ -111,7 +111,7 @@ async def _flip_a_stored_chunk(url: str, project: str, bundle: str) -> None:
     try:
         js = nc.jetstream()
         kv = await js.key_value(subjects.BUNDLE_BUCKET)
-        entry = await kv.get(f"{project}.{bundle}")
+        entry = await kv.get(bundle_key(project, bundle))
         assert entry.value is not None
         info = BUNDLE_INFO.decode(entry.value)
         stored = await transfer.stat(js, subjects.BUNDLE_STORE, info.archive)

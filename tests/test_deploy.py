@@ -31,6 +31,7 @@ from protocol.bundles import (
     CreateBundle,
     FileEntry,
     ListBundles,
+    bundle_key,
     files_digest,
 )
 from protocol.deploy import (
@@ -302,7 +303,7 @@ async def _deploy_quietly(caller: Caller, bundle: str) -> None:
 
 async def _stored(nc: NATS, bundle: str) -> BundleInfo:
     kv = await nc.jetstream().key_value(subjects.BUNDLE_BUCKET)
-    entry = await kv.get(f"churn.{bundle}")
+    entry = await kv.get(bundle_key("churn", bundle))
     assert entry.value is not None
     return BUNDLE_INFO.decode(entry.value)
 
@@ -355,7 +356,7 @@ async def _plant(nc: NATS, tmp_path: Path, bundle: str, members: list[tuple[str,
                       files=files, digest=files_digest(files), size=sum(f.size for f in files),
                       archive=name, archive_size=stored.size, archive_sha256=stored.sha256)
     kv = await js.key_value(subjects.BUNDLE_BUCKET)
-    await kv.create(f"churn.{bundle}", encode(info))
+    await kv.create(bundle_key("churn", bundle), encode(info))
 
 
 def _hostile_tar(archive: Path, members: list[tuple[str, bytes]],

@@ -18,6 +18,7 @@ their statuses come from ``protocol.api`` (``error_reply``).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from typing import Any, ClassVar
 
@@ -45,6 +46,7 @@ from protocol.api import (
     ApiDeploymentRecord,
     error_reply,
 )
+from protocol.deploy import deployment_keys
 
 ACTIONS = {"predict": "prediction", "predict-multi": "prediction", "run": "function"}
 _OFFLINE = (nats.errors.ConnectionClosedError, nats.errors.ConnectionReconnectingError,
@@ -64,6 +66,7 @@ class HedgingRequester(Requester):
         future: asyncio.Future[Msg] = loop.create_future()
         tokens = [format(next(self._ids), "x")]
         self._pending[tokens[0]] = future
+        copies: list[asyncio.Task[None]] = []  # the hedged copy's publish, owned by this call
 
         def expire() -> None:
             if not future.done():
@@ -77,8 +80,8 @@ class HedgingRequester(Requester):
             self._pending[token] = future
             if on_retry is not None:
                 on_retry()
-            loop.create_task(self.nc.publish(subject, payload, reply=self._prefix + token,
-                                             headers=headers))
+            copies.append(loop.create_task(self.nc.publish(
+                subject, payload, reply=self._prefix + token, headers=headers)))
 
         timer = loop.call_later(timeout, expire)
         second = loop.call_later(retry_after, retry)
@@ -91,6 +94,9 @@ class HedgingRequester(Requester):
             second.cancel()
             for t in tokens:
                 self._pending.pop(t, None)
+            for copy in copies:  # finished (or cancelled with us) before this call returns
+                with contextlib.suppress(Exception):
+                    await copy
         if msg.headers and msg.headers.get("Status") == NO_RESPONDERS and not msg.data:
             raise nats.errors.NoRespondersError
         return msg
@@ -116,7 +122,7 @@ class Gateway:
     async def start(self, tg: TaskGroup, js: Any, replicas: int) -> None:
         deploy = await ensure_kv(js, subjects.DEPLOY_BUCKET, replicas=replicas)
         keys = await ensure_kv(js, subjects.API_KEYS_BUCKET, replicas=replicas)
-        self._deployments = KVCache(deploy, "api.>", API_DEPLOYMENT_VALUE.decode,
+        self._deployments = KVCache(deploy, deployment_keys("api"), API_DEPLOYMENT_VALUE.decode,
                                     on_change=self._changed,
                                     resync_interval=self.resync_interval)
         self.keys = KeyCache(keys, resync_interval=self.resync_interval)

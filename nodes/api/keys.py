@@ -14,7 +14,13 @@ import secrets
 from typing import Any
 
 from nodes.runtime.kvcache import KVCache
-from protocol.api import API_KEY_VALUE, KEY_PREFIX, ApiKeyRecord, key_record_key
+from protocol.api import (
+    API_KEY_VALUE,
+    KEY_PREFIX,
+    ApiKeyRecord,
+    key_record_key,
+    key_record_keys,
+)
 
 
 def new_key() -> tuple[str, str, str]:
@@ -40,7 +46,7 @@ class KeyCache:
     """Checks ``Authorization: Bearer`` values against the stored hashes."""
 
     def __init__(self, kv: Any, resync_interval: float = 5.0) -> None:
-        self.cache: KVCache[ApiKeyRecord] = KVCache(kv, ">", API_KEY_VALUE.decode,
+        self.cache: KVCache[ApiKeyRecord] = KVCache(kv, key_record_keys(), API_KEY_VALUE.decode,
                                                     resync_interval=resync_interval)
 
     def check(self, service: str, authorization: str | None) -> str | None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -36,6 +37,7 @@ from nodes.api.workers import WorkerPool
 from nodes.runtime import transfer
 from nodes.runtime.jetstream import ensure_kv
 from nodes.runtime.kvcache import Entry, KVCache
+from nodes.runtime.loops import supervised
 from nodes.runtime.node import Node
 from protocol import subjects
 from protocol.api import (
@@ -46,6 +48,7 @@ from protocol.api import (
     GenerationsServing,
 )
 from protocol.base import encode
+from protocol.deploy import deployment_keys
 
 
 def default_workers() -> int:
@@ -99,7 +102,8 @@ class ApiNode(Node):
         deploy = await ensure_kv(self.js, subjects.DEPLOY_BUCKET, replicas=r)
         self._packages = await ensure_kv(self.js, subjects.API_PACKAGE_BUCKET, replicas=r)
         await transfer.ensure_bucket(self.js, subjects.API_PACKAGE_STORE, replicas=r)
-        self._desired = KVCache(deploy, f"api.{self.infra}.>", API_DEPLOYMENT_VALUE.decode,
+        self._desired = KVCache(deploy, deployment_keys("api", self.infra),
+                                API_DEPLOYMENT_VALUE.decode,
                                 on_change=self._on_desired,
                                 resync_interval=self.resync_interval)
         self.gateway = Gateway(self.nc, self.metrics, timeout=self.request_timeout + 1.0,
@@ -116,8 +120,8 @@ class ApiNode(Node):
                                    limits=self.http_limits)
             await tg.start(self.http.serve)
         await tg.start(self._desired.run)
-        tg.start_soon(self._converge_loop, tg)
-        tg.start_soon(self._metrics_loop)
+        tg.start_soon(partial(supervised, "converge", self._converge_loop, tg, log=self.log))
+        tg.start_soon(partial(supervised, "metrics", self._metrics_loop, log=self.log))
 
     async def reconnected(self) -> None:
         if self._desired is not None:

@@ -14,6 +14,7 @@ until the new one is completely in place.
 from __future__ import annotations
 
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -29,19 +30,21 @@ from nodes.project.bundle import BundleRejected
 from nodes.runtime import transfer
 from nodes.runtime.jetstream import ensure_kv
 from nodes.runtime.kvcache import Entry, KVCache
+from nodes.runtime.loops import supervised
 from nodes.runtime.node import Node
 from protocol import subjects
 from protocol.base import Family, encode, new_id
-from protocol.bundles import BUNDLE_INFO, BundleInfo
+from protocol.bundles import BUNDLE_INFO, BundleInfo, bundle_key
 from protocol.deploy import (
     DEPLOYMENT_VALUE,
     ActivationReport,
     BundleActivated,
     BundleActivationFailed,
     DeploymentRecord,
+    deployment_keys,
 )
 from protocol.design import RUNNER
-from protocol.errors import NotFound
+from protocol.errors import BadName, NotFound
 
 PROGRESS_EVERY_S = 0.1
 
@@ -87,8 +90,9 @@ class AutomationNode(Node):
                                      replicas=self.settings.replicas)
         for project in await anyio.to_thread.run_sync(self.store.projects):
             await self._load_local(project)
-        self._desired = KVCache(deploy_kv, f"bundle.{self.infra}.>", DEPLOYMENT_VALUE.decode,
-                                on_change=self._on_desired, resync_interval=self.resync_interval)
+        self._desired = KVCache(deploy_kv, deployment_keys("bundle", self.infra),
+                                DEPLOYMENT_VALUE.decode, on_change=self._on_desired,
+                                resync_interval=self.resync_interval)
         await self.runner.setup()
 
     async def _load_local(self, project: str) -> None:
@@ -101,7 +105,7 @@ class AutomationNode(Node):
     async def started(self, tg: TaskGroup) -> None:
         await tg.start(self.desired.run)
         await self.runner.started(tg)
-        tg.start_soon(self._converge_loop, tg)
+        tg.start_soon(partial(supervised, "converge", self._converge_loop, tg, log=self.log))
 
     async def stopping(self) -> None:
         await self.runner.stopping()
@@ -176,6 +180,10 @@ class AutomationNode(Node):
                              bundle=bundle, error=reason)
             st.update(stage="retrying", error=reason)
             self._retry_at[project] = time.monotonic() + 2.0
+        except Exception as exc:  # a defect: refuse this update, keep the node running
+            self.log.exception("activation failed unexpectedly", project=project,
+                               bundle=bundle)
+            await self._failed(rec, st, f"internal error: {type(exc).__name__}: {exc}")
         finally:
             self._activating.discard(project)
             self._kick.set()
@@ -225,7 +233,11 @@ class AutomationNode(Node):
     async def _bundle_info(self, project: str, bundle: str) -> BundleInfo:
         assert self._bundles_kv is not None
         try:
-            entry = await self._bundles_kv.get(f"{project}.{bundle}")
+            key = bundle_key(project, bundle)
+        except BadName as exc:
+            raise Permanent(exc.message) from None
+        try:
+            entry = await self._bundles_kv.get(key)
         except nats.js.errors.KeyNotFoundError:
             raise Permanent(f"bundle {bundle} of {project} does not exist") from None
         if not entry.value:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Awaitable, Callable
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -41,10 +42,11 @@ from nodes.project.running import LocalRuns, RunInfo, fail_lost_run
 from nodes.runtime import transfer
 from nodes.runtime.jetstream import ensure_kv
 from nodes.runtime.kvcache import delete_if, snapshot
+from nodes.runtime.loops import supervised
 from nodes.runtime.node import handles
 from protocol import subjects
 from protocol.base import Request, encode, new_id
-from protocol.errors import BadRequest, NotFound
+from protocol.errors import BadName, BadRequest, NotFound
 from protocol.runs import (
     AFTER,
     CRON,
@@ -55,7 +57,10 @@ from protocol.runs import (
     RunAccepted,
     RunFinished,
     RunLock,
+    cron_mark_key,
+    fired_key,
     lock_key,
+    lock_keys,
     validate_run_event,
 )
 from protocol.stream import EVENT, AnyEvent
@@ -64,6 +69,12 @@ if TYPE_CHECKING:
     from nodes.automation.node import AutomationNode
 
 FIRED_TTL_S = 7 * 24 * 3600
+# A cron slot is a wall-clock time; waiting for it in steps of at most this long keeps a
+# clock step (NTP, a suspended VM) from delaying a slot by more than one step.
+CRON_RECHECK_S = 30.0
+# How long a finished run keeps trying to release its scenario's lock through an outage
+# (after that the lock is freed when this node restarts or is declared lost).
+RELEASE_TIMEOUT_S = 300.0
 SUCCESSFUL = ("SUCCESS", "WARNING")
 
 
@@ -165,24 +176,37 @@ class Runner:
 
     async def _cron_project(self, project: str, scope: anyio.CancelScope) -> None:
         with scope:
-            try:
-                _, manifest = await self.manifest(project)
-            except (NotFound, BadRequest) as exc:
-                self.log.warning("no schedule", project=project, error=exc.message)
-                return
-            async with anyio.create_task_group() as tg:
-                for name, sc in manifest.scenarios.items():
-                    for trig in sc.triggers:
-                        if trig.cron is not None:
-                            catch_up = sc.catch_up if trig.catch_up is None else trig.catch_up
-                            tg.start_soon(self._cron, project, name, trig.cron, catch_up)
+            await supervised(f"schedules of {project}", self._cron_schedules, project,
+                             log=self.log)
+
+    async def _cron_schedules(self, project: str) -> None:
+        try:
+            _, manifest = await self.manifest(project)
+        except (NotFound, BadRequest) as exc:
+            self.log.warning("no schedule", project=project, error=exc.message)
+            return
+        async with anyio.create_task_group() as tg:
+            for name, sc in manifest.scenarios.items():
+                for trig in sc.triggers:
+                    if trig.cron is not None:
+                        catch_up = sc.catch_up if trig.catch_up is None else trig.catch_up
+                        # A NATS timeout in a KV call restarts the schedule (which re-reads
+                        # its mark), after a backoff; it never ends it.
+                        tg.start_soon(partial(
+                            supervised, f"cron {project}/{name}", self._cron, project, name,
+                            trig.cron, catch_up, log=self.log))
 
     async def _cron(self, project: str, scenario: str, expr: str, catch_up: bool) -> None:
         if not croniter.is_valid(expr):
             self.log.error("invalid cron expression", project=project, scenario=scenario,
                            cron=expr)
             return
-        mark_key = f"cron.{self.node.infra}.{project}.{scenario}"
+        try:
+            mark_key = cron_mark_key(self.node.infra, project, scenario)
+        except BadName as exc:
+            self.log.error("cannot schedule", project=project, scenario=scenario,
+                           error=exc.message)
+            return
         mark = await self._mark(mark_key)
         now = time.time()
         last_slot = croniter(expr, now).get_prev(float)
@@ -201,7 +225,7 @@ class Runner:
         it = croniter(expr, max(now, last_slot))
         while True:
             slot = it.get_next(float)
-            await anyio.sleep(max(0.0, slot - time.time()))
+            await _sleep_until(slot)
             await self._set_mark(mark_key, slot)
             await self._fire_quietly(project, scenario, Firing(
                 id=f"cron-{int(slot)}", trigger=CRON, detail=expr))
@@ -267,7 +291,7 @@ class Runner:
                            f"{scenario!r}; scenarios: {known}")
         infra = self.node.infra
         try:
-            await self.fired.create(f"{infra}.{project}.{scenario}.{firing.id}",
+            await self.fired.create(fired_key(infra, project, scenario, firing.id),
                                     self.node.name.encode())
         except nats.js.errors.KeyWrongLastSequenceError:
             return RunAccepted(run_id="", node="", coalesced=True,
@@ -279,7 +303,7 @@ class Runner:
                            instance=self.node.instance, bundle=bundle, firing=firing,
                            started_at=time.time())
             try:
-                revision = await self.locks.create(f"lock.{key}", encode(lock))
+                revision = await self.locks.create(key, encode(lock))
             except nats.js.errors.KeyWrongLastSequenceError:
                 parked = await self._park(key, firing)
                 if parked is not None:
@@ -290,7 +314,7 @@ class Runner:
 
     async def _park(self, key: str, firing: Firing) -> RunAccepted | None:
         try:
-            entry = await self.locks.get(f"lock.{key}")
+            entry = await self.locks.get(key)
         except nats.js.errors.KeyNotFoundError:
             return None
         if not entry.value:
@@ -302,7 +326,7 @@ class Runner:
                                       "a run is already queued after it")
         parked = msgspec.structs.replace(current, pending=firing)
         try:
-            await self.locks.update(f"lock.{key}", encode(parked), last=entry.revision)
+            await self.locks.update(key, encode(parked), last=entry.revision)
         except nats.js.errors.KeyWrongLastSequenceError:
             return None
         return RunAccepted(run_id=current.run_id, node=current.node, coalesced=True,
@@ -319,12 +343,22 @@ class Runner:
             nonlocal released
             if not released:
                 released = True
-                with anyio.CancelScope(shield=True):
-                    await self._release(key, lock.run_id)
+                # Retried through a NATS outage (compare-and-set: safe to repeat), since a
+                # lock left behind would hold the scenario; bounded, so a stop can finish.
+                limit = (self.node.shutdown_timeout if self.node.stopping_requested
+                         else RELEASE_TIMEOUT_S)
+                with anyio.move_on_after(limit, shield=True) as scope:
+                    await supervised(f"release {key}", self._release, key, lock.run_id,
+                                     log=self.log)
+                if scope.cancelled_caught:
+                    self.log.error("lock not released", lock=key, run=lock.run_id,
+                                   seconds=limit)
 
         try:
             async with self.slots:
                 await self._run(lock, release)
+        except Exception:  # a defect must not end the node; the lock is released below
+            self.log.exception("run failed unexpectedly", run=lock.run_id)
         finally:
             await release()
 
@@ -350,7 +384,7 @@ class Runner:
         """End ``run_id``'s hold on the lock: start the pending firing, or delete it."""
         while True:
             try:
-                entry = await self.locks.get(f"lock.{key}")
+                entry = await self.locks.get(key)
             except nats.js.errors.KeyNotFoundError:
                 return
             if not entry.value:
@@ -368,18 +402,18 @@ class Runner:
                     node=self.node.name, instance=self.node.instance, bundle=bundle,
                     firing=current.pending, pending=None, started_at=time.time())
                 try:
-                    revision = await self.locks.update(f"lock.{key}", encode(nxt),
+                    revision = await self.locks.update(key, encode(nxt),
                                                        last=entry.revision)
                 except nats.js.errors.KeyWrongLastSequenceError:
                     continue
                 self.node.tg.start_soon(self._execute, nxt, int(revision))
                 return
-            if await delete_if(self.locks, f"lock.{key}", entry.revision or 0):
+            if await delete_if(self.locks, key, entry.revision or 0):
                 return
 
     async def _release_stale_locks(self) -> None:
         """Locks held by an earlier process of this node: those runs died with it."""
-        snap = await snapshot(self.locks, f"lock.{self.node.infra}.>")
+        snap = await snapshot(self.locks, lock_keys(self.node.infra))
         for key, (revision, raw) in snap.items():
             try:
                 lock = RUN_LOCK.decode(raw)
@@ -396,6 +430,11 @@ class Runner:
     async def handle_fire(self, cmd: FireScenario, req: Request[Any]) -> RunAccepted:
         return await self.fire(cmd.project, cmd.scenario, cmd.firing)
 
+
+async def _sleep_until(when: float) -> None:
+    """Sleep until wall-clock time ``when``, rechecking the clock every ``CRON_RECHECK_S``."""
+    while (remaining := when - time.time()) > 0:  # noqa: ASYNC110 (no event: a clock)
+        await anyio.sleep(min(remaining, CRON_RECHECK_S))
 
 
 def _count_slots(expr: str, since: float, until: float, cap: int = 10_000) -> int:

@@ -29,6 +29,7 @@ from protocol.api import (
     ListApiKeys,
     RevokeApiKey,
     key_record_key,
+    key_record_keys,
 )
 from protocol.base import Request, encode
 from protocol.errors import BadRequest, NotFound
@@ -74,7 +75,7 @@ class ApiKeys:
     @handles(ListApiKeys)
     async def list(self, cmd: ListApiKeys, req: Request[Any]) -> ApiKeyList:
         try:
-            snap = await snapshot(self.kv, f"{subjects.token(cmd.service, 'service')}.>")
+            snap = await snapshot(self.kv, key_record_keys(cmd.service))
         except ValueError as exc:
             raise BadRequest(str(exc)) from None
         keys = []

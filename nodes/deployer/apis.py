@@ -52,6 +52,7 @@ from protocol.deploy import (
     NodeDeployment,
     Update,
     deployment_key,
+    deployment_keys,
 )
 from protocol.errors import BadRequest, Conflict, NotFound
 from protocol.registry import ONLINE, NodeInfo
@@ -88,7 +89,7 @@ class ApiDeployer:
                                        description="shipyard desired state")
         self._packages = await ensure_kv(js, subjects.API_PACKAGE_BUCKET, replicas=r,
                                          description="shipyard API package records")
-        self._cache = KVCache(self._deploy, "api.>", API_DEPLOYMENT_VALUE.decode,
+        self._cache = KVCache(self._deploy, deployment_keys("api"), API_DEPLOYMENT_VALUE.decode,
                               on_change=self._changed)
 
     async def started(self, tg: TaskGroup) -> None:

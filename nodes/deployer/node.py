@@ -37,7 +37,7 @@ from protocol.registry import (
     ListNodes,
     NodeInfo,
     NodeList,
-    node_key,
+    registry_key,
 )
 from protocol.reports import REPORT, AnyReport
 
@@ -218,7 +218,7 @@ class DeployerNode(Node):
         ok = True
         for name in self.registry.take_removed():
             try:
-                await self.kv.delete(node_key(name))
+                await self.kv.delete(registry_key(name))
             except BadName:
                 pass  # never stored
             except Exception as exc:
@@ -230,7 +230,7 @@ class DeployerNode(Node):
             if info.name not in self.registry.nodes:
                 continue  # forgotten meanwhile
             try:
-                key = node_key(info.name)
+                key = registry_key(info.name)
             except BadName as exc:
                 self.log.error("registry record dropped: its name cannot be a key",
                                error=str(exc))

@@ -23,7 +23,7 @@ from nodes.runtime.kvcache import Entry, KVCache, read
 from nodes.runtime.node import handles
 from protocol import subjects
 from protocol.base import Request, encode, new_id
-from protocol.bundles import BUNDLE_INFO, check_bundle_id
+from protocol.bundles import BUNDLE_INFO, bundle_key, check_bundle_id
 from protocol.deploy import (
     DEPLOYMENT_VALUE,
     HEALTHY,
@@ -54,6 +54,8 @@ from protocol.deploy import (
     RollbackBundle,
     Update,
     deployment_key,
+    deployment_keys,
+    infra_key,
 )
 from protocol.errors import BadRequest, Conflict, NotFound
 from protocol.registry import NodeInfo
@@ -84,7 +86,7 @@ class ProjectDeployer:
         self._deploy = await ensure_kv(js, subjects.DEPLOY_BUCKET, replicas=r,
                                        description="shipyard desired state")
         self._bundles = await ensure_kv(js, subjects.BUNDLE_BUCKET, replicas=r)
-        self._cache = KVCache(self._deploy, "bundle.>", DEPLOYMENT_VALUE.decode,
+        self._cache = KVCache(self._deploy, deployment_keys("bundle"), DEPLOYMENT_VALUE.decode,
                               on_change=self._changed)
 
     async def started(self, tg: TaskGroup) -> None:
@@ -113,7 +115,7 @@ class ProjectDeployer:
 
     async def get_infra(self, name: str) -> Infra | None:
         try:
-            entry = await self.infra_kv.get(name)
+            entry = await self.infra_kv.get(infra_key(name))
         except (nats.js.errors.KeyNotFoundError, nats.js.errors.InvalidKeyError):
             return None
         return INFRA_VALUE.decode(entry.value) if entry.value else None
@@ -150,7 +152,7 @@ class ProjectDeployer:
                       description=cmd.description, created_at=time.time(),
                       created_by=cmd.by or req.sender)
         try:
-            await self.infra_kv.create(cmd.name, encode(infra))
+            await self.infra_kv.create(infra_key(cmd.name), encode(infra))
         except nats.js.errors.KeyWrongLastSequenceError:
             existing = await self.get_infra(cmd.name)
             if existing is not None and cmd.exist_ok and existing.kind == cmd.kind:
@@ -175,7 +177,7 @@ class ProjectDeployer:
         except ValueError as exc:
             raise BadRequest(str(exc)) from None
         try:
-            entry = await self._bundles.get(f"{project}.{bundle}")
+            entry = await self._bundles.get(bundle_key(project, bundle))
             if entry.value:
                 BUNDLE_INFO.decode(entry.value)
                 return

@@ -54,6 +54,8 @@ from protocol.runs import (
     RunStarted,
     RunSummary,
     StepSummary,
+    lock_keys,
+    run_log_name,
     validate_run_event,
 )
 
@@ -77,7 +79,7 @@ class RunDesk:
     async def setup(self) -> None:
         self._locks_kv = await ensure_kv(self.node.js, subjects.LOCKS_BUCKET,
                                          replicas=self.node.settings.replicas)
-        self._locks = KVCache(self._locks_kv, "lock.>", RUN_LOCK.decode)
+        self._locks = KVCache(self._locks_kv, lock_keys(), RUN_LOCK.decode)
 
     async def started(self, tg: TaskGroup) -> None:
         assert self._locks is not None
@@ -237,7 +239,7 @@ class RunDesk:
             dest = Path(tmp) / "run.log"
             try:
                 await transfer.get_file(self.node.js, subjects.RUN_LOGS_STORE,
-                                        f"{run_id}.log", dest)
+                                        run_log_name(run_id), dest)
             except NotFound:
                 return None
             text, cut = await read_tail(dest, max_bytes)

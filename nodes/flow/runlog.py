@@ -6,6 +6,13 @@ appends to memory, and a writer task puts batches into the file from a worker th
 (within ``FLUSH_DELAY_S``, and everything when the log is closed).
 The last lines stay in memory (``tail``) for failure reports.
 
+The writer task lives in a task group the log opens on entry and closes on exit (an
+``AsyncExitStack`` holds it, and is told how the ``async with`` ended), so the writer
+never outlives the log, and an error in the body is raised as itself, not wrapped in an
+exception group.  A file
+that cannot be written (a full disk) does not fail the run: the log says so in its tail
+and keeps the lines in memory.
+
     async with RunLog(path) as log:
         log.write("engine", "build started")
 """
@@ -14,7 +21,8 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 from types import TracebackType
 from typing import IO
@@ -47,9 +55,24 @@ class RunLog:
         self._closing = anyio.Event()
         self._closed = False
         self._writer_done = anyio.Event()
-        self._tg: anyio.abc.TaskGroup | None = None
+        self._stack: AsyncExitStack | None = None
+        self.write_error = ""  # why the file stopped being written, if it did
 
     async def __aenter__(self) -> RunLog:
+        if self._stack is not None:
+            raise RuntimeError("a RunLog is entered once")
+        async with AsyncExitStack() as stack:
+            await stack.enter_async_context(self._open())
+            self._stack = stack.pop_all()
+        return self
+
+    async def __aexit__(self, et: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> bool | None:
+        assert self._stack is not None
+        return await self._stack.__aexit__(et, exc, tb)
+
+    @asynccontextmanager
+    async def _open(self) -> AsyncIterator[None]:
         if self.path is not None:
             path = self.path
 
@@ -58,25 +81,33 @@ class RunLog:
                 return path.open("a", encoding="utf-8")
 
             self._file = await anyio.to_thread.run_sync(open_file)
-        self._tg = anyio.create_task_group()
-        await self._tg.__aenter__()
-        self._tg.start_soon(self._writer)
-        return self
-
-    async def __aexit__(self, et: type[BaseException] | None, exc: BaseException | None,
-                        tb: TracebackType | None) -> None:
-        self._closed = True
-        self._closing.set()
-        self._wake.set()
-        assert self._tg is not None
+        failed: Exception | None = None
         try:
-            with anyio.CancelScope(shield=True):
-                await self._writer_done.wait()
-            await self._tg.__aexit__(None, None, None)
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._writer)
+                try:
+                    yield
+                except Exception as exc:  # the body's own error: raised as itself, below
+                    failed = exc
+                finally:
+                    # Flush everything, even when the body was cancelled or failed.
+                    self._closed = True
+                    self._closing.set()
+                    self._wake.set()
+                    with anyio.CancelScope(shield=True):
+                        await self._writer_done.wait()
+                        # A cancelled writer leaves lines behind: they go in now.
+                        batch, self._pending = self._pending, []
+                        await self._flush(batch)
+            if failed is not None:
+                raise failed
         finally:
             if self._file is not None:
                 with anyio.CancelScope(shield=True):
-                    await anyio.to_thread.run_sync(self._file.close)
+                    try:
+                        await anyio.to_thread.run_sync(self._file.close)
+                    except OSError as exc:  # closed all the same; its last flush failed
+                        self.write_error = self.write_error or f"{type(exc).__name__}: {exc}"
 
     def write(self, source: str, text: str) -> None:
         """Log ``text`` (one or more lines) from ``source`` ("engine", "recipe clean")."""
@@ -106,12 +137,21 @@ class RunLog:
                         await self._closing.wait()
                 self._wake = anyio.Event()
                 batch, self._pending = self._pending, []
-                if batch:
-                    await anyio.to_thread.run_sync(self._write_batch, batch)
+                await self._flush(batch)
                 if self._closed and not self._pending:
                     return
         finally:
             self._writer_done.set()
+
+    async def _flush(self, batch: list[str]) -> None:
+        if not batch or self._file is None or self.write_error:
+            return
+        try:
+            await anyio.to_thread.run_sync(self._write_batch, batch)
+        except OSError as exc:  # the run goes on; its tail stays in memory
+            self.write_error = f"{type(exc).__name__}: {exc}"
+            self._tail.append(f"{_stamp(time.time())} [engine] log file not written from "
+                              f"here on: {self.write_error}")
 
     def _write_batch(self, batch: list[str]) -> None:
         assert self._file is not None

@@ -45,6 +45,7 @@ from protocol.api import (
     ListApiPackages,
     check_version,
     package_key,
+    package_keys,
 )
 from protocol.base import Request, encode, new_id
 from protocol.bundles import FileEntry, files_digest
@@ -168,7 +169,7 @@ class ApiPackager:
         await transfer.ensure_bucket(self.node.js, subjects.API_PACKAGE_STORE, replicas=r)
 
     async def infos(self, service: str) -> list[ApiPackageInfo]:
-        snap = await snapshot(self.kv, f"{subjects.token(service, 'service')}.>")
+        snap = await snapshot(self.kv, package_keys(service))
         out = []
         for _rev, raw in snap.values():
             try:

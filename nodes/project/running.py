@@ -48,6 +48,7 @@ from protocol.runs import (
     RunStarted,
     RunSummary,
     StepSummary,
+    run_log_name,
 )
 
 if TYPE_CHECKING:
@@ -189,7 +190,7 @@ async def store_log(node: Node, run: RunInfo) -> None:
     if run.log_path is None or not await anyio.Path(run.log_path).exists():
         return
     try:
-        await transfer.put_file(node.js, subjects.RUN_LOGS_STORE, f"{run.run_id}.log",
+        await transfer.put_file(node.js, subjects.RUN_LOGS_STORE, run_log_name(run.run_id),
                                 run.log_path, replicas=node.settings.replicas)
     except Exception as exc:  # the log stays on the node's disk
         node.log.warning("run log not stored", run=run.run_id, error=str(exc))

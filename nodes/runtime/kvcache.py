@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Generic, TypeVar
 
 import anyio
@@ -20,10 +21,12 @@ from anyio.abc import TaskStatus
 from nats.js.kv import KeyValue
 
 from nodes.runtime.logs import get_logger
+from nodes.runtime.loops import forever
 
 V = TypeVar("V")
 
 DELETE_OPS = ("DEL", "PURGE")
+WATCH_RESTART_S = 0.2  # pause before a watch that ended is started again
 
 
 @dataclass(frozen=True)
@@ -63,15 +66,17 @@ class KVCache(Generic[V]):
         self.loaded.set()
         task_status.started()
         async with anyio.create_task_group() as tg:
-            tg.start_soon(self._follow)
-            while True:
-                with anyio.move_on_after(self.resync_interval):
-                    await self._resync_now.wait()
-                self._resync_now = anyio.Event()
-                try:
-                    await self._full_read()
-                except Exception as exc:  # a failed resync is retried on the next tick
-                    self.log.warning("resync failed", error=str(exc) or type(exc).__name__)
+            # A failed watch or resync (or a failing on_change) is logged and retried
+            # with backoff; neither ends the cache.
+            tg.start_soon(partial(forever, f"watch {self.keys}", self._watch, log=self.log,
+                                  interval=WATCH_RESTART_S))
+            await forever(f"resync {self.keys}", self._resync, log=self.log)
+
+    async def _resync(self) -> None:
+        with anyio.move_on_after(self.resync_interval):
+            await self._resync_now.wait()
+        self._resync_now = anyio.Event()
+        await self._full_read()
 
     async def _full_read(self) -> None:
         snap = await snapshot(self.kv, self.keys)
@@ -81,26 +86,18 @@ class KVCache(Generic[V]):
             if key not in snap:
                 await self._apply(key, 0, b"", deleted=True)
 
-    async def _follow(self) -> None:
-        delay = 0.2
-        while True:
-            watcher: Any = None
-            try:
-                watcher = await self.kv.watch(self.keys)
-                delay = 0.2
-                async for entry in watcher:
-                    if entry is None:
-                        continue
-                    await self._apply(entry.key, entry.revision or 0, entry.value or b"",
-                                      deleted=entry.operation in DELETE_OPS)
-            except (nats.errors.Error, TimeoutError, OSError) as exc:
-                self.log.debug("watch interrupted", error=str(exc) or type(exc).__name__)
-            finally:
-                if watcher is not None:
-                    with contextlib.suppress(Exception):
-                        await watcher.stop()
-            await anyio.sleep(delay)
-            delay = min(delay * 2, 5.0)
+    async def _watch(self) -> None:
+        """Follow the watch until it ends or fails (``forever`` starts it again)."""
+        watcher: Any = await self.kv.watch(self.keys)
+        try:
+            async for entry in watcher:
+                if entry is None:
+                    continue
+                await self._apply(entry.key, entry.revision or 0, entry.value or b"",
+                                  deleted=entry.operation in DELETE_OPS)
+        finally:
+            with contextlib.suppress(Exception):
+                await watcher.stop()
 
     async def _apply(self, key: str, revision: int, raw: bytes, *, deleted: bool) -> None:
         current = self.entries.get(key)
