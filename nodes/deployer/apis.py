@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -23,6 +24,7 @@ from nodes.deployer.projects import HISTORY_LIMIT
 from nodes.deployer.updates import UpdateCloser, close_last, judge
 from nodes.runtime.jetstream import ensure_kv
 from nodes.runtime.kvcache import Entry, KVCache, read
+from nodes.runtime.loops import supervised
 from nodes.runtime.node import handles
 from protocol import subjects
 from protocol.api import (
@@ -101,7 +103,8 @@ class ApiDeployer:
         await self.node.subscribe_decoded(
             subjects.reports("apigen"), GENERATION_REPORT, self._on_progress,
             validate=GenerationReport.validate, kind="generation report", sender=_sender)
-        tg.start_soon(self.closer.run, self._cache)
+        tg.start_soon(partial(supervised, "pending updates", self.closer.run, self._cache,
+                              log=self.log))
 
     def kick(self) -> None:
         self.closer.kick()

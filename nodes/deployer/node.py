@@ -8,6 +8,7 @@ one record that cannot be written is dropped, never holding back the others.
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any, ClassVar
 
 import anyio
@@ -21,6 +22,7 @@ from nodes.deployer.projects import ProjectDeployer
 from nodes.deployer.registry import FORGET_AFTER_S, Registry
 from nodes.deployer.runs import RunDesk
 from nodes.runtime.jetstream import ensure_kv
+from nodes.runtime.loops import supervised
 from nodes.runtime.node import Node, handles
 from protocol import subjects
 from protocol.base import Family, Request, encode
@@ -121,9 +123,10 @@ class DeployerNode(Node):
         await self.subscribe_decoded(subjects.reports("exit"), REPORT, self._on_exit_report,
                                      validate=AnyReport.validate, kind="exit report",
                                      sender=_sender)
-        tg.start_soon(self._sweeper)
-        tg.start_soon(self._event_publisher)
-        tg.start_soon(self._registry_writer)
+        tg.start_soon(partial(supervised, "registry sweep", self._sweeper, log=self.log))
+        tg.start_soon(self._event_publisher)  # publish_event never raises
+        tg.start_soon(partial(supervised, "registry writer", self._registry_writer,
+                              log=self.log))
         await self.runs.started(tg)
         await self.projects.started(tg)
         await self.apis.started(tg)

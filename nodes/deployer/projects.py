@@ -10,6 +10,7 @@ fleet, and loses nothing.
 from __future__ import annotations
 
 import time
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -20,6 +21,7 @@ from nats.js.kv import KeyValue
 from nodes.deployer.updates import UpdateCloser, close_last, judge
 from nodes.runtime.jetstream import ensure_kv
 from nodes.runtime.kvcache import Entry, KVCache, read
+from nodes.runtime.loops import supervised
 from nodes.runtime.node import handles
 from protocol import subjects
 from protocol.base import Request, encode, new_id
@@ -92,7 +94,8 @@ class ProjectDeployer:
     async def started(self, tg: TaskGroup) -> None:
         assert self._cache is not None
         await tg.start(self._cache.run)
-        tg.start_soon(self.closer.run, self._cache)
+        tg.start_soon(partial(supervised, "pending updates", self.closer.run, self._cache,
+                              log=self.log))
 
     def kick(self) -> None:
         """Something changed (a node's state, a record): re-judge pending updates."""

@@ -15,6 +15,7 @@ from __future__ import annotations
 import tempfile
 import time
 from collections import OrderedDict
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -28,6 +29,7 @@ from nodes.runtime import transfer
 from nodes.runtime.events import read_events
 from nodes.runtime.jetstream import ensure_kv
 from nodes.runtime.kvcache import KVCache
+from nodes.runtime.loops import supervised
 from nodes.runtime.node import handles
 from protocol import subjects
 from protocol.base import Request
@@ -85,7 +87,7 @@ class RunDesk:
         assert self._locks is not None
         await tg.start(self._follow)
         await tg.start(self._locks.run)
-        tg.start_soon(self._sweep)
+        tg.start_soon(partial(supervised, "dead lock holders", self._sweep, log=self.node.log))
 
     def kick(self) -> None:
         self._kick.set()
@@ -111,7 +113,9 @@ class RunDesk:
                         continue
                     self.fold(stored.event)
 
-            tg.start_soon(consume)
+            # Folding is idempotent (one summary per run id), so a consumer restarted
+            # after a NATS error may read history again.
+            tg.start_soon(partial(supervised, "run history", consume, log=self.node.log))
             await ready.wait()
             if not started:
                 started = True
