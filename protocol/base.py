@@ -107,6 +107,7 @@ class Codec(Generic[T]):
     """One decoder for one message type (or tagged union), created once."""
 
     def __init__(self, kind: Any) -> None:
+        self.kind = kind  # the type or union decoded (the catalogue lists its tags)
         self._decoder: msgspec.json.Decoder[T] = msgspec.json.Decoder(kind)
 
     def decode(self, data: bytes, subject: str = "?") -> T:

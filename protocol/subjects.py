@@ -59,6 +59,8 @@ def _verb(verb: str) -> str:
 # -- heartbeats ---------------------------------------------------------------------------
 
 def heartbeat(role: str, node: str) -> str:
+    """Heartbeats: name, role, infra, version, host, pid, uptime, interval, role state,
+    messages dropped."""
     return f"{ROOT}.hb.{token(role, 'role')}.{token(node, 'node name')}"
 
 
@@ -68,10 +70,12 @@ HEARTBEATS_ALL = f"{ROOT}.hb.>"
 # -- commands -----------------------------------------------------------------------------
 
 def command(role: str, verb: str) -> str:
+    """Commands to a role, shared by its instances in queue group ``<role>``."""
     return f"{ROOT}.cmd.{token(role, 'role')}.{_verb(verb)}"
 
 
 def node_command(node: str, verb: str) -> str:
+    """Commands to one node (``ping``, ``echo``)."""
     return f"{ROOT}.node.{token(node, 'node name')}.{_verb(verb)}"
 
 
@@ -91,31 +95,39 @@ EVENTS_ALL = f"{ROOT}.evt.>"
 
 
 def event(kind: str, *ids: str) -> str:
+    """Events, kept by the ``SY_EVENTS`` stream (``node``, ``deploy``, ``api``, ``run``,
+    ``govern``)."""
     parts = [token(kind, "event kind"), *(token(i, "identifier") for i in ids)]
     return f"{ROOT}.evt." + ".".join(parts)
 
 
 def node_event(node: str) -> str:
+    """Node events: online, lost, forgotten."""
     return event("node", node)
 
 
 # -- reports ------------------------------------------------------------------------------
 
 def report(kind: str, node: str) -> str:
+    """Reports from nodes and the supervisor to the Deployer (``exit``, activation,
+    metrics)."""
     return f"{ROOT}.rpt.{token(kind, 'report kind')}.{token(node, 'node name')}"
 
 
 def reports(kind: str) -> str:
+    """Every report of one kind (what the Deployer subscribes to)."""
     return f"{ROOT}.rpt.{token(kind, 'report kind')}.*"
 
 
 # -- API services -------------------------------------------------------------------------
 
 def api_endpoint(service: str, endpoint: str) -> str:
+    """API requests; nats.micro endpoints in queue group ``<service>``."""
     return f"{ROOT}.api.{API_VERSION}.{token(service, 'service')}.{token(endpoint, 'endpoint')}"
 
 
 def api_service_prefix(service: str) -> str:
+    """The nats.micro group prefix of one API service's endpoints."""
     return f"{ROOT}.api.{API_VERSION}.{token(service, 'service')}"
 
 
