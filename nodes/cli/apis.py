@@ -6,6 +6,7 @@ import time
 
 import anyio
 import click
+from rich.text import Text
 
 from nodes.cli.common import (
     EXIT_FAILED,
@@ -19,6 +20,7 @@ from nodes.cli.common import (
     print_json,
     run,
     spinner,
+    styled,
     table,
     when,
     whoami,
@@ -65,9 +67,10 @@ def api_package(project: str, service: str, version: str, notes: str, nats_url: 
         return
     p = reply.package
     eps = ", ".join(f"{n} ({k})" for n, k in sorted(p.endpoints.items()))
-    out.print(f"API package [bold]{p.service} {p.version}[/bold] created from {p.project}: "
-              f"{p.files} files, {human_size(p.size)}, digest {p.digest[:16]}")
-    out.print(f"endpoints: {eps}", markup=False)
+    out.print(Text.assemble("API package ", styled(f"{p.service} {p.version}", "bold"),
+                            f" created from {p.project}: {p.files} files, "
+                            f"{human_size(p.size)}, digest {p.digest[:16]}"))
+    out.print(f"endpoints: {eps}")
     print_changes(reply.previous, "first version of this service", reply.added,
                   reply.removed, reply.changed)
 
@@ -188,7 +191,7 @@ def after_change(view: DeploymentView, verb: str, wait: bool, timeout: float,
     if not as_json:
         out.print(f"{verb} API {view.project} {(last.from_bundle if last else None) or '-'} -> "
                   f"{view.desired} on {view.infra} (update {view.update_id}, revision "
-                  f"{view.revision}, auth {view.extra.get('auth')})", markup=False)
+                  f"{view.revision}, auth {view.extra.get('auth')})")
     if not wait:
         if as_json:
             print_json(view)
@@ -197,8 +200,8 @@ def after_change(view: DeploymentView, verb: str, wait: bool, timeout: float,
     if as_json:
         print_json(final)
     elif ok:
-        out.print(f"[green]done[/green]: every online API node of {view.infra} serves "
-                  f"{view.project} {view.desired}")
+        out.print(Text.assemble(styled("done", "green"), f": every online API node of "
+                                f"{view.infra} serves {view.project} {view.desired}"))
     if not ok:
         click.echo(f"shipyard: {why}", err=True)
         raise SystemExit(EXIT_FAILED)

@@ -22,7 +22,6 @@ import click
 import msgspec
 from nats.aio.client import Client as NATS
 from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
@@ -40,10 +39,23 @@ EXIT_USAGE = 2
 # The CLI fails within 5 s when NATS is unreachable.
 CLI_CONNECT_TIMEOUT = 3.0
 
-# Off a terminal (pipes, files, CI logs) tables are not squeezed into 80 columns.
-out = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 200)
-err = Console(stderr=True, highlight=False, soft_wrap=True,
+# Off a terminal (pipes, files, CI logs) tables are not squeezed into 80 columns and
+# nothing is styled.  Markup is off everywhere: names, notes and errors may hold "[" and are
+# printed as they are; a styled part is a ``Text`` (see ``styled``), which rich renders
+# with colours on a terminal and as plain characters off one.
+out = Console(highlight=False, markup=False, soft_wrap=True,
+              width=None if sys.stdout.isatty() else 200)
+err = Console(stderr=True, highlight=False, markup=False, soft_wrap=True,
               width=None if sys.stderr.isatty() else 200)
+
+STATUS_STYLE = {"online": "green", "lost": "red", "HEALTHY": "green", "WARNING": "yellow",
+                "ERROR": "red", "UNKNOWN": "dim", "SUCCESS": "green", "FAILED": "red",
+                "CANCELLED": "magenta", "RUNNING": "cyan"}
+
+
+def styled(text: str, style: str | None = None) -> Text:
+    """``text`` in ``style`` (default: the colour ``STATUS_STYLE`` gives a status word)."""
+    return Text(text, style=style if style is not None else STATUS_STYLE.get(text, ""))
 
 
 class CliState:
@@ -165,7 +177,7 @@ def print_changes(previous: str | None, first: str, added: Sequence[str],
     for sign, paths, style in (("+", added, "green"), ("-", removed, "red"),
                                ("~", changed, "yellow")):
         for p in paths:
-            out.print(f"  [{style}]{sign} {escape(p)}[/{style}]")
+            out.print(styled(f"  {sign} {p}", style))
 
 
 def human_size(n: float) -> str:

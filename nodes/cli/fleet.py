@@ -18,12 +18,11 @@ from nodes.cli.common import (
     print_json,
     print_json_line,
     run,
+    styled,
     table,
 )
 from nodes.runtime.events import StoredEvent, read_events
 from protocol.registry import ListNodes, NodeList
-
-STATUS_STYLE = {"online": "green", "lost": "red"}
 
 
 @click.command("nodes")
@@ -47,8 +46,7 @@ def nodes_cmd(role: str | None, infra: str | None, nats_url: str | None, as_json
         return
     rows = []
     for n in reply.nodes:
-        style = STATUS_STYLE.get(n.status, "")
-        rows.append((n.name, n.role, n.infra, f"[{style}]{n.status}[/{style}]",
+        rows.append((n.name, n.role, n.infra, styled(n.status),
                      f"{human_age(n.last_seen_s)} ago", n.version, n.host, n.pid))
     table(["NAME", "ROLE", "INFRA", "STATUS", "LAST SEEN", "VERSION", "HOST", "PID"], rows)
 
@@ -88,7 +86,7 @@ def events_cmd(follow: bool, since: str | None, last: int | None, nats_url: str 
                 if as_json:
                     print_json_line(e.as_dict())
                 else:
-                    out.print(_line(e), markup=False)
+                    out.print(_line(e))
 
     with contextlib.suppress(KeyboardInterrupt):  # the normal way to end --follow
         run(main)

@@ -18,6 +18,7 @@ from nodes.cli.common import (
     print_json,
     run,
     spinner,
+    styled,
     table,
     when,
     whoami,
@@ -37,9 +38,6 @@ from protocol.deploy import (
     RollbackBundle,
 )
 
-HEALTH_STYLE = {"HEALTHY": "green", "WARNING": "yellow", "ERROR": "red", "UNKNOWN": "dim"}
-
-
 # -- projects and bundles --------------------------------------------------------------------
 
 @click.command("projects")
@@ -56,7 +54,7 @@ def projects_cmd(nats_url: str | None, as_json: bool) -> None:
         return
     table(["KEY", "NAME", "DATASETS", "RECIPES", "SCENARIOS", "API SERVICES", "STATUS"],
           [(p.key, p.name, p.datasets, p.recipes, p.scenarios, ",".join(p.api_services),
-            "ok" if p.ok else Text(p.error, style="red")) for p in reply.projects])
+            "ok" if p.ok else styled(p.error, "red")) for p in reply.projects])
 
 
 @click.group()
@@ -80,8 +78,9 @@ def bundle_create(project: str, bundle_id: str, notes: str, nats_url: str | None
         print_json(reply)
         return
     b, d = reply.bundle, reply.diff
-    out.print(f"bundle [bold]{b.project} {b.id}[/bold] created: {b.files} files, "
-              f"{human_size(b.size)}, digest {b.digest[:16]}")
+    out.print(Text.assemble("bundle ", styled(f"{b.project} {b.id}", "bold"),
+                            f" created: {b.files} files, {human_size(b.size)}, digest "
+                            f"{b.digest[:16]}"))
     print_changes(d.previous, "first bundle of this project", d.added, d.removed, d.changed)
 
 
@@ -185,8 +184,8 @@ def _after_change(view: DeploymentView, verb: str, wait: bool, timeout: float,
     if as_json:
         print_json(final)
     elif ok:
-        out.print(f"[green]done[/green]: every online node of {view.infra} runs "
-                  f"{view.project} {view.desired}")
+        out.print(Text.assemble(styled("done", "green"), f": every online node of "
+                                f"{view.infra} runs {view.project} {view.desired}"))
     if not ok:
         click.echo(f"shipyard: {why}", err=True)
         raise SystemExit(EXIT_FAILED)
@@ -244,7 +243,6 @@ def deployments(project: str | None, infra: str | None, nats_url: str | None,
         return
     rows = []
     for v in views:
-        style = HEALTH_STYLE.get(v.health, "")
         nodes = ", ".join(f"{n.node}={n.running or '-'}" + ("" if n.status == "online" else
                                                             " (lost)") for n in v.nodes)
         reasons = "; ".join(v.reasons)
@@ -252,7 +250,7 @@ def deployments(project: str | None, infra: str | None, nats_url: str | None,
             from nodes.cli.apis import api_summary
             reasons = "; ".join(x for x in (reasons, api_summary(v)) if x)
         rows.append((v.kind, v.project, v.infra, v.desired, v.state,
-                     f"[{style}]{v.health}[/{style}]", nodes or "-", reasons))
+                     styled(v.health), nodes or "-", reasons))
     table(["KIND", "NAME", "INFRA", "DESIRED", "STATE", "HEALTH", "NODES", "REASONS"], rows)
 
 

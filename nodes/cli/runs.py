@@ -9,6 +9,7 @@ from typing import Any
 
 import anyio
 import click
+from rich.text import Text
 
 from nodes.cli.common import (
     EXIT_FAILED,
@@ -20,6 +21,7 @@ from nodes.cli.common import (
     out,
     print_json,
     run,
+    styled,
     table,
     when,
     whoami,
@@ -39,8 +41,6 @@ from protocol.runs import (
 )
 
 OK_OUTCOMES = ("SUCCESS", "WARNING")
-OUTCOME_STYLE = {"SUCCESS": "green", "WARNING": "yellow", "FAILED": "red",
-                 "CANCELLED": "magenta", "RUNNING": "cyan"}
 
 
 def parse_params(values: tuple[str, ...]) -> dict[str, Any]:
@@ -129,30 +129,29 @@ async def follow_run(nats_url: str | None, project: str, run_id: str, timeout: f
             async for stored in read_events(nc, follow=True, subject=subject):
                 ev = stored.event
                 if isinstance(ev, RunProgress) and show:
-                    out.print(f"  {ev.summary()}", markup=False)
+                    out.print(f"  {ev.summary()}")
                 elif isinstance(ev, RunFinished):
                     return ev.run
     return None
 
 
 def show_run(r: RunSummary) -> None:
-    style = OUTCOME_STYLE.get(r.outcome, "")
     took = f" in {r.duration_s:.2f}s" if r.duration_s is not None else ""
-    out.print(f"run {r.run_id} ({r.project}/{r.scenario} on {r.node}): "
-              f"[{style}]{r.outcome}[/{style}]{took}")
+    out.print(Text.assemble(f"run {r.run_id} ({r.project}/{r.scenario} on {r.node}): ",
+                            styled(r.outcome), took))
     if r.steps:
         table(["#", "STEP", "KIND", "OUTCOME", "SECONDS", "MESSAGE"],
               [(s.index + 1, s.name, s.kind, s.outcome, f"{s.duration_s:.2f}", s.message)
                for s in r.steps])
     for dataset, metrics in sorted(r.metrics.items()):
         out.print(f"  metrics {dataset}: " + ", ".join(f"{k}={v}" for k, v in
-                                                       sorted(metrics.items())), markup=False)
+                                                       sorted(metrics.items())))
     if r.error:
-        out.print(f"[red]error[/red]: {r.error}")
+        out.print(Text.assemble(styled("error", "red"), f": {r.error}"))
     if r.outcome not in OK_OUTCOMES and r.log_tail:
         out.print("log tail:")
         for line in r.log_tail[-20:]:
-            out.print(f"  {line}", markup=False)
+            out.print(f"  {line}")
 
 
 @click.command("runs")
@@ -175,11 +174,10 @@ def runs_cmd(project: str, infra: str | None, scenario_name: str | None, limit: 
         return
     rows = []
     for r in reply.runs:
-        style = OUTCOME_STYLE.get(r.outcome, "")
         took = (f"{r.duration_s:.2f}s" if r.duration_s is not None
                 else human_age(max(0.0, time.time() - r.started_at)))
         rows.append((r.run_id, r.scenario, r.infra, r.node, r.trigger, when(r.started_at),
-                     f"[{style}]{r.outcome}[/{style}]", took, r.error[:80]))
+                     styled(r.outcome), took, r.error[:80]))
     table(["RUN", "SCENARIO", "INFRA", "NODE", "TRIGGER", "STARTED", "OUTCOME", "TIME",
            "ERROR"], rows)
 

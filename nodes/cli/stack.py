@@ -16,6 +16,7 @@ import anyio
 import click
 import nats.errors
 from nats.aio.msg import Msg
+from rich.text import Text
 
 import nodes
 from nodes.cli.apinodes import (
@@ -24,7 +25,16 @@ from nodes.cli.apinodes import (
     api_node_options,
     print_api_urls,
 )
-from nodes.cli.common import EXIT_FAILED, EXIT_OK, err, home_option, nats_option, out, table
+from nodes.cli.common import (
+    EXIT_FAILED,
+    EXIT_OK,
+    err,
+    home_option,
+    nats_option,
+    out,
+    styled,
+    table,
+)
 from nodes.roles import ROLES
 from nodes.runtime.calls import Caller
 from nodes.runtime.connection import CannotReachNats, connect
@@ -190,7 +200,7 @@ async def _up(home: Path, nats_port: int, monitor_port: int, http_port: int,
     try:
         await server.astart()
     except EmbeddedNatsError as exc:
-        err.print(f"shipyard: cannot start NATS: {exc}", markup=False)
+        err.print(f"shipyard: cannot start NATS: {exc}")
         return EXIT_FAILED
 
     children = _children(home, server.url, automation=automation, api=api,
@@ -201,7 +211,7 @@ async def _up(home: Path, nats_port: int, monitor_port: int, http_port: int,
         nc = await connect(settings, name="shipyard-up")
     except CannotReachNats as exc:
         await server.astop()
-        err.print(f"shipyard: {exc}", markup=False)
+        err.print(f"shipyard: {exc}")
         return EXIT_FAILED
 
     async def report_exit(child: Child, code: int) -> None:
@@ -235,8 +245,8 @@ async def _up(home: Path, nats_port: int, monitor_port: int, http_port: int,
                 if not ok:
                     err.print("shipyard: some nodes did not come online; see their logs")
                 out.print(f"stack file  {home / STACK_FILE}")
-                out.print("[bold]ready[/bold]: run 'shipyard nodes' in this folder; "
-                          "Ctrl-C stops the stack")
+                out.print(Text.assemble(styled("ready", "bold"), ": run 'shipyard nodes' "
+                                        "in this folder; Ctrl-C stops the stack"))
                 async for _sig in signals:
                     break
                 out.print("stopping nodes ...")
@@ -291,8 +301,7 @@ async def _default_infras(nc: Any) -> None:
             await caller.call(CreateInfra(name=name, kind=kind, stage="development",
                                           exist_ok=True, by="shipyard up"), timeout=10)
         except OperationError as exc:
-            err.print(f"shipyard: could not create infra {name}: {exc.message}",
-                      markup=False)
+            err.print(f"shipyard: could not create infra {name}: {exc.message}")
     out.print("infras      automation (automation nodes), api (API nodes)")
 
 

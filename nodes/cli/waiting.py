@@ -111,7 +111,7 @@ class _Progress:
 
     def note(self, text: str) -> None:
         if self.show:
-            err.print(text, markup=False)
+            err.print(text)
 
     def report(self, r: ActivationReport) -> None:
         if not self.show:
@@ -126,4 +126,4 @@ class _Progress:
             self.bars.update(task, completed=done, total=r.bytes_total or 1, stage=stage)
         elif self.stages.get(r.node) != r.stage:
             self.stages[r.node] = r.stage
-            err.print(f"  {r.node:<16} {stage}", markup=False)
+            err.print(f"  {r.node:<16} {stage}")
