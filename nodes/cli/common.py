@@ -28,6 +28,9 @@ from rich.text import Text
 from nodes.runtime.calls import Caller
 from nodes.runtime.connection import connect
 from nodes.runtime.settings import NatsSettings, resolve
+from protocol import subjects
+from protocol.api import check_version
+from protocol.bundles import check_bundle_id
 
 T = TypeVar("T")
 F = TypeVar("F", bound=Callable[..., Any])
@@ -76,6 +79,32 @@ def nats_option(fn: F) -> F:
 def json_option(fn: F) -> F:
     return click.option("--json", "as_json", is_flag=True,
                         help="Print JSON instead of a table.")(fn)
+
+
+def _token(what: str) -> Callable[[str], str]:
+    return lambda value: subjects.token(value, what)
+
+
+# The rule each kind of name a command carries must meet (the same the nodes apply).
+NAME_RULES: dict[str, Callable[[str], str]] = {
+    "project": _token("project"), "service": _token("service"), "infra": _token("infra"),
+    "role": _token("role"), "node": _token("node name"), "scenario": _token("scenario"),
+    "dataset": _token("dataset"), "run": _token("run id"), "key": _token("key id"),
+    "bundle": check_bundle_id, "version": check_version,
+}
+
+
+def check_names(**names: str | Sequence[str] | None) -> None:
+    """Refuse a malformed name before anything is sent.
+
+    Keywords are kinds of ``NAME_RULES`` (``project="he*"``); ``None`` is skipped, a
+    sequence checks each item.  Raises ``BadName``: a ``bad_request`` like the one a node
+    answers, so the command exits 1 with the rule that was broken.
+    """
+    for kind, value in names.items():
+        rule = NAME_RULES[kind]
+        for item in ([] if value is None else [value] if isinstance(value, str) else value):
+            rule(item)
 
 
 def settings_for(nats_url: str | None) -> NatsSettings:

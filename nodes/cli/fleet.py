@@ -9,6 +9,7 @@ import click
 
 from nodes.cli.common import (
     call,
+    check_names,
     connected,
     human_age,
     json_option,
@@ -32,6 +33,7 @@ from protocol.registry import ListNodes, NodeList
 @json_option
 def nodes_cmd(role: str | None, infra: str | None, nats_url: str | None, as_json: bool) -> None:
     """The node registry: every node the Deployer knows, online or lost."""
+    check_names(role=role, infra=infra)
     reply: NodeList = run(call, nats_url, ListNodes(role=role, infra=infra))
     if as_json:
         print_json([

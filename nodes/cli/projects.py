@@ -10,6 +10,7 @@ from rich.text import Text
 from nodes.cli.common import (
     EXIT_FAILED,
     call,
+    check_names,
     human_size,
     json_option,
     nats_option,
@@ -71,6 +72,7 @@ def bundle() -> None:
 def bundle_create(project: str, bundle_id: str, notes: str, nats_url: str | None,
                   as_json: bool) -> None:
     """Pack PROJECT into a new bundle and show what changed since the previous one."""
+    check_names(project=project, bundle=bundle_id)
     cmd = CreateBundle(project=project, bundle_id=bundle_id, notes=notes, created_by=whoami())
     with spinner(f"packing {project} as bundle {bundle_id} ..."):
         reply: BundleCreated = run(call, nats_url, cmd, 600.0)
@@ -90,6 +92,7 @@ def bundle_create(project: str, bundle_id: str, notes: str, nats_url: str | None
 @json_option
 def bundle_list(project: str, nats_url: str | None, as_json: bool) -> None:
     """Bundles of PROJECT, oldest first."""
+    check_names(project=project)
     reply: BundleList = run(call, nats_url, ListBundles(project=project))
     if as_json:
         print_json(reply.bundles)
@@ -119,6 +122,7 @@ def infra() -> None:
 def infra_create(name: str, kind: str, stage: str, description: str, nats_url: str | None,
                  as_json: bool) -> None:
     """Create infrastructure NAME.  Nodes join it with --infra NAME."""
+    check_names(infra=name)
     reply = run(call, nats_url, CreateInfra(name=name, kind=kind, stage=stage,
                                             description=description, by=whoami()))
     if as_json:
@@ -163,6 +167,7 @@ def deploy() -> None:
 def deploy_bundle(project: str, bundle_id: str, infra: str, wait: bool, timeout: float,
                   if_revision: int | None, nats_url: str | None, as_json: bool) -> None:
     """Make BUNDLE_ID the desired bundle of PROJECT on an infrastructure."""
+    check_names(project=project, bundle=bundle_id, infra=infra)
     cmd = DeployBundle(project=project, bundle_id=bundle_id, infra=infra, by=whoami(),
                        expected_revision=if_revision)
     view: DeploymentView = run(call, nats_url, cmd)
@@ -203,6 +208,7 @@ def _after_change(view: DeploymentView, verb: str, wait: bool, timeout: float,
 def rollback(target: tuple[str, ...], infra: str, to: str | None, wait: bool, timeout: float,
              nats_url: str | None, as_json: bool) -> None:
     """Roll back: 'rollback PROJECT --infra I [--to ID]' or 'rollback api SERVICE --infra I'."""
+    check_names(infra=infra, bundle=to)
     if len(target) == 2 and target[0] == "api":
         from nodes.cli.apis import rollback_api
 
@@ -213,6 +219,7 @@ def rollback(target: tuple[str, ...], infra: str, to: str | None, wait: bool, ti
         return
     if len(target) != 1:
         raise click.UsageError("expected PROJECT, or 'api SERVICE'")
+    check_names(project=target[0])
     cmd = RollbackBundle(project=target[0], infra=infra, to=to, by=whoami())
     view: DeploymentView = run(call, nats_url, cmd)
     _after_change(view, "rolling back", wait, timeout, nats_url, as_json)
@@ -233,6 +240,7 @@ def deployment_json(v: DeploymentView) -> dict[str, Any]:
 def deployments(project: str | None, infra: str | None, nats_url: str | None,
                 as_json: bool) -> None:
     """Every deployment: desired vs running bundle per node, state and health."""
+    check_names(project=project, infra=infra)
     reply: DeploymentList = run(call, nats_url, ListDeployments(project=project, infra=infra))
     views = list(reply.deployments)
     if as_json:
@@ -261,6 +269,7 @@ def deployments(project: str | None, infra: str | None, nats_url: str | None,
 @json_option
 def history(project: str, infra: str, nats_url: str | None, as_json: bool) -> None:
     """Every update of PROJECT on an infra: who, when, from -> to, result."""
+    check_names(project=project, infra=infra)
     reply = run(call, nats_url, GetHistory(project=project, infra=infra))
     if as_json:
         print_json(reply.updates)

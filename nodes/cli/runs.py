@@ -14,6 +14,7 @@ from rich.text import Text
 from nodes.cli.common import (
     EXIT_FAILED,
     call,
+    check_names,
     connected,
     human_age,
     json_option,
@@ -85,6 +86,7 @@ def scenario() -> None:
 def scenario_run(project: str, scenario_name: str, infra: str, params: tuple[str, ...],
                  wait: bool, timeout: float, nats_url: str | None, as_json: bool) -> None:
     """Trigger SCENARIO of PROJECT on one node of an infrastructure."""
+    check_names(project=project, scenario=scenario_name, infra=infra)
     cmd = RunScenario(project=project, scenario=scenario_name, infra=infra,
                       params=parse_params(params), by=whoami())
     accepted: RunAccepted = run(call, nats_url, cmd, 30.0)
@@ -164,6 +166,7 @@ def show_run(r: RunSummary) -> None:
 def runs_cmd(project: str, infra: str | None, scenario_name: str | None, limit: int,
              nats_url: str | None, as_json: bool) -> None:
     """Runs of PROJECT, newest first (history survives restarts)."""
+    check_names(project=project, infra=infra, scenario=scenario_name)
     reply = run(call, nats_url, ListRuns(project=project, infra=infra, scenario=scenario_name,
                                          limit=limit))
     if as_json:
@@ -193,6 +196,7 @@ def run_group() -> None:
 @nats_option
 def run_logs(run_id: str, max_bytes: int, nats_url: str | None) -> None:
     """Print RUN_ID's log."""
+    check_names(run=run_id)
     reply = run(call, nats_url, GetRunLog(run_id=run_id, max_bytes=max_bytes), 30.0)
     if reply.truncated:
         click.echo(f"(showing the last {max_bytes} bytes)", err=True)
@@ -204,6 +208,7 @@ def run_logs(run_id: str, max_bytes: int, nats_url: str | None) -> None:
 @nats_option
 def run_cancel(run_id: str, nats_url: str | None) -> None:
     """Stop RUN_ID; its recipes are killed within seconds."""
+    check_names(run=run_id)
     reply = run(call, nats_url, CancelRun(run_id=run_id, by=whoami()))
     if reply.was_running:
         out.print(f"run {run_id} on {reply.node}: cancelling")
@@ -222,6 +227,7 @@ def run_cancel(run_id: str, nats_url: str | None) -> None:
 def build_cmd(project: str, datasets: tuple[str, ...], force: bool, params: tuple[str, ...],
               wait: bool, timeout: float, nats_url: str | None, as_json: bool) -> None:
     """Test-build DATASETS of PROJECT in the Design node's workspace."""
+    check_names(project=project, dataset=datasets)
     cmd = BuildDatasets(project=project, datasets=list(datasets), force=force,
                         params=parse_params(params), by=whoami())
     accepted: RunAccepted = run(call, nats_url, cmd, 30.0)
