@@ -156,7 +156,8 @@ class DesignNode(Node):
         """The project ``key``, with its manifest validated strictly.
 
         Raises ``BadRequest`` if its manifest is invalid or several folders claim the
-        key, ``NotFound`` if no folder does."""
+        key, ``NotFound`` if no folder does; ``BadName`` if ``key`` is malformed."""
+        subjects.token(key, "project")
         scanned = await anyio.to_thread.run_sync(self._scan)
         for d, manifest, error in scanned:
             if manifest is not None and manifest.project.key == key:
