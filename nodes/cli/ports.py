@@ -67,7 +67,8 @@ def in_use(host: str, port: int) -> bool:
 
 
 def check_ports(*, nats_host: str, http_host: str, nats_port: int,
-                monitor_port: int | None, http_port: int) -> int:
+                monitor_port: int | None, http_port: int,
+                default_monitor: int = DEFAULT_MONITOR) -> int:
     """Validate ``up``'s ports together; return the monitoring port to use.
 
     Raises ``click.BadParameter`` (exit 2) naming the option at fault.
@@ -92,7 +93,7 @@ def check_ports(*, nats_host: str, http_host: str, nats_port: int,
                                          if option != "--http-port" else ""),
                                      param_hint=option)
     if monitor_port is None:
-        if DEFAULT_MONITOR not in seen and not in_use(nats_host, DEFAULT_MONITOR):
-            return DEFAULT_MONITOR
+        if default_monitor not in seen and not in_use(nats_host, default_monitor):
+            return default_monitor
         return FREE
     return monitor_port
