@@ -221,7 +221,7 @@ def human_size(n: float) -> str:
 def spinner(text: str) -> Iterator[None]:
     """A spinner on a terminal while a long operation runs; nothing otherwise."""
     if err.is_terminal:
-        with err.status(text):
+        with err.status(Text(text)):  # a str would be parsed as markup
             yield
     else:
         yield

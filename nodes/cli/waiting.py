@@ -96,8 +96,10 @@ class _Progress:
         self.tasks: dict[str, TaskID] = {}
         self.stages: dict[str, str] = {}
         if show and self.tty:
-            self.bars = Progress(TextColumn("{task.fields[node]:<16}"), BarColumn(),
-                                 DownloadColumn(), TextColumn("{task.fields[stage]}"),
+            # Stages carry the nodes' reasons verbatim: no markup in them.
+            self.bars = Progress(TextColumn("{task.fields[node]:<16}", markup=False),
+                                 BarColumn(), DownloadColumn(),
+                                 TextColumn("{task.fields[stage]}", markup=False),
                                  console=err, transient=False)
 
     def __enter__(self) -> _Progress:
