@@ -132,7 +132,10 @@ class DesignNode(Node):
     # -- workspace ---------------------------------------------------------------------
 
     def _scan(self) -> list[tuple[Path, Manifest | None, str]]:
-        """(dir, manifest or None, error) for every project directory (blocking)."""
+        """(dir, manifest or None, error) for every project directory (blocking).
+
+        A key that several folders claim is an error on each of them (the manifest is
+        kept): picking one would bundle whichever folder sorts first."""
         out: list[tuple[Path, Manifest | None, str]] = []
         if not self.workspace.is_dir():
             return out
@@ -143,13 +146,26 @@ class DesignNode(Node):
                 out.append((d, load_manifest(d), ""))
             except ManifestError as exc:
                 out.append((d, None, exc.message))
-        return out
+        folders: dict[str, list[Path]] = {}
+        for d, m, _ in out:
+            if m is not None:
+                folders.setdefault(m.project.key, []).append(d)
+        return [(d, m, _duplicate(m.project.key, folders[m.project.key])
+                 if m is not None and len(folders[m.project.key]) > 1 else error)
+                for d, m, error in out]
 
     async def project(self, key: str) -> tuple[Path, Manifest]:
-        """The project ``key``, with its manifest validated strictly."""
+        """The project ``key``, with its manifest validated strictly.
+
+        Raises ``BadRequest`` if its manifest is invalid or several folders claim the
+        key, ``NotFound`` if no folder does; ``BadName`` if ``key`` is malformed."""
+        subjects.token(key, "project")
         scanned = await anyio.to_thread.run_sync(self._scan)
-        for d, manifest, _ in scanned:
+        for d, manifest, error in scanned:
             if manifest is not None and manifest.project.key == key:
+                if error:
+                    raise BadRequest(error, details={"folders": [
+                        str(f) for f, m, _ in scanned if m is not None and m.project.key == key]})
                 return d, manifest
         for d, manifest, error in scanned:
             if manifest is None and d.name == key:
@@ -163,9 +179,10 @@ class DesignNode(Node):
         scanned = await anyio.to_thread.run_sync(self._scan)
         projects = []
         for d, m, error in scanned:
-            if m is None:
-                projects.append(ProjectStatus(key=d.name, name="", path=str(d), ok=False,
-                                              error=error))
+            if m is None or error:
+                projects.append(ProjectStatus(key=m.project.key if m else d.name,
+                                              name=m.project.name if m else "", path=str(d),
+                                              ok=False, error=error))
             else:
                 projects.append(ProjectStatus(
                     key=m.project.key, name=m.project.name, path=str(d), ok=True,
@@ -242,6 +259,12 @@ class DesignNode(Node):
         except nats.js.errors.KeyNotFoundError:
             return None
         return BUNDLE_INFO.decode(entry.value) if entry.value else None
+
+
+def _duplicate(key: str, folders: list[Path]) -> str:
+    return (f"project key {key!r} is claimed by {len(folders)} folders: "
+            + ", ".join(str(f) for f in folders)
+            + f"; a key names one project: change project.key in all but one {MANIFEST}")
 
 
 def _immutable(b: BundleInfo) -> str:

@@ -11,8 +11,10 @@ import msgspec
 import pytest
 
 from nodes.project.bundle import BundleRejected, pack, unpack
+from nodes.project.files import LinksOutside
 from nodes.project.manifest import load_manifest
 from protocol.bundles import BundleInfo, FileEntry, files_digest
+from protocol.errors import BadRequest
 from tests.projects import make_project
 
 
@@ -128,15 +130,70 @@ def test_missing_and_unlisted_files_are_refused(tmp_path: Path) -> None:
                tmp_path / "out2")
 
 
-def test_links_inside_the_project_are_stored_as_files_and_outside_ones_left_out(
+def test_links_inside_the_project_are_packed_as_copies_of_their_targets(
         tmp_path: Path) -> None:
     project = make_project(tmp_path / "ws", "churn")
-    outside = tmp_path / "secret.txt"
-    outside.write_text("secret")
-    (project / "leak.txt").symlink_to(outside)
     (project / "alias.md").symlink_to(project / "README.md")
+    (project / "models" / "v3").mkdir(parents=True)
+    (project / "models" / "v3" / "m.bin").write_bytes(b"weights")
+    (project / "models" / "latest").symlink_to("v3")  # a relative folder link
+    (project / "models" / "best.bin").symlink_to("../models/v3/m.bin")
+    archive = tmp_path / "b.tar"
+    result = pack(project, load_manifest(project), archive, bundle_id="v1", created_by="t",
+                  notes="")
+    by_path = {f.path: f for f in result.info.files}
+    assert {"alias.md", "models/v3/m.bin", "models/latest/m.bin", "models/best.bin"} <= set(
+        by_path)
+    assert by_path["models/latest/m.bin"].sha256 == hashlib.sha256(b"weights").hexdigest()
+    out = tmp_path / "out"
+    unpack(archive, result.info, out)  # the archive holds regular files only
+    assert not (out / "models" / "latest").is_symlink()
+    assert (out / "models" / "best.bin").read_bytes() == b"weights"
+    assert (out / "alias.md").read_text() == (project / "README.md").read_text()
+
+
+def test_a_link_out_of_the_project_refuses_the_bundle_naming_every_link(
+        tmp_path: Path) -> None:
+    """A file link, a folder link and a shipped dataset that is a link, all leading out:
+    nothing is packed and the refusal (a bad_request) names each with its target."""
+    project = make_project(tmp_path / "ws", "churn")
+    secret = tmp_path / "secret.txt"
+    secret.write_text("secret")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "x.txt").write_text("x")
+    (project / "leak.txt").symlink_to(secret)
+    (project / "shared").symlink_to(elsewhere)
+    (project / "data" / "raw.csv").unlink()
+    (project / "data" / "raw.csv").symlink_to(tmp_path / "raw.csv")  # shipped, outside
+    (tmp_path / "raw.csv").write_text("id\n1\n")
+    (project / "docs").mkdir()
+    (project / "docs" / "up.md").symlink_to("../../../secret.txt")  # out by '..' hops
+    with pytest.raises(LinksOutside) as caught:
+        pack(project, load_manifest(project), tmp_path / "b.tar", bundle_id="v1",
+             created_by="t", notes="")
+    exc = caught.value
+    assert isinstance(exc, BadRequest) and exc.code == "bad_request"
+    for name in ("leak.txt ->", "shared ->", "data/raw.csv ->", "docs/up.md ->"):
+        assert name in exc.message, exc.message
+    assert str(secret) in exc.message and "churn" in exc.message
+    assert len(exc.links) == 4
+
+
+def test_a_folder_link_that_loops_is_refused(tmp_path: Path) -> None:
+    project = make_project(tmp_path / "ws", "churn")
+    (project / "docs").mkdir()
+    (project / "docs" / "again").symlink_to("..")
+    with pytest.raises(LinksOutside, match=r"docs/again -> \.\. \(a loop"):
+        pack(project, load_manifest(project), tmp_path / "b.tar", bundle_id="v1",
+             created_by="t", notes="")
+
+
+def test_links_under_an_unshipped_dataset_are_not_looked_at(tmp_path: Path) -> None:
+    project = make_project(tmp_path / "ws", "churn")
+    (project / "data" / "clean.csv").unlink()
+    (project / "data" / "clean.csv").symlink_to(tmp_path / "scratch.csv")  # ship = false
     result = pack(project, load_manifest(project), tmp_path / "b.tar", bundle_id="v1",
                   created_by="t", notes="")
-    paths = {f.path for f in result.info.files}
-    assert "alias.md" in paths and "leak.txt" not in paths
-    assert any("leak.txt" in s for s in result.skipped)
+    assert "data/clean.csv" not in {f.path for f in result.info.files}
+    assert "data/clean.csv (dataset not shipped)" in result.skipped

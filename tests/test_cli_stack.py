@@ -57,6 +57,7 @@ def _nodes(cli_env: dict[str, str], cwd: Path) -> list[dict[str, Any]]:
 def test_up_starts_every_role_restarts_a_killed_node_and_stops_cleanly(
         cli_env: dict[str, str], tmp_path: Path) -> None:
     up = Background(shipyard_argv("up", "--nats-port", "-1", "--monitor-port", "-1",
+                                  "--http-port", str(free_port()),
                                   "--heartbeat-interval", "0.5"), env=cli_env, cwd=tmp_path)
     stack: dict[str, Any] = {}
     pids: set[int] = set()

@@ -24,6 +24,7 @@ from nodes.runtime.connection import connect
 from nodes.runtime.events import read_events
 from nodes.runtime.settings import NatsSettings
 from protocol import subjects
+from protocol.api import CreateApiPackage, ListApiPackages
 from protocol.base import encode
 from protocol.bundles import (
     BUNDLE_INFO,
@@ -44,6 +45,7 @@ from protocol.deploy import (
     RollbackBundle,
 )
 from protocol.errors import BadRequest, Conflict, NotFound
+from protocol.runs import BuildDatasets
 from tests.helpers import Fleet, fleet, wait_for
 from tests.projects import make_project
 
@@ -168,6 +170,25 @@ async def test_bundle_ids_are_immutable_and_bad_names_are_refused(
             await caller.call(DeployBundle(project="churn", bundle_id="v1", infra="staging"))
         with pytest.raises(NotFound, match="not deployed"):
             await caller.call(RollbackBundle(project="churn", infra="prod"))
+        await nc.close()
+
+
+async def test_the_design_node_answers_malformed_names_with_bad_request(
+        settings: NatsSettings, tmp_path: Path) -> None:
+    """Names are checked where they are used, whoever sends them (not only the CLI)."""
+    make_project(tmp_path / "ws", "churn")
+    async with fleet() as f:
+        await f.start(design(settings, tmp_path / "ws"))
+        nc = await connect(settings, name="test")
+        caller = Caller(nc, sender="test")
+        for bad in ("he*", "a.b", "x" * 200, ""):
+            for cmd in (CreateBundle(project=bad, bundle_id="v1"), ListBundles(project=bad),
+                        CreateApiPackage(project=bad, service="s", version="v1"),
+                        CreateApiPackage(project="churn", service=bad, version="v1"),
+                        ListApiPackages(service=bad),
+                        BuildDatasets(project=bad, datasets=["raw"])):
+                with pytest.raises(BadRequest, match="invalid"):
+                    await caller.call(cmd)
         await nc.close()
 
 

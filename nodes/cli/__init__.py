@@ -77,13 +77,13 @@ def main(argv: list[str] | None = None) -> None:
         exc.show()
         code = exc.exit_code
     except CannotReachNats as exc:
-        err.print(f"shipyard: {exc}", markup=False)
+        err.print(f"shipyard: {exc}")
         code = EXIT_USAGE
     except OperationError as exc:
-        err.print(f"shipyard: {exc.message}", markup=False)
+        err.print(f"shipyard: {exc.message}")
         code = EXIT_FAILED
     except (EmbeddedNatsError, ShipyardError) as exc:
-        err.print(f"shipyard: {exc}", markup=False)
+        err.print(f"shipyard: {exc}")
         code = EXIT_FAILED
     except KeyboardInterrupt:
         code = 130

@@ -128,10 +128,10 @@ async def print_api_urls(nc: Any, http_port: int, tg: TaskGroup) -> None:
         for view in reply.deployments:
             if view.kind == "api":
                 for url in endpoint_urls(base, view):
-                    out.print(f"endpoint    {url}  ({view.desired})", markup=False)
+                    out.print(f"endpoint    {url}  ({view.desired})")
 
     out.print(f"http        {base}  (API services: POST "
-              f"{base}/public/api/v1/SERVICE/ENDPOINT/predict)", markup=False)
+              f"{base}/public/api/v1/SERVICE/ENDPOINT/predict)")
     await show(None)
     decoder = msgspec.json.Decoder(ApiDeploymentFinished)
 

@@ -6,10 +6,12 @@ import time
 
 import anyio
 import click
+from rich.text import Text
 
 from nodes.cli.common import (
     EXIT_FAILED,
     call,
+    check_names,
     connected,
     human_size,
     json_option,
@@ -19,6 +21,7 @@ from nodes.cli.common import (
     print_json,
     run,
     spinner,
+    styled,
     table,
     when,
     whoami,
@@ -38,7 +41,7 @@ from protocol.api import (
     parse_split,
 )
 from protocol.deploy import FAILED, IN_SYNC, DeploymentView, ListDeployments
-from protocol.errors import OperationError
+from protocol.errors import BadName, OperationError
 
 
 @click.group()
@@ -56,6 +59,7 @@ def api() -> None:
 def api_package(project: str, service: str, version: str, notes: str, nats_url: str | None,
                 as_json: bool) -> None:
     """Package API service SERVICE of PROJECT as an immutable VERSION."""
+    check_names(project=project, service=service, version=version)
     cmd = CreateApiPackage(project=project, service=service, version=version, notes=notes,
                            created_by=whoami())
     with spinner(f"packaging {service} {version} ..."):
@@ -65,9 +69,10 @@ def api_package(project: str, service: str, version: str, notes: str, nats_url: 
         return
     p = reply.package
     eps = ", ".join(f"{n} ({k})" for n, k in sorted(p.endpoints.items()))
-    out.print(f"API package [bold]{p.service} {p.version}[/bold] created from {p.project}: "
-              f"{p.files} files, {human_size(p.size)}, digest {p.digest[:16]}")
-    out.print(f"endpoints: {eps}", markup=False)
+    out.print(Text.assemble("API package ", styled(f"{p.service} {p.version}", "bold"),
+                            f" created from {p.project}: {p.files} files, "
+                            f"{human_size(p.size)}, digest {p.digest[:16]}"))
+    out.print(f"endpoints: {eps}")
     print_changes(reply.previous, "first version of this service", reply.added,
                   reply.removed, reply.changed)
 
@@ -78,6 +83,7 @@ def api_package(project: str, service: str, version: str, notes: str, nats_url: 
 @json_option
 def api_versions(service: str, nats_url: str | None, as_json: bool) -> None:
     """Packaged versions of SERVICE, oldest first."""
+    check_names(service=service)
     reply: ApiPackageList = run(call, nats_url, ListApiPackages(service=service))
     if as_json:
         print_json(reply.packages)
@@ -104,6 +110,7 @@ def api_key() -> None:
 @json_option
 def key_create(service: str, name: str, nats_url: str | None, as_json: bool) -> None:
     """Create an API key for SERVICE and print it once (only its hash is stored)."""
+    check_names(service=service)
     reply = run(call, nats_url, CreateApiKey(service=service, name=name, by=whoami()))
     if as_json:
         print_json({"service": service, "id": reply.key.id, "key": reply.secret})
@@ -119,6 +126,7 @@ def key_create(service: str, name: str, nats_url: str | None, as_json: bool) -> 
 @json_option
 def key_list(service: str, nats_url: str | None, as_json: bool) -> None:
     """API keys of SERVICE (ids only: the keys themselves are not stored)."""
+    check_names(service=service)
     reply = run(call, nats_url, ListApiKeys(service=service))
     if as_json:
         print_json(reply.keys)
@@ -133,6 +141,7 @@ def key_list(service: str, nats_url: str | None, as_json: bool) -> None:
 @nats_option
 def key_revoke(service: str, key_id: str, nats_url: str | None) -> None:
     """Revoke API key KEY_ID of SERVICE."""
+    check_names(service=service, key=key_id)
     run(call, nats_url, RevokeApiKey(service=service, id=key_id, by=whoami()))
     out.print(f"API key {key_id} of {service} revoked")
 
@@ -157,9 +166,13 @@ def deploy_api(service: str, version: str | None, infra: str, split: str | None,
                shadow: str | None, auth: str | None, wait: bool, timeout: float,
                if_revision: int | None, nats_url: str | None, as_json: bool) -> None:
     """Serve VERSION of SERVICE on an API infra (or several versions with --split)."""
+    check_names(service=service, version=version, infra=infra)
+    check_names(version=shadow)
     if split:
         try:
             generations = parse_split(split)
+        except BadName:
+            raise  # a malformed version: refused like any other name (exit 1)
         except ValueError as exc:
             raise click.BadParameter(str(exc), param_hint="--split") from None
         if version is not None and version not in generations:
@@ -177,6 +190,7 @@ def deploy_api(service: str, version: str | None, infra: str, split: str | None,
 def rollback_api(service: str, infra: str, wait: bool, timeout: float, nats_url: str | None,
                  as_json: bool) -> None:
     """``shipyard rollback api SERVICE --infra I``: back to the previous mapping."""
+    check_names(service=service, infra=infra)
     view: DeploymentView = run(call, nats_url, RollbackApi(service=service, infra=infra,
                                                            by=whoami()))
     after_change(view, "rolling back", wait, timeout, nats_url, as_json)
@@ -188,7 +202,7 @@ def after_change(view: DeploymentView, verb: str, wait: bool, timeout: float,
     if not as_json:
         out.print(f"{verb} API {view.project} {(last.from_bundle if last else None) or '-'} -> "
                   f"{view.desired} on {view.infra} (update {view.update_id}, revision "
-                  f"{view.revision}, auth {view.extra.get('auth')})", markup=False)
+                  f"{view.revision}, auth {view.extra.get('auth')})")
     if not wait:
         if as_json:
             print_json(view)
@@ -197,8 +211,8 @@ def after_change(view: DeploymentView, verb: str, wait: bool, timeout: float,
     if as_json:
         print_json(final)
     elif ok:
-        out.print(f"[green]done[/green]: every online API node of {view.infra} serves "
-                  f"{view.project} {view.desired}")
+        out.print(Text.assemble(styled("done", "green"), f": every online API node of "
+                                f"{view.infra} serves {view.project} {view.desired}"))
     if not ok:
         click.echo(f"shipyard: {why}", err=True)
         raise SystemExit(EXIT_FAILED)

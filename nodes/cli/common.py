@@ -22,13 +22,15 @@ import click
 import msgspec
 from nats.aio.client import Client as NATS
 from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
 from nodes.runtime.calls import Caller
 from nodes.runtime.connection import connect
 from nodes.runtime.settings import NatsSettings, resolve
+from protocol import subjects
+from protocol.api import check_version
+from protocol.bundles import check_bundle_id
 
 T = TypeVar("T")
 F = TypeVar("F", bound=Callable[..., Any])
@@ -40,10 +42,23 @@ EXIT_USAGE = 2
 # The CLI fails within 5 s when NATS is unreachable.
 CLI_CONNECT_TIMEOUT = 3.0
 
-# Off a terminal (pipes, files, CI logs) tables are not squeezed into 80 columns.
-out = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 200)
-err = Console(stderr=True, highlight=False, soft_wrap=True,
+# Off a terminal (pipes, files, CI logs) tables are not squeezed into 80 columns and
+# nothing is styled.  Markup is off everywhere: names, notes and errors may hold "[" and are
+# printed as they are; a styled part is a ``Text`` (see ``styled``), which rich renders
+# with colours on a terminal and as plain characters off one.
+out = Console(highlight=False, markup=False, soft_wrap=True,
+              width=None if sys.stdout.isatty() else 200)
+err = Console(stderr=True, highlight=False, markup=False, soft_wrap=True,
               width=None if sys.stderr.isatty() else 200)
+
+STATUS_STYLE = {"online": "green", "lost": "red", "HEALTHY": "green", "WARNING": "yellow",
+                "ERROR": "red", "UNKNOWN": "dim", "SUCCESS": "green", "FAILED": "red",
+                "CANCELLED": "magenta", "RUNNING": "cyan"}
+
+
+def styled(text: str, style: str | None = None) -> Text:
+    """``text`` in ``style`` (default: the colour ``STATUS_STYLE`` gives a status word)."""
+    return Text(text, style=style if style is not None else STATUS_STYLE.get(text, ""))
 
 
 class CliState:
@@ -64,6 +79,32 @@ def nats_option(fn: F) -> F:
 def json_option(fn: F) -> F:
     return click.option("--json", "as_json", is_flag=True,
                         help="Print JSON instead of a table.")(fn)
+
+
+def _token(what: str) -> Callable[[str], str]:
+    return lambda value: subjects.token(value, what)
+
+
+# The rule each kind of name a command carries must meet (the same the nodes apply).
+NAME_RULES: dict[str, Callable[[str], str]] = {
+    "project": _token("project"), "service": _token("service"), "infra": _token("infra"),
+    "role": _token("role"), "node": _token("node name"), "scenario": _token("scenario"),
+    "dataset": _token("dataset"), "run": _token("run id"), "key": _token("key id"),
+    "bundle": check_bundle_id, "version": check_version,
+}
+
+
+def check_names(**names: str | Sequence[str] | None) -> None:
+    """Refuse a malformed name before anything is sent.
+
+    Keywords are kinds of ``NAME_RULES`` (``project="he*"``); ``None`` is skipped, a
+    sequence checks each item.  Raises ``BadName``: a ``bad_request`` like the one a node
+    answers, so the command exits 1 with the rule that was broken.
+    """
+    for kind, value in names.items():
+        rule = NAME_RULES[kind]
+        for item in ([] if value is None else [value] if isinstance(value, str) else value):
+            rule(item)
 
 
 def settings_for(nats_url: str | None) -> NatsSettings:
@@ -165,7 +206,7 @@ def print_changes(previous: str | None, first: str, added: Sequence[str],
     for sign, paths, style in (("+", added, "green"), ("-", removed, "red"),
                                ("~", changed, "yellow")):
         for p in paths:
-            out.print(f"  [{style}]{sign} {escape(p)}[/{style}]")
+            out.print(styled(f"  {sign} {p}", style))
 
 
 def human_size(n: float) -> str:
@@ -180,7 +221,7 @@ def human_size(n: float) -> str:
 def spinner(text: str) -> Iterator[None]:
     """A spinner on a terminal while a long operation runs; nothing otherwise."""
     if err.is_terminal:
-        with err.status(text):
+        with err.status(Text(text)):  # a str would be parsed as markup
             yield
     else:
         yield

@@ -9,6 +9,7 @@ import click
 
 from nodes.cli.common import (
     call,
+    check_names,
     connected,
     human_age,
     json_option,
@@ -18,14 +19,13 @@ from nodes.cli.common import (
     print_json,
     print_json_line,
     run,
+    styled,
     table,
     to_builtins,
     whoami,
 )
 from nodes.runtime.events import StoredEvent, read_events
 from protocol.registry import ForgetNode, ForgottenNode, ListNodes, NodeList
-
-STATUS_STYLE = {"online": "green", "lost": "red"}
 
 
 @click.command("nodes")
@@ -35,6 +35,7 @@ STATUS_STYLE = {"online": "green", "lost": "red"}
 @json_option
 def nodes_cmd(role: str | None, infra: str | None, nats_url: str | None, as_json: bool) -> None:
     """The node registry: every node the Deployer knows, online or lost."""
+    check_names(role=role, infra=infra)
     reply: NodeList = run(call, nats_url, ListNodes(role=role, infra=infra))
     if as_json:
         print_json([
@@ -49,8 +50,7 @@ def nodes_cmd(role: str | None, infra: str | None, nats_url: str | None, as_json
         return
     rows = []
     for n in reply.nodes:
-        style = STATUS_STYLE.get(n.status, "")
-        rows.append((n.name, n.role, n.infra, f"[{style}]{n.status}[/{style}]",
+        rows.append((n.name, n.role, n.infra, styled(n.status),
                      f"{human_age(n.last_seen_s)} ago", n.version, n.host, n.pid))
     table(["NAME", "ROLE", "INFRA", "STATUS", "LAST SEEN", "VERSION", "HOST", "PID"], rows)
 
@@ -65,6 +65,7 @@ def nodes_cmd(role: str | None, infra: str | None, nats_url: str | None, as_json
 def node_forget(name: str, force: bool, nats_url: str | None, as_json: bool) -> None:
     """Remove node NAME from the registry and its stored record (a node that is gone for
     good).  Lost nodes are also forgotten by the Deployer after --forget-after."""
+    check_names(node=name)
     reply: ForgottenNode = run(call, nats_url, ForgetNode(name=name, force=force,
                                                             by=whoami()))
     if as_json:
@@ -110,7 +111,7 @@ def events_cmd(follow: bool, since: str | None, last: int | None, nats_url: str 
                 if as_json:
                     print_json_line(e.as_dict())
                 else:
-                    out.print(_line(e), markup=False)
+                    out.print(_line(e))
 
     with contextlib.suppress(KeyboardInterrupt):  # the normal way to end --follow
         run(main)

@@ -10,6 +10,7 @@ from rich.text import Text
 from nodes.cli.common import (
     EXIT_FAILED,
     call,
+    check_names,
     human_size,
     json_option,
     nats_option,
@@ -18,6 +19,7 @@ from nodes.cli.common import (
     print_json,
     run,
     spinner,
+    styled,
     table,
     when,
     whoami,
@@ -37,9 +39,6 @@ from protocol.deploy import (
     RollbackBundle,
 )
 
-HEALTH_STYLE = {"HEALTHY": "green", "WARNING": "yellow", "ERROR": "red", "UNKNOWN": "dim"}
-
-
 # -- projects and bundles --------------------------------------------------------------------
 
 @click.command("projects")
@@ -56,7 +55,7 @@ def projects_cmd(nats_url: str | None, as_json: bool) -> None:
         return
     table(["KEY", "NAME", "DATASETS", "RECIPES", "SCENARIOS", "API SERVICES", "STATUS"],
           [(p.key, p.name, p.datasets, p.recipes, p.scenarios, ",".join(p.api_services),
-            "ok" if p.ok else Text(p.error, style="red")) for p in reply.projects])
+            "ok" if p.ok else styled(p.error, "red")) for p in reply.projects])
 
 
 @click.group()
@@ -73,6 +72,7 @@ def bundle() -> None:
 def bundle_create(project: str, bundle_id: str, notes: str, nats_url: str | None,
                   as_json: bool) -> None:
     """Pack PROJECT into a new bundle and show what changed since the previous one."""
+    check_names(project=project, bundle=bundle_id)
     cmd = CreateBundle(project=project, bundle_id=bundle_id, notes=notes, created_by=whoami())
     with spinner(f"packing {project} as bundle {bundle_id} ..."):
         reply: BundleCreated = run(call, nats_url, cmd, 600.0)
@@ -80,8 +80,9 @@ def bundle_create(project: str, bundle_id: str, notes: str, nats_url: str | None
         print_json(reply)
         return
     b, d = reply.bundle, reply.diff
-    out.print(f"bundle [bold]{b.project} {b.id}[/bold] created: {b.files} files, "
-              f"{human_size(b.size)}, digest {b.digest[:16]}")
+    out.print(Text.assemble("bundle ", styled(f"{b.project} {b.id}", "bold"),
+                            f" created: {b.files} files, {human_size(b.size)}, digest "
+                            f"{b.digest[:16]}"))
     print_changes(d.previous, "first bundle of this project", d.added, d.removed, d.changed)
 
 
@@ -91,6 +92,7 @@ def bundle_create(project: str, bundle_id: str, notes: str, nats_url: str | None
 @json_option
 def bundle_list(project: str, nats_url: str | None, as_json: bool) -> None:
     """Bundles of PROJECT, oldest first."""
+    check_names(project=project)
     reply: BundleList = run(call, nats_url, ListBundles(project=project))
     if as_json:
         print_json(reply.bundles)
@@ -120,6 +122,7 @@ def infra() -> None:
 def infra_create(name: str, kind: str, stage: str, description: str, nats_url: str | None,
                  as_json: bool) -> None:
     """Create infrastructure NAME.  Nodes join it with --infra NAME."""
+    check_names(infra=name)
     reply = run(call, nats_url, CreateInfra(name=name, kind=kind, stage=stage,
                                             description=description, by=whoami()))
     if as_json:
@@ -164,6 +167,7 @@ def deploy() -> None:
 def deploy_bundle(project: str, bundle_id: str, infra: str, wait: bool, timeout: float,
                   if_revision: int | None, nats_url: str | None, as_json: bool) -> None:
     """Make BUNDLE_ID the desired bundle of PROJECT on an infrastructure."""
+    check_names(project=project, bundle=bundle_id, infra=infra)
     cmd = DeployBundle(project=project, bundle_id=bundle_id, infra=infra, by=whoami(),
                        expected_revision=if_revision)
     view: DeploymentView = run(call, nats_url, cmd)
@@ -185,8 +189,8 @@ def _after_change(view: DeploymentView, verb: str, wait: bool, timeout: float,
     if as_json:
         print_json(final)
     elif ok:
-        out.print(f"[green]done[/green]: every online node of {view.infra} runs "
-                  f"{view.project} {view.desired}")
+        out.print(Text.assemble(styled("done", "green"), f": every online node of "
+                                f"{view.infra} runs {view.project} {view.desired}"))
     if not ok:
         click.echo(f"shipyard: {why}", err=True)
         raise SystemExit(EXIT_FAILED)
@@ -204,6 +208,7 @@ def _after_change(view: DeploymentView, verb: str, wait: bool, timeout: float,
 def rollback(target: tuple[str, ...], infra: str, to: str | None, wait: bool, timeout: float,
              nats_url: str | None, as_json: bool) -> None:
     """Roll back: 'rollback PROJECT --infra I [--to ID]' or 'rollback api SERVICE --infra I'."""
+    check_names(infra=infra, bundle=to)
     if len(target) == 2 and target[0] == "api":
         from nodes.cli.apis import rollback_api
 
@@ -214,6 +219,7 @@ def rollback(target: tuple[str, ...], infra: str, to: str | None, wait: bool, ti
         return
     if len(target) != 1:
         raise click.UsageError("expected PROJECT, or 'api SERVICE'")
+    check_names(project=target[0])
     cmd = RollbackBundle(project=target[0], infra=infra, to=to, by=whoami())
     view: DeploymentView = run(call, nats_url, cmd)
     _after_change(view, "rolling back", wait, timeout, nats_url, as_json)
@@ -234,6 +240,7 @@ def deployment_json(v: DeploymentView) -> dict[str, Any]:
 def deployments(project: str | None, infra: str | None, nats_url: str | None,
                 as_json: bool) -> None:
     """Every deployment: desired vs running bundle per node, state and health."""
+    check_names(project=project, infra=infra)
     reply: DeploymentList = run(call, nats_url, ListDeployments(project=project, infra=infra))
     views = list(reply.deployments)
     if as_json:
@@ -244,7 +251,6 @@ def deployments(project: str | None, infra: str | None, nats_url: str | None,
         return
     rows = []
     for v in views:
-        style = HEALTH_STYLE.get(v.health, "")
         nodes = ", ".join(f"{n.node}={n.running or '-'}" + ("" if n.status == "online" else
                                                             " (lost)") for n in v.nodes)
         reasons = "; ".join(v.reasons)
@@ -252,7 +258,7 @@ def deployments(project: str | None, infra: str | None, nats_url: str | None,
             from nodes.cli.apis import api_summary
             reasons = "; ".join(x for x in (reasons, api_summary(v)) if x)
         rows.append((v.kind, v.project, v.infra, v.desired, v.state,
-                     f"[{style}]{v.health}[/{style}]", nodes or "-", reasons))
+                     styled(v.health), nodes or "-", reasons))
     table(["KIND", "NAME", "INFRA", "DESIRED", "STATE", "HEALTH", "NODES", "REASONS"], rows)
 
 
@@ -263,6 +269,7 @@ def deployments(project: str | None, infra: str | None, nats_url: str | None,
 @json_option
 def history(project: str, infra: str, nats_url: str | None, as_json: bool) -> None:
     """Every update of PROJECT on an infra: who, when, from -> to, result."""
+    check_names(project=project, infra=infra)
     reply = run(call, nats_url, GetHistory(project=project, infra=infra))
     if as_json:
         print_json(reply.updates)

@@ -9,10 +9,12 @@ from typing import Any
 
 import anyio
 import click
+from rich.text import Text
 
 from nodes.cli.common import (
     EXIT_FAILED,
     call,
+    check_names,
     connected,
     human_age,
     json_option,
@@ -20,6 +22,7 @@ from nodes.cli.common import (
     out,
     print_json,
     run,
+    styled,
     table,
     when,
     whoami,
@@ -39,8 +42,6 @@ from protocol.runs import (
 )
 
 OK_OUTCOMES = ("SUCCESS", "WARNING")
-OUTCOME_STYLE = {"SUCCESS": "green", "WARNING": "yellow", "FAILED": "red",
-                 "CANCELLED": "magenta", "RUNNING": "cyan"}
 
 
 def parse_params(values: tuple[str, ...]) -> dict[str, Any]:
@@ -85,6 +86,7 @@ def scenario() -> None:
 def scenario_run(project: str, scenario_name: str, infra: str, params: tuple[str, ...],
                  wait: bool, timeout: float, nats_url: str | None, as_json: bool) -> None:
     """Trigger SCENARIO of PROJECT on one node of an infrastructure."""
+    check_names(project=project, scenario=scenario_name, infra=infra)
     cmd = RunScenario(project=project, scenario=scenario_name, infra=infra,
                       params=parse_params(params), by=whoami())
     accepted: RunAccepted = run(call, nats_url, cmd, 30.0)
@@ -129,30 +131,29 @@ async def follow_run(nats_url: str | None, project: str, run_id: str, timeout: f
             async for stored in read_events(nc, follow=True, subject=subject):
                 ev = stored.event
                 if isinstance(ev, RunProgress) and show:
-                    out.print(f"  {ev.summary()}", markup=False)
+                    out.print(f"  {ev.summary()}")
                 elif isinstance(ev, RunFinished):
                     return ev.run
     return None
 
 
 def show_run(r: RunSummary) -> None:
-    style = OUTCOME_STYLE.get(r.outcome, "")
     took = f" in {r.duration_s:.2f}s" if r.duration_s is not None else ""
-    out.print(f"run {r.run_id} ({r.project}/{r.scenario} on {r.node}): "
-              f"[{style}]{r.outcome}[/{style}]{took}")
+    out.print(Text.assemble(f"run {r.run_id} ({r.project}/{r.scenario} on {r.node}): ",
+                            styled(r.outcome), took))
     if r.steps:
         table(["#", "STEP", "KIND", "OUTCOME", "SECONDS", "MESSAGE"],
               [(s.index + 1, s.name, s.kind, s.outcome, f"{s.duration_s:.2f}", s.message)
                for s in r.steps])
     for dataset, metrics in sorted(r.metrics.items()):
         out.print(f"  metrics {dataset}: " + ", ".join(f"{k}={v}" for k, v in
-                                                       sorted(metrics.items())), markup=False)
+                                                       sorted(metrics.items())))
     if r.error:
-        out.print(f"[red]error[/red]: {r.error}")
+        out.print(Text.assemble(styled("error", "red"), f": {r.error}"))
     if r.outcome not in OK_OUTCOMES and r.log_tail:
         out.print("log tail:")
         for line in r.log_tail[-20:]:
-            out.print(f"  {line}", markup=False)
+            out.print(f"  {line}")
 
 
 @click.command("runs")
@@ -165,6 +166,7 @@ def show_run(r: RunSummary) -> None:
 def runs_cmd(project: str, infra: str | None, scenario_name: str | None, limit: int,
              nats_url: str | None, as_json: bool) -> None:
     """Runs of PROJECT, newest first (history survives restarts)."""
+    check_names(project=project, infra=infra, scenario=scenario_name)
     reply = run(call, nats_url, ListRuns(project=project, infra=infra, scenario=scenario_name,
                                          limit=limit))
     if as_json:
@@ -175,11 +177,10 @@ def runs_cmd(project: str, infra: str | None, scenario_name: str | None, limit: 
         return
     rows = []
     for r in reply.runs:
-        style = OUTCOME_STYLE.get(r.outcome, "")
         took = (f"{r.duration_s:.2f}s" if r.duration_s is not None
                 else human_age(max(0.0, time.time() - r.started_at)))
         rows.append((r.run_id, r.scenario, r.infra, r.node, r.trigger, when(r.started_at),
-                     f"[{style}]{r.outcome}[/{style}]", took, r.error[:80]))
+                     styled(r.outcome), took, r.error[:80]))
     table(["RUN", "SCENARIO", "INFRA", "NODE", "TRIGGER", "STARTED", "OUTCOME", "TIME",
            "ERROR"], rows)
 
@@ -195,6 +196,7 @@ def run_group() -> None:
 @nats_option
 def run_logs(run_id: str, max_bytes: int, nats_url: str | None) -> None:
     """Print RUN_ID's log."""
+    check_names(run=run_id)
     reply = run(call, nats_url, GetRunLog(run_id=run_id, max_bytes=max_bytes), 30.0)
     if reply.truncated:
         click.echo(f"(showing the last {max_bytes} bytes)", err=True)
@@ -206,6 +208,7 @@ def run_logs(run_id: str, max_bytes: int, nats_url: str | None) -> None:
 @nats_option
 def run_cancel(run_id: str, nats_url: str | None) -> None:
     """Stop RUN_ID; its recipes are killed within seconds."""
+    check_names(run=run_id)
     reply = run(call, nats_url, CancelRun(run_id=run_id, by=whoami()))
     if reply.was_running:
         out.print(f"run {run_id} on {reply.node}: cancelling")
@@ -224,6 +227,7 @@ def run_cancel(run_id: str, nats_url: str | None) -> None:
 def build_cmd(project: str, datasets: tuple[str, ...], force: bool, params: tuple[str, ...],
               wait: bool, timeout: float, nats_url: str | None, as_json: bool) -> None:
     """Test-build DATASETS of PROJECT in the Design node's workspace."""
+    check_names(project=project, dataset=datasets)
     cmd = BuildDatasets(project=project, datasets=list(datasets), force=force,
                         params=parse_params(params), by=whoami())
     accepted: RunAccepted = run(call, nats_url, cmd, 30.0)

@@ -9,6 +9,7 @@ import signal
 import socket
 import sys
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ import anyio
 import click
 import nats.errors
 from nats.aio.msg import Msg
+from rich.text import Text
 
 import nodes
 from nodes.cli.apinodes import (
@@ -32,8 +34,10 @@ from nodes.cli.common import (
     nats_option,
     out,
     parse_duration,
+    styled,
     table,
 )
+from nodes.cli.ports import check_ports, port_type
 from nodes.roles import ROLES
 from nodes.runtime.calls import Caller
 from nodes.runtime.connection import CannotReachNats, connect
@@ -49,6 +53,8 @@ from protocol.heartbeat import HEARTBEAT, MAX_INTERVAL_S, MIN_INTERVAL_S
 from protocol.reports import REPORT, NodeExit
 
 DEFAULT_INFRA = {"automation": "automation", "api": "api"}
+NATS_HOST = "127.0.0.1"
+HTTP_HOST = "0.0.0.0"  # the API nodes' default --http-host
 CONTROL_INFRA = "control"
 
 
@@ -166,24 +172,26 @@ def _children(home: Path, url: str, *, automation: int, api: int,
 
 @click.command()
 @home_option
-@click.option("--nats-port", type=int, default=4222, show_default=True,
+@click.option("--nats-port", type=port_type(allow_free=True), default=4222, show_default=True,
               help="NATS client port (-1: pick a free one).")
-@click.option("--monitor-port", type=int, default=8222, show_default=True,
-              help="NATS monitoring port (-1: pick a free one).")
-@click.option("--http-port", type=int, default=8080, show_default=True,
-              help="HTTP port for API services.")
+@click.option("--monitor-port", type=port_type(allow_free=True), default=None,
+              help="NATS monitoring port (/varz, /healthz, ...; -1: pick a free one). "
+                   "[default: 8222 if free, else any free port]")
+@click.option("--http-port", type=port_type(allow_free=False), default=8080,
+              show_default=True, help="HTTP port for API services.")
 @click.option("--automation-nodes", type=click.IntRange(min=0), default=1, show_default=True)
 @click.option("--api-nodes", type=click.IntRange(min=0), default=1, show_default=True)
 @click.option("--heartbeat-interval", type=click.FloatRange(min=0.05), default=2.0,
               show_default=True)
 @click.option("--workspace", type=click.Path(path_type=Path), default=Path("projects"),
               show_default=True, help="The Design node's workspace: one project per folder.")
-def up(home: Path, nats_port: int, monitor_port: int, http_port: int, automation_nodes: int,
-       api_nodes: int, heartbeat_interval: float, workspace: Path) -> None:
+def up(home: Path, nats_port: int, monitor_port: int | None, http_port: int,
+       automation_nodes: int, api_nodes: int, heartbeat_interval: float,
+       workspace: Path) -> None:
     """Start the whole stack in the foreground: embedded NATS and every node role.
 
-    Writes HOME/stack.json so other commands run in this folder find the stack.
-    Ctrl-C stops everything.
+    Writes HOME/stack.json so other commands run in this folder find the stack.  If the
+    NATS server dies it is restarted on the same ports and store.  Ctrl-C stops everything.
     """
     configure_logging()
     home = home.resolve()
@@ -194,6 +202,8 @@ def up(home: Path, nats_port: int, monitor_port: int, http_port: int, automation
         err.print(f"shipyard: a stack is already running from {home} "
                   f"(pid {previous['pid']}, NATS {previous.get('nats_url')})")
         sys.exit(EXIT_FAILED)
+    monitor_port = check_ports(nats_host=NATS_HOST, http_host=HTTP_HOST, nats_port=nats_port,
+                               monitor_port=monitor_port, http_port=http_port)
     code = anyio.run(_up, home, nats_port, monitor_port, http_port, automation_nodes,
                      api_nodes, heartbeat_interval, workspace.resolve())
     sys.exit(code)
@@ -201,13 +211,14 @@ def up(home: Path, nats_port: int, monitor_port: int, http_port: int, automation
 
 async def _up(home: Path, nats_port: int, monitor_port: int, http_port: int,
               automation: int, api: int, heartbeat_interval: float, workspace: Path) -> int:
-    server = EmbeddedNats(home / "nats", port=nats_port, monitor_port=monitor_port,
+    server = EmbeddedNats(home / "nats", host=NATS_HOST, port=nats_port,
+                          monitor_port=monitor_port,
                           log_file=home / "logs" / "nats.log", server_name="shipyard",
                           die_with_parent=True)
     try:
         await server.astart()
     except EmbeddedNatsError as exc:
-        err.print(f"shipyard: cannot start NATS: {exc}", markup=False)
+        err.print(f"shipyard: cannot start NATS: {exc}")
         return EXIT_FAILED
 
     children = _children(home, server.url, automation=automation, api=api,
@@ -218,7 +229,7 @@ async def _up(home: Path, nats_port: int, monitor_port: int, http_port: int,
         nc = await connect(settings, name="shipyard-up")
     except CannotReachNats as exc:
         await server.astop()
-        err.print(f"shipyard: {exc}", markup=False)
+        err.print(f"shipyard: {exc}")
         return EXIT_FAILED
 
     async def report_exit(child: Child, code: int) -> None:
@@ -234,7 +245,17 @@ async def _up(home: Path, nats_port: int, monitor_port: int, http_port: int,
              "http_url": f"http://127.0.0.1:{http_port}", "pid": os.getpid(),
              "home": str(home), "replicas": 1, "started_at": time.time(),
              "version": nodes.__version__}
-    await anyio.Path(home / STACK_FILE).write_text(json.dumps(stack, indent=2) + "\n")
+    await _write_stack(home, stack)
+
+    async def nats_exited(code: int, delay: float) -> None:
+        out.print(f"NATS        server {describe_exit(code)}; restarting in {delay:g}s on "
+                  f"port {server.port} with store {server.store_dir}")
+
+    async def nats_restarted() -> None:
+        pid = server.proc.pid if server.proc else None
+        out.print(f"NATS        restarted (pid {pid}, restart {server.restarts}); nodes "
+                  "reconnect on their own")
+        await _write_stack(home, {**stack, "nats_pid": pid, "nats_restarts": server.restarts})
 
     code = EXIT_OK
     try:
@@ -242,6 +263,8 @@ async def _up(home: Path, nats_port: int, monitor_port: int, http_port: int,
             with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
                 out.print(f"NATS        {server.url}  (monitoring {server.monitor_url}, "
                           f"store {server.store_dir})")
+                tg.start_soon(partial(server.keep_running, on_exit=nats_exited,
+                                      on_restart=nats_restarted))
                 await tg.start(supervisor.run)
                 ok = await _wait_online(nc, children, timeout=30.0)
                 _print_children(children, home)
@@ -252,8 +275,8 @@ async def _up(home: Path, nats_port: int, monitor_port: int, http_port: int,
                 if not ok:
                     err.print("shipyard: some nodes did not come online; see their logs")
                 out.print(f"stack file  {home / STACK_FILE}")
-                out.print("[bold]ready[/bold]: run 'shipyard nodes' in this folder; "
-                          "Ctrl-C stops the stack")
+                out.print(Text.assemble(styled("ready", "bold"), ": run 'shipyard nodes' "
+                                        "in this folder; Ctrl-C stops the stack"))
                 async for _sig in signals:
                     break
                 out.print("stopping nodes ...")
@@ -272,6 +295,13 @@ async def _up(home: Path, nats_port: int, monitor_port: int, http_port: int,
                     (home / STACK_FILE).unlink()
             out.print("stopped")
     return code
+
+
+async def _write_stack(home: Path, stack: dict[str, Any]) -> None:
+    """Write stack.json whole (a reader never sees half a file)."""
+    tmp = anyio.Path(home / (STACK_FILE + ".tmp"))
+    await tmp.write_text(json.dumps(stack, indent=2) + "\n")
+    await tmp.replace(home / STACK_FILE)
 
 
 async def _wait_online(nc: Any, children: list[Child], timeout: float) -> bool:
@@ -308,8 +338,7 @@ async def _default_infras(nc: Any) -> None:
             await caller.call(CreateInfra(name=name, kind=kind, stage="development",
                                           exist_ok=True, by="shipyard up"), timeout=10)
         except OperationError as exc:
-            err.print(f"shipyard: could not create infra {name}: {exc.message}",
-                      markup=False)
+            err.print(f"shipyard: could not create infra {name}: {exc.message}")
     out.print("infras      automation (automation nodes), api (API nodes)")
 
 

@@ -97,8 +97,10 @@ class _Progress:
         self.tasks: dict[str, TaskID] = {}
         self.stages: dict[str, str] = {}
         if show and self.tty:
-            self.bars = Progress(TextColumn("{task.fields[node]:<16}"), BarColumn(),
-                                 DownloadColumn(), TextColumn("{task.fields[stage]}"),
+            # Stages carry the nodes' reasons verbatim: no markup in them.
+            self.bars = Progress(TextColumn("{task.fields[node]:<16}", markup=False),
+                                 BarColumn(), DownloadColumn(),
+                                 TextColumn("{task.fields[stage]}", markup=False),
                                  console=err, transient=False)
 
     def __enter__(self) -> _Progress:
@@ -112,7 +114,7 @@ class _Progress:
 
     def note(self, text: str) -> None:
         if self.show:
-            err.print(text, markup=False)
+            err.print(text)
 
     def report(self, r: ActivationReport) -> None:
         if not self.show:
@@ -127,4 +129,4 @@ class _Progress:
             self.bars.update(task, completed=done, total=r.bytes_total or 1, stage=stage)
         elif self.stages.get(r.node) != r.stage:
             self.stages[r.node] = r.stage
-            err.print(f"  {r.node:<16} {stage}", markup=False)
+            err.print(f"  {r.node:<16} {stage}")

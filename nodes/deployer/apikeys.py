@@ -47,6 +47,7 @@ class ApiKeys:
     def __init__(self, node: DeployerNode) -> None:
         self.node = node
         self._kv: KeyValue | None = None
+        self._packages: KeyValue | None = None
 
     @property
     def kv(self) -> KeyValue:
@@ -57,6 +58,9 @@ class ApiKeys:
         self._kv = await ensure_kv(self.node.js, subjects.API_KEYS_BUCKET,
                                    replicas=self.node.settings.replicas,
                                    description="shipyard API key hashes")
+        self._packages = await ensure_kv(self.node.js, subjects.API_PACKAGE_BUCKET,
+                                         replicas=self.node.settings.replicas,
+                                         description="shipyard API package records")
 
     @handles(CreateApiKey)
     async def create(self, cmd: CreateApiKey, req: Request[Any]) -> ApiKeyCreated:
@@ -64,6 +68,10 @@ class ApiKeys:
             subjects.token(cmd.service, "service")
         except ValueError as exc:
             raise BadRequest(str(exc)) from None
+        assert self._packages is not None
+        if not await snapshot(self._packages, f"{cmd.service}.>"):
+            raise NotFound(f"unknown API service {cmd.service!r}: it has no packaged version "
+                           f"(see: shipyard api package PROJECT {cmd.service} --version V)")
         key_id, secret, whole = new_key()
         by = cmd.by or req.sender
         record = ApiKeyRecord(service=cmd.service, id=key_id, sha256=digest(secret),

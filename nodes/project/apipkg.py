@@ -26,7 +26,7 @@ import msgspec
 import nats.js.errors
 from nats.js.kv import KeyValue
 
-from nodes.project.bundle import EXCLUDED_DIRS, EXCLUDED_NAMES, EXCLUDED_SUFFIXES
+from nodes.project.files import Walker
 from nodes.project.manifest import MANIFEST, ApiService, Manifest
 from nodes.runtime import transfer
 from nodes.runtime.jetstream import ensure_kv
@@ -63,48 +63,45 @@ def endpoint_specs(service: ApiService) -> dict[str, EndpointSpec]:
             for name, ep in service.endpoints.items()}
 
 
-def _walk(root: Path, rel_dir: str, only_py: bool) -> list[str]:
-    out: list[str] = []
-    base = root / rel_dir
-    for dirpath, dirnames, filenames in os.walk(base):
-        dirnames[:] = sorted(d for d in dirnames if d not in EXCLUDED_DIRS)
-        for fname in sorted(filenames):
-            if fname in EXCLUDED_NAMES or fname.endswith(EXCLUDED_SUFFIXES):
-                continue
-            if only_py and not fname.endswith(".py"):
-                continue
-            path = Path(dirpath) / fname
-            if path.is_symlink() and not path.resolve().is_relative_to(root):
-                continue
-            if path.is_file():
-                out.append(path.relative_to(root).as_posix())
-    return out
-
-
 def collect(project_dir: Path, service_name: str, service: ApiService) -> list[str]:
     """Relative paths of every file the package of ``service`` holds.
 
     Raises ``BadRequest`` naming the manifest field when a code file or artifact is
-    missing."""
-    root = project_dir.resolve()
+    missing, and ``LinksOutside`` naming every link among them that leaves the project
+    (links inside it are packed as copies of their targets; see ``files``)."""
+    walker = Walker(project_dir)
+    root = walker.root
     where = f"{project_dir.name}/{MANIFEST}: api_services.{service_name}.endpoints"
-    files = {MANIFEST}
+    files: set[str] = set()
+
+    def add(rel: str) -> None:
+        if walker.check(rel) is not None:
+            files.add(PurePosixPath(rel).as_posix())
+
+    add(MANIFEST)
     for name, ep in service.endpoints.items():
-        code = root / ep.code
-        if not code.is_file():
+        if not (root / ep.code).is_file():
             raise BadRequest(f"{where}.{name}.code: {ep.code} does not exist")
-        files.add(PurePosixPath(ep.code).as_posix())
+        add(ep.code)
         parent = PurePosixPath(ep.code).parent.as_posix()
-        files.update(_walk(root, parent, only_py=True) if parent != "." else
-                     [p.name for p in root.glob("*.py") if p.is_file()])
+        if parent != ".":  # the code's folder: the Python files it may import
+            files.update(rel for rel, _ in walker.files(
+                parent, only=lambda fname: fname.endswith(".py")))
+        else:  # code at the project's top: the Python files beside it, not below
+            for p in sorted(root.iterdir()):
+                if p.name.endswith(".py") and p.is_file():
+                    add(p.name)
         for art in ep.artifacts:
             path = root / art
             if path.is_dir():
-                files.update(_walk(root, art.rstrip("/"), only_py=False))
+                files.update(rel for rel, _ in walker.files(art.rstrip("/")))
             elif path.is_file():
-                files.add(PurePosixPath(art).as_posix())
+                add(art)
+            elif path.is_symlink() and walker.check(art) is None:
+                continue  # a link out of the project to nothing: refused below
             else:
                 raise BadRequest(f"{where}.{name}.artifacts: {art} does not exist")
+    walker.raise_refused(project_dir.name)
     return sorted(files)
 
 
@@ -126,8 +123,9 @@ def pack(project_dir: Path, manifest: Manifest, service_name: str, out: Path, *,
     service = manifest.api_services[service_name]
     root = project_dir.resolve()
     entries: list[FileEntry] = []
+    files = collect(project_dir, service_name, service)  # refusals before anything is written
     with tarfile.open(out, "w", format=tarfile.PAX_FORMAT) as tar:
-        for rel in collect(project_dir, service_name, service):
+        for rel in files:
             path = root / rel
             st = path.stat()
             ti = tarfile.TarInfo(f"files/{rel}")

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
 import shutil
 import stat
 import tarfile
@@ -26,23 +25,13 @@ from typing import IO
 
 import msgspec
 
+from nodes.project.files import Walker
 from nodes.project.manifest import MANIFEST, Manifest, ManifestError
 from protocol.bundles import BundleInfo, FileEntry, files_digest
 from protocol.errors import ShipyardError
 
 CHUNK = 1 << 20
 MAX_MEMBERS = 100_000
-
-# Never shipped: caches, virtualenvs, VCS folders, editor litter, local stack state.
-EXCLUDED_DIRS = frozenset({
-    ".git", ".hg", ".svn", "__pycache__", ".venv", "venv", ".mypy_cache", ".pytest_cache",
-    ".ruff_cache", "node_modules", ".ipynb_checkpoints", ".tox", ".shipyard", ".idea",
-    ".vscode", ".cache",
-})
-EXCLUDED_SUFFIXES = (".pyc", ".pyo", ".swp", ".tmp")
-EXCLUDED_MARKERS = (".sy-tmp-",)  # a recipe's output while it is being written
-EXCLUDED_NAMES = frozenset({".DS_Store", "Thumbs.db"})
-
 
 class BundleRejected(ShipyardError):
     """A bundle archive that must not be activated; ``reason`` says why."""
@@ -63,46 +52,27 @@ def _is_under(rel: PurePosixPath, root: PurePosixPath) -> bool:
 
 
 def collect(project_dir: Path, manifest: Manifest) -> tuple[list[tuple[str, Path]], list[str]]:
-    """The files a bundle of this project contains, as ``(relative path, absolute path)``.
+    """The files a bundle of this project contains, as ``(relative path, absolute path)``,
+    and the paths left out on purpose (with the reason).
 
-    Left out: unshipped datasets' files, caches, virtualenvs, VCS folders, and links that
-    point outside the project.  Links inside the project are stored as regular files.
+    Left out: unshipped datasets' files, caches, virtualenvs, VCS folders.  Links inside
+    the project are packed as copies of their targets; links that leave the project (or
+    loop) refuse the whole bundle with ``LinksOutside``, naming each (see ``files``).
+    Raises ``ManifestError`` when a shipped dataset does not exist.
     """
-    root = project_dir.resolve()
     unshipped = [PurePosixPath(d.path) for d in manifest.datasets.values() if not d.ship]
+
+    def skip(rel: PurePosixPath) -> str | None:
+        return "dataset not shipped" if any(_is_under(rel, u) for u in unshipped) else None
+
+    walker = Walker(project_dir, skip=skip)
+    files = list(walker.files())
+    walker.raise_refused(manifest.project.key)
     for name, d in manifest.datasets.items():
-        if d.ship and not (root / d.path).exists():
+        if d.ship and not (walker.root / d.path).exists():
             raise ManifestError(f"{project_dir.name}/{MANIFEST}", f"datasets.{name}.path",
                                 f"{d.path} does not exist, but ship = true")
-    files: list[tuple[str, Path]] = []
-    skipped: list[str] = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        here = Path(dirpath)
-        dirnames[:] = sorted(d for d in dirnames if d not in EXCLUDED_DIRS)
-        for fname in sorted(filenames):
-            path = here / fname
-            rel = PurePosixPath(path.relative_to(root).as_posix())
-            if fname in EXCLUDED_NAMES or fname.endswith(EXCLUDED_SUFFIXES) or any(
-                    m in fname for m in EXCLUDED_MARKERS):
-                continue
-            if any(_is_under(rel, u) for u in unshipped):
-                skipped.append(f"{rel} (dataset not shipped)")
-                continue
-            if path.is_symlink():
-                target = path.resolve()
-                if not target.is_relative_to(root) or not target.is_file():
-                    skipped.append(f"{rel} (link to outside the project)")
-                    continue
-            if not path.is_file():
-                skipped.append(f"{rel} (not a regular file)")
-                continue
-            files.append((str(rel), path))
-        # Linked directories are not followed (os.walk default): record them.
-        for sub in list(dirnames):
-            if (here / sub).is_symlink():
-                skipped.append(f"{(here / sub).relative_to(root).as_posix()}/ (linked directory)")
-                dirnames.remove(sub)
-    return files, skipped
+    return files, walker.skipped
 
 
 class _HashingReader:
