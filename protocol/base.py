@@ -110,6 +110,9 @@ class Codec(Generic[T]):
             return self._decoder.decode(data)
         except msgspec.DecodeError as exc:
             raise DecodeError(subject, bytes(data[:512]), str(exc)) from exc
+        except RecursionError as exc:  # msgspec's answer to JSON nested too deep
+            raise DecodeError(subject, bytes(data[:512]), f"JSON is nested too deeply ({exc})"
+                              ) from exc
 
     @staticmethod
     def encode(msg: Any) -> bytes:
