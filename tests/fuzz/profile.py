@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 
-from hypothesis import HealthCheck, Verbosity, settings
+from hypothesis import HealthCheck, Phase, Verbosity, settings
 
 DEFAULT_EXAMPLES = 60
 EXAMPLES = int(os.environ.get("SHIPYARD_FUZZ_EXAMPLES") or DEFAULT_EXAMPLES)
@@ -29,6 +29,13 @@ settings.register_profile(
 )
 settings.load_profile("shipyard-fuzz")
 
-# Time a fuzz test may take: the stack's answers are fast, but a failing example is
-# shrunk (re-run many times), and long runs scale with the number of examples.
+STATEFUL = settings(phases=[Phase.explicit, Phase.reuse, Phase.generate],
+                    verbosity=Verbosity.verbose if LONG else Verbosity.normal)
+"""For examples against running nodes: no shrinking.  A node is stateful, so a failing
+example is re-run many times while shrinking, each on a stack the failure damaged, and the
+"minimal" example ends up being whatever ran on a broken stack.  Batches are small, so the
+example as generated reads well enough."""
+
+# Time a fuzz test may take: the stack's answers are fast, but a failing example restarts
+# the nodes it damaged, and long runs scale with the number of examples.
 TIMEOUT = 300 + EXAMPLES // 2

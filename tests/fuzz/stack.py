@@ -30,7 +30,7 @@ from protocol import subjects
 from protocol.base import Family, make_request
 from protocol.errors import _BY_CODE
 from protocol.families import ALL
-from protocol.registry import ListNodes, NodeList
+from protocol.registry import ListNodes, NodeInfo, NodeList
 from protocol.system import SYSTEM, Ping, Pong
 from tests.helpers import Background, shipyard_argv, wait_until
 
@@ -71,6 +71,7 @@ class FuzzStack:
     tmp: Path
     env: dict[str, str]
     nodes: dict[str, NodeProc] = field(default_factory=dict)
+    damaged: bool = False  # an example failed: start the next one on fresh processes
 
     def __repr__(self) -> str:
         return f"FuzzStack({self.server.url}, nodes={sorted(self.nodes)})"
@@ -124,6 +125,18 @@ class FuzzStack:
                 node.proc.stop(signal.SIGTERM, timeout=20)
         self.server.stop()
 
+    def complaints(self, limit: int = 8) -> list[str]:
+        """The last warnings and errors the nodes logged (distinct, shortened)."""
+        out: list[str] = []
+        for node in self.nodes.values():
+            seen: dict[str, None] = {}
+            for line in node.proc.lines[-2000:]:
+                if '"level": "warning"' in line or '"level": "error"' in line \
+                        or "Traceback" in line or "Error" in line:
+                    seen[line[:300]] = None
+            out += [f"{node.name} logged: {x}" for x in list(seen)[-limit:]]
+        return out
+
     def dead(self) -> list[str]:
         """Nodes whose process has ended, with their last lines of output."""
         return [f"{n.name} exited {n.proc.proc.returncode}:\n" + "\n".join(n.proc.lines[-15:])
@@ -172,9 +185,19 @@ class FuzzStack:
         from a working stack and a failure belongs to the example that caused it."""
         broken = await self.problems(nc, timeout=2.0)
         names = {n for n in self.nodes if any(p.startswith(n + " ") for p in broken)}
+        if self.damaged:
+            names = set(self.nodes)
+            self.damaged = False
         for name in sorted(names):
             self.restart(self.nodes[name])
         return broken
+
+    def judge(self, failures: list[str]) -> None:
+        """Fail the example with ``failures``; the next example gets fresh nodes."""
+        if failures:
+            self.damaged = True
+            failures = [*failures, *self.complaints()]
+        assert not failures, "\n".join(failures)
 
     async def list_nodes(self, nc: NATS, **kw: Any) -> NodeList:
         family = Family.of(ListNodes)
@@ -183,6 +206,13 @@ class FuzzStack:
         reply = family.replies.decode(msg.data)
         assert reply.error is None and isinstance(reply.ok, NodeList), reply
         return reply.ok
+
+    async def listed(self, nc: NATS) -> dict[str, NodeInfo] | str:
+        """Every node the registry lists, or why the Deployer would not say."""
+        try:
+            return {n.name: n for n in (await self.list_nodes(nc)).nodes}
+        except Exception as exc:
+            return f"ListNodes failed: {type(exc).__name__} {str(exc)[:300]}"
 
 
 def node_name(role: str) -> str:

@@ -14,6 +14,7 @@ import importlib
 import inspect
 import json
 import pkgutil
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -57,8 +58,10 @@ BAD_NAMES = ["", "*", ">", ".", " ", "a b", "a.b", "a*", "b>", ".a", "a.", "a..b
              "ü", "名前", "\x00", "a\nb", "a\tb", "a/b", "\\", "\ud800", "x" * 129,
              "x" * 5000, "y" * 4000 + "." + "z" * 100, "bad name*"]
 
+_TOKEN = re.compile(r"[A-Za-z0-9_-]{1,128}")
 valid_names = st.from_regex(r"[A-Za-z0-9_-]{1,24}", fullmatch=True)
-bad_names = st.sampled_from(BAD_NAMES) | st.text(min_size=1, max_size=40)
+bad_names = st.sampled_from(BAD_NAMES) | st.text(min_size=1, max_size=40).filter(
+    lambda s: not _TOKEN.fullmatch(s))
 special_numbers = st.sampled_from(SPECIAL_NUMBERS).map(Raw)
 huge_ints = st.sampled_from([-1, -(2**31), 2**31, 2**53 + 1, 2**63 - 1, 2**63, 2**64,
                              -(2**63) - 1, 10**30])
@@ -85,14 +88,24 @@ def names(known: Sequence[str] = ()) -> st.SearchStrategy[str]:
     return st.one_of(*options)
 
 
-json_leaves = (st.none() | st.booleans() | st.integers() | huge_ints | odd_floats
-               | st.text(max_size=30) | bad_names | special_numbers)
+finite_floats = st.floats(allow_nan=False, allow_infinity=False) | st.sampled_from(
+    [1e308, -1e308, 5e-324, -0.0, -1.0, 1e9, 1e15])
+int64s = st.integers(-(2**63), 2**64 - 1) | st.sampled_from(
+    [-1, 0, 2**31, 2**53 + 1, 2**63 - 1, 2**64 - 1, -(2**63)])
+clean_leaves = (st.none() | st.booleans() | int64s | finite_floats | st.text(max_size=30)
+                | bad_names)
+json_leaves = clean_leaves | huge_ints | odd_floats | special_numbers
 
 
-def json_values(max_leaves: int = 12) -> st.SearchStrategy[Any]:
-    return st.recursive(json_leaves, lambda inner: st.lists(inner, max_size=4)
+def json_values(max_leaves: int = 12, leaves: st.SearchStrategy[Any] = json_leaves,
+                ) -> st.SearchStrategy[Any]:
+    return st.recursive(leaves, lambda inner: st.lists(inner, max_size=4)
                         | st.dictionaries(st.text(max_size=12), inner, max_size=4),
                         max_leaves=max_leaves)
+
+
+clean_json = json_values(8, clean_leaves)
+"""Valid JSON of any shape, with hostile contents (numbers at the edges, odd strings)."""
 
 
 junk_values = json_values() | deep_nesting()
@@ -108,6 +121,12 @@ def invalid_utf8(draw: st.DrawFn) -> bytes:
     if where == "value":
         return b'{"type": "' + bad + b'", "node": "a' + bad + b'"}'
     return bad + draw(st.binary(max_size=20))
+
+
+def junk_or(valid: st.SearchStrategy[Any]) -> st.SearchStrategy[bytes]:
+    """Mostly ``valid`` (serialised), sometimes plain junk bytes."""
+    encoded = valid.map(dump)
+    return st.one_of(encoded, encoded, encoded, junk_bytes)
 
 
 junk_bytes: st.SearchStrategy[bytes] = st.one_of(
@@ -133,15 +152,18 @@ class Context:
 
 
 def _value(t: mi.Type, ctx: Context, depth: int) -> st.SearchStrategy[Any]:
+    """Values of type ``t`` as the wire sees it (so they decode), with hostile contents:
+    invalid and long names, numbers at the edges of their range.  Values of the wrong
+    type come from ``_mutated``."""
     if isinstance(t, mi.StrType):
         return names(ctx.names) | st.text(max_size=20)
     if isinstance(t, mi.BoolType):
         return st.booleans()
     if isinstance(t, mi.IntType):
         known = [st.sampled_from(ctx.ints)] if ctx.ints else []
-        return st.one_of(st.integers(0, 10**6), huge_ints, special_numbers, *known)
+        return st.one_of(st.integers(0, 10**6), int64s, *known)
     if isinstance(t, mi.FloatType):
-        return st.one_of(st.floats(0, 1e4), odd_floats, special_numbers)
+        return st.one_of(st.floats(0, 1e4), finite_floats)
     if isinstance(t, mi.NoneType):
         return st.none()
     if isinstance(t, mi.ListType | mi.SetType | mi.FrozenSetType | mi.VarTupleType):
@@ -157,7 +179,7 @@ def _value(t: mi.Type, ctx: Context, depth: int) -> st.SearchStrategy[Any]:
         return _struct(t, ctx, depth + 1)
     if isinstance(t, mi.Metadata):
         return _value(t.type, ctx, depth)
-    return json_values(6)
+    return clean_json
 
 
 def _struct(t: mi.StructType, ctx: Context, depth: int) -> st.SearchStrategy[Any]:
@@ -201,9 +223,10 @@ def _mutated(draw: st.DrawFn, cls: type[Any], ctx: Context) -> Any:
 
 
 def message(cls: type[Any], ctx: Context = Context()) -> st.SearchStrategy[Any]:
-    """A message of type ``cls``: well typed, or with one field wrong, missing, added or
-    a wrong tag."""
-    return well_typed(cls, ctx) | _mutated(cls, ctx)
+    """A message of type ``cls``: well typed (hostile contents), or with one field wrong,
+    missing, added or a wrong tag."""
+    typed = well_typed(cls, ctx)
+    return st.one_of(typed, typed, _mutated(cls, ctx))  # two in three decode
 
 
 def envelope(body: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:

@@ -19,14 +19,13 @@ from protocol import subjects
 from protocol.base import Family
 from protocol.errors import DecodeError
 from protocol.families import ALL
-from tests.fuzz.profile import TIMEOUT
+from tests.fuzz.profile import STATEFUL, TIMEOUT
 from tests.fuzz.stack import ERROR_CODES, FuzzStack, command_targets, node_name, start_stack
 from tests.fuzz.strategies import (
     Context,
     Sent,
-    dump,
     envelope,
-    junk_bytes,
+    junk_or,
     junk_values,
     message,
     valid_names,
@@ -58,7 +57,7 @@ def request(draw: st.DrawFn) -> Sent:
     own = family.verbs[verb]
     other = draw(st.sampled_from(sorted(family.verbs.values(), key=str)))
     body = draw(st.one_of(message(own, CTX), message(other, CTX), junk_values))
-    payload = draw(st.one_of(junk_bytes, envelope(st.just(body)).map(dump)))
+    payload = draw(junk_or(envelope(st.just(body))))
     return Sent(subject, payload, family.role)
 
 
@@ -88,6 +87,7 @@ def shown(payload: bytes) -> str:
 FAMILIES = {f.role: f for f in ALL}
 
 
+@STATEFUL
 @given(batch=st.lists(request(), min_size=1, max_size=4))
 async def test_every_command_subject_answers_junk_with_a_typed_error(
         stack: FuzzStack, batch: list[Sent]) -> None:
@@ -110,7 +110,7 @@ async def test_every_command_subject_answers_junk_with_a_typed_error(
             for sent in batch:
                 tg.start_soon(send, sent.subject, FAMILIES[sent.family], sent.payload)
         failures += await stack.problems(nc)
-    assert not failures, "\n".join(failures)
+    stack.judge(failures)
 
 
 def test_every_family_and_verb_is_fuzzed() -> None:
