@@ -72,6 +72,7 @@ class FuzzStack:
     env: dict[str, str]
     nodes: dict[str, NodeProc] = field(default_factory=dict)
     damaged: bool = False  # an example failed: start the next one on fresh processes
+    healthy: bool = False  # the last example ended with every node up and answering
 
     def __repr__(self) -> str:
         return f"FuzzStack({self.server.url}, nodes={sorted(self.nodes)})"
@@ -183,6 +184,8 @@ class FuzzStack:
     async def heal(self, nc: NATS) -> list[str]:
         """Restart every node that is dead, disconnected or deaf, so each example starts
         from a working stack and a failure belongs to the example that caused it."""
+        if not self.damaged and self.healthy:
+            return []  # the last example ended with every node answering
         broken = await self.problems(nc, timeout=2.0)
         names = {n for n in self.nodes if any(p.startswith(n + " ") for p in broken)}
         if self.damaged:
@@ -194,6 +197,7 @@ class FuzzStack:
 
     def judge(self, failures: list[str]) -> None:
         """Fail the example with ``failures``; the next example gets fresh nodes."""
+        self.healthy = not failures
         if failures:
             self.damaged = True
             failures = [*failures, *self.complaints()]
