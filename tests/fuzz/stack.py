@@ -195,11 +195,13 @@ class FuzzStack:
             self.restart(self.nodes[name])
         return broken
 
-    def judge(self, failures: list[str]) -> None:
-        """Fail the example with ``failures``; the next example gets fresh nodes."""
+    def judge(self, failures: list[str], *, stateful: bool = True) -> None:
+        """Fail the example with ``failures``.  The next example gets fresh nodes: all of
+        them if the failure may have left state behind (``stateful``), else those that
+        are dead, disconnected or deaf."""
         self.healthy = not failures
         if failures:
-            self.damaged = True
+            self.damaged = stateful
             failures = [*failures, *self.complaints()]
         assert not failures, "\n".join(failures)
 
