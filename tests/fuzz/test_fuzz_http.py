@@ -205,7 +205,9 @@ def parse(body: bytes) -> Any:
     """The body as strict JSON; ``Invalid`` or ``Unsure`` if it is not plainly valid."""
     try:
         value = json.loads(body.decode("utf-8"), parse_constant=_reject_constant)
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+    except RecursionError:
+        raise Unsure("nested deeper than Python's json reads") from None
+    except (UnicodeDecodeError, ValueError) as exc:
         raise Invalid(str(exc)[:80]) from None
     _check(value)
     if body.count(b"{") and _has_duplicate_keys(body):
