@@ -1,5 +1,6 @@
 """Hostile HTTP clients against both HTTP fronts (an API node and a gateway) serving an
-echo service: every route, every method, junk and near-valid bodies.
+echo service: every route, every method, junk and near-valid bodies; and the same junk
+straight to the service's NATS subjects (``sy.api.v1.<service>.<endpoint>``).
 
 Properties, per request: a response always comes; an error is a 4xx (the echo service
 never fails, so a 5xx is the stack's fault) with the JSON error body; a 200 comes only
@@ -26,7 +27,15 @@ from hypothesis import strategies as st
 from nodes.runtime.calls import Caller
 from nodes.runtime.connection import connect
 from nodes.runtime.settings import NatsSettings
-from protocol.api import CreateApiPackage, DeployApi
+from protocol import subjects
+from protocol.api import (
+    ERROR_CODE_HEADER,
+    GENERATION_HEADER,
+    OP_HEADER,
+    OP_MULTI,
+    CreateApiPackage,
+    DeployApi,
+)
 from protocol.deploy import CreateInfra
 from tests.fuzz.profile import STATEFUL, TIMEOUT
 from tests.fuzz.stack import ERROR_CODES, FuzzStack, node_name, start_stack
@@ -336,6 +345,58 @@ async def test_every_route_answers_junk_with_a_json_error(stack: FuzzStack,
                         failures.append(f"{base}: {problem}")
         failures += await stack.problems(nc)
     stack.judge(failures, stateful=False)  # HTTP fronts keep no state a request can spoil
+
+
+@st.composite
+def api_requests(draw: st.DrawFn) -> tuple[str, bytes, dict[str, str] | None]:
+    """Junk straight to a service's NATS subjects, as a gateway of any version might
+    send it: any body, sometimes the predict-multi or generation headers."""
+    endpoint = draw(st.sampled_from([PREDICT, FUNCTION]))
+    action = "run" if endpoint == FUNCTION else draw(st.sampled_from(
+        ["predict", "predict-multi"]))
+    body = draw(st.one_of(shaped(action).map(dump), junk_values.map(dump), junk_bytes,
+                          deep_nesting().map(dump)))
+    headers: dict[str, str] = {}
+    if action == "predict-multi":
+        headers[OP_HEADER] = OP_MULTI
+    if draw(st.integers(0, 4)) == 0:
+        headers[GENERATION_HEADER] = draw(st.just(VERSION) | valid_names)
+    return subjects.api_endpoint(SERVICE, endpoint), body, headers or None
+
+
+@STATEFUL
+@given(requests=st.lists(api_requests(), min_size=1, max_size=4))
+async def test_service_subjects_answer_junk_with_an_error_reply(
+        stack: FuzzStack, requests: list[tuple[str, bytes, dict[str, str] | None]]) -> None:
+    """A reply with an error header carries a 4xx and the JSON error body; a reply
+    without one is JSON.  The echo service never fails, so a 5xx is the stack's."""
+    failures: list[str] = []
+    async with stack.client() as nc:
+        await stack.heal(nc)
+        for subject, body, headers in requests:
+            where = f"{subject} <- {body[:200]!r} {headers}"
+            try:
+                msg = await nc.request(subject, body, timeout=15, headers=headers)
+            except Exception as exc:
+                failures.append(f"{where}: no reply ({type(exc).__name__})")
+                continue
+            code = (msg.headers or {}).get(ERROR_CODE_HEADER)
+            try:
+                reply = json.loads(msg.data, parse_constant=_reject_constant)
+            except Exception:
+                failures.append(f"{where}: reply is not JSON: {msg.data[:200]!r}")
+                continue
+            if code is None:
+                continue
+            if not code.isdigit() or not 400 <= int(code) < 500:
+                failures.append(f"{where}: error status {code}: {msg.data[:300]!r}")
+            elif not (isinstance(reply, dict) and isinstance(reply.get("error"), dict)
+                      and reply["error"].get("code") in ERROR_CODES
+                      and reply["error"].get("message")):
+                failures.append(f"{where}: error without the JSON error body: "
+                                f"{msg.data[:300]!r}")
+        failures += await stack.problems(nc)
+    stack.judge(failures, stateful=False)
 
 
 async def test_unknown_names_never_become_metric_series(stack: FuzzStack) -> None:
