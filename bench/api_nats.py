@@ -14,14 +14,21 @@ with 1 worker and with the default (one per core).  Target: api >= 0.8x raw thro
 from __future__ import annotations
 
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 import anyio
 import nats
 
-from bench.api_common import SERVICE, api_node_argv, api_nodes, control_plane, deploy, package
+from bench.api_common import (
+    SERVICE,
+    api_node_argv,
+    api_nodes,
+    control_plane,
+    deploy,
+    package,
+    served_nats,
+)
 from bench.common import nats_server, print_table, processes, python, summary_us
 from bench.echo import sequential, throughput
 from nodes.api.node import default_workers
@@ -70,13 +77,14 @@ def run(quick: bool = False) -> dict[str, Any]:
             for _ in range(rounds):
                 with processes([python("-m", "bench.responders", "raw", server.url,
                                        RAW_SUBJECT)]):
+                    served_nats(server.url, RAW_SUBJECT)
                     cases["raw"].append(_measure(server.url, RAW_SUBJECT, n_seq, seconds))
                 for w in worker_counts:
                     argv = api_node_argv(server.url, f"api-{w}w", tmp, "--no-http",
                                          "--workers", str(w))
                     with api_nodes([argv], server.url, 1):
                         anyio.run(deploy, server.url, {"v1": 100}, 1)
-                        time.sleep(0.5)
+                        served_nats(server.url, api_subject)
                         cases[f"api-{w}w"].append(_measure(server.url, api_subject, n_seq,
                                                            seconds))
     result: dict[str, Any] = {"target_ratio": TARGET, "cases": {}}
