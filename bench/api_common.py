@@ -38,6 +38,10 @@ code = "api/noop.py"
 [api_services.bench.endpoints.sleep]
 kind = "prediction"
 code = "api/sleep.py"
+
+[api_services.bench.endpoints.crash]
+kind = "prediction"
+code = "api/crash.py"
 """
 
 NOOP = """\
@@ -58,12 +62,24 @@ def predict(features):
 """
 
 
+CRASH = """\
+import os
+import time
+
+
+def predict(features):
+    time.sleep(features.get("after", 0))
+    os._exit(3)
+"""
+
+
 def write_project(ws: Path, version: str = "1") -> None:
     d = ws / "benchapi"
     (d / "api").mkdir(parents=True, exist_ok=True)
     (d / "shipyard.toml").write_text(MANIFEST)
     (d / "api" / "noop.py").write_text(NOOP + f"\nVERSION = {version!r}\n")
     (d / "api" / "sleep.py").write_text(SLEEP + f"\nVERSION = {version!r}\n")
+    (d / "api" / "crash.py").write_text(CRASH + f"\nVERSION = {version!r}\n")
 
 
 def shipyard(*args: str) -> list[str]:

@@ -49,8 +49,12 @@ from protocol.base import encode
 
 
 def default_workers() -> int:
-    return max(1, min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-                      else (os.cpu_count() or 1)))
+    """One worker per core but one, at most 8: the node's own process (HTTP, the
+    gateway) and a local nats-server need a core too.  On 2 cores, 2 workers measured
+    0.74-0.79x raw nats-py on the no-op benchmark against 0.85-0.89x for 1 (bench/RESULTS.md)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") \
+        else (os.cpu_count() or 1)
+    return max(1, min(8, cores - 1))
 
 
 class ApiNode(Node):

@@ -23,8 +23,8 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 _OPTIONS: list[tuple[str, dict[str, Any]]] = [
     ("--workers", dict(type=click.IntRange(min=1), default=None,
-                       help="api: worker processes for user code (default: one per core, "
-                            "at most 8).")),
+                       help="api: worker processes for user code (default: one per core "
+                            "but one, at least 1, at most 8).")),
     ("--worker-memory", dict(type=click.IntRange(min=64), default=None,
                              help="api: address-space limit of each worker process in MB; "
                                   "a request that allocates past it fails alone and the "
