@@ -74,8 +74,9 @@ async def _crash_alone(s: Stack, node: ApiNode, features: dict[str, Any]) -> htt
     async with anyio.create_task_group() as tg:
         tg.start_soon(load)
         r = await s.http.post(url(node), json={"features": features})
-        await wait_for(lambda: len(node.pool.pids()) == 2 and node.pool.crashes >= 1,
-                       timeout=30, message="worker replaced")
+        await wait_for(lambda: len(node.pool.pids()) == 2 and node.pool.crashes >= 1
+                       and all(w.ready for w in node.pool.workers),
+                       timeout=30, message="worker replaced and serving")
         stop.set()
     await sub.unsubscribe()
     assert other and set(other) == {200}, other

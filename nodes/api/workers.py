@@ -79,6 +79,7 @@ class Worker:
         self.retiring = False
         self.out_of_memory = ""
         self.noticed = 0.0  # when the running request's requester last heard of it
+        self.dead = ""  # why, once its stream has ended: nothing more will be answered
         self.waiters: dict[tuple[str, ...], asyncio.Future[str]] = {}
 
     @property
@@ -106,7 +107,10 @@ class Worker:
 
     def expect(self, *key: str) -> asyncio.Future[str]:
         fut: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-        self.waiters[key] = fut
+        if self.dead:
+            fut.set_result(self.dead)
+        else:
+            self.waiters[key] = fut
         return fut
 
 
@@ -203,7 +207,7 @@ class WorkerPool:
         self._tg.start_soon(self._read, w, reader)
         try:
             while True:  # a service deployed meanwhile is replayed too
-                missing = sorted({s for s, _ in self.generations} | set(self.routes)
+                missing = sorted(({s for s, _ in self.generations} | set(self.routes))
                                  - w.synced)
                 if not missing:
                     break
@@ -321,9 +325,10 @@ class WorkerPool:
             with anyio.move_on_after(5):
                 code = await w.proc.wait()
         _kill_group(w)
+        w.dead = f"the worker process died ({_how(code)})"
         for fut in w.waiters.values():
             if not fut.done():
-                fut.set_result(f"the worker process died ({_how(code)})")
+                fut.set_result(w.dead)
         if w.retiring:
             return
         if since and reply:
