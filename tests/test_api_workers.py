@@ -12,10 +12,13 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import click
 import httpx
+import pytest
 from nats.aio.msg import Msg
 
 from nodes.api.node import ApiNode
+from nodes.cli.apinodes import api_node_extra
 from nodes.runtime.settings import NatsSettings
 from protocol import subjects
 from protocol.api import CreateApiPackage, DeployApi
@@ -205,3 +208,11 @@ async def test_a_process_that_user_code_starts_dies_with_its_worker(
         await wait_for(lambda: _gone(child), timeout=10, message="user process killed")
         await wait_for(lambda: node.pool.crashes == 1 and len(node.pool.pids()) == 1,
                        timeout=30, message="worker replaced")
+
+
+def test_worker_memory_is_an_api_node_option_in_megabytes() -> None:
+    assert api_node_extra("api", {"worker_memory": 512}) == {"worker_memory_mb": 512,
+                                                             "debug": False}
+    with pytest.raises(click.BadParameter, match="--worker-memory is not an option of "
+                                                 "gateway nodes"):
+        api_node_extra("gateway", {"worker_memory": 512})

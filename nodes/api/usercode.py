@@ -22,6 +22,8 @@ from typing import Any
 
 import msgspec
 
+from nodes.api.wire import EndpointCode
+
 _MODULE_IDS = itertools.count(1)
 JSON = msgspec.json.Decoder()
 FEATURES = msgspec.json.Decoder(dict[str, Any])
@@ -77,7 +79,7 @@ class Generation:
     """One loaded version of one service: its endpoints, ready to call."""
 
     def __init__(self, service: str, name: str, directory: Path,
-                 endpoints: list[list[str]]) -> None:
+                 endpoints: list[EndpointCode]) -> None:
         self.name = name
         self.endpoints: dict[str, Endpoint] = {}
         self.tag = f'"{name}"'.encode()
@@ -86,7 +88,8 @@ class Generation:
         before = set(sys.modules)
         sys.path.insert(0, root)
         try:
-            for ep_name, kind, code, function in endpoints:
+            for ep_name, kind, code, function in (msgspec.structs.astuple(e)
+                                                  for e in endpoints):
                 if code not in modules:
                     module = self._import(service, directory, code, len(modules))
                     model = None

@@ -99,13 +99,9 @@ class Worker:
         await self.retiring.wait()
         assert self.serving is not None
         await self.serving.drain()  # answer what this worker had received, then go
-        await self.nc_flush()
-        os._exit(0)  # the node sees the exit and starts a fresh worker
-
-    async def nc_flush(self) -> None:
-        assert self.serving is not None
         with anyio.move_on_after(2), contextlib.suppress(Exception):
             await self.serving.nc.flush()
+        os._exit(0)  # the node sees the exit and starts a fresh worker
 
     async def _control(self, reader: asyncio.StreamReader, tg: Any) -> None:
         while True:
@@ -132,9 +128,8 @@ class Worker:
         t0 = time.perf_counter()
         error = ""
         try:
-            endpoints = [[e.name, e.kind, e.code, e.function] for e in msg.endpoints]
             gen = await anyio.to_thread.run_sync(Generation, msg.service, msg.generation,
-                                                 Path(msg.directory), endpoints)
+                                                 Path(msg.directory), msg.endpoints)
             self.generations[(msg.service, msg.generation)] = gen
         except Exception as exc:  # user code: report anything
             error = f"{type(exc).__name__}: {exc}".rstrip(": ")

@@ -25,10 +25,11 @@ _OPTIONS: list[tuple[str, dict[str, Any]]] = [
     ("--workers", dict(type=click.IntRange(min=1), default=None,
                        help="api: worker processes for user code (default: one per core "
                             "but one, at least 1, at most 8).")),
-    ("--worker-memory", dict(type=click.IntRange(min=64), default=None,
-                             help="api: address-space limit of each worker process in MB; "
-                                  "a request that allocates past it fails alone and the "
-                                  "worker is replaced [default: no limit]")),
+    ("--worker-memory", dict(type=click.IntRange(min=256), default=None,
+                             help="api: address-space limit of each worker process in MB "
+                                  "(a worker starts at ~120 MB of address space); a request "
+                                  "that allocates past it fails alone and the worker is "
+                                  "replaced [default: no limit]")),
     ("--http-port", dict(type=int, default=None,
                          help="api, gateway: HTTP port, shared by every API node on the host "
                               "(SO_REUSEPORT; 0: any free port) [default: 8080]")),
