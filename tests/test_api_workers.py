@@ -14,11 +14,16 @@ from typing import Any
 import anyio
 import click
 import httpx
+import msgspec
 import pytest
 from nats.aio.msg import Msg
 
+from nodes.api import wire
+from nodes.api.gateway import HedgingRequester
 from nodes.api.node import ApiNode
 from nodes.cli.apinodes import api_node_extra
+from nodes.runtime import framing
+from nodes.runtime.connection import connect
 from nodes.runtime.settings import NatsSettings
 from protocol import subjects
 from protocol.api import CreateApiPackage, DeployApi
@@ -216,3 +221,67 @@ def test_worker_memory_is_an_api_node_option_in_megabytes() -> None:
     with pytest.raises(click.BadParameter, match="--worker-memory is not an option of "
                                                  "gateway nodes"):
         api_node_extra("gateway", {"worker_memory": 512})
+
+
+async def test_a_running_request_is_not_hedged_and_a_lost_one_is(settings: NatsSettings) -> None:
+    """Against a responder in the queue group alone (no API node takes hedged copies):
+    a request whose runner says "working" is sent once however long it runs; one that
+    nobody picks up gets a copy, which falls back from the nodes' subject (nobody
+    there) to the queue group."""
+    subject = subjects.api_endpoint("svc", "ep")
+    seen: list[bytes] = []
+    nc = await connect(settings, name="responder")
+    client = await connect(settings, name="client")
+    try:
+        async def respond(msg: Msg) -> None:
+            seen.append(msg.data)
+            if msg.data == b"slow":  # runs 1 s, saying so every 0.1 s
+                for _ in range(10):
+                    await nc.publish(subjects.api_working(msg.reply), b"")
+                    await anyio.sleep(0.1)
+            elif msg.data == b"lost" and seen.count(b"lost") == 1:
+                return  # the first copy is lost
+            await msg.respond(msg.data)
+
+        await nc.subscribe(subject, queue="svc", cb=respond)
+        await nc.flush()
+        retries: list[int] = []
+        requester = HedgingRequester(client)
+        msg, first = await requester.hedged(
+            subject, b"slow", timeout=5, retry_after=0.25, headers=None,
+            hedge_subject=subjects.api_hedge("svc", "ep"), on_retry=lambda: retries.append(1))
+        assert (msg.data, first, seen.count(b"slow"), retries) == (b"slow", True, 1, [])
+        msg, first = await requester.hedged(
+            subject, b"lost", timeout=5, retry_after=0.25, headers=None,
+            hedge_subject=subjects.api_hedge("svc", "ep"), on_retry=lambda: retries.append(1))
+        assert (msg.data, first, seen.count(b"lost")) == (b"lost", False, 2)
+        assert retries == [1]  # one copy: to the nodes' subject, then the queue group
+    finally:
+        await nc.close()
+        await client.close()
+
+
+def test_worker_frames_round_trip_typed_and_a_broken_stream_is_an_error() -> None:
+    to_worker = [wire.Load(service="s", generation="v1", directory="/d",
+                           endpoints=[wire.EndpointCode("p", "prediction", "api/p.py",
+                                                        "predict")]),
+                 wire.Route(service="s", mapping=b"{}", kinds={"v1": {"p": "prediction"}},
+                            description=""),
+                 wire.Drain(), wire.Serve(service="s", endpoint="p", reply="r", data=b"{}")]
+    from_worker = [wire.Loaded(service="s", generation="v1", error="", seconds=0.1),
+                   wire.Routed(service="s", error="x"), wire.Drained(),
+                   wire.Stats(rows=[wire.StatRow("s", "p", "v1", False, 1, 0, 0.1, [1])],
+                              backlog=[wire.Backlog("s", "p", 2)], overloaded=0,
+                              shadow_mismatches=0),
+                   wire.Retiring(reason="MemoryError")]
+    deframer = framing.Deframer()
+    data = b"".join(framing.frame(m) for m in to_worker)
+    bodies = deframer.feed(data[:7]) + deframer.feed(data[7:])
+    assert [wire.decode_to_worker(b) for b in bodies] == to_worker
+    assert [wire.decode_from_worker(deframer.feed(framing.frame(m))[0])
+            for m in from_worker] == from_worker
+    with pytest.raises(msgspec.ValidationError):
+        wire.decode_to_worker(framing.frame(wire.Loaded(service="s", generation="v",
+                                                        error="", seconds=0))[4:])
+    with pytest.raises(framing.FrameError, match="over the limit"):
+        framing.Deframer().feed(framing.HEADER.pack(framing.MAX_FRAME + 1))

@@ -178,14 +178,14 @@ class _Hedge:
         self.arm()
 
     def to_queue_group(self) -> None:
-        if not self.future.done():
-            self._send(self.subject, False)
+        if not self.future.done():  # the same copy, sent on: not counted again
+            self._send(self.subject, False, count=False)
 
-    def _send(self, subject: str, to_nodes: bool) -> None:
+    def _send(self, subject: str, to_nodes: bool, *, count: bool = True) -> None:
         token = self.token()
         if to_nodes:
             self.owner._fallbacks[token] = self
-        if self.on_retry is not None:
+        if count and self.on_retry is not None:
             self.on_retry()
         task = self.loop.create_task(self._publish(subject, token))
         self.owner._tasks.add(task)  # held until done
