@@ -1,10 +1,15 @@
 """Shared plumbing for the API benchmarks: a control plane in processes, a service with
-a no-op or sleeping endpoint, API node processes, deploys that wait until served."""
+a no-op or sleeping endpoint, API node processes, deploys that wait until served, and
+probes that wait until what a benchmark measures answers (``served_nats``,
+``served_http``): a node of a later round keeps the name of the previous round's, so the
+Deployer may list it as serving before the new process does."""
 
 from __future__ import annotations
 
 import os
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -15,6 +20,7 @@ import anyio
 from bench.common import processes, python, wait_nodes
 from nodes.runtime.calls import Caller
 from nodes.runtime.connection import connect
+from nodes.runtime.requests import Requester
 from nodes.runtime.settings import NatsSettings
 from protocol.api import CreateApiPackage, DeployApi
 from protocol.deploy import CreateInfra, ListDeployments
@@ -32,6 +38,10 @@ code = "api/noop.py"
 [api_services.bench.endpoints.sleep]
 kind = "prediction"
 code = "api/sleep.py"
+
+[api_services.bench.endpoints.crash]
+kind = "prediction"
+code = "api/crash.py"
 """
 
 NOOP = """\
@@ -52,12 +62,24 @@ def predict(features):
 """
 
 
+CRASH = """\
+import os
+import time
+
+
+def predict(features):
+    time.sleep(features.get("after", 0))
+    os._exit(3)
+"""
+
+
 def write_project(ws: Path, version: str = "1") -> None:
     d = ws / "benchapi"
     (d / "api").mkdir(parents=True, exist_ok=True)
     (d / "shipyard.toml").write_text(MANIFEST)
     (d / "api" / "noop.py").write_text(NOOP + f"\nVERSION = {version!r}\n")
     (d / "api" / "sleep.py").write_text(SLEEP + f"\nVERSION = {version!r}\n")
+    (d / "api" / "crash.py").write_text(CRASH + f"\nVERSION = {version!r}\n")
 
 
 def shipyard(*args: str) -> list[str]:
@@ -122,3 +144,51 @@ async def deploy(url: str, generations: dict[str, int], nodes: int,
             await anyio.sleep(0.02)
     await nc.close()
     return time.perf_counter() - t0
+
+
+PROBE_BODY = b'{"features":{"x":1}}'
+PROBE_STREAK = 20  # answers in a row: every worker of the node serves by then
+
+
+async def _served_nats(url: str, subject: str, timeout: float) -> None:
+    nc = await connect(NatsSettings(servers=(url,)), name="bench-probe")
+    req = Requester(nc)
+    streak = 0
+    try:
+        with anyio.fail_after(timeout):
+            while streak < PROBE_STREAK:
+                try:
+                    msg = await req.request(subject, PROBE_BODY, timeout=2)
+                    ok = not msg.headers
+                except Exception:
+                    ok = False
+                streak = streak + 1 if ok else 0
+                if not ok:
+                    await anyio.sleep(0.05)
+    finally:
+        await nc.close()
+
+
+def served_nats(url: str, subject: str, timeout: float = 60.0) -> None:
+    """Wait until ``subject`` answers the probe body without an error, many times in a
+    row."""
+    anyio.run(_served_nats, url, subject, timeout)
+
+
+def served_http(url: str, timeout: float = 60.0) -> None:
+    """Wait until ``url`` answers POSTs of the probe body with 200, many times in a row."""
+    deadline = time.monotonic() + timeout
+    streak = 0
+    while streak < PROBE_STREAK:
+        request = urllib.request.Request(url, data=PROBE_BODY, method="POST",
+                                         headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=2) as response:
+                ok = response.status == 200
+        except (urllib.error.URLError, OSError):
+            ok = False
+        streak = streak + 1 if ok else 0
+        if not ok:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{url} did not answer 200 within {timeout:g}s")
+            time.sleep(0.05)

@@ -21,13 +21,20 @@ import shutil
 import socket
 import subprocess
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 import anyio
 
-from bench.api_common import SERVICE, api_node_argv, api_nodes, control_plane, deploy, package
+from bench.api_common import (
+    SERVICE,
+    api_node_argv,
+    api_nodes,
+    control_plane,
+    deploy,
+    package,
+    served_http,
+)
 from bench.common import nats_server, print_table, processes, python
 
 LATENCY_TARGET_MS = 0.5
@@ -90,13 +97,13 @@ def run(quick: bool = False) -> dict[str, Any]:
                 for kind in ("asgi", "starlette"):
                     port = free_port()
                     with processes([python("-m", "bench.api_inproc", str(port), kind)]):
-                        time.sleep(0.5)
+                        served_http(f"http://127.0.0.1:{port}{path}")
                         cases[f"inproc-{kind}"].append(
                             measure(f"http://127.0.0.1:{port}{path}", script, seconds))
                 port = free_port()
                 with processes([python("-m", "bench.api_prototype", server.url, "echo")]), \
                         processes([python("-m", "bench.api_prototype", server.url, str(port))]):
-                    time.sleep(0.5)
+                    served_http(f"http://127.0.0.1:{port}{path}")
                     cases["prototype"].append(measure(f"http://127.0.0.1:{port}{path}", script,
                                                       seconds))
                 port = free_port()
@@ -104,7 +111,7 @@ def run(quick: bool = False) -> dict[str, Any]:
                                      "--http-host", "127.0.0.1")
                 with api_nodes([argv], server.url, 1):
                     anyio.run(deploy, server.url, {"v1": 100}, 1)
-                    time.sleep(0.5)
+                    served_http(f"http://127.0.0.1:{port}{path}")
                     cases["api"].append(measure(f"http://127.0.0.1:{port}{path}", script,
                                                 seconds))
     med = {k: _median(v) for k, v in cases.items()}

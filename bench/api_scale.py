@@ -9,14 +9,21 @@ throughput(N) / (N x throughput(1)); target >= 0.9 at each step.
 from __future__ import annotations
 
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 import anyio
 import nats
 
-from bench.api_common import SERVICE, api_node_argv, api_nodes, control_plane, deploy, package
+from bench.api_common import (
+    SERVICE,
+    api_node_argv,
+    api_nodes,
+    control_plane,
+    deploy,
+    package,
+    served_nats,
+)
 from bench.common import nats_server, print_table
 from bench.echo import throughput
 from nodes.runtime.requests import Requester
@@ -60,7 +67,7 @@ def run(quick: bool = False) -> dict[str, Any]:
                          for i in range(n)]
                 with api_nodes(argvs, server.url, n):
                     anyio.run(deploy, server.url, {"v1": 100}, n)
-                    time.sleep(0.5)
+                    served_nats(server.url, subjects.api_endpoint(SERVICE, "sleep"))
                     r = anyio.run(measure, server.url, 16 * n, seconds,
                                   backend_options={"use_uvloop": True})
                 rows.append({"nodes": n, **r})

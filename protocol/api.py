@@ -136,6 +136,14 @@ def error_reply(code: str, message: str) -> tuple[int, bytes]:
     return http_status(code), error_body(code, message)
 
 
+def micro_error(code: str, message: str) -> tuple[bytes, dict[str, str]]:
+    """An error answered over NATS by an API worker (or its node): the JSON error body
+    and the nats.micro error headers, which carry the HTTP status so a gateway passes
+    the reply through without decoding it."""
+    return error_body(code, message), {ERROR_CODE_HEADER: str(http_status(code)),
+                                       ERROR_HEADER: message.split("\n")[0][:200]}
+
+
 # -- packages ----------------------------------------------------------------------------
 
 class EndpointSpec(msgspec.Struct, frozen=True, kw_only=True):

@@ -98,8 +98,8 @@ def _template(fn: Callable[..., str], fixed: dict[str, str] | None = None) -> st
             names[value] = f"<{param.name}...>"
         args.append(value)
     out = fn(*args)
-    for value, shown in names.items():
-        out = ".".join(shown if part == value else part for part in out.split("."))
+    for value in sorted(names, key=len, reverse=True):
+        out = out.replace(value, names[value])
     return out
 
 

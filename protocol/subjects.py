@@ -15,6 +15,11 @@ Namespace first, identifiers last, one token per level::
     sy.rpt.<kind>.<node>                reports from nodes to the Deployer (activation, metrics)
     sy.api.v1.<service>.<endpoint>      API service requests; nats.micro endpoints that the
                                         service's API nodes share in queue group <service>
+    sy.api.v1.<service>.<endpoint>.hedge   a hedged copy of a request: the service's API
+                                        nodes (not their workers) share it in queue group
+                                        <service> and hand it to a worker that is not stalled
+    <reply>.working                     "a worker runs this request": from the API node
+                                        whose worker runs it, while it runs
     $SRV.PING|INFO|STATS[.<svc>[.<id>]] nats.micro discovery (spelled by nats-py itself)
 
 Tokens are ``[A-Za-z0-9_-]+``: names of nodes, roles, infras, projects and services are
@@ -129,6 +134,31 @@ def api_endpoint(service: str, endpoint: str) -> str:
 def api_service_prefix(service: str) -> str:
     """The nats.micro group prefix of one API service's endpoints."""
     return f"{ROOT}.api.{API_VERSION}.{token(service, 'service')}"
+
+
+HEDGE_TOKEN = "hedge"
+WORKING_TOKEN = "working"
+
+
+def api_hedge(service: str, endpoint: str) -> str:
+    """Where a hedged copy of a request to ``endpoint`` goes."""
+    return f"{api_endpoint(service, endpoint)}.{HEDGE_TOKEN}"
+
+
+def api_hedges(service: str) -> str:
+    """Every endpoint's hedged copies, for an API node serving ``service``."""
+    return f"{api_service_prefix(service)}.*.{HEDGE_TOKEN}"
+
+
+def api_working(reply: str) -> str:
+    """Where an API node says that a worker runs the request with reply subject ``reply``."""
+    return f"{reply}.{WORKING_TOKEN}"
+
+
+def api_working_all(reply_prefix: str) -> str:
+    """Every such notice for the requests whose reply subjects are ``reply_prefix`` + one
+    token."""
+    return f"{reply_prefix}*.{WORKING_TOKEN}"
 
 
 # -- JetStream resources ------------------------------------------------------------------

@@ -24,17 +24,23 @@ function = "score"
 """
 
 PREDICT = """\
+import ctypes
 import json
 import os
+import subprocess
+import sys
 import time
 
 from helpers import VERSION, label
 
 LOAD_FAILS = {load_fails!r}
 SLEEP = {sleep!r}
+LOAD_SLEEP = {load_sleep!r}
 
 
 def load(artifacts):
+    if LOAD_SLEEP:
+        time.sleep(LOAD_SLEEP)
     if LOAD_FAILS:
         raise RuntimeError("model file is corrupt")
     return json.loads((artifacts / "models" / "model.json").read_text())
@@ -43,8 +49,19 @@ def load(artifacts):
 def predict(features, model):
     if SLEEP:
         time.sleep(SLEEP)
+    if features.get("crash_after"):
+        time.sleep(features["crash_after"])
+        os._exit(3)
     if features.get("crash"):
         os._exit(3)
+    if features.get("segfault"):
+        ctypes.string_at(0)
+    if features.get("allocate_mb"):
+        hog = bytearray(features["allocate_mb"] * 1024 * 1024)
+        return {{"allocated": len(hog)}}
+    if features.get("spawn"):
+        child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+        return {{"child": child.pid, "pid": os.getpid()}}
     if features.get("boom"):
         raise ValueError("boom: " + str(features["boom"]))
     if "float" in features:  # "nan", "inf": a result JSON cannot carry
@@ -80,13 +97,14 @@ def label(p):
 
 def make_api_project(workspace: Path, key: str = "churn", service: str = "churn-api", *,
                      version: str = "1", load_fails: bool = False,
-                     sleep: float = 0.0) -> Path:
+                     sleep: float = 0.0, load_sleep: float = 0.0) -> Path:
     """Write (or rewrite) the project; ``version`` shows in every reply."""
     d = workspace / key
     (d / "api").mkdir(parents=True, exist_ok=True)
     (d / "models").mkdir(exist_ok=True)
     (d / "shipyard.toml").write_text(MANIFEST.format(key=key, service=service))
-    (d / "api" / "predict.py").write_text(PREDICT.format(load_fails=load_fails, sleep=sleep))
+    (d / "api" / "predict.py").write_text(PREDICT.format(load_fails=load_fails, sleep=sleep,
+                                                            load_sleep=load_sleep))
     (d / "api" / "score.py").write_text(SCORE.format())
     (d / "api" / "helpers.py").write_text(HELPERS.format(version=version))
     (d / "models" / "model.json").write_text('{"weight": 1.0}')

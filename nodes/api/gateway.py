@@ -6,13 +6,16 @@ desired-state KV (a watched, re-read copy), so it answers 404 and 401 itself and
 only real work over NATS; a reply maps to a response without being decoded (errors carry
 their HTTP status in the nats.micro error headers).
 
-Predictions are idempotent, so a lost one is sent again, once: when no reply has come
-after ``retry_after`` (at least the configured floor, more for endpoints whose recent
-latencies are long), a second copy goes to the queue group, and whichever reply comes
-first wins; a node that answers ``overloaded`` also gets one retry elsewhere.  A client
-therefore does not see one API node die.  While this node's own NATS connection is down,
-every call is answered 503 at once instead of waiting out its deadline.  Error bodies and
-their statuses come from ``protocol.api`` (``error_reply``).
+Predictions are idempotent, so one that nobody runs is sent again: when neither a reply
+nor a "working" notice from the API node running it has come after ``retry_after`` (at
+least the configured floor, more for endpoints whose recent first-copy latencies are
+long), another copy goes out (``HedgingRequester``), and whichever reply comes first
+wins; a node that answers ``overloaded`` also gets one retry elsewhere.  A client
+therefore does not see one API node die, nor one worker stall; a request that kills its
+worker is answered with that error by the worker's node, and is not sent again.  While
+this node's own NATS connection is down, every call is answered 503 at once instead of
+waiting out its deadline.  Error bodies and their statuses come from ``protocol.api``
+(``error_reply``).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import nats.errors
@@ -54,52 +58,157 @@ _OFFLINE = (nats.errors.ConnectionClosedError, nats.errors.ConnectionReconnectin
 
 
 class HedgingRequester(Requester):
-    """The lean requester, plus one hedged retry that shares the first one's future."""
+    """The lean requester, plus hedged copies that share the first one's future.
+
+    A copy goes out when neither a reply nor a "working" notice has come for
+    ``retry_after``; a notice (an API node saying that one of its workers runs the
+    request, repeated while it runs) pushes the next copy back by ``retry_after``, so a
+    request that is slow, or that kills its worker, is not sent again: only one that
+    nobody is running (lost with a node, queued behind a stalled worker) is.  Copies
+    alternate between the API nodes (``hedge_subject``: the node hands the copy to a
+    worker that is not stalled) and the queue group, ``max_copies`` at most.
+    """
+
+    def __init__(self, nc: NATS, *, max_copies: int = 3) -> None:
+        super().__init__(nc)
+        self.max_copies = max_copies
+        self._notices: dict[str, _Hedge] = {}  # token -> its request's hedge state
+        self._fallbacks: dict[str, _Hedge] = {}  # tokens of copies sent to API nodes
+        self._notices_subscribed = False
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def _start(self) -> None:
+        await super()._start()
+        if not self._notices_subscribed:
+            self._notices_subscribed = True
+            await self.nc.subscribe(subjects.api_working_all(self._prefix),
+                                    cb=self._on_working, pending_msgs_limit=100_000)
+
+    async def _on_reply(self, msg: Msg) -> None:
+        token = msg.subject[len(self._prefix):]
+        if self._fallbacks:
+            hedge = self._fallbacks.pop(token, None)
+            if hedge is not None and not msg.data and msg.headers and \
+                    msg.headers.get("Status") == NO_RESPONDERS:
+                hedge.to_queue_group()  # no API node takes copies: the queue group does
+                return
+        future = self._pending.pop(token, None)
+        if future is not None and not future.done():
+            future.set_result(msg)
+
+    async def _on_working(self, msg: Msg) -> None:
+        hedge = self._notices.get(msg.subject[len(self._prefix):msg.subject.rfind(".")])
+        if hedge is not None:
+            hedge.postpone()
 
     async def hedged(self, subject: str, payload: bytes, *, timeout: float,
                      retry_after: float, headers: dict[str, str] | None,
-                     on_retry: Any = None) -> Msg:
+                     hedge_subject: str | None = None,
+                     on_retry: Callable[[], None] | None = None) -> tuple[Msg, bool]:
+        """The reply, and whether it answered the first copy (not a hedged one)."""
         if not self._prefix:
             await self._start()
         loop = self._loop
         assert loop is not None
         future: asyncio.Future[Msg] = loop.create_future()
-        tokens = [format(next(self._ids), "x")]
-        self._pending[tokens[0]] = future
-        copies: list[asyncio.Task[None]] = []  # the hedged copy's publish, owned by this call
+        hedge = _Hedge(self, loop, future, subject, hedge_subject, payload, headers,
+                       retry_after, on_retry)
+        first = hedge.token()
 
         def expire() -> None:
             if not future.done():
                 future.set_exception(nats.errors.TimeoutError())
 
-        def retry() -> None:
-            if future.done():
-                return
-            token = format(next(self._ids), "x")
-            tokens.append(token)
-            self._pending[token] = future
-            if on_retry is not None:
-                on_retry()
-            copies.append(loop.create_task(self.nc.publish(
-                subject, payload, reply=self._prefix + token, headers=headers)))
-
         timer = loop.call_later(timeout, expire)
-        second = loop.call_later(retry_after, retry)
+        hedge.arm()
         try:
-            await self.nc.publish(subject, payload, reply=self._prefix + tokens[0],
+            await self.nc.publish(subject, payload, reply=self._prefix + first,
                                   headers=headers)
             msg = await future
         finally:
             timer.cancel()
-            second.cancel()
-            for t in tokens:
-                self._pending.pop(t, None)
-            for copy in copies:  # finished (or cancelled with us) before this call returns
-                with contextlib.suppress(Exception):
-                    await copy
+            hedge.close()
         if msg.headers and msg.headers.get("Status") == NO_RESPONDERS and not msg.data:
             raise nats.errors.NoRespondersError
-        return msg
+        return msg, msg.subject == self._prefix + first
+
+
+class _Hedge:
+    """One hedged request's copies: their tokens, the timer of the next one."""
+
+    __slots__ = ("copies", "future", "headers", "hedge_subject", "loop", "on_retry",
+                 "owner", "payload", "retry_after", "subject", "timer", "tokens")
+
+    def __init__(self, owner: HedgingRequester, loop: asyncio.AbstractEventLoop,
+                 future: asyncio.Future[Msg], subject: str, hedge_subject: str | None,
+                 payload: bytes, headers: dict[str, str] | None, retry_after: float,
+                 on_retry: Callable[[], None] | None) -> None:
+        self.owner, self.loop, self.future = owner, loop, future
+        self.subject, self.hedge_subject = subject, hedge_subject
+        self.payload, self.headers = payload, headers
+        self.retry_after, self.on_retry = retry_after, on_retry
+        self.tokens: list[str] = []
+        self.copies = 0
+        self.timer: asyncio.TimerHandle | None = None
+
+    def token(self) -> str:
+        owner = self.owner
+        token = format(next(owner._ids), "x")
+        self.tokens.append(token)
+        owner._pending[token] = self.future
+        owner._notices[token] = self
+        return token
+
+    def arm(self) -> None:
+        if self.copies < self.owner.max_copies:
+            self.timer = self.loop.call_later(self.retry_after, self.fire)
+
+    def postpone(self) -> None:
+        """Someone runs the request: no copy while that goes on."""
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+            self.arm()
+
+    def fire(self) -> None:
+        self.timer = None
+        if self.future.done():
+            return
+        self.copies += 1
+        to_nodes = self.hedge_subject is not None and self.copies % 2 == 1
+        self._send(self.hedge_subject if to_nodes and self.hedge_subject else self.subject,
+                   to_nodes)
+        self.arm()
+
+    def to_queue_group(self) -> None:
+        if not self.future.done():  # the same copy, sent on: not counted again
+            self._send(self.subject, False, count=False)
+
+    def _send(self, subject: str, to_nodes: bool, *, count: bool = True) -> None:
+        token = self.token()
+        if to_nodes:
+            self.owner._fallbacks[token] = self
+        if count and self.on_retry is not None:
+            self.on_retry()
+        task = self.loop.create_task(self._publish(subject, token))
+        self.owner._tasks.add(task)  # held until done
+        task.add_done_callback(self.owner._tasks.discard)
+
+    async def _publish(self, subject: str, token: str) -> None:
+        with contextlib.suppress(nats.errors.Error):  # the first copy's outcome decides
+            await self.owner.nc.publish(subject, self.payload,
+                                        reply=self.owner._prefix + token,
+                                        headers=self.headers)
+
+    def close(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        owner = self.owner
+        for t in self.tokens:
+            owner._pending.pop(t, None)
+            owner._notices.pop(t, None)
+            owner._fallbacks.pop(t, None)
 
 
 class Gateway:
@@ -115,6 +224,7 @@ class Gateway:
         self.requester = HedgingRequester(nc)
         self.services: dict[str, ApiDeploymentRecord] = {}
         self._subjects: dict[tuple[str, str], str] = {}
+        self._hedges: dict[str, str] = {}  # endpoint subject -> its hedged copies' subject
         self._slow: dict[str, float] = {}  # subject -> decaying recent maximum latency
         self._deployments: KVCache[ApiDeploymentRecord] | None = None
         self.keys: KeyCache | None = None
@@ -159,6 +269,7 @@ class Gateway:
         subject = self._subjects.get(key)
         if subject is None:
             subject = self._subjects[key] = subjects.api_endpoint(service, endpoint)
+            self._hedges[subject] = subjects.api_hedge(service, endpoint)
         return subject
 
     async def handle(self, service: str, endpoint: str, action: str, body: bytes,
@@ -223,15 +334,16 @@ class Gateway:
         slow = self._slow.get(subject, 0.0)
         retry_after = min(max(self.retry_floor, 3 * slow), self.timeout / 2)
         t0 = time.monotonic()
-        msg = await self.requester.hedged(subject, body, timeout=self.timeout,
-                                          retry_after=retry_after, headers=headers,
-                                          on_retry=self._count_retry)
+        msg, first = await self.requester.hedged(subject, body, timeout=self.timeout,
+                                                 retry_after=retry_after, headers=headers,
+                                                 hedge_subject=self._hedges.get(subject),
+                                                 on_retry=self._count_retry)
         hdrs = msg.headers
         if hdrs and hdrs.get(ERROR_CODE_HEADER) == "503" and b'"overloaded"' in msg.data:
             self._count_retry()  # that node is full: once more, elsewhere
             msg = await self.requester.request(subject, body, timeout=self.timeout,
                                                headers=headers)
-        else:
+        elif first:  # a hedged copy's reply says nothing of this endpoint's latency
             elapsed = time.monotonic() - t0
             self._slow[subject] = max(elapsed, slow * 0.995)
         return msg

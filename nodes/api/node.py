@@ -33,6 +33,7 @@ from nodes.api.generations import PackageRefused, PackageStore, ensure
 from nodes.api.http import HttpServer
 from nodes.api.httplimits import HttpLimits
 from nodes.api.metrics import Metrics
+from nodes.api.wire import EndpointCode
 from nodes.api.workers import WorkerPool
 from nodes.runtime import transfer
 from nodes.runtime.jetstream import ensure_kv
@@ -52,8 +53,12 @@ from protocol.deploy import deployment_keys
 
 
 def default_workers() -> int:
-    return max(1, min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-                      else (os.cpu_count() or 1)))
+    """One worker per core but one, at most 8: the node's own process (HTTP, the
+    gateway) and a local nats-server need a core too.  On 2 cores, 2 workers measured
+    0.74-0.79x raw nats-py on the no-op benchmark against 0.85-0.89x for 1 (bench/RESULTS.md)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") \
+        else (os.cpu_count() or 1)
+    return max(1, min(8, cores - 1))
 
 
 class ApiNode(Node):
@@ -62,7 +67,7 @@ class ApiNode(Node):
     def __init__(self, *, data_dir: Path | None = None, workers: int | None = None,
                  http_port: int | None = 8080, http_host: str = "0.0.0.0",
                  request_timeout: float = 30.0, queue_timeout: float = 1.0,
-                 kill_grace: float = 5.0,
+                 kill_grace: float = 5.0, worker_memory_mb: int | None = None,
                  max_body: int = 512 * 1024, retry_after: float = 0.25,
                  metrics_interval: float = 5.0, resync_interval: float = 5.0,
                  debug: bool = False, http_limits: HttpLimits | None = None,
@@ -84,7 +89,8 @@ class ApiNode(Node):
                                infra=self.infra, run_dir=self.data_dir / "run",
                                metrics=self.metrics, max_body=max_body,
                                queue_timeout=queue_timeout, request_timeout=request_timeout,
-                               kill_grace=kill_grace, debug=debug)
+                               kill_grace=kill_grace, debug=debug,
+                               memory_mb=worker_memory_mb)
         self.services: dict[str, dict[str, Any]] = {}  # heartbeat state per service
         self.gateway: Gateway | None = None
         self.http: HttpServer | None = None
@@ -98,6 +104,7 @@ class ApiNode(Node):
 
     async def setup(self) -> None:
         await anyio.Path(self.data_dir).mkdir(parents=True, exist_ok=True)
+        self.pool.nc = self.nc
         r = self.settings.replicas
         deploy = await ensure_kv(self.js, subjects.DEPLOY_BUCKET, replicas=r)
         self._packages = await ensure_kv(self.js, subjects.API_PACKAGE_BUCKET, replicas=r)
@@ -190,7 +197,8 @@ class ApiNode(Node):
                 if (name, gen) in self.pool.generations:
                     continue
                 d, info = dirs[gen]
-                endpoints = [[e, s.kind, s.code, s.function] for e, s in info.endpoints.items()]
+                endpoints = [EndpointCode(e, s.kind, s.code, s.function)
+                             for e, s in info.endpoints.items()]
                 error = await self.pool.load(name, gen, d, endpoints)
                 if error:
                     raise PackageRefused(f"{gen}: load failed: {error}")

@@ -9,7 +9,11 @@ Per request: check size and shape, shed it (``overloaded``) when the worker's ba
 would make it wait longer than ``queue_timeout``, pick the generation (forced, sticky by
 dispatch key, or by weight), run the user code, reply, and only then run a shadow copy.
 A worker runs one request at a time, so micro's own counters are exact and a generation
-that leaves the route has no request in flight: it is dropped at once.
+that leaves the route has no request in flight: it is dropped at once.  While user code
+runs, the worker's busy page names the request's reply subject: if the worker dies, its
+node answers that request (it is not retried: it may be what killed the worker).  A
+``MemoryError`` (the worker's memory limit) fails that request alone, and the worker then
+retires (``on_memory_error``): its node replaces it with a fresh process.
 """
 
 from __future__ import annotations
@@ -38,17 +42,16 @@ from nodes.api.usercode import (
     call,
     same_result,
 )
+from nodes.api.wire import BusyPage, Serve
 from nodes.runtime.logs import get_logger
 from protocol import subjects
 from protocol.api import (
     DISPATCH_HEADER,
-    ERROR_CODE_HEADER,
-    ERROR_HEADER,
     GENERATION_HEADER,
     OP_HEADER,
     ApiMapping,
-    error_body,
     http_status,
+    micro_error,
     pick_generation,
 )
 from protocol.api import (
@@ -113,17 +116,23 @@ class Route:
         return cls(mapping=mapping, endpoints=endpoints)
 
 
+Handler = Callable[[str, bytes, "dict[str, str] | None"], Awaitable[None]]
+
+
 @dataclass(eq=False)
 class ServiceServer:
     name: str
     route: Route
     micro: Service | None = None
     micro_endpoints: dict[str, Any] = field(default_factory=dict)
+    handlers: dict[str, Handler] = field(default_factory=dict)
 
 
 class Serving:
     def __init__(self, nc: NATS, *, node: str, infra: str, worker: int, max_body: int,
-                 queue_timeout: float, debug: bool, busy: Callable[[float], None]) -> None:
+                 queue_timeout: float, debug: bool, busy: BusyPage,
+                 memory_mb: int | None = None,
+                 on_memory_error: Callable[[], None] | None = None) -> None:
         self.nc = nc
         self.node = node
         self.infra = infra
@@ -132,6 +141,9 @@ class Serving:
         self.queue_timeout = queue_timeout
         self.debug = debug
         self.busy = busy
+        self.memory_mb = memory_mb
+        self.on_memory_error = on_memory_error
+        self.out_of_memory = False
         self.services: dict[str, ServiceServer] = {}
         self.stats: dict[tuple[str, str, str, bool], Stat] = {}
         self.overloaded = 0
@@ -174,9 +186,10 @@ class Serving:
             server.micro._metadata.update(self._metadata(route))
         for name, ep in route.endpoints.items():
             if name not in server.micro_endpoints:
+                handler = server.handlers[name] = self._handler(server, name)
                 await server.micro.add_endpoint(
                     name=name, subject=subjects.api_endpoint(service, name),
-                    handler=self._handler(server, name), metadata={"kind": ep.kind})
+                    handler=_from_micro(handler), metadata={"kind": ep.kind})
                 server.micro_endpoints[name] = server.micro._endpoints[-1]
         await self.nc.flush()
 
@@ -205,19 +218,26 @@ class Serving:
 
     # -- requests -----------------------------------------------------------------------
 
-    def _handler(self, server: ServiceServer,
-                 name: str) -> Callable[[MicroRequest], Awaitable[None]]:
+    async def serve(self, request: Serve) -> None:
+        """A request that came through the node (a hedged copy), not from a queue group."""
+        server = self.services.get(request.service)
+        handler = server.handlers.get(request.endpoint) if server is not None else None
+        if handler is None:
+            await self._fail(None, request.reply, "not_found", f"{request.service} "
+                             f"serves no endpoint {request.endpoint!r} in this worker")
+            return
+        await handler(request.reply, request.data, request.headers)
+
+    def _handler(self, server: ServiceServer, name: str) -> Handler:
         service = server.name
         publish = self.nc.publish
+        page = self.busy
 
-        async def handle(request: MicroRequest) -> None:
-            msg = request._msg
-            reply = msg.reply
+        async def handle(reply: str, data: bytes, headers: dict[str, str] | None) -> None:
             if not reply:
                 return None
             micro_ep = server.micro_endpoints.get(name)
             ep = server.route.endpoints.get(name)
-            data = msg.data
             if ep is None:
                 return await self._fail(micro_ep, reply, "not_found", f"no generation "
                                         f"of {service} serves endpoint {name!r} here")
@@ -234,7 +254,6 @@ class Serving:
                                         f"{self.queue_timeout:g}s for a worker")
             forced = key = None
             multi = False
-            headers = msg.headers
             if headers:
                 forced = headers.get(GENERATION_HEADER)
                 key = headers.get(DISPATCH_HEADER)
@@ -271,9 +290,9 @@ class Serving:
                 return await self._fail(micro_ep, reply, "not_found", f"no live generation "
                                         f"of {service} serves endpoint {name!r}")
             t0 = time.perf_counter()
-            self.busy(time.monotonic())
+            page.start(time.monotonic(), reply)
             status, body = self._run(gen, name, op, payload)
-            self.busy(0.0)
+            page.stop()
             elapsed = time.perf_counter() - t0
             self.service_time += (elapsed - self.service_time) * 0.2 if self.service_time \
                 else elapsed
@@ -285,6 +304,8 @@ class Serving:
                 await self._fail(micro_ep, reply, code, message)
             if ep.shadow is not None and status == 0:
                 self._shadow(service, name, ep.shadow, op, payload, body)
+            if self.out_of_memory and self.on_memory_error is not None:
+                self.on_memory_error()
             return None
 
         return handle
@@ -294,6 +315,11 @@ class Serving:
             return 0, call(gen, name, op, payload)
         except Failed as exc:
             return exc.status, (exc.code, exc.message)
+        except MemoryError:
+            self.out_of_memory = True
+            limit = f"its limit of {self.memory_mb} MB" if self.memory_mb else "memory"
+            return 500, ("user_code", f"MemoryError: the request ran the worker out of "
+                                      f"{limit}; the worker is replaced")
         except Exception as exc:
             message = f"{type(exc).__name__}: {exc}".rstrip(": ")
             if self.debug:
@@ -303,9 +329,9 @@ class Serving:
     def _shadow(self, service: str, name: str, gen: Generation, op: int, payload: Any,
                 primary: bytes) -> None:
         t0 = time.perf_counter()
-        self.busy(time.monotonic())
+        self.busy.start(time.monotonic(), "")  # nobody waits for a shadow's reply
         status, body = self._run(gen, name, op, payload)
-        self.busy(0.0)
+        self.busy.stop()
         self.stat(service, name, gen.name, shadow=True).observe(time.perf_counter() - t0,
                                                                 status != 0)
         if status != 0 or not same_result(body, primary):
@@ -315,8 +341,15 @@ class Serving:
         if micro_ep is not None:  # micro counts only raised errors: count answered ones
             micro_ep._num_errors += 1
             micro_ep._last_error = f"{code}: {message}"[:500]
-        await self.nc.publish(reply, error_body(code, message), headers={
-            ERROR_CODE_HEADER: str(http_status(code)), ERROR_HEADER: message.split("\n")[0][:200]})
+        body, headers = micro_error(code, message)
+        await self.nc.publish(reply, body, headers=headers)
+
+
+def _from_micro(handler: Handler) -> Callable[[MicroRequest], Awaitable[None]]:
+    async def handle(request: MicroRequest) -> None:
+        msg = request._msg
+        await handler(msg.reply, msg.data, msg.headers)
+    return handle
 
 
 def _semver(version: str) -> bool:

@@ -23,6 +23,7 @@ from typing import Any
 
 import msgspec
 
+from nodes.api.wire import EndpointCode
 from protocol.api import http_status
 from protocol.base import NESTED_TOO_DEEPLY
 
@@ -123,7 +124,7 @@ class Generation:
     """One loaded version of one service: its endpoints, ready to call."""
 
     def __init__(self, service: str, name: str, directory: Path,
-                 endpoints: list[list[str]]) -> None:
+                 endpoints: list[EndpointCode]) -> None:
         self.name = name
         self.endpoints: dict[str, Endpoint] = {}
         self.tag = f'"{name}"'.encode()
@@ -132,7 +133,8 @@ class Generation:
         before = set(sys.modules)
         sys.path.insert(0, root)
         try:
-            for ep_name, kind, code, function in endpoints:
+            for ep_name, kind, code, function in (msgspec.structs.astuple(e)
+                                                  for e in endpoints):
                 if code not in modules:
                     module = self._import(service, directory, code, len(modules))
                     model = None

@@ -7,9 +7,13 @@ services in their queue groups (``serving``), one request at a time, so a node w
 workers uses N cores; it loads generations in a thread, so serving goes on meanwhile.
 
 Configuration comes in ``SHIPYARD_API_WORKER`` (JSON).  The worker reports its counters
-every second, writes its busy-since clock to a shared page (the node kills a worker stuck
-far past the request timeout), exits when the node closes the socket, and (Linux) when
-the node dies.
+every second, writes its busy-since clock and the reply subject of the request it runs to
+a shared page (``wire.BusyPage``), exits when the node closes the socket, and (Linux) when
+the node dies.  With ``memory_mb`` its address space is capped (``RLIMIT_AS``, hard limit
+too: the flow engine's recipe limit): an allocation past it raises ``MemoryError`` in
+user code, which fails that request, and the worker then retires so that a fresh process
+replaces it.  It leads its own process group: processes that user code starts are killed
+with it by the node.
 """
 
 from __future__ import annotations
@@ -33,8 +37,10 @@ import msgspec
 from nodes.api import wire
 from nodes.api.serving import Route, Serving
 from nodes.api.usercode import Generation
+from nodes.flow.child import set_memory_limit
 from nodes.orphans import die_with_parent
 from nodes.runtime.connection import connect
+from nodes.runtime.framing import FrameError, frame, read_frame
 from nodes.runtime.logs import configure_logging, get_logger
 from nodes.runtime.settings import NatsSettings
 from protocol.api import ApiMapping
@@ -54,14 +60,20 @@ class Worker:
         self.writer: asyncio.StreamWriter | None = None
         self.log = get_logger(component="api-worker", node=config["node"], worker=self.index)
         with open(config["busy_path"], "r+b") as f:
-            self.busy_page = mmap.mmap(f.fileno(), wire.BUSY.size)
+            self.page = wire.BusyPage(mmap.mmap(f.fileno(), wire.PAGE_SIZE))
+        self.memory_mb: int | None = config.get("memory_mb") or None
+        self.retiring = anyio.Event()
 
-    def busy(self, since: float) -> None:
-        wire.BUSY.pack_into(self.busy_page, 0, since)
-
-    def send(self, items: list[Any]) -> None:
+    def send(self, msg: wire.FromWorker) -> None:
         assert self.writer is not None
-        self.writer.write(wire.frame(items))
+        self.writer.write(frame(msg))
+
+    def memory_error(self) -> None:
+        """User code ran out of memory: stop taking requests, then exit (replaced)."""
+        if not self.retiring.is_set():
+            self.log.error("out of memory in user code; retiring", limit_mb=self.memory_mb)
+            self.send(wire.Retiring(reason=f"MemoryError (limit {self.memory_mb} MB)"))
+            self.retiring.set()
 
     async def run(self) -> None:
         c = self.config
@@ -70,75 +82,91 @@ class Worker:
         self.serving = Serving(nc, node=c["node"], infra=c["infra"], worker=self.index,
                                max_body=int(c["max_body"]),
                                queue_timeout=float(c["queue_timeout"]),
-                               debug=bool(c["debug"]), busy=self.busy)
+                               debug=bool(c["debug"]), busy=self.page,
+                               memory_mb=self.memory_mb, on_memory_error=self.memory_error)
         reader, self.writer = await asyncio.open_unix_connection(sock=self.sock)
         try:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._stats_loop)
+                tg.start_soon(self._retire)
                 await self._control(reader, tg)
                 tg.cancel_scope.cancel()
         finally:
             with anyio.move_on_after(5, shield=True), contextlib.suppress(Exception):
                 await nc.drain()
 
+    async def _retire(self) -> None:
+        await self.retiring.wait()
+        assert self.serving is not None
+        await self.serving.drain()  # answer what this worker had received, then go
+        with anyio.move_on_after(2), contextlib.suppress(Exception):
+            await self.serving.nc.flush()
+        os._exit(0)  # the node sees the exit and starts a fresh worker
+
     async def _control(self, reader: asyncio.StreamReader, tg: Any) -> None:
         while True:
             try:
-                (n,) = wire.HEADER.unpack(await reader.readexactly(4))
-                items = wire.decode(await reader.readexactly(n))
+                msg = wire.decode_to_worker(await read_frame(reader))
             except (asyncio.IncompleteReadError, ConnectionError):
                 return  # the node closed the socket: exit
-            for item in items:
-                kind = item[0]
-                if kind == wire.LOAD:
-                    tg.start_soon(self._load, item)
-                elif kind == wire.ROUTE:
-                    await self._route(item)
-                elif kind == wire.DRAIN:
-                    assert self.serving is not None
-                    await self.serving.drain()
-                    self.send([[wire.DRAINED]])
+            except (FrameError, msgspec.DecodeError) as exc:
+                self.log.error("unreadable frame from the node; exiting", error=str(exc))
+                return
+            if isinstance(msg, wire.Serve):
+                assert self.serving is not None
+                await self.serving.serve(msg)
+            elif isinstance(msg, wire.Load):
+                tg.start_soon(self._load, msg)
+            elif isinstance(msg, wire.Route):
+                await self._route(msg)
+            else:
+                assert self.serving is not None
+                await self.serving.drain()
+                self.send(wire.Drained())
 
-    async def _load(self, item: list[Any]) -> None:
-        _, service, name, directory, endpoints = item
+    async def _load(self, msg: wire.Load) -> None:
         t0 = time.perf_counter()
         error = ""
         try:
-            gen = await anyio.to_thread.run_sync(Generation, service, name, Path(directory),
-                                                 endpoints)
-            self.generations[(service, name)] = gen
+            gen = await anyio.to_thread.run_sync(Generation, msg.service, msg.generation,
+                                                 Path(msg.directory), msg.endpoints)
+            self.generations[(msg.service, msg.generation)] = gen
         except Exception as exc:  # user code: report anything
             error = f"{type(exc).__name__}: {exc}".rstrip(": ")
             if self.config.get("debug"):
                 error += "\n" + traceback.format_exc()
-        self.send([[wire.LOADED, service, name, error, time.perf_counter() - t0]])
+        self.send(wire.Loaded(service=msg.service, generation=msg.generation, error=error,
+                              seconds=time.perf_counter() - t0))
 
-    async def _route(self, item: list[Any]) -> None:
-        _, service, mapping_json, kinds, description = item
+    async def _route(self, msg: wire.Route) -> None:
+        service, kinds = msg.service, msg.kinds
         assert self.serving is not None
         error = ""
         try:
-            mapping = _MAPPING.decode(mapping_json)
+            mapping = _MAPPING.decode(msg.mapping)
             loaded = {g: self.generations[(service, g)] for g in kinds}
-            await self.serving.apply(service, Route.build(mapping, kinds, loaded), description)
+            await self.serving.apply(service, Route.build(mapping, kinds, loaded),
+                                     msg.description)
             for key in [k for k in self.generations if k[0] == service and k[1] not in kinds]:
                 del self.generations[key]  # left the route; nothing runs it (one at a time)
         except KeyError as exc:
             error = f"generation {exc} is not loaded in this worker"
         except Exception as exc:
             error = f"{type(exc).__name__}: {exc}"
-        self.send([[wire.ROUTED, service, error]])
+        self.send(wire.Routed(service=service, error=error))
 
     async def _stats_loop(self) -> None:
         assert self.serving is not None
         s = self.serving
         while True:
             await anyio.sleep(STATS_INTERVAL)
-            backlog = s.backlog()
-            rows = [[k[0], k[1], k[2], k[3], st.requests, st.errors, st.latency_sum,
-                     list(st.buckets)] for k, st in s.stats.items()]
-            self.send([[wire.STATS, rows, [[k[0], k[1], n] for k, n in backlog.items()],
-                        s.overloaded, s.shadow_mismatches]])
+            rows = [wire.StatRow(k[0], k[1], k[2], k[3], st.requests, st.errors,
+                                 st.latency_sum, list(st.buckets))
+                    for k, st in s.stats.items()]
+            backlog = [wire.Backlog(k[0], k[1], n) for k, n in s.backlog().items()]
+            self.send(wire.Stats(rows=rows, backlog=backlog, overloaded=s.overloaded,
+                                 shadow_mismatches=s.shadow_mismatches))
+
 
 
 def main() -> None:
@@ -151,6 +179,7 @@ def main() -> None:
     os.dup2(2, 1)  # user code's prints go to the node's log
     config = json.loads(os.environ.pop(CONFIG_ENV))
     configure_logging(config.get("log_level"))
+    set_memory_limit(config.get("memory_mb"))
     sock = socket.socket(fileno=fd)
     worker = Worker(config, sock)
     with contextlib.suppress(BrokenPipeError, ConnectionResetError):

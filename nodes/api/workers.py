@@ -2,11 +2,28 @@
 
 Every worker serves the node's services in their queue groups by itself (``worker``);
 the pool keeps what every worker must have (loaded generations, routes) and replays it
-to a replacement before counting it ready.  Generations load in every worker at once,
-each in a thread beside serving, so a deploy costs no request; the route switch comes
-after every worker has loaded.  A worker that dies is replaced with backoff; one whose
-request runs ``kill_grace`` past the request timeout is killed (its busy-since clock is
-in a shared page, readable while its event loop is stuck in user code).
+to a replacement.  Services are independent: each has its own lock, generations load in
+every worker at once, each in a thread beside serving, so a deploy costs no request and
+a slow ``load()`` of one service holds back no other (a replacement worker serves each
+service as soon as that service is replayed); the route switch comes after every worker
+has loaded.
+
+The pool watches each worker's busy page (``wire.BusyPage``), readable while the
+worker's event loop is stuck in user code:
+
+* while a worker runs a request, the node tells the requester so (``<reply>.working``,
+  every ``NOTICE_EVERY``), and the requester's hedged retry waits: a request that is
+  being worked on is not sent again.  A stopped worker (SIGSTOP) gets no notices, so its
+  requests are hedged;
+* when a worker dies running a request (``os._exit``, a segfault, its memory limit), the
+  node answers that request at once with a ``user_code`` error saying so; the request is
+  not retried (it may be what killed the worker) and no other worker runs it;
+* a worker whose request runs ``kill_grace`` past the request timeout is killed.
+
+Hedged copies (``sy.api.v1.<service>.<endpoint>.hedge``) reach the node, not a worker:
+it hands each to a worker that is neither stopped nor busy when it has one, so a retry
+does not land in the queue of the worker that stalled.  A dead worker is replaced with
+backoff; its process group (whatever user code started) is killed with it.
 """
 
 from __future__ import annotations
@@ -16,6 +33,8 @@ import contextlib
 import json
 import mmap
 import os
+import random
+import signal
 import socket
 import sys
 import time
@@ -24,16 +43,24 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import msgspec
 from anyio.abc import TaskStatus
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
 
 from nodes.api import wire
 from nodes.api.metrics import Metrics
 from nodes.api.worker import CONFIG_ENV
+from nodes.runtime.framing import FrameError, frame, read_frame
 from nodes.runtime.logs import get_logger
 from nodes.runtime.settings import NatsSettings
+from protocol import subjects
+from protocol.api import micro_error
 
 ROOT = Path(__file__).resolve().parents[2]
 START_TIMEOUT = 60.0
+WATCH_EVERY = 0.05  # the busy pages are read this often
+NOTICE_EVERY = 0.1  # a running request's requester hears so this often (< retry floor)
 NATS_FIELDS = ("servers", "creds_file", "nkey_seed_file", "user", "password", "token",
                "tls_ca_file", "tls_cert_file", "tls_key_file", "inbox_prefix",
                "connect_timeout")
@@ -45,50 +72,76 @@ class Worker:
         self.busy_path = busy_path
         self.proc: asyncio.subprocess.Process | None = None
         self.writer: asyncio.StreamWriter | None = None
-        self.page: mmap.mmap | None = None
-        self.ready = False
+        self.page: wire.BusyPage | None = None
+        self.ready = False  # every service replayed
+        self.synced: set[str] = set()  # services this worker has (loads and route)
         self.retiring = False
-        self.waiters: dict[tuple[Any, ...], asyncio.Future[str]] = {}
+        self.out_of_memory = ""
+        self.noticed = 0.0  # when the running request's requester last heard of it
+        self.dead = ""  # why, once its stream has ended: nothing more will be answered
+        self.waiters: dict[tuple[str, ...], asyncio.Future[str]] = {}
 
     @property
     def pid(self) -> int | None:
         return self.proc.pid if self.proc else None
 
-    def send(self, items: list[Any]) -> None:
+    def send(self, msg: wire.ToWorker) -> None:
         if self.writer is not None and not self.writer.is_closing():
-            self.writer.write(wire.frame(items))
+            self.writer.write(frame(msg))
 
     def busy_since(self) -> float:
-        return wire.BUSY.unpack_from(self.page)[0] if self.page is not None else 0.0
+        return self.page.since() if self.page is not None else 0.0
 
-    def expect(self, *key: Any) -> asyncio.Future[str]:
+    def stopped(self) -> bool:
+        """Stopped by a signal (SIGSTOP, a debugger): it runs nothing, whatever its page
+        says."""
+        if self.pid is None or not sys.platform.startswith("linux"):
+            return False
+        try:
+            with open(f"/proc/{self.pid}/stat", "rb") as f:
+                state = f.read().rpartition(b")")[2].split()[0]
+        except (OSError, IndexError):
+            return False
+        return state in (b"T", b"t")
+
+    def expect(self, *key: str) -> asyncio.Future[str]:
         fut: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-        self.waiters[key] = fut
+        if self.dead:
+            fut.set_result(self.dead)
+        else:
+            self.waiters[key] = fut
         return fut
 
 
 class WorkerPool:
     def __init__(self, size: int, *, nats: NatsSettings, node: str, infra: str,
                  run_dir: Path, metrics: Metrics, max_body: int, queue_timeout: float,
-                 request_timeout: float, kill_grace: float, debug: bool) -> None:
+                 request_timeout: float, kill_grace: float, debug: bool,
+                 memory_mb: int | None = None) -> None:
         self.size = size
         self.run_dir = run_dir
         self.metrics = metrics
         self.request_timeout = request_timeout
         self.kill_grace = kill_grace
+        self.memory_mb = memory_mb
         self.config = {
             "nats": {k: (list(v) if k == "servers" else v)
                      for k, v in asdict(nats).items() if k in NATS_FIELDS},
             "node": node, "infra": infra, "max_body": max_body,
-            "queue_timeout": queue_timeout, "debug": debug}
+            "queue_timeout": queue_timeout, "debug": debug, "memory_mb": memory_mb}
         self.log = get_logger(component="workers")
+        self.nc: NATS | None = None  # set by the node before ``run``
         self.workers: list[Worker] = []
-        self.generations: dict[tuple[str, str], list[Any]] = {}  # LOAD items, replayed
-        self.routes: dict[str, list[Any]] = {}  # ROUTE items, replayed
+        self.generations: dict[tuple[str, str], wire.Load] = {}  # replayed
+        self.routes: dict[str, wire.Route] = {}  # replayed
         self.crashes = 0
+        self.hedged = 0  # hedged copies handed to a worker
+        self.died_running = 0  # requests answered for a worker that died running them
+        self._locks: dict[str, anyio.Lock] = {}
+        self._hedge_subs: dict[str, Any] = {}
         self._next = 0
         self._tg: Any = None
-        self._lock = anyio.Lock()
+        self._spawning = anyio.Lock()
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -115,24 +168,32 @@ class WorkerPool:
     def busy(self) -> int:
         return sum(1 for w in self.workers if w.busy_since())
 
+    def _lock(self, service: str) -> anyio.Lock:
+        lock = self._locks.get(service)
+        if lock is None:
+            lock = self._locks[service] = anyio.Lock()
+        return lock
+
     async def _spawn(self) -> Worker:
         index = self._next
         self._next += 1
         busy = self.run_dir / f"worker-{index}.busy"
-        await anyio.Path(busy).write_bytes(wire.BUSY.pack(0.0))
+        await anyio.Path(busy).write_bytes(wire.BusyPage.blank())
         w = Worker(index, busy)
         config = dict(self.config, index=index, busy_path=str(busy))
+        env = {**os.environ, CONFIG_ENV: json.dumps(config)}
+        if self.memory_mb:  # per-thread malloc arenas reserve address space
+            env.setdefault("MALLOC_ARENA_MAX", "2")
         parent, child = socket.socketpair()
         try:
             try:
                 w.proc = await asyncio.create_subprocess_exec(
                     sys.executable, "-P", "-m", "nodes.api.worker", str(child.fileno()),
                     pass_fds=(child.fileno(),), stdin=asyncio.subprocess.DEVNULL,
-                    cwd=str(ROOT), start_new_session=True,
-                    env={**os.environ, CONFIG_ENV: json.dumps(config)})
+                    cwd=str(ROOT), start_new_session=True, env=env)
             finally:
                 child.close()
-            w.page = await anyio.to_thread.run_sync(_map, busy)
+            w.page = wire.BusyPage(await anyio.to_thread.run_sync(_map, busy))
             reader, w.writer = await asyncio.open_unix_connection(sock=parent)
         except BaseException:
             parent.close()  # the transport did not take it over
@@ -144,20 +205,41 @@ class WorkerPool:
         self.workers.append(w)
         self._tg.start_soon(self._read, w, reader)
         try:
-            for load in list(self.generations.values()):
-                error = await self._ask(w, load, (wire.LOADED, load[1], load[2]))
-                if error:
-                    raise RuntimeError(f"could not load {load[1]} {load[2]}: {error}")
-            for route in list(self.routes.values()):
-                error = await self._ask(w, route, (wire.ROUTED, route[1]))
-                if error:
-                    raise RuntimeError(f"could not serve {route[1]}: {error}")
+            while True:  # a service deployed meanwhile is replayed too
+                missing = sorted(({s for s, _ in self.generations} | set(self.routes))
+                                 - w.synced)
+                if not missing:
+                    break
+                errors: list[str] = []
+                async with anyio.create_task_group() as tg:
+                    for service in missing:
+                        tg.start_soon(self._replay, w, service, errors)
+                if errors:
+                    raise RuntimeError(errors[0])
         except BaseException:
             await self._close(w)
             raise
         w.ready = True
         self.metrics.workers = len(self.workers)
         return w
+
+    async def _replay(self, w: Worker, service: str, errors: list[str]) -> None:
+        """Give ``w`` one service's loaded generations and route (under its lock, so no
+        deploy of it passes ``w`` by meanwhile)."""
+        async with self._lock(service):
+            for (s, gen), load in list(self.generations.items()):
+                if s == service:
+                    error = await self._ask(w, load, ("loaded", service, gen))
+                    if error:
+                        errors.append(f"could not load {service} {gen}: {error}")
+                        return
+            route = self.routes.get(service)
+            if route is not None:
+                error = await self._ask(w, route, ("routed", service))
+                if error:
+                    errors.append(f"could not serve {service}: {error}")
+                    return
+            w.synced.add(service)
 
     async def _close(self, w: Worker) -> None:
         w.ready = False
@@ -172,6 +254,7 @@ class WorkerPool:
                 with contextlib.suppress(ProcessLookupError):
                     w.proc.kill()
                 await w.proc.wait()
+        _kill_group(w)
         if w in self.workers:
             self.workers.remove(w)
         self.metrics.retire_worker(w.index)
@@ -180,67 +263,107 @@ class WorkerPool:
 
     async def drain(self, timeout: float) -> None:
         """Every worker leaves the queue groups and answers what it had received."""
+        for sub in list(self._hedge_subs.values()):
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+        self._hedge_subs.clear()
         futures = []
         for w in self.workers:
-            futures.append(w.expect(wire.DRAINED))
-            w.send([[wire.DRAIN]])
+            futures.append(w.expect("drained"))
+            w.send(wire.Drain())
         with anyio.move_on_after(timeout):
             for fut in futures:
                 await fut
 
     # -- control ------------------------------------------------------------------------
 
-    async def _ask(self, w: Worker, item: list[Any], key: tuple[Any, ...]) -> str:
+    async def _ask(self, w: Worker, msg: wire.ToWorker, key: tuple[str, ...]) -> str:
         fut = w.expect(*key)
-        w.send([item])
+        w.send(msg)
         return await fut
 
     async def _read(self, w: Worker, reader: asyncio.StreamReader) -> None:
         try:
             while True:
-                (n,) = wire.HEADER.unpack(await reader.readexactly(4))
-                for item in wire.decode(await reader.readexactly(n)):
-                    kind = item[0]
-                    if kind == wire.STATS:
-                        self.metrics.worker_stats(w.index, item[1], item[2], item[3], item[4])
-                        continue
-                    key: tuple[Any, ...] = ((kind, item[1], item[2]) if kind == wire.LOADED
-                                            else (kind, item[1]) if kind == wire.ROUTED
-                                            else (kind,))
-                    fut = w.waiters.pop(key, None)
-                    if fut is not None and not fut.done():
-                        fut.set_result(item[3] if kind == wire.LOADED else
-                                       item[2] if kind == wire.ROUTED else "")
+                msg = wire.decode_from_worker(await read_frame(reader))
+                if isinstance(msg, wire.Stats):
+                    self.metrics.worker_stats(
+                        w.index, [list(msgspec.structs.astuple(r)) for r in msg.rows],
+                        [[b.service, b.endpoint, b.waiting] for b in msg.backlog],
+                        msg.overloaded, msg.shadow_mismatches)
+                    continue
+                if isinstance(msg, wire.Retiring):
+                    w.out_of_memory = msg.reason
+                    continue
+                key: tuple[str, ...]
+                if isinstance(msg, wire.Loaded):
+                    key, result = ("loaded", msg.service, msg.generation), msg.error
+                elif isinstance(msg, wire.Routed):
+                    key, result = ("routed", msg.service), msg.error
+                else:
+                    key, result = ("drained",), ""
+                fut = w.waiters.pop(key, None)
+                if fut is not None and not fut.done():
+                    fut.set_result(result)
         except (asyncio.IncompleteReadError, ConnectionError, OSError):
             pass
+        except (FrameError, msgspec.DecodeError) as exc:
+            self.log.error("unreadable frame from a worker; replacing it", worker=w.index,
+                           error=str(exc))
+            if w.proc is not None and w.proc.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    w.proc.kill()
         except Exception:
             self.log.exception("worker stream failed", worker=w.index)
         await self._died(w)
 
     async def _died(self, w: Worker) -> None:
         code = None
+        since, reply = w.page.read() if w.page is not None else (0.0, "")
         if w.proc is not None:
             with anyio.move_on_after(5):
                 code = await w.proc.wait()
+        _kill_group(w)
+        w.dead = f"the worker process died ({_how(code)})"
         for fut in w.waiters.values():
             if not fut.done():
-                fut.set_result(f"the worker process died (exit code {code})")
+                fut.set_result(w.dead)
         if w.retiring:
             return
+        if since and reply:
+            await self._answer_for_dead(reply, code)
         was_ready = w.ready
         await self._close(w)
         self.crashes += 1
-        self.log.error("worker process died; replacing it", worker=w.index, pid=w.pid,
-                       exit_code=code)
+        if w.out_of_memory:
+            self.log.warning("worker retired after running out of memory; replacing it",
+                             worker=w.index, pid=w.pid, reason=w.out_of_memory)
+        else:
+            self.log.error("worker process died; replacing it", worker=w.index, pid=w.pid,
+                           exit_code=code, running_request=bool(since))
         if was_ready:
             self._tg.start_soon(self._replace)
+
+    async def _answer_for_dead(self, reply: str, code: int | None) -> None:
+        """The worker died running the request with reply subject ``reply``: say so to
+        whoever waits for it, now, instead of letting it time out and be retried."""
+        self.died_running += 1
+        message = (f"the worker process running this request died ({_how(code)}); the "
+                   "request is not retried, since it may be what killed the worker")
+        if self.nc is None:
+            return
+        try:
+            body, headers = micro_error("user_code", message)
+            await self.nc.publish(reply, body, headers=headers)
+        except Exception as exc:  # the requester times out instead
+            self.log.warning("could not answer for a dead worker", error=str(exc))
 
     async def _replace(self) -> None:
         delay = 0.05
         while True:
             await anyio.sleep(delay)
             try:
-                async with self._lock:
+                async with self._spawning:
                     with anyio.fail_after(START_TIMEOUT + 60):
                         await self._spawn()
                 return
@@ -250,51 +373,95 @@ class WorkerPool:
 
     async def _watchdog(self) -> None:
         while True:
-            await anyio.sleep(0.1)
+            await anyio.sleep(WATCH_EVERY)
             now = time.monotonic()
             for w in list(self.workers):
-                since = w.busy_since()
-                if since and now - since > self.request_timeout + self.kill_grace:
+                if w.page is None:
+                    continue
+                since, reply = w.page.read()
+                if not since:
+                    continue
+                if now - since > self.request_timeout + self.kill_grace:
                     self.log.error("killing a worker stuck in user code", worker=w.index,
                                    pid=w.pid, seconds=round(now - since, 1))
-                    if w.page is not None:
-                        wire.BUSY.pack_into(w.page, 0, 0.0)
+                    w.page.stop()
                     with contextlib.suppress(ProcessLookupError):
                         if w.proc is not None:
                             w.proc.kill()
+                elif (reply and now - max(since, w.noticed) >= NOTICE_EVERY
+                      and self.nc is not None and not w.stopped()):
+                    w.noticed = now
+                    try:
+                        await self.nc.publish(subjects.api_working(reply), b"")
+                    except Exception as exc:
+                        self.log.debug("working notice not sent", error=str(exc))
+
+    # -- hedged copies ------------------------------------------------------------------
+
+    async def _hedge(self, msg: Msg) -> None:
+        """A hedged copy: to a worker that is running, idle if one is, never stopped."""
+        parts = msg.subject.split(".")
+        if not msg.reply or len(parts) != 6:
+            return
+        service, endpoint = parts[3], parts[4]
+        candidates = [w for w in self.workers
+                      if service in w.synced and not w.retiring and not w.stopped()]
+        if not candidates:
+            return  # the requester's next copy goes to the queue group
+        idle = [w for w in candidates if not w.busy_since()]
+        w = random.choice(idle or candidates)
+        self.hedged += 1
+        w.send(wire.Serve(service=service, endpoint=endpoint, reply=msg.reply,
+                          data=msg.data, headers=dict(msg.headers) if msg.headers else None))
+
+    async def _serve_hedges(self, service: str) -> None:
+        if self.nc is None or service in self._hedge_subs:
+            return
+        self._hedge_subs[service] = await self.nc.subscribe(
+            subjects.api_hedges(service), queue=subjects.api_queue_group(service),
+            cb=self._hedge, pending_msgs_limit=10_000)
 
     # -- generations and routes ---------------------------------------------------------
 
     async def load(self, service: str, generation: str, directory: Path,
-                   endpoints: list[list[str]], timeout: float = 300.0) -> str:
+                   endpoints: list[wire.EndpointCode], timeout: float = 300.0) -> str:
         """Load a generation in every worker (beside serving); "" or the first error."""
-        item = [wire.LOAD, service, generation, str(directory), endpoints]
-        async with self._lock:
-            error = await self._broadcast(item, (wire.LOADED, service, generation), timeout,
-                                          "loading")
+        msg = wire.Load(service=service, generation=generation, directory=str(directory),
+                        endpoints=endpoints)
+        async with self._lock(service):
+            error = await self._broadcast(service, msg, ("loaded", service, generation),
+                                          timeout, "loading")
             if not error:
-                self.generations[(service, generation)] = item
+                self.generations[(service, generation)] = msg
             return error
 
     async def route(self, service: str, mapping_json: bytes, kinds: dict[str, dict[str, str]],
                     description: str, timeout: float = 30.0) -> str:
         """Switch every worker to the mapping; "" or the first error."""
-        item = [wire.ROUTE, service, mapping_json, kinds, description]
-        async with self._lock:
-            error = await self._broadcast(item, (wire.ROUTED, service), timeout, "switching")
-            self.routes[service] = item
+        msg = wire.Route(service=service, mapping=mapping_json, kinds=kinds,
+                         description=description)
+        async with self._lock(service):
+            error = await self._broadcast(service, msg, ("routed", service), timeout,
+                                          "switching")
+            self.routes[service] = msg
             for key in [k for k in self.generations if k[0] == service and k[1] not in kinds]:
                 del self.generations[key]
-            return error
+            for w in self.workers:
+                if w.ready:
+                    w.synced.add(service)
+        if not error:
+            await self._serve_hedges(service)
+        return error
 
-    async def _broadcast(self, item: list[Any], reply: tuple[Any, ...], timeout: float,
-                         doing: str) -> str:
-        """Send ``item`` to every ready worker and wait (bounded) for each one's ``reply``;
-        "" or the first error.  The caller holds ``_lock``."""
-        workers = [w for w in self.workers if w.ready]
+    async def _broadcast(self, service: str, msg: wire.ToWorker, reply: tuple[str, ...],
+                         timeout: float, doing: str) -> str:
+        """Send ``msg`` to every worker that has ``service`` (or every service) and wait
+        (bounded) for each one's ``reply``; "" or the first error.  The caller holds the
+        service's lock."""
+        workers = [w for w in self.workers if w.ready or service in w.synced]
         futures = [w.expect(*reply) for w in workers]
         for w in workers:
-            w.send([item])
+            w.send(msg)
         errors = []
         with anyio.move_on_after(timeout) as scope:
             for fut in futures:
@@ -306,5 +473,21 @@ class WorkerPool:
 
 def _map(path: Path) -> mmap.mmap:
     with path.open("r+b") as f:
-        return mmap.mmap(f.fileno(), wire.BUSY.size)
+        return mmap.mmap(f.fileno(), wire.PAGE_SIZE)
 
+
+def _kill_group(w: Worker) -> None:
+    """Kill what user code started: the worker leads its own process group."""
+    if w.pid is not None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(w.pid, signal.SIGKILL)
+
+
+def _how(code: int | None) -> str:
+    if code is None:
+        return "exit code unknown"
+    if code < 0:
+        with contextlib.suppress(ValueError):
+            return f"killed by {signal.Signals(-code).name}"
+        return f"killed by signal {-code}"
+    return f"exit code {code}"

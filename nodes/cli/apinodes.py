@@ -24,8 +24,13 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 _OPTIONS: list[tuple[str, dict[str, Any]]] = [
     ("--workers", dict(type=click.IntRange(min=1), default=None,
-                       help="api: worker processes for user code (default: one per core, "
-                            "at most 8).")),
+                       help="api: worker processes for user code (default: one per core "
+                            "but one, at least 1, at most 8).")),
+    ("--worker-memory", dict(type=click.IntRange(min=256), default=None,
+                             help="api: address-space limit of each worker process in MB "
+                                  "(a worker starts at ~120 MB of address space); a request "
+                                  "that allocates past it fails alone and the worker is "
+                                  "replaced [default: no limit]")),
     ("--http-port", dict(type=int, default=None,
                          help="api, gateway: HTTP port, shared by every API node on the host "
                               "(SO_REUSEPORT; 0: any free port) [default: 8080]")),
@@ -63,7 +68,8 @@ _OPTIONS: list[tuple[str, dict[str, Any]]] = [
     ("--debug", dict(is_flag=True, default=False,
                      help="api: show user code tracebacks in error replies.")),
 ]
-_KEYS = {"workers": "workers", "http_port": "http_port", "http_host": "http_host",
+_KEYS = {"workers": "workers", "worker_memory": "worker_memory_mb",
+         "http_port": "http_port", "http_host": "http_host",
          "request_timeout": "request_timeout", "queue_timeout": "queue_timeout",
          "retry_after": "retry_after", "max_body": "max_body",
          "metrics_interval": "metrics_interval"}

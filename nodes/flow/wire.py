@@ -1,18 +1,20 @@
 """Frames between the engine, its fork server and the job processes it forks.
 
-Length-prefixed msgpack (4-byte big-endian length), one tagged union per direction.
+Framed by ``nodes.runtime.framing`` (shared with the API node's workers), one tagged
+union per direction.
 Private to the flow package: both ends always run the same code, so there are no
 compatibility rules here, unlike ``protocol/``.
 """
 
 from __future__ import annotations
 
-import struct
 from typing import Any
 
 import msgspec
 
-HEADER = struct.Struct(">I")
+from nodes.runtime.framing import HEADER as HEADER
+from nodes.runtime.framing import Deframer as Deframer
+from nodes.runtime.framing import frame as frame
 
 
 class JobSpec(msgspec.Struct, frozen=True, kw_only=True):
@@ -101,11 +103,6 @@ _report = msgspec.msgpack.Decoder(Report)
 _encoder = msgspec.msgpack.Encoder()
 
 
-def frame(msg: msgspec.Struct) -> bytes:
-    body = _encoder.encode(msg)
-    return HEADER.pack(len(body)) + body
-
-
 def encode_report(report: Report) -> bytes:
     return _encoder.encode(report)
 
@@ -115,24 +112,6 @@ def decode_report(data: bytes) -> Report | None:
         return _report.decode(data) if data else None
     except msgspec.DecodeError:
         return None
-
-
-class Deframer:
-    """Accumulates bytes; yields complete frame bodies."""
-
-    def __init__(self) -> None:
-        self._buf = bytearray()
-
-    def feed(self, data: bytes) -> list[bytes]:
-        self._buf += data
-        out: list[bytes] = []
-        while len(self._buf) >= HEADER.size:
-            (n,) = HEADER.unpack_from(self._buf)
-            if len(self._buf) < HEADER.size + n:
-                break
-            out.append(bytes(self._buf[HEADER.size:HEADER.size + n]))
-            del self._buf[:HEADER.size + n]
-        return out
 
 
 def decode_spec(body: bytes) -> JobSpec:
