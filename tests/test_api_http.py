@@ -77,7 +77,9 @@ def _read_answer(sock: socket.socket, timeout: float = 10.0,
     if data:
         return Answer(status, headers, body, closed=False)  # more responses follow
     try:
-        closed = sock.recv(65536) == b""
+        more = sock.recv(65536)
+        closed = more == b""
+        data += more  # a pipelined response that arrived meanwhile is kept for the next call
     except TimeoutError:
         closed = False
     except ConnectionResetError:
