@@ -347,6 +347,31 @@ async def test_while_nats_is_down_isalive_and_predictions_answer_503_at_once(
             await restarted.astop()
 
 
+async def test_a_request_in_flight_when_nats_drops_is_answered_503_at_once(
+        nats_server: EmbeddedNats, settings: NatsSettings, tmp_path: Path) -> None:
+    """A reply sent while the connection is down is lost, so the gateway answers every
+    request in flight 503 when the connection drops, instead of 504 at the deadline."""
+    make_api_project(tmp_path / "ws", version="1")
+    async with api_stack(settings, tmp_path) as s:
+        node = await s.api_node("api-1", workers=1)
+        await s.package("v1")
+        await s.deploy({"v1": 100})
+        result: list[httpx.Response] = []
+
+        async def slow_call() -> None:
+            result.append(await s.http.post(url(node, "score", "run"), json={"sleep": 5}))
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(slow_call)
+            await wait_for(lambda: node.pool.busy >= 1, timeout=10,
+                           message="the slow call running in a worker")
+            await anyio.to_thread.run_sync(nats_server.kill)
+        (r,) = result  # the worker still sleeps: without the fail-fast this is a 504 at 31 s
+        assert r.status_code == 503, r.text
+        assert r.json()["error"]["code"] == "unavailable"
+        assert "dropped while the request was out" in r.json()["error"]["message"]
+
+
 # -- bodies and results that are not valid JSON ------------------------------------------------
 
 async def test_deep_nesting_is_a_400_and_non_finite_results_a_500_on_every_endpoint(

@@ -37,6 +37,7 @@ from nodes.api.keys import KeyCache
 from nodes.api.metrics import Metrics
 from nodes.runtime.jetstream import ensure_kv
 from nodes.runtime.kvcache import Entry, KVCache
+from nodes.runtime.logs import get_logger
 from nodes.runtime.node import Node
 from nodes.runtime.requests import NO_RESPONDERS, Requester
 from protocol import subjects
@@ -272,6 +273,15 @@ class Gateway:
             self._hedges[subject] = subjects.api_hedge(service, endpoint)
         return subject
 
+    def disconnected(self) -> None:
+        """The NATS connection dropped: answer every request in flight 503 now.  Their
+        replies, if any, are lost with the connection, so waiting only turns a 503 into
+        a 504 at the deadline."""
+        failed = self.requester.fail_pending(nats.errors.ConnectionReconnectingError())
+        if failed:
+            get_logger(component="gateway").warning(
+                "NATS connection dropped: in-flight requests answered 503", requests=failed)
+
     async def handle(self, service: str, endpoint: str, action: str, body: bytes,
                      authorization: str | None, generation: str | None,
                      dispatch_key: str | None) -> tuple[int, bytes]:
@@ -320,8 +330,9 @@ class Gateway:
             return error_reply("timeout", f"{service}/{endpoint} did not answer within "
                                           f"{self.timeout:g}s")
         except _OFFLINE as exc:
-            return error_reply("unavailable", f"this node's NATS connection failed while "
-                                              f"sending the request ({type(exc).__name__})")
+            return error_reply("unavailable", f"this node's NATS connection dropped while "
+                                              f"the request was out ({type(exc).__name__}); "
+                                              "try again shortly")
         hdrs = msg.headers
         if hdrs:
             code = hdrs.get(ERROR_CODE_HEADER)
@@ -384,6 +395,10 @@ class GatewayNode(Node):
         self.http = HttpServer(self.gateway, self.metrics, host=self.http_host,
                                port=self.http_port, node=self.name, limits=self.http_limits)
         await tg.start(self.http.serve)
+
+    def disconnected(self) -> None:
+        if self.gateway is not None:
+            self.gateway.disconnected()
 
     async def reconnected(self) -> None:
         if self.gateway is not None:

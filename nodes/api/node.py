@@ -130,6 +130,10 @@ class ApiNode(Node):
         tg.start_soon(partial(supervised, "converge", self._converge_loop, tg, log=self.log))
         tg.start_soon(partial(supervised, "metrics", self._metrics_loop, log=self.log))
 
+    def disconnected(self) -> None:
+        if self.gateway is not None:
+            self.gateway.disconnected()
+
     async def reconnected(self) -> None:
         if self._desired is not None:
             self._desired.resync()

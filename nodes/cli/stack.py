@@ -181,8 +181,8 @@ def _children(home: Path, url: str, *, automation: int, api: int,
               show_default=True, help="HTTP port for API services.")
 @click.option("--automation-nodes", type=click.IntRange(min=0), default=1, show_default=True)
 @click.option("--api-nodes", type=click.IntRange(min=0), default=1, show_default=True)
-@click.option("--heartbeat-interval", type=click.FloatRange(min=0.05), default=2.0,
-              show_default=True)
+@click.option("--heartbeat-interval", type=click.FloatRange(MIN_INTERVAL_S, MAX_INTERVAL_S),
+              default=2.0, show_default=True)
 @click.option("--workspace", type=click.Path(path_type=Path), default=Path("projects"),
               show_default=True, help="The Design node's workspace: one project per folder.")
 def up(home: Path, nats_port: int, monitor_port: int | None, http_port: int,

@@ -195,6 +195,11 @@ class Node:
     async def stopping(self) -> None:
         """Intake has stopped: finish or hand off background work before the drain."""
 
+    def disconnected(self) -> None:
+        """The connection dropped (nats-py is reconnecting): fail fast what waits on it.
+
+        Synchronous and quick: it runs inside nats-py's disconnect callback."""
+
     async def reconnected(self) -> None:
         """The connection came back: re-read state that a watch might have missed."""
 
@@ -214,6 +219,7 @@ class Node:
         structlog.contextvars.bind_contextvars(node=self.name, role=self.role)
         self._nc = await connect(self.settings, name=f"{self.role}:{self.name}",
                                  on_reconnect=self._on_reconnect, on_closed=self._on_closed,
+                                 on_disconnect=self._on_disconnect,
                                  stats=self.conn_stats)
         try:
             async with anyio.create_task_group() as tg:
@@ -268,6 +274,12 @@ class Node:
             self.log.warning("shutdown timeout: abandoning in-flight work", inflight=self.inflight)
         await self._say_goodbye()
         tg.cancel_scope.cancel()
+
+    async def _on_disconnect(self) -> None:
+        try:
+            self.disconnected()
+        except Exception:
+            self.log.exception("disconnect hook failed")
 
     async def _on_reconnect(self) -> None:
         if self._tg is not None:

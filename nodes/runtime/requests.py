@@ -44,6 +44,18 @@ class Requester:
         if future is not None and not future.done():
             future.set_result(msg)
 
+    def fail_pending(self, exc: Exception) -> int:
+        """Fail every request waiting for a reply (the connection dropped: a reply sent
+        meanwhile is lost, so waiting out the deadline only delays the answer).  Returns
+        how many were failed."""
+        pending, self._pending = self._pending, {}
+        failed = 0
+        for future in pending.values():
+            if not future.done():
+                future.set_exception(exc)
+                failed += 1
+        return failed
+
     def _expire(self, token: str) -> None:
         future = self._pending.pop(token, None)
         if future is not None and not future.done():
