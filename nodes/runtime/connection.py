@@ -70,12 +70,20 @@ async def connect(
     stats = stats or ConnectionStats()
     connected = False
     first_errors: list[str] = []
+    # A refusal is a definite answer (nothing listens there), unlike silence: once every
+    # server has refused, the first connect gives up instead of waiting out its deadline.
+    refusals: set[int] = set()
+    giving_up = anyio.CancelScope()
 
     async def error_cb(exc: Exception) -> None:
         stats.errors += 1
         if not connected:
             # First-connect failures are reported once, by CannotReachNats.
             first_errors.append(_describe(exc))
+            if first_errors[-1] == "connection refused":
+                refusals.add(len(first_errors))
+                if len(refusals) >= len(settings.servers):
+                    giving_up.cancel()
             return
         if isinstance(exc, nats.errors.SlowConsumerError):
             stats.slow_consumers += 1
@@ -117,8 +125,13 @@ async def connect(
     )
     deadline = settings.connect_timeout if first_connect_timeout is None else first_connect_timeout
     try:
-        with anyio.fail_after(deadline):
+        with anyio.fail_after(deadline), giving_up:
             await nc.connect(**options)
+        if giving_up.cancelled_caught:
+            await _abandon(nc)
+            raise CannotReachNats(settings.url, "connection refused")
+    except CannotReachNats:
+        raise
     except TimeoutError:
         await _abandon(nc)
         why = first_errors[-1] if first_errors else f"no answer within {deadline:g}s"
