@@ -41,8 +41,7 @@ def nodes_cmd(role: str | None, infra: str | None, nats_url: str | None, as_json
             {"name": n.name, "role": n.role, "infra": n.infra, "status": n.status,
              "last_seen_s": n.last_seen_s, "version": n.version, "host": n.host, "pid": n.pid,
              "uptime_s": n.uptime_s, "interval_s": n.interval_s, "last_seen": n.last_seen,
-             "first_seen": n.first_seen, "dropped": n.dropped,
-             "state": to_builtins(n.state)}
+             "first_seen": n.first_seen, "dropped": n.dropped, "state": n.state}
             for n in reply.nodes])
         return
     if not reply.nodes:
