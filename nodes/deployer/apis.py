@@ -334,7 +334,8 @@ def _node_deployment(n: NodeInfo, rec: ApiDeploymentRecord) -> NodeDeployment:
     st = (n.state.services.get(rec.service) if isinstance(n.state, ApiState) else None) \
         or ServiceState()
     failed = st.failed
-    error = (failed.reason or "refused") if failed is not None \
-        and failed.update == rec.update_id else ""
+    error = ""
+    if failed is not None and failed.update == rec.update_id:
+        error = failed.reason or "refused"
     return NodeDeployment(node=n.name, status=n.status, running=st.mapping,
                           activity=st.stage, error=error)
