@@ -53,6 +53,7 @@ from protocol.deploy import BundleStored
 from protocol.design import DESIGN, RUNNER
 from protocol.errors import BadRequest, Conflict, NotFound
 from protocol.runs import DESIGN_BUILD, BuildDatasets, RunAccepted
+from protocol.state import DesignState
 
 
 class DesignNode(Node):
@@ -100,8 +101,8 @@ class DesignNode(Node):
     async def stopping(self) -> None:
         await self.local.cancel_all()
 
-    def state(self) -> dict[str, Any]:
-        return {"workspace": str(self.workspace), "runs": self.local.state()}
+    def state(self) -> DesignState:
+        return DesignState(workspace=str(self.workspace), runs=self.local.state())
 
     # -- test builds ---------------------------------------------------------------------
 

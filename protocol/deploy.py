@@ -3,7 +3,7 @@
 Desired state lives in the ``sy_deploy`` KV bucket, one key per deployment
 (``bundle.<infra>.<project>``), updated only by compare-and-set.  Automation nodes watch
 their infra's keys, re-read them periodically and on reconnect, and report what they
-run in their heartbeats (``state["bundles"]``) and as ``sy.rpt.activation.<node>``.
+run in their heartbeats (``AutomationState.bundles``) and as ``sy.rpt.activation.<node>``.
 """
 
 from __future__ import annotations

@@ -1,11 +1,20 @@
-"""Heartbeats: every node, every ``interval_s`` seconds, on ``sy.hb.<role>.<node>``."""
+"""Heartbeats: every node, every ``interval_s`` seconds, on ``sy.hb.<role>.<node>``.
+
+A heartbeat carries the node's role state (``protocol.state.RoleState``), typed and
+tagged by role, under the field name ``state`` that nodes of the previous release filled
+with an untagged object.  Keeping one field, rather than adding a typed one beside the
+old, keeps one shape on the wire and one decoding place: ``HEARTBEAT`` (a
+``StatedCodec``) decodes a typed state in one pass, and gives an untagged state the tag
+its heartbeat's ``role`` names, so a node of the previous release is registered and its
+bundles show in deployment views during a rolling upgrade.  Registry records stored by
+the previous release load the same way.
+"""
 
 from __future__ import annotations
 
-from typing import Any
-
 from protocol import checks, subjects
-from protocol.base import Codec, Message
+from protocol.base import Message
+from protocol.state import NoState, RoleState, StatedCodec
 
 # The heartbeat intervals the registry accepts.  Below 50 ms a beat costs more than it
 # tells; above 5 minutes a dead node would look alive for a quarter of an hour.
@@ -32,7 +41,7 @@ class Heartbeat(Message, frozen=True, kw_only=True, tag="heartbeat"):
     seq: int = 0
     ts: float = 0.0
     instance: str = ""  # unique per node object: tells a restart even with the same pid
-    state: dict[str, Any] = {}
+    state: RoleState = NoState()
     dropped: int = 0  # inbound messages this node dropped as malformed, since it started
 
     def validate(self, subject: str) -> None:
@@ -51,6 +60,8 @@ class Heartbeat(Message, frozen=True, kw_only=True, tag="heartbeat"):
         checks.number(self.uptime_s, "uptime_s", 0.0, 1e10)
         checks.finite(self.ts, "ts")
         checks.same_subject(subject, subjects.heartbeat(self.role, self.node), "heartbeat")
+        self.state.belongs_to(self.role)
+        self.state.validate()
 
 
-HEARTBEAT = Codec[Heartbeat](Heartbeat)
+HEARTBEAT = StatedCodec[Heartbeat](Heartbeat)

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import msgspec
 
 from protocol import checks, subjects
 from protocol.base import Command, Message
 from protocol.errors import InvalidMessage
+from protocol.state import NoState, RoleState, StatedCodec
 
 ONLINE = "online"
 LOST = "lost"
@@ -33,7 +32,7 @@ class NodeInfo(msgspec.Struct, frozen=True, kw_only=True):
     pid: int
     uptime_s: float
     interval_s: float
-    state: dict[str, Any] = {}
+    state: RoleState = NoState()  # as its last heartbeat carried it
     last_seen_s: float = 0.0
     dropped: int = 0  # inbound messages the node dropped as malformed (its last beat)
 
@@ -46,6 +45,8 @@ class NodeInfo(msgspec.Struct, frozen=True, kw_only=True):
         if key != registry_key(self.name):
             raise InvalidMessage(f"record of node {self.name!r} is stored under key "
                                  f"{key!r}: expected {registry_key(self.name)!r}")
+        self.state.belongs_to(self.role)
+        self.state.validate()
 
 
 class NodeList(Message, frozen=True, kw_only=True, tag="nodes"):
@@ -73,4 +74,5 @@ class ForgetNode(Command[ForgottenNode], frozen=True, kw_only=True, tag="nodes.f
     by: str = ""
 
 
-REGISTRY_VALUE = msgspec.json.Decoder(NodeInfo)
+# Records stored by the previous release carry an untagged state: see protocol.state.
+REGISTRY_VALUE = StatedCodec[NodeInfo](NodeInfo)

@@ -52,6 +52,3 @@ class ProbeNode(Node):
         if cmd.typed:
             raise NotFound("no such thing: widget-7")
         raise ZeroDivisionError("division by zero in handler")
-
-    def state(self) -> dict[str, Any]:
-        return {"finished": len(self.finished_work)}

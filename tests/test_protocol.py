@@ -12,6 +12,7 @@ from protocol.errors import DecodeError, Internal, NotFound, error_from_wire
 from protocol.events import NodeLost, NodeOnline
 from protocol.heartbeat import HEARTBEAT, Heartbeat
 from protocol.registry import ListNodes, NodeList
+from protocol.state import ApiState
 from protocol.stream import EVENT
 
 
@@ -69,7 +70,7 @@ def test_events_are_a_tagged_union_with_their_own_subjects() -> None:
 
 def test_heartbeat_round_trip() -> None:
     hb = Heartbeat(node="n", role="api", infra="i", version="1", host="h", pid=2, uptime_s=1.5,
-                   interval_s=2.0, state={"bundles": {"p": "v1"}})
+                   interval_s=2.0, state=ApiState(workers=2))
     assert HEARTBEAT.decode(HEARTBEAT.encode(hb)) == hb
 
 

@@ -20,6 +20,7 @@ from protocol import subjects
 from protocol.events import NodeForgotten, NodeLost, NodeOnline
 from protocol.heartbeat import HEARTBEAT, Heartbeat
 from protocol.registry import ListNodes, NodeInfo
+from protocol.state import AutomationState
 from tests.helpers import running, wait_for
 from tests.probe import ProbeNode
 
@@ -41,7 +42,7 @@ async def status_of(nc: NATS, name: str) -> str | None:
 async def beat(nc: NATS, name: str, *, pid: int = 4242, interval: float = 0.1,
                seq: int = 1) -> None:
     hb = Heartbeat(node=name, role="automation", infra="prod", version="9.9", host="h1", pid=pid,
-                   uptime_s=1.0, interval_s=interval, seq=seq, state={"bundles": {}})
+                   uptime_s=1.0, interval_s=interval, seq=seq, state=AutomationState())
     await nc.publish(subjects.heartbeat("automation", name), HEARTBEAT.encode(hb))
 
 

@@ -10,13 +10,15 @@ import anyio.lowlevel
 import pytest
 from nats.aio.client import Client as NATS
 
+from nodes.deployer import DeployerNode
 from nodes.runtime.calls import Caller
 from nodes.runtime.connection import CannotReachNats, connect
 from nodes.runtime.settings import NatsSettings
 from protocol import subjects
 from protocol.base import make_request
 from protocol.errors import BadRequest, Internal, NotFound, Unavailable
-from protocol.heartbeat import HEARTBEAT
+from protocol.heartbeat import HEARTBEAT, Heartbeat
+from protocol.state import DeployerState, NoState
 from protocol.system import Echo, Ping
 from tests.helpers import gather, running, wait_for
 from tests.probe import PROBE, Boom, Done, ProbeNode, Unhandled, Work
@@ -44,24 +46,30 @@ async def test_ready_means_subscribed_and_answering(settings: NatsSettings) -> N
 
 async def test_heartbeats_carry_identity_and_role_state(settings: NatsSettings) -> None:
     nc = await client(settings)
-    beats: list[bytes] = []
-    got = anyio.Event()
+    beats: dict[str, list[Heartbeat]] = {"p1": [], "d1": []}
 
     async def on_beat(msg: object) -> None:
-        beats.append(msg.data)  # type: ignore[attr-defined]
-        if len(beats) >= 2:
-            got.set()
+        hb = HEARTBEAT.decode(msg.data)  # type: ignore[attr-defined]
+        beats[hb.node].append(hb)
 
     await nc.subscribe(subjects.heartbeat("probe", "p1"), cb=on_beat)
+    await nc.subscribe(subjects.heartbeat("deployer", "d1"), cb=on_beat)
     node = probe(settings)
-    async with running(node):
+    deployer = DeployerNode(name="d1", nats=settings, heartbeat_interval=0.2)
+    async with running(deployer, node):
         await Caller(nc).call(Work(label="x"), timeout=2)
-        with anyio.fail_after(5):
-            await got.wait()
-    hb = HEARTBEAT.decode(beats[-1])
+
+        def registry_of_two() -> DeployerState | None:
+            state = beats["d1"][-1].state if beats["d1"] else None
+            return state if isinstance(state, DeployerState) and state.nodes == 2 else None
+
+        state = await wait_for(registry_of_two, message="the Deployer's state counts 2 nodes")
+        assert state.heartbeats >= 2
+        await wait_for(lambda: len(beats["p1"]) >= 2, message="2 probe beats")
+    hb = beats["p1"][-1]
     assert (hb.node, hb.role, hb.infra, hb.interval_s) == ("p1", "probe", "default", 0.2)
     assert hb.pid > 0 and hb.host and hb.version and hb.uptime_s >= 0
-    assert hb.state == {"finished": 1}
+    assert hb.state == NoState()  # a role without a state type carries none
     assert hb.seq >= 2
     await nc.close()
 

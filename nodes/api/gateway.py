@@ -52,6 +52,7 @@ from protocol.api import (
     error_reply,
 )
 from protocol.deploy import deployment_keys
+from protocol.state import GatewayState
 
 ACTIONS = {"predict": "prediction", "predict-multi": "prediction", "run": "function"}
 _OFFLINE = (nats.errors.ConnectionClosedError, nats.errors.ConnectionReconnectingError,
@@ -408,6 +409,6 @@ class GatewayNode(Node):
         if self.http is not None:
             await self.http.shutdown()
 
-    def state(self) -> dict[str, Any]:
-        return {"http": self.http.url if self.http else None,
-                "services": sorted(self.gateway.services) if self.gateway else []}
+    def state(self) -> GatewayState:
+        return GatewayState(http=self.http.url if self.http else None,
+                            services=sorted(self.gateway.services) if self.gateway else [])

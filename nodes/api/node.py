@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import anyio
+import msgspec
 import nats.errors
 from anyio.abc import TaskGroup
 from nats.js.kv import KeyValue
@@ -50,6 +51,7 @@ from protocol.api import (
 )
 from protocol.base import encode
 from protocol.deploy import deployment_keys
+from protocol.state import ApiState, MappingFailure, ServiceState
 
 
 def default_workers() -> int:
@@ -91,7 +93,7 @@ class ApiNode(Node):
                                queue_timeout=queue_timeout, request_timeout=request_timeout,
                                kill_grace=kill_grace, debug=debug,
                                memory_mb=worker_memory_mb)
-        self.services: dict[str, dict[str, Any]] = {}  # heartbeat state per service
+        self.services: dict[str, ServiceState] = {}  # heartbeat state per service
         self.gateway: Gateway | None = None
         self.http: HttpServer | None = None
         self._desired: KVCache[ApiDeploymentRecord] | None = None
@@ -146,12 +148,19 @@ class ApiNode(Node):
         if self.http is not None:
             await self.http.shutdown()
 
-    def state(self) -> dict[str, Any]:
-        return {"data_dir": str(self.data_dir), "workers": self.n_workers,
-                "worker_pids": self.pool.pids(), "worker_crashes": self.pool.crashes,
-                "http": self.http.url if self.http else None,
-                "http_error": self.http.error if self.http else "",
-                "services": self.services}
+    def state(self) -> ApiState:
+        return ApiState(data_dir=str(self.data_dir), workers=self.n_workers,
+                        worker_pids=self.pool.pids(), worker_crashes=self.pool.crashes,
+                        http=self.http.url if self.http else None,
+                        http_error=self.http.error if self.http else "",
+                        services=dict(self.services))
+
+    def _set(self, service: str, **changes: Any) -> ServiceState:
+        """Change fields of ``service``'s state (the one place it changes)."""
+        st = msgspec.structs.replace(self.services.get(service) or ServiceState(stage="idle"),
+                                     **changes)
+        self.services[service] = st
+        return st
 
     # -- convergence --------------------------------------------------------------------
 
@@ -168,12 +177,11 @@ class ApiNode(Node):
                 name = rec.service
                 if name in self._switching or self._retry_at.get(name, 0) > now:
                     continue
-                st = self.services.get(name, {})
-                if st.get("update") == rec.update_id and st.get("stage") in ("serving",
-                                                                             "failed"):
+                st = self.services.get(name) or ServiceState(stage="idle")
+                if st.update == rec.update_id and st.stage in ("serving", "failed"):
                     continue
-                if st.get("mapping") == rec.mapping.describe() and st.get("stage") == "serving":
-                    st["update"] = rec.update_id  # already serving exactly this
+                if st.mapping == rec.mapping.describe() and st.stage == "serving":
+                    self._set(name, update=rec.update_id)  # already serving exactly this
                     continue
                 self._switching.add(name)
                 tg.start_soon(self._switch, rec)
@@ -183,8 +191,7 @@ class ApiNode(Node):
     async def _switch(self, rec: ApiDeploymentRecord) -> None:
         assert self._packages is not None
         name, mapping = rec.service, rec.mapping
-        st = self.services.setdefault(name, {"mapping": None, "stage": "idle"})
-        st.update(target=mapping.describe(), update=rec.update_id, stage="fetching")
+        self._set(name, target=mapping.describe(), update=rec.update_id, stage="fetching")
         t0 = time.monotonic()
         generations = sorted({*mapping.generations, *([mapping.shadow] if mapping.shadow else [])})
         try:
@@ -195,7 +202,7 @@ class ApiNode(Node):
                                           self.data_dir / "downloads", name, gen)
                 dirs[gen] = (d, info)
                 kinds[gen] = {e: spec.kind for e, spec in info.endpoints.items()}
-            st["stage"] = "loading"
+            self._set(name, stage="loading")
             await self._report(rec, "loading", generations)
             for gen in generations:
                 if (name, gen) in self.pool.generations:
@@ -212,18 +219,16 @@ class ApiNode(Node):
             if error:
                 raise PackageRefused(f"switch failed: {error}")
         except PackageRefused as exc:
-            await self._failed(rec, st, str(exc), generations)
+            await self._failed(rec, str(exc), generations)
         except (nats.errors.Error, TimeoutError, OSError, transfer.TransferStalled) as exc:
             reason = f"{type(exc).__name__}: {exc}".rstrip(": ")
             self.log.warning("switch interrupted; will retry", service=name, error=reason)
-            st.update(stage="retrying", error=reason)
+            self._set(name, stage="retrying", error=reason)
             self._retry_at[name] = time.monotonic() + 2.0
         else:
             duration = time.monotonic() - t0
-            st.update(mapping=mapping.describe(), generations=dict(mapping.generations),
-                      shadow=mapping.shadow, stage="serving")
-            st.pop("failed", None)
-            st.pop("error", None)
+            self._set(name, mapping=mapping.describe(), generations=dict(mapping.generations),
+                      shadow=mapping.shadow, stage="serving", failed=None, error="")
             self._retry_at.pop(name, None)
             self.log.info("serving", service=name, mapping=mapping.describe(),
                           ms=round(duration * 1000, 1))
@@ -237,17 +242,18 @@ class ApiNode(Node):
             self._switching.discard(name)
             self._kick.set()
 
-    async def _failed(self, rec: ApiDeploymentRecord, st: dict[str, Any], reason: str,
+    async def _failed(self, rec: ApiDeploymentRecord, reason: str,
                       generations: list[str]) -> None:
+        st = self._set(rec.service, stage="failed",
+                       failed=MappingFailure(update=rec.update_id, reason=reason))
         self.log.error("mapping refused", service=rec.service, mapping=rec.mapping.describe(),
-                       reason=reason, still_serving=st.get("mapping"))
-        st.update(stage="failed", failed={"update": rec.update_id, "reason": reason})
+                       reason=reason, still_serving=st.mapping)
         await self._report(rec, "failed", generations, reason=reason)
         await self.beat_now()
         await self.emit(GenerationFailed(service=rec.service, infra=self.infra, node=self.name,
                                          update_id=rec.update_id,
                                          mapping=rec.mapping.describe(), reason=reason,
-                                         still_serving=st.get("mapping")))
+                                         still_serving=st.mapping))
 
     async def _report(self, rec: ApiDeploymentRecord, stage: str, generations: list[str], *,
                       reason: str = "", duration: float = 0.0) -> None:

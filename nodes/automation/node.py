@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import anyio
+import msgspec
 import nats.errors
 import nats.js.errors
 from anyio.abc import TaskGroup
@@ -45,6 +46,7 @@ from protocol.deploy import (
 )
 from protocol.design import RUNNER
 from protocol.errors import BadName, NotFound
+from protocol.state import AutomationState, BundleFailure, BundleState
 
 PROGRESS_EVERY_S = 0.1
 
@@ -65,7 +67,7 @@ class AutomationNode(Node):
         self.store = BundleStore(self.data_dir, keep=keep_bundles)
         self.resync_interval = resync_interval
         self.limiter = anyio.CapacityLimiter(max_parallel_activations)
-        self.projects: dict[str, dict[str, Any]] = {}  # heartbeat state per project
+        self.projects: dict[str, BundleState] = {}  # heartbeat state per project
         self._activating: set[str] = set()
         self._retry_at: dict[str, float] = {}
         self._kick = anyio.Event()
@@ -99,8 +101,10 @@ class AutomationNode(Node):
         active = await anyio.to_thread.run_sync(self.store.active, project)
         state = await anyio.to_thread.run_sync(self.store.read_state, project)
         cached = await anyio.to_thread.run_sync(self.store.cached, project)
-        self.projects[project] = {"active": active, "previous": state.get("previous"),
-                                  "stage": "idle", "cached": cached}
+        previous = state.get("previous")
+        self.projects[project] = BundleState(
+            active=active, previous=previous if isinstance(previous, str) else None,
+            stage="idle", cached=cached)
 
     async def started(self, tg: TaskGroup) -> None:
         await tg.start(self.desired.run)
@@ -113,9 +117,15 @@ class AutomationNode(Node):
     async def reconnected(self) -> None:
         self.desired.resync()
 
-    def state(self) -> dict[str, Any]:
-        return {"data_dir": str(self.data_dir), "bundles": self.projects,
-                "runs": self.runner.state()}
+    def state(self) -> AutomationState:
+        return AutomationState(data_dir=str(self.data_dir), bundles=dict(self.projects),
+                               runs=self.runner.state())
+
+    def _set(self, project: str, **changes: Any) -> BundleState:
+        """Change fields of ``project``'s state (the one place it changes)."""
+        st = msgspec.structs.replace(self.projects.get(project) or BundleState(), **changes)
+        self.projects[project] = st
+        return st
 
     # -- convergence ---------------------------------------------------------------------
 
@@ -131,15 +141,15 @@ class AutomationNode(Node):
                 project = rec.project
                 if project in self._activating or self._retry_at.get(project, 0) > now:
                     continue
-                st = self.projects.get(project, {})
-                if st.get("active") == rec.desired and st.get("update") == rec.update_id:
+                st = self.projects.get(project) or BundleState()
+                if st.active == rec.desired and st.update == rec.update_id:
                     continue
-                failed = st.get("failed") or {}
-                if failed.get("bundle") == rec.desired and failed.get("update") == rec.update_id:
+                failed = st.failed
+                if failed is not None and failed.bundle == rec.desired \
+                        and failed.update == rec.update_id:
                     continue  # refused for this update; a new deploy will try again
-                if st.get("active") == rec.desired:
-                    st["update"] = rec.update_id  # already running it: nothing to move
-                    st.pop("failed", None)
+                if st.active == rec.desired:  # already running it: nothing to move
+                    self._set(project, update=rec.update_id, failed=None)
                     continue
                 self._activating.add(project)
                 tg.start_soon(self._activate, rec)
@@ -148,18 +158,16 @@ class AutomationNode(Node):
 
     async def _activate(self, rec: DeploymentRecord) -> None:
         project, bundle = rec.project, rec.desired
-        st = self.projects.setdefault(project, {"active": None, "previous": None})
-        st.update(target=bundle, stage="starting", update=rec.update_id)
+        self._set(project, target=bundle, stage="starting", update=rec.update_id)
         t0 = time.monotonic()
         transferred = 0
         try:
             async with self.limiter:
-                transferred = await self._install(rec, st)
+                transferred = await self._install(rec)
                 before = await anyio.to_thread.run_sync(self.store.activate, project, bundle)
-            st.update(active=bundle, previous=before if before != bundle else st.get("previous"),
-                      stage="idle")
-            st.pop("failed", None)
-            st.pop("error", None)
+            previous = self.projects[project].previous
+            self._set(project, active=bundle, previous=before if before != bundle else previous,
+                      stage="idle", failed=None, error="")
             self._retry_at.pop(project, None)
             duration = time.monotonic() - t0
             self.log.info("bundle activated", project=project, bundle=bundle,
@@ -170,20 +178,20 @@ class AutomationNode(Node):
                                             bundle=bundle, update_id=rec.update_id,
                                             duration_s=round(duration, 4),
                                             transferred=transferred))
-            st["cached"] = await anyio.to_thread.run_sync(self._prune, project)
+            self._set(project, cached=await anyio.to_thread.run_sync(self._prune, project))
             await self.runner.on_activated(project, bundle, rec.update_id)
         except Permanent as exc:
-            await self._failed(rec, st, str(exc))
+            await self._failed(rec, str(exc))
         except (nats.errors.Error, TimeoutError, OSError) as exc:
             reason = f"{type(exc).__name__}: {exc}".rstrip(": ")
             self.log.warning("activation interrupted; will retry", project=project,
                              bundle=bundle, error=reason)
-            st.update(stage="retrying", error=reason)
+            self._set(project, stage="retrying", error=reason)
             self._retry_at[project] = time.monotonic() + 2.0
         except Exception as exc:  # a defect: refuse this update, keep the node running
             self.log.exception("activation failed unexpectedly", project=project,
                                bundle=bundle)
-            await self._failed(rec, st, f"internal error: {type(exc).__name__}: {exc}")
+            await self._failed(rec, f"internal error: {type(exc).__name__}: {exc}")
         finally:
             self._activating.discard(project)
             self._kick.set()
@@ -192,7 +200,7 @@ class AutomationNode(Node):
         self.store.prune(project)
         return self.store.cached(project)
 
-    async def _install(self, rec: DeploymentRecord, st: dict[str, Any]) -> int:
+    async def _install(self, rec: DeploymentRecord) -> int:
         """Make the bundle available unpacked here; return bytes fetched (0 if cached)."""
         project, bundle = rec.project, rec.desired
         if await anyio.to_thread.run_sync(self.store.has, project, bundle):
@@ -210,7 +218,7 @@ class AutomationNode(Node):
                 last = now
                 self._report_nowait(rec, "fetching", done=done, total=total)
 
-        st["stage"] = "fetching"
+        self._set(project, stage="fetching")
         try:
             try:
                 await transfer.get_file(self.js, subjects.BUNDLE_STORE, info.archive, archive,
@@ -220,7 +228,7 @@ class AutomationNode(Node):
                 raise Permanent(f"stored archive is damaged: {exc}") from None
             except NotFound as exc:
                 raise Permanent(f"stored archive is missing: {exc.message}") from None
-            st["stage"] = "unpacking"
+            self._set(project, stage="unpacking")
             await self._report(rec, "unpacking", total=info.archive_size)
             try:
                 await anyio.to_thread.run_sync(self.store.install, project, archive, info)
@@ -247,16 +255,16 @@ class AutomationNode(Node):
         except Exception as exc:
             raise Permanent(f"bundle record is unreadable: {exc}") from None
 
-    async def _failed(self, rec: DeploymentRecord, st: dict[str, Any], reason: str) -> None:
+    async def _failed(self, rec: DeploymentRecord, reason: str) -> None:
+        st = self._set(rec.project, stage="failed", failed=BundleFailure(
+            bundle=rec.desired, update=rec.update_id, reason=reason))
         self.log.error("bundle refused", project=rec.project, bundle=rec.desired,
-                       reason=reason, still_active=st.get("active"))
-        st.update(stage="failed", failed={"bundle": rec.desired, "update": rec.update_id,
-                                          "reason": reason})
+                       reason=reason, still_active=st.active)
         await self._report(rec, "failed", reason=reason)
         await self.beat_now()
         await self.emit(BundleActivationFailed(
             project=rec.project, infra=self.infra, node=self.name, bundle=rec.desired,
-            update_id=rec.update_id, reason=reason, still_active=st.get("active")))
+            update_id=rec.update_id, reason=reason, still_active=st.active))
 
     # -- reports -------------------------------------------------------------------------
 

@@ -63,6 +63,7 @@ from protocol.runs import (
     lock_keys,
     validate_run_event,
 )
+from protocol.state import RunState
 from protocol.stream import EVENT, AnyEvent
 
 if TYPE_CHECKING:
@@ -127,7 +128,7 @@ class Runner:
             pending_msgs_limit=10_000)
         await self._release_stale_locks()
         for project, st in list(self.node.projects.items()):
-            if st.get("active"):
+            if st.active:
                 self.schedule(project)
 
     async def _host_pool(self, *, task_status: TaskStatus[None]) -> None:
@@ -136,7 +137,7 @@ class Runner:
             task_status.started()
             await anyio.sleep_forever()
 
-    def state(self) -> dict[str, Any]:
+    def state(self) -> dict[str, RunState]:
         return self.local.state()
 
     async def stopping(self) -> None:
@@ -149,7 +150,8 @@ class Runner:
     # -- manifests -----------------------------------------------------------------------
 
     async def manifest(self, project: str) -> tuple[str, Manifest]:
-        bundle = self.node.projects.get(project, {}).get("active")
+        st = self.node.projects.get(project)
+        bundle = st.active if st is not None else None
         if not bundle:
             raise NotFound(f"project {project!r} is not active on node {self.node.name}")
         cached = self._manifests.get((project, bundle))

@@ -58,6 +58,7 @@ from protocol.deploy import (
 )
 from protocol.errors import BadRequest, Conflict, NotFound
 from protocol.registry import ONLINE, NodeInfo
+from protocol.state import ApiState, ServiceState
 
 if TYPE_CHECKING:
     from nodes.deployer.node import DeployerNode
@@ -333,9 +334,11 @@ class ApiDeployer:
 
 
 def _node_deployment(n: NodeInfo, rec: ApiDeploymentRecord) -> NodeDeployment:
-    st: dict[str, Any] = (n.state.get("services") or {}).get(rec.service) or {}
-    failed = st.get("failed") or {}
-    error = str(failed.get("reason", "refused")) if failed.get("update") == rec.update_id \
-        else ""
-    return NodeDeployment(node=n.name, status=n.status, running=st.get("mapping"),
-                          activity=str(st.get("stage", "")), error=error)
+    st = (n.state.services.get(rec.service) if isinstance(n.state, ApiState) else None) \
+        or ServiceState()
+    failed = st.failed
+    error = ""
+    if failed is not None and failed.update == rec.update_id:
+        error = failed.reason or "refused"
+    return NodeDeployment(node=n.name, status=n.status, running=st.mapping,
+                          activity=st.stage, error=error)

@@ -42,6 +42,7 @@ from protocol.registry import (
     registry_key,
 )
 from protocol.reports import REPORT, AnyReport
+from protocol.state import DeployerState
 
 EVENT_QUEUE = 10_000
 WRITE_RETRY_S = 0.5
@@ -131,8 +132,8 @@ class DeployerNode(Node):
         await self.projects.started(tg)
         await self.apis.started(tg)
 
-    def state(self) -> dict[str, Any]:
-        return {"nodes": len(self.registry.nodes), "heartbeats": self.heartbeats_seen}
+    def state(self) -> DeployerState:
+        return DeployerState(nodes=len(self.registry.nodes), heartbeats=self.heartbeats_seen)
 
     @property
     def heartbeats_bad(self) -> int:

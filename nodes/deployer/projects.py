@@ -61,6 +61,7 @@ from protocol.deploy import (
 )
 from protocol.errors import BadRequest, Conflict, NotFound
 from protocol.registry import NodeInfo
+from protocol.state import AutomationState, BundleState
 
 if TYPE_CHECKING:
     from nodes.deployer.node import DeployerNode
@@ -321,10 +322,11 @@ class ProjectDeployer:
 
 
 def _node_deployment(n: NodeInfo, rec: DeploymentRecord) -> NodeDeployment:
-    st: dict[str, Any] = (n.state.get("bundles") or {}).get(rec.project) or {}
-    failed = st.get("failed") or {}
+    st = (n.state.bundles.get(rec.project) if isinstance(n.state, AutomationState) else None) \
+        or BundleState()
+    failed = st.failed
     error = ""
-    if failed.get("bundle") == rec.desired and failed.get("update") == rec.update_id:
-        error = str(failed.get("reason", "activation failed"))
-    return NodeDeployment(node=n.name, status=n.status, running=st.get("active"),
-                          activity=str(st.get("stage", "")), error=error)
+    if failed is not None and failed.bundle == rec.desired and failed.update == rec.update_id:
+        error = failed.reason or "activation failed"
+    return NodeDeployment(node=n.name, status=n.status, running=st.active, activity=st.stage,
+                          error=error)

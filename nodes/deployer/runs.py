@@ -60,6 +60,7 @@ from protocol.runs import (
     run_log_name,
     validate_run_event,
 )
+from protocol.state import AutomationState
 
 if TYPE_CHECKING:
     from nodes.deployer.node import DeployerNode
@@ -192,9 +193,12 @@ class RunDesk:
         candidates = []
         for info in self.node.registry.query(role="automation", infra=cmd.infra,
                                              status=ONLINE):
-            st = (info.state.get("bundles") or {}).get(cmd.project) or {}
-            if st.get("active"):
-                candidates.append((len(info.state.get("runs") or {}), info.name))
+            state = info.state
+            if not isinstance(state, AutomationState):
+                continue
+            st = state.bundles.get(cmd.project)
+            if st is not None and st.active:
+                candidates.append((len(state.runs), info.name))
         if not candidates:
             raise Unavailable(f"no online automation node of infra {cmd.infra} runs project "
                               f"{cmd.project} (deploy a bundle of it first)")

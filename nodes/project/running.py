@@ -50,6 +50,7 @@ from protocol.runs import (
     StepSummary,
     run_log_name,
 )
+from protocol.state import RunState
 
 if TYPE_CHECKING:
     from nodes.runtime.node import Node
@@ -243,9 +244,9 @@ class LocalRuns:
     def log_path(self, run_id: str) -> Path:
         return self.runs_dir / run_id / "run.log"
 
-    def state(self) -> dict[str, Any]:
-        return {rid: {"project": r.project, "scenario": r.scenario, "trigger": r.trigger,
-                      "started_at": r.started_at} for rid, r in self.running.items()}
+    def state(self) -> dict[str, RunState]:
+        return {rid: RunState(project=r.project, scenario=r.scenario, trigger=r.trigger,
+                              started_at=r.started_at) for rid, r in self.running.items()}
 
     async def run(self, run: RunInfo, work: Work,
                   before_finish: Callable[[], Awaitable[None]] | None = None) -> RunSummary:

@@ -63,6 +63,7 @@ from protocol.errors import BadRequest, DecodeError, Internal, InvalidMessage, O
 from protocol.events import Event
 from protocol.heartbeat import HEARTBEAT, MAX_INTERVAL_S, MIN_INTERVAL_S, Heartbeat
 from protocol.reports import REPORT, NodeExit
+from protocol.state import NoState, RoleState
 from protocol.system import SYSTEM, Echo, Echoed, Ping, Pong
 
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
@@ -203,9 +204,9 @@ class Node:
     async def reconnected(self) -> None:
         """The connection came back: re-read state that a watch might have missed."""
 
-    def state(self) -> dict[str, Any]:
+    def state(self) -> RoleState:
         """Role-specific state carried in every heartbeat."""
-        return {}
+        return NoState()
 
     # -- lifecycle ---------------------------------------------------------------------
 
