@@ -139,12 +139,13 @@ async def test_a_slow_load_of_one_service_does_not_hold_back_another(
         node = await s.api_node("api-1", workers=2)
         await s.package("v1")
         slow = await s.deploy({"v1": 100}, wait=False)
-        await wait_for(lambda: node.services.get(SERVICE, {}).get("stage") == "loading",
+        await wait_for(lambda: SERVICE in node.services
+                       and node.services[SERVICE].stage == "loading",
                        timeout=30, message="churn-api loading")
         await _deploy_other(s)
         r = await s.http.post(url(node, service=OTHER), json={"features": {"x": 1}})
         assert r.status_code == 200, r.text
-        assert node.services[SERVICE]["stage"] == "loading"  # still in its load()
+        assert node.services[SERVICE].stage == "loading"  # still in its load()
         await s.settled(slow.update_id)  # and it gets there
         r = await s.http.post(url(node), json={"features": {"x": 1}})
         assert r.status_code == 200, r.text
