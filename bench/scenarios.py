@@ -30,7 +30,7 @@ from protocol import subjects
 from protocol.bundles import CreateBundle
 from protocol.deploy import CreateInfra, DeployBundle, ListDeployments
 from protocol.registry import ListNodes
-from protocol.runs import RunFinished, RunProgress, RunScenario
+from protocol.scenarios import RunFinished, RunProgress, RunScenario
 from protocol.stream import EVENT
 
 SCENARIOS = 16

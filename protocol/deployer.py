@@ -27,7 +27,7 @@ from protocol.deploy import (
     RollbackBundle,
 )
 from protocol.registry import ForgetNode, ForgottenNode, ListNodes, NodeList
-from protocol.runs import (
+from protocol.scenarios import (
     CancelRun,
     GetRunLog,
     ListRuns,

@@ -12,7 +12,7 @@ from protocol.bundles import (
     ListProjects,
     ProjectList,
 )
-from protocol.runs import (
+from protocol.scenarios import (
     BuildDatasets,
     FireScenario,
     NodeCancelRun,

@@ -28,7 +28,7 @@ from protocol.deploy import (
     InfraCreatedEvent,
 )
 from protocol.events import NodeForgotten, NodeLost, NodeOnline
-from protocol.runs import RunFinished, RunProgress, RunStarted
+from protocol.scenarios import RunFinished, RunProgress, RunStarted
 
 AnyEvent = (NodeOnline | NodeLost | NodeForgotten | InfraCreatedEvent | BundleStored
             | DeploymentRequested

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from nodes.project.apipkg import collect, pack
+from nodes.design.api_packages import collect, pack
 from nodes.project.files import LinksOutside
 from nodes.project.manifest import load_manifest
 from tests.apiproject import make_api_project

@@ -84,7 +84,7 @@ def _outcome(env: dict[str, str], run_id: str) -> str | None:
 
 
 def test_params_are_parsed_as_json_when_they_can_be() -> None:
-    code = ("from nodes.cli.runs import parse_params\n"
+    code = ("from nodes.cli.scenarios import parse_params\n"
             "print(parse_params(('n=3', 'f=0.5', 'ok=true', 's=abc', 'l=[1,2]', 'e=')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout.strip()

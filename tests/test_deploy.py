@@ -45,7 +45,7 @@ from protocol.deploy import (
     RollbackBundle,
 )
 from protocol.errors import BadRequest, Conflict, NotFound
-from protocol.runs import BuildDatasets
+from protocol.scenarios import BuildDatasets
 from tests.helpers import Fleet, fleet, wait_for
 from tests.projects import make_project
 

@@ -28,7 +28,7 @@ from protocol.events import NodeForgotten, NodeLost, NodeOnline
 from protocol.heartbeat import HEARTBEAT, Heartbeat
 from protocol.registry import LOST, REGISTRY_VALUE, ListNodes, NodeInfo
 from protocol.reports import REPORT, NodeExit
-from protocol.runs import RunStarted
+from protocol.scenarios import RunStarted
 from tests.helpers import Background, running, shipyard, shipyard_argv, wait_for, wait_until
 from tests.probe import ProbeNode
 

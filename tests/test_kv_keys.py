@@ -18,7 +18,7 @@ from protocol.bundles import bundle_key, bundle_keys
 from protocol.deploy import deployment_key, deployment_keys, infra_key
 from protocol.errors import BadName
 from protocol.registry import registry_key
-from protocol.runs import (
+from protocol.scenarios import (
     cron_mark_key,
     fired_key,
     lock_key,

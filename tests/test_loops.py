@@ -15,7 +15,7 @@ import nats.js.errors
 import pytest
 from nats.js.api import KeyValueConfig
 
-from nodes.flow.runlog import RunLog
+from nodes.flow.run_log import RunLog
 from nodes.runtime.kvcache import Entry, KVCache
 from nodes.runtime.loops import Backoff, forever, is_transient, supervised
 from nodes.runtime.settings import NatsSettings
@@ -203,7 +203,7 @@ async def test_a_cron_slot_is_not_delayed_by_a_wall_clock_step(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """Waiting for a wall-clock slot rechecks the clock: when the clock steps forward
     past the slot, the wait ends at the next recheck, not after the old remainder."""
-    from nodes.automation import runner
+    from nodes.automation import claims as runner
 
     clock = [1000.0]
     monkeypatch.setattr(runner, "CRON_RECHECK_S", 0.01)

@@ -16,7 +16,7 @@ from nodes.runtime.embedded import EmbeddedNats
 from nodes.runtime.events import read_events
 from nodes.runtime.settings import NatsSettings
 from protocol import subjects
-from protocol.runs import FireScenario, Firing, RunAccepted, RunStarted
+from protocol.scenarios import FireScenario, Firing, RunAccepted, RunStarted
 from tests.helpers import fleet, wait_for
 from tests.test_scenarios import deployed
 

@@ -22,7 +22,7 @@ from protocol.bundles import CreateBundle
 from protocol.deploy import DeployBundle, ListDeployments
 from protocol.errors import NotFound
 from protocol.heartbeat import HEARTBEAT
-from protocol.runs import (
+from protocol.scenarios import (
     CancelRun,
     FireScenario,
     Firing,

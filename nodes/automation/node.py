@@ -25,7 +25,7 @@ import nats.js.errors
 from anyio.abc import TaskGroup
 from nats.js.kv import KeyValue
 
-from nodes.automation.runner import Runner
+from nodes.automation.claims import Runner
 from nodes.automation.store import BundleStore
 from nodes.project.bundle import BundleRejected
 from nodes.runtime import transfer

@@ -23,7 +23,7 @@ from nodes.cli.projects import (
     projects_cmd,
     rollback,
 )
-from nodes.cli.runs import build_cmd, run_group, runs_cmd, scenario
+from nodes.cli.scenarios import build_cmd, run_group, runs_cmd, scenario
 from nodes.cli.stack import node, up
 from nodes.runtime.connection import CannotReachNats
 from nodes.runtime.embedded import EmbeddedNatsError

@@ -16,11 +16,11 @@ import nats.js.errors
 from anyio.abc import TaskGroup
 from nats.js.kv import KeyValue
 
+from nodes.deployer.api_deployments import ApiDeployer
 from nodes.deployer.apikeys import ApiKeys
-from nodes.deployer.apis import ApiDeployer
-from nodes.deployer.projects import ProjectDeployer
+from nodes.deployer.bundle_deployments import ProjectDeployer
 from nodes.deployer.registry import FORGET_AFTER_S, Registry
-from nodes.deployer.runs import RunDesk
+from nodes.deployer.run_history import RunDesk
 from nodes.runtime.jetstream import ensure_kv
 from nodes.runtime.loops import supervised
 from nodes.runtime.node import Node, handles

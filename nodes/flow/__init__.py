@@ -10,7 +10,7 @@ project workspace) and Automation nodes (scenario runs from an unpacked bundle):
 
 Modules: ``graph`` (DAG validation, plans), ``build`` (scheduling, incremental skips,
 atomic outputs), ``scenario`` (steps), ``metrics`` (metrics, sidecars, checks),
-``runlog`` (the run log), ``jobs``/``pool``/``forkserver``/``child`` (running user
+``run_log`` (the run log), ``jobs``/``pool``/``forkserver``/``child`` (running user
 code in processes), ``context`` (the ``ctx`` user code sees), ``results`` (what comes
 back, as msgspec Structs).
 
@@ -80,7 +80,7 @@ if TYPE_CHECKING:
         StepResult,
         StepStarted,
     )
-    from nodes.flow.runlog import RunLog
+    from nodes.flow.run_log import RunLog
 
 __all__ = [
     "BuildResult",
@@ -139,7 +139,7 @@ _WHERE = {
     "StepFinished": "results",
     "StepResult": "results",
     "StepStarted": "results",
-    "RunLog": "runlog",
+    "RunLog": "run_log",
 }
 
 

@@ -31,7 +31,7 @@ from nodes.flow.results import (
     RecipeSkipped,
     RecipeStarted,
 )
-from nodes.flow.runlog import RunLog
+from nodes.flow.run_log import RunLog
 from nodes.flow.wire import JobSpec
 
 if TYPE_CHECKING:

@@ -24,7 +24,7 @@ from nodes.flow.metrics import evaluate, load_metrics
 from nodes.flow.pool import WorkerPool
 from nodes.flow.progress import Progress
 from nodes.flow.results import BuildResult, CheckResult, Metrics, ScenarioResult
-from nodes.flow.runlog import RunLog
+from nodes.flow.run_log import RunLog
 from nodes.flow.scenario import run_scenario as _run_scenario
 from nodes.project.manifest import Manifest
 

@@ -14,7 +14,7 @@ import anyio
 
 from nodes.flow.pool import LOST, JobExit, WorkerPool
 from nodes.flow.results import Outcome
-from nodes.flow.runlog import LineSplitter, RunLog
+from nodes.flow.run_log import LineSplitter, RunLog
 from nodes.flow.wire import JobSpec, Report
 
 JOB_TAIL_LINES = 30

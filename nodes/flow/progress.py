@@ -6,7 +6,7 @@ import inspect
 from collections.abc import Awaitable, Callable
 
 from nodes.flow.results import FlowEvent
-from nodes.flow.runlog import RunLog
+from nodes.flow.run_log import RunLog
 
 Progress = Callable[[FlowEvent], Awaitable[None] | None]
 """Called with each event, in order; may be sync or async.  It runs in the build's

@@ -33,7 +33,7 @@ from nodes.flow.results import (
     StepResult,
     StepStarted,
 )
-from nodes.flow.runlog import RunLog
+from nodes.flow.run_log import RunLog
 from nodes.flow.wire import JobSpec
 from nodes.project.manifest import Step
 

@@ -36,7 +36,7 @@ from protocol.base import Family, make_request
 from protocol.errors import BadName, DecodeError
 from protocol.heartbeat import HEARTBEAT, Heartbeat
 from protocol.registry import ONLINE, NodeInfo
-from protocol.runs import ListRuns
+from protocol.scenarios import ListRuns
 from tests.fuzz.profile import STATEFUL, TIMEOUT
 from tests.fuzz.stack import ERROR_CODES, HB, FuzzStack, node_name, start_stack
 from tests.fuzz.strategies import (

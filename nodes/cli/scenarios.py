@@ -29,7 +29,7 @@ from nodes.cli.common import (
 )
 from nodes.runtime.events import read_events
 from protocol import subjects
-from protocol.runs import (
+from protocol.scenarios import (
     BuildDatasets,
     CancelRun,
     GetRunLog,

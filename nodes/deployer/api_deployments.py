@@ -20,7 +20,7 @@ from anyio.abc import TaskGroup
 from nats.js.kv import KeyValue
 
 from nodes.api.metrics import quantile
-from nodes.deployer.projects import HISTORY_LIMIT
+from nodes.deployer.bundle_deployments import HISTORY_LIMIT
 from nodes.deployer.updates import UpdateCloser, close_last, judge
 from nodes.runtime.jetstream import ensure_kv
 from nodes.runtime.kvcache import Entry, KVCache, read

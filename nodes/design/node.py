@@ -19,18 +19,18 @@ import nats.js.errors
 from anyio.abc import TaskGroup, TaskStatus
 from nats.js.kv import KeyValue
 
+from nodes.design.api_packages import ApiPackager
 from nodes.flow.engine import Flow, check_params
 from nodes.flow.pool import WorkerPool
 from nodes.flow.progress import Progress
 from nodes.flow.results import BuildResult
-from nodes.project.apipkg import ApiPackager
 from nodes.project.bundle import pack
 from nodes.project.manifest import MANIFEST, Manifest, ManifestError, load_manifest
-from nodes.project.running import LocalRuns, RunInfo
 from nodes.runtime import transfer
 from nodes.runtime.jetstream import ensure_kv
 from nodes.runtime.kvcache import snapshot
 from nodes.runtime.node import Node, handles
+from nodes.runtime.run_reports import LocalRuns, RunInfo
 from protocol import subjects
 from protocol.base import Family, Request, encode, new_id
 from protocol.bundles import (
@@ -52,7 +52,7 @@ from protocol.bundles import (
 from protocol.deploy import BundleStored
 from protocol.design import DESIGN, RUNNER
 from protocol.errors import BadRequest, Conflict, NotFound
-from protocol.runs import DESIGN_BUILD, BuildDatasets, RunAccepted
+from protocol.scenarios import DESIGN_BUILD, BuildDatasets, RunAccepted
 from protocol.state import DesignState
 
 

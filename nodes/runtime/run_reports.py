@@ -37,7 +37,7 @@ from nodes.runtime.node import handles
 from protocol import subjects
 from protocol.base import Request
 from protocol.errors import NotFound
-from protocol.runs import (
+from protocol.scenarios import (
     NodeCancelRun,
     NodeRunLog,
     RunCancelled,

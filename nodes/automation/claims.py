@@ -38,16 +38,16 @@ from nats.js.kv import KeyValue
 from nodes.flow.engine import Flow, Limits
 from nodes.flow.pool import WorkerPool
 from nodes.project.manifest import Manifest, ManifestError, load_manifest
-from nodes.project.running import LocalRuns, RunInfo, fail_lost_run
 from nodes.runtime import transfer
 from nodes.runtime.jetstream import ensure_kv
 from nodes.runtime.kvcache import delete_if, snapshot
 from nodes.runtime.loops import supervised
 from nodes.runtime.node import handles
+from nodes.runtime.run_reports import LocalRuns, RunInfo, fail_lost_run
 from protocol import subjects
 from protocol.base import Request, encode, new_id
 from protocol.errors import BadName, BadRequest, NotFound
-from protocol.runs import (
+from protocol.scenarios import (
     AFTER,
     CRON,
     ON_ACTIVATION,

@@ -24,18 +24,18 @@ import msgspec
 from anyio.abc import TaskGroup, TaskStatus
 from nats.js.kv import KeyValue
 
-from nodes.project.running import fail_lost_run, read_tail
 from nodes.runtime import transfer
 from nodes.runtime.events import read_events
 from nodes.runtime.jetstream import ensure_kv
 from nodes.runtime.kvcache import KVCache
 from nodes.runtime.loops import supervised
 from nodes.runtime.node import handles
+from nodes.runtime.run_reports import fail_lost_run, read_tail
 from protocol import subjects
 from protocol.base import Request
 from protocol.errors import NotFound, OperationError, Unavailable
 from protocol.registry import LOST, ONLINE
-from protocol.runs import (
+from protocol.scenarios import (
     MANUAL,
     RUN_LOCK,
     CancelRun,
