@@ -203,11 +203,11 @@ async def test_a_cron_slot_is_not_delayed_by_a_wall_clock_step(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """Waiting for a wall-clock slot rechecks the clock: when the clock steps forward
     past the slot, the wait ends at the next recheck, not after the old remainder."""
-    from nodes.automation import claims as runner
+    from nodes.automation import schedule
 
     clock = [1000.0]
-    monkeypatch.setattr(runner, "CRON_RECHECK_S", 0.01)
-    monkeypatch.setattr(runner.time, "time", lambda: clock[0])
+    monkeypatch.setattr(schedule, "CRON_RECHECK_S", 0.01)
+    monkeypatch.setattr(schedule.time, "time", lambda: clock[0])
 
     async def step_the_clock() -> None:
         await anyio.sleep(0.05)
@@ -216,7 +216,7 @@ async def test_a_cron_slot_is_not_delayed_by_a_wall_clock_step(
     with anyio.fail_after(10):  # the slot was 1000 s away when the wait began
         async with anyio.create_task_group() as tg:
             tg.start_soon(step_the_clock)
-            await runner._sleep_until(2000.0)
+            await schedule._sleep_until(2000.0)
     assert clock[0] == 5000.0
 
 

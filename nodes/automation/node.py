@@ -25,14 +25,17 @@ import nats.js.errors
 from anyio.abc import TaskGroup
 from nats.js.kv import KeyValue
 
-from nodes.automation.claims import Runner
-from nodes.automation.store import BundleStore
+from nodes.automation.claims import Claims
+from nodes.automation.execution import Execution
+from nodes.automation.schedule import Schedule
+from nodes.automation.store import ActiveManifests, BundleStore
 from nodes.project.bundle import BundleRejected
 from nodes.runtime import transfer
 from nodes.runtime.jetstream import ensure_kv
 from nodes.runtime.kvcache import Entry, KVCache
 from nodes.runtime.loops import supervised
 from nodes.runtime.node import Node
+from nodes.runtime.run_reports import LocalRuns
 from protocol import subjects
 from protocol.base import Family, encode, new_id
 from protocol.bundles import BUNDLE_INFO, BundleInfo, bundle_key
@@ -73,9 +76,17 @@ class AutomationNode(Node):
         self._kick = anyio.Event()
         self._desired: KVCache[DeploymentRecord] | None = None
         self._bundles_kv: KeyValue | None = None
-        self.runner = Runner(self, max_runs=max_parallel_runs)
-        self.add_handlers(self.runner)
-        self.add_handlers(self.runner.local)
+        # Scenarios: triggers (schedule) turn into firings, one node claims each
+        # (claims) and runs it (execution); each part gets what it uses.
+        manifests = ActiveManifests(self.store, self.projects, self.name)
+        self.local_runs = LocalRuns(self, self.data_dir / "runs")
+        self.claims = Claims(self, manifests)
+        self.execution = Execution(self, self.claims, manifests, self.local_runs,
+                                   max_runs=max_parallel_runs)
+        self.schedule = Schedule(self, manifests, self.projects, fire=self.execution.fire,
+                                 marks=lambda: self.claims.locks)
+        self.add_handlers(self.execution)
+        self.add_handlers(self.local_runs)
 
     @property
     def desired(self) -> KVCache[DeploymentRecord]:
@@ -95,7 +106,8 @@ class AutomationNode(Node):
         self._desired = KVCache(deploy_kv, deployment_keys("bundle", self.infra),
                                 DEPLOYMENT_VALUE.decode, on_change=self._on_desired,
                                 resync_interval=self.resync_interval)
-        await self.runner.setup()
+        await self.claims.setup()
+        await self.execution.setup()
 
     async def _load_local(self, project: str) -> None:
         active = await anyio.to_thread.run_sync(self.store.active, project)
@@ -108,18 +120,22 @@ class AutomationNode(Node):
 
     async def started(self, tg: TaskGroup) -> None:
         await tg.start(self.desired.run)
-        await self.runner.started(tg)
+        await self.execution.started(tg)
+        await self.schedule.started()
+        await self.claims.release_stale_locks()
+        self.schedule.schedule_active()
         tg.start_soon(partial(supervised, "converge", self._converge_loop, tg, log=self.log))
 
     async def stopping(self) -> None:
-        await self.runner.stopping()
+        self.schedule.stopping()
+        await self.execution.stopping()
 
     async def reconnected(self) -> None:
         self.desired.resync()
 
     def state(self) -> AutomationState:
         return AutomationState(data_dir=str(self.data_dir), bundles=dict(self.projects),
-                               runs=self.runner.state())
+                               runs=self.execution.state())
 
     def _set(self, project: str, **changes: Any) -> BundleState:
         """Change fields of ``project``'s state (the one place it changes)."""
@@ -179,7 +195,7 @@ class AutomationNode(Node):
                                             duration_s=round(duration, 4),
                                             transferred=transferred))
             self._set(project, cached=await anyio.to_thread.run_sync(self._prune, project))
-            await self.runner.on_activated(project, bundle, rec.update_id)
+            await self.schedule.on_activated(project, bundle, rec.update_id)
         except Permanent as exc:
             await self._failed(rec, str(exc))
         except (nats.errors.Error, TimeoutError, OSError) as exc:

@@ -1,4 +1,5 @@
-"""An Automation node's local bundle store.  Synchronous; callers use worker threads.
+"""An Automation node's local bundle store.  Synchronous (callers use worker threads),
+but for ``ActiveManifests``, which reads the active bundle's manifest in one.
 
 Layout under the node's data directory::
 
@@ -19,14 +20,19 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import anyio
 import msgspec
 
 from nodes.project.bundle import unpack
+from nodes.project.manifest import Manifest, ManifestError, load_manifest
 from protocol.base import new_id
 from protocol.bundles import BundleInfo
+from protocol.errors import BadRequest, NotFound
+from protocol.state import BundleState
 
 RECORD = ".shipyard-bundle.json"  # the verified BundleInfo, inside each unpacked bundle
 
@@ -126,3 +132,35 @@ class BundleStore:
                 shutil.rmtree(p, ignore_errors=True)
                 removed.append(p.name)
         return removed
+
+
+class ActiveManifests:
+    """The manifest of each project's active bundle here, read once per bundle.
+
+    ``active`` maps a project to the node's state of it (the node's heartbeat state), so
+    this reads the bundle the node activated last, never one being unpacked."""
+
+    def __init__(self, store: BundleStore, active: Mapping[str, BundleState],
+                 node_name: str) -> None:
+        self.store = store
+        self.active = active
+        self.node_name = node_name
+        self._cache: dict[tuple[str, str], Manifest] = {}
+
+    async def get(self, project: str) -> tuple[str, Manifest]:
+        """(bundle, manifest) of ``project``'s active bundle.  Raises ``NotFound`` when
+        the project is not active here, ``BadRequest`` when its manifest is unreadable."""
+        st = self.active.get(project)
+        bundle = st.active if st is not None else None
+        if not bundle:
+            raise NotFound(f"project {project!r} is not active on node {self.node_name}")
+        cached = self._cache.get((project, bundle))
+        if cached is None:
+            where = self.store.bundle_dir(project, bundle)
+            try:
+                cached = await anyio.to_thread.run_sync(
+                    lambda: load_manifest(where, strict=False))
+            except ManifestError as exc:
+                raise BadRequest(f"bundle {bundle} of {project}: {exc.message}") from None
+            self._cache[(project, bundle)] = cached
+        return bundle, cached

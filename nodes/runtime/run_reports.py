@@ -14,9 +14,10 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import anyio
+from nats.js import JetStreamContext
 from nats.js.kv import KeyValue
 
 from nodes.flow.errors import FlowError
@@ -34,9 +35,11 @@ from nodes.flow.results import (
 from nodes.runtime import transfer
 from nodes.runtime.kvcache import delete_if
 from nodes.runtime.node import handles
+from nodes.runtime.settings import NatsSettings
 from protocol import subjects
 from protocol.base import Request
 from protocol.errors import NotFound
+from protocol.events import Event
 from protocol.scenarios import (
     NodeCancelRun,
     NodeRunLog,
@@ -52,10 +55,31 @@ from protocol.scenarios import (
 )
 from protocol.state import RunState
 
-if TYPE_CHECKING:
-    from nodes.runtime.node import Node
-
 PROGRESS_QUEUE = 1000
+
+
+class Reports(Protocol):
+    """Where run events go: what ``fail_lost_run`` needs of a node."""
+
+    @property
+    def log(self) -> Any: ...
+
+    async def emit(self, event: Event) -> None: ...
+
+
+class RunHost(Reports, Protocol):
+    """What running and reporting a run needs of its node (Design or Automation)."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def js(self) -> JetStreamContext: ...
+
+    @property
+    def settings(self) -> NatsSettings: ...
+
+    async def beat_now(self) -> None: ...
 
 
 @dataclass
@@ -119,7 +143,7 @@ def _failure(result: ScenarioResult) -> str:
     return result.message
 
 
-async def report_run(node: Node, run: RunInfo, work: Work,
+async def report_run(node: RunHost, run: RunInfo, work: Work,
                      before_finish: Callable[[], Awaitable[None]] | None = None) -> RunSummary:
     """Run ``work`` with progress and log reporting; never raises for the run's own
     failures (they are in the summary).  ``before_finish`` runs after the work and
@@ -186,7 +210,7 @@ def _progress_event(run: RunInfo, e: FlowEvent) -> RunProgress | None:
     return None
 
 
-async def store_log(node: Node, run: RunInfo) -> None:
+async def store_log(node: RunHost, run: RunInfo) -> None:
     """Keep the run's log in the object store (best effort: the node still has it)."""
     if run.log_path is None or not await anyio.Path(run.log_path).exists():
         return
@@ -210,7 +234,7 @@ async def read_tail(path: Path, max_bytes: int) -> tuple[str, bool]:
     return await anyio.to_thread.run_sync(read)
 
 
-async def fail_lost_run(node: Node, locks: KeyValue, key: str, revision: int, lock: RunLock,
+async def fail_lost_run(node: Reports, locks: KeyValue, key: str, revision: int, lock: RunLock,
                         reason: str) -> bool:
     """Free the lock of a run whose node died, and record the run as failed.
 
@@ -235,8 +259,8 @@ class LocalRuns:
     """The runs a node is executing now, and the node-direct commands about them
     (logs, cancel); shared by Automation and Design nodes."""
 
-    def __init__(self, node: Node, runs_dir: Path) -> None:
-        self.node = node
+    def __init__(self, host: RunHost, runs_dir: Path) -> None:
+        self.host = host
         self.runs_dir = runs_dir
         self.running: dict[str, RunInfo] = {}
         self._idle = anyio.Event()
@@ -252,14 +276,14 @@ class LocalRuns:
                   before_finish: Callable[[], Awaitable[None]] | None = None) -> RunSummary:
         run.log_path = run.log_path or self.log_path(run.run_id)
         self.running[run.run_id] = run
-        await self.node.beat_now()
+        await self.host.beat_now()
         try:
-            return await report_run(self.node, run, work, before_finish)
+            return await report_run(self.host, run, work, before_finish)
         finally:
             self.running.pop(run.run_id, None)
             if not self.running:
                 self._idle.set()
-            await self.node.beat_now()
+            await self.host.beat_now()
 
     async def cancel_all(self) -> None:
         """Cancel every run and wait until each is reported."""
@@ -274,14 +298,14 @@ class LocalRuns:
         run = self.running.get(cmd.run_id)
         if run is not None:
             run.cancel.set()
-        return RunCancelled(run_id=cmd.run_id, node=self.node.name,
+        return RunCancelled(run_id=cmd.run_id, node=self.host.name,
                             was_running=run is not None)
 
     @handles(NodeRunLog)
     async def handle_log(self, cmd: NodeRunLog, req: Request[Any]) -> RunLog:
         path = self.log_path(cmd.run_id)
         if not await anyio.Path(path).exists():
-            raise NotFound(f"node {self.node.name} has no log of run {cmd.run_id}")
+            raise NotFound(f"node {self.host.name} has no log of run {cmd.run_id}")
         text, cut = await read_tail(path, cmd.max_bytes)
         return RunLog(run_id=cmd.run_id, text=text, truncated=cut,
                       running=cmd.run_id in self.running)
