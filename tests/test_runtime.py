@@ -169,7 +169,7 @@ async def test_graceful_shutdown_finishes_in_flight_requests(settings: NatsSetti
         node.stop()
         # serve() returns only after the in-flight request was answered.
     assert result == [Done(label="inflight")]
-    assert node._nc is not None and node._nc.is_closed
+    assert node.nc.is_closed
     await nc.close()
 
 

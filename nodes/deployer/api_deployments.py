@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import msgspec
 import nats.js.errors
@@ -21,6 +21,8 @@ from nats.js.kv import KeyValue
 
 from nodes.api.metrics import quantile
 from nodes.deployer.bundle_deployments import HISTORY_LIMIT
+from nodes.deployer.host import DeskHost, RequireInfra
+from nodes.deployer.registry import Registry
 from nodes.deployer.updates import UpdateCloser, close_last, judge
 from nodes.runtime.jetstream import ensure_kv
 from nodes.runtime.kvcache import Entry, KVCache, read
@@ -60,9 +62,6 @@ from protocol.errors import BadRequest, Conflict, NotFound
 from protocol.registry import ONLINE, NodeInfo
 from protocol.state import ApiState, ServiceState
 
-if TYPE_CHECKING:
-    from nodes.deployer.node import DeployerNode
-
 MAX_REPORTING_NODES = 10_000  # metrics kept for at most this many nodes (oldest dropped)
 
 
@@ -76,18 +75,21 @@ Reports = tuple[tuple[ApiMetricsReport, float], tuple[ApiMetricsReport, float] |
 
 
 class ApiDeployer:
-    def __init__(self, node: DeployerNode) -> None:
-        self.node = node
-        self.log = node.log.bind(component="api-deployer")
+    def __init__(self, host: DeskHost, registry: Registry, *,
+                 require_infra: RequireInfra) -> None:
+        self.host = host
+        self.registry = registry
+        self.require_infra = require_infra
+        self.log = host.log.bind(component="api-deployer")
         self._deploy: KeyValue | None = None
         self._packages: KeyValue | None = None
         self._cache: KVCache[ApiDeploymentRecord] | None = None
         self.closer = UpdateCloser(self.view, self._finish,
-                                   lambda: self.node.stopping_requested)
+                                   lambda: self.host.stopping_requested)
         self.reports: OrderedDict[str, Reports] = OrderedDict()
 
     async def setup(self) -> None:
-        js, r = self.node.js, self.node.settings.replicas
+        js, r = self.host.js, self.host.settings.replicas
         self._deploy = await ensure_kv(js, subjects.DEPLOY_BUCKET, replicas=r,
                                        description="shipyard desired state")
         self._packages = await ensure_kv(js, subjects.API_PACKAGE_BUCKET, replicas=r,
@@ -98,10 +100,10 @@ class ApiDeployer:
     async def started(self, tg: TaskGroup) -> None:
         assert self._cache is not None
         await tg.start(self._cache.run)
-        await self.node.subscribe_decoded(
+        await self.host.subscribe_decoded(
             subjects.reports("metrics"), METRICS_REPORT, self._on_metrics,
             validate=ApiMetricsReport.validate, kind="metrics report", sender=_sender)
-        await self.node.subscribe_decoded(
+        await self.host.subscribe_decoded(
             subjects.reports("apigen"), GENERATION_REPORT, self._on_progress,
             validate=GenerationReport.validate, kind="generation report", sender=_sender)
         tg.start_soon(partial(supervised, "pending updates", self.closer.run, self._cache,
@@ -205,7 +207,7 @@ class ApiDeployer:
                            "and retry") from None
         self.log.info("desired API mapping changed", service=service, infra=infra,
                       action=action, to=mapping.describe(), revision=new_revision)
-        await self.node.emit(ApiDeploymentRequested(
+        await self.host.emit(ApiDeploymentRequested(
             service=service, infra=infra, update_id=update.id, action=action,
             from_mapping=before, to_mapping=mapping.describe(), by=by))
         self.kick()
@@ -219,7 +221,7 @@ class ApiDeployer:
                 check_version(version)
         except ValueError as exc:
             raise BadRequest(str(exc)) from None
-        await self.node.projects.require_infra(cmd.infra, "api")
+        await self.require_infra(cmd.infra, "api")
         if not cmd.generations or not any(w > 0 for w in cmd.generations.values()):
             raise BadRequest("name at least one version with a weight above 0")
         if any(w < 0 for w in cmd.generations.values()):
@@ -239,7 +241,7 @@ class ApiDeployer:
 
     @handles(RollbackApi)
     async def rollback(self, cmd: RollbackApi, req: Request[Any]) -> DeploymentView:
-        await self.node.projects.require_infra(cmd.infra, "api")
+        await self.require_infra(cmd.infra, "api")
         try:
             key = deployment_key("api", cmd.infra, cmd.service)
         except ValueError as exc:
@@ -265,7 +267,7 @@ class ApiDeployer:
     # -- state, health, metrics ----------------------------------------------------------
 
     def view(self, rec: ApiDeploymentRecord, revision: int) -> DeploymentView:
-        nodes = self.node.registry.query(role="api", infra=rec.infra)
+        nodes = self.registry.query(role="api", infra=rec.infra)
         per_node = [_node_deployment(n, rec) for n in nodes]
         state, health, reasons = judge(
             want=rec.mapping.describe(), infra=rec.infra, role="API",
@@ -328,7 +330,7 @@ class ApiDeployer:
             return
         self.log.info("API update finished", service=rec.service, infra=rec.infra,
                       mapping=rec.mapping.describe(), result=result)
-        await self.node.emit(ApiDeploymentFinished(
+        await self.host.emit(ApiDeploymentFinished(
             service=rec.service, infra=rec.infra, update_id=last.id,
             mapping=rec.mapping.describe(), result=result, detail=detail))
 

@@ -6,13 +6,14 @@ Only the SHA-256 of each key's secret is stored (``sy_api_keys``, ``<service>.<i
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import msgspec
 import nats.js.errors
 from nats.js.kv import KeyValue
 
 from nodes.api.keys import digest, new_key
+from nodes.deployer.host import DeskHost
 from nodes.runtime.jetstream import ensure_kv
 from nodes.runtime.kvcache import snapshot
 from nodes.runtime.node import handles
@@ -34,9 +35,6 @@ from protocol.api import (
 from protocol.base import Request, encode
 from protocol.errors import BadRequest, NotFound
 
-if TYPE_CHECKING:
-    from nodes.deployer.node import DeployerNode
-
 
 def _info(r: ApiKeyRecord) -> ApiKeyInfo:
     return ApiKeyInfo(service=r.service, id=r.id, name=r.name, created_at=r.created_at,
@@ -44,8 +42,8 @@ def _info(r: ApiKeyRecord) -> ApiKeyInfo:
 
 
 class ApiKeys:
-    def __init__(self, node: DeployerNode) -> None:
-        self.node = node
+    def __init__(self, host: DeskHost) -> None:
+        self.host = host
         self._kv: KeyValue | None = None
         self._packages: KeyValue | None = None
 
@@ -55,11 +53,11 @@ class ApiKeys:
         return self._kv
 
     async def setup(self) -> None:
-        self._kv = await ensure_kv(self.node.js, subjects.API_KEYS_BUCKET,
-                                   replicas=self.node.settings.replicas,
+        self._kv = await ensure_kv(self.host.js, subjects.API_KEYS_BUCKET,
+                                   replicas=self.host.settings.replicas,
                                    description="shipyard API key hashes")
-        self._packages = await ensure_kv(self.node.js, subjects.API_PACKAGE_BUCKET,
-                                         replicas=self.node.settings.replicas,
+        self._packages = await ensure_kv(self.host.js, subjects.API_PACKAGE_BUCKET,
+                                         replicas=self.host.settings.replicas,
                                          description="shipyard API package records")
 
     @handles(CreateApiKey)
@@ -77,7 +75,7 @@ class ApiKeys:
         record = ApiKeyRecord(service=cmd.service, id=key_id, sha256=digest(secret),
                               created_at=time.time(), created_by=by, name=cmd.name)
         await self.kv.create(key_record_key(cmd.service, key_id), encode(record))
-        await self.node.emit(ApiKeyIssued(service=cmd.service, id=key_id, by=by))
+        await self.host.emit(ApiKeyIssued(service=cmd.service, id=key_id, by=by))
         return ApiKeyCreated(key=_info(record), secret=whole)
 
     @handles(ListApiKeys)
@@ -107,6 +105,6 @@ class ApiKeys:
         if entry is None or not entry.value:
             raise NotFound(f"service {cmd.service} has no API key {cmd.id!r}")
         await self.kv.delete(key)
-        await self.node.emit(ApiKeyIssued(service=cmd.service, id=cmd.id,
+        await self.host.emit(ApiKeyIssued(service=cmd.service, id=cmd.id,
                                           by=cmd.by or req.sender, revoked=True))
         return ApiKeyRevoked(service=cmd.service, id=cmd.id)

@@ -1,4 +1,5 @@
-"""The Project Deployer: infrastructures, bundle deployments, rollback, history, health.
+"""The Project Deployer: infrastructures and bundle deployments (desired state), rollback,
+history, health.
 
 Desired state is one KV record per deployment, changed only by compare-and-set: a
 deploy that loses a race is refused (``conflict``), never silently overwritten.  Each
@@ -10,14 +11,17 @@ fleet, and loses nothing.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import msgspec
 import nats.js.errors
 from anyio.abc import TaskGroup
 from nats.js.kv import KeyValue
 
+from nodes.deployer.host import DeskHost
+from nodes.deployer.registry import Registry
 from nodes.deployer.updates import UpdateCloser, close_last, judge
 from nodes.runtime.jetstream import ensure_kv
 from nodes.runtime.kvcache import Entry, KVCache, read
@@ -61,29 +65,34 @@ from protocol.deploy import (
 )
 from protocol.errors import BadRequest, Conflict, NotFound
 from protocol.registry import NodeInfo
+from protocol.scenarios import RunSummary
 from protocol.state import AutomationState, BundleState
-
-if TYPE_CHECKING:
-    from nodes.deployer.node import DeployerNode
 
 HISTORY_LIMIT = 200
 
 
 class ProjectDeployer:
-    def __init__(self, node: DeployerNode) -> None:
-        self.node = node
-        self.log = node.log.bind(component="project-deployer")
+    def __init__(self, host: DeskHost, registry: Registry, *,
+                 api_views: Callable[[ListDeployments], list[DeploymentView]],
+                 last_run: Callable[[str, str], RunSummary | None]) -> None:
+        """``api_views``: the API deployments' views, listed beside the bundles';
+        ``last_run(infra, project)``: the project's latest run, for its view."""
+        self.host = host
+        self.registry = registry
+        self.api_views = api_views
+        self.last_run = last_run
+        self.log = host.log.bind(component="project-deployer")
         self._infra: KeyValue | None = None
         self._deploy: KeyValue | None = None
         self._bundles: KeyValue | None = None
         self._cache: KVCache[DeploymentRecord] | None = None
         self.closer = UpdateCloser(self.view, self._finish,
-                                   lambda: self.node.stopping_requested)
+                                   lambda: self.host.stopping_requested)
 
     # -- lifecycle -----------------------------------------------------------------------
 
     async def setup(self) -> None:
-        js, r = self.node.js, self.node.settings.replicas
+        js, r = self.host.js, self.host.settings.replicas
         self._infra = await ensure_kv(js, subjects.INFRA_BUCKET, replicas=r,
                                       description="shipyard infrastructures")
         self._deploy = await ensure_kv(js, subjects.DEPLOY_BUCKET, replicas=r,
@@ -163,7 +172,7 @@ class ProjectDeployer:
                 return InfraCreated(infra=existing, created=False)
             what = f" ({existing.kind}, {existing.stage})" if existing else ""
             raise Conflict(f"infra {cmd.name!r} already exists{what}") from None
-        await self.node.emit(InfraCreatedEvent(name=infra.name, kind=infra.kind,
+        await self.host.emit(InfraCreatedEvent(name=infra.name, kind=infra.kind,
                                                stage=infra.stage, by=infra.created_by))
         return InfraCreated(infra=infra, created=True)
 
@@ -232,7 +241,7 @@ class ProjectDeployer:
                 "'shipyard deployments' and retry") from None
         self.log.info("desired state changed", project=project, infra=infra, action=action,
                       to=target, revision=new_revision)
-        await self.node.emit(DeploymentRequested(
+        await self.host.emit(DeploymentRequested(
             project=project, infra=infra, update_id=update.id, action=action,
             from_bundle=update.from_bundle, to_bundle=target, by=by))
         self.kick()
@@ -268,7 +277,7 @@ class ProjectDeployer:
         views = [self.view(e.value, e.revision) for e in self._cache.entries.values()
                  if (cmd.project is None or e.value.project == cmd.project)
                  and (cmd.infra is None or e.value.infra == cmd.infra)]
-        views += self.node.apis.views(cmd)  # API deployments (kind "api")
+        views += self.api_views(cmd)  # API deployments (kind "api")
         return DeploymentList(deployments=sorted(views, key=lambda v: (v.project, v.infra)))
 
     @handles(GetHistory)
@@ -287,14 +296,14 @@ class ProjectDeployer:
     # -- state and health ----------------------------------------------------------------
 
     def view(self, rec: DeploymentRecord, revision: int) -> DeploymentView:
-        nodes = self.node.registry.query(role="automation", infra=rec.infra)
+        nodes = self.registry.query(role="automation", infra=rec.infra)
         per_node = [_node_deployment(n, rec) for n in nodes]
         state, health, reasons = judge(
             want=rec.desired, infra=rec.infra, role="automation",
             verbs=("runs", "running", "ran"),
             pending=bool(rec.history) and rec.history[-1].result == PENDING,
             per_node=per_node)
-        last = self.node.runs.last_run(rec.infra, rec.project)
+        last = self.last_run(rec.infra, rec.project)
         if last is not None and last.outcome == "FAILED":
             reasons.append(f"last run {last.run_id} ({last.scenario}) failed: "
                            f"{last.error or 'see its log'}")
@@ -316,7 +325,7 @@ class ProjectDeployer:
             return  # changed meanwhile (a new deploy): the cache will bring it back
         self.log.info("update finished", project=rec.project, infra=rec.infra,
                       bundle=rec.desired, result=result)
-        await self.node.emit(DeploymentFinished(project=rec.project, infra=rec.infra,
+        await self.host.emit(DeploymentFinished(project=rec.project, infra=rec.infra,
                                                 update_id=last.id, bundle=rec.desired,
                                                 result=result, detail=detail))
 

@@ -56,6 +56,8 @@ def _sender(subject: str) -> str:
 class DeployerNode(Node):
     role: ClassVar[str] = "deployer"
     family: ClassVar[Family | None] = DEPLOYER
+    runs: RunDesk
+    apis: ApiDeployer
 
     def __init__(self, *, sweep_interval: float | None = None,
                  forget_after: float | None = FORGET_AFTER_S, **kw: Any) -> None:
@@ -63,11 +65,16 @@ class DeployerNode(Node):
         kept until ``shipyard node forget``)."""
         super().__init__(**kw)
         self.registry = Registry(forget_after=forget_after)
-        self.projects = ProjectDeployer(self)
+        # Each desk gets the node's capabilities (``DeskHost``) and, by name, what it
+        # uses of a sibling; the bundle view's two come late-bound (built after it).
+        self.projects = ProjectDeployer(
+            self, self.registry, api_views=lambda cmd: self.apis.views(cmd),
+            last_run=lambda infra, project: self.runs.last_run(infra, project))
         self.add_handlers(self.projects)
-        self.runs = RunDesk(self)
+        self.runs = RunDesk(self, self.registry, require_infra=self.projects.require_infra,
+                            on_run_finished=self.projects.kick)
         self.add_handlers(self.runs)
-        self.apis = ApiDeployer(self)
+        self.apis = ApiDeployer(self, self.registry, require_infra=self.projects.require_infra)
         self.add_handlers(self.apis)
         self.api_keys = ApiKeys(self)
         self.add_handlers(self.api_keys)

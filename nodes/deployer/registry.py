@@ -1,4 +1,4 @@
-"""The node registry: liveness from heartbeats, persisted in a KV bucket.
+"""The node registry: liveness (when a silent node is judged lost) from heartbeats, kept in KV.
 
 Pure state and rules here; ``nodes.deployer.node`` wires it to NATS.
 

@@ -15,15 +15,18 @@ from __future__ import annotations
 import tempfile
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import anyio
 import msgspec
 from anyio.abc import TaskGroup, TaskStatus
 from nats.js.kv import KeyValue
 
+from nodes.deployer.host import DeskHost, RequireInfra
+from nodes.deployer.registry import Registry
 from nodes.runtime import transfer
 from nodes.runtime.events import read_events
 from nodes.runtime.jetstream import ensure_kv
@@ -62,33 +65,36 @@ from protocol.scenarios import (
 )
 from protocol.state import AutomationState
 
-if TYPE_CHECKING:
-    from nodes.deployer.node import DeployerNode
-
 HISTORY_S = 30 * 24 * 3600
 MAX_RUNS = 20_000
 UNKNOWN_HOLDER_GRACE_S = 30.0
 
 
 class RunDesk:
-    def __init__(self, node: DeployerNode) -> None:
-        self.node = node
-        self.log = node.log.bind(component="runs")
+    def __init__(self, host: DeskHost, registry: Registry, *,
+                 require_infra: RequireInfra, on_run_finished: Callable[[], None]) -> None:
+        """``on_run_finished``: called when a run ends (the bundle deployments' views
+        show each project's last run)."""
+        self.host = host
+        self.registry = registry
+        self.require_infra = require_infra
+        self.on_run_finished = on_run_finished
+        self.log = host.log.bind(component="runs")
         self.runs: OrderedDict[str, RunSummary] = OrderedDict()
         self._locks_kv: KeyValue | None = None
         self._locks: KVCache[RunLock] | None = None
         self._kick = anyio.Event()
 
     async def setup(self) -> None:
-        self._locks_kv = await ensure_kv(self.node.js, subjects.LOCKS_BUCKET,
-                                         replicas=self.node.settings.replicas)
+        self._locks_kv = await ensure_kv(self.host.js, subjects.LOCKS_BUCKET,
+                                         replicas=self.host.settings.replicas)
         self._locks = KVCache(self._locks_kv, lock_keys(), RUN_LOCK.decode)
 
     async def started(self, tg: TaskGroup) -> None:
         assert self._locks is not None
         await tg.start(self._follow)
         await tg.start(self._locks.run)
-        tg.start_soon(partial(supervised, "dead lock holders", self._sweep, log=self.node.log))
+        tg.start_soon(partial(supervised, "dead lock holders", self._sweep, log=self.host.log))
 
     def kick(self) -> None:
         self._kick.set()
@@ -101,7 +107,7 @@ class RunDesk:
         started = False
         async with anyio.create_task_group() as tg:
             async def consume() -> None:
-                async for stored in read_events(self.node.nc, since_s=HISTORY_S, follow=True,
+                async for stored in read_events(self.host.nc, since_s=HISTORY_S, follow=True,
                                                 subject=subjects.RUN_EVENTS_ALL,
                                                 caught_up=ready.set):
                     if stored.event is None:
@@ -109,14 +115,14 @@ class RunDesk:
                     try:
                         validate_run_event(stored.event, stored.subject)
                     except ValueError as exc:  # InvalidMessage is one
-                        self.node.drops.drop("run event", stored.subject.rsplit(".", 1)[0],
+                        self.host.drops.drop("run event", stored.subject.rsplit(".", 1)[0],
                                              stored.subject, str(exc))
                         continue
                     self.fold(stored.event)
 
             # Folding is idempotent (one summary per run id), so a consumer restarted
             # after a NATS error may read history again.
-            tg.start_soon(partial(supervised, "run history", consume, log=self.node.log))
+            tg.start_soon(partial(supervised, "run history", consume, log=self.host.log))
             await ready.wait()
             if not started:
                 started = True
@@ -140,7 +146,7 @@ class RunDesk:
                 self._put(msgspec.structs.replace(run, steps=[*run.steps, step]))
         elif isinstance(event, RunFinished):
             self._put(event.run)
-            self.node.projects.kick()
+            self.on_run_finished()
 
     def _put(self, run: RunSummary) -> None:
         self.runs[run.run_id] = run
@@ -161,19 +167,19 @@ class RunDesk:
 
     async def _sweep(self) -> None:
         assert self._locks is not None and self._locks_kv is not None
-        while not self.node.stopping_requested:
+        while not self.host.stopping_requested:
             self._kick = anyio.Event()
             now = time.time()
             for key, entry in list(self._locks.entries.items()):
                 reason = self._holder_gone(entry.value, now)
                 if reason:
-                    await fail_lost_run(self.node, self._locks_kv, key, entry.revision,
+                    await fail_lost_run(self.host, self._locks_kv, key, entry.revision,
                                         entry.value, reason)
             with anyio.move_on_after(1.0):
                 await self._kick.wait()
 
     def _holder_gone(self, lock: RunLock, now: float) -> str:
-        rec = self.node.registry.nodes.get(lock.node)
+        rec = self.registry.nodes.get(lock.node)
         if rec is None:
             if now - lock.started_at > UNKNOWN_HOLDER_GRACE_S:
                 return f"node lost: {lock.node} is unknown to the registry"
@@ -189,9 +195,9 @@ class RunDesk:
 
     @handles(RunScenario)
     async def run_scenario(self, cmd: RunScenario, req: Request[Any]) -> RunAccepted:
-        await self.node.projects.require_infra(cmd.infra, "automation")
+        await self.require_infra(cmd.infra, "automation")
         candidates = []
-        for info in self.node.registry.query(role="automation", infra=cmd.infra,
+        for info in self.registry.query(role="automation", infra=cmd.infra,
                                              status=ONLINE):
             state = info.state
             if not isinstance(state, AutomationState):
@@ -208,7 +214,7 @@ class RunDesk:
         last_error: OperationError | None = None
         for _, name in sorted(candidates):
             try:
-                return await self.node.caller().call(fire, node=name, timeout=10)
+                return await self.host.caller().call(fire, node=name, timeout=10)
             except Unavailable as exc:  # went away just now: try the next one
                 last_error = exc
         assert last_error is not None
@@ -235,7 +241,7 @@ class RunDesk:
             if stored is not None:
                 return stored
         try:
-            return await self.node.caller().call(
+            return await self.host.caller().call(
                 NodeRunLog(run_id=run.run_id, max_bytes=cmd.max_bytes), node=run.node,
                 timeout=10)
         except Unavailable:
@@ -246,7 +252,7 @@ class RunDesk:
         with tempfile.TemporaryDirectory(prefix="sy-runlog-") as tmp:
             dest = Path(tmp) / "run.log"
             try:
-                await transfer.get_file(self.node.js, subjects.RUN_LOGS_STORE,
+                await transfer.get_file(self.host.js, subjects.RUN_LOGS_STORE,
                                         run_log_name(run_id), dest)
             except NotFound:
                 return None
@@ -259,5 +265,5 @@ class RunDesk:
         if run.outcome != "RUNNING":
             return RunCancelled(run_id=run.run_id, node=run.node, was_running=False)
         self.log.info("cancel requested", run=run.run_id, by=cmd.by or req.sender)
-        return await self.node.caller().call(NodeCancelRun(run_id=run.run_id), node=run.node,
+        return await self.host.caller().call(NodeCancelRun(run_id=run.run_id), node=run.node,
                                              timeout=10)

@@ -19,19 +19,22 @@ import tarfile
 import tempfile
 import time
 from pathlib import Path, PurePosixPath
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, Any, Protocol
 
 import anyio
 import msgspec
 import nats.js.errors
+from nats.js import JetStreamContext
 from nats.js.kv import KeyValue
 
 from nodes.project.files import Walker
 from nodes.project.manifest import MANIFEST, ApiService, Manifest
 from nodes.runtime import transfer
+from nodes.runtime.hosts import Logs
 from nodes.runtime.jetstream import ensure_kv
 from nodes.runtime.kvcache import snapshot
 from nodes.runtime.node import handles
+from nodes.runtime.settings import NatsSettings
 from protocol import subjects
 from protocol.api import (
     API_PACKAGE_INFO,
@@ -50,9 +53,23 @@ from protocol.api import (
 from protocol.base import Request, encode, new_id
 from protocol.bundles import FileEntry, files_digest
 from protocol.errors import BadRequest, Conflict, NotFound
+from protocol.events import Event
 
-if TYPE_CHECKING:
-    from nodes.design import DesignNode
+
+class PackagerHost(Logs, Protocol):
+    """What packing and storing API packages needs of the Design node."""
+
+    @property
+    def js(self) -> JetStreamContext: ...
+
+    @property
+    def settings(self) -> NatsSettings: ...
+
+    async def emit(self, event: Event) -> None: ...
+
+    async def project(self, key: str) -> tuple[Path, Manifest]:
+        """The project ``key``'s folder and strictly validated manifest."""
+        ...
 
 
 def endpoint_specs(service: ApiService) -> dict[str, EndpointSpec]:
@@ -151,8 +168,8 @@ def pack(project_dir: Path, manifest: Manifest, service_name: str, out: Path, *,
 class ApiPackager:
     """The Design node's API packaging component (registered with ``add_handlers``)."""
 
-    def __init__(self, node: DesignNode) -> None:
-        self.node = node
+    def __init__(self, host: PackagerHost) -> None:
+        self.host = host
         self._kv: KeyValue | None = None
 
     @property
@@ -161,10 +178,10 @@ class ApiPackager:
         return self._kv
 
     async def setup(self) -> None:
-        r = self.node.settings.replicas
-        self._kv = await ensure_kv(self.node.js, subjects.API_PACKAGE_BUCKET, replicas=r,
+        r = self.host.settings.replicas
+        self._kv = await ensure_kv(self.host.js, subjects.API_PACKAGE_BUCKET, replicas=r,
                                    description="shipyard API package records")
-        await transfer.ensure_bucket(self.node.js, subjects.API_PACKAGE_STORE, replicas=r)
+        await transfer.ensure_bucket(self.host.js, subjects.API_PACKAGE_STORE, replicas=r)
 
     async def infos(self, service: str) -> list[ApiPackageInfo]:
         snap = await snapshot(self.kv, package_keys(service))
@@ -173,7 +190,7 @@ class ApiPackager:
             try:
                 out.append(API_PACKAGE_INFO.decode(raw))
             except msgspec.DecodeError:
-                self.node.log.warning("unreadable API package record skipped", service=service)
+                self.host.log.warning("unreadable API package record skipped", service=service)
         return sorted(out, key=lambda p: p.created_at)
 
     @handles(ListApiPackages)
@@ -192,7 +209,7 @@ class ApiPackager:
             key = package_key(cmd.service, cmd.version)
         except ValueError as exc:
             raise BadRequest(str(exc)) from None
-        project_dir, manifest = await self.node.project(cmd.project)
+        project_dir, manifest = await self.host.project(cmd.project)
         if cmd.service not in manifest.api_services:
             known = ", ".join(sorted(manifest.api_services)) or "none"
             raise NotFound(f"project {cmd.project!r} has no API service {cmd.service!r} "
@@ -208,7 +225,7 @@ class ApiPackager:
                 lambda: pack(project_dir, manifest, cmd.service, archive, version=cmd.version,
                              created_by=by, notes=cmd.notes))
             name = f"{cmd.service}/{cmd.version}/{new_id()}.tar"
-            stored = await transfer.put_file(self.node.js, subjects.API_PACKAGE_STORE, name,
+            stored = await transfer.put_file(self.host.js, subjects.API_PACKAGE_STORE, name,
                                              archive, meta={"service": cmd.service,
                                                             "version": cmd.version})
         finally:
@@ -220,13 +237,13 @@ class ApiPackager:
         try:
             await self.kv.create(key, encode(info))
         except nats.js.errors.KeyWrongLastSequenceError:
-            await transfer.delete(self.node.js, subjects.API_PACKAGE_STORE, name)
+            await transfer.delete(self.host.js, subjects.API_PACKAGE_STORE, name)
             raise Conflict(f"API package {cmd.service} {cmd.version} was created "
                            "concurrently") from None
-        await self.node.emit(ApiPackageStored(
+        await self.host.emit(ApiPackageStored(
             service=info.service, version=info.version, project=info.project, by=by,
             files=len(info.files), size=info.size, digest=info.digest))
-        self.node.log.info("API package created", service=info.service, version=info.version,
+        self.host.log.info("API package created", service=info.service, version=info.version,
                            files=len(info.files), size=info.size)
         prev = previous[-1] if previous else None
         before = {f.path: f.sha256 for f in prev.files} if prev else {}
