@@ -1,12 +1,14 @@
 """shipyard nodes: the shared runtime and one module (or package) per role.
 
 ``nodes.runtime``     the Node base class, connection, logging, embedded NATS, supervisor
-``nodes.deployer``    the Deployer: node registry (and project / API deployments)
-``nodes.design``      the Design node
+``nodes.deployer``    the Deployer: node registry (and bundle / API deployments, run history)
+``nodes.design``      the Design node (and its API packages)
 ``nodes.automation``  Automation nodes
 ``nodes.api``         API nodes
 ``nodes.govern``      the Govern node
 ``nodes.cli``         the ``shipyard`` admin command line
+``nodes.project``     manifests, bundle packing, project files (pure: no NATS)
+``nodes.flow``        the flow engine (builds, scenario runs, user code in job processes)
 """
 
 from functools import cache
