@@ -16,9 +16,9 @@ policy: ``check`` sees each message's reply subject and size before its bytes ar
 written, and may raise.  Failures surface as ``DirectReadUnavailable`` (nothing was
 pulled yet: use another path), ``Stalled`` (no bytes for ``timeout`` seconds) or
 ``Refused`` (the server ended the read: a status message, ``-ERR``, a closed connection);
-an ``OSError`` from writing the file stays what it is.  Leaving ``async with Fetch(...)`` early (an
-error, cancellation) shuts the socket down from the event loop, which unblocks the
-thread, and returns only once both threads ended.
+an ``OSError`` from writing the file stays what it is.  Leaving ``async with Fetch(...)``
+early (an error, cancellation) shuts the socket down from the event loop, which unblocks
+the thread, and returns only once both threads ended.
 """
 
 from __future__ import annotations

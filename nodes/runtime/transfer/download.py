@@ -65,8 +65,6 @@ FAST_RECEIVE = True
 DIRECT_MIN_BYTES = 1 << 20
 
 
-
-
 def _miscount(bucket: str, name: str, chunks: int, stored: int) -> CorruptObject:
     what = "truncated" if stored < chunks else "extra chunks"
     return CorruptObject(bucket, name, f"{what}: meta says {chunks} chunks, {stored} are "

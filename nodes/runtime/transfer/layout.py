@@ -101,7 +101,6 @@ class _Info(msgspec.Struct, omit_defaults=True):
     options: _Options | None = None
 
 
-
 _INFO = msgspec.json.Decoder(_Info)
 _ENCODER = msgspec.json.Encoder()
 _nuid = NUID()
@@ -224,7 +223,6 @@ async def delete(js: JetStreamContext, bucket: str, name: str) -> None:
     async with _nats_errors(bucket, name, "deleting"):
         await js.publish(_meta_subject(bucket, name), _ENCODER.encode(tomb), headers=_ROLLUP)
         await js.purge_stream(_stream(bucket), subject=_chunks_subject(bucket, info.nuid))
-
 
 
 class _Flow:

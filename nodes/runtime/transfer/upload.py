@@ -1,12 +1,11 @@
 """Upload a file as an object: windowed publishes, reading and hashing ahead in a thread.
 
-nats-py's ``ObjectStore.put`` acks chunk by chunk (one round trip each; ~170 MB/s for
-100 MB here).  ``put_file`` keeps ``WINDOW_BYTES`` of chunk publishes un-acked while a
-worker thread reads and hashes the next ``BLOCK_BYTES`` ahead, and writes the meta data
-last, so a reader never sees a half-written object; a failed upload purges the chunks it
-sent.  It records both digests in one pass: SHA-256 (the layout's) and BLAKE3 (what
-``get_file`` checks, see ``download``).  Every wait is bounded: no ack for ``timeout``
-raises ``TransferStalled``.
+nats-py's ``ObjectStore.put`` acks chunk by chunk, one round trip each.  ``put_file``
+keeps ``WINDOW_BYTES`` of chunk publishes un-acked while a worker thread reads and hashes
+the next ``BLOCK_BYTES`` ahead, and writes the meta data last, so a reader never sees a
+half-written object; a failed upload purges the chunks it sent.  It records both
+digests in one pass: SHA-256 (the layout's) and BLAKE3 (what ``get_file`` checks, see
+``download``).  Every wait is bounded: no ack for ``timeout`` raises ``TransferStalled``.
 """
 
 from __future__ import annotations
