@@ -47,6 +47,7 @@ import nats
 
 from bench.common import ROOT, nats_server, print_table
 from nodes.runtime import bulkfetch, embedded, transfer
+from nodes.runtime.transfer import download
 
 SIZE = 100 << 20
 TARGET = 0.3
@@ -136,12 +137,12 @@ async def _round(url: str, server_pid: int, src: Path, tmp: Path,
     times["get_file + fsync (durable)"].append(
         await _timed(lambda: get(js, BUCKET, "obj", durable, durable=True)))
     slow = _fresh(tmp / "get-fallback.bin")
-    transfer.FAST_RECEIVE = False
+    download.FAST_RECEIVE = False
     try:
         times["get_file via nats-py fallback, new dest"].append(
             await _timed(lambda: get(js, BUCKET, "obj", slow)))
     finally:
-        transfer.FAST_RECEIVE = True
+        download.FAST_RECEIVE = True
     await nc.close()
 
 
@@ -250,7 +251,7 @@ def run(quick: bool = False) -> dict[str, Any]:
     mem_ok = peak < size_mib and growth < MAX_GROWTH_FRACTION * size_mib
     result: dict[str, Any] = {
         "size_bytes": SIZE, "rounds": rounds, "target_ratio": TARGET,
-        "chunk_size": transfer.DEFAULT_CHUNK_SIZE, "window_bytes": transfer.WINDOW_BYTES,
+        "chunk_size": transfer.DEFAULT_CHUNK_SIZE, "window_bytes": download.WINDOW_BYTES,
         "ring_bytes": bulkfetch.BLOCKS * bulkfetch.BLOCK_BYTES,
         "paths": paths, "get_ratios": ratios, "new_dest_ratio": strictest, "cpu": floor,
         "server": {"gogc": gogc, "peak_rss_mib": round(server_hwm_kib / 1024, 1)},

@@ -37,9 +37,11 @@ from nodes.runtime.transfer import (
     CorruptObject,
     TransferError,
     TransferStalled,
+    download,
     get_file,
     put_file,
     stat,
+    upload,
 )
 from protocol.errors import BadRequest, NotFound
 
@@ -100,13 +102,13 @@ def fetches(monkeypatch: Any) -> Fetches:
 @pytest.fixture(autouse=True)
 def direct_for_small_objects(monkeypatch: Any) -> None:
     """The direct path normally starts at 1 MiB; these tests use small objects."""
-    monkeypatch.setattr(transfer, "DIRECT_MIN_BYTES", 0)
+    monkeypatch.setattr(download, "DIRECT_MIN_BYTES", 0)
 
 
 @pytest.fixture(params=["direct", "nats-py"])
 def receive(request: Any, monkeypatch: Any, fetches: Fetches) -> str:
     """Run the test on both receive paths (``FAST_RECEIVE``)."""
-    monkeypatch.setattr(transfer, "FAST_RECEIVE", request.param == "direct")
+    monkeypatch.setattr(download, "FAST_RECEIVE", request.param == "direct")
     return str(request.param)
 
 
@@ -360,8 +362,8 @@ async def test_progress_reports_monotonic_bytes_up_to_the_size(settings: NatsSet
                                                                tmp_path: Path,
                                                                monkeypatch: Any) -> None:
     """progress(bytes_written, size) rises strictly, batch by batch, and ends at size."""
-    monkeypatch.setattr(transfer, "BLOCK_BYTES", 2 * CHUNK)
-    monkeypatch.setattr(transfer, "WINDOW_BYTES", 4 * CHUNK)  # so batches stay small
+    monkeypatch.setattr(download, "BLOCK_BYTES", 2 * CHUNK)
+    monkeypatch.setattr(download, "WINDOW_BYTES", 4 * CHUNK)  # so batches stay small
     src, dest = tmp_path / "src.bin", tmp_path / "dest.bin"
     size = CHUNK * 30 + 1
     write(src, size)
@@ -380,8 +382,8 @@ async def test_a_stalled_get_fails_instead_of_hanging(nats_server: EmbeddedNats,
     """When the server stops delivering mid-transfer (SIGSTOP), get_file raises
     TransferStalled after ``timeout`` (plus at most ``timeout`` more to give up deleting
     the consumer on the frozen server) and removes its partial file."""
-    monkeypatch.setattr(transfer, "BLOCK_BYTES", 2 * CHUNK)
-    monkeypatch.setattr(transfer, "WINDOW_BYTES", 4 * CHUNK)
+    monkeypatch.setattr(download, "BLOCK_BYTES", 2 * CHUNK)
+    monkeypatch.setattr(download, "WINDOW_BYTES", 4 * CHUNK)
     src, out = tmp_path / "src.bin", tmp_path / "out"
     write(src, CHUNK * 20)
     out.mkdir()
@@ -414,8 +416,8 @@ async def test_a_consumer_deleted_mid_get_ends_it_with_the_servers_status(
     responders" for a pull sent after) or, for a pull it swallowed, the stall timeout.
     No temp file remains.  (512-byte chunks, two in flight: the read takes far longer
     than the delete.)"""
-    monkeypatch.setattr(transfer, "BLOCK_BYTES", 16 << 10)
-    monkeypatch.setattr(transfer, "WINDOW_BYTES", 1 << 10)
+    monkeypatch.setattr(download, "BLOCK_BYTES", 16 << 10)
+    monkeypatch.setattr(download, "WINDOW_BYTES", 1 << 10)
     src, out = tmp_path / "src.bin", tmp_path / "out"
     write(src, 3000 * 512)
     out.mkdir()
@@ -458,13 +460,13 @@ async def test_a_stalled_put_fails_instead_of_hanging(nats_server: EmbeddedNats,
                                                       monkeypatch: Any) -> None:
     """When acks stop arriving mid-upload (server SIGSTOPped), put_file raises
     TransferStalled after ``timeout``."""
-    monkeypatch.setattr(transfer, "BLOCK_BYTES", 2 * CHUNK)
-    monkeypatch.setattr(transfer, "WINDOW_BYTES", 4 * CHUNK)
+    monkeypatch.setattr(upload, "BLOCK_BYTES", 2 * CHUNK)
+    monkeypatch.setattr(upload, "WINDOW_BYTES", 4 * CHUNK)
     src = tmp_path / "src.bin"
     write(src, CHUNK * 20)
     assert nats_server.proc is not None
     pid = nats_server.proc.pid
-    read_block = transfer._read_block
+    read_block = upload._read_block
     blocks = 0
 
     def read_then_freeze(*args: Any) -> list[bytes]:
@@ -474,7 +476,7 @@ async def test_a_stalled_put_fails_instead_of_hanging(nats_server: EmbeddedNats,
             os.kill(pid, signal.SIGSTOP)
         return read_block(*args)
 
-    monkeypatch.setattr(transfer, "_read_block", read_then_freeze)
+    monkeypatch.setattr(upload, "_read_block", read_then_freeze)
     async with jetstream(settings, timeout=0.5) as js:
         try:
             with pytest.raises(TransferStalled, match=r"stalled: the ack for chunk \d+ did not"):
@@ -543,8 +545,8 @@ async def test_cancelling_a_get_mid_transfer_leaves_no_thread_or_temp_file(
         settings: NatsSettings, tmp_path: Path, monkeypatch: Any, fetches: Fetches) -> None:
     """Cancelling get_file while chunks flow ends the receive threads before get_file
     returns, removes the partial file and leaves dest untouched."""
-    monkeypatch.setattr(transfer, "BLOCK_BYTES", 2 * CHUNK)
-    monkeypatch.setattr(transfer, "WINDOW_BYTES", 4 * CHUNK)
+    monkeypatch.setattr(download, "BLOCK_BYTES", 2 * CHUNK)
+    monkeypatch.setattr(download, "WINDOW_BYTES", 4 * CHUNK)
     src, out = tmp_path / "src.bin", tmp_path / "out"
     write(src, CHUNK * 40)
     out.mkdir()
@@ -567,8 +569,8 @@ async def test_cancelling_a_stalled_get_unblocks_its_thread_at_once(
     """With the server frozen the receive thread sits in a blocking recv; cancelling
     get_file shuts its socket down from the event loop, so the threads end at once, long
     before the stall timeout, and no temp file remains."""
-    monkeypatch.setattr(transfer, "BLOCK_BYTES", 2 * CHUNK)
-    monkeypatch.setattr(transfer, "WINDOW_BYTES", 4 * CHUNK)
+    monkeypatch.setattr(download, "BLOCK_BYTES", 2 * CHUNK)
+    monkeypatch.setattr(download, "WINDOW_BYTES", 4 * CHUNK)
     src, out = tmp_path / "src.bin", tmp_path / "out"
     write(src, CHUNK * 40)
     out.mkdir()
@@ -608,7 +610,7 @@ async def test_fallback_path_when_direct_receive_is_off(settings: NatsSettings,
                                                         tmp_path: Path, monkeypatch: Any,
                                                         fetches: Fetches) -> None:
     """FAST_RECEIVE = False keeps every byte on the nats-py subscription."""
-    monkeypatch.setattr(transfer, "FAST_RECEIVE", False)
+    monkeypatch.setattr(download, "FAST_RECEIVE", False)
     src, dest = tmp_path / "src.bin", tmp_path / "dest.bin"
     data = write(src, CHUNK * 9 + 1)
     async with jetstream(settings) as js:
@@ -622,7 +624,7 @@ async def test_small_objects_skip_the_extra_connection(settings: NatsSettings,
                                                         fetches: Fetches) -> None:
     """Below DIRECT_MIN_BYTES get_file stays on the nats-py connection; from it on, the
     direct path is used."""
-    monkeypatch.setattr(transfer, "DIRECT_MIN_BYTES", CHUNK * 4)
+    monkeypatch.setattr(download, "DIRECT_MIN_BYTES", CHUNK * 4)
     src, dest = tmp_path / "src.bin", tmp_path / "dest.bin"
     async with jetstream(settings) as js:
         for size in (CHUNK * 4 - 1, CHUNK * 4):
@@ -651,7 +653,7 @@ async def test_falls_back_to_nats_py_when_the_server_refuses_a_second_connection
                 await get_file(js, "files", "obj", dest)
     finally:
         await server.astop()
-    assert dest.read_bytes() == data and fetches.outcomes == ["Unavailable"]
+    assert dest.read_bytes() == data and fetches.outcomes == ["DirectReadUnavailable"]
     [line] = [e for e in logs if e["event"].startswith("direct receive unavailable")]
     assert "maximum connections exceeded" in line["reason"]
 

@@ -29,7 +29,7 @@ import msgspec
 from nats.aio.client import Client as NATS
 from nats.micro import add_service
 from nats.micro.request import Request as MicroRequest
-from nats.micro.service import EndpointStats, Service, ServiceConfig
+from nats.micro.service import Endpoint, EndpointStats, Service, ServiceConfig
 
 import nodes
 from nodes.api.metrics import Stat
@@ -43,6 +43,7 @@ from nodes.api.usercode import (
     same_result,
 )
 from nodes.api.wire import BusyPage, Serve
+from nodes.runtime import natscompat
 from nodes.runtime.logs import get_logger
 from protocol import subjects
 from protocol.api import (
@@ -124,7 +125,7 @@ class ServiceServer:
     name: str
     route: Route
     micro: Service | None = None
-    micro_endpoints: dict[str, Any] = field(default_factory=dict)
+    micro_endpoints: dict[str, Endpoint] = field(default_factory=dict)
     handlers: dict[str, Handler] = field(default_factory=dict)
 
 
@@ -163,8 +164,8 @@ class Serving:
         out = {}
         for server in self.services.values():
             for name, ep in server.micro_endpoints.items():
-                sub = ep._subscription
-                out[(server.name, name)] = sub._pending_queue.qsize() if sub else 0
+                sub = natscompat.endpoint_subscription(ep)
+                out[(server.name, name)] = sub.pending_msgs if sub else 0
         return out
 
     # -- routes -------------------------------------------------------------------------
@@ -183,14 +184,14 @@ class Serving:
                 queue_group=subjects.api_queue_group(service),
                 metadata=self._metadata(route), stats_handler=self._stats(server)))
         else:
-            server.micro._metadata.update(self._metadata(route))
+            natscompat.set_service_metadata(server.micro, self._metadata(route))
         for name, ep in route.endpoints.items():
             if name not in server.micro_endpoints:
                 handler = server.handlers[name] = self._handler(server, name)
                 await server.micro.add_endpoint(
                     name=name, subject=subjects.api_endpoint(service, name),
                     handler=_from_micro(handler), metadata={"kind": ep.kind})
-                server.micro_endpoints[name] = server.micro._endpoints[-1]
+                server.micro_endpoints[name] = natscompat.micro_endpoints(server.micro)[-1]
         await self.nc.flush()
 
     def _metadata(self, route: Route) -> dict[str, str]:
@@ -209,10 +210,10 @@ class Serving:
         """Leave every queue group; requests already received are still answered."""
         for server in self.services.values():
             for ep in server.micro_endpoints.values():
-                sub = ep._subscription
+                sub = natscompat.endpoint_subscription(ep)
                 if sub is not None:
                     try:
-                        await sub.drain()
+                        await sub.drain()  # type: ignore[no-untyped-call]  # unannotated in nats-py
                     except Exception as exc:
                         self.log.warning("drain failed", error=str(exc) or type(exc).__name__)
 
@@ -245,8 +246,8 @@ class Serving:
                 return await self._fail(micro_ep, reply, "too_large", f"request body of "
                                         f"{len(data)} bytes is over the limit of "
                                         f"{self.max_body}")
-            sub = micro_ep._subscription if micro_ep is not None else None
-            if sub is not None and self.service_time * sub._pending_queue.qsize() > \
+            sub = natscompat.endpoint_subscription(micro_ep) if micro_ep is not None else None
+            if sub is not None and self.service_time * sub.pending_msgs > \
                     self.queue_timeout:
                 self.overloaded += 1
                 return await self._fail(micro_ep, reply, "overloaded", "the node is at "
@@ -337,18 +338,16 @@ class Serving:
         if status != 0 or not same_result(body, primary):
             self.shadow_mismatches += 1
 
-    async def _fail(self, micro_ep: Any, reply: str, code: str, message: str) -> None:
+    async def _fail(self, micro_ep: Endpoint | None, reply: str, code: str, message: str) -> None:
         if micro_ep is not None:  # micro counts only raised errors: count answered ones
-            micro_ep._num_errors += 1
-            micro_ep._last_error = f"{code}: {message}"[:500]
+            natscompat.count_endpoint_error(micro_ep, f"{code}: {message}")
         body, headers = micro_error(code, message)
         await self.nc.publish(reply, body, headers=headers)
 
 
 def _from_micro(handler: Handler) -> Callable[[MicroRequest], Awaitable[None]]:
     async def handle(request: MicroRequest) -> None:
-        msg = request._msg
-        await handler(msg.reply, msg.data, msg.headers)
+        await handler(natscompat.request_reply(request), request.data, request.headers)
     return handle
 
 

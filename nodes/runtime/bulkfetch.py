@@ -13,12 +13,12 @@ what the kernel buffers).
 
 The caller creates the consumer (over nats-py, while the thread connects) and owns the
 policy: ``check`` sees each message's reply subject and size before its bytes are
-written, and may raise.  Failures surface as ``Unavailable`` (nothing was pulled yet:
-use another path), ``Stalled`` (no bytes for ``timeout`` seconds) or ``Refused`` (the
-server ended the read: a status message, ``-ERR``, a closed connection); an ``OSError``
-from writing the file stays what it is.  Leaving ``async with Fetch(...)`` early (an
-error, cancellation) shuts the socket down from the event loop, which unblocks the
-thread, and returns only once both threads ended.
+written, and may raise.  Failures surface as ``DirectReadUnavailable`` (nothing was
+pulled yet: use another path), ``Stalled`` (no bytes for ``timeout`` seconds) or
+``Refused`` (the server ended the read: a status message, ``-ERR``, a closed connection);
+an ``OSError`` from writing the file stays what it is.  Leaving ``async with Fetch(...)``
+early (an error, cancellation) shuts the socket down from the event loop, which unblocks
+the thread, and returns only once both threads ended.
 """
 
 from __future__ import annotations
@@ -38,8 +38,10 @@ from typing import Any
 import anyio
 import anyio.from_thread
 import anyio.lowlevel
+from nats.aio.client import Client as NATS
 from nats.aio.client import __version__ as nats_py_version
 
+from nodes.runtime import natscompat
 from nodes.runtime.logs import get_logger
 
 BLOCK_BYTES = 1 << 20  # one ring block: the most a single recv_into reads
@@ -79,7 +81,7 @@ def _give_ring(ring: mmap.mmap) -> None:
 Check = Callable[[int, bytes, int], None]  # (message number from 1, reply subject, size)
 
 
-class Unavailable(Exception):
+class DirectReadUnavailable(Exception):
     """Raised when no dedicated connection can be used (unsupported connection options,
     or the server refused or did not answer the handshake); nothing was pulled."""
 
@@ -151,29 +153,32 @@ def _resolve(value: Any) -> str | None:
     return None if value is None else str(value)
 
 
-def dial_from(nc: Any) -> Dial:
-    """The connection options of nats-py client ``nc``; ``Unavailable`` if unsupported."""
+def dial_from(nc: NATS) -> Dial:
+    """The connection options of nats-py client ``nc``; ``DirectReadUnavailable`` if
+    they cannot be reproduced."""
     uri = nc.connected_url
     if uri is None:
-        raise Unavailable("the nats-py client is not connected")
+        raise DirectReadUnavailable("the nats-py client is not connected")
     if uri.scheme not in ("nats", "tls"):
-        raise Unavailable(f"{uri.scheme}:// connections are not supported")
+        raise DirectReadUnavailable(f"{uri.scheme}:// connections are not supported")
     try:
         options: dict[str, Any] = nc.options
-        server = nc._current_server
+        credentials = natscompat.credentials_of(nc)
         return Dial(
             host=uri.hostname or "127.0.0.1", port=uri.port or 4222,
             name=f"{options.get('name') or 'nats-py'} (bulk fetch)",
             connect_timeout=float(options.get("connect_timeout") or 2),
-            tls_hostname=options.get("tls_hostname") or server.tls_name or uri.hostname,
+            tls_hostname=(options.get("tls_hostname") or natscompat.server_tls_name(nc)
+                          or uri.hostname),
             tls_first=bool(options.get("tls_handshake_first")),
-            ssl_context=lambda: nc.ssl_context, auth=bool(nc._auth_configured),
-            sign=nc._signature_cb, jwt=nc._user_jwt_cb, nkey=nc._public_nkey,
+            ssl_context=lambda: nc.ssl_context, auth=credentials.configured,
+            sign=credentials.sign, jwt=credentials.jwt, nkey=credentials.nkey,
             user=_resolve(options.get("user")), password=_resolve(options.get("password")),
             token=_resolve(options.get("token")), url_user=uri.username,
             url_password=uri.password)
     except (AttributeError, KeyError, TypeError) as exc:
-        raise Unavailable(f"cannot read nats-py's connection options: {exc!r}") from exc
+        raise DirectReadUnavailable(f"cannot read nats-py's connection options: "
+                                    f"{exc!r}") from exc
 
 
 @dataclass(frozen=True)
@@ -242,7 +247,7 @@ class Fetch:
         """Pull ``job``; the payload bytes written.  ``progress(written)`` runs on the
         loop every ``job.progress_every`` bytes and at the end.
 
-        Raises ``Unavailable`` (nothing was pulled), ``Stalled``, ``Refused``, or what
+        Raises ``DirectReadUnavailable`` (nothing was pulled), ``Stalled``, ``Refused``, or what
         ``job.check`` or ``progress`` raised.
         """
         self.job, self.progress = job, progress
@@ -300,13 +305,14 @@ class Fetch:
 
     def _connect(self) -> tuple[socket.socket, bytes]:
         """Open, handshake and subscribe; returns the socket and bytes read past PONG.
-        Raises ``Unavailable`` for anything that goes wrong here."""
+        Raises ``DirectReadUnavailable`` for anything that goes wrong here."""
         dial = self.dial
         try:
             sock: socket.socket = socket.create_connection((dial.host, dial.port),
                                                            timeout=dial.connect_timeout)
         except OSError as exc:
-            raise Unavailable(f"cannot connect to {dial.host}:{dial.port}: {exc}") from exc
+            raise DirectReadUnavailable(f"cannot connect to {dial.host}:{dial.port}: "
+                                        f"{exc}") from exc
         try:
             self._adopt(sock)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -315,10 +321,10 @@ class Fetch:
                     sock, server_hostname=dial.tls_hostname))
             line, rest = _read_line(sock, b"")
             if not line.startswith(b"INFO "):
-                raise Unavailable(f"expected INFO from the server, got {line[:80]!r}")
+                raise DirectReadUnavailable(f"expected INFO from the server, got {line[:80]!r}")
             info = json.loads(line[5:])
             if not info.get("headers"):
-                raise Unavailable("the server does not support headers")
+                raise DirectReadUnavailable("the server does not support headers")
             if info.get("tls_required") and not dial.tls_first:
                 sock = self._adopt(dial.ssl_context().wrap_socket(
                     sock, server_hostname=dial.tls_hostname))
@@ -329,15 +335,15 @@ class Fetch:
                 if line.startswith(b"PONG"):
                     break
                 if line.startswith(b"-ERR"):
-                    raise Unavailable(f"server refused the connection: {line.decode()}")
+                    raise DirectReadUnavailable(f"server refused the connection: {line.decode()}")
                 if line.startswith(b"PING"):
                     sock.sendall(_PONG)
-        except Unavailable:
+        except DirectReadUnavailable:
             raise
         except Exception as exc:  # socket, TLS, JSON, signing the nonce...
             if self.aborted:
                 raise Refused("aborted") from exc
-            raise Unavailable(f"handshake with {dial.host}:{dial.port} failed: "
+            raise DirectReadUnavailable(f"handshake with {dial.host}:{dial.port} failed: "
                               f"{exc or type(exc).__name__}") from exc
         return sock, rest
 

@@ -1,0 +1,129 @@
+"""The only module that reads or writes nats-py's private attributes.
+
+nats-py has no public API for a few things shipyard needs; each access below is one small
+typed function, and ``tests/test_natscompat.py`` checks every one against a real
+nats-server, so a nats-py upgrade that renames or reshapes an attribute fails those tests
+loudly instead of breaking a node quietly (``pyproject.toml`` pins nats-py below the next
+minor version for the same reason).  A test also scans ``nodes/``, ``bench/`` and
+``tests/`` for private nats-py attributes used anywhere else.
+
+Why each access is needed (nats-py 2.16):
+
+* ``js_client(js)`` (``JetStreamContext._nc``): the Object Store transfers publish chunks
+  and pull them over the client's core API (un-acked windows, raw pull requests), and
+  their callers hold only the JetStream context.
+* ``js_api_prefix(js)`` (``JetStreamContext._prefix``): pull requests go to
+  ``<prefix>.CONSUMER.MSG.NEXT...``; the prefix changes with a JetStream domain.
+* ``server_tls_name(nc)`` (``Client._current_server.tls_name``): the host name TLS must
+  verify when the connected server was discovered by IP address; ``connected_url`` has
+  only the address.
+* ``credentials_of(nc)`` (``Client._auth_configured``, ``_signature_cb``,
+  ``_user_jwt_cb``, ``_public_nkey``): the bulk receive path opens a second connection
+  with the client's own credentials; nkey and JWT signers live only there, not in
+  ``Client.options``.
+* ``micro_endpoints(service)`` (``Service._endpoints``): ``add_endpoint`` returns
+  nothing, and the endpoint object is needed for its subscription and its counters.
+* ``set_service_metadata(service, ...)`` (``Service._metadata``): a service's metadata
+  (the generations it serves) changes while it runs; micro has no setter.
+* ``endpoint_subscription(ep)`` (``Endpoint._subscription``): its backlog decides load
+  shedding (``Subscription.pending_msgs`` is public), and draining it leaves the queue
+  group while in-flight requests are still answered (``Service.stop`` drops them).
+* ``count_endpoint_error(ep, message)`` (``Endpoint._num_errors``, ``_last_error``):
+  micro counts only errors a handler raises; shipyard answers its errors itself, so
+  ``$SRV.STATS`` would otherwise report none.
+* ``request_reply(request)`` (``Request._msg.reply``): handlers publish the answer
+  themselves (and name the reply subject on the worker's busy page); micro's ``Request``
+  exposes subject, headers and data but not the reply subject.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+from nats.aio.client import Client as NATS
+from nats.aio.subscription import Subscription
+from nats.js import JetStreamContext
+from nats.micro.request import Request
+from nats.micro.service import Endpoint, Service
+
+LAST_ERROR_MAX = 500  # characters of an error message kept in micro's stats
+
+
+# -- JetStream context ----------------------------------------------------------------
+
+
+def js_client(js: JetStreamContext) -> NATS:
+    """The NATS client the JetStream context sends through."""
+    nc: NATS = js._nc
+    return nc
+
+
+def js_api_prefix(js: JetStreamContext) -> str:
+    """The JetStream API subject prefix: ``$JS.API``, or ``$JS.<domain>.API``."""
+    prefix: str = js._prefix
+    return prefix
+
+
+# -- Client ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """What the client authenticates with, beyond ``Client.options`` (user, password,
+    token) and the URL's user info: whether any credentials were configured, and the
+    nkey or JWT signers of an nkey seed or a creds file."""
+
+    configured: bool
+    sign: Callable[[str], bytes] | None = field(default=None, repr=False)
+    jwt: Callable[[], bytes | bytearray] | None = field(default=None, repr=False)
+    nkey: str | None = None
+
+
+def credentials_of(nc: NATS) -> Credentials:
+    """The client's configured credentials (read after ``connect``)."""
+    return Credentials(configured=bool(nc._auth_configured), sign=nc._signature_cb,
+                       jwt=nc._user_jwt_cb, nkey=nc._public_nkey)
+
+
+def server_tls_name(nc: NATS) -> str | None:
+    """The TLS host name nats-py verifies for the server it is connected to (set for a
+    discovered server known by IP address), or None: then the URL's host is used."""
+    server = nc._current_server
+    if server is None:
+        return None
+    name: str | None = server.tls_name
+    return name
+
+
+# -- nats.micro -----------------------------------------------------------------------
+
+
+def micro_endpoints(service: Service) -> tuple[Endpoint, ...]:
+    """The service's endpoints in the order they were added."""
+    endpoints: list[Endpoint] = service._endpoints
+    return tuple(endpoints)
+
+
+def set_service_metadata(service: Service, metadata: Mapping[str, str]) -> None:
+    """Update the metadata the service reports in ``$SRV.INFO``/``PING``/``STATS``."""
+    current: dict[str, str] = service._metadata
+    current.update(metadata)
+
+
+def endpoint_subscription(ep: Endpoint) -> Subscription | None:
+    """The endpoint's queue subscription (None once the endpoint was stopped)."""
+    sub: Subscription | None = ep._subscription
+    return sub
+
+
+def count_endpoint_error(ep: Endpoint, message: str) -> None:
+    """Count an error answered without raising in the endpoint's ``$SRV.STATS``."""
+    ep._num_errors += 1
+    ep._last_error = message[:LAST_ERROR_MAX]  # type: ignore[assignment]  # typed as None
+
+
+def request_reply(request: Request) -> str:
+    """The reply subject of a micro request ("" if the caller expects no answer)."""
+    reply: str = request._msg.reply
+    return reply
