@@ -183,6 +183,11 @@ LOCKS_BUCKET = "sy_locks"  # KV: lock.<infra>.<project>.<scenario>, cron.<...> m
 RUN_LOGS_STORE = "sy_run_logs"  # Object Store: logs of finished runs
 
 
+def events_of(kind: str) -> str:
+    """Every event of one kind (``api``, ``deploy``, ``node``, ...)."""
+    return f"{ROOT}.evt.{token(kind, 'event kind')}.>"
+
+
 def runs_of(project: str) -> str:
     """Every run event of one project."""
     return f"{ROOT}.evt.run.{token(project, 'project')}.>"

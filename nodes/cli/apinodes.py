@@ -149,7 +149,7 @@ async def print_api_urls(nc: Any, http_port: int, tg: TaskGroup) -> None:
         if event.result == "succeeded":
             tg.start_soon(show, event.service)
 
-    sub = await nc.subscribe(subjects.event("api") + ".>", cb=on_event)
+    sub = await nc.subscribe(subjects.events_of("api"), cb=on_event)
 
     async def keep() -> None:
         try:
