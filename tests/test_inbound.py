@@ -11,6 +11,7 @@ from typing import Any
 import anyio
 import msgspec
 import nats.js.errors
+import pytest
 from nats.aio.client import Client as NATS
 
 from nodes.deployer import DeployerNode
@@ -429,4 +430,28 @@ async def test_a_full_registry_refuses_new_names_but_keeps_known_nodes(
         await send_beat(nc, heartbeat("n1", interval_s=5.0, seq=2))
         await wait_for(lambda: d.registry.nodes["n1"].seq == 2, message="n1 still beating")
         assert "n3" not in d.registry.nodes and "n2" in d.registry.nodes
+    await nc.close()
+
+
+async def test_a_reply_over_the_servers_max_payload_is_a_typed_too_large_error(
+        settings: NatsSettings) -> None:
+    """An unfiltered listing of many nodes with large (but valid) states would be a reply
+    nats-server refuses; the caller gets ``too_large`` at once instead of a timeout, and
+    a filtered listing still works."""
+    from protocol.errors import TooLarge
+    from protocol.state import AutomationState, BundleState
+
+    state = AutomationState(bundles={f"p{i}": BundleState(active="v1", target="v1",
+                                                          cached=["v1", "v0"])
+                                     for i in range(400)})
+    nc = await connect(settings, name="test")
+    async with running(deployer(settings)) as (d,):
+        for i in range(40):
+            await send_beat(nc, heartbeat(f"big-{i}", state=state,
+                                          infra="prod" if i else "small"))
+        await wait_for(lambda: len(d.registry.nodes) >= 40, message="40 nodes registered")
+        with pytest.raises(TooLarge, match=r"max_payload .* filters"):
+            await Caller(nc).call(ListNodes(), timeout=5)
+        reply = await Caller(nc).call(ListNodes(infra="small"), timeout=5)
+        assert [n.name for n in reply.nodes] == ["big-0"]
     await nc.close()

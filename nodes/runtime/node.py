@@ -59,7 +59,14 @@ from protocol.base import (
     new_id,
     tag_of,
 )
-from protocol.errors import BadRequest, DecodeError, Internal, InvalidMessage, OperationError
+from protocol.errors import (
+    BadRequest,
+    DecodeError,
+    Internal,
+    InvalidMessage,
+    OperationError,
+    TooLarge,
+)
 from protocol.events import Event
 from protocol.heartbeat import HEARTBEAT, MAX_INTERVAL_S, MIN_INTERVAL_S, Heartbeat
 from protocol.reports import REPORT, NodeExit
@@ -423,8 +430,13 @@ class Node:
             if handler is None:
                 raise BadRequest(f"{self.role} node {self.name} does not handle {verb!r}")
             result = await handler(body, request)
-            self.requests_handled += 1
             data = encode(Reply(ok=result))
+            limit = self.nc.max_payload
+            if len(data) > limit:  # publishing it would fail: the caller would only time out
+                raise TooLarge(f"the reply to {verb!r} is {len(data)} bytes, over the NATS "
+                               f"server's max_payload of {limit} bytes: ask for less (for "
+                               "example with filters)")
+            self.requests_handled += 1
         except OperationError as exc:
             self.requests_failed += 1
             if exc.code == "internal":
