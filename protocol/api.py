@@ -34,6 +34,7 @@ from protocol import checks, subjects
 from protocol.base import Codec, Command, Message, encode
 from protocol.bundles import FileEntry
 from protocol.deploy import DeploymentView, Update
+from protocol.envs import EnvLock, EnvSummary
 from protocol.errors import BadName, InvalidMessage
 from protocol.events import Event
 
@@ -170,6 +171,7 @@ class ApiPackageInfo(msgspec.Struct, frozen=True, kw_only=True):
     archive_size: int = 0
     archive_sha256: str = ""
     archive_blake3: str = ""  # empty in records made before it was kept
+    env: EnvLock | None = None  # the code environment its endpoints run in (None: builtin)
     v: int = 1
 
 
@@ -184,13 +186,15 @@ class ApiPackageSummary(msgspec.Struct, frozen=True, kw_only=True):
     files: int
     size: int
     digest: str
+    env: EnvSummary | None = None
 
     @classmethod
     def of(cls, p: ApiPackageInfo) -> ApiPackageSummary:
         return cls(service=p.service, version=p.version, project=p.project,
                    created_at=p.created_at, created_by=p.created_by, notes=p.notes,
                    endpoints={n: e.kind for n, e in p.endpoints.items()},
-                   files=len(p.files), size=p.size, digest=p.digest)
+                   files=len(p.files), size=p.size, digest=p.digest,
+                   env=EnvSummary.of(p.env) if p.env is not None else None)
 
 
 def package_key(service: str, version: str) -> str:
@@ -209,6 +213,7 @@ class ApiPackageCreated(Message, frozen=True, kw_only=True, tag="api.package.cre
     added: list[str] = []
     removed: list[str] = []
     changed: list[str] = []
+    packages: list[str] = []  # changed locked packages (``protocol.envs.diff_envs``)
 
 
 class ApiPackageList(Message, frozen=True, kw_only=True, tag="api.package.list.reply"):
@@ -225,6 +230,7 @@ class CreateApiPackage(Command[ApiPackageCreated], frozen=True, kw_only=True,
     version: str
     notes: str = ""
     created_by: str = ""
+    wheels: bool = False  # also store every locked wheel in sy_wheels
 
 
 class ListApiPackages(Command[ApiPackageList], frozen=True, kw_only=True,
@@ -435,8 +441,9 @@ class GenerationReport(Message, frozen=True, kw_only=True, tag="api.generation")
     infra: str
     service: str
     update_id: str
-    stage: str  # fetching | loading | serving | failed
+    stage: str  # fetching | building | loading | serving | failed
     generations: list[str] = []
+    env: str = ""  # the code environment being built (stage "building")
     reason: str = ""
     duration_s: float = 0.0
     ts: float = 0.0

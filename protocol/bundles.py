@@ -16,6 +16,7 @@ import msgspec
 
 from protocol import subjects
 from protocol.base import Command, Message
+from protocol.envs import EnvLock, EnvSummary, diff_envs
 from protocol.errors import BadName
 
 BUNDLE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
@@ -70,6 +71,7 @@ class BundleInfo(msgspec.Struct, frozen=True, kw_only=True):
     archive_size: int = 0
     archive_sha256: str = ""
     archive_blake3: str = ""  # empty in records made before it was kept
+    envs: dict[str, EnvLock] = {}  # every code environment the bundle's code uses
     v: int = 1
 
 
@@ -83,12 +85,14 @@ class BundleSummary(msgspec.Struct, frozen=True, kw_only=True):
     size: int
     digest: str
     archive_size: int
+    envs: dict[str, EnvSummary] = {}
 
     @classmethod
     def of(cls, b: BundleInfo) -> BundleSummary:
         return cls(id=b.id, project=b.project, created_at=b.created_at,
                    created_by=b.created_by, notes=b.notes, files=len(b.files), size=b.size,
-                   digest=b.digest, archive_size=b.archive_size)
+                   digest=b.digest, archive_size=b.archive_size,
+                   envs={n: EnvSummary.of(lock) for n, lock in b.envs.items()})
 
 
 class BundleDiff(msgspec.Struct, frozen=True, kw_only=True):
@@ -96,11 +100,13 @@ class BundleDiff(msgspec.Struct, frozen=True, kw_only=True):
     added: list[str] = []
     removed: list[str] = []
     changed: list[str] = []
+    packages: list[str] = []  # changed locked packages (``protocol.envs.diff_envs``)
 
 
 def diff_bundles(old: BundleInfo | None, new: BundleInfo) -> BundleDiff:
     if old is None:
-        return BundleDiff(previous=None, added=sorted(f.path for f in new.files))
+        return BundleDiff(previous=None, added=sorted(f.path for f in new.files),
+                          packages=diff_envs({}, new.envs))
     before = {f.path: f.sha256 for f in old.files}
     after = {f.path: f.sha256 for f in new.files}
     return BundleDiff(
@@ -108,6 +114,7 @@ def diff_bundles(old: BundleInfo | None, new: BundleInfo) -> BundleDiff:
         added=sorted(set(after) - set(before)),
         removed=sorted(set(before) - set(after)),
         changed=sorted(p for p in set(after) & set(before) if after[p] != before[p]),
+        packages=diff_envs(old.envs, new.envs),
     )
 
 
@@ -147,6 +154,7 @@ class CreateBundle(Command[BundleCreated], frozen=True, kw_only=True, tag="bundl
     bundle_id: str
     notes: str = ""
     created_by: str = ""
+    wheels: bool = False  # also store every locked wheel in sy_wheels
 
 
 class ListBundles(Command[BundleList], frozen=True, kw_only=True, tag="bundle.list"):

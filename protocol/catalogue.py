@@ -21,7 +21,7 @@ from typing import Any, get_args
 import msgspec
 
 import protocol
-from protocol import api, bundles, deploy, registry, scenarios, subjects
+from protocol import api, bundles, deploy, envs, registry, scenarios, subjects
 from protocol.base import Codec, tag_of
 
 
@@ -71,6 +71,7 @@ _KEY_FAMILIES: list[tuple[str, Callable[..., str], dict[str, str]]] = [
     (subjects.BUNDLE_BUCKET, bundles.bundle_key, {}),
     (subjects.API_PACKAGE_BUCKET, api.package_key, {}),
     (subjects.API_KEYS_BUCKET, api.key_record_key, {}),
+    (subjects.WHEELS_STORE, envs.wheel_key, {}),
     (subjects.FIRED_BUCKET, scenarios.fired_key, {}),
     (subjects.LOCKS_BUCKET, scenarios.lock_key, {}),
     (subjects.LOCKS_BUCKET, scenarios.cron_mark_key, {}),

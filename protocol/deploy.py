@@ -202,7 +202,8 @@ class ActivationReport(Message, frozen=True, kw_only=True, tag="activation"):
     project: str
     bundle: str
     update_id: str
-    stage: str  # fetching | verifying | unpacking | activated | failed
+    stage: str  # fetching | verifying | unpacking | building | activated | failed
+    env: str = ""  # the code environment being built (stage "building")
     bytes_done: int = 0
     bytes_total: int = 0
     transferred: int = 0  # bytes fetched over NATS (0: the bundle was already on disk)

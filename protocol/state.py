@@ -23,6 +23,7 @@ import msgspec
 
 from protocol import checks
 from protocol.base import NESTED_TOO_DEEPLY, Codec, tag_of
+from protocol.envs import EnvState
 from protocol.errors import DecodeError, InvalidMessage
 
 T = TypeVar("T")
@@ -98,6 +99,13 @@ class ServiceState(msgspec.Struct, frozen=True, kw_only=True):
     error: str = ""
 
 
+def _envs(envs: list[EnvState]) -> None:
+    _entries(envs, "code environments")
+    for env in envs:
+        _entries(env.used_by, "environment users")
+        checks.text(env.reason, "environment build failure", limit=MAX_REASON)
+
+
 def _entries(value: dict[str, Any] | list[Any], what: str) -> None:
     if len(value) > MAX_ENTRIES:
         raise InvalidMessage(f"state has {len(value)} {what}: expected at most "
@@ -108,10 +116,12 @@ class AutomationState(_State, frozen=True, kw_only=True, tag="automation"):
     data_dir: str = ""
     bundles: dict[str, BundleState] = {}  # per project
     runs: dict[str, RunState] = {}  # per run id
+    envs: list[EnvState] = []  # code environments on this node
 
     def validate(self) -> None:
         _entries(self.bundles, "projects")
         _entries(self.runs, "runs")
+        _envs(self.envs)
         for st in self.bundles.values():
             _entries(st.cached, "cached bundles")
             if st.failed is not None:
@@ -127,10 +137,12 @@ class ApiState(_State, frozen=True, kw_only=True, tag="api"):
     http: str | None = None  # the URL it serves HTTP on
     http_error: str = ""  # why HTTP is not served
     services: dict[str, ServiceState] = {}  # per service
+    envs: list[EnvState] = []  # code environments on this node
 
     def validate(self) -> None:
         _entries(self.services, "services")
         _entries(self.worker_pids, "worker pids")
+        _envs(self.envs)
         for st in self.services.values():
             _entries(st.generations, "generations")
             if st.failed is not None:
@@ -149,9 +161,11 @@ class GatewayState(_State, frozen=True, kw_only=True, tag="gateway"):
 class DesignState(_State, frozen=True, kw_only=True, tag="design"):
     workspace: str = ""
     runs: dict[str, RunState] = {}  # test builds running now
+    envs: list[EnvState] = []  # code environments test builds use
 
     def validate(self) -> None:
         _entries(self.runs, "runs")
+        _envs(self.envs)
 
 
 class DeployerState(_State, frozen=True, kw_only=True, tag="deployer"):

@@ -173,6 +173,7 @@ BUNDLE_STORE = "sy_bundle_data"  # Object Store: bundle archives
 API_PACKAGE_BUCKET = "sy_api_packages"  # KV: API package records, <service>.<version>
 API_PACKAGE_STORE = "sy_api_package_data"  # Object Store: API package archives
 API_KEYS_BUCKET = "sy_api_keys"  # KV: API key hashes, <service>.<key id>
+WHEELS_STORE = "sy_wheels"  # Object Store: locked wheels, by SHA-256 (``envs.wheel_key``)
 
 
 def api_queue_group(service: str) -> str:

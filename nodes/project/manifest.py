@@ -67,6 +67,15 @@ class ProjectInfo(msgspec.Struct, frozen=True, kw_only=True):
     key: str
     name: str = ""
     description: str = ""
+    code_env: str | None = None  # the default code environment of the project's code
+
+
+class CodeEnv(msgspec.Struct, frozen=True, kw_only=True):
+    """A locked Python environment user code runs in (``[code_envs.<name>]``)."""
+
+    requirements: list[str] | None = None  # PEP 508 requirement strings
+    requirements_file: str | None = None  # or a requirements.txt inside the project
+    python: str | None = None  # "3.11"; default: the Design node's Python version
 
 
 class Check(msgspec.Struct, frozen=True, kw_only=True):
@@ -93,6 +102,7 @@ class Recipe(msgspec.Struct, frozen=True, kw_only=True):
     outputs: list[str] = []
     timeout_s: float | None = None
     memory_mb: int | None = None
+    code_env: str | None = None  # overrides the project's code_env
 
 
 class Step(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
@@ -144,6 +154,7 @@ class Endpoint(msgspec.Struct, frozen=True, kw_only=True):
 class ApiService(msgspec.Struct, frozen=True, kw_only=True):
     endpoints: dict[str, Endpoint]
     description: str = ""
+    code_env: str | None = None  # overrides the project's code_env
 
 
 class Manifest(msgspec.Struct, frozen=True, kw_only=True):
@@ -152,6 +163,26 @@ class Manifest(msgspec.Struct, frozen=True, kw_only=True):
     recipes: dict[str, Recipe] = {}
     scenarios: dict[str, Scenario] = {}
     api_services: dict[str, ApiService] = {}
+    code_envs: dict[str, CodeEnv] = {}
+
+    def recipe_env(self, recipe: str) -> str | None:
+        """The code environment recipe ``recipe`` runs in (None: the builtin one)."""
+        return self.recipes[recipe].code_env or self.project.code_env
+
+    def script_env(self) -> str | None:
+        """The code environment scenario ``python`` steps run in."""
+        return self.project.code_env
+
+    def service_env(self, service: str) -> str | None:
+        """The code environment API service ``service``'s endpoints run in."""
+        return self.api_services[service].code_env or self.project.code_env
+
+    def bundle_envs(self) -> set[str]:
+        """Every code environment a bundle of this project uses."""
+        used = {self.recipe_env(r) for r in self.recipes}
+        if any(s.python is not None for sc in self.scenarios.values() for s in sc.steps):
+            used.add(self.script_env())
+        return {e for e in used if e}
 
 
 ENDPOINT_KINDS = ("prediction", "function")
