@@ -5,13 +5,20 @@ for speed, a periodic re-read and one on reconnect for certainty, so a node that
 down or joins later converges by itself.  Per service, one change at a time:
 
     fetch and verify every generation of the mapping (``generations``)
+    -> build the code environment of each one that has one and is not built here yet
+       (``nodes.envs``; a second generation or service with the same lock builds nothing)
     -> load each one in every worker, beside serving (``load()`` and ``warmup()``)
     -> switch every worker's route: only now does traffic reach the new generation,
        and generations that left the mapping are dropped (workers run one request at a
        time, so none is in flight on them)
 
-A failure (a package that does not verify, a ``load()`` that raises) leaves the
-previous mapping serving, and is reported in heartbeats, as a report and as an event.
+A generation with a code environment is loaded with that environment's interpreter: each
+worker runs its user code in a host process of it, so a switch between environments
+loads the new one beside the old, like any switch.
+
+A failure (a package that does not verify, an environment that cannot be built, a
+``load()`` that raises) leaves the previous mapping serving, and is reported in
+heartbeats, as a report and as an event.
 Every API node also serves HTTP (``gateway``) on ``--http-port``.
 """
 
@@ -36,10 +43,12 @@ from nodes.api.httplimits import HttpLimits
 from nodes.api.metrics import Metrics
 from nodes.api.wire import EndpointCode
 from nodes.api.workers import WorkerPool
+from nodes.envs.options import EnvOptions, node_env_store
+from nodes.envs.store import EnvBuildFailed
 from nodes.runtime import transfer
 from nodes.runtime.jetstream import ensure_kv
 from nodes.runtime.kvcache import Entry, KVCache
-from nodes.runtime.loops import supervised
+from nodes.runtime.loops import forever, supervised
 from nodes.runtime.node import Node
 from protocol import subjects
 from protocol.api import (
@@ -51,6 +60,7 @@ from protocol.api import (
 )
 from protocol.base import encode
 from protocol.deploy import deployment_keys
+from protocol.envs import EnvLock, EnvState
 from protocol.state import ApiState, MappingFailure, ServiceState
 
 
@@ -73,11 +83,15 @@ class ApiNode(Node):
                  max_body: int = 512 * 1024, retry_after: float = 0.25,
                  metrics_interval: float = 5.0, resync_interval: float = 5.0,
                  debug: bool = False, http_limits: HttpLimits | None = None,
-                 **kw: Any) -> None:
+                 envs: EnvOptions | None = None, **kw: Any) -> None:
         super().__init__(**kw)
         self.http_limits = http_limits or HttpLimits()
         self.data_dir = (data_dir or Path(".shipyard") / "nodes" / self.name).resolve()
         self.store = PackageStore(self.data_dir)
+        self.env_options = envs or EnvOptions()
+        self.envs = node_env_store(self.data_dir, self.env_options, lambda: self.js)
+        self.env_states: list[EnvState] = []  # as last computed (heartbeats)
+        self._gen_envs: dict[tuple[str, str], EnvLock] = {}  # (service, gen) -> its env
         self.n_workers = workers or default_workers()
         self.http_port = http_port
         self.http_host = http_host
@@ -111,6 +125,7 @@ class ApiNode(Node):
         deploy = await ensure_kv(self.js, subjects.DEPLOY_BUCKET, replicas=r)
         self._packages = await ensure_kv(self.js, subjects.API_PACKAGE_BUCKET, replicas=r)
         await transfer.ensure_bucket(self.js, subjects.API_PACKAGE_STORE, replicas=r)
+        await transfer.ensure_bucket(self.js, subjects.WHEELS_STORE, replicas=r)
         self._desired = KVCache(deploy, deployment_keys("api", self.infra),
                                 API_DEPLOYMENT_VALUE.decode,
                                 on_change=self._on_desired,
@@ -131,6 +146,8 @@ class ApiNode(Node):
         await tg.start(self._desired.run)
         tg.start_soon(partial(supervised, "converge", self._converge_loop, tg, log=self.log))
         tg.start_soon(partial(supervised, "metrics", self._metrics_loop, log=self.log))
+        tg.start_soon(partial(forever, "envs", self._collect_envs, log=self.log,
+                              interval=self.env_options.gc_interval_s))
 
     def disconnected(self) -> None:
         if self.gateway is not None:
@@ -153,7 +170,7 @@ class ApiNode(Node):
                         worker_pids=self.pool.pids(), worker_crashes=self.pool.crashes,
                         http=self.http.url if self.http else None,
                         http_error=self.http.error if self.http else "",
-                        services=dict(self.services))
+                        services=dict(self.services), envs=list(self.env_states))
 
     def _set(self, service: str, **changes: Any) -> ServiceState:
         """Change fields of ``service``'s state (the one place it changes)."""
@@ -202,6 +219,13 @@ class ApiNode(Node):
                                           self.data_dir / "downloads", name, gen)
                 dirs[gen] = (d, info)
                 kinds[gen] = {e: spec.kind for e, spec in info.endpoints.items()}
+            pythons: dict[str, str] = {}
+            for gen in generations:
+                lock = dirs[gen][1].env
+                if lock is not None:
+                    self._gen_envs[(name, gen)] = lock
+                    if (name, gen) not in self.pool.generations:
+                        pythons[gen] = await self._build_env(rec, gen, lock, generations)
             self._set(name, stage="loading")
             await self._report(rec, "loading", generations)
             for gen in generations:
@@ -210,7 +234,8 @@ class ApiNode(Node):
                 d, info = dirs[gen]
                 endpoints = [EndpointCode(e, s.kind, s.code, s.function)
                              for e, s in info.endpoints.items()]
-                error = await self.pool.load(name, gen, d, endpoints)
+                error = await self.pool.load(name, gen, d, endpoints,
+                                             python=pythons.get(gen, ""))
                 if error:
                     raise PackageRefused(f"{gen}: load failed: {error}")
             description = next((dirs[g][1].description for g in generations
@@ -241,6 +266,55 @@ class ApiNode(Node):
         finally:
             self._switching.discard(name)
             self._kick.set()
+            await self._refresh_envs()
+
+    async def _build_env(self, rec: ApiDeploymentRecord, gen: str, lock: EnvLock,
+                         generations: list[str]) -> str:
+        """The interpreter of ``gen``'s code environment, built now if it is not built
+        here yet (what serves keeps serving meanwhile).  Raises ``PackageRefused``."""
+        try:
+            lock.validate()
+        except ValueError as exc:  # InvalidMessage, BadName
+            raise PackageRefused(f"{gen}: code env {lock.name}: {exc}") from None
+        python = await anyio.to_thread.run_sync(self.envs.python_of, lock.digest)
+        if python is None:
+            self._set(rec.service, stage="building")
+            await self._report(rec, "building", generations, env=lock.name)
+            await self._refresh_envs()
+            await self.beat_now()
+            try:
+                python = await self.envs.ensure(lock)
+            except EnvBuildFailed as exc:
+                raise PackageRefused(f"{gen}: code env {lock.name} could not be built: "
+                                     f"{exc}") from None
+            self.log.info("code env built", service=rec.service, generation=gen,
+                          env=lock.name, digest=lock.digest[:12])
+        return str(python)
+
+    def _env_users(self) -> dict[str, list[str]]:
+        """Digest -> the generations that use it, ``"api <service>/<generation>"``:
+        every generation loaded, and every one of a service being switched."""
+        users: dict[str, list[str]] = {}
+        for key, lock in list(self._gen_envs.items()):
+            if key in self.pool.generations or key[0] in self._switching:
+                users.setdefault(lock.digest, []).append(f"api {key[0]}/{key[1]}")
+            else:
+                del self._gen_envs[key]
+        return users
+
+    async def _refresh_envs(self) -> dict[str, list[str]]:
+        users = self._env_users()
+        self.env_states = await anyio.to_thread.run_sync(self.envs.states, users)
+        return users
+
+    async def _collect_envs(self) -> None:
+        """One collector pass: remove environments no generation has used for the
+        grace period."""
+        users = await self._refresh_envs()
+        removed = await self.envs.collect(set(users))
+        if removed:
+            self.log.info("code envs removed", digests=[d[:12] for d in removed])
+            await self._refresh_envs()
 
     async def _failed(self, rec: ApiDeploymentRecord, reason: str,
                       generations: list[str]) -> None:
@@ -256,9 +330,9 @@ class ApiNode(Node):
                                          still_serving=st.mapping))
 
     async def _report(self, rec: ApiDeploymentRecord, stage: str, generations: list[str], *,
-                      reason: str = "", duration: float = 0.0) -> None:
+                      reason: str = "", duration: float = 0.0, env: str = "") -> None:
         report = GenerationReport(node=self.name, infra=self.infra, service=rec.service,
-                                  update_id=rec.update_id, stage=stage,
+                                  update_id=rec.update_id, stage=stage, env=env,
                                   generations=generations, reason=reason,
                                   duration_s=round(duration, 4), ts=time.time())
         try:

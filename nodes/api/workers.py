@@ -424,10 +424,14 @@ class WorkerPool:
     # -- generations and routes ---------------------------------------------------------
 
     async def load(self, service: str, generation: str, directory: Path,
-                   endpoints: list[wire.EndpointCode], timeout: float = 300.0) -> str:
-        """Load a generation in every worker (beside serving); "" or the first error."""
+                   endpoints: list[wire.EndpointCode], timeout: float = 300.0, *,
+                   python: str = "") -> str:
+        """Load a generation in every worker (beside serving); "" or the first error.
+        ``python``: the interpreter of the generation's code environment (its user code
+        runs in a host process of it, in each worker); "" runs it in the worker itself.
+        A replacement worker is given the same ``Load``, so the same interpreter."""
         msg = wire.Load(service=service, generation=generation, directory=str(directory),
-                        endpoints=endpoints)
+                        endpoints=endpoints, python=python)
         async with self._lock(service):
             error = await self._broadcast(service, msg, ("loaded", service, generation),
                                           timeout, "loading")

@@ -1,8 +1,9 @@
 """Running a claimed firing on an Automation node.
 
 A firing this node won (see ``claims``) runs here under the scenario's lock, at most
-``max_runs`` at once, in the node's worker pool, reported like every run (``run.started``,
-steps, ``run.finished``, the log kept in ``sy_run_logs``; see
+``max_runs`` at once, in the node's worker pools (one per interpreter: the node's own,
+and one per code environment of the bundle the firing runs), reported like every run
+(``run.started``, steps, ``run.finished``, the log kept in ``sy_run_logs``; see
 ``nodes.runtime.run_reports``).  The lock is released just before ``run.finished`` is
 published, so whoever sees the event can fire the scenario again at once; releasing it
 starts the firing parked on it, if any.  The release is retried through a NATS outage
@@ -19,9 +20,13 @@ import anyio
 from anyio.abc import TaskGroup, TaskStatus
 
 from nodes.automation.claims import Claims
+from nodes.automation.envs import EnvNotBuilt
 from nodes.automation.store import ActiveManifests, BundleStore
 from nodes.flow.engine import Flow, Limits
+from nodes.flow.errors import FlowError
 from nodes.flow.pool import WorkerPool
+from nodes.flow.progress import Progress
+from nodes.flow.results import ScenarioResult
 from nodes.runtime import transfer
 from nodes.runtime.loops import supervised
 from nodes.runtime.node import handles
@@ -34,6 +39,9 @@ from protocol.state import RunState
 # How long a finished run keeps trying to release its scenario's lock through an outage
 # (after that the lock is freed when this node restarts or is declared lost).
 RELEASE_TIMEOUT_S = 300.0
+
+# Environment name -> interpreter, for a run of (project, bundle).
+Pythons = Callable[[str, str], Awaitable[dict[str, str]]]
 
 
 class ExecutionHost(RunHost, Protocol):
@@ -54,8 +62,9 @@ class ExecutionHost(RunHost, Protocol):
 
 class Execution:
     def __init__(self, host: ExecutionHost, claims: Claims, manifests: ActiveManifests,
-                 local: LocalRuns, *, max_runs: int = 4) -> None:
+                 local: LocalRuns, *, pythons: Pythons, max_runs: int = 4) -> None:
         self.host = host
+        self.pythons = pythons
         self.claims = claims
         self.manifests = manifests
         self.local = local
@@ -134,12 +143,21 @@ class Execution:
                       infra=lock.infra, node=self.host.name, bundle=lock.bundle,
                       trigger=lock.firing.trigger, firing=lock.firing.id,
                       params=dict(lock.firing.params), started_at=lock.started_at)
-        flow = Flow(manifest, code_dir=bundle_dir, pool=self.pool,
-                    data_dir=store.data_dir(lock.project), seed_dir=bundle_dir,
-                    limits=Limits(run_timeout_s=sc.timeout_s if sc else None))
-        summary = await self.local.run(run, lambda progress, cancel: flow.run_scenario(
-            lock.scenario, params=run.params, log_path=run.log_path, progress=progress,
-            cancel=cancel), before_finish=release)
+        pool = self.pool
+
+        async def work(progress: Progress, cancel: anyio.Event) -> ScenarioResult:
+            try:
+                envs = await self.pythons(lock.project, lock.bundle)
+            except EnvNotBuilt as exc:
+                raise FlowError([str(exc)]) from None
+            flow = Flow(manifest, code_dir=bundle_dir, pool=pool, envs=envs,
+                        data_dir=store.data_dir(lock.project), seed_dir=bundle_dir,
+                        limits=Limits(run_timeout_s=sc.timeout_s if sc else None))
+            return await flow.run_scenario(lock.scenario, params=run.params,
+                                           log_path=run.log_path, progress=progress,
+                                           cancel=cancel)
+
+        summary = await self.local.run(run, work, before_finish=release)
         self.log.info("run finished", run=run.run_id, outcome=summary.outcome,
                       seconds=summary.duration_s)
 

@@ -5,9 +5,11 @@ watch for speed, a periodic re-read and a re-read on reconnect for certainty, an
 full read on start, so a node that was down, or joins later, converges by itself.
 
 Per project, one activation at a time: fetch (streamed to disk, skipped when the bundle
-is already unpacked here), verify and unpack in a worker thread, switch atomically.
-A bundle that fails verification is refused for that update (reported, not retried in
-a loop); a transport failure is retried with backoff.  The previous bundle stays active
+is already unpacked here), verify and unpack in a worker thread, build the bundle's code
+environments that are not built here yet (``envs``), switch atomically.  A bundle that
+fails verification, or whose environment cannot be built, is refused for that update
+(reported, not retried in a loop; a new deploy tries again); a transport failure is
+retried with backoff.  The previous bundle stays active, and keeps running scenarios,
 until the new one is completely in place.
 """
 
@@ -26,14 +28,16 @@ from anyio.abc import TaskGroup
 from nats.js.kv import KeyValue
 
 from nodes.automation.claims import Claims
+from nodes.automation.envs import BundleEnvs, EnvNotBuilt
 from nodes.automation.execution import Execution
 from nodes.automation.schedule import Schedule
 from nodes.automation.store import ActiveManifests, BundleStore
+from nodes.envs.options import EnvOptions, node_env_store
 from nodes.project.bundle import BundleRejected
 from nodes.runtime import transfer
 from nodes.runtime.jetstream import ensure_kv
 from nodes.runtime.kvcache import Entry, KVCache
-from nodes.runtime.loops import supervised
+from nodes.runtime.loops import forever, supervised
 from nodes.runtime.node import Node
 from nodes.runtime.run_reports import LocalRuns
 from protocol import subjects
@@ -64,10 +68,14 @@ class AutomationNode(Node):
 
     def __init__(self, *, data_dir: Path | None = None, keep_bundles: int = 5,
                  resync_interval: float = 5.0, max_parallel_activations: int = 4,
-                 max_parallel_runs: int = 4, **kw: Any) -> None:
+                 max_parallel_runs: int = 4, envs: EnvOptions | None = None,
+                 **kw: Any) -> None:
         super().__init__(**kw)
         self.data_dir = (data_dir or Path(".shipyard") / "nodes" / self.name).resolve()
         self.store = BundleStore(self.data_dir, keep=keep_bundles)
+        self.env_options = envs or EnvOptions()
+        self.envs = BundleEnvs(self.store, node_env_store(self.data_dir, self.env_options,
+                                                          lambda: self.js), self.log)
         self.resync_interval = resync_interval
         self.limiter = anyio.CapacityLimiter(max_parallel_activations)
         self.projects: dict[str, BundleState] = {}  # heartbeat state per project
@@ -82,7 +90,7 @@ class AutomationNode(Node):
         self.local_runs = LocalRuns(self, self.data_dir / "runs")
         self.claims = Claims(self, manifests)
         self.execution = Execution(self, self.claims, manifests, self.local_runs,
-                                   max_runs=max_parallel_runs)
+                                   pythons=self.envs.pythons, max_runs=max_parallel_runs)
         self.schedule = Schedule(self, manifests, self.projects, fire=self.execution.fire,
                                  marks=lambda: self.claims.locks)
         self.add_handlers(self.execution)
@@ -101,6 +109,8 @@ class AutomationNode(Node):
                                            replicas=self.settings.replicas)
         await transfer.ensure_bucket(self.js, subjects.BUNDLE_STORE,
                                      replicas=self.settings.replicas)
+        await transfer.ensure_bucket(self.js, subjects.WHEELS_STORE,
+                                     replicas=self.settings.replicas)
         for project in await anyio.to_thread.run_sync(self.store.projects):
             await self._load_local(project)
         self._desired = KVCache(deploy_kv, deployment_keys("bundle", self.infra),
@@ -108,6 +118,7 @@ class AutomationNode(Node):
                                 resync_interval=self.resync_interval)
         await self.claims.setup()
         await self.execution.setup()
+        await self.envs.refresh()
 
     async def _load_local(self, project: str) -> None:
         active = await anyio.to_thread.run_sync(self.store.active, project)
@@ -125,6 +136,8 @@ class AutomationNode(Node):
         await self.claims.release_stale_locks()
         self.schedule.schedule_active()
         tg.start_soon(partial(supervised, "converge", self._converge_loop, tg, log=self.log))
+        tg.start_soon(partial(forever, "envs", self.envs.collect, log=self.log,
+                              interval=self.env_options.gc_interval_s))
 
     async def stopping(self) -> None:
         self.schedule.stopping()
@@ -135,7 +148,7 @@ class AutomationNode(Node):
 
     def state(self) -> AutomationState:
         return AutomationState(data_dir=str(self.data_dir), bundles=dict(self.projects),
-                               runs=self.execution.state())
+                               runs=self.execution.state(), envs=list(self.envs.states))
 
     def _set(self, project: str, **changes: Any) -> BundleState:
         """Change fields of ``project``'s state (the one place it changes)."""
@@ -180,6 +193,7 @@ class AutomationNode(Node):
         try:
             async with self.limiter:
                 transferred = await self._install(rec)
+                await self._build_envs(rec)
                 before = await anyio.to_thread.run_sync(self.store.activate, project, bundle)
             previous = self.projects[project].previous
             self._set(project, active=bundle, previous=before if before != bundle else previous,
@@ -195,6 +209,7 @@ class AutomationNode(Node):
                                             duration_s=round(duration, 4),
                                             transferred=transferred))
             self._set(project, cached=await anyio.to_thread.run_sync(self._prune, project))
+            await self.envs.refresh()
             await self.schedule.on_activated(project, bundle, rec.update_id)
         except Permanent as exc:
             await self._failed(rec, str(exc))
@@ -211,6 +226,22 @@ class AutomationNode(Node):
         finally:
             self._activating.discard(project)
             self._kick.set()
+
+    async def _build_envs(self, rec: DeploymentRecord) -> None:
+        """Build the bundle's environments that are not built here yet (the active
+        bundle keeps running meanwhile).  Raises ``Permanent`` when one cannot be."""
+
+        async def building(env: str) -> None:
+            self._set(rec.project, stage="building")
+            await self._report(rec, "building", env=env)
+            await self.envs.refresh()
+            await self.beat_now()
+
+        try:
+            await self.envs.prepare(rec.project, rec.desired, building)
+        except EnvNotBuilt as exc:
+            await self.envs.refresh()
+            raise Permanent(str(exc)) from None
 
     def _prune(self, project: str) -> list[str]:
         self.store.prune(project)
@@ -286,9 +317,10 @@ class AutomationNode(Node):
 
     def _activation_report(self, rec: DeploymentRecord, stage: str, *, done: int = 0,
                            total: int = 0, transferred: int = 0, reason: str = "",
-                           duration: float = 0.0) -> ActivationReport:
+                           duration: float = 0.0, env: str = "") -> ActivationReport:
         return ActivationReport(node=self.name, infra=self.infra, project=rec.project,
                                 bundle=rec.desired, update_id=rec.update_id, stage=stage,
+                                env=env,
                                 bytes_done=done, bytes_total=total, transferred=transferred,
                                 reason=reason, duration_s=round(duration, 4), ts=time.time())
 

@@ -75,6 +75,15 @@ class BundleStore:
     def has(self, project: str, bundle: str) -> bool:
         return (self.bundle_dir(project, bundle) / RECORD).is_file()
 
+    def record(self, project: str, bundle: str) -> BundleInfo:
+        """The verified record of an unpacked bundle.  Raises ``OSError`` when it is not
+        unpacked here, ``ValueError`` when the record is unreadable."""
+        data = (self.bundle_dir(project, bundle) / RECORD).read_bytes()
+        try:
+            return msgspec.json.decode(data, type=BundleInfo)
+        except msgspec.DecodeError as exc:
+            raise ValueError(f"record of bundle {bundle} of {project}: {exc}") from None
+
     def cached(self, project: str) -> list[str]:
         base = self.project_dir(project) / "bundles"
         if not base.is_dir():

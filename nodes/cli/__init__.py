@@ -13,6 +13,7 @@ import click
 import nodes
 from nodes.cli.apis import api, deploy_api
 from nodes.cli.common import EXIT_FAILED, EXIT_USAGE, CliState, err
+from nodes.cli.envs import envs_cmd
 from nodes.cli.fleet import events_cmd, node_forget, nodes_cmd
 from nodes.cli.projects import (
     bundle,
@@ -50,6 +51,7 @@ cli.add_command(up)
 cli.add_command(node)
 node.add_command(node_forget)
 cli.add_command(nodes_cmd)
+cli.add_command(envs_cmd)
 cli.add_command(events_cmd)
 cli.add_command(projects_cmd)
 cli.add_command(bundle)

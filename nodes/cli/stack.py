@@ -37,6 +37,7 @@ from nodes.cli.common import (
     styled,
     table,
 )
+from nodes.cli.envs import env_node_extra, env_node_options, env_up_argv
 from nodes.cli.ports import check_ports, port_type
 from nodes.roles import ROLES
 from nodes.runtime.calls import Caller
@@ -96,11 +97,14 @@ def node() -> None:
               help="automation: unpacked bundles kept per project (rollbacks to them "
                    "transfer nothing).")
 @click.option("--log-level", default=None, help="debug, info, warning or error.")
+@env_node_options
 @api_node_options
 def node_start(role: str, name: str | None, infra: str | None, nats_url: str | None,
                heartbeat_interval: float, forget_after: str, max_concurrency: int,
                workspace: Path | None,
                data_dir: Path | None, keep_bundles: int, log_level: str | None,
+               index_url: str | None, find_links: tuple[str, ...], no_index: bool,
+               env_build_timeout: float | None, env_grace: float | None,
                **api_options: Any) -> None:
     """Run one node worker of ROLE in the foreground (SIGINT/SIGTERM stop it gracefully)."""
     configure_logging(log_level)
@@ -130,6 +134,9 @@ def node_start(role: str, name: str | None, infra: str | None, nats_url: str | N
         raise click.BadParameter("--forget-after is for deployer nodes",
                                  param_hint="--forget-after")
     extra.update(api_node_extra(role, api_options))
+    extra.update(env_node_extra(role, dict(
+        index_url=index_url, find_links=find_links, no_index=no_index,
+        env_build_timeout=env_build_timeout, env_grace=env_grace)))
     instance = ROLES[role](name=name, infra=infra, nats=settings,
                            heartbeat_interval=heartbeat_interval,
                            max_concurrency=max_concurrency, **extra)
@@ -149,7 +156,8 @@ def _pid_alive(pid: int) -> bool:
 
 
 def _children(home: Path, url: str, *, automation: int, api: int,
-              heartbeat_interval: float, workspace: Path) -> list[Child]:
+              heartbeat_interval: float, workspace: Path,
+              env_argv: list[str] | None = None) -> list[Child]:
     plan: list[tuple[str, str]] = [("deployer", "deployer"), ("design", "design"),
                                    ("govern", "govern")]
     plan += [("automation", f"automation-{i + 1}") for i in range(automation)]
@@ -163,7 +171,7 @@ def _children(home: Path, url: str, *, automation: int, api: int,
         if role == "design":
             argv += ["--workspace", str(workspace)]
         if role in ("automation", "api", "design"):
-            argv += ["--data-dir", str(home / "nodes" / name)]
+            argv += ["--data-dir", str(home / "nodes" / name), *(env_argv or [])]
         children.append(Child(name=name, role=role, argv=argv,
                               log_path=home / "logs" / f"{name}.log",
                               env={"SHIPYARD_LOG_FORMAT": "json"}))
@@ -185,9 +193,10 @@ def _children(home: Path, url: str, *, automation: int, api: int,
               default=2.0, show_default=True)
 @click.option("--workspace", type=click.Path(path_type=Path), default=Path("projects"),
               show_default=True, help="The Design node's workspace: one project per folder.")
+@env_node_options
 def up(home: Path, nats_port: int, monitor_port: int | None, http_port: int,
        automation_nodes: int, api_nodes: int, heartbeat_interval: float,
-       workspace: Path) -> None:
+       workspace: Path, **env_options: Any) -> None:
     """Start the whole stack in the foreground: embedded NATS and every node role.
 
     Writes HOME/stack.json so other commands run in this folder find the stack.  If the
@@ -205,12 +214,14 @@ def up(home: Path, nats_port: int, monitor_port: int | None, http_port: int,
     monitor_port = check_ports(nats_host=NATS_HOST, http_host=HTTP_HOST, nats_port=nats_port,
                                monitor_port=monitor_port, http_port=http_port)
     code = anyio.run(_up, home, nats_port, monitor_port, http_port, automation_nodes,
-                     api_nodes, heartbeat_interval, workspace.resolve())
+                     api_nodes, heartbeat_interval, workspace.resolve(),
+                     env_up_argv(env_options))
     sys.exit(code)
 
 
 async def _up(home: Path, nats_port: int, monitor_port: int, http_port: int,
-              automation: int, api: int, heartbeat_interval: float, workspace: Path) -> int:
+              automation: int, api: int, heartbeat_interval: float, workspace: Path,
+              env_argv: list[str]) -> int:
     server = EmbeddedNats(home / "nats", host=NATS_HOST, port=nats_port,
                           monitor_port=monitor_port,
                           log_file=home / "logs" / "nats.log", server_name="shipyard",
@@ -222,7 +233,8 @@ async def _up(home: Path, nats_port: int, monitor_port: int, http_port: int,
         return EXIT_FAILED
 
     children = _children(home, server.url, automation=automation, api=api,
-                         heartbeat_interval=heartbeat_interval, workspace=workspace)
+                         heartbeat_interval=heartbeat_interval, workspace=workspace,
+                         env_argv=env_argv)
     add_http_port(children, http_port)
     settings = NatsSettings(servers=(server.url,))
     try:

@@ -95,7 +95,7 @@ class _Progress:
         self.tty = err.is_terminal
         self.bars: Progress | None = None
         self.tasks: dict[str, TaskID] = {}
-        self.stages: dict[str, str] = {}
+        self.stages: dict[str, tuple[str, str]] = {}
         if show and self.tty:
             # Stages carry the nodes' reasons verbatim: no markup in them.
             self.bars = Progress(TextColumn("{task.fields[node]:<16}", markup=False),
@@ -119,7 +119,7 @@ class _Progress:
     def report(self, r: ActivationReport) -> None:
         if not self.show:
             return
-        stage = r.stage + (f": {r.reason}" if r.reason else "")
+        stage = describe(r)
         if self.bars is not None:
             task = self.tasks.get(r.node)
             if task is None:
@@ -127,6 +127,13 @@ class _Progress:
                     "", total=r.bytes_total or 1, node=r.node, stage=stage)
             done = r.bytes_done if r.stage == "fetching" else r.bytes_total or 1
             self.bars.update(task, completed=done, total=r.bytes_total or 1, stage=stage)
-        elif self.stages.get(r.node) != r.stage:
-            self.stages[r.node] = r.stage
+        elif self.stages.get(r.node) != (r.stage, r.env):
+            self.stages[r.node] = (r.stage, r.env)
             err.print(f"  {r.node:<16} {stage}")
+
+
+def describe(r: ActivationReport) -> str:
+    """One node's stage as a person reads it: ``building env ml ...``, ``failed: why``."""
+    if r.stage == "building":
+        return f"building env {r.env or '?'} ..."
+    return r.stage + (f": {r.reason}" if r.reason else "")
