@@ -42,7 +42,6 @@ from protocol.state import ApiState, AutomationState, DesignState
 F = TypeVar("F", bound=Callable[..., Any])
 
 ENV_ROLES = ("automation", "api", "design")  # the roles that keep environments
-BUILDERS = ("automation", "api")  # the roles whose constructor takes ``envs``
 
 _OPTIONS: list[tuple[str, dict[str, Any]]] = [
     ("--index-url", dict(default=None, metavar="URL",
@@ -80,7 +79,7 @@ def env_node_extra(role: str, options: dict[str, Any]) -> dict[str, Any]:
     """Constructor arguments for ``role`` (``envs=EnvOptions``); a usage error if an
     environment option is given to a role that builds none."""
     given = _given(options)
-    if role not in BUILDERS:
+    if role not in ENV_ROLES:
         if given:
             flag = "--" + sorted(given)[0].replace("_", "-")
             raise click.BadParameter(f"{flag} is for automation, api and design nodes",
