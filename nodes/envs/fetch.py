@@ -72,7 +72,16 @@ async def fetch_wheels(js: JetStreamContext, lock: EnvLock, dest: Path, *,
     await anyio.to_thread.run_sync(lambda: dest.mkdir(parents=True, exist_ok=True))
     limit = anyio.Semaphore(PARALLEL)
 
+    failed: list[Exception] = []
+
     async def one(package: LockedPackage, name: str) -> None:
+        try:
+            await fetch_one(package, name)
+        except Exception as exc:  # the first failure is the answer; stop the others
+            failed.append(exc)
+            tg.cancel_scope.cancel()
+
+    async def fetch_one(package: LockedPackage, name: str) -> None:
         assert package.wheel is not None
         sha = package.wheel.sha256
         target = dest / name
@@ -93,6 +102,8 @@ async def fetch_wheels(js: JetStreamContext, lock: EnvLock, dest: Path, *,
     async with anyio.create_task_group() as tg:
         for package, name in names:
             tg.start_soon(one, package, name)
+    if failed:
+        raise failed[0]
 
 
 async def store_wheel(js: JetStreamContext, path: Path, sha256: str, *,

@@ -278,6 +278,8 @@ class EnvStore:
                     await self.fetch(lock, wheels)
                 except OperationError as exc:
                     raise self._fail(lock, doing, exc.message) from exc
+                except Exception as exc:  # the connection, the disk: still a failed build
+                    raise self._fail(lock, doing, repr(exc)) from exc
             if scope.cancelled_caught:
                 raise self._fail(lock, doing, "gave up: the build ran past "
                                  f"{self.build_timeout_s:g} s")
