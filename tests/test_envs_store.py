@@ -463,3 +463,31 @@ def test_requirements_pin_every_locked_file_hash() -> None:
     assert store_mod.requirements(lock) == textwrap.dedent(f"""\
         a==1 --hash=sha256:{'a' * 64} --hash=sha256:{'b' * 64}
         """)
+
+
+@pytest.mark.parametrize("change", [
+    {"python": "/tmp/some/python"},
+    {"packages": [LockedPackage(name="--index-url=http://evil", version="1",
+                                wheel=LockedFile(filename="x-1-py3-none-any.whl",
+                                                 sha256="3" * 64))]},
+    {"packages": [LockedPackage(name="x", version="1\n--find-links /tmp",
+                                wheel=LockedFile(filename="x-1-py3-none-any.whl",
+                                                 sha256="3" * 64))]},
+])
+async def test_a_hostile_lock_is_refused_before_uv_runs(
+        tmp_path: Path, wheels: Path, uv_log: Uv, change: dict[str, object]) -> None:
+    lock = relocked(await lock_of(wheels, ["tinyone==1.0"]), **change)
+    calls = len(uv_log.calls())
+    with pytest.raises(EnvBuildFailed, match=r"^building env ml: the lock has "):
+        await EnvStore(tmp_path / "envs", local(wheels)).ensure(lock)
+    assert len(uv_log.calls()) == calls
+    assert not (tmp_path / "envs").exists()
+
+
+async def test_a_lock_whose_digest_is_not_its_content_is_refused(
+        tmp_path: Path, wheels: Path, uv_log: Uv) -> None:
+    one = await lock_of(wheels, ["tinyone==1.0"])
+    two = await lock_of(wheels, ["tinyone==2.0"])
+    forged = msgspec.structs.replace(two, digest=one.digest)
+    with pytest.raises(EnvBuildFailed, match="is not the digest of its packages"):
+        await EnvStore(tmp_path / "envs", local(wheels)).ensure(forged)
