@@ -10,9 +10,10 @@ project workspace) and Automation nodes (scenario runs from an unpacked bundle):
 
 Modules: ``graph`` (DAG validation, plans), ``build`` (scheduling, incremental skips,
 atomic outputs), ``scenario`` (steps), ``metrics`` (metrics, sidecars, checks),
-``run_log`` (the run log), ``jobs``/``pool``/``forkserver``/``child`` (running user
-code in processes), ``context`` (the ``ctx`` user code sees), ``results`` (what comes
-back, as msgspec Structs).
+``run_log`` (the run log), ``jobs``/``pool`` (running user code in processes),
+``context`` (the ``ctx`` user code sees), ``results`` (what comes back, as msgspec
+Structs).  What runs in the user's interpreter -- the fork server, the job child, the
+``ctx`` -- is in ``nodes.sandbox`` (standard library only).
 
 Where user code runs, and why
 -----------------------------
@@ -43,9 +44,7 @@ cannot be raised again for the next recipe either.  A forked job is fresh every 
 * it dies with the fork server (``PR_SET_PDEATHSIG``), which dies with the engine;
   a fork server that dies is replaced on the next job, and the jobs it had end FAILED.
 
-This package's public names are imported lazily (below) so that the fork server, which
-imports ``nodes.flow.child``, stays small: every module it holds (anyio, the engine)
-makes each fork and each job's copy-on-write faults dearer.
+This package's public names are imported lazily (below), so importing it costs little.
 
 Output files are written to temporary paths beside the real ones and renamed into place
 only when ``run(ctx)`` returns; metrics persist in ``<data_dir>/.shipyard/metrics/``.
@@ -111,8 +110,7 @@ __all__ = [
     "measure",
 ]
 
-# Imported on first use: the fork server imports this package too, and every module it
-# does not need (anyio, the engine) would make each fork dearer.
+# Imported on first use.
 _WHERE = {
     "RecipeContext": "context",
     "RecipeLog": "context",

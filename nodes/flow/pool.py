@@ -33,17 +33,19 @@ from anyio.abc import Process, TaskGroup
 from nodes.flow.wire import (
     Deframer,
     Exited,
+    FrameError,
     JobSpec,
     Output,
     Ready,
     Report,
-    Spawn,
     Started,
     Stop,
     decode_from_server,
     decode_report,
-    frame,
+    encode,
+    spawn,
 )
+from nodes.sandbox import launch
 
 ROOT = Path(__file__).resolve().parents[2]  # the directory holding the ``nodes`` package
 START_TIMEOUT_S = 30.0
@@ -129,6 +131,7 @@ class WorkerPool:
         self.spares = spares
         self.kill_grace_s = kill_grace_s
         self.python = python or sys.executable
+        self.builtin = self.python == sys.executable
         self.jobs: dict[int, RunningJob] = {}
         self.restarts = -1  # the first start is not a restart
         self._next = 0
@@ -176,7 +179,7 @@ class WorkerPool:
         j = RunningJob(id=self._next, on_output=on_output, pool=self)
         self.jobs[j.id] = j
         try:
-            await self._send(proc, Spawn(job=j.id, spec=spec))
+            await self._send(proc, spawn(j.id, spec))
             with anyio.move_on_after(START_TIMEOUT_S):
                 await j.started.wait()
             if not j.started.is_set():  # a wedged server: replace it (this job is lost)
@@ -197,13 +200,24 @@ class WorkerPool:
                 return self._proc
             if self._tg is None:
                 raise RuntimeError("WorkerPool used outside 'async with'")
-            env = {**os.environ,
-                   "PYTHONPATH": os.pathsep.join(
-                       [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}
-            proc = await anyio.open_process(
-                [self.python, "-m", "nodes.flow.forkserver", f"--spares={self.spares}",
-                 *self.preload],
-                stdin=-1, stdout=-1, stderr=None, env=env, cwd=ROOT, start_new_session=True)
+            if self.builtin:  # as user code here always ran: beside the node's packages
+                env = {**os.environ,
+                       "PYTHONPATH": os.pathsep.join(
+                           [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}
+                cwd = ROOT
+            else:  # a code environment: its packages only (see nodes.sandbox.launch)
+                env = {k: v for k, v in os.environ.items()
+                       if not k.startswith("PYTHON") and k != "VIRTUAL_ENV"}
+                cwd = Path(self.python).parent
+            argv = launch.argv(self.python, "forkserver",
+                               [f"--spares={self.spares}", *self.preload],
+                               isolated=not self.builtin)
+            try:
+                proc = await anyio.open_process(argv, stdin=-1, stdout=-1, stderr=None,
+                                                env=env, cwd=cwd, start_new_session=True)
+            except OSError as exc:
+                raise RuntimeError(f"cannot start the flow worker process with "
+                                   f"{self.python}: {exc}") from exc
             try:
                 with anyio.fail_after(START_TIMEOUT_S):
                     await self._tg.start(self._read, proc)
@@ -223,8 +237,8 @@ class WorkerPool:
         ready = False
         try:
             async for chunk in proc.stdout:
-                for body in deframer.feed(chunk):
-                    msg = decode_from_server(body)
+                for kind, meta, blob in deframer.feed(chunk):
+                    msg = decode_from_server(kind, meta, blob)
                     if isinstance(msg, Output):
                         j = self.jobs.get(msg.job)
                         if j is not None:
@@ -244,6 +258,8 @@ class WorkerPool:
                         task_status.started()
         except (anyio.BrokenResourceError, anyio.ClosedResourceError):
             pass
+        except FrameError:  # a broken stream: the server is of no more use
+            proc.kill()
         finally:
             if self._proc is proc or self._proc is None:
                 self._proc = None
@@ -255,12 +271,12 @@ class WorkerPool:
             raise RuntimeError(f"the flow worker process exited at start "
                                f"(code {proc.returncode})")
 
-    async def _send(self, proc: Process, msg: Spawn | Stop) -> None:
+    async def _send(self, proc: Process, data: bytes) -> None:
         assert proc.stdin is not None
         async with self._send_lock:
             # If the server died, the reader finishes every job as lost.
             with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError):
-                await proc.stdin.send(frame(msg))
+                await proc.stdin.send(data)
 
     async def _stop(self, j: RunningJob) -> None:
         """SIGTERM the job, SIGKILL it after the grace period; if the fork server does
@@ -268,7 +284,7 @@ class WorkerPool:
         proc = self._proc
         if proc is None or j.exited.is_set():
             return
-        await self._send(proc, Stop(job=j.id, grace_s=self.kill_grace_s))
+        await self._send(proc, encode(Stop(job=j.id, grace_s=self.kill_grace_s)))
         with anyio.move_on_after(self.kill_grace_s + 5.0):
             await j.exited.wait()
         if not j.exited.is_set():
