@@ -2,9 +2,9 @@
 scenarios.  A library with no NATS in it, used by the Design node (test builds in the
 project workspace) and Automation nodes (scenario runs from an unpacked bundle)::
 
-    async with WorkerPool() as pool:
+    async with Pools() as pools:
         flow = Flow(manifest, code_dir=bundle_dir, data_dir=project_data, seed_dir=bundle_dir,
-                    pool=pool)
+                    pool=pools, envs={"ml": "/data/envs/<digest>/bin/python"})
         result = await flow.run_scenario("nightly", log_path=run_dir / "run.log",
                                          progress=publish, cancel=stop_event)
 
@@ -61,7 +61,7 @@ if TYPE_CHECKING:
     from nodes.flow.errors import FlowError
     from nodes.flow.graph import Graph
     from nodes.flow.metrics import evaluate, measure
-    from nodes.flow.pool import WorkerPool
+    from nodes.flow.pool import Pools, WorkerPool
     from nodes.flow.progress import Progress
     from nodes.flow.results import (
         BuildResult,
@@ -92,6 +92,7 @@ __all__ = [
     "Limits",
     "Metrics",
     "Outcome",
+    "Pools",
     "Progress",
     "RecipeContext",
     "RecipeFinished",
@@ -121,6 +122,7 @@ _WHERE = {
     "Graph": "graph",
     "evaluate": "metrics",
     "measure": "metrics",
+    "Pools": "pool",
     "WorkerPool": "pool",
     "Progress": "progress",
     "BuildResult": "results",

@@ -13,6 +13,12 @@ its cancel scope) the job's process group is stopped before the caller moves on:
 
 If the fork server dies (killed, crashed), the jobs it was running end as lost and the
 next job starts a new one.
+
+``Pools`` holds one ``WorkerPool`` per interpreter: the node's own (the builtin code
+environment) and each code environment's ``bin/python`` that a flow has used, each
+started on first use and shared by every flow, as one ``WorkerPool`` alone is.  A fork
+server in a code environment runs the same ``nodes.sandbox`` code, started in isolated
+mode (``nodes.sandbox.launch``), so its jobs see that environment's packages only.
 """
 
 from __future__ import annotations
@@ -147,6 +153,10 @@ class WorkerPool:
         """The fork server's pid, if it is running."""
         return self._server_pid if self._proc is not None else None
 
+    def _attach(self, tg: TaskGroup) -> None:
+        """Run in ``tg`` (a ``Pools``'s), starting the fork server on the first job."""
+        self._tg = tg
+
     async def __aenter__(self) -> WorkerPool:
         stack = AsyncExitStack()
         self._tg = await stack.enter_async_context(anyio.create_task_group())
@@ -173,10 +183,17 @@ class WorkerPool:
                   on_output: Callable[[bytes], None] = lambda _: None,
                   ) -> AsyncIterator[RunningJob]:
         """Start ``spec`` in a new process; stop it on leaving the block if it is still
-        running.  The job has its ``pid`` (None if the fork failed) on entry."""
-        proc = await self._ensure()
+        running.  The job has its ``pid`` (None if the fork failed) on entry.  If the
+        fork server cannot start (an interpreter that is gone or broken), the job has
+        already ended, with the reason as its ``spawn_error``."""
         self._next += 1
         j = RunningJob(id=self._next, on_output=on_output, pool=self)
+        try:
+            proc = await self._ensure()
+        except (OSError, RuntimeError, TimeoutError) as exc:
+            j._finish(Exited(job=j.id, returncode=-1, spawn_error=str(exc)))
+            yield j
+            return
         self.jobs[j.id] = j
         try:
             await self._send(proc, spawn(j.id, spec))
@@ -208,7 +225,7 @@ class WorkerPool:
             else:  # a code environment: its packages only (see nodes.sandbox.launch)
                 env = {k: v for k, v in os.environ.items()
                        if not k.startswith("PYTHON") and k != "VIRTUAL_ENV"}
-                cwd = Path(self.python).parent
+                cwd = Path("/")
             argv = launch.argv(self.python, "forkserver",
                                [f"--spares={self.spares}", *self.preload],
                                isolated=not self.builtin)
@@ -304,3 +321,58 @@ class WorkerPool:
             proc.kill()
             await proc.wait()
         self._proc = None
+
+
+class Pools:
+    """One ``WorkerPool`` per Python interpreter, each created on first ``get`` and
+    started on its first job; ``preload``, ``spares`` and ``kill_grace_s`` apply to
+    every one of them (a preload module missing from an environment is skipped there,
+    with a line on stderr).  The node's own interpreter's pool starts on entry, as a
+    lone ``WorkerPool`` does, so a node that cannot fork finds out at once::
+
+        async with Pools() as pools:
+            flow = Flow(manifest, code_dir=d, pool=pools, envs={"ml": "/.../bin/python"})
+    """
+
+    def __init__(self, *, preload: Sequence[str] = (), spares: int = 1,
+                 kill_grace_s: float = 1.0) -> None:
+        self.preload = list(preload)
+        self.spares = spares
+        self.kill_grace_s = kill_grace_s
+        self.pools: dict[str, WorkerPool] = {}
+        self._tg: TaskGroup | None = None
+        self._stack: AsyncExitStack | None = None
+
+    def get(self, python: str | None = None) -> WorkerPool:
+        """The pool of interpreter ``python`` (default: the node's own)."""
+        python = python or sys.executable
+        pool = self.pools.get(python)
+        if pool is None:
+            if self._tg is None:
+                raise RuntimeError("Pools used outside 'async with'")
+            pool = WorkerPool(preload=self.preload, spares=self.spares,
+                              kill_grace_s=self.kill_grace_s, python=python)
+            pool._attach(self._tg)
+            self.pools[python] = pool
+        return pool
+
+    async def __aenter__(self) -> Pools:
+        stack = AsyncExitStack()
+        self._tg = await stack.enter_async_context(anyio.create_task_group())
+        self._stack = stack
+        try:
+            await self.get()._ensure()
+        except BaseException:
+            await self.__aexit__(*sys.exc_info())
+            raise
+        return self
+
+    async def __aexit__(self, et: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        with anyio.CancelScope(shield=True):
+            for pool in self.pools.values():
+                await pool._shutdown()
+        assert self._tg is not None and self._stack is not None
+        self._tg.cancel_scope.cancel()
+        self._tg = None
+        await self._stack.__aexit__(None, None, None)
