@@ -37,12 +37,12 @@ import msgspec
 from nodes.api import wire
 from nodes.api.serving import Route, Serving
 from nodes.api.usercode import Generation
-from nodes.flow.child import set_memory_limit
 from nodes.orphans import die_with_parent
 from nodes.runtime.connection import connect
 from nodes.runtime.framing import FrameError, frame, read_frame
 from nodes.runtime.logs import configure_logging, get_logger
 from nodes.runtime.settings import NatsSettings
+from nodes.sandbox.child import set_memory_limit
 from protocol.api import ApiMapping
 
 CONFIG_ENV = "SHIPYARD_API_WORKER"
