@@ -11,6 +11,7 @@ import anyio
 import httpx
 import pytest
 
+from nodes.envs.store import MARKER
 from nodes.runtime.embedded import EmbeddedNats
 from tests.envstack import NO_INDEX, Cluster, cluster, make_recipe_project
 from tests.helpers import wait_for, wait_until
@@ -24,15 +25,14 @@ def _deploy(c: Cluster, project: str, bundle: str) -> Any:
                  timeout=120)
 
 
-def _marker_stamps(c: Cluster, node: str) -> dict[str, tuple[int, int]]:
-    """(inode, mtime) of every file at the top of each built environment: a rebuild
-    rewrites the marker (written last, atomically), so it changes these."""
+def _marker_stamps(c: Cluster, node: str) -> dict[str, tuple[int, int, bytes]]:
+    """(inode, mtime, content) of each built environment's marker: a build writes it
+    last, atomically (a new inode), so any build changes these."""
     out = {}
     for digest in c.built(node):
-        for p in (c.envs_dir(node) / digest).iterdir():
-            if p.is_file():
-                st = p.stat()
-                out[f"{digest}/{p.name}"] = (st.st_ino, st.st_mtime_ns)
+        marker = c.envs_dir(node) / digest / MARKER
+        st = marker.stat()
+        out[digest] = (st.st_ino, st.st_mtime_ns, marker.read_bytes())
     return out
 
 
@@ -144,13 +144,14 @@ def test_an_env_that_cannot_be_built_refuses_the_bundle_and_the_previous_keeps_r
         failed = _deploy(c, "churn", "v2")
         assert failed.returncode == 1, failed.stdout + failed.stderr
         assert "building env ml ..." in failed.stderr
-        assert "code env ml could not be built" in failed.stderr
+        assert "building env ml: installing 1 package failed" in failed.stderr
         assert "127.0.0.1:9" in failed.stderr or "tinypkg" in failed.stderr, failed.stderr
         assert "Traceback" not in failed.stderr
         [dep] = c.json("deployments")
         assert (dep["desired"], dep["state"]) == ("v2", "failed")
         assert [(n["node"], n["running"]) for n in dep["nodes"]] == [("a1", "v1")]
-        assert any("code env ml could not be built" in r for r in dep["reasons"])
+        assert any("building env ml: installing 1 package failed" in r
+                   for r in dep["reasons"]), dep["reasons"]
         project = c.data_dir("a1") / "projects" / "churn"
         assert (project / "current").resolve() == (project / "bundles" / "v1").resolve()
         assert c.look("churn")["outcome"] == "SUCCESS"  # v1 still runs

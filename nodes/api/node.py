@@ -60,7 +60,7 @@ from protocol.api import (
 )
 from protocol.base import encode
 from protocol.deploy import deployment_keys
-from protocol.envs import EnvLock, EnvState
+from protocol.envs import EnvLock
 from protocol.state import ApiState, MappingFailure, ServiceState
 
 
@@ -90,7 +90,6 @@ class ApiNode(Node):
         self.store = PackageStore(self.data_dir)
         self.env_options = envs or EnvOptions()
         self.envs = node_env_store(self.data_dir, self.env_options, lambda: self.js)
-        self.env_states: list[EnvState] = []  # as last computed (heartbeats)
         self._gen_envs: dict[tuple[str, str], EnvLock] = {}  # (service, gen) -> its env
         self.n_workers = workers or default_workers()
         self.http_port = http_port
@@ -170,7 +169,8 @@ class ApiNode(Node):
                         worker_pids=self.pool.pids(), worker_crashes=self.pool.crashes,
                         http=self.http.url if self.http else None,
                         http_error=self.http.error if self.http else "",
-                        services=dict(self.services), envs=list(self.env_states))
+                        services=dict(self.services),
+                        envs=self.envs.states(self._env_users()))
 
     def _set(self, service: str, **changes: Any) -> ServiceState:
         """Change fields of ``service``'s state (the one place it changes)."""
@@ -266,27 +266,20 @@ class ApiNode(Node):
         finally:
             self._switching.discard(name)
             self._kick.set()
-            await self._refresh_envs()
 
     async def _build_env(self, rec: ApiDeploymentRecord, gen: str, lock: EnvLock,
                          generations: list[str]) -> str:
         """The interpreter of ``gen``'s code environment, built now if it is not built
         here yet (what serves keeps serving meanwhile).  Raises ``PackageRefused``."""
-        try:
-            lock.validate()
-        except ValueError as exc:  # InvalidMessage, BadName
-            raise PackageRefused(f"{gen}: code env {lock.name}: {exc}") from None
-        python = await anyio.to_thread.run_sync(self.envs.python_of, lock.digest)
+        python = self.envs.python_of(lock.digest)  # a stat
         if python is None:
             self._set(rec.service, stage="building")
             await self._report(rec, "building", generations, env=lock.name)
-            await self._refresh_envs()
             await self.beat_now()
             try:
                 python = await self.envs.ensure(lock)
-            except EnvBuildFailed as exc:
-                raise PackageRefused(f"{gen}: code env {lock.name} could not be built: "
-                                     f"{exc}") from None
+            except EnvBuildFailed as exc:  # "building env <name>: <step> failed: <tail>"
+                raise PackageRefused(f"{gen}: {exc.message}") from None
             self.log.info("code env built", service=rec.service, generation=gen,
                           env=lock.name, digest=lock.digest[:12])
         return str(python)
@@ -302,19 +295,10 @@ class ApiNode(Node):
                 del self._gen_envs[key]
         return users
 
-    async def _refresh_envs(self) -> dict[str, list[str]]:
-        users = self._env_users()
-        self.env_states = await anyio.to_thread.run_sync(self.envs.states, users)
-        return users
-
     async def _collect_envs(self) -> None:
         """One collector pass: remove environments no generation has used for the
         grace period."""
-        users = await self._refresh_envs()
-        removed = await self.envs.collect(set(users))
-        if removed:
-            self.log.info("code envs removed", digests=[d[:12] for d in removed])
-            await self._refresh_envs()
+        await self.envs.collect(set(self._env_users()))
 
     async def _failed(self, rec: ApiDeploymentRecord, reason: str,
                       generations: list[str]) -> None:

@@ -36,7 +36,7 @@ class BundleEnvs:
         self.store = store
         self.envs = envs
         self.log = log.bind(component="envs")
-        self.states: list[EnvState] = []  # as the last scan saw them (heartbeats)
+        self.users: dict[str, list[str]] = {}  # digest -> its bundles, as last scanned
         self._locks: dict[tuple[str, str], dict[str, EnvLock]] = {}
 
     def locks(self, project: str, bundle: str) -> dict[str, EnvLock]:
@@ -56,17 +56,13 @@ class BundleEnvs:
         except (OSError, ValueError) as exc:  # just unpacked: a defect or a tampered disk
             raise EnvNotBuilt(f"bundle record unreadable: {exc}") from None
         for name, lock in sorted(locks.items()):
-            try:
-                lock.validate()
-            except ValueError as exc:  # InvalidMessage, BadName
-                raise EnvNotBuilt(f"code env {name}: {exc}") from None
-            if await anyio.to_thread.run_sync(self.envs.python_of, lock.digest) is not None:
+            if self.envs.python_of(lock.digest) is not None:  # a stat; built: nothing to do
                 continue
             await building(name)
             try:
                 await self.envs.ensure(lock)
-            except EnvBuildFailed as exc:
-                raise EnvNotBuilt(f"code env {name} could not be built: {exc}") from None
+            except EnvBuildFailed as exc:  # "building env <name>: <step> failed: <tail>"
+                raise EnvNotBuilt(exc.message) from None
             self.log.info("code env built", project=project, bundle=bundle, env=name,
                           digest=lock.digest[:12])
 
@@ -83,7 +79,7 @@ class BundleEnvs:
             try:
                 out[name] = str(await self.envs.ensure(lock))
             except EnvBuildFailed as exc:
-                raise EnvNotBuilt(f"code env {name} could not be built: {exc}") from None
+                raise EnvNotBuilt(exc.message) from None
         return out
 
     def used_by(self) -> dict[str, list[str]]:
@@ -106,17 +102,16 @@ class BundleEnvs:
             del self._locks[key]
         return users
 
-    async def refresh(self) -> dict[str, list[str]]:
-        """Re-read which bundles use which environment; update ``states``."""
-        users = await anyio.to_thread.run_sync(self.used_by)
-        self.states = await anyio.to_thread.run_sync(self.envs.states, users)
-        return users
+    async def refresh(self) -> None:
+        """Re-read which bundles use which environment (after bundles came or went)."""
+        self.users = await anyio.to_thread.run_sync(self.used_by)
+
+    def states(self) -> list[EnvState]:
+        """Every environment here, with its bundles (memory only: for heartbeats)."""
+        return self.envs.states(self.users)
 
     async def collect(self) -> None:
         """One collector pass: remove environments no kept bundle has used for the
         grace period."""
-        users = await self.refresh()
-        removed = await self.envs.collect(set(users))
-        if removed:
-            self.log.info("code envs removed", digests=[d[:12] for d in removed])
-            self.states = await anyio.to_thread.run_sync(self.envs.states, users)
+        await self.refresh()
+        await self.envs.collect(set(self.users))

@@ -24,7 +24,7 @@ from nodes.automation.envs import EnvNotBuilt
 from nodes.automation.store import ActiveManifests, BundleStore
 from nodes.flow.engine import Flow, Limits
 from nodes.flow.errors import FlowError
-from nodes.flow.pool import WorkerPool
+from nodes.flow.pool import Pools
 from nodes.flow.progress import Progress
 from nodes.flow.results import ScenarioResult
 from nodes.runtime import transfer
@@ -70,7 +70,7 @@ class Execution:
         self.local = local
         self.log = host.log.bind(component="execution")
         self.slots = anyio.CapacityLimiter(max_runs)
-        self.pool: WorkerPool | None = None
+        self.pools: Pools | None = None
 
     async def setup(self) -> None:
         await transfer.ensure_bucket(self.host.js, subjects.RUN_LOGS_STORE,
@@ -80,8 +80,8 @@ class Execution:
         await tg.start(self._host_pool)
 
     async def _host_pool(self, *, task_status: TaskStatus[None]) -> None:
-        async with WorkerPool() as pool:
-            self.pool = pool
+        async with Pools() as pools:
+            self.pools = pools
             task_status.started()
             await anyio.sleep_forever()
 
@@ -134,7 +134,7 @@ class Execution:
             self.host.tg.start_soon(self._execute, *nxt)
 
     async def _run(self, lock: RunLock, release: Callable[[], Awaitable[None]]) -> None:
-        assert self.pool is not None
+        assert self.pools is not None
         _, manifest = await self.manifests.get(lock.project)
         sc = manifest.scenarios.get(lock.scenario)
         store = self.host.store
@@ -143,14 +143,14 @@ class Execution:
                       infra=lock.infra, node=self.host.name, bundle=lock.bundle,
                       trigger=lock.firing.trigger, firing=lock.firing.id,
                       params=dict(lock.firing.params), started_at=lock.started_at)
-        pool = self.pool
+        pools = self.pools
 
         async def work(progress: Progress, cancel: anyio.Event) -> ScenarioResult:
             try:
                 envs = await self.pythons(lock.project, lock.bundle)
             except EnvNotBuilt as exc:
                 raise FlowError([str(exc)]) from None
-            flow = Flow(manifest, code_dir=bundle_dir, pool=pool, envs=envs,
+            flow = Flow(manifest, code_dir=bundle_dir, pool=pools, envs=envs,
                         data_dir=store.data_dir(lock.project), seed_dir=bundle_dir,
                         limits=Limits(run_timeout_s=sc.timeout_s if sc else None))
             return await flow.run_scenario(lock.scenario, params=run.params,

@@ -148,7 +148,7 @@ class AutomationNode(Node):
 
     def state(self) -> AutomationState:
         return AutomationState(data_dir=str(self.data_dir), bundles=dict(self.projects),
-                               runs=self.execution.state(), envs=list(self.envs.states))
+                               runs=self.execution.state(), envs=self.envs.states())
 
     def _set(self, project: str, **changes: Any) -> BundleState:
         """Change fields of ``project``'s state (the one place it changes)."""
@@ -240,7 +240,6 @@ class AutomationNode(Node):
         try:
             await self.envs.prepare(rec.project, rec.desired, building)
         except EnvNotBuilt as exc:
-            await self.envs.refresh()
             raise Permanent(str(exc)) from None
 
     def _prune(self, project: str) -> list[str]:
