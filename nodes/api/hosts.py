@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
+import select
 import socket
 import subprocess
 import threading
@@ -90,8 +91,9 @@ class Host:
         """Wait until the host answers (blocking; run in a thread).  Raises
         ``HostError``."""
         assert self.proc is not None
-        self.control.settimeout(START_TIMEOUT)
         try:
+            if not select.select([self._control_fd], [], [], START_TIMEOUT)[0]:
+                raise TimeoutError
             frames.read_frame(self._control_fd)
         except (EOFError, OSError) as exc:
             self.proc.kill()
@@ -100,7 +102,6 @@ class Host:
                 f"exited with code {self.proc.returncode}"
             raise HostError(f"the user-code host with {self.python} {why} at start") \
                 from None
-        self.control.settimeout(None)
         threading.Thread(target=self._watch, name=f"host-watch-{self.proc.pid}",
                          daemon=True).start()
 
