@@ -424,7 +424,7 @@ class WorkerPool:
     # -- generations and routes ---------------------------------------------------------
 
     async def load(self, service: str, generation: str, directory: Path,
-                   endpoints: list[wire.EndpointCode], timeout: float = 300.0, *,
+                   endpoints: list[wire.EndpointCode], timeout: float = 300.0,
                    python: str = "") -> str:
         """Load a generation in every worker (beside serving); "" or the first error.
         ``python``: the interpreter of the generation's code environment (its user code
