@@ -4,9 +4,12 @@ tiny wheels in a local folder, the only package source."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import http.server
 import json
 import signal
+import threading
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -88,15 +91,17 @@ def sha(p: Path) -> str:
 # -- in-process Design node: the record, the store ------------------------------------------
 
 @asynccontextmanager
-async def design_node(settings: NatsSettings, tmp_path: Path,
-                      wheels: Path) -> AsyncIterator[tuple[Caller, NATS, Path]]:
-    """A Design node in this process whose only package source is ``wheels``."""
+async def design_node(settings: NatsSettings, tmp_path: Path, wheels: Path, *,
+                      find_links: str = "") -> AsyncIterator[tuple[Caller, NATS, Path]]:
+    """A Design node in this process whose only package source is ``wheels`` (or the
+    ``find_links`` URL)."""
     ws = tmp_path / "ws"
     ws.mkdir()
+    index = IndexSettings(find_links=[find_links or str(wheels)], no_index=True)
     async with fleet() as f:
         await f.start(DesignNode(name="design", nats=settings, workspace=ws,
                                  data_dir=tmp_path / "design", heartbeat_interval=0.2,
-                                 index=IndexSettings(find_links=[str(wheels)], no_index=True)))
+                                 index=index))
         nc = await connect(settings, name="test")
         try:
             yield Caller(nc, sender="test"), nc, ws
@@ -159,6 +164,48 @@ async def test_wheels_are_stored_once_however_many_bundles_use_them(
         kv = await nc.jetstream().key_value(subjects.BUNDLE_BUCKET)
         info = BUNDLE_INFO.decode((await kv.get(bundle_key("churn", "v2"))).value or b"")
         assert info.envs["ml"].wheels_stored
+
+
+class _Quiet(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def http_wheels(wheels: Path) -> Iterator[str]:
+    """``wheels`` served over HTTP, as a find-links page (a directory listing)."""
+    handler = functools.partial(_Quiet, directory=str(wheels))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)
+
+
+async def test_wheels_locked_from_an_http_index_are_downloaded_and_stored(
+        settings: NatsSettings, tmp_path: Path, wheels: Path, http_wheels: str) -> None:
+    async with design_node(settings, tmp_path, wheels, find_links=http_wheels) as (
+            caller, nc, ws):
+        write_project(ws, "helper-lib")
+        created = await caller.call(CreateBundle(project="churn", bundle_id="v1",
+                                                 wheels=True), timeout=60)
+        assert created.bundle.envs["ml"].wheels_stored
+        kv = await nc.jetstream().key_value(subjects.BUNDLE_BUCKET)
+        info = BUNDLE_INFO.decode((await kv.get(bundle_key("churn", "v1"))).value or b"")
+        urls = [p.wheel.url for p in info.envs["ml"].packages if p.wheel]
+        assert urls and all(u.startswith(http_wheels) for u in urls)
+        expected = {wheel_key(sha(wheels / n)) for n in ("helper_lib-0.5-py3-none-any.whl",
+                                                         "tiny-2.0-py3-none-any.whl")}
+        assert set(await stored_wheels(nc)) == expected
+        (tmp_path / "got").mkdir()
+        for key in expected:  # the stored bytes are the wheel's
+            dest = tmp_path / "got" / key
+            got = await transfer.get_file(nc.jetstream(), subjects.WHEELS_STORE, key, dest)
+            assert sha(dest) == key == got.sha256
 
 
 async def test_a_wheel_whose_bytes_differ_from_the_lock_is_refused(
