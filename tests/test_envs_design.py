@@ -268,17 +268,22 @@ async def test_an_env_that_cannot_be_locked_refuses_the_bundle_and_stores_nothin
 # -- the CLI, with the Design node a real process ---------------------------------------------
 
 @pytest.fixture
-def design_process(nats_server: EmbeddedNats, tmp_path: Path, cli_env: dict[str, str],
-                   wheels: Path) -> Iterator[tuple[dict[str, str], Path]]:
-    """A Design node process whose package source comes from its environment."""
+def design_process(request: pytest.FixtureRequest, nats_server: EmbeddedNats, tmp_path: Path,
+                   cli_env: dict[str, str], wheels: Path
+                   ) -> Iterator[tuple[dict[str, str], Path]]:
+    """A Design node process whose package source is set by its environment, or by its
+    options (``--find-links``, ``--no-index``)."""
     env = dict(cli_env, SHIPYARD_NATS_URL=nats_server.url)
     ws = tmp_path / "ws"
     ws.mkdir()
-    node_env = dict(env, SHIPYARD_FIND_LINKS=str(wheels), SHIPYARD_NO_INDEX="1")
+    if getattr(request, "param", "environment") == "environment":
+        node_env, source = dict(env, SHIPYARD_FIND_LINKS=str(wheels), SHIPYARD_NO_INDEX="1"), []
+    else:
+        node_env, source = env, ["--find-links", str(wheels), "--no-index"]
     proc = Background(shipyard_argv("node", "start", "design", "--name", "design",
                                     "--workspace", str(ws), "--data-dir",
-                                    str(tmp_path / "design"), "--heartbeat-interval", "0.2"),
-                      env=node_env)
+                                    str(tmp_path / "design"), "--heartbeat-interval", "0.2",
+                                    *source), env=node_env)
     try:
         proc.wait_line("node ready", timeout=30)
         yield env, ws
@@ -290,6 +295,7 @@ def _json(env: dict[str, str], *args: str) -> Any:
     return json.loads(shipyard(*args, env=env, check=True, timeout=60).stdout)
 
 
+@pytest.mark.parametrize("design_process", ["environment"], indirect=True)
 def test_bundles_show_their_envs_and_the_packages_that_changed(
         design_process: tuple[dict[str, str], Path]) -> None:
     env, ws = design_process
@@ -320,6 +326,7 @@ def test_bundles_show_their_envs_and_the_packages_that_changed(
     assert [b["id"] for b in _json(env, "bundle", "list", "churn", "--json")] == ["v1", "v2"]
 
 
+@pytest.mark.parametrize("design_process", ["options"], indirect=True)
 def test_api_packages_carry_their_env_lock(design_process: tuple[dict[str, str], Path]
                                            ) -> None:
     env, ws = design_process
@@ -339,3 +346,10 @@ def test_api_packages_carry_their_env_lock(design_process: tuple[dict[str, str],
     table = shipyard("api", "versions", "churn-api", env=env, check=True).stdout
     assert "CODE ENV" in table and "ml (2 pkgs" in table
 
+
+
+def test_index_options_on_a_node_that_does_not_lock_are_a_usage_error(
+        cli_env: dict[str, str]) -> None:
+    proc = shipyard("node", "start", "deployer", "--find-links", "/wheels", env=cli_env)
+    assert proc.returncode == 2
+    assert "--find-links is for design nodes" in proc.stderr
