@@ -257,6 +257,7 @@ async def test_an_env_that_cannot_be_locked_refuses_the_bundle_and_stores_nothin
         assert str(info.value).startswith("code env 'ml' cannot be locked: ")
         assert "tiny" in str(info.value) and "unsatisfiable" in str(info.value)
         assert (await caller.call(ListBundles(project="churn"))).bundles == []
+        assert await stored_wheels(nc) == []
         bundles = await nc.jetstream().object_store(subjects.BUNDLE_STORE)
         with pytest.raises(Exception, match=r"NotFound|no objects|not found"):
             await bundles.list()

@@ -105,8 +105,8 @@ class EnvLocker:
         key = wheel_key(wheel.sha256)
         try:
             have = await transfer.stat(self.host.js, subjects.WHEELS_STORE, key)
-        except NotFound:
-            pass
+        except (NotFound, transfer.CorruptObject):
+            pass  # not there, or unreadable: store it (again)
         else:
             if have.sha256 == wheel.sha256:
                 return False
