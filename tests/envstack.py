@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import signal
+import subprocess
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -165,8 +166,14 @@ class Cluster:
         return summary
 
     def stop(self) -> None:
-        for p in self.procs.values():
-            p.stop(signal.SIGTERM)
+        """Stop every node gracefully; fail naming any that did not stop in time."""
+        hung = []
+        for name, p in self.procs.items():
+            try:
+                p.stop(signal.SIGTERM)
+            except subprocess.TimeoutExpired:
+                hung.append(f"{name}:\n" + "\n".join(p.lines[-30:]))
+        assert not hung, "nodes did not stop on SIGTERM: " + "\n".join(hung)
 
 
 @contextmanager

@@ -25,7 +25,8 @@ from nodes.cli.common import (
     when,
     whoami,
 )
-from nodes.cli.waiting import wait_for_deployment
+from nodes.cli.waiting import call_with, change_and_wait
+from nodes.runtime.calls import Caller
 from protocol.bundles import BundleCreated, BundleList, CreateBundle, ListBundles, ListProjects
 from protocol.deploy import (
     KINDS,
@@ -206,22 +207,27 @@ def deploy_bundle(project: str, bundle_id: str, infra: str, wait: bool, timeout:
     check_names(project=project, bundle=bundle_id, infra=infra)
     cmd = DeployBundle(project=project, bundle_id=bundle_id, infra=infra, by=whoami(),
                        expected_revision=if_revision)
-    view: DeploymentView = run(call, nats_url, cmd)
-    _after_change(view, "deploying", wait, timeout, nats_url, as_json)
+    _change(cmd, "deploying", wait, timeout, nats_url, as_json)
 
 
-def _after_change(view: DeploymentView, verb: str, wait: bool, timeout: float,
-                  nats_url: str | None, as_json: bool) -> None:
-    last = view.last_update
-    if not as_json:
-        out.print(f"{verb} {view.project} {(last.from_bundle if last else None) or '-'} -> "
-                  f"{view.desired} on {view.infra} (update {view.update_id}, revision "
-                  f"{view.revision})")
+def _change(cmd: DeployBundle | RollbackBundle, verb: str, wait: bool, timeout: float,
+            nats_url: str | None, as_json: bool) -> None:
+    async def send(caller: Caller) -> DeploymentView:
+        view: DeploymentView = await caller.call(cmd, timeout=10.0)
+        last = view.last_update
+        if not as_json:
+            out.print(f"{verb} {view.project} {(last.from_bundle if last else None) or '-'} "
+                      f"-> {view.desired} on {view.infra} (update {view.update_id}, "
+                      f"revision {view.revision})")
+        return view
+
     if not wait:
+        view = run(call_with, nats_url, send)
         if as_json:
             print_json(view)
         return
-    final, ok, why = run(wait_for_deployment, nats_url, view, timeout, not as_json)
+    final, ok, why = run(change_and_wait, nats_url, send, timeout, not as_json)
+    view = final
     if as_json:
         print_json(final)
     elif ok:
@@ -257,8 +263,7 @@ def rollback(target: tuple[str, ...], infra: str, to: str | None, wait: bool, ti
         raise click.UsageError("expected PROJECT, or 'api SERVICE'")
     check_names(project=target[0])
     cmd = RollbackBundle(project=target[0], infra=infra, to=to, by=whoami())
-    view: DeploymentView = run(call, nats_url, cmd)
-    _after_change(view, "rolling back", wait, timeout, nats_url, as_json)
+    _change(cmd, "rolling back", wait, timeout, nats_url, as_json)
 
 
 def deployment_json(v: DeploymentView) -> dict[str, Any]:

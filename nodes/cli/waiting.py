@@ -2,12 +2,16 @@
 
 Progress comes from the nodes' activation reports (``sy.rpt.activation.*``); the verdict
 comes from the Deployer's view of the deployment, polled, so a lost report never
-decides anything.
+decides anything.  ``change_and_wait`` subscribes to the reports before it sends the
+change, so a stage that passes quickly (an environment built in a third of a second)
+is still shown.
 """
 
 from __future__ import annotations
 
 import time
+from collections import deque
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import anyio
@@ -30,28 +34,51 @@ from protocol.registry import ONLINE
 
 REPORTS = msgspec.json.Decoder(ActivationReport)
 POLL_S = 0.2
+EARLY_REPORTS = 1000  # reports kept while the change is on its way
 
 
-async def wait_for_deployment(nats_url: str | None, view: DeploymentView, timeout: float,
-                              show: bool) -> tuple[DeploymentView, bool, str]:
-    """Return (last view, ok, why-not)."""
+async def call_with(nats_url: str | None,
+                    change: Callable[[Caller], Awaitable[DeploymentView]]) -> DeploymentView:
+    """Make the change without waiting for it."""
+    async with connected(nats_url) as nc:
+        return await change(Caller(nc, sender="cli"))
+
+
+async def change_and_wait(nats_url: str | None,
+                          change: Callable[[Caller], Awaitable[DeploymentView]],
+                          timeout: float, show: bool
+                          ) -> tuple[DeploymentView, bool, str]:
+    """Subscribe to activation reports, make the change (``change(caller)`` returns the
+    view it got back), then follow it; (last view, ok, why-not)."""
     async with connected(nats_url) as nc:
         caller = Caller(nc, sender="cli")
         progress = _Progress(show)
+        early: deque[ActivationReport] = deque(maxlen=EARLY_REPORTS)
+        asked: DeploymentView | None = None
 
         async def on_report(msg: Msg) -> None:
             try:
                 r = REPORTS.decode(msg.data)
             except msgspec.DecodeError:
                 return
-            if r.update_id == view.update_id:
+            if asked is None:
+                early.append(r)  # before the change's update id is known
+            elif r.update_id == asked.update_id:
                 progress.report(r)
 
         sub = await nc.subscribe(subjects.reports("activation"), cb=on_report)
+        try:
+            view = asked = await change(caller)
+        except BaseException:
+            await sub.unsubscribe()
+            raise
         deadline = time.monotonic() + timeout
         last = view
         try:
             with progress:
+                for r in early:
+                    if r.update_id == view.update_id:
+                        progress.report(r)
                 while True:
                     try:
                         reply = await caller.call(ListDeployments(project=view.project,

@@ -283,7 +283,7 @@ class WorkerPool:
             for j in list(self.jobs.values()):
                 j._finish(Exited(job=j.id, returncode=-9, spawn_error=LOST), lost=True)
             with anyio.CancelScope(shield=True):
-                await proc.wait()
+                await _end(proc)  # cancelled with the pool's task group: nobody else will
         if not ready:
             raise RuntimeError(f"the flow worker process exited at start "
                                f"(code {proc.returncode})")
@@ -321,6 +321,18 @@ class WorkerPool:
             proc.kill()
             await proc.wait()
         self._proc = None
+
+
+async def _end(proc: Process) -> None:
+    """Wait for a fork server to exit: told to by closing its stdin, killed after 5 s."""
+    if proc.returncode is None and proc.stdin is not None:
+        with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+            await proc.stdin.aclose()  # the server kills its jobs and exits
+    with anyio.move_on_after(5.0):
+        await proc.wait()
+    if proc.returncode is None:
+        proc.kill()
+        await proc.wait()
 
 
 class Pools:
