@@ -67,6 +67,7 @@ class Host:
         self._write_lock = threading.Lock()  # Unload frames between them
         self.proc: subprocess.Popen[bytes] | None = None
         self.debug = debug
+        self.closing = False
 
     def spawn(self) -> None:
         """Start the host process.  Call it on the worker's main thread: Linux signals
@@ -109,7 +110,8 @@ class Host:
         """The host is gone: so is this worker (its node replaces it)."""
         assert self.proc is not None
         code = self.proc.wait()
-        self.died(code)
+        if not self.closing:
+            self.died(code)
 
     def died(self, code: int | None = None) -> None:
         self.log.error("the user-code host died; the worker exits", code=code)
@@ -129,6 +131,18 @@ class Host:
                 self.died()
                 raise
         return done
+
+    def close(self) -> None:
+        """Stop the host on purpose (it exits when its sockets close; blocking)."""
+        self.closing = True
+        self.calls.close()
+        self.control.close()
+        if self.proc is not None:
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
 
     def unload(self, gen: str) -> None:
         with self._write_lock, contextlib.suppress(OSError):
