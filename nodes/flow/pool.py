@@ -18,7 +18,9 @@ next job starts a new one.
 environment) and each code environment's ``bin/python`` that a flow has used, each
 started on first use and shared by every flow, as one ``WorkerPool`` alone is.  A fork
 server in a code environment runs the same ``nodes.sandbox`` code, started in isolated
-mode (``nodes.sandbox.launch``), so its jobs see that environment's packages only.
+mode (``nodes.sandbox.launch``), so its jobs see that environment's packages only.  A
+one-recipe build costs the same from either (``bench/sandbox.py``: within the noise of
+a loaded 2-core box, 10-20 ms p50 both).
 """
 
 from __future__ import annotations
