@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from nodes.flow import wire
 from nodes.sandbox import frames, launch, messages
@@ -74,12 +76,12 @@ KINDS = {**messages.TO_SERVER, **messages.FROM_SERVER, **messages.TO_HOST,
 
 @pytest.mark.parametrize("msg", SAMPLES, ids=lambda m: type(m).__name__)
 def test_a_frame_decodes_to_the_same_message_on_both_sides(msg: Any) -> None:
-    data = frames.encode(msg)
-    kind, meta, blob = frames.split(data)
-    assert frames.decode(KINDS, kind, meta, blob) == msg       # the sandbox (json)
-    assert wire.decode(KINDS, kind, meta, blob) == msg         # shipyard (msgspec)
-    got = frames.Deframer().feed(data[:5]) + frames.Deframer().feed(data)
-    assert got == [(kind, meta, blob)]
+    for data in (frames.encode(msg), wire.encode(msg)):  # written by the sandbox, shipyard
+        kind, meta, blob = frames.split(data)
+        assert frames.decode(KINDS, kind, meta, blob) == msg       # the sandbox (json)
+        assert wire.decode(KINDS, kind, meta, blob) == msg         # shipyard (msgspec)
+        got = frames.Deframer().feed(data[:5]) + frames.Deframer().feed(data)
+        assert got == [(kind, meta, blob)]
 
 
 def test_frames_split_across_reads_come_out_whole_and_in_order() -> None:
@@ -137,3 +139,39 @@ def test_the_bootstrap_loads_the_sandbox_privately_without_shipyard_on_the_path(
     assert got["isolated"] == 1 and got["msgspec"] is False
     root = str(SANDBOX.parents[1])
     assert not any(p in (root, "", str(tmp_path)) for p in got["path"]), got["path"]
+
+
+def test_the_sandbox_words_a_deep_nesting_as_the_protocol_does() -> None:
+    from nodes.sandbox import usercode
+    from protocol.base import NESTED_TOO_DEEPLY
+
+    assert usercode.NESTED_TOO_DEEPLY == NESTED_TOO_DEEPLY
+
+
+_leaf = st.none() | st.booleans() | st.integers(-(2**63), 2**63 - 1) | \
+    st.floats(allow_nan=False, allow_infinity=False) | st.text()
+_json = st.recursive(_leaf, lambda inner: st.lists(inner, max_size=4)
+                     | st.dictionaries(st.text(max_size=5), inner, max_size=4), max_leaves=20)
+
+
+@given(_json)
+@settings(max_examples=300, deadline=None)
+def test_the_host_json_codec_writes_what_the_worker_msgspec_codec_writes(value: Any) -> None:
+    from nodes.api.usercode import CODEC
+    from nodes.sandbox.usercode import JsonCodec
+
+    assert JsonCodec().encode(value) == CODEC.encode(value)
+
+
+@pytest.mark.parametrize("value", [float("nan"), [1.0, {"a": float("inf")}],
+                                   {"p": [0.5, float("-inf")]}])
+def test_both_codecs_refuse_a_non_finite_result_with_the_same_words(value: Any) -> None:
+    from nodes.api.usercode import CODEC, Failed
+    from nodes.sandbox.usercode import JsonCodec, Refused
+
+    with pytest.raises(Failed) as here:
+        CODEC.encode(value)
+    with pytest.raises(Refused) as there:
+        JsonCodec().encode(value)
+    assert (there.value.code, there.value.message) == (here.value.code, here.value.message)
+    assert here.value.code == "bad_result"

@@ -160,12 +160,34 @@ async def test_an_environment_this_node_lacks_is_a_flow_error_naming_it(
 async def test_an_interpreter_that_cannot_start_fails_the_job_not_the_engine(
         tmp_path: Path, envs: dict[str, str]) -> None:
     manifest = write_project(tmp_path, MANIFEST, {"probe.py": PROBE, "script.py": SCRIPT})
-    async with Pools() as pools:
-        flow = Flow(manifest, code_dir=tmp_path, pool=pools,
-                    envs={**envs, "two": str(tmp_path / "no" / "python")})
-        failed = await flow.build(["b", "c"])
-        runs = {r.recipe: r for r in failed.recipes}
-        assert runs["builtin"].outcome is Outcome.SUCCESS
-        assert runs["in_two"].outcome is Outcome.FAILED
-        assert runs["in_two"].reason.startswith(
-            f"cannot start the flow worker process with {tmp_path}/no/python: ")
+    broken = tmp_path / "broken-python"
+    broken.write_text("#!/bin/sh\nexit 3\n")
+    broken.chmod(0o755)
+    missing = tmp_path / "no" / "python"
+    for python, why in ((missing, f"cannot start the flow worker process with {missing}: "),
+                        (broken, f"the flow worker process with {broken} exited at start "
+                                 "(code 3)")):
+        async with Pools() as pools:
+            flow = Flow(manifest, code_dir=tmp_path, pool=pools,
+                        envs={**envs, "two": str(python)})
+            failed = await flow.build(["b", "c"], force=True)
+            runs = {r.recipe: r for r in failed.recipes}
+            assert runs["builtin"].outcome is Outcome.SUCCESS
+            assert runs["in_two"].outcome is Outcome.FAILED
+            assert runs["in_two"].reason.startswith(why), runs["in_two"].reason
+
+
+async def test_preload_modules_are_imported_by_every_interpreter_that_has_them(
+        tmp_path: Path, envs: dict[str, str]) -> None:
+    probe = ("import sys\n"
+             "def run(ctx):\n"
+             "    (out,) = ctx.outputs.values()\n"
+             "    out.write_text(str('sy_tiny' in sys.modules))\n")
+    manifest = write_project(tmp_path, MANIFEST, {"probe.py": probe, "script.py": SCRIPT})
+    async with Pools(preload=["sy_tiny"]) as pools:
+        flow = Flow(manifest, code_dir=tmp_path, pool=pools, envs=envs)
+        result = await flow.build(["a", "c"])
+        assert result.outcome is Outcome.SUCCESS, result.message
+    # warm in the environment that has it; skipped (a line on stderr) where it is missing
+    assert (tmp_path / "a.csv").read_text() == "True"
+    assert (tmp_path / "c.csv").read_text() == "False"

@@ -38,7 +38,7 @@ from nodes.project.manifest import Manifest
 def check_params(params: Mapping[str, Any] | None) -> None:
     """Raises ``FlowError`` if ``params`` cannot be sent to a job process."""
     try:
-        msgspec.msgpack.encode(dict(params or {}))
+        msgspec.json.encode(dict(params or {}))
     except (TypeError, msgspec.EncodeError) as exc:
         raise FlowError([f"run parameters must be plain data (str, numbers, bool, None, "
                          f"lists, dicts): {exc}"]) from None

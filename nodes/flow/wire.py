@@ -34,8 +34,17 @@ __all__ = ["Deframer", "Exited", "FrameError", "JobSpec", "Output", "Ready", "Re
            "encode", "spawn"]
 
 FromServer = Ready | Started | Output | Exited
-encode = frames.encode
 _decoders: dict[type[Any], msgspec.json.Decoder[Any]] = {}
+_json = msgspec.json.Encoder().encode
+
+
+def encode(msg: Any) -> bytes:
+    """One frame holding ``msg`` (a ``messages`` dataclass), as ``frames.encode`` writes
+    it; without a blob, with msgspec (a ``JobSpec``: ~2 us, against ~20 us for the
+    standard library's json)."""
+    if msg.BLOB:  # metadata of a few numbers
+        return frames.encode(msg)
+    return frames.pack(msg.KIND, _json(msg))
 
 
 def decode(kinds: dict[int, Any], kind: int, meta: bytes, blob: bytes) -> Any:
@@ -63,7 +72,7 @@ def decode_from_server(kind: int, meta: bytes, blob: bytes) -> FromServer:
 
 def spawn(job: int, spec: JobSpec) -> bytes:
     """The ``Spawn`` frame for ``spec``."""
-    return frames.encode(Spawn(job=job, spec=frames.encode(spec)))
+    return frames.encode(Spawn(job=job, spec=encode(spec)))
 
 
 def decode_report(data: bytes) -> Report | None:

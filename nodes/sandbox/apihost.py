@@ -68,7 +68,7 @@ class Host:
             self.generations[msg.gen] = Generation(msg.service, msg.name,
                                                    Path(msg.directory), msg.endpoints)
         except MemoryError:
-            return Done(error="MemoryError: loading ran out of memory", memory_error=True)
+            return Done(error="loading ran out of memory", memory_error=True)
         except Exception as exc:  # user code: report anything
             return Done(error=describe(exc, self.debug))
         return Done()

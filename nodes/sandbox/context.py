@@ -10,7 +10,8 @@ A recipe::
 
 ``ctx.outputs`` are temporary paths beside the real ones: they replace the real
 datasets only when ``run`` returns, so a failing recipe never leaves half a file behind.
-Log lines (and anything printed) go to the run's log.
+Log lines (and anything printed) go to the run's log.  Built in the job process, in the
+user's interpreter: standard library only.
 """
 
 from __future__ import annotations

@@ -30,13 +30,17 @@ class FrameError(Exception):
     """The stream does not hold frames: a bad header, kind or body."""
 
 
+def pack(kind: int, meta: bytes, blob: bytes = b"") -> bytes:
+    """One frame from its parts (the metadata already JSON)."""
+    return HEAD.pack(kind, len(meta), len(blob)) + meta + blob
+
+
 def encode(msg: Any) -> bytes:
     """One frame holding ``msg``, a message dataclass (``messages``)."""
     blob_field = msg.BLOB
     meta = dict(msg.__dict__)
     blob = meta.pop(blob_field) if blob_field else b""
-    body = _dumps(meta).encode()
-    return HEAD.pack(msg.KIND, len(body), len(blob)) + body + blob
+    return pack(msg.KIND, _dumps(meta).encode(), blob)
 
 
 def sizes(head: bytes) -> tuple[int, int, int]:

@@ -24,6 +24,7 @@ import inspect
 import itertools
 import json
 import math
+import re
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -92,8 +93,25 @@ def not_finite(where: str) -> Refused:
                                  "number (JSON has no NaN or infinity)")
 
 
+_HAS_EXPONENT = re.compile(rb"\de[-+]").search
+_EXPONENT = re.compile(rb'"(?:[^"\\]|\\.)*"|(-?)(\d)(?:\.(\d+))?e([-+]\d+)')
+
+
+def _msgspec_float(m: re.Match[bytes]) -> bytes:
+    """A float Python wrote with an exponent (``1e+16``, ``2.5e-05``), as msgspec writes
+    it (``1e16``, ``0.000025``): msgspec keeps decimal notation down to 1e-5, and writes
+    exponents bare.  Strings (group 0 without group 2) are left alone."""
+    if m.group(2) is None:
+        return m.group(0)
+    sign, first, rest, exp = m.group(1), m.group(2), m.group(3) or b"", int(m.group(4))
+    if exp == -5:
+        return sign + b"0.0000" + first + rest
+    return sign + first + (b"." + rest if rest else b"") + b"e" + str(exp).encode()
+
+
 class JsonCodec:
-    """The standard library's ``json``, writing what msgspec writes (compact, UTF-8)."""
+    """The standard library's ``json``, writing what msgspec writes (compact, UTF-8,
+    msgspec's float notation)."""
 
     _encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False,
                                default=enc_hook).encode
@@ -117,12 +135,15 @@ class JsonCodec:
 
     def encode(self, value: Any, name: str = "result") -> bytes:
         try:
-            return self._encode(value).encode()
+            data = self._encode(value).encode()
         except ValueError:
             where = non_finite(value, name)
             if where is None:
                 raise
             raise not_finite(where) from None
+        if b"e" in data and _HAS_EXPONENT(data):
+            data = _EXPONENT.sub(_msgspec_float, data)
+        return data
 
 
 class Endpoint:
