@@ -91,6 +91,23 @@ def make_recipe_project(workspace: Path, key: str, requirements: Sequence[str] |
     return d
 
 
+def counting_uv(tmp: Path) -> tuple[Path, Path]:
+    """A ``uv`` that appends each call's sub-command to a log, then runs the real one:
+    (the script, for ``SHIPYARD_UV``; the log)."""
+    from uv import find_uv_bin
+
+    log = tmp / "uv-calls.log"
+    script = tmp / "uv-counting"
+    script.write_text(f'#!/bin/sh\necho "$1" >> "{log}"\nexec "{find_uv_bin()}" "$@"\n')
+    script.chmod(0o755)
+    return script, log
+
+
+def uv_calls(log: Path, command: str) -> int:
+    """How many times the counting ``uv`` ran ``command`` (``venv``: one per build)."""
+    return log.read_text().split().count(command) if log.exists() else 0
+
+
 def uv_env(base: dict[str, str], tmp: Path, *, wheels: Path | None = None) -> dict[str, str]:
     """A process environment: one uv cache per test; ``wheels``: lock and install from
     that folder only."""
@@ -112,13 +129,15 @@ class Cluster:
         self.env = uv_env(dict(cli_env, SHIPYARD_NATS_URL=url), tmp)
         self.procs: dict[str, Background] = {}
 
-    def start(self, role: str, name: str, *extra: str, wheels: bool = False) -> Background:
+    def start(self, role: str, name: str, *extra: str, wheels: bool = False,
+              env: dict[str, str] | None = None) -> Background:
         argv = ["node", "start", role, "--name", name, "--heartbeat-interval", HB]
         if role in ("automation", "api", "design"):
             argv += ["--data-dir", str(self.data_dir(name))]
         if role == "design":
             argv += ["--workspace", str(self.ws)]
-        env = uv_env(self.env, self.tmp, wheels=self.wheels if wheels else None)
+        env = dict(uv_env(self.env, self.tmp, wheels=self.wheels if wheels else None),
+                   **(env or {}))
         proc = Background(shipyard_argv(*argv, *extra), env=env)
         self.procs[name] = proc
         proc.wait_line("node ready", timeout=30)

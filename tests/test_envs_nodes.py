@@ -13,7 +13,14 @@ import pytest
 
 from nodes.envs.store import MARKER
 from nodes.runtime.embedded import EmbeddedNats
-from tests.envstack import NO_INDEX, Cluster, cluster, make_recipe_project
+from tests.envstack import (
+    NO_INDEX,
+    Cluster,
+    cluster,
+    counting_uv,
+    make_recipe_project,
+    uv_calls,
+)
 from tests.helpers import wait_for, wait_until
 from tests.test_cli_stack import free_port
 
@@ -41,39 +48,37 @@ def test_two_pins_deploy_and_roll_back_from_stored_wheels_and_one_lock_is_built_
     """The node reaches no package index: it installs from the wheels stored with the
     bundles.  Each bundle's recipe sees its own pin in its own interpreter; a second
     project with the same lock, and a rollback, build nothing."""
+    uv, calls = counting_uv(tmp_path)
     with cluster(nats_server.url, tmp_path, cli_env) as c:
         c.start("automation", "a1", "--infra", "prod", "--index-url", NO_INDEX,
-                "--env-build-timeout", "60")
+                "--env-build-timeout", "60", env={"SHIPYARD_UV": str(uv)})
         c.registered(3)
         c.cli("infra", "create", "prod", "--kind", "automation", check=True)
 
+        # Two projects with the same lock, deployed at once: one build, one env on disk.
         make_recipe_project(c.ws, "churn", ["tinypkg==1.0"])
+        make_recipe_project(c.ws, "twin", ["tinypkg==1.0"])
         c.cli("bundle", "create", "churn", "--id", "v1", "--wheels", check=True)
+        c.cli("bundle", "create", "twin", "--id", "t1", "--wheels", check=True)
+        c.cli("deploy", "bundle", "twin", "t1", "--infra", "prod", check=True)
         first = _deploy(c, "churn", "v1")
         assert first.returncode == 0, first.stdout + first.stderr
-        assert "building env ml ..." in first.stderr
+        wait_until(lambda: all(d["state"] == "in_sync" for d in c.json("deployments")),
+                   timeout=60, message="twin t1 in sync too")
+        assert uv_calls(calls, "venv") == 1
         [env1] = c.built("a1")
-        assert c.look("churn")["outcome"] == "SUCCESS"
-        seen = c.seen("a1", "churn")
-        assert seen["tinypkg"] == "1.0"
-        assert seen["python"].startswith(str(c.envs_dir("a1") / env1))
-
-        # Another project, the same lock: one environment on disk, used by both.
-        make_recipe_project(c.ws, "twin", ["tinypkg==1.0"])
-        c.cli("bundle", "create", "twin", "--id", "t1", "--wheels", check=True)
-        stamps = _marker_stamps(c, "a1")
-        twin = _deploy(c, "twin", "t1")
-        assert twin.returncode == 0, twin.stderr
-        assert "building env" not in twin.stderr
-        assert c.built("a1") == [env1] and _marker_stamps(c, "a1") == stamps
-        assert c.look("twin")["outcome"] == "SUCCESS"
-        assert c.seen("a1", "twin")["tinypkg"] == "1.0"
+        for project in ("churn", "twin"):
+            assert c.look(project)["outcome"] == "SUCCESS"
+            seen = c.seen("a1", project)
+            assert seen["tinypkg"] == "1.0"
+            assert seen["python"].startswith(str(c.envs_dir("a1") / env1))
 
         make_recipe_project(c.ws, "churn", ["tinypkg==2.0"])
         c.cli("bundle", "create", "churn", "--id", "v2", "--wheels", check=True)
         second = _deploy(c, "churn", "v2")
         assert second.returncode == 0, second.stderr
         assert "building env ml ..." in second.stderr
+        assert uv_calls(calls, "venv") == 2
         [env2] = [d for d in c.built("a1") if d != env1]
         assert c.look("churn")["outcome"] == "SUCCESS"
         assert c.seen("a1", "churn")["tinypkg"] == "2.0"
@@ -83,7 +88,8 @@ def test_two_pins_deploy_and_roll_back_from_stored_wheels_and_one_lock_is_built_
         back = c.cli("rollback", "churn", "--infra", "prod", "--wait", timeout=120)
         assert back.returncode == 0, back.stderr
         assert "building env" not in back.stderr
-        assert _marker_stamps(c, "a1") == stamps  # nothing was built again
+        assert uv_calls(calls, "venv") == 2  # nothing was built again
+        assert _marker_stamps(c, "a1") == stamps
         assert c.look("churn")["outcome"] == "SUCCESS"
         assert c.seen("a1", "churn")["tinypkg"] == "1.0"
 
