@@ -43,7 +43,7 @@ from nodes.api.httplimits import HttpLimits
 from nodes.api.metrics import Metrics
 from nodes.api.wire import EndpointCode
 from nodes.api.workers import WorkerPool
-from nodes.envs.options import EnvOptions, node_env_store
+from nodes.envs.options import BuildInterrupted, EnvOptions, interrupted, node_env_store
 from nodes.envs.store import EnvBuildFailed
 from nodes.runtime import transfer
 from nodes.runtime.jetstream import ensure_kv
@@ -279,6 +279,8 @@ class ApiNode(Node):
             try:
                 python = await self.envs.ensure(lock)
             except EnvBuildFailed as exc:  # "building env <name>: <step> failed: <tail>"
+                if interrupted(exc):  # NATS, not the lock: retried like a transfer
+                    raise BuildInterrupted(exc.message) from None
                 raise PackageRefused(f"{gen}: {exc.message}") from None
             self.log.info("code env built", service=rec.service, generation=gen,
                           env=lock.name, digest=lock.digest[:12])

@@ -20,6 +20,7 @@ from typing import Any
 import anyio
 
 from nodes.automation.store import BundleStore
+from nodes.envs.options import BuildInterrupted, interrupted
 from nodes.envs.store import EnvBuildFailed, EnvStore
 from protocol.envs import EnvLock, EnvState
 
@@ -29,6 +30,11 @@ Building = Callable[[str], Awaitable[None]]  # called with an env's name as its 
 class EnvNotBuilt(Exception):
     """A bundle's environment could not be built (or its lock is malformed); retrying
     the same bundle builds the same lock, so this refuses the update."""
+
+
+def _refusal(exc: EnvBuildFailed) -> Exception:
+    """The bundle is refused, unless only NATS failed the build (then it is retried)."""
+    return BuildInterrupted(exc.message) if interrupted(exc) else EnvNotBuilt(exc.message)
 
 
 class BundleEnvs:
@@ -50,7 +56,8 @@ class BundleEnvs:
 
     async def prepare(self, project: str, bundle: str, building: Building) -> None:
         """Build every environment of ``bundle`` that is not built here yet, one after
-        the other, calling ``building(name)`` as each starts.  Raises ``EnvNotBuilt``."""
+        the other, calling ``building(name)`` as each starts.  Raises ``EnvNotBuilt``, or
+        ``BuildInterrupted`` (a ``ConnectionError``: retry) when only NATS failed it."""
         try:
             locks = await anyio.to_thread.run_sync(self.locks, project, bundle)
         except (OSError, ValueError) as exc:  # just unpacked: a defect or a tampered disk
@@ -62,7 +69,7 @@ class BundleEnvs:
             try:
                 await self.envs.ensure(lock)
             except EnvBuildFailed as exc:  # "building env <name>: <step> failed: <tail>"
-                raise EnvNotBuilt(exc.message) from None
+                raise _refusal(exc) from None
             self.log.info("code env built", project=project, bundle=bundle, env=name,
                           digest=lock.digest[:12])
 
@@ -79,7 +86,7 @@ class BundleEnvs:
             try:
                 out[name] = str(await self.envs.ensure(lock))
             except EnvBuildFailed as exc:
-                raise EnvNotBuilt(exc.message) from None
+                raise _refusal(exc) from None
         return out
 
     def used_by(self) -> dict[str, list[str]]:

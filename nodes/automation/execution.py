@@ -22,6 +22,7 @@ from anyio.abc import TaskGroup, TaskStatus
 from nodes.automation.claims import Claims
 from nodes.automation.envs import EnvNotBuilt
 from nodes.automation.store import ActiveManifests, BundleStore
+from nodes.envs.options import BuildInterrupted
 from nodes.flow.engine import Flow, Limits
 from nodes.flow.errors import FlowError
 from nodes.flow.pool import Pools
@@ -148,7 +149,7 @@ class Execution:
         async def work(progress: Progress, cancel: anyio.Event) -> ScenarioResult:
             try:
                 envs = await self.pythons(lock.project, lock.bundle)
-            except EnvNotBuilt as exc:
+            except (EnvNotBuilt, BuildInterrupted) as exc:  # the run fails, with why
                 raise FlowError([str(exc)]) from None
             flow = Flow(manifest, code_dir=bundle_dir, pool=pools, envs=envs,
                         data_dir=store.data_dir(lock.project), seed_dir=bundle_dir,

@@ -6,6 +6,10 @@ store when a lock says they are stored there, else from the node's package index
 settings (``--index-url``, ``--find-links``, ``--no-index``, or the ``SHIPYARD_*``
 variables; see ``nodes.envs.uv``).
 
+A build that failed because NATS did not answer while the lock's wheels were fetched is
+not the lock's fault: ``BuildInterrupted`` says so, and nodes retry it with backoff
+like any transfer, instead of refusing the update.
+
 Garbage collection runs on every such node, in a supervised loop: each pass gives the
 store the digests something on the node still uses (a kept bundle, a loaded
 generation) and the store removes the others once they have been unused for the grace
@@ -22,8 +26,10 @@ from pathlib import Path
 from nats.js import JetStreamContext
 
 from nodes.envs.fetch import fetch_wheels
-from nodes.envs.store import EnvStore
+from nodes.envs.store import EnvBuildFailed, EnvStore
 from nodes.envs.uv import DEFAULT_TIMEOUT_S, IndexSettings
+from nodes.runtime.loops import is_transient
+from nodes.runtime.transfer import TransferStalled
 from protocol.envs import EnvLock
 
 DEFAULT_GRACE_S = 3600.0
@@ -56,3 +62,14 @@ def node_env_store(data_dir: Path, options: EnvOptions,
 
     return EnvStore(data_dir / "envs", options.index, build_timeout_s=options.build_timeout_s,
                     grace_s=options.grace_s, fetch=fetch)
+
+
+class BuildInterrupted(ConnectionError):
+    """An environment build stopped by the connection (fetching wheels from
+    ``sy_wheels``), not by the lock: retrying may succeed."""
+
+
+def interrupted(exc: EnvBuildFailed) -> bool:
+    """Whether a failed build failed only because NATS did not answer."""
+    cause = exc.__cause__
+    return cause is not None and (isinstance(cause, TransferStalled) or is_transient(cause))
