@@ -100,3 +100,33 @@ def test_up_passes_env_options_to_the_nodes_it_starts(tmp_path: Path) -> None:
         assert by_role[role][-3:] == ["--find-links", "/w", "--no-index"], by_role[role]
     for role in ("deployer", "govern"):
         assert "--find-links" not in by_role[role]
+
+
+def test_a_build_only_nats_failed_is_retried_and_any_other_failure_refuses() -> None:
+    """Pure logic: which failed builds refuse the update and which are retried."""
+    import nats.errors
+
+    from nodes.envs.options import interrupted
+    from nodes.envs.store import EnvBuildFailed
+    from nodes.runtime.transfer import CorruptObject, TransferStalled
+
+    def failed(cause: BaseException | None) -> EnvBuildFailed:
+        try:
+            try:
+                if cause is not None:
+                    raise cause
+                raise EnvBuildFailed("building env ml: installing 1 package failed")
+            except BaseException as exc:
+                if isinstance(exc, EnvBuildFailed):
+                    raise
+                raise EnvBuildFailed("building env ml: fetching 1 wheel failed") from exc
+        except EnvBuildFailed as exc:
+            return exc
+        raise AssertionError("unreachable")
+
+    assert interrupted(failed(nats.errors.TimeoutError()))
+    assert interrupted(failed(nats.errors.ConnectionClosedError()))
+    assert interrupted(failed(TransferStalled("sy_wheels", "w", "no ack for 30 s")))
+    assert not interrupted(failed(None))  # uv failed: the lock's fault
+    assert not interrupted(failed(CorruptObject("sy_wheels", "w", "sha256 mismatch")))
+    assert not interrupted(failed(ValueError("bad wheel name")))
