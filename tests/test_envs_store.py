@@ -121,6 +121,15 @@ def relocked(lock: EnvLock, **changes: object) -> EnvLock:
                                                           new.packages))
 
 
+async def bad_hash_lock(wheels: Path) -> EnvLock:
+    """A lock of tinyone 1.0 whose wheel hash is not the wheel's."""
+    good = await lock_of(wheels, ["tinyone==1.0"])
+    (pkg,) = good.packages
+    assert pkg.wheel is not None
+    bad_file = msgspec.structs.replace(pkg.wheel, sha256="0" * 64)
+    return relocked(good, packages=[msgspec.structs.replace(pkg, wheel=bad_file)])
+
+
 def local(wheels: Path) -> IndexSettings:
     return IndexSettings(find_links=[str(wheels)], no_index=True)
 
@@ -209,7 +218,7 @@ async def test_concurrent_ensures_of_one_lock_build_once(tmp_path: Path, wheels:
 
 async def test_concurrent_ensures_share_one_failure(tmp_path: Path, wheels: Path,
                                                     uv_log: Uv) -> None:
-    lock = relocked(await lock_of(wheels, ["tinyone==1.0"]), python="3.99")
+    lock = await bad_hash_lock(wheels)
     envs = EnvStore(tmp_path / "envs", local(wheels))
     errors: list[str] = []
 
@@ -227,11 +236,7 @@ async def test_concurrent_ensures_share_one_failure(tmp_path: Path, wheels: Path
 
 async def test_a_wrong_wheel_hash_fails_with_uvs_tail_and_leaves_no_dir(
         tmp_path: Path, wheels: Path, uv_log: Uv) -> None:
-    good = await lock_of(wheels, ["tinyone==1.0"])
-    (pkg,) = good.packages
-    assert pkg.wheel is not None
-    bad_file = msgspec.structs.replace(pkg.wheel, sha256="0" * 64)
-    lock = relocked(good, packages=[msgspec.structs.replace(pkg, wheel=bad_file)])
+    lock = await bad_hash_lock(wheels)
     envs = EnvStore(tmp_path / "envs", local(wheels))
     with pytest.raises(EnvBuildFailed) as info:
         await envs.ensure(lock)
@@ -491,3 +496,98 @@ async def test_a_lock_whose_digest_is_not_its_content_is_refused(
     forged = msgspec.structs.replace(two, digest=one.digest)
     with pytest.raises(EnvBuildFailed, match="is not the digest of its packages"):
         await EnvStore(tmp_path / "envs", local(wheels)).ensure(forged)
+
+
+async def test_a_cancelled_build_leaves_no_dir_and_a_waiter_builds_it(
+        tmp_path: Path, wheels: Path, uv_log: Uv, monkeypatch: pytest.MonkeyPatch) -> None:
+    pid_file = tmp_path / "stalled.pid"
+    monkeypatch.setenv("UV_TEST_STALL", str(pid_file))
+    lock = await lock_of(wheels, ["tinyone==1.0"])
+    envs = EnvStore(tmp_path / "envs", local(wheels))
+    first = anyio.CancelScope()
+    seen: list[str] = []
+    built: list[Path] = []
+
+    async def builder() -> None:
+        with first:
+            await envs.ensure(lock)
+
+    async def waiter() -> None:
+        built.append(await envs.ensure(lock, on_progress=seen.append))
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(builder)
+        await wait_for(pid_file.exists, message="pip sync stalled")
+        tg.start_soon(waiter)
+        await wait_for(lambda: seen == ["installing 1 package"],
+                       message="the waiter told the current step")
+        monkeypatch.delenv("UV_TEST_STALL")
+        first.cancel()
+    assert first.cancelled_caught
+    assert await run_in(built[0], "import tinyone; print(tinyone.VERSION)") == "1.0"
+    assert len(uv_log.calls("venv")) == 2  # the waiter built from scratch
+    with pytest.raises(ProcessLookupError):
+        os.kill(int(pid_file.read_text()), 0)
+
+
+async def test_a_second_process_waits_for_the_first_and_says_so(
+        tmp_path: Path, wheels: Path, uv_log: Uv, monkeypatch: pytest.MonkeyPatch) -> None:
+    pid_file = tmp_path / "stalled.pid"
+    monkeypatch.setenv("UV_TEST_STALL", str(pid_file))
+    lock = await lock_of(wheels, ["tinyone==1.0"])
+    one = EnvStore(tmp_path / "envs", local(wheels), build_timeout_s=2)
+    two = EnvStore(tmp_path / "envs", local(wheels), build_timeout_s=2)
+    seen: list[str] = []
+    errors: list[str] = []
+
+    async def build(store: EnvStore) -> None:
+        with pytest.raises(EnvBuildFailed) as info:
+            await store.ensure(lock, on_progress=seen.append)
+        errors.append(info.value.message)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(build, one)
+        await wait_for(pid_file.exists, message="pip sync stalled")
+        tg.start_soon(build, two)
+    assert "waiting for another process building it" in seen
+    assert any("gave up: the build ran past 2 s" in e for e in errors)
+    assert not (tmp_path / "envs" / lock.digest).exists()
+
+
+async def test_collect_learns_envs_already_on_disk(tmp_path: Path, wheels: Path,
+                                                   uv_log: Uv) -> None:
+    lock = await lock_of(wheels, ["tinyone==1.0"])
+    await EnvStore(tmp_path / "envs", local(wheels)).ensure(lock)
+    restarted = EnvStore(tmp_path / "envs", local(wheels))
+    assert restarted.states({}) == []
+    assert await restarted.collect({lock.digest}) == []
+    (state,) = restarted.states({lock.digest: ["api churn-api/v1"]})
+    assert (state.status, state.names, state.used_by) == ("ready", ["ml"],
+                                                          ["api churn-api/v1"])
+    assert state.size > 0
+
+
+async def test_collect_removes_fetched_wheels_no_env_locks(
+        settings: NatsSettings, tmp_path: Path, wheels: Path, uv_log: Uv) -> None:
+    now = [0.0]
+    one = await lock_of(wheels, ["tinyone==1.0"], wheels_stored=True)
+    two = await lock_of(wheels, ["tinyone==2.0"], wheels_stored=True)
+    async with jetstream(settings) as js:
+        for lock in (one, two):
+            for p in lock.packages:
+                assert p.wheel is not None
+                await store_wheel(js, wheels / p.wheel.filename, p.wheel.sha256)
+        envs = EnvStore(tmp_path / "envs", IndexSettings(no_index=True), grace_s=60,
+                        fetch=lambda lk, dest: fetch_wheels(js, lk, dest),
+                        clock=lambda: now[0])
+        await envs.ensure(one)
+        await envs.ensure(two)
+    fetched = tmp_path / "envs" / ".wheels"
+    for wheel in fetched.iterdir():
+        os.utime(wheel, (100.0, 100.0))
+    now[0] = 1000.0
+    assert await envs.collect({two.digest}) == []
+    assert len(list(fetched.iterdir())) == 2  # both envs still built
+    now[0] = 1060.0
+    assert await envs.collect({two.digest}) == [one.digest]
+    assert [p.name for p in fetched.iterdir()] == ["tinyone-2.0-py3-none-any.whl"]

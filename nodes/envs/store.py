@@ -258,7 +258,7 @@ class EnvStore:
         deadline = anyio.current_time() + self.build_timeout_s
         env = self.env_dir(lock.digest)
         await anyio.to_thread.run_sync(lambda: self.root.mkdir(parents=True, exist_ok=True))
-        async with self._file_lock(lock.digest, deadline, lock.name):
+        async with self._file_lock(lock.digest, deadline, build):
             marker = await anyio.to_thread.run_sync(self._read_marker, env)
             if marker is not None:  # another process built it while we waited
                 self._remember(marker)
@@ -276,9 +276,7 @@ class EnvStore:
 
     async def _steps(self, lock: EnvLock, build: _Build, env: Path, deadline: float) -> None:
         async def step(text: str) -> None:
-            build.step = text
-            for listener in list(build.listeners):
-                await _notify(listener, text)
+            await _step(build, text)
 
         def left() -> float:
             return max(0.01, deadline - anyio.current_time())
@@ -384,8 +382,10 @@ class EnvStore:
         return self._fail(lock, doing, exc.tail or exc.doing)
 
     @contextlib.asynccontextmanager
-    async def _file_lock(self, digest: str, deadline: float, name: str) -> Any:
+    async def _file_lock(self, digest: str, deadline: float, build: _Build) -> Any:
+        """Hold ``.<digest>.lock``: one build of a digest at a time across processes."""
         path = self.root / f".{digest}.lock"
+        told = False
         fd = await anyio.to_thread.run_sync(lambda: os.open(path, os.O_RDWR | os.O_CREAT,
                                                             0o644))
         try:
@@ -397,9 +397,12 @@ class EnvStore:
                     if exc.errno not in (errno.EAGAIN, errno.EACCES):
                         raise
                 if anyio.current_time() > deadline:
-                    raise EnvBuildFailed(f"building env {name}: another process held "
-                                         f"{path.name} for {self.build_timeout_s:g} s",
+                    raise EnvBuildFailed(f"building env {build.lock.name}: another process "
+                                         f"held {path.name} for {self.build_timeout_s:g} s",
                                          digest=digest)
+                if not told:
+                    await _step(build, "waiting for another process building it")
+                    told = True
                 await anyio.sleep(LOCK_POLL_S)
             yield
         finally:
@@ -445,7 +448,8 @@ class EnvStore:
     async def collect(self, in_use: set[str]) -> list[str]:
         """Remove built envs that nothing in ``in_use`` has used for ``grace_s``; mark
         newly unused ones, unmark used ones, drop leftovers no build holds, refresh
-        stale sizes.  Returns the digests removed."""
+        stale sizes, and remove fetched wheels that no built env locks once untouched
+        for ``grace_s``.  Returns the digests removed."""
         found = await anyio.to_thread.run_sync(self._scan)
         now = self.clock()
         removed: list[str] = []
@@ -476,6 +480,13 @@ class EnvStore:
                 known.sized_at = time.monotonic()
         if removed:
             log.info("envs removed", digests=[d[:12] for d in removed])
+        if not self._building:
+            keep = {p.wheel.filename for k in self._known.values()
+                    for p in k.marker.lock.packages if p.wheel is not None}
+            pruned = await anyio.to_thread.run_sync(_prune_wheels, self.root / WHEELS, keep,
+                                                    now - self.grace_s)
+            if pruned:
+                log.info("fetched wheels removed", count=pruned)
         return removed
 
     def _scan(self) -> dict[str, EnvMarker | None]:
@@ -515,8 +526,9 @@ class EnvStore:
     # -- states --------------------------------------------------------------------------
 
     def states(self, used_by: Mapping[str, list[str]]) -> list[EnvState]:
-        """Every env this store knows: built (as of the last ``ensure`` or ``collect``),
-        being built, or failed last time.  Reads memory only."""
+        """Every env this store knows: built (as of the last ``ensure`` or ``collect``:
+        a node calls ``collect`` once at start to learn the envs already on disk), being
+        built, or failed last time.  Reads memory only."""
         out: dict[str, EnvState] = {}
         for digest, f in self._failed.items():
             out[digest] = EnvState(digest=digest, names=f.names, python=f.lock.python,
@@ -533,6 +545,13 @@ class EnvStore:
                                    packages=len(b.lock.packages), status="building",
                                    used_by=list(used_by.get(digest, [])))
         return sorted(out.values(), key=lambda s: s.digest)
+
+
+async def _step(build: _Build, text: str) -> None:
+    """A build's next step: remembered for callers who join later, told to all."""
+    build.step = text
+    for listener in list(build.listeners):
+        await _notify(listener, text)
 
 
 async def _notify(listener: Progress, text: str) -> None:
@@ -579,6 +598,23 @@ def _write_unused(env: Path, since: float) -> None:
     tmp = env / f"{UNUSED}.tmp"
     tmp.write_text(repr(since))
     os.replace(tmp, env / UNUSED)
+
+
+def _prune_wheels(folder: Path, keep: set[str], before: float) -> int:
+    """Remove fetched wheels no built env locks and nothing touched since ``before``
+    (a fetch refreshes the mtime of a wheel it reuses); returns how many (blocking)."""
+    removed = 0
+    try:
+        entries = list(os.scandir(folder))
+    except FileNotFoundError:
+        return 0
+    for entry in entries:
+        with contextlib.suppress(OSError):
+            if (entry.name not in keep and entry.is_file(follow_symlinks=False)
+                    and entry.stat(follow_symlinks=False).st_mtime < before):
+                os.unlink(entry.path)
+                removed += 1
+    return removed
 
 
 def _size(env: Path) -> int:
