@@ -20,7 +20,7 @@ import msgspec
 import pytest
 from nats.js import JetStreamContext
 
-from nodes.envs import store as store_mod
+from nodes.envs import build as build_mod
 from nodes.envs.fetch import fetch_wheels, store_wheel
 from nodes.envs.store import MARKER, EnvBuildFailed, EnvStore
 from nodes.envs.uv import IndexSettings, run_uv
@@ -465,7 +465,7 @@ def test_requirements_pin_every_locked_file_hash() -> None:
         name="a", version="1", wheel=LockedFile(filename="a-1-py3-none-any.whl",
                                                 sha256="a" * 64),
         sdist=LockedFile(filename="a-1.tar.gz", sha256="b" * 64))])
-    assert store_mod.requirements(lock) == textwrap.dedent(f"""\
+    assert build_mod.requirements(lock) == textwrap.dedent(f"""\
         a==1 --hash=sha256:{'a' * 64} --hash=sha256:{'b' * 64}
         """)
 
