@@ -591,3 +591,9 @@ async def test_collect_removes_fetched_wheels_no_env_locks(
     now[0] = 1060.0
     assert await envs.collect({two.digest}) == [one.digest]
     assert [p.name for p in fetched.iterdir()] == ["tinyone-2.0-py3-none-any.whl"]
+
+
+def test_a_test_wheel_made_twice_has_one_hash(tmp_path: Path) -> None:
+    a = make_wheel(tmp_path / "a", "tinyone", "1.0")
+    b = make_wheel(tmp_path / "b", "tinyone", "1.0")
+    assert a.read_bytes() == b.read_bytes()
