@@ -597,3 +597,29 @@ def test_a_test_wheel_made_twice_has_one_hash(tmp_path: Path) -> None:
     a = make_wheel(tmp_path / "a", "tinyone", "1.0")
     b = make_wheel(tmp_path / "b", "tinyone", "1.0")
     assert a.read_bytes() == b.read_bytes()
+
+
+async def test_ensure_of_a_built_env_restarts_its_grace_period(
+        tmp_path: Path, wheels: Path, uv_log: Uv) -> None:
+    now = [1000.0]
+    lock = await lock_of(wheels, ["tinyone==1.0"])
+    envs = EnvStore(tmp_path / "envs", local(wheels), grace_s=60, clock=lambda: now[0])
+    python = await envs.ensure(lock)
+    assert await envs.collect(set()) == []  # unused since 1000
+    now[0] = 1059.0
+    assert await envs.ensure(lock) == python  # about to be used again (a rollback)
+    assert [s.unused_since for s in envs.states({})] == [0.0]
+    now[0] = 1061.0
+    assert await envs.collect(set()) == []  # unused since 1061, not 1000
+    now[0] = 1121.0
+    assert await envs.collect(set()) == [lock.digest]
+
+
+async def test_collect_removes_a_leftover_no_build_holds(tmp_path: Path, wheels: Path,
+                                                         uv_log: Uv) -> None:
+    leftover = tmp_path / "envs" / ("e" * 64)
+    (leftover / "lib").mkdir(parents=True)
+    (leftover / "lib" / "half.py").write_text("")
+    envs = EnvStore(tmp_path / "envs", local(wheels))
+    assert await envs.collect(set()) == []
+    assert not leftover.exists()

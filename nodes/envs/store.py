@@ -68,6 +68,7 @@ MAX_FAILED = 64  # failed builds remembered for states()
 DIGEST = re.compile(r"^[0-9a-f]{64}\Z")
 Progress = Callable[[str], Awaitable[None] | None]
 
+
 class EnvMarker(msgspec.Struct, frozen=True, kw_only=True):
     """The marker of a built env: what was built, when, from which lock."""
 
@@ -155,9 +156,9 @@ class EnvStore:
         ``EnvBuildFailed`` (also for a malformed lock); a later call tries again."""
         check_lock(lock)
         env = self.env_dir(lock.digest)
-        marker = await anyio.to_thread.run_sync(self._read_marker, env)
+        marker = await anyio.to_thread.run_sync(self._claim, env)
         if marker is not None:
-            self._remember(marker)
+            self._remember(marker).unused_since = 0.0
             await self._add_name(env, marker, lock.name)
             return self._python(env)
         while True:
@@ -268,9 +269,16 @@ class EnvStore:
             return None
         return marker
 
-    def _remember(self, marker: EnvMarker) -> None:
-        if marker.digest not in self._known:
-            self._known[marker.digest] = _Known(marker=marker)
+    def _claim(self, env: Path) -> EnvMarker | None:
+        """The marker of a built env, which ``ensure`` is about to hand out: it counts as
+        used now, so its grace period starts again (blocking)."""
+        marker = self._read_marker(env)
+        if marker is not None:
+            _clear_unused(env)
+        return marker
+
+    def _remember(self, marker: EnvMarker) -> _Known:
+        return self._known.setdefault(marker.digest, _Known(marker=marker))
 
     async def _add_name(self, env: Path, marker: EnvMarker, name: str) -> None:
         """Record another manifest name the env is used under (rare: one rewrite)."""
@@ -306,8 +314,7 @@ class EnvStore:
                 del self._known[digest]
         for digest, marker in found.items():
             if marker is None:
-                if digest not in self._building:
-                    await self._drop_leftover(digest)
+                await self._remove_env(digest, unused_since=None)
                 continue
             known = self._known.setdefault(digest, _Known(marker=marker))
             env = self.root / digest
@@ -320,7 +327,8 @@ class EnvStore:
                     since = now
                     await anyio.to_thread.run_sync(_write_unused, env, since)
                 known.unused_since = since
-                if now - since >= self.grace_s and await self._remove_env(digest):
+                if now - since >= self.grace_s and \
+                        await self._remove_env(digest, unused_since=since):
                     removed.append(digest)
                     continue
             if time.monotonic() - known.sized_at >= SIZE_TTL_S:
@@ -349,27 +357,35 @@ class EnvStore:
                 out[entry.name] = self._read_marker(Path(entry.path))
         return out
 
-    async def _remove_env(self, digest: str) -> bool:
-        """Remove a built env unless another process holds its lock (building it)."""
+    async def _remove_env(self, digest: str, *, unused_since: float | None) -> bool:
+        """Remove an env unless it is being built (here, or in another process: its
+        lock is held) or changed since ``collect`` looked: an unused env
+        (``unused_since``) that ``ensure`` claimed meanwhile, a leftover (None) that
+        got its marker."""
         if digest in self._building:
             return False
-        fd = await anyio.to_thread.run_sync(
-            lambda: os.open(self.root / f".{digest}.lock", os.O_RDWR | os.O_CREAT, 0o644))
-        try:
+        env = self.root / digest
+
+        def remove(fd: int) -> bool:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:
                 return False
-            await anyio.to_thread.run_sync(_remove, self.root / digest)
+            still = (_read_unused(env) == unused_since if unused_since is not None
+                     else self._read_marker(env) is None)
+            if still:
+                _remove(env)
+            return still
+
+        fd = await anyio.to_thread.run_sync(
+            lambda: os.open(self.root / f".{digest}.lock", os.O_RDWR | os.O_CREAT, 0o644))
+        try:
+            done = await anyio.to_thread.run_sync(remove, fd)
         finally:
             os.close(fd)
-        self._known.pop(digest, None)
-        return True
-
-    async def _drop_leftover(self, digest: str) -> None:
-        env = self.root / digest
-        if await anyio.to_thread.run_sync(self._read_marker, env) is None:
-            await self._remove_env(digest)
+        if done:
+            self._known.pop(digest, None)
+        return done
 
     # -- states --------------------------------------------------------------------------
 
