@@ -51,7 +51,10 @@ import subprocess
 rc = subprocess.call([{uv!r}, *args])
 env = pathlib.Path(args[args.index("--python") + 1]).parent.parent
 for meta in env.glob("lib/python*/site-packages/*.dist-info/METADATA"):
-    meta.write_text(re.sub(r"(?m)^Version: .*$", "Version: 6.6.6", meta.read_text()))
+    # a new file, not a write into the old one: that is a hard link into uv's cache
+    tmp = meta.with_name("METADATA.tmp")
+    tmp.write_text(re.sub(r"(?m)^Version: .*$", "Version: 6.6.6", meta.read_text()))
+    os.replace(tmp, meta)
 sys.exit(rc)
 """
 

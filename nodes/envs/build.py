@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -108,8 +109,14 @@ class Build:
     ``step`` is told each step as it starts; ``timeout_s`` bounds the whole build."""
 
     def __init__(self, lock: EnvLock, env: Path, *, index: IndexSettings, wheels: Path,
-                 fetch: Fetch | None, timeout_s: float, step: Step) -> None:
+                 fetch: Fetch | None, timeout_s: float, step: Step,
+                 cache: Path | None = None) -> None:
         self.lock = lock
+        # uv installs by hard-linking from its cache: a cache of the node's own keeps
+        # envs apart from every other uv user on the host (an operator's UV_CACHE_DIR
+        # still wins)
+        self.uv_env = ({"UV_CACHE_DIR": str(cache)}
+                       if cache is not None and "UV_CACHE_DIR" not in os.environ else {})
         self.env = env
         self.index = index
         self.wheels = wheels
@@ -130,7 +137,8 @@ class Build:
         try:
             await uv.run_uv(["venv", "--python", lock.python, "--python-preference",
                              "only-system", "--no-config", str(env)],
-                            doing=doing, timeout_s=self.left(), cwd=env.parent)
+                            doing=doing, timeout_s=self.left(), cwd=env.parent,
+                            env=self.uv_env)
         except UvFailed as exc:
             if "no interpreter" in exc.tail.lower():
                 raise await self._no_python(exc) from None
@@ -150,7 +158,8 @@ class Build:
         try:
             await uv.run_uv(["pip", "sync", "--python", str(python_in(env)),
                              "--require-hashes", "--no-config", *source, str(reqs)],
-                            doing=doing, timeout_s=self.left(), cwd=env.parent)
+                            doing=doing, timeout_s=self.left(), cwd=env.parent,
+                            env=self.uv_env)
         except UvFailed as exc:
             raise self._failure(doing, exc) from None
         await self.step("verifying")
@@ -202,7 +211,8 @@ class Build:
             out = await uv.run_uv(["python", "list", "--only-installed",
                                    "--python-preference", "only-system",
                                    "--output-format", "json", "--no-config"],
-                                  doing="listing interpreters", timeout_s=min(30, self.left()))
+                                  doing="listing interpreters",
+                                  timeout_s=min(30, self.left()), env=self.uv_env)
             versions = sorted({".".join(str(v["version"]).split(".")[:2])
                                for v in json.loads(out)})
             has = f" (this host has {', '.join(versions) or 'none'})"

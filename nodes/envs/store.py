@@ -9,6 +9,7 @@ Layout under ``<node data dir>/envs``::
     <digest>/.shipyard-unused     wall-clock time since which nothing uses it
     .<digest>.lock                fcntl lock: one build per digest across processes
     .wheels/                      wheels fetched from sy_wheels, shared by every env
+    .uv-cache/                    uv's cache: envs hard-link their files from it
 
 An env dir without a valid marker is a leftover (a crash, a kill mid-build): it is
 removed and rebuilt.  ``ensure`` on a built env is a stat and a small JSON read in a
@@ -62,6 +63,7 @@ log = get_logger(component="envs")
 MARKER = ".shipyard-env.json"
 UNUSED = ".shipyard-unused"
 WHEELS = ".wheels"
+UV_CACHE = ".uv-cache"
 SIZE_TTL_S = 600.0  # collect() re-walks an env's size at most this often
 LOCK_POLL_S = 0.1  # how often a process waits for another's build lock
 MAX_FAILED = 64  # failed builds remembered for states()
@@ -214,7 +216,8 @@ class EnvStore:
                     await anyio.to_thread.run_sync(_remove, env)  # a leftover
                 await Build(lock, env, index=self.index, wheels=self.root / WHEELS,
                             fetch=self.fetch, timeout_s=self.build_timeout_s,
-                            step=lambda text: _step(build, text)).run()
+                            step=lambda text: _step(build, text),
+                            cache=self.root / UV_CACHE).run()
                 marker = EnvMarker(digest=lock.digest, names=[lock.name],
                                    python=lock.python, platform=lock.platform,
                                    packages=len(lock.packages), built_at=self.clock(),
