@@ -42,10 +42,9 @@ import re
 import shutil
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import anyio
 import msgspec
@@ -234,7 +233,8 @@ class EnvStore:
         return self._python(env)
 
     @contextlib.asynccontextmanager
-    async def _file_lock(self, digest: str, deadline: float, build: _Build) -> Any:
+    async def _file_lock(self, digest: str, deadline: float,
+                         build: _Build) -> AsyncIterator[None]:
         """Hold ``.<digest>.lock``: one build of a digest at a time across processes."""
         path = self.root / f".{digest}.lock"
         told = False
