@@ -106,7 +106,8 @@ class Build:
     """One build of ``lock`` into ``env`` (which must not exist), done by ``run``.
 
     ``fetch`` puts the lock's wheels into ``wheels`` when the lock says they are stored;
-    ``step`` is told each step as it starts; ``timeout_s`` bounds the whole build."""
+    ``step`` is told each step as it starts; ``timeout_s`` bounds the whole build;
+    ``cache`` is uv's cache folder (uv's default without it)."""
 
     def __init__(self, lock: EnvLock, env: Path, *, index: IndexSettings, wheels: Path,
                  fetch: Fetch | None, timeout_s: float, step: Step,
