@@ -20,7 +20,7 @@ import msgspec
 import pytest
 from nats.js import JetStreamContext
 
-from nodes.envs import store as store_mod
+from nodes.envs import build as build_mod
 from nodes.envs.fetch import fetch_wheels, store_wheel
 from nodes.envs.store import MARKER, EnvBuildFailed, EnvStore
 from nodes.envs.uv import IndexSettings, run_uv
@@ -51,7 +51,10 @@ import subprocess
 rc = subprocess.call([{uv!r}, *args])
 env = pathlib.Path(args[args.index("--python") + 1]).parent.parent
 for meta in env.glob("lib/python*/site-packages/*.dist-info/METADATA"):
-    meta.write_text(re.sub(r"(?m)^Version: .*$", "Version: 6.6.6", meta.read_text()))
+    # a new file, not a write into the old one: that is a hard link into uv's cache
+    tmp = meta.with_name("METADATA.tmp")
+    tmp.write_text(re.sub(r"(?m)^Version: .*$", "Version: 6.6.6", meta.read_text()))
+    os.replace(tmp, meta)
 sys.exit(rc)
 """
 
@@ -119,6 +122,15 @@ def relocked(lock: EnvLock, **changes: object) -> EnvLock:
     new = msgspec.structs.replace(lock, **changes)  # type: ignore[arg-type]
     return msgspec.structs.replace(new, digest=env_digest(new.python, new.platform,
                                                           new.packages))
+
+
+async def bad_hash_lock(wheels: Path) -> EnvLock:
+    """A lock of tinyone 1.0 whose wheel hash is not the wheel's."""
+    good = await lock_of(wheels, ["tinyone==1.0"])
+    (pkg,) = good.packages
+    assert pkg.wheel is not None
+    bad_file = msgspec.structs.replace(pkg.wheel, sha256="0" * 64)
+    return relocked(good, packages=[msgspec.structs.replace(pkg, wheel=bad_file)])
 
 
 def local(wheels: Path) -> IndexSettings:
@@ -209,7 +221,7 @@ async def test_concurrent_ensures_of_one_lock_build_once(tmp_path: Path, wheels:
 
 async def test_concurrent_ensures_share_one_failure(tmp_path: Path, wheels: Path,
                                                     uv_log: Uv) -> None:
-    lock = relocked(await lock_of(wheels, ["tinyone==1.0"]), python="3.99")
+    lock = await bad_hash_lock(wheels)
     envs = EnvStore(tmp_path / "envs", local(wheels))
     errors: list[str] = []
 
@@ -227,11 +239,7 @@ async def test_concurrent_ensures_share_one_failure(tmp_path: Path, wheels: Path
 
 async def test_a_wrong_wheel_hash_fails_with_uvs_tail_and_leaves_no_dir(
         tmp_path: Path, wheels: Path, uv_log: Uv) -> None:
-    good = await lock_of(wheels, ["tinyone==1.0"])
-    (pkg,) = good.packages
-    assert pkg.wheel is not None
-    bad_file = msgspec.structs.replace(pkg.wheel, sha256="0" * 64)
-    lock = relocked(good, packages=[msgspec.structs.replace(pkg, wheel=bad_file)])
+    lock = await bad_hash_lock(wheels)
     envs = EnvStore(tmp_path / "envs", local(wheels))
     with pytest.raises(EnvBuildFailed) as info:
         await envs.ensure(lock)
@@ -460,7 +468,7 @@ def test_requirements_pin_every_locked_file_hash() -> None:
         name="a", version="1", wheel=LockedFile(filename="a-1-py3-none-any.whl",
                                                 sha256="a" * 64),
         sdist=LockedFile(filename="a-1.tar.gz", sha256="b" * 64))])
-    assert store_mod.requirements(lock) == textwrap.dedent(f"""\
+    assert build_mod.requirements(lock) == textwrap.dedent(f"""\
         a==1 --hash=sha256:{'a' * 64} --hash=sha256:{'b' * 64}
         """)
 
@@ -491,3 +499,130 @@ async def test_a_lock_whose_digest_is_not_its_content_is_refused(
     forged = msgspec.structs.replace(two, digest=one.digest)
     with pytest.raises(EnvBuildFailed, match="is not the digest of its packages"):
         await EnvStore(tmp_path / "envs", local(wheels)).ensure(forged)
+
+
+async def test_a_cancelled_build_leaves_no_dir_and_a_waiter_builds_it(
+        tmp_path: Path, wheels: Path, uv_log: Uv, monkeypatch: pytest.MonkeyPatch) -> None:
+    pid_file = tmp_path / "stalled.pid"
+    monkeypatch.setenv("UV_TEST_STALL", str(pid_file))
+    lock = await lock_of(wheels, ["tinyone==1.0"])
+    envs = EnvStore(tmp_path / "envs", local(wheels))
+    first = anyio.CancelScope()
+    seen: list[str] = []
+    built: list[Path] = []
+
+    async def builder() -> None:
+        with first:
+            await envs.ensure(lock)
+
+    async def waiter() -> None:
+        built.append(await envs.ensure(lock, on_progress=seen.append))
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(builder)
+        await wait_for(pid_file.exists, message="pip sync stalled")
+        tg.start_soon(waiter)
+        await wait_for(lambda: seen == ["installing 1 package"],
+                       message="the waiter told the current step")
+        monkeypatch.delenv("UV_TEST_STALL")
+        first.cancel()
+    assert first.cancelled_caught
+    assert await run_in(built[0], "import tinyone; print(tinyone.VERSION)") == "1.0"
+    assert len(uv_log.calls("venv")) == 2  # the waiter built from scratch
+    with pytest.raises(ProcessLookupError):
+        os.kill(int(pid_file.read_text()), 0)
+
+
+async def test_a_second_process_waits_for_the_first_and_says_so(
+        tmp_path: Path, wheels: Path, uv_log: Uv, monkeypatch: pytest.MonkeyPatch) -> None:
+    pid_file = tmp_path / "stalled.pid"
+    monkeypatch.setenv("UV_TEST_STALL", str(pid_file))
+    lock = await lock_of(wheels, ["tinyone==1.0"])
+    one = EnvStore(tmp_path / "envs", local(wheels), build_timeout_s=2)
+    two = EnvStore(tmp_path / "envs", local(wheels), build_timeout_s=2)
+    seen: list[str] = []
+    errors: list[str] = []
+
+    async def build(store: EnvStore) -> None:
+        with pytest.raises(EnvBuildFailed) as info:
+            await store.ensure(lock, on_progress=seen.append)
+        errors.append(info.value.message)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(build, one)
+        await wait_for(pid_file.exists, message="pip sync stalled")
+        tg.start_soon(build, two)
+    assert "waiting for another process building it" in seen
+    assert any("gave up: the build ran past 2 s" in e for e in errors)
+    assert not (tmp_path / "envs" / lock.digest).exists()
+
+
+async def test_collect_learns_envs_already_on_disk(tmp_path: Path, wheels: Path,
+                                                   uv_log: Uv) -> None:
+    lock = await lock_of(wheels, ["tinyone==1.0"])
+    await EnvStore(tmp_path / "envs", local(wheels)).ensure(lock)
+    restarted = EnvStore(tmp_path / "envs", local(wheels))
+    assert restarted.states({}) == []
+    assert await restarted.collect({lock.digest}) == []
+    (state,) = restarted.states({lock.digest: ["api churn-api/v1"]})
+    assert (state.status, state.names, state.used_by) == ("ready", ["ml"],
+                                                          ["api churn-api/v1"])
+    assert state.size > 0
+
+
+async def test_collect_removes_fetched_wheels_no_env_locks(
+        settings: NatsSettings, tmp_path: Path, wheels: Path, uv_log: Uv) -> None:
+    now = [0.0]
+    one = await lock_of(wheels, ["tinyone==1.0"], wheels_stored=True)
+    two = await lock_of(wheels, ["tinyone==2.0"], wheels_stored=True)
+    async with jetstream(settings) as js:
+        for lock in (one, two):
+            for p in lock.packages:
+                assert p.wheel is not None
+                await store_wheel(js, wheels / p.wheel.filename, p.wheel.sha256)
+        envs = EnvStore(tmp_path / "envs", IndexSettings(no_index=True), grace_s=60,
+                        fetch=lambda lk, dest: fetch_wheels(js, lk, dest),
+                        clock=lambda: now[0])
+        await envs.ensure(one)
+        await envs.ensure(two)
+    fetched = tmp_path / "envs" / ".wheels"
+    for wheel in fetched.iterdir():
+        os.utime(wheel, (100.0, 100.0))
+    now[0] = 1000.0
+    assert await envs.collect({two.digest}) == []
+    assert len(list(fetched.iterdir())) == 2  # both envs still built
+    now[0] = 1060.0
+    assert await envs.collect({two.digest}) == [one.digest]
+    assert [p.name for p in fetched.iterdir()] == ["tinyone-2.0-py3-none-any.whl"]
+
+
+def test_a_test_wheel_made_twice_has_one_hash(tmp_path: Path) -> None:
+    a = make_wheel(tmp_path / "a", "tinyone", "1.0")
+    b = make_wheel(tmp_path / "b", "tinyone", "1.0")
+    assert a.read_bytes() == b.read_bytes()
+
+
+async def test_ensure_of_a_built_env_restarts_its_grace_period(
+        tmp_path: Path, wheels: Path, uv_log: Uv) -> None:
+    now = [1000.0]
+    lock = await lock_of(wheels, ["tinyone==1.0"])
+    envs = EnvStore(tmp_path / "envs", local(wheels), grace_s=60, clock=lambda: now[0])
+    python = await envs.ensure(lock)
+    assert await envs.collect(set()) == []  # unused since 1000
+    now[0] = 1059.0
+    assert await envs.ensure(lock) == python  # about to be used again (a rollback)
+    assert [s.unused_since for s in envs.states({})] == [0.0]
+    now[0] = 1061.0
+    assert await envs.collect(set()) == []  # unused since 1061, not 1000
+    now[0] = 1121.0
+    assert await envs.collect(set()) == [lock.digest]
+
+
+async def test_collect_removes_a_leftover_no_build_holds(tmp_path: Path, wheels: Path,
+                                                         uv_log: Uv) -> None:
+    leftover = tmp_path / "envs" / ("e" * 64)
+    (leftover / "lib").mkdir(parents=True)
+    (leftover / "lib" / "half.py").write_text("")
+    envs = EnvStore(tmp_path / "envs", local(wheels))
+    assert await envs.collect(set()) == []
+    assert not leftover.exists()

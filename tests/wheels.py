@@ -18,13 +18,21 @@ def _record_hash(data: bytes) -> str:
         .rstrip(b"=").decode()
 
 
+def _entry(member: str) -> zipfile.ZipInfo:
+    """A zip entry with a fixed time, so one wheel made twice has one hash."""
+    info = zipfile.ZipInfo(member, date_time=(1980, 1, 1, 0, 0, 0))
+    info.compress_type = zipfile.ZIP_DEFLATED
+    return info
+
+
 def make_wheel(dest: Path, name: str, version: str, files: dict[str, str] | None = None,
                *, requires: list[str] | None = None) -> Path:
     """Write ``<name>-<version>-py3-none-any.whl`` into ``dest`` and return its path.
 
     ``files`` maps paths inside the wheel to their text; by default one module,
     ``<name>/__init__.py``, that sets ``VERSION`` to ``version``.  ``requires`` become
-    ``Requires-Dist`` lines."""
+    ``Requires-Dist`` lines.  The same arguments make the same bytes (fixed zip times),
+    so a wheel made twice has one SHA-256."""
     dest.mkdir(parents=True, exist_ok=True)
     dist = re.sub(r"[-_.]+", "_", name)
     module = dist.lower()
@@ -41,8 +49,8 @@ def make_wheel(dest: Path, name: str, version: str, files: dict[str, str] | None
     with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as z:
         for member, text in contents.items():
             data = text.encode()
-            z.writestr(member, data)
+            z.writestr(_entry(member), data)
             record.append(f"{member},{_record_hash(data)},{len(data)}")
         record.append(f"{info}/RECORD,,")
-        z.writestr(f"{info}/RECORD", "\n".join(record) + "\n")
+        z.writestr(_entry(f"{info}/RECORD"), "\n".join(record) + "\n")
     return path

@@ -9,24 +9,20 @@ Layout under ``<node data dir>/envs``::
     <digest>/.shipyard-unused     wall-clock time since which nothing uses it
     .<digest>.lock                fcntl lock: one build per digest across processes
     .wheels/                      wheels fetched from sy_wheels, shared by every env
+    .uv-cache/                    uv's cache: envs hard-link their files from it
 
 An env dir without a valid marker is a leftover (a crash, a kill mid-build): it is
 removed and rebuilt.  ``ensure`` on a built env is a stat and a small JSON read in a
 worker thread: 0.14 ms p50, 0.3 ms p99 here (marker of a 3-package lock, 2 shared
-cores), so activating a bundle whose env is built costs next to nothing.  A cold build
-of 3 tiny wheels from a local folder takes 0.33 s p50 here: ``uv venv`` 165 ms (it
-inspects the interpreter), ``uv pip sync`` 78 ms, verification 68 ms (an interpreter
-start); from ``sy_wheels`` 0.39 s (fetching the 3 wheels adds ~10 ms).  The time of a
-real env is uv's download and unpack.
+cores), so activating a bundle whose env is built costs next to nothing; building is
+``build``'s (0.33 s for 3 tiny wheels).
 
 Builds are deduplicated twice: concurrent ``ensure`` calls for one digest in one process
-share one build (and its failure); two processes sharing the folder serialise on the
-lock file, and the second finds the marker the first wrote.  Every uv call is bounded by
-what is left of ``build_timeout_s``; a build that fails or runs out of time leaves no
-dir behind and raises ``EnvBuildFailed`` ending with uv's last lines, which is what
-``deploy --wait`` shows.  Verification runs the env's own interpreter (``-I``: nothing
-of shipyard's on its path) and compares every installed distribution with the lock, so
-a build that installed something else never counts as ready.
+share one build (its progress, and its failure; a waiter takes over a build whose caller
+was cancelled); two processes sharing the folder serialise on the lock file, and the
+second finds the marker the first wrote.  A build that fails, runs out of time or is
+cancelled leaves no dir behind.  Failures are remembered for ``states`` (the reason is
+what ``deploy --wait`` and ``shipyard envs`` show) and a later ``ensure`` tries again.
 
 Collection: an env nothing uses gets ``.shipyard-unused`` the first time ``collect``
 sees it unused (a file, so the grace period survives restarts) and is removed once that
@@ -41,60 +37,37 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
-import json
 import os
 import re
 import shutil
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import anyio
 import msgspec
 
-from nodes.envs import uv
-from nodes.envs.uv import IndexSettings, UvFailed
+from nodes.envs.build import Build, EnvBuildFailed, Fetch, check_lock, python_in
+from nodes.envs.uv import IndexSettings
 from nodes.runtime.logs import get_logger
 from protocol.envs import EnvLock, EnvState
-from protocol.errors import InvalidMessage, OperationError
+from protocol.errors import OperationError
+
+__all__ = ["MARKER", "EnvBuildFailed", "EnvMarker", "EnvStore", "Progress"]
 
 log = get_logger(component="envs")
 
 MARKER = ".shipyard-env.json"
 UNUSED = ".shipyard-unused"
-REQUIREMENTS = ".lock-requirements.txt"
 WHEELS = ".wheels"
+UV_CACHE = ".uv-cache"
 SIZE_TTL_S = 600.0  # collect() re-walks an env's size at most this often
 LOCK_POLL_S = 0.1  # how often a process waits for another's build lock
 MAX_FAILED = 64  # failed builds remembered for states()
 DIGEST = re.compile(r"^[0-9a-f]{64}\Z")
-# What a lock may say where it reaches a command line or a requirements file: a Python
-# version, never a path to some interpreter; names and versions, never an option.
-PYTHON = re.compile(r"^[0-9]+\.[0-9]+(\.[0-9]+)?\Z")
-NAME = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._-]*[A-Za-z0-9])?\Z")
-VERSION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.+!_-]*\Z")
-
 Progress = Callable[[str], Awaitable[None] | None]
-Fetch = Callable[[EnvLock, Path], Awaitable[None]]
-
-# Runs in the env's interpreter with -I: the distributions it sees, and its version.
-VERIFY = """\
-import importlib.metadata as m, json, re, sys
-print(json.dumps({"python": "%d.%d" % sys.version_info[:2], "dists": {
-    re.sub(r"[-_.]+", "-", d.metadata["Name"]).lower(): d.version
-    for d in m.distributions() if d.metadata["Name"]}}))
-"""
-
-
-class EnvBuildFailed(OperationError):
-    """An environment could not be built or verified; the message says which step
-    failed and ends with the tool's last lines."""
-
-    def __init__(self, message: str, *, digest: str = "") -> None:
-        super().__init__(message, details={"digest": digest} if digest else None)
 
 
 class EnvMarker(msgspec.Struct, frozen=True, kw_only=True):
@@ -110,37 +83,6 @@ class EnvMarker(msgspec.Struct, frozen=True, kw_only=True):
 
 
 _MARKER = msgspec.json.Decoder(EnvMarker)
-
-
-def normalize(name: str) -> str:
-    """A distribution name as PEP 503 compares them."""
-    return re.sub(r"[-_.]+", "-", name).lower()
-
-
-def check_lock(lock: EnvLock) -> None:
-    """Raise ``EnvBuildFailed`` unless ``lock`` is well formed, its digest is its
-    content's, and nothing in it could be read as a path or an option by uv."""
-    try:
-        lock.validate()
-    except InvalidMessage as exc:
-        raise EnvBuildFailed(f"building env {lock.name}: {exc.reason}") from None
-    bad = [] if PYTHON.match(lock.python) else [f"python {lock.python!r}"]
-    bad += [f"package {p.name!r} {p.version!r}" for p in lock.packages
-            if not NAME.match(p.name) or not VERSION.match(p.version)]
-    if bad:
-        raise EnvBuildFailed(f"building env {lock.name}: the lock has {', '.join(bad)}; "
-                             "expected a version like '3.11' and plain package names and "
-                             "versions")
-
-
-def requirements(lock: EnvLock) -> str:
-    """The lock as a ``--require-hashes`` requirements file: one pinned line per package
-    with every locked file's hash."""
-    lines = []
-    for p in sorted(lock.packages, key=lambda p: p.name):
-        hashes = " ".join(f"--hash=sha256:{h}" for h in p.hashes)
-        lines.append(f"{p.pin} {hashes}".rstrip())
-    return "".join(f"{line}\n" for line in lines)
 
 
 @dataclass
@@ -202,7 +144,7 @@ class EnvStore:
 
     @staticmethod
     def _python(env: Path) -> Path:
-        return env / "bin" / "python"
+        return python_in(env)
 
     # -- ensure --------------------------------------------------------------------------
 
@@ -215,9 +157,9 @@ class EnvStore:
         ``EnvBuildFailed`` (also for a malformed lock); a later call tries again."""
         check_lock(lock)
         env = self.env_dir(lock.digest)
-        marker = await anyio.to_thread.run_sync(self._read_marker, env)
+        marker = await anyio.to_thread.run_sync(self._claim, env)
         if marker is not None:
-            self._remember(marker)
+            self._remember(marker).unused_since = 0.0
             await self._add_name(env, marker, lock.name)
             return self._python(env)
         while True:
@@ -240,7 +182,11 @@ class EnvStore:
         build = _Build(lock=lock, listeners=[on_progress] if on_progress else [])
         self._building[lock.digest] = build
         try:
-            build.python = await self._build(lock, build)
+            try:
+                build.python = await self._build(lock, build)
+            except OSError as exc:  # a full disk, a permission: still a failed build
+                raise EnvBuildFailed(f"building env {lock.name}: {exc}",
+                                     digest=lock.digest) from exc
             self._failed.pop(lock.digest, None)
         except EnvBuildFailed as exc:
             build.error = exc
@@ -258,134 +204,40 @@ class EnvStore:
         deadline = anyio.current_time() + self.build_timeout_s
         env = self.env_dir(lock.digest)
         await anyio.to_thread.run_sync(lambda: self.root.mkdir(parents=True, exist_ok=True))
-        async with self._file_lock(lock.digest, deadline, lock.name):
+        async with self._file_lock(lock.digest, deadline, build):
             marker = await anyio.to_thread.run_sync(self._read_marker, env)
             if marker is not None:  # another process built it while we waited
                 self._remember(marker)
                 await self._add_name(env, marker, lock.name)
                 return self._python(env)
             try:
-                await self._steps(lock, build, env, deadline)
+                if await anyio.to_thread.run_sync(env.exists):
+                    await anyio.to_thread.run_sync(_remove, env)  # a leftover
+                await Build(lock, env, index=self.index, wheels=self.root / WHEELS,
+                            fetch=self.fetch, timeout_s=self.build_timeout_s,
+                            step=lambda text: _step(build, text),
+                            cache=self.root / UV_CACHE).run()
+                marker = EnvMarker(digest=lock.digest, names=[lock.name],
+                                   python=lock.python, platform=lock.platform,
+                                   packages=len(lock.packages), built_at=self.clock(),
+                                   lock=lock)
+                size = await anyio.to_thread.run_sync(_size, env)
+                await anyio.to_thread.run_sync(_write_marker, env, marker)
             except BaseException:
                 with anyio.CancelScope(shield=True):
                     await anyio.to_thread.run_sync(_remove, env)
                 raise
+        self._known[lock.digest] = _Known(marker=marker, size=size, sized_at=time.monotonic())
         log.info("env built", digest=lock.digest[:12], name=lock.name,
                  packages=len(lock.packages))
         return self._python(env)
 
-    async def _steps(self, lock: EnvLock, build: _Build, env: Path, deadline: float) -> None:
-        async def step(text: str) -> None:
-            build.step = text
-            for listener in list(build.listeners):
-                await _notify(listener, text)
-
-        def left() -> float:
-            return max(0.01, deadline - anyio.current_time())
-
-        if await anyio.to_thread.run_sync(env.exists):
-            await anyio.to_thread.run_sync(_remove, env)  # a leftover without marker
-        doing = f"creating venv (python {lock.python})"
-        await step(doing)
-        try:
-            await uv.run_uv(["venv", "--python", lock.python, "--python-preference",
-                             "only-system", "--no-config", str(env)],
-                            doing=doing, timeout_s=left(), cwd=self.root)
-        except UvFailed as exc:
-            raise await self._no_python(lock, exc) if "no interpreter" in \
-                exc.tail.lower() else self._failure(lock, doing, exc) from None
-        n = len(lock.packages)
-        if lock.wheels_stored and self.fetch is not None and n:
-            doing = f"fetching {n} wheel{'s' if n != 1 else ''}"
-            await step(doing)
-            wheels = self.root / WHEELS
-            with anyio.move_on_after(left()) as scope:
-                try:
-                    await self.fetch(lock, wheels)
-                except OperationError as exc:
-                    raise self._fail(lock, doing, exc.message) from exc
-                except Exception as exc:  # the connection, the disk: still a failed build
-                    raise self._fail(lock, doing, repr(exc)) from exc
-            if scope.cancelled_caught:
-                raise self._fail(lock, doing, "gave up: the build ran past "
-                                 f"{self.build_timeout_s:g} s")
-            source = ["--no-index", "--find-links", str(wheels)]
-        else:
-            source = self.index.args()
-        doing = f"installing {n} package{'s' if n != 1 else ''}"
-        await step(doing)
-        reqs = env / REQUIREMENTS
-        await anyio.to_thread.run_sync(reqs.write_text, requirements(lock))
-        python = self._python(env)
-        try:
-            await uv.run_uv(["pip", "sync", "--python", str(python), "--require-hashes",
-                             "--no-config", *source, str(reqs)],
-                            doing=doing, timeout_s=left(), cwd=self.root)
-        except UvFailed as exc:
-            raise self._failure(lock, doing, exc) from None
-        await step("verifying")
-        await self._verify(lock, python, left())
-        marker = EnvMarker(digest=lock.digest, names=[lock.name], python=lock.python,
-                           platform=lock.platform, packages=n, built_at=self.clock(),
-                           lock=lock)
-        size = await anyio.to_thread.run_sync(_size, env)
-        await anyio.to_thread.run_sync(_write_marker, env, marker)
-        self._known[lock.digest] = _Known(marker=marker, size=size,
-                                          sized_at=time.monotonic())
-
-    async def _verify(self, lock: EnvLock, python: Path, timeout: float) -> None:
-        try:
-            out = await uv.run_tool([str(python), "-I", "-c", VERIFY], doing="verifying",
-                                    timeout_s=timeout, env=uv.uv_environ())
-            # the last line: a .pth file of some package may print before it
-            seen = json.loads(out.strip().splitlines()[-1])
-            dists: dict[str, str] = seen["dists"]
-        except UvFailed as exc:
-            raise self._failure(lock, "verifying", exc) from None
-        except (ValueError, KeyError, TypeError, IndexError) as exc:
-            raise self._fail(lock, "verifying", f"unreadable answer from {python}: "
-                             f"{exc}") from None
-        wrong = []
-        if seen.get("python") != lock.python:
-            wrong.append(f"python is {seen.get('python')}, locked {lock.python}")
-        for p in sorted(lock.packages, key=lambda p: p.name):
-            got = dists.get(normalize(p.name))
-            if got is None:
-                wrong.append(f"{p.pin} is locked but not installed")
-            elif got != p.version:
-                wrong.append(f"{p.pin} is locked but {got} is installed")
-        if wrong:
-            raise self._fail(lock, "verifying", "; ".join(wrong))
-
-    async def _no_python(self, lock: EnvLock, exc: UvFailed) -> EnvBuildFailed:
-        """No interpreter for the lock's Python: name it, and what the host has."""
-        has = ""
-        with contextlib.suppress(UvFailed, ValueError, TypeError, KeyError):
-            out = await uv.run_uv(["python", "list", "--only-installed",
-                                   "--python-preference", "only-system",
-                                   "--output-format", "json", "--no-config"],
-                                  doing="listing interpreters", timeout_s=30)
-            versions = sorted({".".join(str(v["version"]).split(".")[:2])
-                               for v in json.loads(out)})
-            has = f" (this host has {', '.join(versions) or 'none'})"
-        return EnvBuildFailed(f"building env {lock.name}: no Python {lock.python} "
-                              f"interpreter on this host{has}; the lock needs one: "
-                              f"{exc.tail}", digest=lock.digest)
-
-    @staticmethod
-    def _fail(lock: EnvLock, doing: str, why: str) -> EnvBuildFailed:
-        return EnvBuildFailed(f"building env {lock.name}: {doing} failed: {why}",
-                              digest=lock.digest)
-
-    def _failure(self, lock: EnvLock, doing: str, exc: UvFailed) -> EnvBuildFailed:
-        if exc.timed_out:
-            why = f"gave up: the build ran past {self.build_timeout_s:g} s"
-            return self._fail(lock, doing, f"{why}: {exc.tail}" if exc.tail else why)
-        return self._fail(lock, doing, exc.tail or exc.doing)
-
     @contextlib.asynccontextmanager
-    async def _file_lock(self, digest: str, deadline: float, name: str) -> Any:
+    async def _file_lock(self, digest: str, deadline: float,
+                         build: _Build) -> AsyncIterator[None]:
+        """Hold ``.<digest>.lock``: one build of a digest at a time across processes."""
         path = self.root / f".{digest}.lock"
+        told = False
         fd = await anyio.to_thread.run_sync(lambda: os.open(path, os.O_RDWR | os.O_CREAT,
                                                             0o644))
         try:
@@ -397,9 +249,12 @@ class EnvStore:
                     if exc.errno not in (errno.EAGAIN, errno.EACCES):
                         raise
                 if anyio.current_time() > deadline:
-                    raise EnvBuildFailed(f"building env {name}: another process held "
-                                         f"{path.name} for {self.build_timeout_s:g} s",
+                    raise EnvBuildFailed(f"building env {build.lock.name}: another process "
+                                         f"held {path.name} for {self.build_timeout_s:g} s",
                                          digest=digest)
+                if not told:
+                    await _step(build, "waiting for another process building it")
+                    told = True
                 await anyio.sleep(LOCK_POLL_S)
             yield
         finally:
@@ -417,9 +272,16 @@ class EnvStore:
             return None
         return marker
 
-    def _remember(self, marker: EnvMarker) -> None:
-        if marker.digest not in self._known:
-            self._known[marker.digest] = _Known(marker=marker)
+    def _claim(self, env: Path) -> EnvMarker | None:
+        """The marker of a built env, which ``ensure`` is about to hand out: it counts as
+        used now, so its grace period starts again (blocking)."""
+        marker = self._read_marker(env)
+        if marker is not None:
+            _clear_unused(env)
+        return marker
+
+    def _remember(self, marker: EnvMarker) -> _Known:
+        return self._known.setdefault(marker.digest, _Known(marker=marker))
 
     async def _add_name(self, env: Path, marker: EnvMarker, name: str) -> None:
         """Record another manifest name the env is used under (rare: one rewrite)."""
@@ -445,7 +307,8 @@ class EnvStore:
     async def collect(self, in_use: set[str]) -> list[str]:
         """Remove built envs that nothing in ``in_use`` has used for ``grace_s``; mark
         newly unused ones, unmark used ones, drop leftovers no build holds, refresh
-        stale sizes.  Returns the digests removed."""
+        stale sizes, and remove fetched wheels that no built env locks once untouched
+        for ``grace_s``.  Returns the digests removed."""
         found = await anyio.to_thread.run_sync(self._scan)
         now = self.clock()
         removed: list[str] = []
@@ -454,8 +317,7 @@ class EnvStore:
                 del self._known[digest]
         for digest, marker in found.items():
             if marker is None:
-                if digest not in self._building:
-                    await self._drop_leftover(digest)
+                await self._remove_env(digest, unused_since=None)
                 continue
             known = self._known.setdefault(digest, _Known(marker=marker))
             env = self.root / digest
@@ -468,7 +330,8 @@ class EnvStore:
                     since = now
                     await anyio.to_thread.run_sync(_write_unused, env, since)
                 known.unused_since = since
-                if now - since >= self.grace_s and await self._remove_env(digest):
+                if now - since >= self.grace_s and \
+                        await self._remove_env(digest, unused_since=since):
                     removed.append(digest)
                     continue
             if time.monotonic() - known.sized_at >= SIZE_TTL_S:
@@ -476,6 +339,13 @@ class EnvStore:
                 known.sized_at = time.monotonic()
         if removed:
             log.info("envs removed", digests=[d[:12] for d in removed])
+        if not self._building:
+            keep = {p.wheel.filename for k in self._known.values()
+                    for p in k.marker.lock.packages if p.wheel is not None}
+            pruned = await anyio.to_thread.run_sync(_prune_wheels, self.root / WHEELS, keep,
+                                                    now - self.grace_s)
+            if pruned:
+                log.info("fetched wheels removed", count=pruned)
         return removed
 
     def _scan(self) -> dict[str, EnvMarker | None]:
@@ -490,33 +360,42 @@ class EnvStore:
                 out[entry.name] = self._read_marker(Path(entry.path))
         return out
 
-    async def _remove_env(self, digest: str) -> bool:
-        """Remove a built env unless another process holds its lock (building it)."""
+    async def _remove_env(self, digest: str, *, unused_since: float | None) -> bool:
+        """Remove an env unless it is being built (here, or in another process: its
+        lock is held) or changed since ``collect`` looked: an unused env
+        (``unused_since``) that ``ensure`` claimed meanwhile, a leftover (None) that
+        got its marker."""
         if digest in self._building:
             return False
-        fd = await anyio.to_thread.run_sync(
-            lambda: os.open(self.root / f".{digest}.lock", os.O_RDWR | os.O_CREAT, 0o644))
-        try:
+        env = self.root / digest
+
+        def remove(fd: int) -> bool:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:
                 return False
-            await anyio.to_thread.run_sync(_remove, self.root / digest)
+            still = (_read_unused(env) == unused_since if unused_since is not None
+                     else self._read_marker(env) is None)
+            if still:
+                _remove(env)
+            return still
+
+        fd = await anyio.to_thread.run_sync(
+            lambda: os.open(self.root / f".{digest}.lock", os.O_RDWR | os.O_CREAT, 0o644))
+        try:
+            done = await anyio.to_thread.run_sync(remove, fd)
         finally:
             os.close(fd)
-        self._known.pop(digest, None)
-        return True
-
-    async def _drop_leftover(self, digest: str) -> None:
-        env = self.root / digest
-        if await anyio.to_thread.run_sync(self._read_marker, env) is None:
-            await self._remove_env(digest)
+        if done:
+            self._known.pop(digest, None)
+        return done
 
     # -- states --------------------------------------------------------------------------
 
     def states(self, used_by: Mapping[str, list[str]]) -> list[EnvState]:
-        """Every env this store knows: built (as of the last ``ensure`` or ``collect``),
-        being built, or failed last time.  Reads memory only."""
+        """Every env this store knows: built (as of the last ``ensure`` or ``collect``:
+        a node calls ``collect`` once at start to learn the envs already on disk), being
+        built, or failed last time.  Reads memory only."""
         out: dict[str, EnvState] = {}
         for digest, f in self._failed.items():
             out[digest] = EnvState(digest=digest, names=f.names, python=f.lock.python,
@@ -533,6 +412,13 @@ class EnvStore:
                                    packages=len(b.lock.packages), status="building",
                                    used_by=list(used_by.get(digest, [])))
         return sorted(out.values(), key=lambda s: s.digest)
+
+
+async def _step(build: _Build, text: str) -> None:
+    """A build's next step: remembered for callers who join later, told to all."""
+    build.step = text
+    for listener in list(build.listeners):
+        await _notify(listener, text)
 
 
 async def _notify(listener: Progress, text: str) -> None:
@@ -579,6 +465,23 @@ def _write_unused(env: Path, since: float) -> None:
     tmp = env / f"{UNUSED}.tmp"
     tmp.write_text(repr(since))
     os.replace(tmp, env / UNUSED)
+
+
+def _prune_wheels(folder: Path, keep: set[str], before: float) -> int:
+    """Remove fetched wheels no built env locks and nothing touched since ``before``
+    (a fetch refreshes the mtime of a wheel it reuses); returns how many (blocking)."""
+    removed = 0
+    try:
+        entries = list(os.scandir(folder))
+    except FileNotFoundError:
+        return 0
+    for entry in entries:
+        with contextlib.suppress(OSError):
+            if (entry.name not in keep and entry.is_file(follow_symlinks=False)
+                    and entry.stat(follow_symlinks=False).st_mtime < before):
+                os.unlink(entry.path)
+                removed += 1
+    return removed
 
 
 def _size(env: Path) -> int:
