@@ -281,3 +281,26 @@ async def test_an_interpreter_that_cannot_start_fails_the_load_with_the_reason(
         error = await pool.load(SERVICE, "v1", d, ENDPOINTS, python=str(tmp_path / "nope"))
         assert error.startswith(f"cannot start a user-code host with {tmp_path}/nope: "), error
         assert len(pool.pids()) == 1 and pool.crashes == 0
+
+
+def _gone(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+async def test_a_host_dies_with_its_worker(
+        settings: NatsSettings, tmp_path: Path, envs: dict[str, str]) -> None:
+    d = _package(tmp_path / "pkg")
+    async with _workers(settings, tmp_path) as (pool, nc):
+        await _serve(pool, SERVICE, {"v1": (d, envs["two"])})
+        _, body = await _ask(nc, SERVICE, "predict", {"features": {"where": 1}})
+        worker, host = pool.pids()[0], body["result"]["pid"]
+        assert not _gone(host)
+        os.kill(worker, signal.SIGKILL)
+        await wait_for(lambda: _gone(host), timeout=10, message="host gone with its worker")
+        await wait_for(lambda: pool.crashes == 1 and all(w.ready for w in pool.workers)
+                       and len(pool.pids()) == 1, timeout=30, message="worker replaced")
+        _, body = await _ask(nc, SERVICE, "predict", {"features": {"where": 1}})
+        assert body["result"]["tiny"] == "2.0" and body["result"]["pid"] != host
