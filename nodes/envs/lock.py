@@ -249,7 +249,7 @@ def requirements_of(project_dir: Path, manifest: Manifest, env_name: str) -> lis
     label = f"{project_dir.name}/{rel}"
     path = project_dir / rel
     try:
-        if path.resolve().is_relative_to(project_dir.resolve()) is False:
+        if not path.resolve().is_relative_to(project_dir.resolve()):
             raise ManifestError(f"{project_dir.name}/{MANIFEST}",
                                 f"code_envs.{env_name}.requirements_file",
                                 f"{rel} leaves the project (a link?)")
