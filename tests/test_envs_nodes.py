@@ -4,6 +4,7 @@ uses, a build that fails, an index nobody answers, and an API switch under load.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -282,3 +283,21 @@ async def test_an_endpoint_runs_in_its_env_and_a_switch_between_envs_fails_no_re
 
 async def _eq(value: Any, expected: Any) -> bool:
     return bool(await value == expected)
+
+
+def test_a_test_build_on_design_runs_in_the_env_a_bundle_would_lock(
+        nats_server: EmbeddedNats, tmp_path: Path, cli_env: dict[str, str]) -> None:
+    """``shipyard build`` locks and builds the project's environment on the Design node
+    and runs the recipe in it; changing the pin changes what the next build sees."""
+    with cluster(nats_server.url, tmp_path, cli_env) as c:
+        c.registered(2)
+        for pin, version in (("tinypkg==1.0", "1.0"), ("tinypkg==2.0", "2.0")):
+            make_recipe_project(c.ws, "churn", [pin])
+            built = c.cli("build", "churn", "seen", "--force", "--wait", timeout=120)
+            assert built.returncode == 0, built.stdout + built.stderr
+            seen = json.loads((c.ws / "churn" / "data" / "seen.json").read_text())
+            assert seen["tinypkg"] == version
+            assert seen["python"].startswith(str(c.envs_dir("design")))
+        envs = c.envs("design")
+        assert [e["used_by"] for e in envs if e["used_by"]] == [["build churn"]]
+        assert len(c.built("design")) == 2

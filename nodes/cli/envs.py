@@ -76,8 +76,8 @@ def _given(options: dict[str, Any]) -> dict[str, Any]:
 
 
 def env_node_extra(role: str, options: dict[str, Any]) -> dict[str, Any]:
-    """Constructor arguments for ``role`` (``envs=EnvOptions``; ``index`` for a Design
-    node); a usage error if an environment option is given to a role that builds none."""
+    """Constructor arguments for ``role`` (``envs=EnvOptions``); a usage error if an
+    environment option is given to a role that builds none."""
     given = _given(options)
     if role not in ENV_ROLES:
         if given:
@@ -97,8 +97,6 @@ def env_node_extra(role: str, options: dict[str, Any]) -> dict[str, Any]:
         envs = replace(envs, build_timeout_s=float(given["env_build_timeout"]))
     if "env_grace" in given:
         envs = replace(envs, grace_s=float(given["env_grace"]))
-    if role == "design":  # it locks with the index settings (default: from_env itself)
-        return {"index": envs.index} if given else {}
     return {"envs": envs}
 
 

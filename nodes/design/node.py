@@ -11,10 +11,12 @@ else ``IndexSettings.from_env()`` (``SHIPYARD_INDEX_URL``, ``SHIPYARD_FIND_LINKS
 
 from __future__ import annotations
 
+import dataclasses
 import getpass
 import os
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -25,10 +27,12 @@ from anyio.abc import TaskGroup, TaskStatus
 from nats.js.kv import KeyValue
 
 from nodes.design.api_packages import ApiPackager
+from nodes.design.buildenvs import BuildEnvs
 from nodes.design.envs import EnvLocker
+from nodes.envs.options import EnvOptions, node_env_store
 from nodes.envs.uv import IndexSettings
 from nodes.flow.engine import Flow, check_params
-from nodes.flow.pool import WorkerPool
+from nodes.flow.pool import Pools
 from nodes.flow.progress import Progress
 from nodes.flow.results import BuildResult
 from nodes.project.bundle import pack
@@ -36,6 +40,7 @@ from nodes.project.manifest import MANIFEST, Manifest, ManifestError, load_manif
 from nodes.runtime import transfer
 from nodes.runtime.jetstream import ensure_kv
 from nodes.runtime.kvcache import snapshot
+from nodes.runtime.loops import forever
 from nodes.runtime.node import Node, handles
 from nodes.runtime.run_reports import LocalRuns, RunInfo
 from protocol import subjects
@@ -69,16 +74,24 @@ class DesignNode(Node):
     direct_families: ClassVar[tuple[Family, ...]] = (RUNNER,)
 
     def __init__(self, *, workspace: Path | None = None, data_dir: Path | None = None,
-                 index: IndexSettings | None = None, **kw: Any) -> None:
+                 index: IndexSettings | None = None, envs: EnvOptions | None = None,
+                 **kw: Any) -> None:
         super().__init__(**kw)
-        self.envs = EnvLocker(self, index if index is not None else IndexSettings.from_env())
+        options = envs or EnvOptions()
+        if index is not None:
+            options = dataclasses.replace(options, index=index)
+        self.env_options = options
+        self.envs = EnvLocker(self, options.index)
         self.workspace = (workspace or Path("projects")).resolve()
         self.data_dir = (data_dir or Path(".shipyard") / "nodes" / self.name).resolve()
+        # Test builds run in the environments a bundle made now would lock.
+        self.build_envs = BuildEnvs(self.envs, node_env_store(self.data_dir, options,
+                                                              lambda: self.js))
         self.local = LocalRuns(self, self.data_dir / "runs")
         self.add_handlers(self.local)
         self.api_packages = ApiPackager(self)
         self.add_handlers(self.api_packages)
-        self.pool: WorkerPool | None = None
+        self.pool: Pools | None = None
         self._bundles: KeyValue | None = None
 
     @property
@@ -100,9 +113,11 @@ class DesignNode(Node):
 
     async def started(self, tg: TaskGroup) -> None:
         await tg.start(self._host_pool)
+        tg.start_soon(partial(forever, "envs", self.build_envs.collect, log=self.log,
+                              interval=self.env_options.gc_interval_s))
 
     async def _host_pool(self, *, task_status: TaskStatus[None]) -> None:
-        async with WorkerPool() as pool:
+        async with Pools() as pool:
             self.pool = pool
             task_status.started()
             await anyio.sleep_forever()
@@ -111,7 +126,8 @@ class DesignNode(Node):
         await self.local.cancel_all()
 
     def state(self) -> DesignState:
-        return DesignState(workspace=str(self.workspace), runs=self.local.state())
+        return DesignState(workspace=str(self.workspace), runs=self.local.state(),
+                           envs=self.build_envs.states())
 
     # -- test builds ---------------------------------------------------------------------
 
@@ -122,10 +138,13 @@ class DesignNode(Node):
         if not cmd.datasets:
             raise BadRequest("name at least one dataset to build")
         project_dir, manifest = await self.project(cmd.project)
-        flow = Flow(manifest, code_dir=project_dir, pool=self.pool)
+        pool = self.pool
+        flow = Flow(manifest, code_dir=project_dir, pool=pool)
         flow.graph.check_targets(cmd.datasets)
         check_params(cmd.params)
-        await flow.validate(targets=cmd.datasets)
+        names = BuildEnvs.needed(manifest, flow.graph.needed(cmd.datasets))
+        if not names:  # with environments, the run checks once they are built
+            await flow.validate(targets=cmd.datasets)
         run = RunInfo(run_id=f"{manifest.project.key}-build-{time.strftime('%Y%m%dT%H%M%S')}-"
                              f"{new_id()[-6:]}",
                       project=manifest.project.key, scenario="build " + ",".join(cmd.datasets),
@@ -133,8 +152,13 @@ class DesignNode(Node):
                       firing=req.id, params=dict(cmd.params))
 
         async def work(progress: Progress, cancel: anyio.Event) -> BuildResult:
-            return await flow.build(cmd.datasets, force=cmd.force, params=run.params,
-                                    log=run.log_path, progress=progress, cancel=cancel)
+            f = flow
+            if names:  # locked and built now: may take a while, so inside the run
+                envs = await self.build_envs.pythons(project_dir, manifest, names)
+                f = Flow(manifest, code_dir=project_dir, pool=pool, envs=envs)
+                await f.validate(targets=cmd.datasets)
+            return await f.build(cmd.datasets, force=cmd.force, params=run.params,
+                                 log=run.log_path, progress=progress, cancel=cancel)
 
         self.tg.start_soon(self.local.run, run, work)
         return RunAccepted(run_id=run.run_id, node=self.name)
