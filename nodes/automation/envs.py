@@ -110,8 +110,12 @@ class BundleEnvs:
         return users
 
     async def refresh(self) -> None:
-        """Re-read which bundles use which environment (after bundles came or went)."""
-        self.users = await anyio.to_thread.run_sync(self.used_by)
+        """Re-read which bundles use which environment (after bundles came or went).
+        Never raises: a listing that fails keeps the last one (the collector retries)."""
+        try:
+            self.users = await anyio.to_thread.run_sync(self.used_by)
+        except OSError as exc:
+            self.log.warning("bundle folders unreadable", error=str(exc))
 
     def states(self) -> list[EnvState]:
         """Every environment here, with its bundles (memory only: for heartbeats)."""
@@ -120,5 +124,5 @@ class BundleEnvs:
     async def collect(self) -> None:
         """One collector pass: remove environments no kept bundle has used for the
         grace period."""
-        await self.refresh()
+        self.users = await anyio.to_thread.run_sync(self.used_by)  # raises: no pass
         await self.envs.collect(set(self.users))
