@@ -23,7 +23,7 @@ BAD = "he*"
 
 # Every command that takes a name, with a malformed one in each name position.
 NAMED: list[list[str]] = [
-    ["nodes", "--role", BAD], ["nodes", "--infra", BAD],
+    ["nodes", "--role", BAD], ["nodes", "--infra", BAD], ["envs", "--infra", BAD],
     ["bundle", "create", BAD, "--id", "v1"], ["bundle", "create", "churn", "--id", BAD],
     ["bundle", "list", BAD],
     ["infra", "create", BAD, "--kind", "automation"],
