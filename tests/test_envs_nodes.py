@@ -138,8 +138,10 @@ def test_an_env_that_cannot_be_built_refuses_the_bundle_and_the_previous_keeps_r
     build fails, the deploy is ``failed`` with uv's last lines, v1 stays active and
     runs; a bundle with its wheels stored then deploys."""
     with cluster(nats_server.url, tmp_path, cli_env) as c:
+        # uv's own setting: refused connections fail at once instead of after ~9 s of
+        # retries, which is all this test would spend its time on.
         c.start("automation", "a1", "--infra", "prod", "--index-url", NO_INDEX,
-                "--env-build-timeout", "60")
+                "--env-build-timeout", "60", env={"UV_HTTP_RETRIES": "0"})
         c.registered(3)
         c.cli("infra", "create", "prod", "--kind", "automation", check=True)
         make_recipe_project(c.ws, "churn", ["tinypkg==1.0"])
