@@ -26,6 +26,7 @@ from nodes.cli.common import (
     when,
     whoami,
 )
+from nodes.cli.projects import env_cell, print_envs, print_package_changes
 from nodes.runtime.calls import Caller
 from protocol.api import (
     AUTH_MODES,
@@ -54,14 +55,17 @@ def api() -> None:
 @click.argument("service")
 @click.option("--version", "version", required=True, help="Version (immutable), e.g. v2.")
 @click.option("--notes", default="", help="Release notes.")
+@click.option("--wheels", is_flag=True, help="Also store every locked wheel in the cluster, "
+                                             "so nodes install with no package index.")
 @nats_option
 @json_option
-def api_package(project: str, service: str, version: str, notes: str, nats_url: str | None,
-                as_json: bool) -> None:
-    """Package API service SERVICE of PROJECT as an immutable VERSION."""
+def api_package(project: str, service: str, version: str, notes: str, wheels: bool,
+                nats_url: str | None, as_json: bool) -> None:
+    """Package API service SERVICE of PROJECT as an immutable VERSION, with a lock of
+    its code environment."""
     check_names(project=project, service=service, version=version)
     cmd = CreateApiPackage(project=project, service=service, version=version, notes=notes,
-                           created_by=whoami())
+                           created_by=whoami(), wheels=wheels)
     with spinner(f"packaging {service} {version} ..."):
         reply: ApiPackageCreated = run(call, nats_url, cmd, 600.0)
     if as_json:
@@ -75,6 +79,9 @@ def api_package(project: str, service: str, version: str, notes: str, nats_url: 
     out.print(f"endpoints: {eps}")
     print_changes(reply.previous, "first version of this service", reply.added,
                   reply.removed, reply.changed)
+    if p.env is not None:
+        print_envs([p.env])
+    print_package_changes(reply.packages)
 
 
 @api.command("versions")
@@ -82,7 +89,8 @@ def api_package(project: str, service: str, version: str, notes: str, nats_url: 
 @nats_option
 @json_option
 def api_versions(service: str, nats_url: str | None, as_json: bool) -> None:
-    """Packaged versions of SERVICE, oldest first."""
+    """Packaged versions of SERVICE, oldest first, with their code environment (--json:
+    the locked packages)."""
     check_names(service=service)
     reply: ApiPackageList = run(call, nats_url, ListApiPackages(service=service))
     if as_json:
@@ -92,9 +100,10 @@ def api_versions(service: str, nats_url: str | None, as_json: bool) -> None:
         out.print(f"service {service} has no packaged versions yet")
         return
     table(["VERSION", "PROJECT", "CREATED", "BY", "ENDPOINTS", "FILES", "SIZE", "DIGEST",
-           "NOTES"],
+           "CODE ENV", "NOTES"],
           [(p.version, p.project, when(p.created_at), p.created_by,
-            ",".join(sorted(p.endpoints)), p.files, human_size(p.size), p.digest[:12], p.notes)
+            ",".join(sorted(p.endpoints)), p.files, human_size(p.size), p.digest[:12],
+            env_cell([p.env] if p.env else []), p.notes)
            for p in reply.packages])
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import click
@@ -38,6 +39,7 @@ from protocol.deploy import (
     ListInfras,
     RollbackBundle,
 )
+from protocol.envs import EnvSummary
 
 # -- projects and bundles --------------------------------------------------------------------
 
@@ -67,13 +69,17 @@ def bundle() -> None:
 @click.argument("project")
 @click.option("--id", "bundle_id", required=True, help="Bundle id (immutable), e.g. v3.")
 @click.option("--notes", default="", help="Release notes.")
+@click.option("--wheels", is_flag=True, help="Also store every locked wheel in the cluster, "
+                                             "so nodes install with no package index.")
 @nats_option
 @json_option
-def bundle_create(project: str, bundle_id: str, notes: str, nats_url: str | None,
-                  as_json: bool) -> None:
-    """Pack PROJECT into a new bundle and show what changed since the previous one."""
+def bundle_create(project: str, bundle_id: str, notes: str, wheels: bool,
+                  nats_url: str | None, as_json: bool) -> None:
+    """Pack PROJECT into a new bundle, locking its code environments, and show what
+    changed since the previous one (files and locked packages)."""
     check_names(project=project, bundle=bundle_id)
-    cmd = CreateBundle(project=project, bundle_id=bundle_id, notes=notes, created_by=whoami())
+    cmd = CreateBundle(project=project, bundle_id=bundle_id, notes=notes, created_by=whoami(),
+                       wheels=wheels)
     with spinner(f"packing {project} as bundle {bundle_id} ..."):
         reply: BundleCreated = run(call, nats_url, cmd, 600.0)
     if as_json:
@@ -84,6 +90,35 @@ def bundle_create(project: str, bundle_id: str, notes: str, nats_url: str | None
                             f" created: {b.files} files, {human_size(b.size)}, digest "
                             f"{b.digest[:16]}"))
     print_changes(d.previous, "first bundle of this project", d.added, d.removed, d.changed)
+    print_envs(b.envs.values())
+    print_package_changes(d.packages)
+
+
+def env_line(e: EnvSummary) -> str:
+    """``ml: 12 packages, python 3.11, x86_64-manylinux_2_28, digest 1a2b3c4d5e6f``."""
+    return (f"{e.name}: {len(e.packages)} package{'s' if len(e.packages) != 1 else ''}, "
+            f"python {e.python}, {e.platform}, digest {e.digest[:12]}"
+            + (", wheels stored" if e.wheels_stored else ""))
+
+
+def print_envs(envs: Iterable[EnvSummary]) -> None:
+    for e in sorted(envs, key=lambda e: e.name):
+        out.print(f"code env {env_line(e)}")
+
+
+def print_package_changes(lines: Sequence[str]) -> None:
+    """Changed locked packages (``protocol.envs.diff_envs`` lines), one per line."""
+    if lines:
+        out.print(f"locked packages: {len(lines)} change{'s' if len(lines) != 1 else ''}")
+    for line in lines:
+        style = "green" if " + " in f" {line}" else "red" if " - " in f" {line}" else "yellow"
+        out.print(styled(f"  {line}", style))
+
+
+def env_cell(envs: Iterable[EnvSummary]) -> str:
+    """A table cell: ``ml (2 pkgs, 1a2b3c4d)``, comma-separated; ``-`` for none."""
+    return ", ".join(f"{e.name} ({len(e.packages)} pkgs, {e.digest[:8]})"
+                     for e in sorted(envs, key=lambda e: e.name)) or "-"
 
 
 @bundle.command("list")
@@ -91,7 +126,8 @@ def bundle_create(project: str, bundle_id: str, notes: str, nats_url: str | None
 @nats_option
 @json_option
 def bundle_list(project: str, nats_url: str | None, as_json: bool) -> None:
-    """Bundles of PROJECT, oldest first."""
+    """Bundles of PROJECT, oldest first, with their code environments (--json: the
+    locked packages)."""
     check_names(project=project)
     reply: BundleList = run(call, nats_url, ListBundles(project=project))
     if as_json:
@@ -100,9 +136,9 @@ def bundle_list(project: str, nats_url: str | None, as_json: bool) -> None:
     if not reply.bundles:
         out.print(f"project {project} has no bundles yet")
         return
-    table(["ID", "CREATED", "BY", "FILES", "SIZE", "DIGEST", "NOTES"],
+    table(["ID", "CREATED", "BY", "FILES", "SIZE", "DIGEST", "CODE ENVS", "NOTES"],
           [(b.id, when(b.created_at), b.created_by, b.files, human_size(b.size),
-            b.digest[:12], b.notes) for b in reply.bundles])
+            b.digest[:12], env_cell(b.envs.values()), b.notes) for b in reply.bundles])
 
 
 # -- infrastructures ---------------------------------------------------------------------

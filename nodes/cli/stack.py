@@ -37,6 +37,7 @@ from nodes.cli.common import (
     styled,
     table,
 )
+from nodes.cli.envnodes import index_extra, index_options
 from nodes.cli.ports import check_ports, port_type
 from nodes.roles import ROLES
 from nodes.runtime.calls import Caller
@@ -97,6 +98,7 @@ def node() -> None:
                    "transfer nothing).")
 @click.option("--log-level", default=None, help="debug, info, warning or error.")
 @api_node_options
+@index_options
 def node_start(role: str, name: str | None, infra: str | None, nats_url: str | None,
                heartbeat_interval: float, forget_after: str, max_concurrency: int,
                workspace: Path | None,
@@ -129,6 +131,7 @@ def node_start(role: str, name: str | None, infra: str | None, nats_url: str | N
     elif forget_after != "1d":
         raise click.BadParameter("--forget-after is for deployer nodes",
                                  param_hint="--forget-after")
+    extra.update(index_extra(role, api_options))
     extra.update(api_node_extra(role, api_options))
     instance = ROLES[role](name=name, infra=infra, nats=settings,
                            heartbeat_interval=heartbeat_interval,

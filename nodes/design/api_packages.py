@@ -27,6 +27,7 @@ import nats.js.errors
 from nats.js import JetStreamContext
 from nats.js.kv import KeyValue
 
+from nodes.design.envs import EnvLocker
 from nodes.project.files import Walker
 from nodes.project.manifest import MANIFEST, ApiService, Manifest
 from nodes.runtime import transfer
@@ -52,6 +53,7 @@ from protocol.api import (
 )
 from protocol.base import Request, encode, new_id
 from protocol.bundles import FileEntry, files_digest
+from protocol.envs import EnvLock, diff_envs
 from protocol.errors import BadRequest, Conflict, NotFound
 from protocol.events import Event
 
@@ -70,6 +72,9 @@ class PackagerHost(Logs, Protocol):
     async def project(self, key: str) -> tuple[Path, Manifest]:
         """The project ``key``'s folder and strictly validated manifest."""
         ...
+
+    @property
+    def envs(self) -> EnvLocker: ...
 
 
 def endpoint_specs(service: ApiService) -> dict[str, EndpointSpec]:
@@ -135,8 +140,10 @@ class _Hashing:
 
 
 def pack(project_dir: Path, manifest: Manifest, service_name: str, out: Path, *,
-         version: str, created_by: str, notes: str) -> ApiPackageInfo:
-    """Write the package archive to ``out`` and return its record (blocking)."""
+         version: str, created_by: str, notes: str,
+         env: EnvLock | None = None) -> ApiPackageInfo:
+    """Write the package archive to ``out`` and return its record (blocking); ``env`` is
+    the lock of the code environment its endpoints run in."""
     service = manifest.api_services[service_name]
     root = project_dir.resolve()
     entries: list[FileEntry] = []
@@ -157,7 +164,8 @@ def pack(project_dir: Path, manifest: Manifest, service_name: str, out: Path, *,
                               created_by=created_by, notes=notes,
                               description=service.description,
                               endpoints=endpoint_specs(service), files=entries,
-                              digest=files_digest(entries), size=sum(e.size for e in entries))
+                              digest=files_digest(entries), size=sum(e.size for e in entries),
+                              env=env)
         raw = msgspec.json.encode(info)
         ti = tarfile.TarInfo("bundle.json")  # the name unpack() expects
         ti.size, ti.mtime, ti.mode = len(raw), int(info.created_at), 0o644
@@ -217,13 +225,18 @@ class ApiPackager:
         if (existing := await self._get(key)) is not None:
             raise Conflict(_immutable(existing))
         by = cmd.created_by or req.sender or getpass.getuser()
+        env_name = manifest.service_env(cmd.service)
+        locks = await self.host.envs.lock(project_dir, manifest,
+                                          {env_name} if env_name else set(),
+                                          wheels=cmd.wheels)  # refusals before storing
+        env = locks.get(env_name) if env_name else None
         fd, tmp = tempfile.mkstemp(prefix=f"sy-apipkg-{cmd.version}-", suffix=".tar")
         os.close(fd)
         archive = Path(tmp)
         try:
             info = await anyio.to_thread.run_sync(
                 lambda: pack(project_dir, manifest, cmd.service, archive, version=cmd.version,
-                             created_by=by, notes=cmd.notes))
+                             created_by=by, notes=cmd.notes, env=env))
             name = f"{cmd.service}/{cmd.version}/{new_id()}.tar"
             stored = await transfer.put_file(self.host.js, subjects.API_PACKAGE_STORE, name,
                                              archive, meta={"service": cmd.service,
@@ -251,7 +264,8 @@ class ApiPackager:
         return ApiPackageCreated(
             package=ApiPackageSummary.of(info), previous=prev.version if prev else None,
             added=sorted(set(after) - set(before)), removed=sorted(set(before) - set(after)),
-            changed=sorted(p for p in set(after) & set(before) if after[p] != before[p]))
+            changed=sorted(p for p in set(after) & set(before) if after[p] != before[p]),
+            packages=diff_envs(_envs(prev), _envs(info)))
 
     async def _get(self, key: str) -> ApiPackageInfo | None:
         try:
@@ -259,6 +273,10 @@ class ApiPackager:
         except nats.js.errors.KeyNotFoundError:
             return None
         return API_PACKAGE_INFO.decode(entry.value) if entry.value else None
+
+
+def _envs(p: ApiPackageInfo | None) -> dict[str, EnvLock]:
+    return {p.env.name: p.env} if p is not None and p.env is not None else {}
 
 
 def _immutable(p: ApiPackageInfo) -> str:

@@ -2,6 +2,11 @@
 
 Every subdirectory of the workspace that holds a ``shipyard.toml`` is a project,
 known by its manifest's ``project.key``.
+
+Bundles and API packages carry a lock of each code environment they use, made here
+(``nodes/design/envs.py``) from the node's package index settings: ``index`` when given,
+else ``IndexSettings.from_env()`` (``SHIPYARD_INDEX_URL``, ``SHIPYARD_FIND_LINKS``,
+``SHIPYARD_NO_INDEX``).
 """
 
 from __future__ import annotations
@@ -20,6 +25,8 @@ from anyio.abc import TaskGroup, TaskStatus
 from nats.js.kv import KeyValue
 
 from nodes.design.api_packages import ApiPackager
+from nodes.design.envs import EnvLocker
+from nodes.envs.uv import IndexSettings
 from nodes.flow.engine import Flow, check_params
 from nodes.flow.pool import WorkerPool
 from nodes.flow.progress import Progress
@@ -62,8 +69,9 @@ class DesignNode(Node):
     direct_families: ClassVar[tuple[Family, ...]] = (RUNNER,)
 
     def __init__(self, *, workspace: Path | None = None, data_dir: Path | None = None,
-                 **kw: Any) -> None:
+                 index: IndexSettings | None = None, **kw: Any) -> None:
         super().__init__(**kw)
+        self.envs = EnvLocker(self, index if index is not None else IndexSettings.from_env())
         self.workspace = (workspace or Path("projects")).resolve()
         self.data_dir = (data_dir or Path(".shipyard") / "nodes" / self.name).resolve()
         self.local = LocalRuns(self, self.data_dir / "runs")
@@ -88,6 +96,7 @@ class DesignNode(Node):
         await transfer.ensure_bucket(self.js, subjects.RUN_LOGS_STORE,
                                      replicas=self.settings.replicas)
         await self.api_packages.setup()
+        await self.envs.setup()
 
     async def started(self, tg: TaskGroup) -> None:
         await tg.start(self._host_pool)
@@ -223,13 +232,15 @@ class DesignNode(Node):
         if existing is not None:
             raise Conflict(_immutable(existing))
         by = cmd.created_by or req.sender or getpass.getuser()
+        envs = await self.envs.lock(project_dir, manifest, manifest.bundle_envs(),
+                                    wheels=cmd.wheels)  # refusals before anything is stored
         fd, tmp = tempfile.mkstemp(prefix=f"sy-bundle-{cmd.bundle_id}-", suffix=".tar")
         os.close(fd)
         archive = Path(tmp)
         try:
             packed = await anyio.to_thread.run_sync(
                 lambda: pack(project_dir, manifest, archive, bundle_id=cmd.bundle_id,
-                             created_by=by, notes=cmd.notes))
+                             created_by=by, notes=cmd.notes, envs=envs))
             name = f"{manifest.project.key}/{cmd.bundle_id}/{new_id()}.tar"
             stored = await transfer.put_file(self.js, subjects.BUNDLE_STORE, name, archive,
                                              meta={"project": manifest.project.key,
@@ -250,7 +261,8 @@ class DesignNode(Node):
         await self.emit(BundleStored(project=info.project, bundle=info.id, by=by,
                                      files=len(info.files), size=info.size, digest=info.digest))
         self.log.info("bundle created", project=info.project, bundle=info.id,
-                      files=len(info.files), size=info.size, skipped=len(packed.skipped))
+                      files=len(info.files), size=info.size, skipped=len(packed.skipped),
+                      envs={n: lock.digest[:12] for n, lock in info.envs.items()})
         return BundleCreated(bundle=BundleSummary.of(info),
                              diff=diff_bundles(previous[-1] if previous else None, info))
 

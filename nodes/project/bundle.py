@@ -28,6 +28,7 @@ import msgspec
 from nodes.project.files import Walker
 from nodes.project.manifest import MANIFEST, Manifest, ManifestError
 from protocol.bundles import BundleInfo, FileEntry, files_digest
+from protocol.envs import EnvLock
 from protocol.errors import ShipyardError
 
 CHUNK = 1 << 20
@@ -89,8 +90,9 @@ class _HashingReader:
 
 
 def pack(project_dir: Path, manifest: Manifest, out: Path, *, bundle_id: str,
-         created_by: str, notes: str) -> Packed:
-    """Write the bundle archive to ``out`` and return its ``BundleInfo``."""
+         created_by: str, notes: str, envs: dict[str, EnvLock] | None = None) -> Packed:
+    """Write the bundle archive to ``out`` and return its ``BundleInfo`` (with the locks
+    ``envs`` of the code environments it uses, also in the archive's ``bundle.json``)."""
     files, skipped = collect(project_dir, manifest)
     entries: list[FileEntry] = []
     with tarfile.open(out, "w", format=tarfile.PAX_FORMAT) as tar:
@@ -106,7 +108,8 @@ def pack(project_dir: Path, manifest: Manifest, out: Path, *, bundle_id: str,
             entries.append(FileEntry(path=rel, size=st.st_size, sha256=reader.h.hexdigest()))
         info = BundleInfo(id=bundle_id, project=manifest.project.key, created_at=time.time(),
                           created_by=created_by, notes=notes, files=entries,
-                          digest=files_digest(entries), size=sum(e.size for e in entries))
+                          digest=files_digest(entries), size=sum(e.size for e in entries),
+                          envs=dict(envs or {}))
         data = msgspec.json.encode(info)
         ti = tarfile.TarInfo("bundle.json")
         ti.size = len(data)

@@ -33,6 +33,14 @@ The contract::
     kind = "prediction"              # or "function"
     code = "api/predict.py"
     artifacts = ["models/"]
+
+    [code_envs.ml]                   # a locked Python environment for user code
+    requirements = ["pandas>=2.2"]   # PEP 508; or requirements_file = "requirements.txt"
+    python = "3.11"                  # optional; default: the Design node's Python
+
+``project.code_env`` (and ``code_env`` of a recipe or an API service, which override it)
+names the environment user code runs in; without one it runs in the node's own
+interpreter.
 """
 
 from __future__ import annotations
@@ -43,6 +51,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 import msgspec
+from packaging.requirements import InvalidRequirement, Requirement
 
 from protocol.errors import BadRequest
 
@@ -50,6 +59,7 @@ MANIFEST = "shipyard.toml"
 
 PROJECT_KEY = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
 NAME = re.compile(r"^[A-Za-z0-9_-]+$")
+PYTHON_VERSION = re.compile(r"^[0-9]+\.[0-9]+\Z")
 
 
 class ManifestError(BadRequest):
@@ -267,7 +277,8 @@ def parse_manifest(text: str | bytes, *, file: str = MANIFEST, strict: bool = Tr
         out: dict[str, Any] = {}
         for key, value in table.items():
             where = f"{name}.{key}"
-            _check_name(cls.__name__.lower(), key, file, where)
+            _check_name("code env" if cls is CodeEnv else cls.__name__.lower(), key, file,
+                        where)
             if not isinstance(value, dict):
                 raise ManifestError(file, where, f"expected a table, got {type(value).__name__}")
             if strict:
@@ -280,8 +291,9 @@ def parse_manifest(text: str | bytes, *, file: str = MANIFEST, strict: bool = Tr
     recipes = section("recipes", Recipe)
     scenarios = section("scenarios", Scenario)
     services = section("api_services", ApiService)
+    code_envs = section("code_envs", CodeEnv)
     manifest = Manifest(project=project, datasets=datasets, recipes=recipes,
-                        scenarios=scenarios, api_services=services)
+                        scenarios=scenarios, api_services=services, code_envs=code_envs)
     _validate(manifest, file)
     return manifest
 
@@ -343,6 +355,40 @@ def _validate(m: Manifest, file: str) -> None:
             _check_path(ep.code, file, f"{where}.code")
             for j, art in enumerate(ep.artifacts):
                 _check_path(art.rstrip("/") or art, file, f"{where}.artifacts[{j}]")
+    _validate_envs(m, file)
+
+
+def _validate_envs(m: Manifest, file: str) -> None:
+    for name, env in m.code_envs.items():
+        where = f"code_envs.{name}"
+        if (env.requirements is None) == (env.requirements_file is None):
+            raise ManifestError(file, where, "expected exactly one of requirements or "
+                                             "requirements_file")
+        for i, line in enumerate(env.requirements or []):
+            check_requirement(line, file, f"{where}.requirements[{i}]")
+        if env.requirements_file is not None:
+            _check_path(env.requirements_file, file, f"{where}.requirements_file")
+        if env.python is not None and not PYTHON_VERSION.match(env.python):
+            raise ManifestError(file, f"{where}.python",
+                                f"expected a Python version like \"3.11\" (major.minor), "
+                                f"got {env.python!r}")
+    refs = [("project.code_env", m.project.code_env)]
+    refs += [(f"recipes.{n}.code_env", r.code_env) for n, r in m.recipes.items()]
+    refs += [(f"api_services.{n}.code_env", s.code_env) for n, s in m.api_services.items()]
+    for field, ref in refs:
+        if ref is not None and ref not in m.code_envs:
+            known = ", ".join(sorted(m.code_envs)) or "none; declare it as [code_envs." \
+                                                      f"{ref}]"
+            raise ManifestError(file, field, f"unknown code env {ref!r} (code_envs: {known})")
+
+
+def check_requirement(line: str, file: str, field: str) -> Requirement:
+    """Parse one PEP 508 requirement; ``ManifestError`` naming ``file`` and ``field``."""
+    try:
+        return Requirement(line)
+    except InvalidRequirement as exc:
+        problem = str(exc).splitlines()[0]
+        raise ManifestError(file, field, f"invalid requirement {line!r}: {problem}") from None
 
 
 def load_manifest(project_dir: Path, *, strict: bool = True) -> Manifest:
