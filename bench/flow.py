@@ -25,9 +25,9 @@ import anyio
 
 from bench.common import ROOT, percentile, print_table
 from nodes.flow import Flow, Outcome, WorkerPool
-from nodes.flow.child import load
 from nodes.flow.context import RecipeContext
 from nodes.project.manifest import parse_manifest
+from nodes.sandbox.child import load
 
 MANIFEST = """
 [project]
@@ -86,7 +86,7 @@ def fresh_python(n: int) -> list[float]:
     out = []
     for _ in range(n):
         t0 = time.perf_counter()
-        subprocess.run([sys.executable, "-c", "import nodes.flow.child"], cwd=ROOT, check=True)
+        subprocess.run([sys.executable, "-c", "import nodes.sandbox.child"], cwd=ROOT, check=True)
         out.append(time.perf_counter() - t0)
     return out
 

@@ -7,7 +7,8 @@ NATS hands it to the process that runs the user code.
 
 Per request: check size and shape, shed it (``overloaded``) when the worker's backlog
 would make it wait longer than ``queue_timeout``, pick the generation (forced, sticky by
-dispatch key, or by weight), run the user code, reply, and only then run a shadow copy.
+dispatch key, or by weight), run the user code (here, or in the user-code host of the
+generation's code environment: ``hosts``), reply, and only then run a shadow copy.
 A worker runs one request at a time, so micro's own counters are exact and a generation
 that leaves the route has no request in flight: it is dropped at once.  While user code
 runs, the worker's busy page names the request's reply subject: if the worker dies, its
@@ -38,8 +39,7 @@ from nodes.api.usercode import (
     OP_PREDICT,
     OP_RUN,
     Failed,
-    Generation,
-    call,
+    Runnable,
     same_result,
 )
 from nodes.api.wire import BusyPage, Serve
@@ -90,8 +90,8 @@ _MULTI = msgspec.json.Decoder(MultiBody)
 class EndpointRoute:
     kind: str
     weights: list[tuple[str, int]]  # generations that have the endpoint, weight > 0
-    generations: dict[str, Generation]  # every loaded generation (live or shadow) with it
-    shadow: Generation | None
+    generations: dict[str, Runnable]  # every loaded generation (live or shadow) with it
+    shadow: Runnable | None
 
 
 @dataclass(frozen=True)
@@ -103,7 +103,7 @@ class Route:
 
     @classmethod
     def build(cls, mapping: ApiMapping, kinds: dict[str, dict[str, str]],
-              loaded: dict[str, Generation]) -> Route:
+              loaded: dict[str, Runnable]) -> Route:
         """``kinds``: generation -> {endpoint: kind}; ``loaded``: generation -> code."""
         endpoints = {}
         for name in sorted({e for eps in kinds.values() for e in eps}):
@@ -311,11 +311,11 @@ class Serving:
 
         return handle
 
-    def _run(self, gen: Generation, name: str, op: int, payload: Any) -> tuple[int, Any]:
+    def _run(self, gen: Runnable, name: str, op: int, payload: Any) -> tuple[int, Any]:
         try:
-            return 0, call(gen, name, op, payload)
+            return 0, gen.call(name, op, payload)
         except Failed as exc:
-            return exc.status, (exc.code, exc.message)
+            return http_status(exc.code), (exc.code, exc.message)
         except MemoryError:
             self.out_of_memory = True
             limit = f"its limit of {self.memory_mb} MB" if self.memory_mb else "memory"
@@ -327,7 +327,7 @@ class Serving:
                 message += "\n" + traceback.format_exc()
             return http_status("user_code"), ("user_code", message)
 
-    def _shadow(self, service: str, name: str, gen: Generation, op: int, payload: Any,
+    def _shadow(self, service: str, name: str, gen: Runnable, op: int, payload: Any,
                 primary: bytes) -> None:
         t0 = time.perf_counter()
         self.busy.start(time.monotonic(), "")  # nobody waits for a shadow's reply

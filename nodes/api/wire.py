@@ -34,12 +34,16 @@ class EndpointCode(msgspec.Struct, frozen=True, array_like=True):
 
 
 class Load(msgspec.Struct, frozen=True, tag=True):
-    """Load a generation (its ``load()`` and ``warmup()``) beside serving."""
+    """Load a generation (its ``load()`` and ``warmup()``) beside serving.  ``python``:
+    the code environment's interpreter its endpoints run in (a user-code host of the
+    worker, ``nodes.api.hosts``); "" runs them in the worker itself (the builtin
+    environment)."""
 
     service: str
     generation: str
     directory: str
     endpoints: list[EndpointCode]
+    python: str = ""
 
 
 class Route(msgspec.Struct, frozen=True, tag=True):

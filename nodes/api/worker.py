@@ -1,6 +1,9 @@
 """An API worker process: ``python -P -m nodes.api.worker FD`` (started by its node).
 
 User code runs here, never in the node: a predict that raises becomes an error reply;
+a generation of a code environment runs in this worker's user-code host of that
+environment's interpreter (``hosts``; ``wire.Load.python``), which lives and dies with
+the worker.
 one that kills the process (a segfault, ``os._exit``) takes down only this worker, which
 the node replaces.  The worker has its own NATS connection and serves the node's
 services in their queue groups (``serving``), one request at a time, so a node with N
@@ -35,14 +38,15 @@ import anyio
 import msgspec
 
 from nodes.api import wire
+from nodes.api.hosts import Host, HostError, RemoteGeneration
 from nodes.api.serving import Route, Serving
-from nodes.api.usercode import Generation
-from nodes.flow.child import set_memory_limit
+from nodes.api.usercode import Generation, Runnable
 from nodes.orphans import die_with_parent
 from nodes.runtime.connection import connect
 from nodes.runtime.framing import FrameError, frame, read_frame
 from nodes.runtime.logs import configure_logging, get_logger
 from nodes.runtime.settings import NatsSettings
+from nodes.sandbox.child import set_memory_limit
 from protocol.api import ApiMapping
 
 CONFIG_ENV = "SHIPYARD_API_WORKER"
@@ -55,7 +59,9 @@ class Worker:
         self.config = config
         self.sock = sock
         self.index = int(config["index"])
-        self.generations: dict[tuple[str, str], Generation] = {}
+        self.generations: dict[tuple[str, str], Runnable] = {}
+        self.hosts: dict[str, Host] = {}  # python -> its user-code host
+        self._host_lock = anyio.Lock()
         self.serving: Serving | None = None
         self.writer: asyncio.StreamWriter | None = None
         self.log = get_logger(component="api-worker", node=config["node"], worker=self.index)
@@ -128,15 +134,34 @@ class Worker:
         t0 = time.perf_counter()
         error = ""
         try:
-            gen = await anyio.to_thread.run_sync(Generation, msg.service, msg.generation,
-                                                 Path(msg.directory), msg.endpoints)
+            gen: Runnable
+            if msg.python:
+                gen = await anyio.to_thread.run_sync(
+                    RemoteGeneration.load, await self._host(msg.python), msg.service,
+                    msg.generation, msg.directory, msg.endpoints)
+            else:
+                gen = await anyio.to_thread.run_sync(Generation, msg.service, msg.generation,
+                                                     Path(msg.directory), msg.endpoints)
             self.generations[(msg.service, msg.generation)] = gen
+        except HostError as exc:  # said by the host, as the worker would have said it
+            error = str(exc)
         except Exception as exc:  # user code: report anything
             error = f"{type(exc).__name__}: {exc}".rstrip(": ")
             if self.config.get("debug"):
                 error += "\n" + traceback.format_exc()
         self.send(wire.Loaded(service=msg.service, generation=msg.generation, error=error,
                               seconds=time.perf_counter() - t0))
+
+    async def _host(self, python: str) -> Host:
+        """The user-code host of interpreter ``python``, started on first need."""
+        async with self._host_lock:
+            host = self.hosts.get(python)
+            if host is None:
+                host = Host(python, debug=bool(self.config.get("debug")))
+                host.spawn()  # on this thread: see Host.spawn
+                await anyio.to_thread.run_sync(host.ready)
+                self.hosts[python] = host
+            return host
 
     async def _route(self, msg: wire.Route) -> None:
         service, kinds = msg.service, msg.kinds
@@ -148,7 +173,9 @@ class Worker:
             await self.serving.apply(service, Route.build(mapping, kinds, loaded),
                                      msg.description)
             for key in [k for k in self.generations if k[0] == service and k[1] not in kinds]:
-                del self.generations[key]  # left the route; nothing runs it (one at a time)
+                gone = self.generations.pop(key)  # left the route; nothing runs it now
+                if isinstance(gone, RemoteGeneration):
+                    gone.close()
         except KeyError as exc:
             error = f"generation {exc} is not loaded in this worker"
         except Exception as exc:

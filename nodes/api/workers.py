@@ -424,10 +424,12 @@ class WorkerPool:
     # -- generations and routes ---------------------------------------------------------
 
     async def load(self, service: str, generation: str, directory: Path,
-                   endpoints: list[wire.EndpointCode], timeout: float = 300.0) -> str:
-        """Load a generation in every worker (beside serving); "" or the first error."""
+                   endpoints: list[wire.EndpointCode], timeout: float = 300.0,
+                   python: str = "") -> str:
+        """Load a generation in every worker (beside serving); "" or the first error.
+        ``python``: its code environment's interpreter ("": the workers' own)."""
         msg = wire.Load(service=service, generation=generation, directory=str(directory),
-                        endpoints=endpoints)
+                        endpoints=endpoints, python=python)
         async with self._lock(service):
             error = await self._broadcast(service, msg, ("loaded", service, generation),
                                           timeout, "loading")

@@ -2,17 +2,18 @@
 scenarios.  A library with no NATS in it, used by the Design node (test builds in the
 project workspace) and Automation nodes (scenario runs from an unpacked bundle)::
 
-    async with WorkerPool() as pool:
+    async with Pools() as pools:
         flow = Flow(manifest, code_dir=bundle_dir, data_dir=project_data, seed_dir=bundle_dir,
-                    pool=pool)
+                    pool=pools, envs={"ml": "/data/envs/<digest>/bin/python"})
         result = await flow.run_scenario("nightly", log_path=run_dir / "run.log",
                                          progress=publish, cancel=stop_event)
 
 Modules: ``graph`` (DAG validation, plans), ``build`` (scheduling, incremental skips,
 atomic outputs), ``scenario`` (steps), ``metrics`` (metrics, sidecars, checks),
-``run_log`` (the run log), ``jobs``/``pool``/``forkserver``/``child`` (running user
-code in processes), ``context`` (the ``ctx`` user code sees), ``results`` (what comes
-back, as msgspec Structs).
+``run_log`` (the run log), ``jobs``/``pool`` (running user code in processes),
+``context`` (the ``ctx`` user code sees), ``results`` (what comes back, as msgspec
+Structs).  What runs in the user's interpreter -- the fork server, the job child, the
+``ctx`` -- is in ``nodes.sandbox`` (standard library only).
 
 Where user code runs, and why
 -----------------------------
@@ -43,9 +44,7 @@ cannot be raised again for the next recipe either.  A forked job is fresh every 
 * it dies with the fork server (``PR_SET_PDEATHSIG``), which dies with the engine;
   a fork server that dies is replaced on the next job, and the jobs it had end FAILED.
 
-This package's public names are imported lazily (below) so that the fork server, which
-imports ``nodes.flow.child``, stays small: every module it holds (anyio, the engine)
-makes each fork and each job's copy-on-write faults dearer.
+This package's public names are imported lazily (below), so importing it costs little.
 
 Output files are written to temporary paths beside the real ones and renamed into place
 only when ``run(ctx)`` returns; metrics persist in ``<data_dir>/.shipyard/metrics/``.
@@ -62,7 +61,7 @@ if TYPE_CHECKING:
     from nodes.flow.errors import FlowError
     from nodes.flow.graph import Graph
     from nodes.flow.metrics import evaluate, measure
-    from nodes.flow.pool import WorkerPool
+    from nodes.flow.pool import Pools, WorkerPool
     from nodes.flow.progress import Progress
     from nodes.flow.results import (
         BuildResult,
@@ -93,6 +92,7 @@ __all__ = [
     "Limits",
     "Metrics",
     "Outcome",
+    "Pools",
     "Progress",
     "RecipeContext",
     "RecipeFinished",
@@ -111,8 +111,7 @@ __all__ = [
     "measure",
 ]
 
-# Imported on first use: the fork server imports this package too, and every module it
-# does not need (anyio, the engine) would make each fork dearer.
+# Imported on first use.
 _WHERE = {
     "RecipeContext": "context",
     "RecipeLog": "context",
@@ -123,6 +122,7 @@ _WHERE = {
     "Graph": "graph",
     "evaluate": "metrics",
     "measure": "metrics",
+    "Pools": "pool",
     "WorkerPool": "pool",
     "Progress": "progress",
     "BuildResult": "results",

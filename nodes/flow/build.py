@@ -173,7 +173,8 @@ class _Build:
 
         committed = False
         try:
-            job = await run_job(flow.pool, spec, log=self.log, source=source,
+            pool = flow.pool_for(flow.manifest.recipe_env(name))
+            job = await run_job(pool, spec, log=self.log, source=source,
                                 timeout_s=recipe.timeout_s or flow.limits.recipe_timeout_s,
                                 stopper=self.stopper, on_started=started)
             outcome, reason, metrics = job.outcome, job.reason, {}

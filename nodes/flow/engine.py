@@ -1,7 +1,13 @@
 """``Flow``: one project's datasets, recipes and scenarios at a place on this node.
 
 A ``Flow`` is cheap: make one per request (the Design node) or per activated bundle
-(Automation nodes), and share one ``WorkerPool`` between all of them.
+(Automation nodes), and share one ``Pools`` (or, with no code environments, one
+``WorkerPool``) between all of them.
+
+Code environments: ``envs`` maps each environment name the manifest uses
+(``Manifest.recipe_env``/``script_env``) to that environment's Python executable on
+this node; a recipe or python step without one runs in the node's own interpreter.
+Each interpreter has its own warm fork server (``Pools.get``).
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ from nodes.flow.errors import FlowError
 from nodes.flow.graph import Graph
 from nodes.flow.jobs import Stopper
 from nodes.flow.metrics import evaluate, load_metrics
-from nodes.flow.pool import WorkerPool
+from nodes.flow.pool import Pools, WorkerPool
 from nodes.flow.progress import Progress
 from nodes.flow.results import BuildResult, CheckResult, Metrics, ScenarioResult
 from nodes.flow.run_log import RunLog
@@ -32,7 +38,7 @@ from nodes.project.manifest import Manifest
 def check_params(params: Mapping[str, Any] | None) -> None:
     """Raises ``FlowError`` if ``params`` cannot be sent to a job process."""
     try:
-        msgspec.msgpack.encode(dict(params or {}))
+        msgspec.json.encode(dict(params or {}))
     except (TypeError, msgspec.EncodeError) as exc:
         raise FlowError([f"run parameters must be plain data (str, numbers, bool, None, "
                          f"lists, dicts): {exc}"]) from None
@@ -62,21 +68,58 @@ class Flow:
     Automation); dataset paths resolve under ``data_dir`` (default: ``code_dir``);
     shipped datasets missing from ``data_dir`` are copied from ``seed_dir``.
 
+    ``pool``: the ``Pools`` of this node, or a single ``WorkerPool`` (then every
+    recipe and step runs in that pool's interpreter).  ``envs``: code environment name
+    -> Python executable (see the module docstring).
+
     Raises ``FlowError`` at once if the manifest's DAG is invalid (unknown dataset,
-    two writers, cycle); ``validate()`` also checks the code files.
+    two writers, cycle); ``validate()`` also checks the code files and that every code
+    environment needed is in ``envs``.
     """
 
-    def __init__(self, manifest: Manifest, *, code_dir: Path, pool: WorkerPool,
+    def __init__(self, manifest: Manifest, *, code_dir: Path, pool: WorkerPool | Pools,
                  data_dir: Path | None = None, seed_dir: Path | None = None,
-                 limits: Limits | None = None) -> None:
+                 limits: Limits | None = None, envs: Mapping[str, str] | None = None,
+                 ) -> None:
         self.manifest = manifest
         self.graph = Graph.of(manifest)
         self.code_dir = code_dir.resolve()
         self.data_dir = (data_dir or code_dir).resolve()
         self.seed_dir = seed_dir.resolve() if seed_dir is not None else None
         self.pool = pool
+        self.envs = dict(envs or {})
         self.limits = limits or Limits()
 
+    def pool_for(self, env: str | None) -> WorkerPool:
+        """The pool running user code of code environment ``env`` (None: the builtin
+        one).  Raises ``FlowError`` for an environment this node does not have."""
+        if env is None:
+            python = None
+        else:
+            python = self.envs.get(env)
+            if python is None:
+                have = ", ".join(sorted(self.envs)) or "none"
+                raise FlowError([f"code environment {env!r} is not available here "
+                                 f"(available: {have})"])
+        if isinstance(self.pool, Pools):
+            return self.pool.get(python)
+        if python is not None and python != self.pool.python:
+            raise FlowError([f"code environment {env!r} needs its own interpreter "
+                             f"({python}): give the Flow a Pools, not a WorkerPool"])
+        return self.pool
+
+    def _check_envs(self, recipes: Iterable[str], scripts: bool) -> None:
+        problems = []
+        wanted = {self.manifest.recipe_env(r) for r in recipes}
+        if scripts:
+            wanted.add(self.manifest.script_env())
+        for env in sorted(e for e in wanted if e is not None):
+            try:
+                self.pool_for(env)
+            except FlowError as exc:
+                problems += exc.problems
+        if problems:
+            raise FlowError(problems)
     def path(self, dataset: str) -> Path:
         """Where ``dataset`` lives on this node."""
         return self.data_dir / self.manifest.datasets[dataset].path
@@ -98,6 +141,10 @@ class Flow:
                 wanted += [d for st in self.manifest.scenarios[sname].steps
                            for d in st.build or ()]
             recipes = self.graph.needed(wanted)
+        steps = self.manifest.scenarios.values() if scenarios is None else \
+            [self.manifest.scenarios[s] for s in scenarios]
+        self._check_envs(self.manifest.recipes if recipes is None else recipes,
+                         any(st.python is not None for sc in steps for st in sc.steps))
         problems = await anyio.to_thread.run_sync(
             lambda: self.graph.missing_files(self.code_dir, recipes=recipes,
                                              scenarios=scenarios))

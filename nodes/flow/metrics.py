@@ -2,8 +2,9 @@
 
 Built-in metrics: ``size_bytes`` (a directory: the sum of its files, plus
 ``file_count``) and, for ``.csv``/``.tsv`` files, ``row_count`` (data records, not the
-header; blank lines ignored; quoted newlines handled).  Recipes add their own with
-``ctx.metric``.
+header; blank lines ignored; quoted newlines handled), measured by
+``nodes.sandbox.measure`` (the job process measures its outputs with it).  Recipes add
+their own with ``ctx.metric``.
 
 Metrics persist beside the data in ``<data_dir>/.shipyard/metrics/<dataset>.json``,
 stamped with the file's mtime and size: a later check step reads them without
@@ -17,7 +18,6 @@ Blocking functions: callers run them in worker threads or in the job process.
 from __future__ import annotations
 
 import contextlib
-import csv
 import os
 import time
 from pathlib import Path
@@ -26,8 +26,9 @@ import msgspec
 
 from nodes.flow.results import CheckResult, CheckStatus, Metrics, Number
 from nodes.project.manifest import Check
+from nodes.sandbox.measure import count_rows as count_rows
+from nodes.sandbox.measure import measure as measure
 
-CHUNK = 1 << 20
 METRICS_DIR = Path(".shipyard") / "metrics"
 BUILTIN = ("row_count", "size_bytes", "file_count")
 
@@ -63,39 +64,6 @@ def stamp(path: Path) -> Stamp | None:
                 s = os.stat(os.path.join(root, f))
                 newest, total = max(newest, s.st_mtime_ns), total + s.st_size
     return Stamp(newest, total)
-
-
-def count_rows(path: Path) -> int:
-    """Data records of a CSV/TSV file, without its header."""
-    quoted = False
-    with path.open("rb") as f:
-        while chunk := f.read(CHUNK):
-            if b'"' in chunk:
-                quoted = True
-                break
-    if quoted:
-        delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
-        with path.open(newline="", encoding="utf-8", errors="replace") as t:
-            records = sum(1 for row in csv.reader(t, delimiter=delimiter) if row)
-    else:
-        with path.open("rb") as f:
-            records = sum(1 for line in f if line.strip())
-    return max(0, records - 1)
-
-
-def measure(path: Path) -> Metrics:
-    """Built-in metrics of the dataset at ``path`` (empty if it does not exist)."""
-    if path.is_dir():
-        st = stamp(path)
-        files = sum(len(fs) for _, _, fs in os.walk(path))
-        return {"size_bytes": st.size if st else 0, "file_count": files}
-    try:
-        out: Metrics = {"size_bytes": path.stat().st_size}
-    except FileNotFoundError:
-        return {}
-    if path.suffix.lower() in (".csv", ".tsv"):
-        out["row_count"] = count_rows(path)
-    return out
 
 
 def sidecar_path(data_dir: Path, dataset: str) -> Path:

@@ -164,7 +164,8 @@ async def _step(flow: Flow, i: int, step: Step, sname: str, *, params: dict[str,
     async def started(pid: int | None) -> None:
         log.write(source, f"started (pid {pid})")
 
-    job = await run_job(flow.pool, spec, log=log, source=source,
+    pool = flow.pool_for(flow.manifest.script_env())
+    job = await run_job(pool, spec, log=log, source=source,
                         timeout_s=flow.limits.recipe_timeout_s, stopper=stopper,
                         on_started=started)
     recorded = {k: v for m in (job.report.metrics if job.report else {}).values()

@@ -1,126 +1,87 @@
-"""Frames between the engine, its fork server and the job processes it forks.
+"""The engine's side of the frames it exchanges with its fork servers and their jobs.
 
-Framed by ``nodes.runtime.framing`` (shared with the API node's workers), one tagged
-union per direction.
-Private to the flow package: both ends always run the same code, so there are no
-compatibility rules here, unlike ``protocol/``.
+The layout (``nodes.sandbox.frames``) and the messages (``nodes.sandbox.messages``)
+are defined once, in the sandbox, because the fork server and the jobs run inside code
+environments with the standard library only.  Here the engine decodes the same bytes
+with msgspec into those same dataclasses, so every field is type-checked on arrival
+(``tests/test_sandbox.py`` runs both sides against each other).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import msgspec
 
-from nodes.runtime.framing import HEADER as HEADER
-from nodes.runtime.framing import Deframer as Deframer
-from nodes.runtime.framing import frame as frame
+from nodes.sandbox import frames
+from nodes.sandbox.frames import Deframer as Deframer
+from nodes.sandbox.frames import FrameError as FrameError
+from nodes.sandbox.messages import (
+    FROM_SERVER,
+    Exited,
+    JobSpec,
+    Output,
+    Ready,
+    Report,
+    Spawn,
+    Started,
+    Stop,
+)
 
-
-class JobSpec(msgspec.Struct, frozen=True, kw_only=True):
-    """Everything a job process needs: what to run, where, with which limits."""
-
-    kind: str                                  # "recipe" or "script"
-    name: str                                  # recipe name or script step name
-    code: str                                  # absolute path of the Python file
-    cwd: str
-    sys_path: list[str] = []
-    inputs: dict[str, str] = {}                # dataset -> path
-    outputs: dict[str, str] = {}               # dataset -> temporary path
-    datasets: dict[str, str] = {}              # every dataset -> path (scripts)
-    data_dir: str = ""
-    code_dir: str = ""
-    params: dict[str, Any] = {}
-    memory_mb: int | None = None
-    measure: bool = True                       # compute size/row metrics of outputs
-
-
-# -- engine -> fork server --------------------------------------------------------------
-
-class Spawn(msgspec.Struct, frozen=True, tag=True):
-    job: int
-    spec: JobSpec
-
-
-class Stop(msgspec.Struct, frozen=True, tag=True):
-    """SIGTERM the job's process group now, SIGKILL it after ``grace_s``."""
-
-    job: int
-    grace_s: float
-
-
-ToServer = Spawn | Stop
-
-
-# -- fork server -> engine --------------------------------------------------------------
-
-class Ready(msgspec.Struct, frozen=True, tag=True):
-    pid: int
-
-
-class Started(msgspec.Struct, frozen=True, tag=True):
-    job: int
-    pid: int
-
-
-class Output(msgspec.Struct, frozen=True, tag=True):
-    """Bytes the job wrote to its stdout or stderr (ctx.log writes there too)."""
-
-    job: int
-    data: bytes
-
-
-class Exited(msgspec.Struct, frozen=True, tag=True):
-    """The job process is gone.  ``returncode`` as in ``subprocess`` (negative: killed
-    by that signal); ``report`` is the job's encoded ``Report`` (empty if it died before
-    writing one); ``spawn_error`` is set when the fork itself failed."""
-
-    job: int
-    returncode: int
-    report: bytes = b""
-    peak_rss_kb: int = 0
-    spawn_error: str = ""
-
+__all__ = ["Deframer", "Exited", "FrameError", "JobSpec", "Output", "Ready", "Report",
+           "Spawn", "Started", "Stop", "decode", "decode_from_server", "decode_report",
+           "encode", "spawn"]
 
 FromServer = Ready | Started | Output | Exited
+_decoders: dict[type[Any], msgspec.json.Decoder[Any]] = {}
+_json = msgspec.json.Encoder().encode
 
 
-# -- job process -> engine (through the fork server, in ``Exited.report``) -----------------
-
-class Report(msgspec.Struct, frozen=True, kw_only=True):
-    ok: bool
-    exit_code: int = 0
-    error: str = ""                            # "ValueError: bad row"
-    traceback_tail: list[str] = []
-    memory_error: bool = False
-    metrics: dict[str, dict[str, int | float]] = {}
+def encode(msg: Any) -> bytes:
+    """One frame holding ``msg`` (a ``messages`` dataclass), as ``frames.encode`` writes
+    it; without a blob, with msgspec (a ``JobSpec``: ~2 us, against ~20 us for the
+    standard library's json)."""
+    if msg.BLOB:  # metadata of a few numbers
+        return frames.encode(msg)
+    return frames.pack(msg.KIND, _json(msg))
 
 
-_spec = msgspec.msgpack.Decoder(JobSpec)
-_to_server = msgspec.msgpack.Decoder(ToServer)
-_from_server = msgspec.msgpack.Decoder(FromServer)
-_report = msgspec.msgpack.Decoder(Report)
-_encoder = msgspec.msgpack.Encoder()
+def decode(kinds: dict[int, Any], kind: int, meta: bytes, blob: bytes) -> Any:
+    """The message in a frame, typed and checked (``FrameError`` if it is not one of
+    ``kinds`` or does not fit its class)."""
+    cls = kinds.get(kind)
+    if cls is None:
+        raise FrameError(f"unknown frame kind {kind}")
+    dec = _decoders.get(cls)
+    if dec is None:
+        dec = _decoders[cls] = msgspec.json.Decoder(cls)
+    try:
+        msg = dec.decode(meta)
+    except msgspec.DecodeError as exc:
+        raise FrameError(f"bad {cls.__name__} frame: {exc}") from None
+    if cls.BLOB:
+        msg = dataclasses.replace(msg, **{cls.BLOB: blob})
+    return msg
 
 
-def encode_report(report: Report) -> bytes:
-    return _encoder.encode(report)
+def decode_from_server(kind: int, meta: bytes, blob: bytes) -> FromServer:
+    msg: FromServer = decode(FROM_SERVER, kind, meta, blob)
+    return msg
+
+
+def spawn(job: int, spec: JobSpec) -> bytes:
+    """The ``Spawn`` frame for ``spec``."""
+    return frames.encode(Spawn(job=job, spec=encode(spec)))
 
 
 def decode_report(data: bytes) -> Report | None:
-    try:
-        return _report.decode(data) if data else None
-    except msgspec.DecodeError:
+    """A job's report (``Exited.report``), or None if it wrote none or a broken one."""
+    if not data:
         return None
-
-
-def decode_spec(body: bytes) -> JobSpec:
-    return _spec.decode(body)
-
-
-def decode_to_server(body: bytes) -> ToServer:
-    return _to_server.decode(body)
-
-
-def decode_from_server(body: bytes) -> FromServer:
-    return _from_server.decode(body)
+    try:
+        kind, meta, blob = frames.split(data)
+        report: Report = decode({Report.KIND: Report}, kind, meta, blob)
+    except (FrameError, Exception):
+        return None
+    return report

@@ -1,4 +1,6 @@
-"""The fork server: ``python -m nodes.flow.forkserver [--spares=N] [MODULE ...]``.
+"""The fork server: the sandbox entry point ``forkserver`` (``launch.argv``), with
+arguments ``[--spares=N] [MODULE ...]``, in the interpreter of a code environment (or
+the node's own).
 
 A small single-threaded process that has imported Python, the job runner and the
 modules named on its command line once, and then forks one fresh process per job.
@@ -10,8 +12,9 @@ It keeps ``N`` (default 1) *spare* processes forked ahead of need, already detac
 waiting for a job spec on a pipe, so a job's start does not wait for a fork; each
 spare still runs exactly one job.
 
-It talks to the engine over its stdin/stdout in ``wire`` frames: ``Spawn``/``Stop``
-in; ``Ready``, ``Started``, ``Output``, ``Exited`` out.  It reaps its jobs itself and
+It talks to the engine over its stdin/stdout in ``frames``: ``Spawn``/``Stop`` in;
+``Ready``, ``Started``, ``Output``, ``Exited`` out (``messages``).  It never decodes a
+job's spec or report: it forwards them as they are.  It reaps its jobs itself and
 sends ``Exited`` only after forwarding all they wrote, so the engine sees a job's
 output and report complete and in order.  It exits, killing its jobs, when its stdin
 closes (the engine is gone); Linux also kills it and each job if their parent dies.
@@ -30,22 +33,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-import msgspec
-
-from nodes.flow.child import become_job
-from nodes.flow.wire import (
-    Deframer,
-    Exited,
-    JobSpec,
-    Output,
-    Ready,
-    Spawn,
-    Started,
-    Stop,
-    decode_to_server,
-    frame,
-)
-from nodes.orphans import die_with_parent
+from . import frames
+from .child import become_job
+from .messages import TO_SERVER, Exited, Output, Ready, Spawn, Started, Stop
+from .orphans import die_with_parent
 
 READ = 1 << 16
 SPARE_BACKOFF_S = 1.0  # after a spare died unused, wait this long before forking another
@@ -73,7 +64,7 @@ class Server:
         self.by_job: dict[int, Proc] = {}        # job id -> process
         self.spares: list[Proc] = []
         self.spares_after = 0.0
-        self.deframer = Deframer()
+        self.deframer = frames.Deframer()
         self.wake_r, self.wake_w = os.pipe()
         os.set_blocking(self.wake_r, False)
         os.set_blocking(self.wake_w, False)
@@ -82,10 +73,8 @@ class Server:
         self.sel.register(0, selectors.EVENT_READ, "cmd")
         self.sel.register(self.wake_r, selectors.EVENT_READ, "wake")
 
-    def send(self, msg: msgspec.Struct) -> None:
-        data = memoryview(frame(msg))
-        while data:
-            data = data[os.write(self.frames_fd, data):]
+    def send(self, msg: Any) -> None:
+        frames.write_all(self.frames_fd, frames.encode(msg))
 
     def serve(self) -> None:
         self.send(Ready(pid=os.getpid()))
@@ -118,8 +107,8 @@ class Server:
         if not data:
             self.shutdown()
             return False
-        for body in self.deframer.feed(data):
-            msg = decode_to_server(body)
+        for kind, meta, blob in self.deframer.feed(data):
+            msg = frames.decode(TO_SERVER, kind, meta, blob)
             if isinstance(msg, Spawn):
                 self.spawn(msg.job, msg.spec)
             elif isinstance(msg, Stop):
@@ -129,9 +118,9 @@ class Server:
                     p.kill_at = time.monotonic() + msg.grace_s
         return True
 
-    def fork(self, spec: JobSpec | None) -> Proc:
-        """Fork a job process for ``spec``, or a spare if ``spec`` is None.  Raises
-        ``OSError``."""
+    def fork(self, spec: bytes | None) -> Proc:
+        """Fork a job process for ``spec`` (an encoded ``JobSpec`` frame), or a spare
+        if ``spec`` is None.  Raises ``OSError``."""
         out_r, out_w = os.pipe()
         ctl_r, ctl_w = os.pipe()
         spec_r, spec_w = os.pipe() if spec is None else (None, None)
@@ -155,15 +144,13 @@ class Server:
         self.sel.register(ctl_r, selectors.EVENT_READ, (pid, "ctl"))
         return p
 
-    def spawn(self, job: int, spec: JobSpec) -> None:
+    def spawn(self, job: int, spec: bytes) -> None:
         p = None
         while self.spares and p is None:
             spare = self.spares.pop()
             assert spare.spec_w is not None
             try:
-                data = memoryview(frame(spec))
-                while data:
-                    data = data[os.write(spare.spec_w, data):]
+                frames.write_all(spare.spec_w, spec)
                 p = spare
             except OSError:  # the spare is gone; the reaper will find it
                 self.killpg(spare.pid, signal.SIGKILL)
@@ -281,7 +268,3 @@ def main(argv: list[str]) -> None:
     gc.freeze()  # keep warm objects out of the jobs' collections: less copy-on-write
     with contextlib.suppress(KeyboardInterrupt, BrokenPipeError):
         Server(frames_fd, spares).serve()
-
-
-if __name__ == "__main__":
-    main(sys.argv[1:])

@@ -5,7 +5,8 @@ Runs in a process the fork server has just forked, so it owns the whole process:
 may change limits, directories and ``sys`` freely, and it always ends with
 ``os._exit`` (never returning into the fork server's loop).  The report goes back on
 the control pipe (fd 3); everything else (``ctx.log``, prints, tracebacks) on
-stdout/stderr, which the fork server forwards to the engine's run log.
+stdout/stderr, which the fork server forwards to the engine's run log.  Standard
+library only: it runs in the user's interpreter.
 """
 
 from __future__ import annotations
@@ -21,10 +22,11 @@ from pathlib import Path
 from types import ModuleType
 from typing import NoReturn
 
-from nodes.flow.context import RecipeContext, ScriptContext
-from nodes.flow.metrics import measure
-from nodes.flow.wire import HEADER, JobSpec, Report, decode_spec, encode_report
-from nodes.orphans import die_with_parent
+from . import frames
+from .context import RecipeContext, ScriptContext
+from .measure import measure
+from .messages import JobSpec, Report
+from .orphans import die_with_parent
 
 TRACEBACK_LINES = 20
 EXIT_FAILED = 1      # run(ctx) raised
@@ -33,10 +35,11 @@ EXIT_SETUP = 71      # the process failed before it could run anything
 CTL_FD, SPEC_FD = 3, 4
 
 
-def become_job(spec: JobSpec | None, out_w: int, ctl_w: int, spec_r: int | None) -> NoReturn:
+def become_job(spec: bytes | None, out_w: int, ctl_w: int, spec_r: int | None) -> NoReturn:
     """In a process just forked from the fork server: leave its session, signal
-    handlers and file descriptors behind, then run ``spec`` -- or, for a spare
-    process forked ahead of need, wait for the spec on ``spec_r`` first."""
+    handlers and file descriptors behind, then run ``spec`` (an encoded ``JobSpec``
+    frame) -- or, for a spare process forked ahead of need, wait for it on ``spec_r``
+    first."""
     try:
         os.setsid()
         die_with_parent()
@@ -60,30 +63,18 @@ def become_job(spec: JobSpec | None, out_w: int, ctl_w: int, spec_r: int | None)
     except BaseException:
         os._exit(EXIT_SETUP)
     if spec is None:
-        spec = _read_spec(SPEC_FD)
-    run_job(spec, CTL_FD)
-
-
-def _read_spec(fd: int) -> JobSpec:
-    """A spare's job, or exit quietly when the fork server retires it (EOF)."""
+        try:
+            kind, meta, blob = frames.read_frame(SPEC_FD)
+            os.close(SPEC_FD)
+        except BaseException:  # the fork server retired this spare (EOF)
+            os._exit(0)
+    else:
+        kind, meta, blob = frames.split(spec)
     try:
-        head = _read_exactly(fd, HEADER.size)
-        (n,) = HEADER.unpack(head)
-        spec = decode_spec(_read_exactly(fd, n))
-        os.close(fd)
+        job = frames.decode({JobSpec.KIND: JobSpec}, kind, meta, blob)
     except BaseException:
-        os._exit(0)
-    return spec
-
-
-def _read_exactly(fd: int, n: int) -> bytes:
-    buf = bytearray()
-    while len(buf) < n:
-        chunk = os.read(fd, n - len(buf))
-        if not chunk:
-            raise EOFError
-        buf += chunk
-    return bytes(buf)
+        os._exit(EXIT_SETUP)
+    run_job(job, CTL_FD)
 
 
 def set_memory_limit(memory_mb: int | None) -> None:
@@ -175,9 +166,7 @@ def run_job(spec: JobSpec, ctl_fd: int) -> NoReturn:
     try:
         sys.stdout.flush()
         sys.stderr.flush()
-        data = encode_report(report)
-        while data:
-            data = data[os.write(ctl_fd, data):]
+        frames.write_all(ctl_fd, frames.encode(report))
     except BaseException:
         os._exit(EXIT_REPORT)
     os._exit(code & 0xFF if code >= 0 else EXIT_FAILED)
