@@ -7,10 +7,17 @@ Bundles and API packages carry a lock of each code environment they use, made he
 (``nodes/design/envs.py``) from the node's package index settings: ``index`` when given,
 else ``IndexSettings.from_env()`` (``SHIPYARD_INDEX_URL``, ``SHIPYARD_FIND_LINKS``,
 ``SHIPYARD_NO_INDEX``).
+
+A test build runs in the same environments as production: the build locks each
+environment its recipes use, as ``bundle create`` would, and builds it in the node's own
+``EnvStore`` (``<data dir>/envs``) before the first recipe starts, so "test before you
+deploy" runs the libraries a bundle made now would run.  A lock that has not changed
+builds nothing the second time.
 """
 
 from __future__ import annotations
 
+import functools
 import getpass
 import os
 import tempfile
@@ -26,9 +33,12 @@ from nats.js.kv import KeyValue
 
 from nodes.design.api_packages import ApiPackager
 from nodes.design.envs import EnvLocker
+from nodes.envs.lock import LockFailed
+from nodes.envs.store import EnvBuildFailed, EnvStore
 from nodes.envs.uv import IndexSettings
 from nodes.flow.engine import Flow, check_params
-from nodes.flow.pool import WorkerPool
+from nodes.flow.errors import FlowError
+from nodes.flow.pool import Pools
 from nodes.flow.progress import Progress
 from nodes.flow.results import BuildResult
 from nodes.project.bundle import pack
@@ -36,6 +46,7 @@ from nodes.project.manifest import MANIFEST, Manifest, ManifestError, load_manif
 from nodes.runtime import transfer
 from nodes.runtime.jetstream import ensure_kv
 from nodes.runtime.kvcache import snapshot
+from nodes.runtime.loops import forever
 from nodes.runtime.node import Node, handles
 from nodes.runtime.run_reports import LocalRuns, RunInfo
 from protocol import subjects
@@ -62,6 +73,7 @@ from protocol.errors import BadRequest, Conflict, NotFound
 from protocol.scenarios import DESIGN_BUILD, BuildDatasets, RunAccepted
 from protocol.state import DesignState
 
+ENV_COLLECT_INTERVAL_S = 60.0  # how often unused code environments are looked for
 
 class DesignNode(Node):
     role: ClassVar[str] = "design"
@@ -71,14 +83,17 @@ class DesignNode(Node):
     def __init__(self, *, workspace: Path | None = None, data_dir: Path | None = None,
                  index: IndexSettings | None = None, **kw: Any) -> None:
         super().__init__(**kw)
-        self.envs = EnvLocker(self, index if index is not None else IndexSettings.from_env())
+        index = index if index is not None else IndexSettings.from_env()
+        self.envs = EnvLocker(self, index)
         self.workspace = (workspace or Path("projects")).resolve()
         self.data_dir = (data_dir or Path(".shipyard") / "nodes" / self.name).resolve()
+        self.env_store = EnvStore(self.data_dir / "envs", index)
+        self._env_runs: dict[str, set[str]] = {}  # digest -> test builds running in it
         self.local = LocalRuns(self, self.data_dir / "runs")
         self.add_handlers(self.local)
         self.api_packages = ApiPackager(self)
         self.add_handlers(self.api_packages)
-        self.pool: WorkerPool | None = None
+        self.pools: Pools | None = None
         self._bundles: KeyValue | None = None
 
     @property
@@ -100,10 +115,16 @@ class DesignNode(Node):
 
     async def started(self, tg: TaskGroup) -> None:
         await tg.start(self._host_pool)
+        tg.start_soon(functools.partial(forever, "code env collection", self._collect_envs,
+                                        log=self.log, interval=ENV_COLLECT_INTERVAL_S))
+
+    async def _collect_envs(self) -> None:
+        """Remove environments no test build has used for the store's grace period."""
+        await self.env_store.collect({d for d, runs in self._env_runs.items() if runs})
 
     async def _host_pool(self, *, task_status: TaskStatus[None]) -> None:
-        async with WorkerPool() as pool:
-            self.pool = pool
+        async with Pools() as pools:
+            self.pools = pools
             task_status.started()
             await anyio.sleep_forever()
 
@@ -111,21 +132,29 @@ class DesignNode(Node):
         await self.local.cancel_all()
 
     def state(self) -> DesignState:
-        return DesignState(workspace=str(self.workspace), runs=self.local.state())
+        return DesignState(workspace=str(self.workspace), runs=self.local.state(),
+                           envs=self.env_store.states(
+                               {d: [f"build {r}" for r in sorted(runs)]
+                                for d, runs in self._env_runs.items() if runs}))
 
     # -- test builds ---------------------------------------------------------------------
 
     @handles(BuildDatasets)
     async def build(self, cmd: BuildDatasets, req: Request[Any]) -> RunAccepted:
         """Test-build datasets in the workspace, with the engine Automation nodes use."""
-        assert self.pool is not None
+        assert self.pools is not None
         if not cmd.datasets:
             raise BadRequest("name at least one dataset to build")
         project_dir, manifest = await self.project(cmd.project)
-        flow = Flow(manifest, code_dir=project_dir, pool=self.pool)
+        pools = self.pools
+        flow = Flow(manifest, code_dir=project_dir, pool=pools)
         flow.graph.check_targets(cmd.datasets)
         check_params(cmd.params)
-        await flow.validate(targets=cmd.datasets)
+        wanted = {e for e in (manifest.recipe_env(r) for r in flow.graph.needed(cmd.datasets))
+                  if e}
+        # Every environment's name is checked now; its interpreter comes once it is built.
+        await Flow(manifest, code_dir=project_dir, pool=pools,
+                   envs=dict.fromkeys(wanted, "")).validate(targets=cmd.datasets)
         run = RunInfo(run_id=f"{manifest.project.key}-build-{time.strftime('%Y%m%dT%H%M%S')}-"
                              f"{new_id()[-6:]}",
                       project=manifest.project.key, scenario="build " + ",".join(cmd.datasets),
@@ -133,11 +162,34 @@ class DesignNode(Node):
                       firing=req.id, params=dict(cmd.params))
 
         async def work(progress: Progress, cancel: anyio.Event) -> BuildResult:
-            return await flow.build(cmd.datasets, force=cmd.force, params=run.params,
-                                    log=run.log_path, progress=progress, cancel=cancel)
+            try:
+                envs = await self._build_envs(project_dir, manifest, wanted, run.run_id)
+                built = Flow(manifest, code_dir=project_dir, pool=pools, envs=envs)
+                return await built.build(cmd.datasets, force=cmd.force, params=run.params,
+                                         log=run.log_path, progress=progress, cancel=cancel)
+            finally:
+                for runs in self._env_runs.values():
+                    runs.discard(run.run_id)
 
         self.tg.start_soon(self.local.run, run, work)
         return RunAccepted(run_id=run.run_id, node=self.name)
+
+    async def _build_envs(self, project_dir: Path, manifest: Manifest, names: set[str],
+                          run_id: str) -> dict[str, str]:
+        """Lock and build every environment in ``names``: env name -> python.  A lock
+        or build failure fails the run (``FlowError``) with its reason."""
+        if not names:
+            return {}
+        try:
+            locks = await self.envs.lock(project_dir, manifest, names, wheels=False)
+            out: dict[str, str] = {}
+            for name, lock in sorted(locks.items()):
+                self._env_runs.setdefault(lock.digest, set()).add(run_id)
+                self.log.info("building code env", env=name, digest=lock.digest[:12])
+                out[name] = str(await self.env_store.ensure(lock))
+            return out
+        except (LockFailed, EnvBuildFailed) as exc:
+            raise FlowError([str(exc)]) from None
 
     # -- workspace ---------------------------------------------------------------------
 
