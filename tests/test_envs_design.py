@@ -354,3 +354,29 @@ def test_index_options_on_a_node_that_does_not_lock_are_a_usage_error(
     proc = shipyard("node", "start", "deployer", "--find-links", "/wheels", env=cli_env)
     assert proc.returncode == 2
     assert "--find-links is for automation, api and design nodes" in proc.stderr
+
+
+@pytest.mark.parametrize("design_process", ["options"], indirect=True)
+def test_a_test_build_runs_recipes_in_the_locked_env(
+        design_process: tuple[dict[str, str], Path]) -> None:
+    env, ws = design_process
+    d = write_project(ws, "tiny==1.0")
+    (d / "recipes/clean.py").write_text(
+        "import sys\nimport tiny\n\ndef run(ctx):\n"
+        "    ctx.outputs['clean'].write_text(tiny.VERSION + ' ' + sys.prefix)\n")
+    shipyard("build", "churn", "clean", "--wait", env=env, check=True, timeout=120)
+    version, prefix = (d / "data/clean.csv").read_text().split(" ")
+    assert version == "1.0" and "/design/envs/" in prefix
+
+    write_project(ws, "tiny==2.0")
+    (d / "recipes/clean.py").write_text(
+        "import tiny\n\ndef run(ctx):\n    ctx.outputs['clean'].write_text(tiny.VERSION)\n")
+    shipyard("build", "churn", "clean", "--wait", "--force", env=env, check=True, timeout=120)
+    assert (d / "data/clean.csv").read_text() == "2.0"
+
+    write_project(ws, "tiny==3.0")
+    bad = shipyard("build", "churn", "clean", "--wait", "--force", env=env, timeout=120)
+    assert bad.returncode == 1, bad.stdout + bad.stderr
+    assert "code env 'ml' cannot be locked" in bad.stdout + bad.stderr
+    assert "Traceback" not in bad.stderr
+

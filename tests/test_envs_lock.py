@@ -148,6 +148,26 @@ def test_host_platform_is_a_uv_target() -> None:
                         r"|linux|.*-pc-windows-msvc", p), p
 
 
+@pytest.mark.skipif(sys.platform != "linux", reason="the glibc mapping is Linux's")
+@pytest.mark.parametrize(("machine", "libc", "expected"), [
+    ("x86_64", ("glibc", "2.36"), "x86_64-manylinux_2_36"),
+    ("x86_64", ("glibc", "2.30"), "x86_64-manylinux_2_28"),  # the newest level uv knows below
+    ("aarch64", ("glibc", "2.45"), "aarch64-manylinux_2_40"),
+    ("x86_64", ("glibc", "2.12"), "x86_64-manylinux_2_17"),  # never below manylinux_2_17
+    ("x86_64", ("", ""), "x86_64-unknown-linux-musl"),
+])
+def test_host_platform_follows_the_hosts_glibc(monkeypatch: pytest.MonkeyPatch, machine: str,
+                                               libc: tuple[str, str], expected: str) -> None:
+    monkeypatch.setattr("platform.machine", lambda: machine)
+    monkeypatch.setattr("platform.libc_ver", lambda: libc)
+    assert host_platform() == expected
+
+
+async def test_a_python_that_is_not_major_minor_is_refused(wheels: Path) -> None:
+    with pytest.raises(LockFailed, match=r"python '3': expected major\.minor"):
+        await resolve("ml", ["tiny"], python="3", index=_index(wheels))
+
+
 REQ_MANIFEST = """\
 [project]
 key = "churn"

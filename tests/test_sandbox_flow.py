@@ -6,9 +6,12 @@ Real virtualenvs (uv, local wheels), real fork servers."""
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
+import anyio
+import anyio.abc
 import msgspec
 import pytest
 
@@ -191,3 +194,29 @@ async def test_preload_modules_are_imported_by_every_interpreter_that_has_them(
     # warm in the environment that has it; skipped (a line on stderr) where it is missing
     assert (tmp_path / "a.csv").read_text() == "True"
     assert (tmp_path / "c.csv").read_text() == "False"
+
+
+async def test_cancelling_the_pools_owner_stops_every_fork_server(
+        tmp_path: Path, envs: dict[str, str]) -> None:
+    """A node's shutdown cancels the task that holds its ``Pools``: every fork server,
+    including one started later by a job in an environment, must exit, and the owner
+    must not wait for them forever."""
+    manifest = write_project(tmp_path, MANIFEST, {"probe.py": PROBE, "script.py": SCRIPT})
+    pids: list[int] = []
+
+    async def owner(*, task_status: anyio.abc.TaskStatus[Pools]) -> None:
+        async with Pools() as pools:
+            task_status.started(pools)
+            await anyio.sleep_forever()
+
+    with anyio.fail_after(30):
+        async with anyio.create_task_group() as tg:
+            pools = await tg.start(owner)
+            flow = Flow(manifest, code_dir=tmp_path, pool=pools, envs=envs)
+            assert (await flow.build(["a"])).outcome is Outcome.SUCCESS
+            pids = [p for p in (pools.get(envs["one"]).pid, pools.get().pid) if p]
+            tg.cancel_scope.cancel()
+    assert len(pids) == 2
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)

@@ -7,16 +7,22 @@ Bundles and API packages carry a lock of each code environment they use, made he
 (``nodes/design/envs.py``) from the node's package index settings: ``index`` when given,
 else ``IndexSettings.from_env()`` (``SHIPYARD_INDEX_URL``, ``SHIPYARD_FIND_LINKS``,
 ``SHIPYARD_NO_INDEX``).
+
+A test build runs in the same environments as production: the build locks each
+environment its recipes use, as ``bundle create`` would, and builds it in the node's own
+``EnvStore`` (``<data dir>/envs``) before the first recipe starts, so "test before you
+deploy" runs the libraries a bundle made now would run.  A lock that has not changed
+builds nothing the second time.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import getpass
 import os
 import tempfile
 import time
-from functools import partial
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -27,11 +33,13 @@ from anyio.abc import TaskGroup, TaskStatus
 from nats.js.kv import KeyValue
 
 from nodes.design.api_packages import ApiPackager
-from nodes.design.buildenvs import BuildEnvs
 from nodes.design.envs import EnvLocker
+from nodes.envs.lock import LockFailed
 from nodes.envs.options import EnvOptions, node_env_store
+from nodes.envs.store import EnvBuildFailed
 from nodes.envs.uv import IndexSettings
 from nodes.flow.engine import Flow, check_params
+from nodes.flow.errors import FlowError
 from nodes.flow.pool import Pools
 from nodes.flow.progress import Progress
 from nodes.flow.results import BuildResult
@@ -77,21 +85,20 @@ class DesignNode(Node):
                  index: IndexSettings | None = None, envs: EnvOptions | None = None,
                  **kw: Any) -> None:
         super().__init__(**kw)
-        options = envs or EnvOptions()
-        if index is not None:
-            options = dataclasses.replace(options, index=index)
-        self.env_options = options
-        self.envs = EnvLocker(self, options.index)
+        self.env_options = envs or EnvOptions(index=index or IndexSettings.from_env())
+        index = index if index is not None else self.env_options.index
+        self.envs = EnvLocker(self, index)
         self.workspace = (workspace or Path("projects")).resolve()
         self.data_dir = (data_dir or Path(".shipyard") / "nodes" / self.name).resolve()
-        # Test builds run in the environments a bundle made now would lock.
-        self.build_envs = BuildEnvs(self.envs, node_env_store(self.data_dir, options,
-                                                              lambda: self.js))
+        self.env_store = node_env_store(self.data_dir,
+                                        dataclasses.replace(self.env_options, index=index),
+                                        lambda: self.js)
+        self._env_runs: dict[str, set[str]] = {}  # digest -> test builds running in it
         self.local = LocalRuns(self, self.data_dir / "runs")
         self.add_handlers(self.local)
         self.api_packages = ApiPackager(self)
         self.add_handlers(self.api_packages)
-        self.pool: Pools | None = None
+        self.pools: Pools | None = None
         self._bundles: KeyValue | None = None
 
     @property
@@ -113,12 +120,17 @@ class DesignNode(Node):
 
     async def started(self, tg: TaskGroup) -> None:
         await tg.start(self._host_pool)
-        tg.start_soon(partial(forever, "envs", self.build_envs.collect, log=self.log,
-                              interval=self.env_options.gc_interval_s))
+        tg.start_soon(functools.partial(forever, "code env collection", self._collect_envs,
+                                        log=self.log,
+                                        interval=self.env_options.gc_interval_s))
+
+    async def _collect_envs(self) -> None:
+        """Remove environments no test build has used for the store's grace period."""
+        await self.env_store.collect({d for d, runs in self._env_runs.items() if runs})
 
     async def _host_pool(self, *, task_status: TaskStatus[None]) -> None:
-        async with Pools() as pool:
-            self.pool = pool
+        async with Pools() as pools:
+            self.pools = pools
             task_status.started()
             await anyio.sleep_forever()
 
@@ -127,24 +139,28 @@ class DesignNode(Node):
 
     def state(self) -> DesignState:
         return DesignState(workspace=str(self.workspace), runs=self.local.state(),
-                           envs=self.build_envs.states())
+                           envs=self.env_store.states(
+                               {d: [f"build {r}" for r in sorted(runs)]
+                                for d, runs in self._env_runs.items() if runs}))
 
     # -- test builds ---------------------------------------------------------------------
 
     @handles(BuildDatasets)
     async def build(self, cmd: BuildDatasets, req: Request[Any]) -> RunAccepted:
         """Test-build datasets in the workspace, with the engine Automation nodes use."""
-        assert self.pool is not None
+        assert self.pools is not None
         if not cmd.datasets:
             raise BadRequest("name at least one dataset to build")
         project_dir, manifest = await self.project(cmd.project)
-        pool = self.pool
-        flow = Flow(manifest, code_dir=project_dir, pool=pool)
+        pools = self.pools
+        flow = Flow(manifest, code_dir=project_dir, pool=pools)
         flow.graph.check_targets(cmd.datasets)
         check_params(cmd.params)
-        names = BuildEnvs.needed(manifest, flow.graph.needed(cmd.datasets))
-        if not names:  # with environments, the run checks once they are built
-            await flow.validate(targets=cmd.datasets)
+        wanted = {e for e in (manifest.recipe_env(r) for r in flow.graph.needed(cmd.datasets))
+                  if e}
+        # Every environment's name is checked now; its interpreter comes once it is built.
+        await Flow(manifest, code_dir=project_dir, pool=pools,
+                   envs=dict.fromkeys(wanted, "")).validate(targets=cmd.datasets)
         run = RunInfo(run_id=f"{manifest.project.key}-build-{time.strftime('%Y%m%dT%H%M%S')}-"
                              f"{new_id()[-6:]}",
                       project=manifest.project.key, scenario="build " + ",".join(cmd.datasets),
@@ -152,16 +168,34 @@ class DesignNode(Node):
                       firing=req.id, params=dict(cmd.params))
 
         async def work(progress: Progress, cancel: anyio.Event) -> BuildResult:
-            f = flow
-            if names:  # locked and built now: may take a while, so inside the run
-                envs = await self.build_envs.pythons(project_dir, manifest, names)
-                f = Flow(manifest, code_dir=project_dir, pool=pool, envs=envs)
-                await f.validate(targets=cmd.datasets)
-            return await f.build(cmd.datasets, force=cmd.force, params=run.params,
-                                 log=run.log_path, progress=progress, cancel=cancel)
+            try:
+                envs = await self._build_envs(project_dir, manifest, wanted, run.run_id)
+                built = Flow(manifest, code_dir=project_dir, pool=pools, envs=envs)
+                return await built.build(cmd.datasets, force=cmd.force, params=run.params,
+                                         log=run.log_path, progress=progress, cancel=cancel)
+            finally:
+                for runs in self._env_runs.values():
+                    runs.discard(run.run_id)
 
         self.tg.start_soon(self.local.run, run, work)
         return RunAccepted(run_id=run.run_id, node=self.name)
+
+    async def _build_envs(self, project_dir: Path, manifest: Manifest, names: set[str],
+                          run_id: str) -> dict[str, str]:
+        """Lock and build every environment in ``names``: env name -> python.  A lock
+        or build failure fails the run (``FlowError``) with its reason."""
+        if not names:
+            return {}
+        try:
+            locks = await self.envs.lock(project_dir, manifest, names, wheels=False)
+            out: dict[str, str] = {}
+            for name, lock in sorted(locks.items()):
+                self._env_runs.setdefault(lock.digest, set()).add(run_id)
+                self.log.info("building code env", env=name, digest=lock.digest[:12])
+                out[name] = str(await self.env_store.ensure(lock))
+            return out
+        except (LockFailed, EnvBuildFailed) as exc:
+            raise FlowError([str(exc)]) from None
 
     # -- workspace ---------------------------------------------------------------------
 

@@ -3,9 +3,9 @@
 Production hosts often reach no package index.  ``bundle create --wheels`` stores every
 locked wheel under ``wheel_key(sha256)``: content-addressed, so a wheel that a hundred
 bundles lock is one object, and ``store_wheel`` skips the upload when it is there
-already (a stat, one round trip: 0.6 ms here, against 3-12 ms to upload a tiny wheel).
+already (a stat, one round trip: 0.6 ms here, against 4-11 ms to upload a tiny wheel).
 A node fetches the wheels of a lock into one folder shared by all its environments
-(``fetch_wheels``, four at a time: 10 ms for 3 tiny wheels here), skipping files it
+(``fetch_wheels``, four at a time: 7 ms for 3 tiny wheels here), skipping files it
 holds with the right hash, and installs from that folder with no index.  Every byte is
 checked against the lock's SHA-256: ``get_file`` hashes as it writes and renames into
 place only on a match, so a half-fetched or tampered wheel never lands under its real

@@ -20,8 +20,10 @@ URLs are stored without their ``user:password@`` part.
 from __future__ import annotations
 
 import contextlib
+import functools
 import platform as _platform
 import re
+import shutil
 import sys
 import tempfile
 import tomllib
@@ -35,7 +37,13 @@ from packaging import tags
 from packaging.utils import InvalidWheelFilename, canonicalize_name, parse_wheel_filename
 
 from nodes.envs.uv import IndexSettings, UvFailed, run_uv
-from nodes.project.manifest import MANIFEST, Manifest, ManifestError, check_requirement
+from nodes.project.manifest import (
+    MANIFEST,
+    PYTHON_VERSION,
+    Manifest,
+    ManifestError,
+    check_requirement,
+)
 from protocol.envs import EnvLock, LockedFile, LockedPackage, env_digest
 from protocol.errors import BadRequest
 
@@ -211,6 +219,8 @@ async def resolve(name: str, requirements: list[str], *, python: str | None = No
     with uv's last lines, when they cannot be resolved in ``timeout_s``."""
     python = python or host_python()
     platform = platform or host_platform()
+    if not PYTHON_VERSION.match(python):
+        raise LockFailed(name, f"python {python!r}: expected major.minor, like \"3.11\"")
     for i, line in enumerate(requirements):  # never hand uv an option line
         try:
             check_requirement(line, f"code env {name}", f"requirements[{i}]")
@@ -218,9 +228,11 @@ async def resolve(name: str, requirements: list[str], *, python: str | None = No
             raise LockFailed(name, exc.problem) from None
     if not requirements:  # an empty environment: isolation without packages
         return parse_pylock("", env=name, python=python, platform=platform, requirements=[])
-    with tempfile.TemporaryDirectory(prefix=f"sy-lock-{name}-") as tmp:
-        d = Path(tmp)
-        (d / "requirements.in").write_text("".join(f"{r}\n" for r in requirements))
+    d = Path(await anyio.to_thread.run_sync(
+        functools.partial(tempfile.mkdtemp, prefix=f"sy-lock-{name}-")))
+    try:
+        await anyio.Path(d / "requirements.in").write_text(
+            "".join(f"{r}\n" for r in requirements))
         out = d / "pylock.env.toml"  # uv: the name must be pylock.toml or pylock.<x>.toml
         args = ["pip", "compile", "requirements.in", "--format", "pylock.toml", "-o", str(out),
                 "--python-version", python, "--python-platform", platform, "--quiet",
@@ -230,7 +242,9 @@ async def resolve(name: str, requirements: list[str], *, python: str | None = No
                          timeout_s=timeout_s, cwd=d)
         except UvFailed as exc:
             raise LockFailed(name, str(exc)) from None
-        text = out.read_text()
+        text = await anyio.Path(out).read_text()
+    finally:
+        await anyio.to_thread.run_sync(functools.partial(shutil.rmtree, d, ignore_errors=True))
     return await anyio.to_thread.run_sync(lambda: parse_pylock(
         text, env=name, python=python, platform=platform, requirements=requirements))
 

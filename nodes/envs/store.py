@@ -13,9 +13,9 @@ Layout under ``<node data dir>/envs``::
 
 An env dir without a valid marker is a leftover (a crash, a kill mid-build): it is
 removed and rebuilt.  ``ensure`` on a built env is a stat and a small JSON read in a
-worker thread: 0.14 ms p50, 0.3 ms p99 here (marker of a 3-package lock, 2 shared
+worker thread: 0.13 ms p50, 0.3 ms p99 here (marker of a 3-package lock, 2 shared
 cores), so activating a bundle whose env is built costs next to nothing; building is
-``build``'s (0.33 s for 3 tiny wheels).
+``build``'s (0.32 s for 3 tiny wheels).
 
 Builds are deduplicated twice: concurrent ``ensure`` calls for one digest in one process
 share one build (its progress, and its failure; a waiter takes over a build whose caller

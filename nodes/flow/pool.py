@@ -294,7 +294,9 @@ class WorkerPool:
             for j in list(self.jobs.values()):
                 j._finish(Exited(job=j.id, returncode=-9, spawn_error=LOST), lost=True)
             with anyio.CancelScope(shield=True):
-                await _end(proc)  # cancelled with the pool's task group: nobody else will
+                # Cancelled while the server runs (its task group is going away): stop
+                # it here, since nothing else knows about it any more.
+                await _stop_server(proc)
         if not ready:
             raise StartFailed(f"the flow worker process with {self.python} exited at "
                               f"start (code {proc.returncode})")
@@ -323,26 +325,21 @@ class WorkerPool:
         proc = self._proc
         if proc is None:
             return
-        assert proc.stdin is not None
-        with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
-            await proc.stdin.aclose()  # the server kills its jobs and exits
-        with anyio.move_on_after(5.0):
-            await proc.wait()
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
+        await _stop_server(proc)
         self._proc = None
 
 
-async def _end(proc: Process) -> None:
-    """Wait for a fork server to exit: told to by closing its stdin, killed after 5 s."""
+async def _stop_server(proc: Process, grace_s: float = 5.0) -> None:
+    """Close the fork server's stdin (it kills its jobs and exits); kill it if it is
+    still there after ``grace_s``."""
     if proc.returncode is None and proc.stdin is not None:
         with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
-            await proc.stdin.aclose()  # the server kills its jobs and exits
-    with anyio.move_on_after(5.0):
+            await proc.stdin.aclose()
+    with anyio.move_on_after(grace_s):
         await proc.wait()
     if proc.returncode is None:
-        proc.kill()
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
         await proc.wait()
 
 
