@@ -32,6 +32,7 @@ def test_envs_lists_each_env_with_its_users_and_an_unused_one_is_removed_after_t
             deployed = c.cli("deploy", "bundle", "churn", bundle, "--infra", "prod",
                              "--wait", timeout=120)
             assert deployed.returncode == 0, deployed.stderr
+            assert c.look("churn")["outcome"] == "SUCCESS"  # warms its env's fork server
         env1, env2 = (next(e["digest"] for e in c.envs("a1") if e["used_by"] == [user])
                       for user in ("bundle churn/v1", "bundle churn/v2"))
         [node] = [n for n in c.json("envs") if n["node"] == "a1"]
@@ -53,9 +54,15 @@ def test_envs_lists_each_env_with_its_users_and_an_unused_one_is_removed_after_t
                      timeout=120).returncode == 0
         wait_until(lambda: c.built("a1") == [env2], timeout=20,
                    message="the env only v1 used removed from disk")
+        assert _running_in(c.envs_dir("a1") / env2)
+        wait_until(lambda: not _running_in(c.envs_dir("a1") / env1), timeout=10,
+                   message="the removed env's fork server stopped")
         wait_until(lambda: [e["digest"] for e in c.envs("a1")] == [env2], timeout=10,
                    message="a1 reports only the env v2 uses")
-        assert c.look("churn")["outcome"] == "SUCCESS"
+        # v3 runs in the node's own interpreter, which lacks tinypkg (the dataset the
+        # recipe reads persists across bundles and still names it).
+        v3 = c.cli("scenario", "run", "churn", "look", "--infra", "prod", "--wait")
+        assert v3.returncode == 1 and "No module named 'tinypkg'" in v3.stdout, v3.stdout
         assert "Traceback" not in c.procs["a1"].output()
 
         only = c.json("envs", "--infra", "nowhere")
@@ -64,6 +71,19 @@ def test_envs_lists_each_env_with_its_users_and_an_unused_one_is_removed_after_t
                                                check=True).stdout
         bad = c.cli("envs", "--infra", "no*pe")
         assert bad.returncode == 1 and "Traceback" not in bad.stderr
+
+
+def _running_in(env: Path) -> list[int]:
+    """Pids of processes started from ``env``'s interpreter."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if argv and argv[0].decode(errors="replace").startswith(str(env)):
+            pids.append(int(proc.name))
+    return pids
 
 
 def test_env_options_are_refused_on_roles_that_build_no_env(cli_env: dict[str, str],

@@ -15,6 +15,7 @@ heartbeat shows each environment with the bundles that use it (``states``).
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -121,8 +122,9 @@ class BundleEnvs:
         """Every environment here, with its bundles (memory only: for heartbeats)."""
         return self.envs.states(self.users)
 
-    async def collect(self) -> None:
+    async def collect(self) -> list[Path]:
         """One collector pass: remove environments no kept bundle has used for the
-        grace period."""
+        grace period; the folders removed."""
         self.users = await anyio.to_thread.run_sync(self.used_by)  # raises: no pass
-        await self.envs.collect(set(self.users))
+        removed = await self.envs.collect(set(self.users))
+        return [self.envs.env_dir(d) for d in removed]

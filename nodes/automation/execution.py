@@ -14,6 +14,7 @@ behind would hold the scenario.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any, Protocol
 
 import anyio
@@ -85,6 +86,15 @@ class Execution:
             self.pools = pools
             task_status.started()
             await anyio.sleep_forever()
+
+    async def forget_envs(self, removed: list[Path]) -> None:
+        """Stop the warm fork servers of environments that were removed (each is two
+        idle processes, which would otherwise stay until the node restarts)."""
+        if self.pools is not None:
+            for env in removed:
+                for python in await self.pools.discard(env):
+                    self.log.info("fork server of a removed code env stopped",
+                                  python=python)
 
     def state(self) -> dict[str, RunState]:
         return self.local.state()

@@ -136,8 +136,11 @@ class AutomationNode(Node):
         await self.claims.release_stale_locks()
         self.schedule.schedule_active()
         tg.start_soon(partial(supervised, "converge", self._converge_loop, tg, log=self.log))
-        tg.start_soon(partial(forever, "envs", self.envs.collect, log=self.log,
+        tg.start_soon(partial(forever, "envs", self._collect_envs, log=self.log,
                               interval=self.env_options.gc_interval_s))
+
+    async def _collect_envs(self) -> None:
+        await self.execution.forget_envs(await self.envs.collect())
 
     async def stopping(self) -> None:
         self.schedule.stopping()

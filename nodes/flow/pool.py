@@ -376,6 +376,18 @@ class Pools:
             self.pools[python] = pool
         return pool
 
+    async def discard(self, under: Path) -> list[str]:
+        """Stop the pools of interpreters inside folder ``under`` (a code environment
+        that was removed), except one that is running a job; the interpreters stopped."""
+        stopped = []
+        for python, pool in list(self.pools.items()):
+            if Path(python).is_relative_to(under) and not pool.jobs:
+                del self.pools[python]
+                with anyio.CancelScope(shield=True):
+                    await pool._shutdown()
+                stopped.append(python)
+        return stopped
+
     async def __aenter__(self) -> Pools:
         stack = AsyncExitStack()
         self._tg = await stack.enter_async_context(anyio.create_task_group())
