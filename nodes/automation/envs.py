@@ -14,6 +14,7 @@ heartbeat shows each environment with the bundles that use it (``states``).
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -45,14 +46,18 @@ class BundleEnvs:
         self.log = log.bind(component="envs")
         self.users: dict[str, list[str]] = {}  # digest -> its bundles, as last scanned
         self._locks: dict[tuple[str, str], dict[str, EnvLock]] = {}
+        self._guard = threading.Lock()  # _locks is used from worker threads
 
     def locks(self, project: str, bundle: str) -> dict[str, EnvLock]:
         """The environments of an unpacked bundle, from its verified record (blocking;
         records are immutable, so each is read once)."""
         key = (project, bundle)
-        locks = self._locks.get(key)
+        with self._guard:
+            locks = self._locks.get(key)
         if locks is None:
-            locks = self._locks[key] = dict(self.store.record(project, bundle).envs)
+            locks = dict(self.store.record(project, bundle).envs)
+            with self._guard:
+                self._locks[key] = locks
         return locks
 
     async def prepare(self, project: str, bundle: str, building: Building) -> None:
@@ -106,8 +111,9 @@ class BundleEnvs:
                     continue
                 for lock in locks.values():
                     users.setdefault(lock.digest, []).append(f"bundle {project}/{bundle}")
-        for key in set(self._locks) - kept:
-            del self._locks[key]
+        with self._guard:
+            for key in set(self._locks) - kept:
+                del self._locks[key]
         return users
 
     async def refresh(self) -> None:
