@@ -24,6 +24,7 @@ from tests.envstack import (
 )
 from tests.helpers import wait_for, wait_until
 from tests.test_cli_stack import free_port
+from tests.wheels import make_wheel
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -303,3 +304,42 @@ def test_a_test_build_on_design_runs_in_the_env_a_bundle_would_lock(
         envs = c.envs("design")  # in use only while a build runs in them
         assert sorted(e["digest"] for e in envs) == c.built("design")
         assert len(envs) == 2 and {e["status"] for e in envs} == {"ready"}
+
+
+async def test_an_api_env_that_cannot_be_built_fails_the_switch_and_the_old_one_serves(
+        nats_server: EmbeddedNats, tmp_path: Path, cli_env: dict[str, str]) -> None:
+    """The API node's wheel folder lacks tinypkg 2.0 (the Design node locked it from its
+    own): the switch to v2 fails with uv's reason and v1 keeps serving."""
+    port = free_port()
+    node_wheels = tmp_path / "node-wheels"
+    make_wheel(node_wheels, "tinypkg", "1.0")
+    with cluster(nats_server.url, tmp_path, cli_env) as c:
+        await anyio.to_thread.run_sync(lambda: c.start(
+            "api", "api-1", "--infra", "prod", "--workers", "1", "--http-port", str(port),
+            "--http-host", "127.0.0.1", "--find-links", str(node_wheels), "--no-index"))
+        cli = c.cli
+
+        async def run(*args: str) -> Any:
+            return await anyio.to_thread.run_sync(lambda: cli(*args, timeout=120.0))
+
+        await anyio.to_thread.run_sync(c.registered, 3)
+        await run("infra", "create", "prod", "--kind", "api")
+        for version, pin in (("v1", "1.0"), ("v2", "2.0")):
+            _api_project(c.ws, pin)
+            assert (await run("api", "package", "churn", "churn-api", "--version",
+                              version)).returncode == 0
+        assert (await run("deploy", "api", "churn-api", "v1", "--infra", "prod",
+                          "--wait")).returncode == 0
+        failed = await run("deploy", "api", "churn-api", "v2", "--infra", "prod", "--wait")
+        assert failed.returncode == 1, failed.stdout + failed.stderr
+        assert "building env ml: installing 1 package failed" in failed.stderr
+        assert "tinypkg" in failed.stderr and "Traceback" not in failed.stderr
+
+        endpoint = f"http://127.0.0.1:{port}/public/api/v1/churn-api/predict/predict"
+        async with httpx.AsyncClient(timeout=30) as http:
+            r = await http.post(endpoint, json={"features": {}})
+        assert r.status_code == 200 and r.json()["result"]["tinypkg"] == "1.0", r.text
+        envs = await anyio.to_thread.run_sync(c.envs, "api-1")
+        assert sorted(e["status"] for e in envs) == ["failed", "ready"]
+        [bad] = [e for e in envs if e["status"] == "failed"]
+        assert "tinypkg" in bad["reason"]
