@@ -76,6 +76,7 @@ TARGET_ADDED_MS = 50.0
 REPORT = msgspec.json.Decoder(ActivationReport)
 WHEEL_DIRS = ("/opt/pypi/files", "/opt/pypi-more/files", "/opt/wheels")
 SMALL = ("attrs", "idna", "six")  # small, pure Python, no dependencies
+TOOLS = {"uv": "uv (EnvStore)", "pip": "pip", "pip_no_compile": "pip --no-compile"}
 TINY = "benchpkg"  # bumped per propagation round: a new lock each time
 
 MANIFEST = """\
@@ -453,7 +454,7 @@ def run(quick: bool = False) -> dict[str, Any]:
                **{tool: {"total": _s([r["total"] for r in c[tool]]),
                          **{ph: round(percentile([r[ph] for r in c[tool]], 50), 3)
                             for ph in c[tool][0] if ph != "total"}}
-                  for tool in ("uv", "pip", "pip_no_compile")}}
+                  for tool in TOOLS}}
         for name, c in cold.items()}
     result["load_average_end"] = list(os.getloadavg())
     _print(result)
@@ -480,10 +481,10 @@ def _print(r: dict[str, Any]) -> None:
                  "node p95 ms"], rows)
     rows = []
     for name, c in r["cold_build"].items():
-        for tool in ("uv", "pip", "pip_no_compile"):
+        for tool in TOOLS:
             t = c[tool]
             phases = ", ".join(f"{k} {v:.3f}" for k, v in t.items() if k != "total")
-            rows.append((name, tool.replace("_", " --"), t["total"]["runs"], t["total"]["p50_s"],
+            rows.append((name, TOOLS[tool], t["total"]["runs"], t["total"]["p50_s"],
                          t["total"]["p95_s"], phases))
     print_table("cold build of an environment (fresh root, cold cache)",
                 ["env", "tool", "runs", "p50 s", "p95 s", "phases p50 s"], rows)
