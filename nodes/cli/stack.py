@@ -80,6 +80,9 @@ def node() -> None:
 @click.option("--infra", help="Infrastructure to join. Default: automation/api for those "
                               "roles, 'control' otherwise.")
 @nats_option
+@click.option("--creds", metavar="FILE", default=None, type=click.Path(dir_okay=False),
+              help="Credentials file of this node's identity ('shipyard auth node add'). "
+                   "Default: $SHIPYARD_NATS_CREDS.")
 @click.option("--heartbeat-interval", type=click.FloatRange(MIN_INTERVAL_S, MAX_INTERVAL_S),
               default=2.0, show_default=True, help="Seconds between heartbeats.")
 @click.option("--forget-after", metavar="DURATION", default="1d", show_default=True,
@@ -98,7 +101,8 @@ def node() -> None:
 @click.option("--log-level", default=None, help="debug, info, warning or error.")
 @api_node_options
 def node_start(role: str, name: str | None, infra: str | None, nats_url: str | None,
-               heartbeat_interval: float, forget_after: str, max_concurrency: int,
+               creds: str | None, heartbeat_interval: float, forget_after: str,
+               max_concurrency: int,
                workspace: Path | None,
                data_dir: Path | None, keep_bundles: int, log_level: str | None,
                **api_options: Any) -> None:
@@ -111,7 +115,7 @@ def node_start(role: str, name: str | None, infra: str | None, nats_url: str | N
         subjects.token(infra, "infra name")
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from None
-    settings = resolve(nats_url)
+    settings = resolve(nats_url, creds=creds)
     extra: dict[str, Any] = {}
     if role == "design":
         extra["workspace"] = workspace or Path("projects")

@@ -8,6 +8,7 @@ from typing import Any, TypeVar
 import nats.errors
 from nats.aio.client import Client as NATS
 
+from nodes.auth.signing import signer_of
 from nodes.runtime.requests import requester
 from protocol import subjects
 from protocol.base import Command, Family, make_request, tag_of
@@ -34,6 +35,7 @@ class Caller:
         self._requester = requester(nc)
         self.sender = sender
         self.identity = identity
+        self._signer = signer_of(nc)  # set when nc was opened with shipyard credentials
 
     async def call(self, cmd: Command[R], *, timeout: float = DEFAULT_TIMEOUT,
                    node: str | None = None, request_id: str | None = None) -> R:
@@ -50,8 +52,12 @@ class Caller:
             subject = subjects.node_command(node, verb)
         else:
             subject = role_subject
-        data = make_request(cmd, sender=self.sender, request_id=request_id,
-                            identity=self.identity)
+        if self._signer is not None:
+            data = self._signer.request(subject, cmd, sender=self.sender,
+                                        request_id=request_id)
+        else:
+            data = make_request(cmd, sender=self.sender, request_id=request_id,
+                                identity=self.identity)
         try:
             msg = await self._requester.request(subject, data, timeout=timeout)
         except nats.errors.NoRespondersError:

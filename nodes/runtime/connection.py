@@ -10,6 +10,8 @@ import anyio
 import nats
 from nats.aio.client import Client as NATS
 
+from nodes.auth.keys import is_shipyard_credentials, read_credentials
+from nodes.auth.signing import Signer, attach
 from nodes.runtime.logs import get_logger
 from nodes.runtime.settings import NatsSettings
 from protocol.errors import ShipyardError
@@ -65,6 +67,8 @@ async def connect(
     client reconnects forever and re-sends its subscriptions.  ``on_closed`` runs when
     the connection is closed, by ``close()`` or for good by the client library (which
     does so when the server sends an error such as an authorization violation).
+    A connection opened with shipyard credentials signs the commands a ``Caller`` sends
+    on it (``nodes.auth.signing``).
     """
     log = get_logger(component="nats")
     stats = stats or ConnectionStats()
@@ -140,6 +144,9 @@ async def connect(
         await _abandon(nc)
         raise CannotReachNats(settings.url, str(exc) or type(exc).__name__) from None
     connected = True
+    if settings.creds_file and is_shipyard_credentials(settings.creds_file):
+        # The key that authenticated the connection signs the commands sent on it.
+        attach(nc, Signer(read_credentials(settings.creds_file)))
     return nc
 
 

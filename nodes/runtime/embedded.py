@@ -293,6 +293,13 @@ class EmbeddedNats:
     async def astop(self, timeout: float = 10.0) -> int | None:
         return await anyio.to_thread.run_sync(self.stop, timeout)
 
+    def reload(self) -> None:
+        """Re-read the config file (``-c``): users and permissions change, connections
+        stay (a removed user's are closed).  Same as ``nats-server --signal reload``."""
+        if self.proc is None or self.proc.poll() is not None:
+            raise EmbeddedNatsError("nats-server is not running")
+        self.proc.send_signal(signal.SIGHUP)
+
     def kill(self) -> None:
         """SIGKILL, for failure tests."""
         if self.proc is not None and self.proc.poll() is None:

@@ -40,6 +40,7 @@ from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
 
 import nodes
+from nodes.auth.guard import verify_command
 from nodes.runtime.calls import Caller
 from nodes.runtime.connection import ConnectionClosed, ConnectionStats, close, connect
 from nodes.runtime.inbound import Drops
@@ -106,6 +107,7 @@ class Node:
     role: ClassVar[str] = "node"
     family: ClassVar[Family | None] = None
     direct_families: ClassVar[tuple[Family, ...]] = ()  # beside SYSTEM, on sy.node.<name>.>
+    verifies_commands: ClassVar[bool] = False  # role commands must be signed (nodes.auth)
 
     def __init__(
         self,
@@ -429,6 +431,8 @@ class Node:
                 raise BadRequest(f"body type {tag_of(type(body))!r} sent to verb {verb!r}")
             if handler is None:
                 raise BadRequest(f"{self.role} node {self.name} does not handle {verb!r}")
+            if self.verifies_commands and not family.direct:
+                await verify_command(self, msg.subject, msg.data, expected)
             result = await handler(body, request)
             data = encode(Reply(ok=result))
             limit = self.nc.max_payload
