@@ -202,7 +202,6 @@ RUN_EVENTS_ALL = f"{ROOT}.evt.run.>"
 IDENTITIES_BUCKET = "sy_identities"  # KV: identities that may connect and sign, by name
 API_ALL = f"{ROOT}.api.{API_VERSION}.>"
 COMMANDS_ALL = f"{ROOT}.cmd.>"
-NODE_COMMANDS_ALL = f"{ROOT}.node.>"
 
 
 def node_reports(node: str) -> str:

@@ -98,12 +98,12 @@ class CommandGuard:
             self._refuse(subject, who, part.id, auth.BAD_SIGNATURE,
                          f"the signature does not verify against identity {who!r}")
         now = self.clock()
+        self._forget(now)
         age = now - part.ts
         if age > self.max_age or -age > self.max_skew:
             self._refuse(subject, who, part.id, auth.STALE,
                          f"command stamped {age:.1f} s ago: at most {self.max_age:g} s "
                          "old (check the sender's clock)")
-        self._forget(now)
         seen = (who, part.nonce)
         if seen in self._seen:
             self._refuse(subject, who, part.id, auth.REPLAYED,
@@ -120,6 +120,11 @@ class CommandGuard:
         heapq.heappush(self._expiry, (part.ts + self.max_age, seen))
         self.accepted += 1
         return identity
+
+    @property
+    def remembered(self) -> int:
+        """Nonces held in the replay cache."""
+        return len(self._seen)
 
     def _forget(self, now: float) -> None:
         while self._expiry and self._expiry[0][0] < now:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import re
+import weakref
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
 import nats
@@ -15,6 +18,8 @@ from nodes.auth.signing import Signer, attach
 from nodes.runtime.logs import get_logger
 from nodes.runtime.settings import NatsSettings
 from protocol.errors import ShipyardError
+
+T = TypeVar("T")
 
 
 class ConnectionClosed(ShipyardError):
@@ -38,6 +43,69 @@ class CannotReachNats(ShipyardError):
 
 
 Hook = Callable[[], Awaitable[None]]
+
+_VIOLATION = re.compile(r'permissions violation for publish to "([^"]+)"', re.IGNORECASE)
+
+
+class PublishDenials:
+    """Publishes the server refused on one connection, for the requests that wait on them.
+
+    nats-server answers a publish it does not permit with an error that nats-py hands
+    only to the error callback (the message is dropped); a request sent that way would
+    wait out its whole timeout.  ``race`` ends such a request as soon as the refusal
+    arrives.  The server reports the subject lower-cased, so subjects compare so too.
+    """
+
+    def __init__(self) -> None:
+        self._waiting: dict[str, set[asyncio.Event]] = {}
+
+    def refused(self, message: str) -> str | None:
+        m = _VIOLATION.search(message)
+        if m is None:
+            return None
+        for event in self._waiting.get(m.group(1).lower(), ()):
+            event.set()
+        return m.group(1)
+
+    async def race(self, subject: str, request: Awaitable[T]) -> T:
+        """Await ``request``; raise ``PublishDenied`` if the server refuses ``subject``
+        first."""
+        key = subject.lower()
+        denied = asyncio.Event()
+        self._waiting.setdefault(key, set()).add(denied)
+        task = asyncio.ensure_future(request)
+        waiter = asyncio.ensure_future(denied.wait())
+        try:
+            await asyncio.wait((task, waiter), return_when=asyncio.FIRST_COMPLETED)
+            if task.done():
+                return task.result()
+            task.cancel()
+            raise PublishDenied(subject)
+        finally:
+            waiter.cancel()
+            if not task.done():
+                task.cancel()
+            waiting = self._waiting.get(key)
+            if waiting is not None:
+                waiting.discard(denied)
+                if not waiting:
+                    del self._waiting[key]
+
+
+class PublishDenied(ShipyardError):
+    """The NATS server refused this connection's identity permission to publish."""
+
+    def __init__(self, subject: str) -> None:
+        self.subject = subject
+        super().__init__(f"the NATS server refused permission to publish to {subject}")
+
+
+_DENIALS: weakref.WeakKeyDictionary[NATS, PublishDenials] = weakref.WeakKeyDictionary()
+
+
+def denials_of(nc: NATS) -> PublishDenials | None:
+    """The refusals of a connection opened by ``connect`` with credentials."""
+    return _DENIALS.get(nc)
 
 
 class ConnectionStats:
@@ -78,6 +146,7 @@ async def connect(
     # server has refused, the first connect gives up instead of waiting out its deadline.
     refusals: set[int] = set()
     giving_up = anyio.CancelScope()
+    denials = PublishDenials() if settings.creds_file or settings.nkey_seed_file else None
 
     async def error_cb(exc: Exception) -> None:
         stats.errors += 1
@@ -89,7 +158,9 @@ async def connect(
                 if len(refusals) >= len(settings.servers):
                     giving_up.cancel()
             return
-        if isinstance(exc, nats.errors.SlowConsumerError):
+        if denials is not None and denials.refused(str(exc)) is not None:
+            log.warning("publish refused by the NATS server", error=str(exc))
+        elif isinstance(exc, nats.errors.SlowConsumerError):
             stats.slow_consumers += 1
             log.warning("slow consumer: messages dropped", subject=exc.subject, sid=exc.sid)
         else:
@@ -144,6 +215,8 @@ async def connect(
         await _abandon(nc)
         raise CannotReachNats(settings.url, str(exc) or type(exc).__name__) from None
     connected = True
+    if denials is not None:
+        _DENIALS[nc] = denials
     if settings.creds_file and is_shipyard_credentials(settings.creds_file):
         # The key that authenticated the connection signs the commands sent on it.
         attach(nc, Signer(read_credentials(settings.creds_file)))
