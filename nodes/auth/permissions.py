@@ -187,11 +187,13 @@ def permissions_for(identity: Identity) -> Permissions:
         p.read_objects(subjects.BUNDLE_STORE, subjects.WHEELS_STORE)
         p.write_objects(subjects.RUN_LOGS_STORE)
         p.pub_allow += [subjects.infra_events("deploy", infra), subjects.RUN_EVENTS_ALL]
+        p.sub_allow.append(subjects.RUN_EVENTS_ALL)  # schedules follow other runs
     elif role == "api":
-        p.read_kv(subjects.DEPLOY_BUCKET, subjects.API_PACKAGE_BUCKET)
+        p.read_kv(subjects.DEPLOY_BUCKET, subjects.API_PACKAGE_BUCKET, subjects.API_KEYS_BUCKET)
         p.read_objects(subjects.API_PACKAGE_STORE, subjects.WHEELS_STORE)
         p.sub_allow += [subjects.API_ALL, SRV_ALL]
-        p.pub_allow += [subjects.infra_events("api", infra),
+        # Its HTTP server sends requests to the service's queue group like a gateway.
+        p.pub_allow += [subjects.API_ALL, subjects.infra_events("api", infra),
                         subjects.api_working_all(ANY_REPLY_PREFIX)]
     elif role == "gateway":
         p.read_kv(subjects.DEPLOY_BUCKET, subjects.API_KEYS_BUCKET)
