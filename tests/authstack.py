@@ -43,7 +43,8 @@ class AuthStack:
         self.store.init()
         self.server = EmbeddedNats(root / "nats", port=-1, monitor_port=None,
                                    log_file=root / "nats.log",
-                                   extra_args=["-c", str(self.store.server_config)])
+                                   server_name="shipyard",
+                                   config_file=self.store.server_config)
 
     def settings(self, name: str) -> NatsSettings:
         return NatsSettings(servers=(self.server.url,),

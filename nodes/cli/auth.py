@@ -68,12 +68,15 @@ def _running_stack(home: Path, store: AuthStore) -> dict[str, Any] | None:
     return stack
 
 
-def apply(home: Path | None, store: AuthStore, *, revoking: bool = False) -> None:
-    """Reload the running stack's NATS server and publish the identities to it."""
+def apply(home: Path | None, store: AuthStore, *, revoking: bool = False,
+          as_json: bool = False) -> None:
+    """Reload the running stack's NATS server and publish the identities to it (what it
+    did goes to stderr under --json, so stdout stays JSON)."""
+    say = err if as_json else out
     home = (home or default_home()).resolve()
     stack = _running_stack(home, store)
     if stack is None:
-        out.print(f"server config {store.server_config}: no stack runs from {home} with "
+        say.print(f"server config {store.server_config}: no stack runs from {home} with "
                   "this auth directory; reload your nats-server to apply "
                   "(nats-server --signal reload)")
         return
@@ -101,7 +104,7 @@ def apply(home: Path | None, store: AuthStore, *, revoking: bool = False) -> Non
     except (CannotReachNats, OperationError, OSError) as exc:
         err.print(f"shipyard: the stack's NATS server was not updated: {exc}")
         raise SystemExit(EXIT_FAILED) from None
-    out.print(f"applied: NATS server (pid {stack['nats_pid']}) reloaded, identities "
+    say.print(f"applied: NATS server (pid {stack['nats_pid']}) reloaded, identities "
               "published")
 
 
@@ -161,7 +164,7 @@ def _add(kind: str, home: Path | None, directory: Path | None, name: str, role: 
         print_json({"name": identity.name, "role": identity.role, "credentials": str(path)})
     else:
         out.print(f"{kind} {identity.name} ({identity.role}) added; credentials: {path}")
-    apply(home, store)
+    apply(home, store, as_json=as_json)
 
 
 def _list(kind: str, home: Path | None, directory: Path | None, as_json: bool) -> None:
