@@ -119,3 +119,21 @@ def test_up_insecure_runs_without_auth(cli_env: dict[str, str], tmp_path: Path) 
                  cwd=tmp_path, check=True)
     finally:
         assert up.stop(signal.SIGINT, timeout=40) == 0, up.output()
+
+
+def test_node_start_refuses_credentials_of_another_node_or_role(
+        cli_env: dict[str, str], tmp_path: Path) -> None:
+    d = tmp_path / "auth"
+    shipyard("auth", "init", "--dir", str(d), env=cli_env, cwd=tmp_path, check=True)
+    api = str(d / "creds" / "api-1.creds")
+    wrong_role = shipyard("node", "start", "automation", "--creds", api, env=cli_env,
+                          cwd=tmp_path)
+    assert wrong_role.returncode == 2 and "cannot run as role automation" in wrong_role.stderr
+    wrong_name = shipyard("node", "start", "api", "--name", "api-9", "--creds", api,
+                          env=cli_env, cwd=tmp_path)
+    assert wrong_name.returncode == 2 and "publish only as itself" in wrong_name.stderr
+    missing = shipyard("node", "start", "api", "--creds", str(tmp_path / "nope.creds"),
+                       env=cli_env, cwd=tmp_path)
+    assert missing.returncode == 2 and "not found" in missing.stderr
+    for proc in (wrong_role, wrong_name, missing):
+        assert "Traceback" not in proc.stderr

@@ -181,7 +181,9 @@ async def guard_of(node: Any) -> CommandGuard | None:
                 entry = cache.get(name)
                 return entry.value if entry is not None else None
 
-            guard = CommandGuard(lookup)
+            # A node that defines ``command_refused(refusal)`` hears of every refusal
+            # (where an audit ledger records them).
+            guard = CommandGuard(lookup, on_refusal=getattr(node, "command_refused", None))
         _GUARDS[node] = guard
         return guard
 

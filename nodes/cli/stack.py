@@ -20,6 +20,12 @@ from nats.aio.msg import Msg
 from rich.text import Text
 
 import nodes
+from nodes.auth.keys import (
+    Credentials,
+    CredentialsError,
+    is_shipyard_credentials,
+    read_credentials,
+)
 from nodes.auth.registry import publish_identities
 from nodes.auth.stack import StackAuth
 from nodes.auth.stack import prepare as prepare_auth
@@ -111,8 +117,10 @@ def node_start(role: str, name: str | None, infra: str | None, nats_url: str | N
                **api_options: Any) -> None:
     """Run one node worker of ROLE in the foreground (SIGINT/SIGTERM stop it gracefully)."""
     configure_logging(log_level)
-    name = name or default_node_name(role)
-    infra = infra or default_infra(role)
+    identity = node_credentials(role, name, infra, creds or os.environ.get(
+        "SHIPYARD_NATS_CREDS"))
+    name = name or (identity.name if identity else default_node_name(role))
+    infra = infra or (identity.infra if identity and identity.infra else default_infra(role))
     try:
         subjects.token(name, "node name")
         subjects.token(infra, "infra name")
@@ -141,6 +149,35 @@ def node_start(role: str, name: str | None, infra: str | None, nats_url: str | N
                            heartbeat_interval=heartbeat_interval,
                            max_concurrency=max_concurrency, **extra)
     sys.exit(run_node(instance))
+
+
+def node_credentials(role: str, name: str | None, infra: str | None,
+                     creds: str | None) -> Credentials | None:
+    """The node identity in a shipyard credentials file, checked against the options:
+    its name and infra are the defaults, and a mismatch is a usage error now rather than
+    a server refusal of every heartbeat later."""
+    if not creds:
+        return None
+    if not Path(creds).is_file():
+        raise click.BadParameter(f"credentials file {creds} not found", param_hint="--creds")
+    if not is_shipyard_credentials(creds):
+        return None  # a NATS JWT .creds file: the server decides
+    try:
+        identity = read_credentials(creds)
+    except CredentialsError as exc:
+        raise click.BadParameter(str(exc), param_hint="--creds") from None
+    if identity.kind != "node" or identity.role != role:
+        raise click.BadParameter(f"{creds} holds {identity.kind} {identity.name!r} with role "
+                                 f"{identity.role}: it cannot run as role {role}",
+                                 param_hint="--creds")
+    if name is not None and name != identity.name:
+        raise click.BadParameter(f"{creds} is node {identity.name!r}'s, not {name!r}'s "
+                                 "(its NATS user may publish only as itself)",
+                                 param_hint="--name")
+    if infra is not None and identity.infra and infra != identity.infra:
+        raise click.BadParameter(f"{creds} is for infra {identity.infra!r}, not {infra!r}",
+                                 param_hint="--infra")
+    return identity
 
 
 # -- shipyard up --------------------------------------------------------------------------
