@@ -31,6 +31,7 @@ from nodes.cli.common import (
 )
 from nodes.runtime.connection import CannotReachNats, close, connect
 from nodes.runtime.settings import DEFAULT_HOME, NatsSettings, read_stack_file, split_servers
+from protocol import subjects
 from protocol.auth import HUMAN_ROLES, NODE_ROLES, Identity
 from protocol.errors import OperationError
 
@@ -184,6 +185,7 @@ def _list(kind: str, home: Path | None, directory: Path | None, as_json: bool) -
 def _revoke(kind: str, home: Path | None, directory: Path | None, name: str) -> None:
     store = _store(home, directory)
     try:
+        subjects.token(name, "identity name")
         identity = store.get(name)
         if identity.kind != kind:
             raise AuthStoreError(f"{name!r} is a {identity.kind}, not a {kind}")
