@@ -175,9 +175,16 @@ async def test_the_gateway_only_requests_apis_and_api_nodes_only_serve_them(
         await api.nc.subscribe(subjects.api_endpoint("svc", "predict"), queue="svc",
                                cb=answer)
         await api.nc.flush()
-        reply = await gateway.nc.request(subjects.api_endpoint("svc", "predict"), b"ping",
-                                         timeout=5)
-        assert reply.data == b"pong"
+
+        async def answered() -> bytes | None:
+            try:
+                reply = await gateway.nc.request(subjects.api_endpoint("svc", "predict"),
+                                                 b"ping", timeout=5)
+            except nats.errors.NoRespondersError:
+                return None
+            return bytes(reply.data)
+
+        assert await wait_for(answered, message="the API node answers the gateway") == b"pong"
         for conn, subject in ((gateway, subjects.command("deployer", "deploy.list")),
                               (api, subjects.command("deployer", "deploy.list")),
                               (gateway, subjects.heartbeat("api", "api-1")),
