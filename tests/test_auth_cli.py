@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import signal
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,8 @@ import pytest
 
 from tests.helpers import Background, shipyard, shipyard_argv, wait_until
 from tests.test_cli_stack import free_port
+
+README = Path(__file__).resolve().parent.parent / "README.md"
 
 
 def test_auth_init_writes_identities_credentials_and_server_config(
@@ -103,6 +106,26 @@ def test_up_turns_auth_on_and_each_identity_may_do_only_its_role(
     gone = shipyard(*as_vera, "nodes", env=cli_env, cwd=tmp_path)
     assert gone.returncode == 2 and "Authorization Violation" in gone.stderr
     assert "Traceback" not in gone.stderr + denied.stderr
+
+    # The README's first project, word for word but for the CLI path and the HTTP port.
+    script = _quick_start().replace(".venv/bin/shipyard", " ".join(shipyard_argv()))
+    script = script.replace("localhost:8080", stack["http_url"].replace("http://", ""))
+    done = subprocess.run(["bash", "-e", "-c", script], env=cli_env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.strip().endswith('{"result":{"prediction":42},"generation":"v1"}')
+    log = (tmp_path / ".shipyard" / "logs" / "nats.log").read_text()
+    # The only refusals: the viewer's infra create, and its connects after the revoke.
+    assert [line for line in log.splitlines() if "Violation" in line
+            and "Authorization Violation" not in line and "infra.create" not in line] == []
+
+
+def _quick_start() -> str:
+    """The shell block of the README's quick start that builds and serves a project."""
+    text = README.read_text()
+    start = text.index("A first project, from that second shell")
+    block = text[text.index("```sh\n", start) + len("```sh\n"):]
+    return block[:block.index("```")]
 
 
 def test_up_insecure_runs_without_auth(cli_env: dict[str, str], tmp_path: Path) -> None:
