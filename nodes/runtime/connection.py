@@ -59,13 +59,16 @@ class PublishDenials:
     def __init__(self) -> None:
         self._waiting: dict[str, set[asyncio.Event]] = {}
 
-    def refused(self, message: str) -> str | None:
+    def refused(self, message: str) -> bool | None:
+        """None: not a publish refusal; True: a request waiting on it was told (it will
+        report the refusal itself); False: nothing was waiting."""
         m = _VIOLATION.search(message)
         if m is None:
             return None
-        for event in self._waiting.get(m.group(1).lower(), ()):
+        waiting = self._waiting.get(m.group(1).lower(), ())
+        for event in waiting:
             event.set()
-        return m.group(1)
+        return bool(waiting)
 
     async def race(self, subject: str, request: Awaitable[T]) -> T:
         """Await ``request``; raise ``PublishDenied`` if the server refuses ``subject``
@@ -158,7 +161,10 @@ async def connect(
                 if len(refusals) >= len(settings.servers):
                     giving_up.cancel()
             return
-        if denials is not None and denials.refused(str(exc)) is not None:
+        refused = denials.refused(str(exc)) if denials is not None else None
+        if refused:
+            pass  # the request that sent it raises Forbidden, which says it all
+        elif refused is not None:
             log.warning("publish refused by the NATS server", error=str(exc))
         elif isinstance(exc, nats.errors.SlowConsumerError):
             stats.slow_consumers += 1
