@@ -408,7 +408,10 @@ class Node:
     async def _handle(self, routes: Routes, prefix_len: int, msg: Msg) -> None:
         """The one place that decides what happens to a request: decode, dispatch, reply.
 
-        Every failure becomes a typed error reply; nothing here can stop the node.
+        A role that sets ``verifies_commands`` (Deployer, Govern) refuses here, before any
+        handler, a role command that is not signed by an identity that may send it
+        (``nodes.auth.guard``: a ``forbidden`` error).  Every failure becomes a typed
+        error reply; nothing here can stop the node.
         """
         verb = msg.subject[prefix_len:]
         current_request.set((msg.subject, ""))
