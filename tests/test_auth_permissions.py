@@ -191,9 +191,11 @@ async def test_the_gateway_only_requests_apis_and_api_nodes_only_serve_them(
                               (api, subjects.heartbeat("api", "api-2"))):
             await conn.nc.publish(subject, b"{}")
             await conn.denied(subject)
-        kv = await gateway.nc.jetstream(timeout=0.5).key_value(subjects.DEPLOY_BUCKET)
-        with pytest.raises(nats.errors.TimeoutError):
-            await kv.put(DESIRED, b"x")
+        for conn in (gateway, api):
+            kv = await conn.nc.jetstream(timeout=0.5).key_value(subjects.DEPLOY_BUCKET)
+            with pytest.raises(nats.errors.TimeoutError):
+                await kv.put(DESIRED, b"x")
+            await conn.denied(f"$KV.{subjects.DEPLOY_BUCKET}")
         assert await _desired(admin) == b'{"desired": "v1"}'
 
 
