@@ -86,11 +86,12 @@ def required_role(command: type[Any]) -> str:
     return REQUIRED_ROLE.get(command, "admin")
 
 
-def may_send(role: str, command: type[Any]) -> bool:
-    """Whether a human ``role`` may send ``command``.  Node roles send no admin command
-    (the ``shipyard up`` supervisor acts as the stack's admin)."""
+def may_send(role: str, command: type[Any], kind: str = "user") -> bool:
+    """Whether an identity of ``kind`` and ``role`` may send ``command``.  Nodes send no
+    admin command, whatever their role is called (a ``deployer`` node is not a
+    ``deployer`` human; the ``shipyard up`` supervisor acts as the stack's admin)."""
     rank = _RANK.get(role)
-    return rank is not None and rank >= _RANK[required_role(command)]
+    return kind == "user" and rank is not None and rank >= _RANK[required_role(command)]
 
 
 def commands_for(role: str) -> list[type[Command[Any]]]:

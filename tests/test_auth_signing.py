@@ -134,6 +134,10 @@ def test_a_role_may_send_only_its_commands(world: World) -> None:
     assert world.guard.check(listing, world.signed("vera", ListInfras(), listing),
                              ListInfras).name == "vera"
     assert world.refused(world.signed("vera")) == auth.ROLE
+    # A node identity whose role is spelled like a human one is still a node.
+    world.ids["deployer"] = Identity(name="deployer", kind="node", role="deployer",
+                                     public_key=public_key_of(world.seeds["alice"]))
+    assert world.refused(world.signed("deployer", seed=world.seeds["alice"])) == auth.ROLE
     infra = subjects.command("deployer", tag_of(CreateInfra))
     with pytest.raises(Forbidden, match="needs role admin"):
         world.guard.check(infra, world.signed("alice", CreateInfra(name="x", kind="automation"),

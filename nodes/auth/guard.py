@@ -113,7 +113,7 @@ class CommandGuard:
         if not keys.verify(identity.public_key, signed, sig):
             self._refuse(subject, who, part.id, auth.BAD_SIGNATURE,
                          f"the signature does not verify against identity {who!r}")
-        if not auth.may_send(identity.role, command):
+        if not auth.may_send(identity.role, command, identity.kind):
             self._refuse(subject, who, part.id, auth.ROLE,
                          f"identity {who!r} ({identity.kind} role {identity.role}) may not "
                          f"send this command: it needs role {auth.required_role(command)}")
