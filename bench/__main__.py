@@ -17,7 +17,7 @@ from bench.common import machine, write_json
 
 BENCHMARKS = ["echo", "deploy", "transfer", "flow", "scenarios",
               "api_nats", "api_http", "api_scale", "api_deploy", "api_stall", "sandbox",
-              "envs"]
+              "envs", "auth"]
 
 
 def main(argv: list[str] | None = None) -> int:
