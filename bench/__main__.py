@@ -16,7 +16,8 @@ from typing import Any
 from bench.common import machine, write_json
 
 BENCHMARKS = ["echo", "deploy", "transfer", "flow", "scenarios",
-              "api_nats", "api_http", "api_scale", "api_deploy", "api_stall", "sandbox"]
+              "api_nats", "api_http", "api_scale", "api_deploy", "api_stall", "sandbox",
+              "envs", "auth"]
 
 
 def main(argv: list[str] | None = None) -> int:

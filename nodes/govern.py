@@ -9,3 +9,4 @@ from nodes.runtime.node import Node
 
 class GovernNode(Node):
     role: ClassVar[str] = "govern"
+    verifies_commands: ClassVar[bool] = True

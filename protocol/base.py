@@ -51,7 +51,7 @@ class Request(msgspec.Struct, Generic[T], frozen=True, kw_only=True):
     """The command envelope: metadata beside the body.
 
     ``id`` is the idempotency key and correlation id: a retried command re-uses it.
-    ``identity`` and ``signature`` are reserved for signed admin commands.
+    ``identity``, ``signature`` and ``nonce`` sign admin commands (``protocol.auth``).
     """
 
     body: T
@@ -60,6 +60,7 @@ class Request(msgspec.Struct, Generic[T], frozen=True, kw_only=True):
     sender: str = ""
     identity: str | None = None
     signature: str | None = None
+    nonce: str | None = None
     v: int = SCHEMA_VERSION
 
 

@@ -21,7 +21,7 @@ from typing import Any, get_args
 import msgspec
 
 import protocol
-from protocol import api, bundles, deploy, envs, registry, scenarios, subjects
+from protocol import api, auth, bundles, deploy, envs, registry, scenarios, subjects
 from protocol.base import Codec, tag_of
 
 
@@ -75,6 +75,7 @@ _KEY_FAMILIES: list[tuple[str, Callable[..., str], dict[str, str]]] = [
     (subjects.FIRED_BUCKET, scenarios.fired_key, {}),
     (subjects.LOCKS_BUCKET, scenarios.lock_key, {}),
     (subjects.LOCKS_BUCKET, scenarios.cron_mark_key, {}),
+    (subjects.IDENTITIES_BUCKET, auth.identity_key, {}),
 ]
 
 _NOT_SUBJECTS = {"token", "api_queue_group"}

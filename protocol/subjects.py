@@ -195,3 +195,20 @@ def runs_of(project: str) -> str:
 
 
 RUN_EVENTS_ALL = f"{ROOT}.evt.run.>"
+
+
+# -- patterns for NATS permissions (nodes.auth.permissions) ----------------------------------
+
+IDENTITIES_BUCKET = "sy_identities"  # KV: identities that may connect and sign, by name
+API_ALL = f"{ROOT}.api.{API_VERSION}.>"
+COMMANDS_ALL = f"{ROOT}.cmd.>"
+
+
+def node_reports(node: str) -> str:
+    """Every report one node may send (the node name is the last token)."""
+    return f"{ROOT}.rpt.*.{token(node, 'node name')}"
+
+
+def infra_events(kind: str, infra: str) -> str:
+    """Every event of one kind about one infra (``deploy``, ``api``)."""
+    return f"{ROOT}.evt.{token(kind, 'event kind')}.{token(infra, 'infra')}.>"

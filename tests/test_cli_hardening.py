@@ -50,9 +50,14 @@ NAMED: list[list[str]] = [
     ["api", "package", "churn", "s", "--version", BAD],
     ["api", "versions", BAD], ["api", "key", "create", BAD], ["api", "key", "list", BAD],
     ["api", "key", "revoke", BAD, "k1"], ["api", "key", "revoke", "s", BAD],
+    ["auth", "user", "add", BAD, "--role", "viewer"], ["auth", "user", "revoke", BAD],
+    ["auth", "node", "add", BAD, "--role", "automation"],
+    ["auth", "node", "add", "n1", "--role", "automation", "--infra", BAD],
+    ["auth", "node", "revoke", BAD],
 ]
 # Commands without a name to get wrong (or that check theirs as usage errors).
-UNNAMED = {"up", "node start", "events", "projects", "infra list"}
+UNNAMED = {"up", "node start", "events", "projects", "infra list", "auth init",
+           "auth user list", "auth node list"}
 
 
 @pytest.fixture

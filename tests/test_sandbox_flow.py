@@ -220,3 +220,24 @@ async def test_cancelling_the_pools_owner_stops_every_fork_server(
     for pid in pids:
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
+
+
+async def test_outputs_of_another_environment_are_rebuilt_not_reused(
+        tmp_path: Path, envs: dict[str, str]) -> None:
+    """A new bundle (or a rollback) that changes a recipe's locked packages changes what
+    the recipe computes: its outputs are rebuilt even though no input or code changed."""
+    manifest = write_project(tmp_path, MANIFEST, {"probe.py": PROBE, "script.py": SCRIPT})
+    async with Pools() as pools:
+        first = await Flow(manifest, code_dir=tmp_path, pool=pools, envs=envs).build(["a"])
+        assert first.outcome is Outcome.SUCCESS and _seen(tmp_path, "in_one")["sy_tiny"] == "1.0"
+        again = await Flow(manifest, code_dir=tmp_path, pool=pools, envs=envs).build(["a"])
+        assert [(r.outcome, r.reason) for r in again.recipes] == [
+            (Outcome.SKIPPED, "up to date")]
+        # "one" is now another lock: the interpreter of the environment pinning 2.0
+        moved = {**envs, "one": envs["two"]}
+        rebuilt = await Flow(manifest, code_dir=tmp_path, pool=pools, envs=moved).build(["a"])
+        assert [r.outcome for r in rebuilt.recipes] == [Outcome.SUCCESS]
+        assert _seen(tmp_path, "in_one")["sy_tiny"] == "2.0"
+        back = await Flow(manifest, code_dir=tmp_path, pool=pools, envs=envs).build(["a"])
+        assert [r.outcome for r in back.recipes] == [Outcome.SUCCESS]
+        assert _seen(tmp_path, "in_one")["sy_tiny"] == "1.0"

@@ -12,6 +12,7 @@ import click
 
 import nodes
 from nodes.cli.apis import api, deploy_api
+from nodes.cli.auth import auth
 from nodes.cli.common import EXIT_FAILED, EXIT_USAGE, CliState, err
 from nodes.cli.envs import envs_cmd
 from nodes.cli.fleet import events_cmd, node_forget, nodes_cmd
@@ -37,14 +38,19 @@ CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 @click.option("--nats", "nats_url", metavar="URL", default=None, envvar=None,
               help="NATS server URL(s). Default: $SHIPYARD_NATS_URL, ./.shipyard/stack.json, "
                    "nats://127.0.0.1:4222.")
+@click.option("--identity", "identity", metavar="FILE", default=None,
+              type=click.Path(dir_okay=False),
+              help="Credentials file to connect and sign commands with. Default: "
+                   "$SHIPYARD_IDENTITY, then the stack home's admin (HOME/auth/creds/"
+                   "admin.creds) if it exists.")
 @click.version_option(nodes.__version__, prog_name="shipyard")
 @click.pass_context
-def cli(ctx: click.Context, nats_url: str | None) -> None:
+def cli(ctx: click.Context, nats_url: str | None, identity: str | None) -> None:
     """shipyard: a NATS-native elastic AI stack.
 
     Start everything locally with 'shipyard up', then drive it from another shell.
     """
-    ctx.obj = CliState(nats_url)
+    ctx.obj = CliState(nats_url, identity)
 
 
 cli.add_command(up)
@@ -65,6 +71,7 @@ cli.add_command(runs_cmd)
 cli.add_command(run_group)
 cli.add_command(build_cmd)
 cli.add_command(api)
+cli.add_command(auth)
 deploy.add_command(deploy_api)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime as dt
 import getpass
 import json
+import os
 import re
 import socket
 import sys
@@ -25,9 +26,10 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from nodes.auth.store import admin_credentials
 from nodes.runtime.calls import Caller
 from nodes.runtime.connection import connect
-from nodes.runtime.settings import NatsSettings, resolve
+from nodes.runtime.settings import DEFAULT_HOME, NatsSettings, read_stack_file, resolve
 from protocol import subjects
 from protocol.api import check_version
 from protocol.bundles import check_bundle_id
@@ -62,10 +64,11 @@ def styled(text: str, style: str | None = None) -> Text:
 
 
 class CliState:
-    """Values the top-level group collects (``--nats``) for sub-commands."""
+    """Values the top-level group collects (``--nats``, ``--identity``) for sub-commands."""
 
-    def __init__(self, nats_url: str | None = None) -> None:
+    def __init__(self, nats_url: str | None = None, identity: str | None = None) -> None:
         self.nats_url = nats_url
+        self.identity = identity
 
 
 def nats_option(fn: F) -> F:
@@ -107,13 +110,33 @@ def check_names(**names: str | Sequence[str] | None) -> None:
             rule(item)
 
 
+def identity_file(explicit: str | None = None) -> str | None:
+    """The credentials file the CLI acts as: ``--identity``, ``SHIPYARD_IDENTITY``,
+    ``SHIPYARD_NATS_CREDS``, then the stack home's admin (``stack.json``'s
+    ``credentials``, else ``HOME/auth/creds/admin.creds``) if there is one.  The same
+    file opens the NATS connection and signs every command sent on it."""
+    if explicit:
+        return explicit
+    for var in ("SHIPYARD_IDENTITY", "SHIPYARD_NATS_CREDS"):
+        if os.environ.get(var):
+            return os.environ[var]
+    home = Path(os.environ.get("SHIPYARD_HOME") or DEFAULT_HOME)
+    stack = read_stack_file(home) or {}
+    if isinstance(stack.get("credentials"), str):
+        return str(stack["credentials"])
+    admin = admin_credentials(home)
+    return str(admin) if admin.is_file() else None
+
+
 def settings_for(nats_url: str | None) -> NatsSettings:
     ctx = click.get_current_context(silent=True)
-    if nats_url is None and ctx is not None:
+    identity = None
+    if ctx is not None:
         state = ctx.find_object(CliState)
         if state is not None:
-            nats_url = state.nats_url
-    return resolve(nats_url)
+            nats_url = nats_url if nats_url is not None else state.nats_url
+            identity = state.identity
+    return resolve(nats_url, creds=identity_file(identity))
 
 
 @asynccontextmanager

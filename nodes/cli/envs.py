@@ -153,7 +153,7 @@ def envs_cmd(infra: str | None, nats_url: str | None, as_json: bool) -> None:
             users = ", ".join(e.used_by) or (
                 f"none for {human_age(max(0.0, time.time() - e.unused_since))}"
                 if e.unused_since else "none")
-            status = e.status + (f": {e.reason.splitlines()[-1]}" if e.reason else "")
+            status = e.status + (f": {_first_line(e.reason)}" if e.reason else "")
             rows.append((n.name, ",".join(e.names) or "-", e.digest[:12], e.python,
                          e.packages, human_size(e.size), styled(status, _STYLE.get(e.status)),
                          users))
@@ -165,3 +165,10 @@ def envs_cmd(infra: str | None, nats_url: str | None, as_json: bool) -> None:
 
 
 _STYLE = {"ready": "green", "building": "cyan", "failed": "red"}
+
+
+def _first_line(reason: str, limit: int = 100) -> str:
+    """What failed, in one line (the full reason is in ``--json``, ``deployments`` and
+    ``deploy --wait``)."""
+    line = reason.strip().splitlines()[0].strip() if reason.strip() else ""
+    return line if len(line) <= limit else line[:limit - 3] + "..."

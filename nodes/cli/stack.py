@@ -20,6 +20,15 @@ from nats.aio.msg import Msg
 from rich.text import Text
 
 import nodes
+from nodes.auth.keys import (
+    Credentials,
+    CredentialsError,
+    is_shipyard_credentials,
+    read_credentials,
+)
+from nodes.auth.registry import publish_identities
+from nodes.auth.stack import StackAuth
+from nodes.auth.stack import prepare as prepare_auth
 from nodes.cli.apinodes import (
     add_http_port,
     api_node_extra,
@@ -49,7 +58,7 @@ from nodes.runtime.settings import STACK_FILE, NatsSettings, read_stack_file, re
 from nodes.runtime.supervisor import Child, Supervisor, describe_exit
 from protocol import subjects
 from protocol.deploy import CreateInfra
-from protocol.errors import OperationError
+from protocol.errors import OperationError, ShipyardError
 from protocol.heartbeat import HEARTBEAT, MAX_INTERVAL_S, MIN_INTERVAL_S
 from protocol.reports import REPORT, NodeExit
 
@@ -81,6 +90,9 @@ def node() -> None:
 @click.option("--infra", help="Infrastructure to join. Default: automation/api for those "
                               "roles, 'control' otherwise.")
 @nats_option
+@click.option("--creds", metavar="FILE", default=None, type=click.Path(dir_okay=False),
+              help="Credentials file of this node's identity ('shipyard auth node add'). "
+                   "Default: $SHIPYARD_NATS_CREDS.")
 @click.option("--heartbeat-interval", type=click.FloatRange(MIN_INTERVAL_S, MAX_INTERVAL_S),
               default=2.0, show_default=True, help="Seconds between heartbeats.")
 @click.option("--forget-after", metavar="DURATION", default="1d", show_default=True,
@@ -100,7 +112,8 @@ def node() -> None:
 @env_node_options
 @api_node_options
 def node_start(role: str, name: str | None, infra: str | None, nats_url: str | None,
-               heartbeat_interval: float, forget_after: str, max_concurrency: int,
+               creds: str | None, heartbeat_interval: float, forget_after: str,
+               max_concurrency: int,
                workspace: Path | None,
                data_dir: Path | None, keep_bundles: int, log_level: str | None,
                index_url: str | None, find_links: tuple[str, ...], no_index: bool,
@@ -108,14 +121,16 @@ def node_start(role: str, name: str | None, infra: str | None, nats_url: str | N
                **api_options: Any) -> None:
     """Run one node worker of ROLE in the foreground (SIGINT/SIGTERM stop it gracefully)."""
     configure_logging(log_level)
-    name = name or default_node_name(role)
-    infra = infra or default_infra(role)
+    identity = node_credentials(role, name, infra, creds or os.environ.get(
+        "SHIPYARD_NATS_CREDS"))
+    name = name or (identity.name if identity else default_node_name(role))
+    infra = infra or (identity.infra if identity and identity.infra else default_infra(role))
     try:
         subjects.token(name, "node name")
         subjects.token(infra, "infra name")
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from None
-    settings = resolve(nats_url)
+    settings = resolve(nats_url, creds=creds)
     extra: dict[str, Any] = {}
     if role == "design":
         extra["workspace"] = workspace or Path("projects")
@@ -143,6 +158,35 @@ def node_start(role: str, name: str | None, infra: str | None, nats_url: str | N
     sys.exit(run_node(instance))
 
 
+def node_credentials(role: str, name: str | None, infra: str | None,
+                     creds: str | None) -> Credentials | None:
+    """The node identity in a shipyard credentials file, checked against the options:
+    its name and infra are the defaults, and a mismatch is a usage error now rather than
+    a server refusal of every heartbeat later."""
+    if not creds:
+        return None
+    if not Path(creds).is_file():
+        raise click.BadParameter(f"credentials file {creds} not found", param_hint="--creds")
+    if not is_shipyard_credentials(creds):
+        return None  # a NATS JWT .creds file: the server decides
+    try:
+        identity = read_credentials(creds)
+    except CredentialsError as exc:
+        raise click.BadParameter(str(exc), param_hint="--creds") from None
+    if identity.kind != "node" or identity.role != role:
+        raise click.BadParameter(f"{creds} holds {identity.kind} {identity.name!r} with role "
+                                 f"{identity.role}: it cannot run as role {role}",
+                                 param_hint="--creds")
+    if name is not None and name != identity.name:
+        raise click.BadParameter(f"{creds} is node {identity.name!r}'s, not {name!r}'s "
+                                 "(its NATS user may publish only as itself)",
+                                 param_hint="--name")
+    if infra is not None and identity.infra and infra != identity.infra:
+        raise click.BadParameter(f"{creds} is for infra {identity.infra!r}, not {infra!r}",
+                                 param_hint="--infra")
+    return identity
+
+
 # -- shipyard up --------------------------------------------------------------------------
 
 def _pid_alive(pid: int) -> bool:
@@ -155,15 +199,21 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _children(home: Path, url: str, *, automation: int, api: int,
-              heartbeat_interval: float, workspace: Path,
-              env_argv: list[str] | None = None) -> list[Child]:
+def _plan(automation: int, api: int) -> list[tuple[str, str]]:
+    """(role, name) of every node ``up`` runs."""
     plan: list[tuple[str, str]] = [("deployer", "deployer"), ("design", "design"),
                                    ("govern", "govern")]
     plan += [("automation", f"automation-{i + 1}") for i in range(automation)]
     plan += [("api", f"api-{i + 1}") for i in range(api)]
+    return plan
+
+
+def _children(home: Path, url: str, *, automation: int, api: int,
+              heartbeat_interval: float, workspace: Path,
+              creds: dict[str, Path] | None = None,
+              env_argv: list[str] | None = None) -> list[Child]:
     children = []
-    for role, name in plan:
+    for role, name in _plan(automation, api):
         # -P: the user's current folder must not shadow our packages (say, a "nodes/").
         argv = [sys.executable, "-P", "-m", "nodes.cli", "node", "start", role, "--name", name,
                 "--infra", default_infra(role), "--nats", url,
@@ -172,6 +222,8 @@ def _children(home: Path, url: str, *, automation: int, api: int,
             argv += ["--workspace", str(workspace)]
         if role in ("automation", "api", "design"):
             argv += ["--data-dir", str(home / "nodes" / name), *(env_argv or [])]
+        if creds is not None:
+            argv += ["--creds", str(creds[name])]
         children.append(Child(name=name, role=role, argv=argv,
                               log_path=home / "logs" / f"{name}.log",
                               env={"SHIPYARD_LOG_FORMAT": "json"}))
@@ -193,10 +245,13 @@ def _children(home: Path, url: str, *, automation: int, api: int,
               default=2.0, show_default=True)
 @click.option("--workspace", type=click.Path(path_type=Path), default=Path("projects"),
               show_default=True, help="The Design node's workspace: one project per folder.")
+@click.option("--insecure", is_flag=True,
+              help="No auth: anyone who reaches NATS may deploy. [default: identities, "
+                   "signed commands and per-node NATS users, kept in HOME/auth]")
 @env_node_options
 def up(home: Path, nats_port: int, monitor_port: int | None, http_port: int,
        automation_nodes: int, api_nodes: int, heartbeat_interval: float,
-       workspace: Path, **env_options: Any) -> None:
+       workspace: Path, insecure: bool, **env_options: Any) -> None:
     """Start the whole stack in the foreground: embedded NATS and every node role.
 
     Writes HOME/stack.json so other commands run in this folder find the stack.  If the
@@ -213,18 +268,27 @@ def up(home: Path, nats_port: int, monitor_port: int | None, http_port: int,
         sys.exit(EXIT_FAILED)
     monitor_port = check_ports(nats_host=NATS_HOST, http_host=HTTP_HOST, nats_port=nats_port,
                                monitor_port=monitor_port, http_port=http_port)
+    auth = None
+    if not insecure:
+        try:
+            auth = prepare_auth(home, [(role, name, default_infra(role))
+                                       for role, name in _plan(automation_nodes, api_nodes)])
+        except ShipyardError as exc:
+            err.print(f"shipyard: {exc}")
+            sys.exit(EXIT_FAILED)
     code = anyio.run(_up, home, nats_port, monitor_port, http_port, automation_nodes,
-                     api_nodes, heartbeat_interval, workspace.resolve(),
+                     api_nodes, heartbeat_interval, workspace.resolve(), auth,
                      env_up_argv(env_options))
     sys.exit(code)
 
 
 async def _up(home: Path, nats_port: int, monitor_port: int, http_port: int,
               automation: int, api: int, heartbeat_interval: float, workspace: Path,
-              env_argv: list[str]) -> int:
+              auth: StackAuth | None = None, env_argv: list[str] | None = None) -> int:
     server = EmbeddedNats(home / "nats", host=NATS_HOST, port=nats_port,
                           monitor_port=monitor_port,
                           log_file=home / "logs" / "nats.log", server_name="shipyard",
+                          config_file=auth.store.server_config if auth else None,
                           die_with_parent=True)
     try:
         await server.astart()
@@ -234,12 +298,16 @@ async def _up(home: Path, nats_port: int, monitor_port: int, http_port: int,
 
     children = _children(home, server.url, automation=automation, api=api,
                          heartbeat_interval=heartbeat_interval, workspace=workspace,
-                         env_argv=env_argv)
+                         creds=auth.creds if auth else None, env_argv=env_argv)
     add_http_port(children, http_port)
-    settings = NatsSettings(servers=(server.url,))
+    # With auth, this process acts as the stack's admin (and signs what it sends).
+    settings = NatsSettings(servers=(server.url,),
+                            creds_file=str(auth.admin) if auth else None)
     try:
         nc = await connect(settings, name="shipyard-up")
-    except CannotReachNats as exc:
+        if auth:  # what the Deployer verifies commands against
+            await publish_identities(nc, auth.store.identities())
+    except (CannotReachNats, OperationError) as exc:
         await server.astop()
         err.print(f"shipyard: {exc}")
         return EXIT_FAILED
@@ -256,7 +324,7 @@ async def _up(home: Path, nats_port: int, monitor_port: int, http_port: int,
              "nats_pid": server.proc.pid if server.proc else None,
              "http_url": f"http://127.0.0.1:{http_port}", "pid": os.getpid(),
              "home": str(home), "replicas": 1, "started_at": time.time(),
-             "version": nodes.__version__}
+             "version": nodes.__version__, **(auth.stack_fields() if auth else {})}
     await _write_stack(home, stack)
 
     async def nats_exited(code: int, delay: float) -> None:
@@ -275,6 +343,7 @@ async def _up(home: Path, nats_port: int, monitor_port: int, http_port: int,
             with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
                 out.print(f"NATS        {server.url}  (monitoring {server.monitor_url}, "
                           f"store {server.store_dir})")
+                _print_auth(auth)
                 tg.start_soon(partial(server.keep_running, on_exit=nats_exited,
                                       on_restart=nats_restarted))
                 await tg.start(supervisor.run)
@@ -352,6 +421,15 @@ async def _default_infras(nc: Any) -> None:
         except OperationError as exc:
             err.print(f"shipyard: could not create infra {name}: {exc.message}")
     out.print("infras      automation (automation nodes), api (API nodes)")
+
+
+def _print_auth(auth: StackAuth | None) -> None:
+    if auth is None:
+        out.print("auth        off (--insecure): anyone who reaches NATS may deploy")
+        return
+    made = "created" if auth.created else "kept"
+    out.print(f"auth        on: identities {made} in {auth.store.dir}; the CLI here acts as "
+              f"admin ({auth.admin}); add people with 'shipyard auth user add'")
 
 
 def _print_children(children: list[Child], home: Path) -> None:

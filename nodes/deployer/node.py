@@ -56,6 +56,7 @@ def _sender(subject: str) -> str:
 class DeployerNode(Node):
     role: ClassVar[str] = "deployer"
     family: ClassVar[Family | None] = DEPLOYER
+    verifies_commands: ClassVar[bool] = True
     runs: RunDesk
     apis: ApiDeployer
 

@@ -20,7 +20,7 @@ import anyio
 
 from nodes.flow import files
 from nodes.flow.jobs import CANCELLED, Stopper, run_job
-from nodes.flow.metrics import load_metrics, save_metrics
+from nodes.flow.metrics import built_in_env, load_metrics, save_metrics
 from nodes.flow.progress import Progress, emit
 from nodes.flow.results import (
     BuildResult,
@@ -146,6 +146,11 @@ class _Build:
         fresh = files.freshness(inputs, outputs, flow.code(recipe.code))
         if fresh.missing_inputs:
             return _Prepared(False, fresh.reason, fresh.missing_inputs, {}, {})
+        env = flow.env_identity(name)
+        if fresh.up_to_date and any(built_in_env(flow.data_dir, d) != env for d in outputs):
+            # Other libraries may compute other outputs: a bundle that changes (or rolls
+            # back) its locked packages rebuilds what they wrote.
+            fresh = files.Freshness(False, [], "code environment changed")
         if fresh.up_to_date and not rebuild:
             metrics = {d: load_metrics(flow.data_dir, d, p) for d, p in outputs.items()}
             return _Prepared(True, fresh.reason, [], {}, metrics)
@@ -202,7 +207,9 @@ class _Build:
         flow = self.flow
         outputs = {d: flow.path(d) for d in temps}
         files.commit(temps, outputs)
-        return {d: save_metrics(flow.data_dir, d, p, dict(measured.get(d, {})), recipe=name)
+        env = flow.env_identity(name)
+        return {d: save_metrics(flow.data_dir, d, p, dict(measured.get(d, {})), recipe=name,
+                                env=env)
                 for d, p in outputs.items()}
 
 

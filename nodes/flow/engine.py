@@ -90,6 +90,13 @@ class Flow:
         self.envs = dict(envs or {})
         self.limits = limits or Limits()
 
+    def env_identity(self, recipe: str) -> str:
+        """What identifies the environment ``recipe`` runs in, for deciding whether its
+        outputs are up to date: the interpreter's path, which holds the lock's digest
+        (``<data dir>/envs/<digest>/bin/python``); ``""`` for the builtin one."""
+        env = self.manifest.recipe_env(recipe)
+        return self.envs.get(env, "") if env else ""
+
     def pool_for(self, env: str | None) -> WorkerPool:
         """The pool running user code of code environment ``env`` (None: the builtin
         one).  Raises ``FlowError`` for an environment this node does not have."""

@@ -44,6 +44,7 @@ class Sidecar(msgspec.Struct, frozen=True, kw_only=True):
     metrics: Metrics
     updated_at: float
     recipe: str = ""
+    env: str = ""  # the code environment (its interpreter) that wrote it; "" builtin
 
 
 _sidecar = msgspec.json.Decoder(Sidecar)
@@ -71,7 +72,7 @@ def sidecar_path(data_dir: Path, dataset: str) -> Path:
 
 
 def save_metrics(data_dir: Path, dataset: str, path: Path, metrics: Metrics, *,
-                 recipe: str = "") -> Metrics:
+                 recipe: str = "", env: str = "") -> Metrics:
     """Persist ``metrics`` for the dataset now at ``path``; returns them."""
     st = stamp(path)
     if st is None:
@@ -79,11 +80,20 @@ def save_metrics(data_dir: Path, dataset: str, path: Path, metrics: Metrics, *,
     target = sidecar_path(data_dir, dataset)
     target.parent.mkdir(parents=True, exist_ok=True)
     body = msgspec.json.encode(Sidecar(dataset=dataset, stamp=st, metrics=metrics,
-                                       updated_at=time.time(), recipe=recipe))
+                                       updated_at=time.time(), recipe=recipe, env=env))
     tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     tmp.write_bytes(body)
     os.replace(tmp, target)
     return metrics
+
+
+def built_in_env(data_dir: Path, dataset: str) -> str:
+    """The code environment the dataset was last written in (``""``: the builtin one,
+    or not recorded)."""
+    try:
+        return _sidecar.decode(sidecar_path(data_dir, dataset).read_bytes()).env
+    except (FileNotFoundError, msgspec.DecodeError):
+        return ""
 
 
 def load_metrics(data_dir: Path, dataset: str, path: Path) -> Metrics:

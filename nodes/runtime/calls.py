@@ -8,10 +8,12 @@ from typing import Any, TypeVar
 import nats.errors
 from nats.aio.client import Client as NATS
 
+from nodes.auth.signing import signer_of
+from nodes.runtime.connection import PublishDenied, denials_of
 from nodes.runtime.requests import requester
 from protocol import subjects
 from protocol.base import Command, Family, make_request, tag_of
-from protocol.errors import Internal, Timeout, Unavailable, error_from_wire
+from protocol.errors import Forbidden, Internal, Timeout, Unavailable, error_from_wire
 
 R = TypeVar("R")
 
@@ -34,6 +36,8 @@ class Caller:
         self._requester = requester(nc)
         self.sender = sender
         self.identity = identity
+        self._signer = signer_of(nc)  # set when nc was opened with shipyard credentials
+        self._denials = denials_of(nc)  # set when nc was opened with credentials
 
     async def call(self, cmd: Command[R], *, timeout: float = DEFAULT_TIMEOUT,
                    node: str | None = None, request_id: str | None = None) -> R:
@@ -50,10 +54,19 @@ class Caller:
             subject = subjects.node_command(node, verb)
         else:
             subject = role_subject
-        data = make_request(cmd, sender=self.sender, request_id=request_id,
-                            identity=self.identity)
+        if self._signer is not None:
+            data = self._signer.request(subject, cmd, sender=self.sender,
+                                        request_id=request_id)
+        else:
+            data = make_request(cmd, sender=self.sender, request_id=request_id,
+                                identity=self.identity)
         try:
-            msg = await self._requester.request(subject, data, timeout=timeout)
+            sent = self._requester.request(subject, data, timeout=timeout)
+            msg = await (sent if self._denials is None else self._denials.race(subject, sent))
+        except PublishDenied:
+            raise Forbidden(f"the NATS server does not let this identity send {verb!r} "
+                            f"(publish to {subject} refused): ask an admin for a role "
+                            "that may", details={"reason": "nats_permission"}) from None
         except nats.errors.NoRespondersError:
             what = f"node {node} is not running" if node else f"no {family.role} node is running"
             raise Unavailable(f"{what}: nothing answers {subject}") from None

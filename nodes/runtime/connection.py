@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import re
+import weakref
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
 import nats
 from nats.aio.client import Client as NATS
 
+from nodes.auth.keys import is_shipyard_credentials, read_credentials
+from nodes.auth.signing import Signer, attach
 from nodes.runtime.logs import get_logger
 from nodes.runtime.settings import NatsSettings
 from protocol.errors import ShipyardError
+
+T = TypeVar("T")
 
 
 class ConnectionClosed(ShipyardError):
@@ -36,6 +43,72 @@ class CannotReachNats(ShipyardError):
 
 
 Hook = Callable[[], Awaitable[None]]
+
+_VIOLATION = re.compile(r'permissions violation for publish to "([^"]+)"', re.IGNORECASE)
+
+
+class PublishDenials:
+    """Publishes the server refused on one connection, for the requests that wait on them.
+
+    nats-server answers a publish it does not permit with an error that nats-py hands
+    only to the error callback (the message is dropped); a request sent that way would
+    wait out its whole timeout.  ``race`` ends such a request as soon as the refusal
+    arrives.  The server reports the subject lower-cased, so subjects compare so too.
+    """
+
+    def __init__(self) -> None:
+        self._waiting: dict[str, set[asyncio.Event]] = {}
+
+    def refused(self, message: str) -> bool | None:
+        """None: not a publish refusal; True: a request waiting on it was told (it will
+        report the refusal itself); False: nothing was waiting."""
+        m = _VIOLATION.search(message)
+        if m is None:
+            return None
+        waiting = self._waiting.get(m.group(1).lower(), ())
+        for event in waiting:
+            event.set()
+        return bool(waiting)
+
+    async def race(self, subject: str, request: Awaitable[T]) -> T:
+        """Await ``request``; raise ``PublishDenied`` if the server refuses ``subject``
+        first."""
+        key = subject.lower()
+        denied = asyncio.Event()
+        self._waiting.setdefault(key, set()).add(denied)
+        task = asyncio.ensure_future(request)
+        waiter = asyncio.ensure_future(denied.wait())
+        try:
+            await asyncio.wait((task, waiter), return_when=asyncio.FIRST_COMPLETED)
+            if task.done():
+                return task.result()
+            task.cancel()
+            raise PublishDenied(subject)
+        finally:
+            waiter.cancel()
+            if not task.done():
+                task.cancel()
+            waiting = self._waiting.get(key)
+            if waiting is not None:
+                waiting.discard(denied)
+                if not waiting:
+                    del self._waiting[key]
+
+
+class PublishDenied(ShipyardError):
+    """The NATS server refused this connection's identity permission to publish."""
+
+    def __init__(self, subject: str) -> None:
+        self.subject = subject
+        super().__init__(f"the NATS server refused permission to publish to {subject}")
+
+
+_DENIALS: weakref.WeakKeyDictionary[NATS, PublishDenials] = weakref.WeakKeyDictionary()
+
+
+def denials_of(nc: NATS) -> PublishDenials | None:
+    """The refusals of a connection opened by ``connect`` with credentials."""
+    return _DENIALS.get(nc)
 
 
 class ConnectionStats:
@@ -65,6 +138,8 @@ async def connect(
     client reconnects forever and re-sends its subscriptions.  ``on_closed`` runs when
     the connection is closed, by ``close()`` or for good by the client library (which
     does so when the server sends an error such as an authorization violation).
+    A connection opened with shipyard credentials signs the commands a ``Caller`` sends
+    on it (``nodes.auth.signing``).
     """
     log = get_logger(component="nats")
     stats = stats or ConnectionStats()
@@ -74,6 +149,7 @@ async def connect(
     # server has refused, the first connect gives up instead of waiting out its deadline.
     refusals: set[int] = set()
     giving_up = anyio.CancelScope()
+    denials = PublishDenials() if settings.creds_file or settings.nkey_seed_file else None
 
     async def error_cb(exc: Exception) -> None:
         stats.errors += 1
@@ -85,7 +161,12 @@ async def connect(
                 if len(refusals) >= len(settings.servers):
                     giving_up.cancel()
             return
-        if isinstance(exc, nats.errors.SlowConsumerError):
+        refused = denials.refused(str(exc)) if denials is not None else None
+        if refused:
+            pass  # the request that sent it raises Forbidden, which says it all
+        elif refused is not None:
+            log.warning("publish refused by the NATS server", error=str(exc))
+        elif isinstance(exc, nats.errors.SlowConsumerError):
             stats.slow_consumers += 1
             log.warning("slow consumer: messages dropped", subject=exc.subject, sid=exc.sid)
         else:
@@ -140,6 +221,11 @@ async def connect(
         await _abandon(nc)
         raise CannotReachNats(settings.url, str(exc) or type(exc).__name__) from None
     connected = True
+    if denials is not None:
+        _DENIALS[nc] = denials
+    if settings.creds_file and is_shipyard_credentials(settings.creds_file):
+        # The key that authenticated the connection signs the commands sent on it.
+        attach(nc, Signer(read_credentials(settings.creds_file)))
     return nc
 
 

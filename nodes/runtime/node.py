@@ -40,6 +40,7 @@ from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
 
 import nodes
+from nodes.auth.guard import verify_command
 from nodes.runtime.calls import Caller
 from nodes.runtime.connection import ConnectionClosed, ConnectionStats, close, connect
 from nodes.runtime.inbound import Drops
@@ -106,6 +107,7 @@ class Node:
     role: ClassVar[str] = "node"
     family: ClassVar[Family | None] = None
     direct_families: ClassVar[tuple[Family, ...]] = ()  # beside SYSTEM, on sy.node.<name>.>
+    verifies_commands: ClassVar[bool] = False  # role commands must be signed (nodes.auth)
 
     def __init__(
         self,
@@ -406,7 +408,10 @@ class Node:
     async def _handle(self, routes: Routes, prefix_len: int, msg: Msg) -> None:
         """The one place that decides what happens to a request: decode, dispatch, reply.
 
-        Every failure becomes a typed error reply; nothing here can stop the node.
+        A role that sets ``verifies_commands`` (Deployer, Govern) refuses here, before any
+        handler, a role command that is not signed by an identity that may send it
+        (``nodes.auth.guard``: a ``forbidden`` error).  Every failure becomes a typed
+        error reply; nothing here can stop the node.
         """
         verb = msg.subject[prefix_len:]
         current_request.set((msg.subject, ""))
@@ -429,6 +434,8 @@ class Node:
                 raise BadRequest(f"body type {tag_of(type(body))!r} sent to verb {verb!r}")
             if handler is None:
                 raise BadRequest(f"{self.role} node {self.name} does not handle {verb!r}")
+            if self.verifies_commands and not family.direct:
+                await verify_command(self, msg.subject, msg.data, expected)
             result = await handler(body, request)
             data = encode(Reply(ok=result))
             limit = self.nc.max_payload

@@ -4,6 +4,10 @@ A NATS URL is found in this order: an explicit ``--nats``, ``SHIPYARD_NATS_URL``
 ``./.shipyard/stack.json`` (written by ``shipyard up``), then ``nats://127.0.0.1:4222``.
 Credentials, TLS and the JetStream replica count come from ``SHIPYARD_*`` variables or
 from ``stack.json``.
+
+``creds_file`` is either a shipyard credentials file (``nodes.auth.keys``: an nkey seed
+and the identity's name, which also sets the connection's inbox prefix) or a NATS JWT
+``.creds`` file.
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ import ssl
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
+
+from nodes.auth.keys import CredentialsError, is_shipyard_credentials, read_credentials
 
 DEFAULT_URL = "nats://127.0.0.1:4222"
 DEFAULT_HOME = Path(".shipyard")
@@ -58,7 +64,14 @@ class NatsSettings:
         """Keyword arguments for ``nats.aio.client.Client.connect`` (auth and TLS only)."""
         opts: dict[str, Any] = {}
         if self.creds_file:
-            opts["user_credentials"] = self.creds_file
+            if not Path(self.creds_file).is_file():
+                raise CredentialsError(f"credentials file {self.creds_file} not found")
+            if is_shipyard_credentials(self.creds_file):
+                creds = read_credentials(self.creds_file)
+                opts["nkeys_seed_str"] = creds.seed
+                opts["inbox_prefix"] = creds.inbox_prefix
+            else:
+                opts["user_credentials"] = self.creds_file
         if self.nkey_seed_file:
             opts["nkeys_seed"] = self.nkey_seed_file
         if self.user:
@@ -69,7 +82,7 @@ class NatsSettings:
         tls = self.tls_context()
         if tls is not None:
             opts["tls"] = tls
-        if self.inbox_prefix:
+        if self.inbox_prefix:  # explicit wins over the identity's
             opts["inbox_prefix"] = self.inbox_prefix
         return opts
 
@@ -91,8 +104,10 @@ def read_stack_file(home: Path) -> dict[str, Any] | None:
 
 
 def resolve(url: str | None = None, *, home: Path | None = None,
-            env: dict[str, str] | None = None) -> NatsSettings:
-    """Build settings from an explicit URL, the environment and ``stack.json``."""
+            env: dict[str, str] | None = None, creds: str | None = None) -> NatsSettings:
+    """Build settings from an explicit URL, the environment and ``stack.json``.
+
+    Credentials: ``creds`` (``--creds``), else ``SHIPYARD_NATS_CREDS``."""
     env = dict(os.environ) if env is None else env
     stack = read_stack_file(home or Path(env.get("SHIPYARD_HOME", DEFAULT_HOME)))
     if url:
@@ -106,7 +121,7 @@ def resolve(url: str | None = None, *, home: Path | None = None,
     replicas = env.get("SHIPYARD_REPLICAS") or (stack or {}).get("replicas") or 1
     return NatsSettings(
         servers=servers,
-        creds_file=env.get("SHIPYARD_NATS_CREDS") or None,
+        creds_file=creds or env.get("SHIPYARD_NATS_CREDS") or None,
         nkey_seed_file=env.get("SHIPYARD_NATS_NKEY") or None,
         user=env.get("SHIPYARD_NATS_USER") or None,
         password=env.get("SHIPYARD_NATS_PASSWORD") or None,

@@ -1,0 +1,111 @@
+"""Every role does its whole job with only its own permissions: a bundle and an API
+deployment go through a stack whose every node runs as its own NATS user, and the server
+refuses nothing."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import httpx
+
+from nodes.api.gateway import GatewayNode
+from nodes.api.node import ApiNode
+from nodes.auth.registry import publish_identities
+from nodes.automation import AutomationNode
+from nodes.deployer import DeployerNode
+from nodes.design import DesignNode
+from nodes.runtime.calls import Caller
+from nodes.runtime.connection import close, connect
+from protocol.api import CreateApiPackage, DeployApi
+from protocol.bundles import CreateBundle
+from protocol.deploy import CreateInfra, DeployBundle, ListDeployments
+from protocol.scenarios import GetRunLog, ListRuns, RunScenario
+from tests.apiproject import make_api_project
+from tests.authstack import auth_stack
+from tests.helpers import fleet, wait_for
+from tests.projects import make_flow_project, make_project
+
+HB = 0.2
+
+
+async def test_a_bundle_and_an_api_deploy_under_least_privilege_raise_no_violation(
+        tmp_path: Path) -> None:
+    make_project(tmp_path / "ws", "churn", version="1")
+    make_flow_project(tmp_path / "ws")
+    make_api_project(tmp_path / "ws", version="1")
+    with auth_stack(tmp_path) as stack:
+        nc = await connect(stack.settings("admin"), name="admin")
+        try:
+            await publish_identities(nc, stack.store.identities())
+            admin = Caller(nc)
+            async with fleet() as f:
+                await f.start(DeployerNode(name="deployer", nats=stack.settings("deployer"),
+                                           heartbeat_interval=HB))
+                await f.start(DesignNode(name="design", nats=stack.settings("design"),
+                                         workspace=tmp_path / "ws",
+                                         data_dir=tmp_path / "design", heartbeat_interval=HB))
+                await f.start(AutomationNode(name="automation-1", infra="automation",
+                                             nats=stack.settings("automation-1"),
+                                             data_dir=tmp_path / "a1", heartbeat_interval=HB,
+                                             resync_interval=1.0))
+                api = await f.start(ApiNode(name="api-1", infra="api",
+                                            nats=stack.settings("api-1"),
+                                            data_dir=tmp_path / "api1", http_port=0,
+                                            http_host="127.0.0.1", heartbeat_interval=HB,
+                                            resync_interval=1.0, metrics_interval=0.5,
+                                            workers=1))
+                gateway = await f.start(GatewayNode(name="gateway", infra="api",
+                                                    nats=stack.settings("gateway"),
+                                                    http_port=0, http_host="127.0.0.1",
+                                                    heartbeat_interval=HB,
+                                                    resync_interval=1.0))
+                await admin.call(CreateInfra(name="automation", kind="automation"))
+                await admin.call(CreateInfra(name="api", kind="api"))
+
+                await admin.call(CreateBundle(project="churn", bundle_id="v1"), timeout=30)
+                await admin.call(DeployBundle(project="churn", bundle_id="v1",
+                                              infra="automation", by="admin"))
+                await admin.call(CreateBundle(project="flows", bundle_id="v1"), timeout=30)
+                await admin.call(DeployBundle(project="flows", bundle_id="v1",
+                                              infra="automation", by="admin"))
+                await admin.call(CreateApiPackage(project="churn", service="churn-api",
+                                                  version="v1"), timeout=30)
+                await admin.call(DeployApi(service="churn-api", infra="api",
+                                           generations={"v1": 100}))
+
+                async def in_sync() -> bool:
+                    views = [v for infra in ("automation", "api") for v in (
+                        await admin.call(ListDeployments(infra=infra))).deployments]
+                    return len(views) == 3 and all(v.state == "in_sync" for v in views)
+
+                await wait_for(in_sync, timeout=60, message="every deployment in sync")
+                # A scenario run: fired on the node, its log stored, its events published.
+                run = await admin.call(RunScenario(project="flows", scenario="nightly",
+                                                   infra="automation", params={"suffix": "!"},
+                                                   by="admin"))
+
+                async def finished() -> bool:
+                    listed = await admin.call(ListRuns(project="flows"))
+                    return any(r.run_id == run.run_id and r.outcome != "RUNNING"
+                               for r in listed.runs)
+
+                await wait_for(finished, timeout=60, message="the scenario run finished")
+                log = await admin.call(GetRunLog(run_id=run.run_id))
+                assert "keeping 3 rows" in log.text
+                assert isinstance(api, ApiNode) and api.http is not None
+                assert isinstance(gateway, GatewayNode) and gateway.http is not None
+                path = "/public/api/v1/churn-api/predict/predict"
+                async with httpx.AsyncClient(timeout=30) as http:
+                    for front in (api.http.url, gateway.http.url):
+
+                        async def answered(front: str | None = front) -> httpx.Response | None:
+                            r = await http.post(f"{front}{path}", json={"features": {"x": 1}})
+                            return r if r.status_code == 200 else None
+
+                        r = await wait_for(answered, timeout=20, message=f"{front} answers")
+                        assert r.json()["result"]["prediction"] == "yes"
+        finally:
+            await close(nc)
+        violations = [line for line in stack.server_log().splitlines()
+                      if "Violation" in line]
+        assert violations == []
