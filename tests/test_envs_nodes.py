@@ -235,6 +235,8 @@ async def test_an_endpoint_runs_in_its_env_and_a_switch_between_envs_fails_no_re
             .returncode == 0
         first = await run("deploy", "api", "churn-api", "v1", "--infra", "prod", "--wait")
         assert first.returncode == 0, first.stdout + first.stderr
+        # per-node progress, the environment's build included
+        assert "api-1" in first.stderr and "building env ml ..." in first.stderr, first.stderr
         [env1] = c.built("api-1")
 
         endpoint = f"http://127.0.0.1:{port}/public/api/v1/churn-api/predict/predict"

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import anyio
 import click
+from nats.aio.msg import Msg
 from rich.text import Text
 
 from nodes.cli.common import (
@@ -13,6 +15,7 @@ from nodes.cli.common import (
     call,
     check_names,
     connected,
+    err,
     human_size,
     json_option,
     nats_option,
@@ -27,14 +30,18 @@ from nodes.cli.common import (
     whoami,
 )
 from nodes.cli.projects import env_cell, print_envs, print_package_changes
+from nodes.cli.waiting import describe_stage
 from nodes.runtime.calls import Caller
+from protocol import subjects
 from protocol.api import (
     AUTH_MODES,
+    GENERATION_REPORT,
     ApiPackageCreated,
     ApiPackageList,
     CreateApiKey,
     CreateApiPackage,
     DeployApi,
+    GenerationReport,
     ListApiKeys,
     ListApiPackages,
     RevokeApiKey,
@@ -42,7 +49,7 @@ from protocol.api import (
     parse_split,
 )
 from protocol.deploy import FAILED, IN_SYNC, DeploymentView, ListDeployments
-from protocol.errors import BadName, OperationError
+from protocol.errors import BadName, DecodeError, OperationError
 
 
 @click.group()
@@ -192,61 +199,104 @@ def deploy_api(service: str, version: str | None, infra: str, split: str | None,
         generations = {version: 100}
     cmd = DeployApi(service=service, infra=infra, generations=generations, shadow=shadow,
                     auth=auth, by=whoami(), expected_revision=if_revision)
-    view: DeploymentView = run(call, nats_url, cmd)
-    after_change(view, "deploying", wait, timeout, nats_url, as_json)
+    after_change(cmd, "deploying", wait, timeout, nats_url, as_json)
 
 
 def rollback_api(service: str, infra: str, wait: bool, timeout: float, nats_url: str | None,
                  as_json: bool) -> None:
     """``shipyard rollback api SERVICE --infra I``: back to the previous mapping."""
     check_names(service=service, infra=infra)
-    view: DeploymentView = run(call, nats_url, RollbackApi(service=service, infra=infra,
-                                                           by=whoami()))
-    after_change(view, "rolling back", wait, timeout, nats_url, as_json)
+    after_change(RollbackApi(service=service, infra=infra, by=whoami()), "rolling back",
+                 wait, timeout, nats_url, as_json)
 
 
-def after_change(view: DeploymentView, verb: str, wait: bool, timeout: float,
+def after_change(cmd: DeployApi | RollbackApi, verb: str, wait: bool, timeout: float,
                  nats_url: str | None, as_json: bool) -> None:
-    last = view.last_update
-    if not as_json:
+    def announce(view: DeploymentView) -> None:
+        if as_json:
+            return
+        last = view.last_update
         out.print(f"{verb} API {view.project} {(last.from_bundle if last else None) or '-'} -> "
                   f"{view.desired} on {view.infra} (update {view.update_id}, revision "
                   f"{view.revision}, auth {view.extra.get('auth')})")
+
     if not wait:
+        view: DeploymentView = run(call, nats_url, cmd)
+        announce(view)
         if as_json:
             print_json(view)
         return
-    final, ok, why = run(_wait, nats_url, view, timeout)
+    final, ok, why = run(_change_and_wait, nats_url, cmd, timeout, announce, not as_json)
     if as_json:
         print_json(final)
     elif ok:
         out.print(Text.assemble(styled("done", "green"), f": every online API node of "
-                                f"{view.infra} serves {view.project} {view.desired}"))
+                                f"{final.infra} serves {final.project} {final.desired}"))
     if not ok:
         click.echo(f"shipyard: {why}", err=True)
         raise SystemExit(EXIT_FAILED)
 
 
-async def _wait(nats_url: str | None, view: DeploymentView,
-                timeout: float) -> tuple[DeploymentView, bool, str]:
+async def _change_and_wait(nats_url: str | None, cmd: DeployApi | RollbackApi,
+                           timeout: float, announce: Callable[[DeploymentView], None],
+                           show: bool) -> tuple[DeploymentView, bool, str]:
+    """Follow the nodes' generation reports (one line per node and stage:
+    ``building env ml ...``, ``loading``, ``serving``), make the change, and wait until
+    the deployment is in sync or failed."""
     async with connected(nats_url) as nc:
         caller = Caller(nc, sender="cli")
-        deadline = time.monotonic() + timeout
-        last = view
-        while True:
+        stages: dict[str, tuple[str, str]] = {}
+        early: list[GenerationReport] = []
+        asked: list[str] = []
+
+        def note(r: GenerationReport) -> None:
+            if show and stages.get(r.node) != (r.stage, r.env):
+                stages[r.node] = (r.stage, r.env)
+                err.print(f"  {r.node:<16} {describe_stage(r.stage, r.env, r.reason)}",
+                          markup=False, highlight=False)
+
+        async def on_report(msg: Msg) -> None:
             try:
-                reply = await caller.call(ListDeployments(project=view.project,
-                                                          infra=view.infra), timeout=5)
-                last = next((v for v in reply.deployments if v.kind == "api"), last)
-            except OperationError:
-                pass
-            verdict = _verdict(view, last)
-            if verdict is not None:
-                return last, verdict[0], verdict[1]
-            if time.monotonic() > deadline:
-                why = "; ".join(last.reasons) or last.state
-                return last, False, f"timed out after {timeout:g}s: {why}"
-            await anyio.sleep(0.1)
+                r = GENERATION_REPORT.decode(msg.data)
+            except DecodeError:
+                return
+            if not asked:
+                if len(early) < 1000:
+                    early.append(r)  # before the change's update id is known
+            elif r.update_id == asked[0] and r.service == cmd.service:
+                note(r)
+
+        sub = await nc.subscribe(subjects.reports("apigen"), cb=on_report)
+        try:
+            view = await caller.call(cmd)
+            announce(view)
+            asked.append(view.update_id)
+            for r in early:
+                if r.update_id == view.update_id and r.service == cmd.service:
+                    note(r)
+            return await _wait(caller, view, timeout)
+        finally:
+            await sub.unsubscribe()
+
+
+async def _wait(caller: Caller, view: DeploymentView,
+                timeout: float) -> tuple[DeploymentView, bool, str]:
+    deadline = time.monotonic() + timeout
+    last = view
+    while True:
+        try:
+            reply = await caller.call(ListDeployments(project=view.project,
+                                                      infra=view.infra), timeout=5)
+            last = next((v for v in reply.deployments if v.kind == "api"), last)
+        except OperationError:
+            pass
+        verdict = _verdict(view, last)
+        if verdict is not None:
+            return last, verdict[0], verdict[1]
+        if time.monotonic() > deadline:
+            why = "; ".join(last.reasons) or last.state
+            return last, False, f"timed out after {timeout:g}s: {why}"
+        await anyio.sleep(0.1)
 
 
 def _verdict(asked: DeploymentView, now: DeploymentView) -> tuple[bool, str] | None:

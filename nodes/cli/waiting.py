@@ -161,6 +161,11 @@ class _Progress:
 
 def describe(r: ActivationReport) -> str:
     """One node's stage as a person reads it: ``building env ml ...``, ``failed: why``."""
-    if r.stage == "building":
-        return f"building env {r.env or '?'} ..."
-    return r.stage + (f": {r.reason}" if r.reason else "")
+    return describe_stage(r.stage, r.env, r.reason)
+
+
+def describe_stage(stage: str, env: str, reason: str) -> str:
+    """A node's stage (of an activation or a generation switch) as a person reads it."""
+    if stage == "building":
+        return f"building env {env or '?'} ..."
+    return stage + (f": {reason}" if reason else "")

@@ -45,6 +45,7 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import anyio
 import msgspec
@@ -57,7 +58,12 @@ from protocol.errors import OperationError
 
 __all__ = ["MARKER", "EnvBuildFailed", "EnvMarker", "EnvStore", "Progress"]
 
-log = get_logger(component="envs")
+
+
+def _log() -> Any:
+    """The store's logger, made when used: a logger bound at import would keep the
+    default console format instead of the node's JSON configuration."""
+    return get_logger(component="envs")
 
 MARKER = ".shipyard-env.json"
 UNUSED = ".shipyard-unused"
@@ -228,7 +234,7 @@ class EnvStore:
                     await anyio.to_thread.run_sync(_remove, env)
                 raise
         self._known[lock.digest] = _Known(marker=marker, size=size, sized_at=time.monotonic())
-        log.info("env built", digest=lock.digest[:12], name=lock.name,
+        _log().info("env built", digest=lock.digest[:12], name=lock.name,
                  packages=len(lock.packages))
         return self._python(env)
 
@@ -338,14 +344,14 @@ class EnvStore:
                 known.size = await anyio.to_thread.run_sync(_size, env)
                 known.sized_at = time.monotonic()
         if removed:
-            log.info("envs removed", digests=[d[:12] for d in removed])
+            _log().info("envs removed", digests=[d[:12] for d in removed])
         if not self._building:
             keep = {p.wheel.filename for k in self._known.values()
                     for p in k.marker.lock.packages if p.wheel is not None}
             pruned = await anyio.to_thread.run_sync(_prune_wheels, self.root / WHEELS, keep,
                                                     now - self.grace_s)
             if pruned:
-                log.info("fetched wheels removed", count=pruned)
+                _log().info("fetched wheels removed", count=pruned)
         return removed
 
     def _scan(self) -> dict[str, EnvMarker | None]:
@@ -428,7 +434,7 @@ async def _notify(listener: Progress, text: str) -> None:
         if result is not None:
             await result
     except Exception as exc:  # a progress report is best effort
-        log.warning("env progress listener failed", error=repr(exc))
+        _log().warning("env progress listener failed", error=repr(exc))
 
 
 def _remove(env: Path) -> None:
