@@ -54,8 +54,7 @@ ERROR_HEADER = "Nats-Service-Error"
 # Error code -> HTTP status: the one table every HTTP answer and every worker error reply
 # takes its status from (README's error table is checked against it by a test).
 HTTP_STATUS = {
-    "bad_request": 400, "unauthorized": 401, "forbidden": 403, "not_approved": 403,
-    "not_found": 404,
+    "bad_request": 400, "unauthorized": 401, "forbidden": 403, "not_found": 404,
     "method_not_allowed": 405, "client_timeout": 408, "too_large": 413,
     "headers_too_large": 431, "user_code": 500, "bad_result": 500, "internal": 500,
     "unavailable": 503, "overloaded": 503, "timeout": 504,
