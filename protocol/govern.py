@@ -143,13 +143,13 @@ class ArtifactRow(msgspec.Struct, frozen=True, kw_only=True):
     requested_by: str = ""
 
 
-class ArtifactList(Message, frozen=True, kw_only=True, tag="govern.list.reply"):
+class ArtifactList(Message, frozen=True, kw_only=True, tag="artifact.list.reply"):
     projects: list[str] = []
     services: list[str] = []
     artifacts: list[ArtifactRow] = []
 
 
-class ReviewView(Message, frozen=True, kw_only=True, tag="govern.review.view"):
+class ReviewView(Message, frozen=True, kw_only=True, tag="review.view"):
     """Where one artifact's sign-off stands (``review`` is None while unreviewed)."""
 
     kind: str
@@ -160,14 +160,14 @@ class ReviewView(Message, frozen=True, kw_only=True, tag="govern.review.view"):
     changed: bool = False  # whether this command wrote anything
 
 
-class ListArtifacts(Command[ArtifactList], frozen=True, kw_only=True, tag="govern.list"):
+class ListArtifacts(Command[ArtifactList], frozen=True, kw_only=True, tag="artifact.list"):
     """Every project, bundle and API version the stack holds, with its review status."""
 
     kind: str | None = None
     name: str | None = None
 
 
-class RequestReview(Command[ReviewView], frozen=True, kw_only=True, tag="govern.request"):
+class RequestReview(Command[ReviewView], frozen=True, kw_only=True, tag="review.request"):
     """Open a review of an artifact (the requester is the command's signed identity)."""
 
     kind: str
@@ -177,7 +177,7 @@ class RequestReview(Command[ReviewView], frozen=True, kw_only=True, tag="govern.
     by: str = ""  # used only on a stack without identities
 
 
-class ReviewArtifact(Command[ReviewView], frozen=True, kw_only=True, tag="govern.review"):
+class ReviewArtifact(Command[ReviewView], frozen=True, kw_only=True, tag="review.answer"):
     """Approve or reject an artifact whose review is open."""
 
     kind: str
@@ -188,7 +188,7 @@ class ReviewArtifact(Command[ReviewView], frozen=True, kw_only=True, tag="govern
     by: str = ""  # used only on a stack without identities
 
 
-class GetReview(Command[ReviewView], frozen=True, kw_only=True, tag="govern.status"):
+class GetReview(Command[ReviewView], frozen=True, kw_only=True, tag="review.status"):
     """Where an artifact's review stands and who said what."""
 
     kind: str
@@ -198,7 +198,7 @@ class GetReview(Command[ReviewView], frozen=True, kw_only=True, tag="govern.stat
 
 # -- events --------------------------------------------------------------------------------
 
-class ReviewChanged(Event, frozen=True, kw_only=True, tag="govern.review"):
+class ReviewChanged(Event, frozen=True, kw_only=True, tag="review.changed"):
     kind: str
     name: str
     version: str
