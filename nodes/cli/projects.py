@@ -347,4 +347,5 @@ def history(project: str, infra: str, nats_url: str | None, as_json: bool) -> No
         return
     table(["WHEN", "WHO", "ACTION", "FROM", "TO", "RESULT", "DETAIL"],
           [(when(u.at), u.by, u.action, u.from_bundle or "-", u.to_bundle, u.result,
-            u.detail) for u in reply.updates])
+            "; ".join(filter(None, [u.detail, *(f"govern warning: {w}" for w in u.warnings)])))
+           for u in reply.updates])
