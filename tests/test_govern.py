@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 
 from nodes.govern.reviews import SELF_APPROVAL, answer, open_review
+from nodes.runtime.jetstream import ensure_kv
+from protocol import subjects
 from protocol.api import DeployApi, RollbackApi
 from protocol.deploy import (
     WARNING,
@@ -32,6 +34,7 @@ from protocol.govern import (
     ListArtifacts,
     RequestReview,
     ReviewArtifact,
+    review_key,
 )
 from tests.authstack import auth_stack
 from tests.govstack import GovStack, gov_stack, people
@@ -327,3 +330,31 @@ async def test_two_approvals_a_govern_restart_loses_nothing_and_deploys_need_no_
             await f.stop(gov.govern)  # an approval stands without the Govern node
             view = await dora.call(deploy, timeout=5)
             assert view.desired == "v1" and view.last_update.warnings == []
+
+
+async def test_an_unreadable_review_record_is_no_approval_and_a_new_request_replaces_it(
+        tmp_path: Path) -> None:
+    async with govstack(tmp_path) as gov:
+        admin, dora = gov.as_("admin"), gov.as_("dora")
+        await gov.publish_bundle("churn", "v1")
+        kv = await ensure_kv(gov.conns["admin"].jetstream(), subjects.GOVERN_BUCKET)
+        await kv.put(review_key(BUNDLE, "churn", "v1"), b'{"status": "approved"')
+        await admin.call(CreateInfra(name="p", kind="automation", govern="prevent"),
+                         timeout=5)
+        await admin.call(CreateInfra(name="w", kind="automation", govern="warn"), timeout=5)
+        unreadable = "bundle churn v1 is not approved (its review record is unreadable)"
+        with pytest.raises(NotApproved) as info:
+            await dora.call(DeployBundle(project="churn", bundle_id="v1", infra="p"),
+                            timeout=5)
+        assert info.value.details["missing"] == [unreadable]
+        warned = await dora.call(DeployBundle(project="churn", bundle_id="v1", infra="w"),
+                                 timeout=5)
+        assert warned.last_update.warnings == [unreadable]
+
+        status = await gov.as_("vera").call(GetReview(kind=BUNDLE, name="churn",
+                                                      version="v1"), timeout=5)
+        assert status.status == UNREVIEWED and status.review is None
+        await _approve(gov, BUNDLE, "churn", "v1")
+        done = await dora.call(DeployBundle(project="churn", bundle_id="v1", infra="p"),
+                               timeout=5)
+        assert done.desired == "v1" and done.last_update.warnings == []

@@ -155,12 +155,22 @@ class GovernNode(Node):
                  f"shipyard api versions {name}")
         raise NotFound(f"{label(kind, name, version)} not found (see: {where})")
 
+    async def _read(self, key: str) -> tuple[Review | None, int]:
+        """The stored review and its revision; an unreadable record (written by hand) is
+        logged and read as no review, so a new request replaces it."""
+        try:
+            return await read(self.kv, key, REVIEW_VALUE.decode)
+        except msgspec.DecodeError as exc:
+            self.log.warning("unreadable review record ignored", key=key, error=str(exc))
+            entry = await self.kv.get(key)
+            return None, entry.revision or 0
+
     async def _change(self, key: str,
                       change: Callable[[Review | None], Review | None]) -> tuple[Review, bool]:
         """Apply ``change`` to the stored review by compare-and-set, re-reading on a lost
         race.  Returns the review and whether anything was written."""
         for _ in range(CAS_ATTEMPTS):
-            current, revision = await read(self.kv, key, REVIEW_VALUE.decode)
+            current, revision = await self._read(key)
             new = change(current)
             if new is None:
                 assert current is not None
@@ -215,7 +225,7 @@ class GovernNode(Node):
     @handles(GetReview)
     async def get_review(self, cmd: GetReview, req: Request[Any]) -> ReviewView:
         key = self._key(cmd.kind, cmd.name, cmd.version)
-        review, _ = await read(self.kv, key, REVIEW_VALUE.decode)
+        review, _ = await self._read(key)
         if review is None:
             await self._require_artifact(cmd.kind, cmd.name, cmd.version)
             return ReviewView(kind=cmd.kind, name=cmd.name, version=cmd.version,
