@@ -206,6 +206,10 @@ async def test_the_policy_matrix_for_api_versions_including_the_shadow_and_a_rol
             await dora.call(DeployApi(service="score", infra="web",
                                       generations={"1": 100, "2": 0}), timeout=5)
 
+        with pytest.raises(NotFound, match="API package score 9 not found"):  # not "unapproved"
+            await dora.call(DeployApi(service="score", infra="web", generations={"9": 100}),
+                            timeout=5)
+
         await admin.call(SetInfra(name="web", govern="warn"), timeout=5)
         warned = await dora.call(DeployApi(service="score", infra="web",
                                            generations={"1": 50, "3": 50}, shadow="2"), timeout=5)

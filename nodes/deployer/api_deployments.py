@@ -171,21 +171,10 @@ class ApiDeployer:
                                      "versions served together must agree")
         return endpoints, description
 
-    async def _change(self, *, service: str, infra: Infra, mapping: ApiMapping, action: str,
-                      by: str, expected_revision: int | None) -> DeploymentView:
-        """Write ``mapping`` as the desired state, once every version in it (the shadow
-        too) passes the infra's govern policy."""
-        assert self._cache is not None
-        versions = sorted({*mapping.generations, *([mapping.shadow] if mapping.shadow
-                                                    else [])})
-        warnings = await self.policy.check(infra, [(API, service, v) for v in versions])
-        return await self._write(service=service, infra=infra.name, mapping=mapping,
-                                 action=action, by=by, expected_revision=expected_revision,
-                                 warnings=warnings)
-
-    async def _write(self, *, service: str, infra: str, mapping: ApiMapping, action: str,
-                     by: str, expected_revision: int | None,
-                     warnings: list[str]) -> DeploymentView:
+    async def _change(self, *, service: str, infra: str, rules: Infra, mapping: ApiMapping,
+                      action: str, by: str, expected_revision: int | None) -> DeploymentView:
+        """Write ``mapping`` as the desired state once it is valid (every version exists)
+        and every version in it, the shadow too, passes the infra's govern policy."""
         assert self._cache is not None
         for entry in self._cache.entries.values():
             other = entry.value
@@ -194,6 +183,9 @@ class ApiDeployer:
                                f"{other.infra}; a service is served by one API infra per "
                                "NATS account (its subjects carry no infra)")
         endpoints, description = await self._endpoints(service, mapping)
+        versions = sorted({*mapping.generations, *([mapping.shadow] if mapping.shadow
+                                                    else [])})
+        warnings = await self.policy.check(rules, [(API, service, v) for v in versions])
         key = deployment_key("api", infra, service)
         current, revision = await self._read(key)
         if expected_revision is not None and expected_revision != revision:
@@ -253,7 +245,8 @@ class ApiDeployer:
         auth = cmd.auth or (current.mapping.auth if current else "public")
         mapping = ApiMapping(generations=dict(sorted(cmd.generations.items())),
                              shadow=cmd.shadow, auth=auth)
-        return await self._change(service=cmd.service, infra=infra, mapping=mapping,
+        return await self._change(service=cmd.service, infra=cmd.infra, rules=infra,
+                                  mapping=mapping,
                                   action="deploy", by=cmd.by or req.sender,
                                   expected_revision=cmd.expected_revision)
 
@@ -270,7 +263,7 @@ class ApiDeployer:
         if current.previous is None:
             raise BadRequest(f"{cmd.service} on {cmd.infra} has no previous mapping to roll "
                              "back to")
-        return await self._change(service=cmd.service, infra=infra,
+        return await self._change(service=cmd.service, infra=cmd.infra, rules=infra,
                                   mapping=current.previous, action="rollback",
                                   by=cmd.by or req.sender, expected_revision=revision)
 
