@@ -50,7 +50,9 @@ from protocol.deploy import (
     ListDeployments,
     ListInfras,
     RollbackBundle,
+    SetInfra,
 )
+from protocol.govern import GetReview, ListArtifacts, RequestReview, ReviewArtifact
 from protocol.registry import ForgetNode, ListNodes
 from protocol.scenarios import BuildDatasets, CancelRun, GetRunLog, ListRuns, RunScenario
 from protocol.subjects import token
@@ -78,7 +80,9 @@ REQUIRED_ROLE: Final[dict[type[Command[Any]], str]] = {
     CancelRun: "deployer", DeployApi: "deployer", RollbackApi: "deployer",
     CreateApiKey: "deployer", RevokeApiKey: "deployer", CreateBundle: "deployer",
     BuildDatasets: "deployer", CreateApiPackage: "deployer",
-    CreateInfra: "admin", ForgetNode: "admin",
+    ListArtifacts: "viewer", GetReview: "viewer", RequestReview: "deployer",
+    ReviewArtifact: "reviewer",
+    CreateInfra: "admin", SetInfra: "admin", ForgetNode: "admin",
 }
 
 

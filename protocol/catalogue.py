@@ -21,7 +21,7 @@ from typing import Any, get_args
 import msgspec
 
 import protocol
-from protocol import api, auth, bundles, deploy, envs, registry, scenarios, subjects
+from protocol import api, auth, bundles, deploy, envs, govern, registry, scenarios, subjects
 from protocol.base import Codec, tag_of
 
 
@@ -76,6 +76,8 @@ _KEY_FAMILIES: list[tuple[str, Callable[..., str], dict[str, str]]] = [
     (subjects.LOCKS_BUCKET, scenarios.lock_key, {}),
     (subjects.LOCKS_BUCKET, scenarios.cron_mark_key, {}),
     (subjects.IDENTITIES_BUCKET, auth.identity_key, {}),
+    (subjects.GOVERN_BUCKET, govern.review_key, {"kind": "bundle"}),
+    (subjects.GOVERN_BUCKET, govern.review_key, {"kind": "api"}),
 ]
 
 _NOT_SUBJECTS = {"token", "api_queue_group"}

@@ -69,6 +69,7 @@ class Infra(msgspec.Struct, frozen=True, kw_only=True):
     description: str = ""
     created_at: float = 0.0
     created_by: str = ""
+    govern: str = "none"  # prevent | warn | none: what an unapproved artifact meets here
     v: int = 1
 
 
@@ -84,6 +85,7 @@ class Update(msgspec.Struct, frozen=True, kw_only=True):
     result: str = PENDING  # pending | succeeded | failed | superseded
     detail: str = ""
     finished_at: float | None = None
+    warnings: list[str] = []  # what the infra's ``warn`` policy let through
 
 
 class DeploymentRecord(msgspec.Struct, frozen=True, kw_only=True):
@@ -151,6 +153,20 @@ class CreateInfra(Command[InfraCreated], frozen=True, kw_only=True, tag="infra.c
     stage: str = "development"
     description: str = ""
     exist_ok: bool = False
+    by: str = ""
+    govern: str = "none"  # prevent | warn | none (``protocol.govern.POLICIES``)
+
+
+class InfraUpdated(Message, frozen=True, kw_only=True, tag="infra.updated"):
+    infra: Infra
+    changed: bool
+
+
+class SetInfra(Command[InfraUpdated], frozen=True, kw_only=True, tag="infra.set"):
+    """Change an infrastructure's settings; a field left ``None`` is kept."""
+
+    name: str
+    govern: str | None = None
     by: str = ""
 
 

@@ -22,9 +22,11 @@ from protocol.deploy import (
     History,
     InfraCreated,
     InfraList,
+    InfraUpdated,
     ListDeployments,
     ListInfras,
     RollbackBundle,
+    SetInfra,
 )
 from protocol.registry import ForgetNode, ForgottenNode, ListNodes, NodeList
 from protocol.scenarios import (
@@ -38,11 +40,12 @@ from protocol.scenarios import (
     RunScenario,
 )
 
-DeployerCommand = (ListNodes | ForgetNode | CreateInfra | ListInfras | DeployBundle | RollbackBundle
+DeployerCommand = (ListNodes | ForgetNode | CreateInfra | SetInfra | ListInfras | DeployBundle
+                   | RollbackBundle
                    | ListDeployments | GetHistory
                    | RunScenario | ListRuns | GetRunLog | CancelRun
                    | DeployApi | RollbackApi | CreateApiKey | ListApiKeys | RevokeApiKey)
-DeployerReply = (NodeList | ForgottenNode | InfraCreated | InfraList | DeploymentView
+DeployerReply = (NodeList | ForgottenNode | InfraCreated | InfraUpdated | InfraList | DeploymentView
                  | DeploymentList | History
                  | RunAccepted | RunList | RunLog | RunCancelled
                  | ApiKeyCreated | ApiKeyList | ApiKeyRevoked)

@@ -125,6 +125,13 @@ class UserCodeError(OperationError):
     code = "user_code"
 
 
+class NotApproved(OperationError):
+    """A deployment refused by its infra's ``prevent`` policy: an artifact it needs has
+    not been approved on the Govern node (``details["missing"]`` names each one)."""
+
+    code = "not_approved"
+
+
 class Internal(OperationError):
     """An unexpected failure inside a node; the node keeps serving."""
 
@@ -144,6 +151,7 @@ _BY_CODE: dict[str, type[OperationError]] = {
         Timeout,
         TooLarge,
         UserCodeError,
+        NotApproved,
         Internal,
     )
 }

@@ -3,6 +3,7 @@
 
 from protocol.deployer import DEPLOYER
 from protocol.design import DESIGN, RUNNER
+from protocol.govern import GOVERN
 from protocol.system import SYSTEM
 
-ALL = (DEPLOYER, DESIGN, RUNNER, SYSTEM)
+ALL = (DEPLOYER, DESIGN, RUNNER, GOVERN, SYSTEM)

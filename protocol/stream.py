@@ -28,6 +28,7 @@ from protocol.deploy import (
     InfraCreatedEvent,
 )
 from protocol.events import NodeForgotten, NodeLost, NodeOnline
+from protocol.govern import ReviewChanged
 from protocol.scenarios import RunFinished, RunProgress, RunStarted
 
 AnyEvent = (NodeOnline | NodeLost | NodeForgotten | InfraCreatedEvent | BundleStored
@@ -35,7 +36,7 @@ AnyEvent = (NodeOnline | NodeLost | NodeForgotten | InfraCreatedEvent | BundleSt
             | BundleActivated | BundleActivationFailed | DeploymentFinished
             | RunStarted | RunProgress | RunFinished
             | ApiPackageStored | ApiDeploymentRequested | GenerationsServing | GenerationFailed
-            | ApiDeploymentFinished | ApiKeyIssued)
+            | ApiDeploymentFinished | ApiKeyIssued | ReviewChanged)
 
 EVENT = Codec[AnyEvent](AnyEvent)
 

@@ -200,6 +200,7 @@ RUN_EVENTS_ALL = f"{ROOT}.evt.run.>"
 # -- patterns for NATS permissions (nodes.auth.permissions) ----------------------------------
 
 IDENTITIES_BUCKET = "sy_identities"  # KV: identities that may connect and sign, by name
+GOVERN_BUCKET = "sy_govern"  # KV: sign-off reviews, <kind>.<name>.<version> (Govern node)
 API_ALL = f"{ROOT}.api.{API_VERSION}.>"
 COMMANDS_ALL = f"{ROOT}.cmd.>"
 

@@ -54,6 +54,11 @@ NAMED: list[list[str]] = [
     ["auth", "node", "add", BAD, "--role", "automation"],
     ["auth", "node", "add", "n1", "--role", "automation", "--infra", BAD],
     ["auth", "node", "revoke", BAD],
+    ["infra", "set", BAD, "--govern", "warn"], ["govern", "list", "--name", BAD],
+    ["govern", "request", BAD, "v1"], ["govern", "request", "churn", BAD],
+    ["govern", "request", "api", BAD, "v1"], ["govern", "request", "api", "s", BAD],
+    ["govern", "review", BAD, "v1", "--approve"], ["govern", "review", "churn", BAD, "--reject"],
+    ["govern", "status", BAD, "v1"], ["govern", "status", "api", "s", BAD],
 ]
 # Commands without a name to get wrong (or that check theirs as usage errors).
 UNNAMED = {"up", "node start", "events", "projects", "infra list", "auth init",

@@ -16,6 +16,7 @@ from nodes.cli.auth import auth
 from nodes.cli.common import EXIT_FAILED, EXIT_USAGE, CliState, err
 from nodes.cli.envs import envs_cmd
 from nodes.cli.fleet import events_cmd, node_forget, nodes_cmd
+from nodes.cli.govern import govern
 from nodes.cli.projects import (
     bundle,
     deploy,
@@ -72,6 +73,7 @@ cli.add_command(run_group)
 cli.add_command(build_cmd)
 cli.add_command(api)
 cli.add_command(auth)
+cli.add_command(govern)
 deploy.add_command(deploy_api)
 
 

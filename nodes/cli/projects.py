@@ -39,8 +39,10 @@ from protocol.deploy import (
     ListDeployments,
     ListInfras,
     RollbackBundle,
+    SetInfra,
 )
 from protocol.envs import EnvSummary
+from protocol.govern import POLICIES
 
 # -- projects and bundles --------------------------------------------------------------------
 
@@ -144,6 +146,10 @@ def bundle_list(project: str, nats_url: str | None, as_json: bool) -> None:
 
 # -- infrastructures ---------------------------------------------------------------------
 
+GOVERN_HELP = ("What a deployment of an artifact not approved on the Govern node meets: "
+               "prevent refuses it, warn deploys it with a warning, none deploys it.")
+
+
 @click.group()
 def infra() -> None:
     """Create and list infrastructures (groups of Automation or API nodes)."""
@@ -154,18 +160,41 @@ def infra() -> None:
 @click.option("--kind", type=click.Choice(KINDS), required=True)
 @click.option("--stage", type=click.Choice(STAGES), default="development", show_default=True)
 @click.option("--description", default="")
+@click.option("--govern", "policy", type=click.Choice(POLICIES), default="none",
+              show_default=True, help=GOVERN_HELP)
 @nats_option
 @json_option
-def infra_create(name: str, kind: str, stage: str, description: str, nats_url: str | None,
-                 as_json: bool) -> None:
+def infra_create(name: str, kind: str, stage: str, description: str, policy: str,
+                 nats_url: str | None, as_json: bool) -> None:
     """Create infrastructure NAME.  Nodes join it with --infra NAME."""
     check_names(infra=name)
     reply = run(call, nats_url, CreateInfra(name=name, kind=kind, stage=stage,
-                                            description=description, by=whoami()))
+                                            description=description, by=whoami(),
+                                            govern=policy))
     if as_json:
         print_json(reply.infra)
     else:
-        out.print(f"infra {name} created ({kind}, {stage})")
+        out.print(f"infra {name} created ({kind}, {stage}, govern {policy})")
+
+
+@infra.command("set")
+@click.argument("name")
+@click.option("--govern", "policy", type=click.Choice(POLICIES), default=None,
+              help=GOVERN_HELP)
+@nats_option
+@json_option
+def infra_set(name: str, policy: str | None, nats_url: str | None, as_json: bool) -> None:
+    """Change settings of infrastructure NAME."""
+    check_names(infra=name)
+    if policy is None:
+        raise click.UsageError("nothing to change: give --govern prevent|warn|none")
+    reply = run(call, nats_url, SetInfra(name=name, govern=policy, by=whoami()))
+    if as_json:
+        print_json(reply.infra)
+    elif reply.changed:
+        out.print(f"infra {name}: govern {reply.infra.govern}")
+    else:
+        out.print(f"infra {name} already has govern {reply.infra.govern}")
 
 
 @infra.command("list")
@@ -177,8 +206,9 @@ def infra_list(nats_url: str | None, as_json: bool) -> None:
     if as_json:
         print_json(reply.infras)
         return
-    table(["NAME", "KIND", "STAGE", "CREATED", "BY", "DESCRIPTION"],
-          [(i.name, i.kind, i.stage, when(i.created_at), i.created_by, i.description)
+    table(["NAME", "KIND", "STAGE", "GOVERN", "CREATED", "BY", "DESCRIPTION"],
+          [(i.name, i.kind, i.stage, i.govern, when(i.created_at), i.created_by,
+            i.description)
            for i in reply.infras])
 
 
@@ -317,4 +347,5 @@ def history(project: str, infra: str, nats_url: str | None, as_json: bool) -> No
         return
     table(["WHEN", "WHO", "ACTION", "FROM", "TO", "RESULT", "DETAIL"],
           [(when(u.at), u.by, u.action, u.from_bundle or "-", u.to_bundle, u.result,
-            u.detail) for u in reply.updates])
+            "; ".join(filter(None, [u.detail, *(f"govern warning: {w}" for w in u.warnings)])))
+           for u in reply.updates])

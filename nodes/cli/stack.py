@@ -99,6 +99,8 @@ def node() -> None:
               help="deployer: forget nodes lost for this long (30s, 15m, 2h, 1d; 0: never).")
 @click.option("--max-concurrency", type=click.IntRange(min=1), default=256, show_default=True,
               help="Requests handled at once.")
+@click.option("--approvals", type=click.IntRange(min=1), default=None,
+              help="govern: approvals a review needs (default 1).")
 @click.option("--workspace", type=click.Path(path_type=Path), default=None,
               help="design: the folder whose subfolders with a shipyard.toml are projects "
                    "(default ./projects).")
@@ -113,7 +115,7 @@ def node() -> None:
 @api_node_options
 def node_start(role: str, name: str | None, infra: str | None, nats_url: str | None,
                creds: str | None, heartbeat_interval: float, forget_after: str,
-               max_concurrency: int,
+               max_concurrency: int, approvals: int | None,
                workspace: Path | None,
                data_dir: Path | None, keep_bundles: int, log_level: str | None,
                index_url: str | None, find_links: tuple[str, ...], no_index: bool,
@@ -148,6 +150,10 @@ def node_start(role: str, name: str | None, infra: str | None, nats_url: str | N
     elif forget_after != "1d":
         raise click.BadParameter("--forget-after is for deployer nodes",
                                  param_hint="--forget-after")
+    if role == "govern":
+        extra["approvals"] = approvals or 1
+    elif approvals is not None:
+        raise click.BadParameter("--approvals is for govern nodes", param_hint="--approvals")
     extra.update(api_node_extra(role, api_options))
     extra.update(env_node_extra(role, dict(
         index_url=index_url, find_links=find_links, no_index=no_index,

@@ -22,6 +22,7 @@ from nats.js.kv import KeyValue
 from nodes.api.metrics import quantile
 from nodes.deployer.bundle_deployments import HISTORY_LIMIT
 from nodes.deployer.host import DeskHost, RequireInfra
+from nodes.deployer.policy import GovernPolicy, govern_health
 from nodes.deployer.registry import Registry
 from nodes.deployer.updates import UpdateCloser, close_last, judge
 from nodes.runtime.jetstream import ensure_kv
@@ -52,6 +53,7 @@ from protocol.deploy import (
     PENDING,
     SUPERSEDED,
     DeploymentView,
+    Infra,
     ListDeployments,
     NodeDeployment,
     Update,
@@ -59,6 +61,7 @@ from protocol.deploy import (
     deployment_keys,
 )
 from protocol.errors import BadRequest, Conflict, NotFound
+from protocol.govern import API
 from protocol.registry import ONLINE, NodeInfo
 from protocol.state import ApiState, ServiceState
 
@@ -84,6 +87,7 @@ class ApiDeployer:
         self._deploy: KeyValue | None = None
         self._packages: KeyValue | None = None
         self._cache: KVCache[ApiDeploymentRecord] | None = None
+        self.policy = GovernPolicy(host)
         self.closer = UpdateCloser(self.view, self._finish,
                                    lambda: self.host.stopping_requested)
         self.reports: OrderedDict[str, Reports] = OrderedDict()
@@ -94,6 +98,7 @@ class ApiDeployer:
                                        description="shipyard desired state")
         self._packages = await ensure_kv(js, subjects.API_PACKAGE_BUCKET, replicas=r,
                                          description="shipyard API package records")
+        await self.policy.setup()
         self._cache = KVCache(self._deploy, deployment_keys("api"), API_DEPLOYMENT_VALUE.decode,
                               on_change=self._changed)
 
@@ -166,8 +171,10 @@ class ApiDeployer:
                                      "versions served together must agree")
         return endpoints, description
 
-    async def _change(self, *, service: str, infra: str, mapping: ApiMapping, action: str,
-                      by: str, expected_revision: int | None) -> DeploymentView:
+    async def _change(self, *, service: str, infra: str, rules: Infra, mapping: ApiMapping,
+                      action: str, by: str, expected_revision: int | None) -> DeploymentView:
+        """Write ``mapping`` as the desired state once it is valid (every version exists)
+        and every version in it, the shadow too, passes the infra's govern policy."""
         assert self._cache is not None
         for entry in self._cache.entries.values():
             other = entry.value
@@ -176,6 +183,9 @@ class ApiDeployer:
                                f"{other.infra}; a service is served by one API infra per "
                                "NATS account (its subjects carry no infra)")
         endpoints, description = await self._endpoints(service, mapping)
+        versions = sorted({*mapping.generations, *([mapping.shadow] if mapping.shadow
+                                                    else [])})
+        warnings = await self.policy.check(rules, [(API, service, v) for v in versions])
         key = deployment_key("api", infra, service)
         current, revision = await self._read(key)
         if expected_revision is not None and expected_revision != revision:
@@ -184,7 +194,7 @@ class ApiDeployer:
         now = time.time()
         before = current.mapping.describe() if current else None
         update = Update(id=new_id(), at=now, by=by, action=action, from_bundle=before,
-                        to_bundle=mapping.describe())
+                        to_bundle=mapping.describe(), warnings=warnings)
         history = list(current.history) if current else []
         if history and history[-1].result == PENDING:
             history[-1] = msgspec.structs.replace(
@@ -221,7 +231,7 @@ class ApiDeployer:
                 check_version(version)
         except ValueError as exc:
             raise BadRequest(str(exc)) from None
-        await self.require_infra(cmd.infra, "api")
+        infra = await self.require_infra(cmd.infra, "api")
         if not cmd.generations or not any(w > 0 for w in cmd.generations.values()):
             raise BadRequest("name at least one version with a weight above 0")
         if any(w < 0 for w in cmd.generations.values()):
@@ -235,13 +245,14 @@ class ApiDeployer:
         auth = cmd.auth or (current.mapping.auth if current else "public")
         mapping = ApiMapping(generations=dict(sorted(cmd.generations.items())),
                              shadow=cmd.shadow, auth=auth)
-        return await self._change(service=cmd.service, infra=cmd.infra, mapping=mapping,
+        return await self._change(service=cmd.service, infra=cmd.infra, rules=infra,
+                                  mapping=mapping,
                                   action="deploy", by=cmd.by or req.sender,
                                   expected_revision=cmd.expected_revision)
 
     @handles(RollbackApi)
     async def rollback(self, cmd: RollbackApi, req: Request[Any]) -> DeploymentView:
-        await self.require_infra(cmd.infra, "api")
+        infra = await self.require_infra(cmd.infra, "api")
         try:
             key = deployment_key("api", cmd.infra, cmd.service)
         except ValueError as exc:
@@ -252,7 +263,7 @@ class ApiDeployer:
         if current.previous is None:
             raise BadRequest(f"{cmd.service} on {cmd.infra} has no previous mapping to roll "
                              "back to")
-        return await self._change(service=cmd.service, infra=cmd.infra,
+        return await self._change(service=cmd.service, infra=cmd.infra, rules=infra,
                                   mapping=current.previous, action="rollback",
                                   by=cmd.by or req.sender, expected_revision=revision)
 
@@ -274,6 +285,7 @@ class ApiDeployer:
             verbs=("serves", "serving", "served"),
             pending=bool(rec.history) and rec.history[-1].result == PENDING,
             per_node=per_node, quiet=("", "idle", "serving"))
+        health = govern_health(health, reasons, rec.history[-1] if rec.history else None)
         online = {n.name for n in nodes if n.status == ONLINE}
         return DeploymentView(
             project=rec.service, infra=rec.infra, desired=rec.mapping.describe(),

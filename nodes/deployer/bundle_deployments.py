@@ -21,6 +21,7 @@ from anyio.abc import TaskGroup
 from nats.js.kv import KeyValue
 
 from nodes.deployer.host import DeskHost
+from nodes.deployer.policy import GovernPolicy, govern_health
 from nodes.deployer.registry import Registry
 from nodes.deployer.updates import UpdateCloser, close_last, judge
 from nodes.runtime.jetstream import ensure_kv
@@ -54,16 +55,19 @@ from protocol.deploy import (
     InfraCreated,
     InfraCreatedEvent,
     InfraList,
+    InfraUpdated,
     ListDeployments,
     ListInfras,
     NodeDeployment,
     RollbackBundle,
+    SetInfra,
     Update,
     deployment_key,
     deployment_keys,
     infra_key,
 )
 from protocol.errors import BadRequest, Conflict, NotFound
+from protocol.govern import BUNDLE, check_policy
 from protocol.registry import NodeInfo
 from protocol.scenarios import RunSummary
 from protocol.state import AutomationState, BundleState
@@ -86,6 +90,7 @@ class ProjectDeployer:
         self._deploy: KeyValue | None = None
         self._bundles: KeyValue | None = None
         self._cache: KVCache[DeploymentRecord] | None = None
+        self.policy = GovernPolicy(host)
         self.closer = UpdateCloser(self.view, self._finish,
                                    lambda: self.host.stopping_requested)
 
@@ -98,6 +103,7 @@ class ProjectDeployer:
         self._deploy = await ensure_kv(js, subjects.DEPLOY_BUCKET, replicas=r,
                                        description="shipyard desired state")
         self._bundles = await ensure_kv(js, subjects.BUNDLE_BUCKET, replicas=r)
+        await self.policy.setup()
         self._cache = KVCache(self._deploy, deployment_keys("bundle"), DEPLOYMENT_VALUE.decode,
                               on_change=self._changed)
 
@@ -161,9 +167,10 @@ class ProjectDeployer:
             raise BadRequest(f"invalid kind {cmd.kind!r}: expected one of {', '.join(KINDS)}")
         if cmd.stage not in STAGES:
             raise BadRequest(f"invalid stage {cmd.stage!r}: expected one of {', '.join(STAGES)}")
+        check_policy(cmd.govern)
         infra = Infra(name=cmd.name, kind=cmd.kind, stage=cmd.stage,
                       description=cmd.description, created_at=time.time(),
-                      created_by=cmd.by or req.sender)
+                      created_by=cmd.by or req.sender, govern=cmd.govern)
         try:
             await self.infra_kv.create(infra_key(cmd.name), encode(infra))
         except nats.js.errors.KeyWrongLastSequenceError:
@@ -175,6 +182,37 @@ class ProjectDeployer:
         await self.host.emit(InfraCreatedEvent(name=infra.name, kind=infra.kind,
                                                stage=infra.stage, by=infra.created_by))
         return InfraCreated(infra=infra, created=True)
+
+    @handles(SetInfra)
+    async def set_infra(self, cmd: SetInfra, req: Request[Any]) -> InfraUpdated:
+        """Change an infra's settings by compare-and-set (a lost race is retried on
+        what is stored now, so a repeated command is harmless)."""
+        if cmd.govern is not None:
+            check_policy(cmd.govern)
+        for _ in range(8):
+            try:
+                entry = await self.infra_kv.get(infra_key(cmd.name))
+            except ValueError as exc:
+                raise BadRequest(str(exc)) from None
+            except (nats.js.errors.KeyNotFoundError, nats.js.errors.InvalidKeyError):
+                entry = None
+            if entry is None or not entry.value:
+                raise NotFound(f"unknown infra {cmd.name!r} (see: shipyard infra list)")
+            infra = INFRA_VALUE.decode(entry.value)
+            new = infra if cmd.govern is None else msgspec.structs.replace(
+                infra, govern=cmd.govern)
+            if new == infra:
+                return InfraUpdated(infra=infra, changed=False)
+            try:
+                await self.infra_kv.update(infra_key(cmd.name), encode(new),
+                                           last=entry.revision)
+            except nats.js.errors.KeyWrongLastSequenceError:
+                continue
+            self.log.info("infra changed", infra=cmd.name, govern=new.govern,
+                          by=cmd.by or req.sender)
+            return InfraUpdated(infra=new, changed=True)
+        raise Conflict(f"infra {cmd.name!r} kept changing while this command was applied: "
+                       "retry")
 
     @handles(ListInfras)
     async def list_infras(self, cmd: ListInfras, req: Request[Any]) -> InfraList:
@@ -210,7 +248,8 @@ class ProjectDeployer:
         return int(await self.deploy_kv.update(key, data, last=revision))
 
     async def _change_desired(self, *, project: str, infra: str, target: str, action: str,
-                              by: str, expected_revision: int | None) -> DeploymentView:
+                              by: str, expected_revision: int | None,
+                              warnings: list[str]) -> DeploymentView:
         key = deployment_key("bundle", infra, project)
         current, revision = await self._read(key)
         if expected_revision is not None and expected_revision != revision:
@@ -218,7 +257,8 @@ class ProjectDeployer:
                            f"not {expected_revision}: it changed since you looked")
         now = time.time()
         update = Update(id=new_id(), at=now, by=by, action=action,
-                        from_bundle=current.desired if current else None, to_bundle=target)
+                        from_bundle=current.desired if current else None, to_bundle=target,
+                        warnings=warnings)
         history = list(current.history) if current else []
         if history and history[-1].result == PENDING:
             history[-1] = msgspec.structs.replace(history[-1], result=SUPERSEDED,
@@ -249,16 +289,18 @@ class ProjectDeployer:
 
     @handles(DeployBundle)
     async def deploy(self, cmd: DeployBundle, req: Request[Any]) -> DeploymentView:
-        await self.require_infra(cmd.infra, "automation")
+        infra = await self.require_infra(cmd.infra, "automation")
         await self._require_bundle(cmd.project, cmd.bundle_id)
+        warnings = await self.policy.check(infra, [(BUNDLE, cmd.project, cmd.bundle_id)])
         return await self._change_desired(project=cmd.project, infra=cmd.infra,
                                           target=cmd.bundle_id, action="deploy",
                                           by=cmd.by or req.sender,
-                                          expected_revision=cmd.expected_revision)
+                                          expected_revision=cmd.expected_revision,
+                                          warnings=warnings)
 
     @handles(RollbackBundle)
     async def rollback(self, cmd: RollbackBundle, req: Request[Any]) -> DeploymentView:
-        await self.require_infra(cmd.infra, "automation")
+        infra = await self.require_infra(cmd.infra, "automation")
         current, revision = await self._read(deployment_key("bundle", cmd.infra, cmd.project))
         if current is None:
             raise NotFound(f"project {cmd.project!r} is not deployed on {cmd.infra!r}")
@@ -267,9 +309,10 @@ class ProjectDeployer:
             raise BadRequest(f"{cmd.project} on {cmd.infra} has no previous bundle to roll "
                              "back to (use --to BUNDLE_ID)")
         await self._require_bundle(cmd.project, target)
+        warnings = await self.policy.check(infra, [(BUNDLE, cmd.project, target)])
         return await self._change_desired(project=cmd.project, infra=cmd.infra, target=target,
                                           action="rollback", by=cmd.by or req.sender,
-                                          expected_revision=revision)
+                                          expected_revision=revision, warnings=warnings)
 
     @handles(ListDeployments)
     async def list_deployments(self, cmd: ListDeployments, req: Request[Any]) -> DeploymentList:
@@ -309,6 +352,7 @@ class ProjectDeployer:
                            f"{last.error or 'see its log'}")
             if health in (HEALTHY, UNKNOWN):
                 health = WARNING
+        health = govern_health(health, reasons, rec.history[-1] if rec.history else None)
         return DeploymentView(
             project=rec.project, infra=rec.infra, desired=rec.desired, previous=rec.previous,
             revision=revision, update_id=rec.update_id, updated_at=rec.updated_at,
