@@ -10,7 +10,7 @@ command, a role that may not send it, a malformed request).
 ``identity`` is the verified signer of an accepted command; for a refused one it is the
 name the envelope claimed (``verified`` false), which may be a lie and is recorded as
 such.  ``args`` is the decoded command body, encoded again with its type tag (the
-command's own JSON encoding); absent when the request did not decode.
+command's own JSON encoding); ``null`` when the request did not decode.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import msgspec
 
 OK = "ok"
 ERROR = "error"
+NO_ARGS = msgspec.Raw(b"null")
 
 
 class AuditEntry(msgspec.Struct, frozen=True, kw_only=True):
@@ -31,7 +32,7 @@ class AuditEntry(msgspec.Struct, frozen=True, kw_only=True):
     request_id: str | None = None
     identity: str | None = None
     verified: bool = False  # the identity's signature was verified
-    args: msgspec.Raw | None = None  # the command body as sent
+    args: msgspec.Raw = NO_ARGS  # the command body (JSON ``null``: it did not decode)
     outcome: str = OK  # ok | error
     error_code: str | None = None
     error: str | None = None

@@ -23,7 +23,7 @@ from nodes.cli.common import (
     to_builtins,
 )
 from nodes.runtime.audit import deployed_at, read_audit
-from protocol.audit import OK, AuditEntry, Deployed
+from protocol.audit import NO_ARGS, OK, AuditEntry, Deployed
 
 _NUMBER = re.compile(r"^\s*\d+(\.\d+)?\s*$")
 
@@ -54,15 +54,14 @@ def _iso(ts: float) -> str:
 
 
 def _entry_json(seq: int, e: AuditEntry) -> dict[str, Any]:
-    d: dict[str, Any] = to_builtins(msgspec.structs.replace(e, args=None))
-    d["args"] = msgspec.json.decode(e.args) if e.args is not None else None
+    d: dict[str, Any] = msgspec.json.decode(msgspec.json.encode(e))  # args as sent
     d["seq"] = seq
     d["time"] = _iso(e.ts)
     return d
 
 
 def _args_text(e: AuditEntry, width: int = 60) -> str:
-    if e.args is None:
+    if e.args == NO_ARGS:
         return ""
     text = bytes(e.args).decode(errors="replace")
     return text if len(text) <= width else text[:width - 1] + "…"

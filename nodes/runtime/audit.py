@@ -14,9 +14,9 @@ purge it, to remove one of its messages, or to lift those flags, whoever asks.  
 the whole stream, or shrinking its limits with an update, is not covered by the flags, so
 every shipyard identity's NATS permissions deny those two API subjects, the admin's too
 (``nodes.auth.permissions.ledger_guard``): only the server operator, who writes the
-server's configuration or owns its storage, can remove the ledger.  No ``max_age``: an audit ledger is
-kept, not rotated (``max_bytes`` bounds it, and then the server refuses new entries rather
-than drop old ones, ``discard=new``).
+server's configuration or owns its storage, can remove the ledger.  No ``max_age``: an
+audit ledger is kept, not rotated (``max_bytes`` bounds it, and then the server refuses
+new entries rather than drop old ones, ``discard=new``).
 
 ``shipyard audit at T`` answers from the deployment records in ``sy_deploy``, not from
 this ledger: see ``deployed_at``.
@@ -110,6 +110,11 @@ class AuditRecorder:
             return False
         self.recorded += 1
         return True
+
+    def close(self) -> None:
+        """No more entries (the node stopped); what is still buffered is not appended."""
+        self._send.close()
+        self._recv.close()
 
     @property
     def backlog(self) -> int:

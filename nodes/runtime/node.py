@@ -51,7 +51,7 @@ from nodes.runtime.logs import current_request, get_logger
 from nodes.runtime.settings import NatsSettings
 from nodes.runtime.workqueue import WorkQueue
 from protocol import subjects
-from protocol.audit import ERROR, OK, AuditEntry
+from protocol.audit import ERROR, NO_ARGS, OK, AuditEntry
 from protocol.base import (
     Codec,
     Command,
@@ -262,6 +262,11 @@ class Node:
                     tg.cancel_scope.cancel()
         finally:
             self._stopping = True  # the close below is ours, not a connection loss
+            if self.audit is not None:
+                if self.audit.backlog:
+                    self.log.warning("audit entries not appended before stopping",
+                                     backlog=self.audit.backlog)
+                self.audit.close()
             await close(self.nc)
             self.log.info("node stopped")
         if self.closed_reason is not None:
@@ -489,7 +494,7 @@ class Node:
                 request_id=request.id if request is not None else None,
                 identity=signer or (request.identity if request is not None else None),
                 verified=signer is not None,
-                args=msgspec.Raw(encode(request.body)) if request is not None else None,
+                args=msgspec.Raw(encode(request.body)) if request is not None else NO_ARGS,
                 outcome=OK if error is None else ERROR,
                 error_code=error.code if error else None,
                 error=error.message if error else None,
