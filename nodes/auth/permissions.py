@@ -201,6 +201,8 @@ def permissions_for(identity: Identity) -> Permissions:
     p.pub_deny += [subjects.COMMANDS_ALL, subjects.AUDIT_ALL, kv_writes(subjects.DEPLOY_BUCKET),
                    kv_writes(subjects.INFRA_BUCKET), kv_writes(subjects.IDENTITIES_BUCKET)]
     p.pub_allow.append(stream_create(subjects.EVENTS_STREAM))
+    if role in ("automation", "api"):  # artifacts run only if signed by a Design key
+        p.read_kv(subjects.IDENTITIES_BUCKET, create=False)
     if role == "automation":
         p.read_kv(subjects.DEPLOY_BUCKET, subjects.BUNDLE_BUCKET)
         p.write_kv(subjects.LOCKS_BUCKET, subjects.FIRED_BUCKET)
