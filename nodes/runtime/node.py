@@ -424,8 +424,9 @@ class Node:
 
         A role that sets ``verifies_commands`` (Deployer, Govern) refuses here, before any
         handler, a role command that is not signed by an identity that may send it
-        (``nodes.auth.guard``: a ``forbidden`` error).  Every failure becomes a typed
-        error reply; nothing here can stop the node.
+        (``nodes.auth.guard``: a ``forbidden`` error), and records every role command's
+        fate, accepted or refused, in the audit ledger (``nodes.runtime.audit``: never
+        waits).  Every failure becomes a typed error reply; nothing here can stop the node.
         """
         verb = msg.subject[prefix_len:]
         current_request.set((msg.subject, ""))
