@@ -54,6 +54,7 @@ NAMED: list[list[str]] = [
     ["auth", "node", "add", BAD, "--role", "automation"],
     ["auth", "node", "add", "n1", "--role", "automation", "--infra", BAD],
     ["auth", "node", "revoke", BAD],
+    ["audit", "--who", BAD], ["audit", "at", "--infra", BAD, "10m"],
 ]
 # Commands without a name to get wrong (or that check theirs as usage errors).
 UNNAMED = {"up", "node start", "events", "projects", "infra list", "auth init",

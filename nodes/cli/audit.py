@@ -11,6 +11,7 @@ import click
 import msgspec
 
 from nodes.cli.common import (
+    check_names,
     connected,
     json_option,
     nats_option,
@@ -84,6 +85,7 @@ def audit(ctx: click.Context, since: str | None, who: str | None, nats_url: str 
     A refused command shows the identity it claimed (not verified)."""
     if ctx.invoked_subcommand is not None:
         return
+    check_names(identity=who)
     start = parse_time(since) if since else None
 
     async def main() -> list[tuple[int, AuditEntry]]:
@@ -120,6 +122,7 @@ def audit_at(when: str, infra: str | None, nats_url: str | None, as_json: bool) 
     """What was deployed on each infra at time T (ISO 8601, seconds since the epoch, or a
     duration ago): every project's bundle and every API service's mapping, as the
     desired state stood then, with the update that set it."""
+    check_names(infra=infra)
     at = parse_time(when)
 
     async def main() -> list[Deployed]:
