@@ -172,6 +172,10 @@ class ApiPackageInfo(msgspec.Struct, frozen=True, kw_only=True):
     archive_sha256: str = ""
     archive_blake3: str = ""  # empty in records made before it was kept
     env: EnvLock | None = None  # the code environment its endpoints run in (None: builtin)
+    # The Design node's signature over the record's digests (protocol.artifacts), base64,
+    # and the name of the identity that signed; empty on a stack without identities.
+    signature: str = ""
+    signed_by: str = ""
     v: int = 1
 
 

@@ -72,6 +72,10 @@ class BundleInfo(msgspec.Struct, frozen=True, kw_only=True):
     archive_sha256: str = ""
     archive_blake3: str = ""  # empty in records made before it was kept
     envs: dict[str, EnvLock] = {}  # every code environment the bundle's code uses
+    # The Design node's signature over the record's digests (protocol.artifacts), base64,
+    # and the name of the identity that signed; empty on a stack without identities.
+    signature: str = ""
+    signed_by: str = ""
     v: int = 1
 
 

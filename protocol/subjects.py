@@ -196,6 +196,16 @@ def runs_of(project: str) -> str:
 
 RUN_EVENTS_ALL = f"{ROOT}.evt.run.>"
 
+# -- the audit ledger ---------------------------------------------------------------------
+
+AUDIT_STREAM = "SY_AUDIT"  # every command Deployer and Govern received, with its outcome
+AUDIT_ALL = f"{ROOT}.audit.>"
+
+
+def audit(role: str, node: str) -> str:
+    """Audit entries appended by one node of a verifying role (Deployer, Govern)."""
+    return f"{ROOT}.audit.{token(role, 'role')}.{token(node, 'node name')}"
+
 
 # -- patterns for NATS permissions (nodes.auth.permissions) ----------------------------------
 

@@ -59,6 +59,7 @@ NAMED: list[list[str]] = [
     ["govern", "request", "api", BAD, "v1"], ["govern", "request", "api", "s", BAD],
     ["govern", "review", BAD, "v1", "--approve"], ["govern", "review", "churn", BAD, "--reject"],
     ["govern", "status", BAD, "v1"], ["govern", "status", "api", "s", BAD],
+    ["audit", "--who", BAD], ["audit", "at", "--infra", BAD, "10m"],
 ]
 # Commands without a name to get wrong (or that check theirs as usage errors).
 UNNAMED = {"up", "node start", "events", "projects", "infra list", "auth init",

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import anyio
@@ -83,12 +84,19 @@ async def package_info(kv: KeyValue, service: str, version: str) -> ApiPackageIn
 
 
 async def ensure(js: JetStreamContext, kv: KeyValue, store: PackageStore, downloads: Path,
-                 service: str, version: str) -> tuple[Path, ApiPackageInfo, int]:
+                 service: str, version: str, *,
+                 refusal: Callable[[ApiPackageInfo], str | None] | None = None,
+                 ) -> tuple[Path, ApiPackageInfo, int]:
     """The package unpacked here: (directory, record, bytes fetched; 0 if on disk).
 
-    Raises ``PackageRefused`` (missing, damaged, rejected) or a transport error (retry).
+    ``refusal(record)`` says why the record may not be used (its signature), or None.
+    Raises ``PackageRefused`` (missing, damaged, rejected, untrusted) or a transport
+    error (retry).
     """
     info = await package_info(kv, service, version)
+    reason = refusal(info) if refusal is not None else None
+    if reason is not None:
+        raise PackageRefused(reason)
     if await anyio.to_thread.run_sync(store.has, service, version):
         return store.dir(service, version), info, 0
     await anyio.Path(downloads).mkdir(parents=True, exist_ok=True)

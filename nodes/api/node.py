@@ -43,6 +43,7 @@ from nodes.api.httplimits import HttpLimits
 from nodes.api.metrics import Metrics
 from nodes.api.wire import EndpointCode
 from nodes.api.workers import WorkerPool
+from nodes.auth.artifacts import trust_of
 from nodes.envs.options import BuildInterrupted, EnvOptions, interrupted, node_env_store
 from nodes.envs.store import EnvBuildFailed
 from nodes.runtime import transfer
@@ -214,9 +215,11 @@ class ApiNode(Node):
         try:
             kinds: dict[str, dict[str, str]] = {}
             dirs = {}
+            trust = await trust_of(self)  # every generation signed by a Design key
             for gen in generations:
                 d, info, _ = await ensure(self.js, self._packages, self.store,
-                                          self.data_dir / "downloads", name, gen)
+                                          self.data_dir / "downloads", name, gen,
+                                          refusal=trust.package_refusal)
                 dirs[gen] = (d, info)
                 kinds[gen] = {e: spec.kind for e, spec in info.endpoints.items()}
             pythons: dict[str, str] = {}

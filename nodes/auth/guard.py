@@ -189,9 +189,11 @@ async def guard_of(node: Any) -> CommandGuard | None:
         return guard
 
 
-async def verify_command(node: Any, subject: str, data: bytes, command: type[Any]) -> None:
-    """Raise ``Forbidden`` unless the command is signed by an identity that may send it
-    (a no-op on a node without shipyard credentials)."""
+async def verify_command(node: Any, subject: str, data: bytes,
+                         command: type[Any]) -> Identity | None:
+    """Raise ``Forbidden`` unless the command is signed by an identity that may send it;
+    return that identity (None on a node without shipyard credentials: nothing checked)."""
     guard = _GUARDS.get(node) if node in _GUARDS else await guard_of(node)
     if guard is not None:
-        guard.check(subject, data, command)
+        return guard.check(subject, data, command)
+    return None

@@ -65,6 +65,23 @@ def stream_purge(stream: str) -> str:
     return f"$JS.API.STREAM.PURGE.{stream}"
 
 
+def stream_delete(stream: str) -> str:
+    return f"$JS.API.STREAM.DELETE.{stream}"
+
+
+def stream_update(stream: str) -> str:
+    return f"$JS.API.STREAM.UPDATE.{stream}"
+
+
+def ledger_guard() -> list[str]:
+    """What no shipyard identity may publish, the admin included: the audit stream's
+    delete and update (nats-server's ``deny_delete``/``deny_purge`` refuse a purge and a
+    message delete, and an update that lifts them, but not the deletion of the whole
+    stream nor an update that shrinks its limits), and entries (Deployer and Govern
+    nodes append them; they are the only ones not given this deny on the subjects)."""
+    return [stream_delete(subjects.AUDIT_STREAM), stream_update(subjects.AUDIT_STREAM)]
+
+
 def stream_reads(stream: str) -> list[str]:
     """What reading a stream (a KV bucket, an object store) publishes."""
     api = "$JS.API"
@@ -160,6 +177,7 @@ def _reader(p: Permissions) -> None:
     p.read_objects(*OBJECT_STORES, create=False)
     p.read_events()
     p.sub_allow.append(subjects.HEARTBEATS_ALL)
+    p.pub_allow += stream_reads(subjects.AUDIT_STREAM)  # the audit ledger: read, never write
 
 
 def permissions_for(identity: Identity) -> Permissions:
@@ -170,18 +188,22 @@ def permissions_for(identity: Identity) -> Permissions:
     if identity.kind == "user":
         if role == "admin":
             _control_plane(p)
+            p.pub_deny += [*ledger_guard(), subjects.AUDIT_ALL]
         else:
             _reader(p)
             p.pub_allow += command_subjects(role)
         return p
     if role in ("deployer", "govern"):
         _control_plane(p)
-        p.pub_deny += [kv_writes(subjects.IDENTITIES_BUCKET), STREAM_DELETE_ALL]
+        p.pub_deny += [kv_writes(subjects.IDENTITIES_BUCKET), STREAM_DELETE_ALL,
+                       *ledger_guard()]
         return p
     p.serve(role, name)
-    p.pub_deny += [subjects.COMMANDS_ALL, kv_writes(subjects.DEPLOY_BUCKET),
+    p.pub_deny += [subjects.COMMANDS_ALL, subjects.AUDIT_ALL, kv_writes(subjects.DEPLOY_BUCKET),
                    kv_writes(subjects.INFRA_BUCKET), kv_writes(subjects.IDENTITIES_BUCKET)]
     p.pub_allow.append(stream_create(subjects.EVENTS_STREAM))
+    if role in ("automation", "api"):  # artifacts run only if signed by a Design key
+        p.read_kv(subjects.IDENTITIES_BUCKET, create=False)
     if role == "automation":
         p.read_kv(subjects.DEPLOY_BUCKET, subjects.BUNDLE_BUCKET)
         p.write_kv(subjects.LOCKS_BUCKET, subjects.FIRED_BUCKET)

@@ -27,6 +27,7 @@ import nats.js.errors
 from anyio.abc import TaskGroup
 from nats.js.kv import KeyValue
 
+from nodes.auth.artifacts import trust_of
 from nodes.automation.claims import Claims
 from nodes.automation.envs import BundleEnvs, EnvNotBuilt
 from nodes.automation.execution import Execution
@@ -252,9 +253,12 @@ class AutomationNode(Node):
     async def _install(self, rec: DeploymentRecord) -> int:
         """Make the bundle available unpacked here; return bytes fetched (0 if cached)."""
         project, bundle = rec.project, rec.desired
+        info = await self._bundle_info(project, bundle)
+        refusal = (await trust_of(self)).bundle_refusal(info)  # signed by a Design key
+        if refusal is not None:
+            raise Permanent(refusal)
         if await anyio.to_thread.run_sync(self.store.has, project, bundle):
             return 0
-        info = await self._bundle_info(project, bundle)
         downloads = self.data_dir / "downloads"
         await anyio.Path(downloads).mkdir(parents=True, exist_ok=True)
         archive = downloads / f"{project}-{bundle}-{new_id()}.tar"

@@ -12,6 +12,7 @@ import click
 
 import nodes
 from nodes.cli.apis import api, deploy_api
+from nodes.cli.audit import audit
 from nodes.cli.auth import auth
 from nodes.cli.common import EXIT_FAILED, EXIT_USAGE, CliState, err
 from nodes.cli.envs import envs_cmd
@@ -74,6 +75,7 @@ cli.add_command(build_cmd)
 cli.add_command(api)
 cli.add_command(auth)
 cli.add_command(govern)
+cli.add_command(audit)
 deploy.add_command(deploy_api)
 
 

@@ -94,6 +94,7 @@ NAME_RULES: dict[str, Callable[[str], str]] = {
     "role": _token("role"), "node": _token("node name"), "scenario": _token("scenario"),
     "dataset": _token("dataset"), "run": _token("run id"), "key": _token("key id"),
     "bundle": check_bundle_id, "version": check_version,
+    "identity": _token("identity name"),
 }
 
 

@@ -27,6 +27,7 @@ import nats.js.errors
 from nats.js import JetStreamContext
 from nats.js.kv import KeyValue
 
+from nodes.auth.artifacts import sign_package
 from nodes.design.envs import EnvLocker
 from nodes.project.files import Walker
 from nodes.project.manifest import MANIFEST, ApiService, Manifest
@@ -243,9 +244,9 @@ class ApiPackager:
                                                             "version": cmd.version})
         finally:
             await anyio.Path(archive).unlink(missing_ok=True)
-        info = msgspec.structs.replace(info, archive=name, archive_size=stored.size,
-                                       archive_sha256=stored.sha256,
-                                       archive_blake3=stored.blake3)
+        info = sign_package(self.host.settings, msgspec.structs.replace(
+            info, archive=name, archive_size=stored.size, archive_sha256=stored.sha256,
+            archive_blake3=stored.blake3))
         previous = await self.infos(cmd.service)
         try:
             await self.kv.create(key, encode(info))

@@ -32,6 +32,7 @@ import nats.js.errors
 from anyio.abc import TaskGroup, TaskStatus
 from nats.js.kv import KeyValue
 
+from nodes.auth.artifacts import sign_bundle
 from nodes.design.api_packages import ApiPackager
 from nodes.design.envs import EnvLocker
 from nodes.envs.lock import LockFailed
@@ -305,9 +306,9 @@ class DesignNode(Node):
                                                    "bundle": cmd.bundle_id})
         finally:
             await anyio.Path(archive).unlink(missing_ok=True)
-        info = msgspec.structs.replace(packed.info, archive=name, archive_size=stored.size,
-                                       archive_sha256=stored.sha256,
-                                       archive_blake3=stored.blake3)
+        info = sign_bundle(self.settings, msgspec.structs.replace(
+            packed.info, archive=name, archive_size=stored.size,
+            archive_sha256=stored.sha256, archive_blake3=stored.blake3))
         previous = await self.bundle_infos(manifest.project.key)
         try:
             await self.bundles_kv.create(key, encode(info))

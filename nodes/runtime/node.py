@@ -32,6 +32,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, ClassVar, TypeVar
 
 import anyio
+import msgspec
 import structlog
 from anyio.abc import TaskGroup, TaskStatus
 from nats.aio.client import Client as NATS
@@ -41,6 +42,7 @@ from nats.js import JetStreamContext
 
 import nodes
 from nodes.auth.guard import verify_command
+from nodes.runtime.audit import AuditRecorder
 from nodes.runtime.calls import Caller
 from nodes.runtime.connection import ConnectionClosed, ConnectionStats, close, connect
 from nodes.runtime.inbound import Drops
@@ -49,6 +51,7 @@ from nodes.runtime.logs import current_request, get_logger
 from nodes.runtime.settings import NatsSettings
 from nodes.runtime.workqueue import WorkQueue
 from protocol import subjects
+from protocol.audit import ERROR, NO_ARGS, OK, AuditEntry
 from protocol.base import (
     Codec,
     Command,
@@ -150,6 +153,10 @@ class Node:
         self._nc: NATS | None = None
         self._tg: TaskGroup | None = None
         self.ready = anyio.Event()
+        # Roles that verify commands record each one's fate in the audit ledger.
+        self.audit = AuditRecorder(self.name, self.role, self.log) if (
+            self.verifies_commands) else None
+        self._direct_prefix = subjects.node_commands(self.name)[:-1]
         self.add_handlers(self)
 
     # -- properties subclasses use ------------------------------------------------------
@@ -235,6 +242,8 @@ class Node:
             async with anyio.create_task_group() as tg:
                 self._tg = tg
                 await ensure_events_stream(self.js, self.settings.replicas)
+                if self.audit is not None:
+                    self.audit.start(tg, self.js, self.settings.replicas)
                 await self.setup()
                 for _ in range(self.max_concurrency):
                     tg.start_soon(self._worker)
@@ -253,6 +262,11 @@ class Node:
                     tg.cancel_scope.cancel()
         finally:
             self._stopping = True  # the close below is ours, not a connection loss
+            if self.audit is not None:
+                if self.audit.backlog:
+                    self.log.warning("audit entries not appended before stopping",
+                                     backlog=self.audit.backlog)
+                self.audit.close()
             await close(self.nc)
             self.log.info("node stopped")
         if self.closed_reason is not None:
@@ -410,11 +424,15 @@ class Node:
 
         A role that sets ``verifies_commands`` (Deployer, Govern) refuses here, before any
         handler, a role command that is not signed by an identity that may send it
-        (``nodes.auth.guard``: a ``forbidden`` error).  Every failure becomes a typed
-        error reply; nothing here can stop the node.
+        (``nodes.auth.guard``: a ``forbidden`` error), and records every role command's
+        fate, accepted or refused, in the audit ledger (``nodes.runtime.audit``: never
+        waits).  Every failure becomes a typed error reply; nothing here can stop the node.
         """
         verb = msg.subject[prefix_len:]
         current_request.set((msg.subject, ""))
+        request: Request[Any] | None = None
+        signer: str | None = None
+        error: ErrorInfo | None = None
         try:
             route = routes.get(verb)
             if route is None:
@@ -435,7 +453,8 @@ class Node:
             if handler is None:
                 raise BadRequest(f"{self.role} node {self.name} does not handle {verb!r}")
             if self.verifies_commands and not family.direct:
-                await verify_command(self, msg.subject, msg.data, expected)
+                verified = await verify_command(self, msg.subject, msg.data, expected)
+                signer = verified.name if verified is not None else None
             result = await handler(body, request)
             data = encode(Reply(ok=result))
             limit = self.nc.max_payload
@@ -448,18 +467,41 @@ class Node:
             self.requests_failed += 1
             if exc.code == "internal":
                 self.log.error("request failed", subject=msg.subject, error=exc.message)
-            data = encode(Reply(error=ErrorInfo(code=exc.code, message=exc.message,
-                                                details=exc.details)))
+            error = ErrorInfo(code=exc.code, message=exc.message, details=exc.details)
+            data = encode(Reply(error=error))
         except Exception as exc:
             self.requests_failed += 1
             self.log.exception("handler raised", subject=msg.subject)
             err = Internal(f"{type(exc).__name__}: {exc}")
-            data = encode(Reply(error=ErrorInfo(code=err.code, message=err.message)))
+            error = ErrorInfo(code=err.code, message=err.message)
+            data = encode(Reply(error=error))
+        if self.audit is not None and not msg.subject.startswith(self._direct_prefix):
+            self._record(msg.subject, verb, request, signer, error)
         try:
             if msg.reply:
                 await self.nc.publish(msg.reply, data)
         except Exception as exc:  # the requester is gone, or we are offline
             self.log.warning("reply not sent", subject=msg.subject, error=str(exc))
+
+    def _record(self, subject: str, verb: str, request: Request[Any] | None,
+                signer: str | None, error: ErrorInfo | None) -> None:
+        """Hand one command's fate to the audit ledger (never waits, never raises)."""
+        assert self.audit is not None
+        try:
+            reason = error.details.get("reason") if error and error.details else None
+            self.audit.record(AuditEntry(
+                id=new_id(), ts=time.time(), node=self.name, role=self.role,
+                subject=subject, command=verb,
+                request_id=request.id if request is not None else None,
+                identity=signer or (request.identity if request is not None else None),
+                verified=signer is not None,
+                args=msgspec.Raw(encode(request.body)) if request is not None else NO_ARGS,
+                outcome=OK if error is None else ERROR,
+                error_code=error.code if error else None,
+                error=error.message if error else None,
+                reason=reason if isinstance(reason, str) else None))
+        except Exception:
+            self.log.exception("audit entry not recorded", subject=subject)
 
     @handles(Ping)
     async def _ping(self, cmd: Ping, req: Request[Any]) -> Pong:
@@ -478,7 +520,8 @@ class Node:
             node=self.name, role=self.role, infra=self.infra, version=nodes.__version__,
             host=self.host, pid=self.pid, uptime_s=round(self.uptime, 3),
             interval_s=self.heartbeat_interval, seq=self._seq, ts=time.time(),
-            state=self.state(), instance=self.instance, dropped=self.drops.total,
+            state=self.state(), instance=self.instance,
+            dropped=self.drops.total + (self.audit.dropped if self.audit else 0),
         )
 
     async def _beat(self) -> None:
