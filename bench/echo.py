@@ -44,6 +44,7 @@ from bench.common import (
     summary_us,
 )
 from bench.responders import BenchEcho
+from nodes.auth.signing import signer_of
 from nodes.runtime.calls import Caller
 from nodes.runtime.connection import connect
 from protocol import subjects
@@ -89,6 +90,9 @@ async def measure(url: str, kind: str, n_seq: int, seconds: float,
                   creds: str | None = None) -> dict[str, Any]:
     # With credentials, as the CLI connects: the connection signs what Caller sends.
     nc = await (connect(settings(url, creds), name="bench") if creds else nats.connect(url))
+    if creds and signer_of(nc) is None:
+        raise RuntimeError(f"{creds} is not a shipyard identity: the runtime path would "
+                           "not sign")
     subject = subjects.command("bench", "echo")
     data = make_request(BenchEcho(payload=PAYLOAD), sender="bench")
     caller = Caller(nc, sender="bench")
