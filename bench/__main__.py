@@ -1,4 +1,4 @@
-"""Run benchmarks: ``python -m bench [NAME ...] [--quick]``.
+"""Run benchmarks: ``python -m bench [NAME ...] [--quick] [--auth]``.
 
 Prints a table per benchmark and the JSON of all results; each result is also written
 to ``bench/out/<name>.json``.
@@ -18,6 +18,7 @@ from bench.common import machine, write_json
 BENCHMARKS = ["echo", "deploy", "transfer", "flow", "scenarios",
               "api_nats", "api_http", "api_scale", "api_deploy", "api_stall", "sandbox",
               "envs", "auth"]
+AUTH_COMPARED = ["echo", "api_http"]  # --auth: each measured with auth off and on
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -25,17 +26,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("names", nargs="*",
                         help=f"benchmarks to run (default: all of {', '.join(BENCHMARKS)})")
     parser.add_argument("--quick", action="store_true", help="shorter runs, noisier numbers")
+    parser.add_argument("--auth", action="store_true",
+                        help="measure each benchmark without auth and with auth on, "
+                             f"interleaved, and compare (only {', '.join(AUTH_COMPARED)})")
     args = parser.parse_args(argv)
-    names = args.names or BENCHMARKS
+    names = args.names or (AUTH_COMPARED if args.auth else BENCHMARKS)
     unknown = [n for n in names if n not in BENCHMARKS]
     if unknown:
         parser.error(f"unknown benchmark(s): {', '.join(unknown)}; known: {', '.join(BENCHMARKS)}")
+    if args.auth and (other := [n for n in names if n not in AUTH_COMPARED]):
+        parser.error(f"--auth compares only {', '.join(AUTH_COMPARED)}, not {', '.join(other)}")
     report: dict[str, Any] = {"machine": machine(), "when": time.strftime("%Y-%m-%d %H:%M:%S"),
                               "results": {}}
     ok = True
     for name in names:
         module = importlib.import_module(f"bench.{name}")
-        result = module.run(quick=args.quick)
+        result = module.run(quick=args.quick, auth=True) if args.auth else \
+            module.run(quick=args.quick)
+        name = f"{name}_auth" if args.auth else name
         report["results"][name] = result
         write_json(name, {"machine": report["machine"], "when": report["when"], **result})
         ok = ok and bool(result.get("pass", True))

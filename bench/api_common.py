@@ -17,11 +17,10 @@ from typing import Any
 
 import anyio
 
-from bench.common import processes, python, wait_nodes
+from bench.common import processes, python, settings, wait_nodes
 from nodes.runtime.calls import Caller
 from nodes.runtime.connection import connect
 from nodes.runtime.requests import Requester
-from nodes.runtime.settings import NatsSettings
 from protocol.api import CreateApiPackage, DeployApi
 from protocol.deploy import CreateInfra, ListDeployments
 
@@ -86,35 +85,45 @@ def shipyard(*args: str) -> list[str]:
     return python("-P", "-m", "nodes.cli", *args)
 
 
+def _creds(creds: str | None) -> list[str]:
+    return ["--creds", creds] if creds else []
+
+
 @contextmanager
-def control_plane(url: str, ws: Path, data: Path) -> Iterator[None]:
+def control_plane(url: str, ws: Path, data: Path, *, admin: str | None = None,
+                  deployer: str | None = None, design: str | None = None) -> Iterator[None]:
+    """A Deployer and a Design node; on an auth server each runs as its node identity
+    (``deployer``, ``design``: credentials files) and ``admin`` watches them come up."""
     argvs = [shipyard("node", "start", "deployer", "--name", "deployer", "--nats", url,
-                      "--heartbeat-interval", "0.5"),
+                      "--heartbeat-interval", "0.5", *_creds(deployer)),
              shipyard("node", "start", "design", "--name", "design", "--nats", url,
                       "--workspace", str(ws), "--data-dir", str(data / "design"),
-                      "--heartbeat-interval", "0.5")]
+                      "--heartbeat-interval", "0.5", *_creds(design))]
     with processes(argvs, ready_line=None):
-        anyio.run(wait_nodes, url, None, 2)
+        anyio.run(wait_nodes, url, None, 2, admin)
         yield
 
 
-def api_node_argv(url: str, name: str, data: Path, *extra: str, infra: str = "bench") -> list[str]:
+def api_node_argv(url: str, name: str, data: Path, *extra: str, infra: str = "bench",
+                  creds: str | None = None) -> list[str]:
     return shipyard("node", "start", "api", "--name", name, "--infra", infra, "--nats", url,
-                    "--data-dir", str(data / name), "--heartbeat-interval", "0.5", *extra)
+                    "--data-dir", str(data / name), "--heartbeat-interval", "0.5",
+                    *_creds(creds), *extra)
 
 
 @contextmanager
 def api_nodes(argvs: Sequence[Sequence[str]], url: str, n: int,
-              infra: str = "bench") -> Iterator[list[Any]]:
+              infra: str = "bench", admin: str | None = None) -> Iterator[list[Any]]:
     env = {**os.environ, "SHIPYARD_LOG_LEVEL": "warning"}
     os.environ.update(env)
     with processes(argvs, ready_line=None) as procs:
-        anyio.run(wait_nodes, url, infra, n)
+        anyio.run(wait_nodes, url, infra, n, admin)
         yield procs
 
 
-async def package(url: str, versions: Sequence[str], ws: Path) -> None:
-    nc = await connect(NatsSettings(servers=(url,)), name="bench-setup")
+async def package(url: str, versions: Sequence[str], ws: Path,
+                  admin: str | None = None) -> None:
+    nc = await connect(settings(url, admin), name="bench-setup")
     caller = Caller(nc, sender="bench")
     await caller.call(CreateInfra(name="bench", kind="api", exist_ok=True), timeout=10)
     for v in versions:
@@ -125,9 +134,9 @@ async def package(url: str, versions: Sequence[str], ws: Path) -> None:
 
 
 async def deploy(url: str, generations: dict[str, int], nodes: int,
-                 timeout: float = 120.0) -> float:
+                 timeout: float = 120.0, admin: str | None = None) -> float:
     """Deploy and wait until every node serves it; seconds taken."""
-    nc = await connect(NatsSettings(servers=(url,)), name="bench-deploy")
+    nc = await connect(settings(url, admin), name="bench-deploy")
     caller = Caller(nc, sender="bench")
     t0 = time.perf_counter()
     view = await caller.call(DeployApi(service=SERVICE, infra="bench",
@@ -150,8 +159,8 @@ PROBE_BODY = b'{"features":{"x":1}}'
 PROBE_STREAK = 20  # answers in a row: every worker of the node serves by then
 
 
-async def _served_nats(url: str, subject: str, timeout: float) -> None:
-    nc = await connect(NatsSettings(servers=(url,)), name="bench-probe")
+async def _served_nats(url: str, subject: str, timeout: float, creds: str | None) -> None:
+    nc = await connect(settings(url, creds), name="bench-probe")
     req = Requester(nc)
     streak = 0
     try:
@@ -169,10 +178,11 @@ async def _served_nats(url: str, subject: str, timeout: float) -> None:
         await nc.close()
 
 
-def served_nats(url: str, subject: str, timeout: float = 60.0) -> None:
+def served_nats(url: str, subject: str, timeout: float = 60.0,
+                creds: str | None = None) -> None:
     """Wait until ``subject`` answers the probe body without an error, many times in a
     row."""
-    anyio.run(_served_nats, url, subject, timeout)
+    anyio.run(_served_nats, url, subject, timeout, creds)
 
 
 def served_http(url: str, timeout: float = 60.0) -> None:

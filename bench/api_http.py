@@ -12,6 +12,14 @@ target <= 0.5 ms.  Throughput: 32 connections; target api >= 0.4x in-process.  T
 target's own reference (the prototype at ~0.49x the in-process throughput) reproduces
 against the Starlette in-process endpoint, so that is the baseline the pass is judged
 on; the ratios against bare ASGI and against the prototype are reported beside it.
+
+``--auth`` (``python -m bench api_http --auth``) measures the ``api`` path twice in one
+run, rounds interleaved: on a stack without auth, and on a stack with auth on as
+``shipyard up`` runs it (the Deployer, the Design node and the API node each connect
+with their node identity's credentials, setup commands are signed by the admin).  HTTP
+requests carry no signature; what auth can add is the server's permission checks on the
+node's NATS traffic.  Reported: the ratio auth/no-auth of each metric; target: every
+one within 5%.
 """
 
 from __future__ import annotations
@@ -35,10 +43,21 @@ from bench.api_common import (
     package,
     served_http,
 )
-from bench.common import nats_server, print_table, processes, python
+from bench.common import (
+    auth_comparison,
+    auth_server,
+    load_average,
+    nats_server,
+    print_table,
+    processes,
+    python,
+)
 
 LATENCY_TARGET_MS = 0.5
 THROUGHPUT_TARGET = 0.4
+AUTH_TOLERANCE = 0.05
+METRICS = ("rps_1", "p50_ms_1", "p99_ms_1", "rps_32", "p50_ms_32")
+API_NODE = "api-http"
 LUA = """wrk.method = "POST"
 wrk.body = '{"features":{"x":1}}'
 wrk.headers["Content-Type"] = "application/json"
@@ -80,7 +99,9 @@ def measure(url: str, script: Path, seconds: float) -> dict[str, Any]:
             "rps_32": many["rps"], "p50_ms_32": many["p50_ms"]}
 
 
-def run(quick: bool = False) -> dict[str, Any]:
+def run(quick: bool = False, auth: bool = False) -> dict[str, Any]:
+    if auth:
+        return run_auth(quick)
     if shutil.which("wrk") is None:
         raise SystemExit("the HTTP benchmark needs wrk: apt-get install -y wrk")
     seconds, rounds = (3.0, 1) if quick else (5.0, 3)
@@ -107,7 +128,7 @@ def run(quick: bool = False) -> dict[str, Any]:
                     cases["prototype"].append(measure(f"http://127.0.0.1:{port}{path}", script,
                                                       seconds))
                 port = free_port()
-                argv = api_node_argv(server.url, "api-http", tmp, "--http-port", str(port),
+                argv = api_node_argv(server.url, API_NODE, tmp, "--http-port", str(port),
                                      "--http-host", "127.0.0.1")
                 with api_nodes([argv], server.url, 1):
                     anyio.run(deploy, server.url, {"v1": 100}, 1)
@@ -136,6 +157,51 @@ def run(quick: bool = False) -> dict[str, Any]:
     result["pass"] = (result["added_p50_ms_vs_inproc-asgi"] <= LATENCY_TARGET_MS
                       and result[f"throughput_ratio_vs_{base}"] >= THROUGHPUT_TARGET)
     print(f"latency vs bare ASGI, throughput vs the Starlette in-process endpoint -> "
+          f"{'PASS' if result['pass'] else 'FAIL'}")
+    return result
+
+
+def run_auth(quick: bool = False) -> dict[str, Any]:
+    """The API path without auth and with auth on, rounds interleaved (the order flips
+    each round); the median of each metric and the ratio auth/no-auth."""
+    if shutil.which("wrk") is None:
+        raise SystemExit("the HTTP benchmark needs wrk: apt-get install -y wrk")
+    seconds, rounds = (3.0, 2) if quick else (5.0, 6)
+    path = f"/public/api/v1/{SERVICE}/noop/predict"
+    runs: dict[str, list[dict[str, Any]]] = {"off": [], "on": []}
+    result: dict[str, Any] = {"tolerance": AUTH_TOLERANCE, "load_average_start": load_average()}
+    with tempfile.TemporaryDirectory(prefix="sy-bench-http-") as tmp_s, \
+            nats_server() as plain, auth_server([(API_NODE, "api", "bench")]) as secured:
+        tmp = Path(tmp_s)
+        script = tmp / "post.lua"
+        script.write_text(LUA)
+        stacks = {"off": (plain.url, None, None), "on": (secured.url, secured.admin,
+                                                         secured.creds(API_NODE))}
+        with control_plane(plain.url, tmp / "off" / "ws", tmp / "off"), \
+                control_plane(secured.url, tmp / "on" / "ws", tmp / "on", admin=secured.admin,
+                              deployer=secured.creds("deployer"),
+                              design=secured.creds("design")):
+            for mode, (url, admin, _) in stacks.items():
+                anyio.run(package, url, ["v1"], tmp / mode / "ws", admin)
+            for r in range(rounds):
+                for mode in (("off", "on") if r % 2 == 0 else ("on", "off")):
+                    url, admin, creds = stacks[mode]
+                    port = free_port()
+                    argv = api_node_argv(url, API_NODE, tmp / mode, "--http-port", str(port),
+                                         "--http-host", "127.0.0.1", creds=creds)
+                    with api_nodes([argv], url, 1, admin=admin):
+                        anyio.run(deploy, url, {"v1": 100}, 1, 120.0, admin)
+                        served_http(f"http://127.0.0.1:{port}{path}")
+                        runs[mode].append(measure(f"http://127.0.0.1:{port}{path}", script,
+                                                  seconds))
+    result.update(auth_comparison(runs["off"], runs["on"], METRICS, AUTH_TOLERANCE))
+    result["load_average_end"] = load_average()
+    rows = [(m, result["off"][m], result["on"][m], result["ratio"][m],
+             "yes" if result["within"][m] else "NO") for m in METRICS]
+    print_table("HTTP end to end (wrk) through an API node: auth off -> auth on",
+                ["metric", "auth off", "auth on", "on/off", "within 5%"], rows)
+    result["pass"] = all(result["within"].values())
+    print(f"target: every metric within {AUTH_TOLERANCE:.0%} of no auth -> "
           f"{'PASS' if result['pass'] else 'FAIL'}")
     return result
 

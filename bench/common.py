@@ -12,13 +12,16 @@ import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import anyio
 
+from nodes.auth.registry import publish_identities
+from nodes.auth.store import ADMIN, AuthStore
 from nodes.runtime.calls import Caller
-from nodes.runtime.connection import connect
+from nodes.runtime.connection import close, connect
 from nodes.runtime.embedded import EmbeddedNats
 from nodes.runtime.settings import NatsSettings
 from protocol.registry import ListNodes
@@ -35,6 +38,61 @@ def nats_server() -> Iterator[EmbeddedNats]:
             yield server
         finally:
             server.stop()
+
+
+@dataclass(frozen=True)
+class AuthServer:
+    """A nats-server with auth on and the directory of its identities."""
+
+    server: EmbeddedNats
+    store: AuthStore
+
+    @property
+    def url(self) -> str:
+        return self.server.url
+
+    @property
+    def admin(self) -> str:
+        return str(self.store.creds_path(ADMIN))
+
+    def creds(self, name: str) -> str:
+        return str(self.store.creds_path(name))
+
+
+@contextmanager
+def auth_server(nodes: Sequence[tuple[str, str, str | None]] = ()) -> Iterator[AuthServer]:
+    """A nats-server configured as ``shipyard up`` configures it: the identities of
+    ``shipyard auth init`` plus a node identity per ``(name, role, infra)`` in ``nodes``,
+    every one its own NATS user with its role's permissions, and the identities published
+    for verifiers.  Load generators connect with ``.admin``, node processes with
+    ``.creds(name)``."""
+    with tempfile.TemporaryDirectory(prefix="sy-bench-auth-") as tmp:
+        store = AuthStore(Path(tmp) / "auth")
+        store.init()
+        for name, role, infra in nodes:
+            store.add(name, kind="node", role=role, infra=infra)
+        server = EmbeddedNats(Path(tmp) / "js", port=-1, monitor_port=None,
+                              config_file=store.server_config)
+        server.start()
+        try:
+            auth = AuthServer(server, store)
+            anyio.run(_publish_identities, auth)
+            yield auth
+        finally:
+            server.stop()
+
+
+async def _publish_identities(auth: AuthServer) -> None:
+    nc = await connect(settings(auth.url, auth.admin), name="bench-admin")
+    try:
+        await publish_identities(nc, auth.store.identities())
+    finally:
+        await close(nc)
+
+
+def settings(url: str, creds: str | None = None) -> NatsSettings:
+    """Connection settings for ``url``, as the identity of ``creds`` when given."""
+    return NatsSettings(servers=(url,), creds_file=creds)
 
 
 @contextmanager
@@ -87,6 +145,33 @@ def summary_us(latencies_s: Sequence[float]) -> dict[str, float]:
             "mean_us": round(statistics.fmean(us), 1) if us else float("nan")}
 
 
+def median_each(runs: Sequence[dict[str, Any]], metrics: Sequence[str]) -> dict[str, Any]:
+    """The median of each metric over ``runs`` (each metric on its own)."""
+    return {m: round(statistics.median(r[m] for r in runs), 3) for m in metrics}
+
+
+def auth_comparison(off: Sequence[dict[str, Any]], on: Sequence[dict[str, Any]],
+                    metrics: Sequence[str], tolerance: float) -> dict[str, Any]:
+    """Auth off against auth on: the median of each metric, the ratio on/off, and
+    whether auth costs at most ``tolerance`` (``rps*``: throughput, no lower; the
+    others: latency, no higher).  ``off[i]`` and ``on[i]`` are one round.  The runs
+    themselves are kept, to show the spread."""
+    a, b = median_each(off, metrics), median_each(on, metrics)
+    ratio = {m: round(b[m] / a[m], 3) for m in metrics}
+    # Runs i of each mode ran back to back: the median of their ratios is less exposed to
+    # load that drifts between rounds than the ratio of medians (reported, not judged).
+    paired = {m: round(statistics.median(y[m] / x[m] for x, y in zip(off, on, strict=True)), 3)
+              for m in metrics}
+    ok = {m: ratio[m] >= 1 - tolerance if m.startswith("rps") else ratio[m] <= 1 + tolerance
+          for m in metrics}
+    return {"off": a, "on": b, "ratio": ratio, "paired_ratio": paired, "within": ok,
+            "runs": {"off": list(off), "on": list(on)}}
+
+
+def load_average() -> tuple[float, float, float]:
+    return os.getloadavg()
+
+
 def machine() -> dict[str, Any]:
     cpu = platform.processor() or platform.machine()
     try:
@@ -123,10 +208,10 @@ def write_json(name: str, result: dict[str, Any]) -> Path:
     return path
 
 
-async def wait_nodes(url: str, infra: str | None, n: int) -> None:
+async def wait_nodes(url: str, infra: str | None, n: int, creds: str | None = None) -> None:
     """Wait (at most 2 min) until the Deployer lists ``n`` online nodes in ``infra``
     (``None``: in all infras); it may still be starting, so errors mean "not yet"."""
-    nc = await connect(NatsSettings(servers=(url,)), name="bench-wait")
+    nc = await connect(settings(url, creds), name="bench-wait")
     caller = Caller(nc, sender="bench")
     try:
         with anyio.fail_after(120):

@@ -12,6 +12,14 @@ process:
 
 Reported: sequential p50/p99 latency and throughput with 64 requests in flight, for 1
 and 2 responder processes.  Target: runtime >= 0.85x raw throughput.
+
+``--auth`` (``python -m bench echo --auth``) runs every path twice in one run, rounds
+interleaved: on a server without auth, and on a server with auth on as ``shipyard up``
+configures it, where each responder process connects as its own node identity (role
+``deployer``: the bench role's subjects are not in any other role's permissions) and the
+load generator as the admin, so ``Caller`` signs every command (``runtime``); the
+responders do not verify (``bench.auth`` measures verification).  Reported: the ratio
+auth/no-auth of each metric; target: every one within 5%.
 """
 
 from __future__ import annotations
@@ -23,15 +31,31 @@ from typing import Any
 import anyio
 import nats
 
-from bench.common import nats_server, print_table, processes, python, summary_us
+from bench.common import (
+    AuthServer,
+    auth_comparison,
+    auth_server,
+    load_average,
+    nats_server,
+    print_table,
+    processes,
+    python,
+    settings,
+    summary_us,
+)
 from bench.responders import BenchEcho
+from nodes.auth.signing import signer_of
 from nodes.runtime.calls import Caller
+from nodes.runtime.connection import connect
 from protocol import subjects
 from protocol.base import make_request
 
 PAYLOAD = "x" * 128
 TARGET = 0.85
 KINDS = ("raw", "node", "runtime")
+AUTH_TOLERANCE = 0.05
+METRICS = ("rps_64", "p50_us", "p99_us")  # throughput: higher is better; latency: lower
+RESPONDERS = (1, 2)
 
 Request = Callable[[], Awaitable[Any]]
 
@@ -62,8 +86,13 @@ async def throughput(request: Request, inflight: int, seconds: float) -> float:
     return done / (time.perf_counter() - t0)
 
 
-async def measure(url: str, kind: str, n_seq: int, seconds: float) -> dict[str, Any]:
-    nc = await nats.connect(url)
+async def measure(url: str, kind: str, n_seq: int, seconds: float,
+                  creds: str | None = None) -> dict[str, Any]:
+    # With credentials, as the CLI connects: the connection signs what Caller sends.
+    nc = await (connect(settings(url, creds), name="bench") if creds else nats.connect(url))
+    if creds and signer_of(nc) is None:
+        raise RuntimeError(f"{creds} is not a shipyard identity: the runtime path would "
+                           "not sign")
     subject = subjects.command("bench", "echo")
     data = make_request(BenchEcho(payload=PAYLOAD), sender="bench")
     caller = Caller(nc, sender="bench")
@@ -84,23 +113,37 @@ async def measure(url: str, kind: str, n_seq: int, seconds: float) -> dict[str, 
     return {**summary_us(lat), "rps_64": round(rps)}
 
 
-def run(quick: bool = False) -> dict[str, Any]:
+def _round(url: str, n_resp: int, n_seq: int, seconds: float,
+           out: dict[str, list[dict[str, Any]]], auth: AuthServer | None = None) -> None:
+    """One measurement of every path with ``n_resp`` responders, appended to ``out``."""
+    subject = subjects.command("bench", "echo")
+
+    def creds(name: str) -> list[str]:
+        return [auth.creds(name)] if auth else []
+
+    raw_argvs = [python("-m", "bench.responders", "raw", url, subject, *creds(f"raw-{i}"))
+                 for i in range(n_resp)]
+    node_argvs = [python("-m", "bench.responders", "node", url, f"bench-{i}",
+                         *creds(f"bench-{i}")) for i in range(n_resp)]
+    admin = auth.admin if auth else None
+    with processes(raw_argvs):
+        out["raw"].append(_measure(url, "raw", n_seq, seconds, admin))
+    with processes(node_argvs):
+        for kind in ("node", "runtime"):
+            out[kind].append(_measure(url, kind, n_seq, seconds, admin))
+
+
+def run(quick: bool = False, auth: bool = False) -> dict[str, Any]:
+    if auth:
+        return run_auth(quick)
     n_seq, seconds, rounds = (1000, 1.5, 1) if quick else (3000, 3.0, 3)
     results: dict[str, Any] = {"target_ratio": TARGET, "payload_bytes": len(PAYLOAD), "cases": []}
     with nats_server() as server:
-        for n_resp in (1, 2):
+        for n_resp in RESPONDERS:
             per_kind: dict[str, list[dict[str, Any]]] = {k: [] for k in KINDS}
             for _ in range(rounds):
                 # Interleaved, so drift on the machine hits every path alike.
-                raw_argvs = [python("-m", "bench.responders", "raw", server.url,
-                                    subjects.command("bench", "echo"))] * n_resp
-                node_argvs = [python("-m", "bench.responders", "node", server.url,
-                                     f"bench-{i}") for i in range(n_resp)]
-                with processes(raw_argvs):
-                    per_kind["raw"].append(_measure(server.url, "raw", n_seq, seconds))
-                with processes(node_argvs):
-                    for kind in ("node", "runtime"):
-                        per_kind[kind].append(_measure(server.url, kind, n_seq, seconds))
+                _round(server.url, n_resp, n_seq, seconds, per_kind)
             case: dict[str, Any] = {"responders": n_resp}
             for kind in KINDS:
                 case[kind] = _median_case(per_kind[kind])
@@ -124,8 +167,47 @@ def run(quick: bool = False) -> dict[str, Any]:
     return results
 
 
-def _measure(url: str, kind: str, n_seq: int, seconds: float) -> dict[str, Any]:
-    return anyio.run(measure, url, kind, n_seq, seconds, backend_options={"use_uvloop": True})
+def run_auth(quick: bool = False) -> dict[str, Any]:
+    """Every path without auth and with auth on, rounds interleaved (the order flips
+    each round), on the same machine; the median of each metric and the ratio
+    auth/no-auth."""
+    n_seq, seconds, rounds = (1000, 1.5, 1) if quick else (3000, 3.0, 5)
+    identities = [(f"{p}-{i}", "deployer", "control") for p in ("raw", "bench")
+                  for i in range(max(RESPONDERS))]
+    results: dict[str, Any] = {"tolerance": AUTH_TOLERANCE, "payload_bytes": len(PAYLOAD),
+                               "load_average_start": load_average(), "cases": []}
+    with nats_server() as plain, auth_server(identities) as secured:
+        for n_resp in RESPONDERS:
+            per: dict[str, dict[str, list[dict[str, Any]]]] = {
+                mode: {k: [] for k in KINDS} for mode in ("off", "on")}
+            for r in range(rounds):
+                for mode in (("off", "on") if r % 2 == 0 else ("on", "off")):
+                    if mode == "on":
+                        _round(secured.url, n_resp, n_seq, seconds, per[mode], secured)
+                    else:
+                        _round(plain.url, n_resp, n_seq, seconds, per[mode])
+            for kind in KINDS:
+                results["cases"].append({
+                    "responders": n_resp, "path": kind,
+                    **auth_comparison(per["off"][kind], per["on"][kind], METRICS,
+                                      AUTH_TOLERANCE)})
+    rows = [(c["responders"], c["path"],
+             *(f"{c['off'][m]} -> {c['on'][m]} ({c['ratio'][m]}x"
+               f"{'' if c['within'][m] else ', OUT'})" for m in METRICS))
+            for c in results["cases"]]
+    print_table("echo: auth off -> auth on (ratio on/off; OUT: beyond 5%)",
+                ["responders", "path", "req/s @64", "seq p50 us", "seq p99 us"], rows)
+    results["load_average_end"] = load_average()
+    results["pass"] = all(all(c["within"].values()) for c in results["cases"])
+    print(f"target: every metric within {AUTH_TOLERANCE:.0%} of no auth -> "
+          f"{'PASS' if results['pass'] else 'FAIL'}")
+    return results
+
+
+def _measure(url: str, kind: str, n_seq: int, seconds: float,
+             creds: str | None = None) -> dict[str, Any]:
+    return anyio.run(measure, url, kind, n_seq, seconds, creds,
+                     backend_options={"use_uvloop": True})
 
 
 def _median_case(cases: list[dict[str, Any]]) -> dict[str, Any]:

@@ -1,7 +1,9 @@
 """Responder processes for the echo benchmark: raw nats-py, and the node runtime.
 
-    python -m bench.responders raw URL SUBJECT
-    python -m bench.responders node URL NAME
+    python -m bench.responders raw URL SUBJECT [CREDS]
+    python -m bench.responders node URL NAME [CREDS]
+
+With ``CREDS`` (a shipyard credentials file) the responder connects as that identity.
 """
 
 from __future__ import annotations
@@ -39,8 +41,9 @@ class BenchNode(Node):
         return Echoed(payload=cmd.payload)
 
 
-async def raw(url: str, subject: str) -> None:
-    nc = await nats.connect(url)
+async def raw(url: str, subject: str, creds: str | None = None) -> None:
+    nc = await nats.connect(url, **NatsSettings(servers=(url,), creds_file=creds)
+                            .connect_options())
 
     async def on_msg(msg: Any) -> None:
         await msg.respond(msg.data)
@@ -51,8 +54,9 @@ async def raw(url: str, subject: str) -> None:
     await anyio.sleep_forever()
 
 
-async def node(url: str, name: str) -> None:
-    n = BenchNode(name=name, nats=NatsSettings(servers=(url,)), heartbeat_interval=2.0)
+async def node(url: str, name: str, creds: str | None = None) -> None:
+    n = BenchNode(name=name, nats=NatsSettings(servers=(url,), creds_file=creds),
+                  heartbeat_interval=2.0)
     async with anyio.create_task_group() as tg:
         await tg.start(n.serve)
         print("READY", flush=True)
@@ -60,10 +64,11 @@ async def node(url: str, name: str) -> None:
 
 def main() -> None:
     kind, url, arg = sys.argv[1:4]
+    creds = sys.argv[4] if len(sys.argv) > 4 else None
     from nodes.runtime.logs import configure_logging
     configure_logging("warning", json=True)
     fn = raw if kind == "raw" else node
-    anyio.run(fn, url, arg, backend_options={"use_uvloop": True})
+    anyio.run(fn, url, arg, creds, backend_options={"use_uvloop": True})
 
 
 if __name__ == "__main__":
