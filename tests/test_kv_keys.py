@@ -121,3 +121,26 @@ async def test_keys_are_stored_and_each_filter_finds_exactly_its_family(
         assert sorted(await snapshot(kv, key_record_keys())) == sorted(everything)
     finally:
         await nc.close()
+
+
+async def test_a_snapshot_has_every_live_key_of_its_filter_and_no_deleted_one(
+        settings: NatsSettings) -> None:
+    """Values and revisions of live keys only; a filter with nothing, or with only
+    deletion markers, is empty; read many times over, a snapshot is never short."""
+    nc = await nats.connect(settings.url)
+    try:
+        kv = await nc.jetstream().create_key_value(KeyValueConfig(bucket="snap_test"))
+        assert await snapshot(kv, "a.>") == {}
+        revs = {}
+        for i in range(200):
+            revs[f"a.k{i}"] = await kv.put(f"a.k{i}", f"v{i}".encode())
+        await kv.put("b.other", b"x")
+        await kv.delete("a.k7")
+        await kv.put("c.gone", b"x")
+        await kv.delete("c.gone")
+        expected = {k: (r, f"v{k[3:]}".encode()) for k, r in revs.items() if k != "a.k7"}
+        for _ in range(20):
+            assert await snapshot(kv, "a.>") == expected
+        assert await snapshot(kv, "c.>") == {}
+    finally:
+        await nc.close()

@@ -74,6 +74,20 @@ async def test_js_client_is_the_connection_the_context_sends_through(
         assert natscompat.js_client(nc.jetstream(domain="hub")) is nc
 
 
+async def test_kv_subject_count_counts_keys_with_values_or_deletion_markers(
+        settings: NatsSettings) -> None:
+    async with client(settings.url) as nc:
+        kv = await nc.jetstream().create_key_value(bucket="compat_count")
+        assert await natscompat.kv_subject_count(kv, "a.>") == 0
+        await kv.put("a.one", b"1")
+        await kv.put("a.one", b"2")
+        await kv.put("a.two", b"1")
+        await kv.put("b.one", b"1")
+        await kv.delete("a.two")
+        assert await natscompat.kv_subject_count(kv, "a.>") == 2
+        assert await natscompat.kv_subject_count(kv, ">") == 3
+
+
 async def test_js_api_prefix_is_where_the_server_answers_jetstream_requests(
         settings: NatsSettings) -> None:
     """The default prefix reaches the server's JetStream API (an account info request is

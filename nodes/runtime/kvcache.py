@@ -20,6 +20,7 @@ import nats.js.errors
 from anyio.abc import TaskStatus
 from nats.js.kv import KeyValue
 
+from nodes.runtime import natscompat
 from nodes.runtime.logs import get_logger
 from nodes.runtime.loops import forever
 
@@ -124,17 +125,33 @@ class KVCache(Generic[V]):
 async def snapshot(kv: KeyValue, keys: str, timeout: float = 10.0) -> dict[str, tuple[int, bytes]]:
     """Every live key matching ``keys`` (a subject filter), with revision and value.
 
-    One filtered watch read up to its end-of-replay marker: unlike ``kv.keys()``, it
+    One filtered watch read up to the last replayed entry: unlike ``kv.keys()``, it
     filters on the server and brings the values along.
+
+    The end is the entry whose ``delta`` (messages still pending) is 0, deletion markers
+    included, not nats-py's end-of-replay ``None``: that marker is also sent when the
+    consumer reports nothing pending before the client has processed the messages the
+    server already pushed, and a snapshot that trusted it came back empty under load
+    (listings then showed no deployments for a moment, and a cache dropped every key).
+    A ``None`` before any entry is believed only if the stream holds no key of ``keys``.
     """
     out: dict[str, tuple[int, bytes]] = {}
-    watcher: Any = await kv.watch(keys, ignore_deletes=True)
+    watcher: Any = await kv.watch(keys)
+    seen = False
     try:
         with anyio.fail_after(timeout):
             async for entry in watcher:
                 if entry is None:
+                    if not seen and await natscompat.kv_subject_count(kv, keys) == 0:
+                        break
+                    continue
+                seen = True
+                if entry.operation in DELETE_OPS:
+                    out.pop(entry.key, None)
+                else:
+                    out[entry.key] = (entry.revision or 0, entry.value or b"")
+                if not entry.delta:
                     break
-                out[entry.key] = (entry.revision or 0, entry.value or b"")
     finally:
         with contextlib.suppress(Exception):
             await watcher.stop()

@@ -44,6 +44,7 @@ from dataclasses import dataclass, field
 from nats.aio.client import Client as NATS
 from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
+from nats.js.kv import KeyValue
 from nats.micro.request import Request
 from nats.micro.service import Endpoint, Service
 
@@ -57,6 +58,13 @@ def js_client(js: JetStreamContext) -> NATS:
     """The NATS client the JetStream context sends through."""
     nc: NATS = js._nc
     return nc
+
+
+async def kv_subject_count(kv: KeyValue, keys: str) -> int:
+    """How many keys matching ``keys`` (a subject filter) have a message in the bucket's
+    stream, live or a deletion marker: one stream-info request, no consumer."""
+    info = await kv._js.stream_info(kv._stream, subjects_filter=f"{kv._pre}{keys}")
+    return len(info.state.subjects or {})
 
 
 def js_api_prefix(js: JetStreamContext) -> str:
