@@ -25,7 +25,7 @@ from nodes.deployer.policy import GovernPolicy, govern_health
 from nodes.deployer.registry import Registry
 from nodes.deployer.updates import UpdateCloser, close_last, judge
 from nodes.runtime.jetstream import ensure_kv
-from nodes.runtime.kvcache import Entry, KVCache, read
+from nodes.runtime.kvcache import Entry, KVCache, read, snapshot
 from nodes.runtime.loops import supervised
 from nodes.runtime.node import handles
 from protocol import subjects
@@ -151,10 +151,8 @@ class ProjectDeployer:
         return infra
 
     async def _infras(self) -> list[Infra]:
-        try:
-            keys = await self.infra_kv.keys()
-        except nats.js.errors.NoKeysError:
-            return []
+        # A snapshot, not kv.keys(): nats-py's keys() can end before the replay does.
+        keys = sorted(await snapshot(self.infra_kv, ">"))
         out = [i for k in keys if (i := await self.get_infra(k)) is not None]
         return sorted(out, key=lambda i: i.name)
 

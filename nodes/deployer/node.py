@@ -12,7 +12,6 @@ from functools import partial
 from typing import Any, ClassVar
 
 import anyio
-import nats.js.errors
 from anyio.abc import TaskGroup
 from nats.js.kv import KeyValue
 
@@ -22,6 +21,7 @@ from nodes.deployer.bundle_deployments import ProjectDeployer
 from nodes.deployer.registry import FORGET_AFTER_S, Registry
 from nodes.deployer.run_history import RunDesk
 from nodes.runtime.jetstream import ensure_kv
+from nodes.runtime.kvcache import snapshot
 from nodes.runtime.loops import supervised
 from nodes.runtime.node import Node, handles
 from protocol import subjects
@@ -103,19 +103,12 @@ class DeployerNode(Node):
         await self.api_keys.setup()
 
     async def _load_registry(self) -> None:
-        try:
-            keys = await self.kv.keys()
-        except nats.js.errors.NoKeysError:
-            return
+        # A snapshot, not kv.keys(): nats-py's keys() can end before the replay does.
         infos: list[NodeInfo] = []
-        for key in keys:
-            try:
-                entry = await self.kv.get(key)
-            except nats.js.errors.KeyNotFoundError:
-                continue
-            if entry.value:
+        for key, (_revision, value) in sorted((await snapshot(self.kv, ">")).items()):
+            if value:
                 try:
-                    info = REGISTRY_VALUE.decode(entry.value)
+                    info = REGISTRY_VALUE.decode(value)
                     info.validate(key)
                 except Exception as exc:
                     self.log.warning("skipping unreadable registry record", key=key,
