@@ -75,6 +75,7 @@ async def _crash_alone(s: Stack, node: ApiNode, features: dict[str, Any]) -> htt
         copies.append(msg.subject)
 
     sub = await s.nc.subscribe(subjects.api_service_prefix(SERVICE) + ".>", cb=seen)
+    await s.nc.flush()  # the server has the subscription before the request is sent
 
     async def load() -> None:
         other.extend(await _other_stays_healthy(s, node, stop))
