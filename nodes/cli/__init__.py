@@ -14,10 +14,12 @@ import nodes
 from nodes.cli.apis import api, deploy_api
 from nodes.cli.audit import audit
 from nodes.cli.auth import auth
+from nodes.cli.auth_publish import auth_publish
 from nodes.cli.common import EXIT_FAILED, EXIT_USAGE, CliState, err
 from nodes.cli.envs import envs_cmd
 from nodes.cli.fleet import events_cmd, node_forget, nodes_cmd
 from nodes.cli.govern import govern
+from nodes.cli.health_check import node_health
 from nodes.cli.projects import (
     bundle,
     deploy,
@@ -58,6 +60,7 @@ def cli(ctx: click.Context, nats_url: str | None, identity: str | None) -> None:
 cli.add_command(up)
 cli.add_command(node)
 node.add_command(node_forget)
+node.add_command(node_health)
 cli.add_command(nodes_cmd)
 cli.add_command(envs_cmd)
 cli.add_command(events_cmd)
@@ -74,6 +77,7 @@ cli.add_command(run_group)
 cli.add_command(build_cmd)
 cli.add_command(api)
 cli.add_command(auth)
+auth.add_command(auth_publish)
 cli.add_command(govern)
 cli.add_command(audit)
 deploy.add_command(deploy_api)
