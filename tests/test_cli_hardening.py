@@ -53,7 +53,7 @@ NAMED: list[list[str]] = [
     ["auth", "user", "add", BAD, "--role", "viewer"], ["auth", "user", "revoke", BAD],
     ["auth", "node", "add", BAD, "--role", "automation"],
     ["auth", "node", "add", "n1", "--role", "automation", "--infra", BAD],
-    ["auth", "node", "revoke", BAD],
+    ["auth", "node", "revoke", BAD], ["node", "health", "--name", BAD, "govern"],
     ["infra", "set", BAD, "--govern", "warn"], ["govern", "list", "--name", BAD],
     ["govern", "request", BAD, "v1"], ["govern", "request", "churn", BAD],
     ["govern", "request", "api", BAD, "v1"], ["govern", "request", "api", "s", BAD],
@@ -63,7 +63,7 @@ NAMED: list[list[str]] = [
 ]
 # Commands without a name to get wrong (or that check theirs as usage errors).
 UNNAMED = {"up", "node start", "events", "projects", "infra list", "auth init",
-           "auth user list", "auth node list"}
+           "auth user list", "auth node list", "auth publish"}
 
 
 @pytest.fixture

@@ -30,6 +30,7 @@ from nodes.cli.common import (
     EXIT_OK,
     EXIT_USAGE,
     CliState,
+    check_names,
     connected,
     err,
     identity_file,
@@ -59,10 +60,7 @@ def node_health(role: str, name: str, within: float, nats_url: str | None,
     Connects as the CLI's identity (--identity, $SHIPYARD_IDENTITY, ...), which must be a
     human identity (a viewer is enough): node identities may not read heartbeats.
     """
-    try:
-        subjects.token(name, "node name")
-    except ValueError as exc:
-        raise click.BadParameter(str(exc), param_hint="--name") from None
+    check_names(node=name)
     _refuse_node_identity()
     beat = anyio.run(_next_heartbeat, nats_url, role, name, within)
     if beat is None:
