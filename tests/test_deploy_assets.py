@@ -15,6 +15,7 @@ import asyncio
 import datetime as dt
 import ipaddress
 import json
+import os
 import re
 import shlex
 import shutil
@@ -37,7 +38,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from nodes.api.http import PROBES
 from nodes.auth.store import AuthStore
-from nodes.cli import cli
+from nodes.cli import cli, main
 from nodes.cli.health_check import node_health
 from nodes.cli.stack import node_start
 from nodes.runtime.connection import CannotReachNats, close, connect
@@ -45,7 +46,7 @@ from nodes.runtime.embedded import find_binary
 from nodes.runtime.settings import NatsSettings
 from protocol import subjects
 from tests.authstack import auth_stack
-from tests.helpers import Background, shipyard, shipyard_argv, wait_until
+from tests.helpers import Background, shipyard, wait_until
 from tests.test_cli_stack import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -523,6 +524,31 @@ def test_nats_helm_values_set_only_chart_keys_and_mount_the_generated_auth() -> 
     assert config["SHIPYARD_REPLICAS"] == str(v["config"]["cluster"]["replicas"])
 
 
+def shipyard_variables_read() -> set[str]:
+    """Every SHIPYARD_* environment variable the package's code names."""
+    names: set[str] = set()
+    for path in (ROOT / "nodes").rglob("*.py"):
+        names |= set(re.findall(r"\bSHIPYARD_[A-Z_]+\b", path.read_text()))
+    return names
+
+
+def test_environment_given_to_nodes_names_only_variables_shipyard_reads() -> None:
+    known = shipyard_variables_read()
+    assert {"SHIPYARD_NATS_URL", "SHIPYARD_NATS_CREDS", "SHIPYARD_REPLICAS"} <= known
+    env_file = [line.split("=", 1)[0] for line in (UNITS / "shipyard.env").read_text()
+                .splitlines() if line.strip() and not line.startswith("#")]
+    config = next(d for d in manifests() if d["kind"] == "ConfigMap")["data"]
+    pods = [e["name"] for w in workloads().values()
+            for e in w["spec"]["template"]["spec"]["containers"][0]["env"]]
+    units = [assignment.split("=", 1)[0] for r in NODE_ROLES
+             for line in values(read_unit(UNITS / f"shipyard-{r}@.service")["Service"],
+                                "Environment")
+             for assignment in line.split()]
+    given = {n for n in [*env_file, *config, *pods, *units] if n.startswith("SHIPYARD_")}
+    assert "SHIPYARD_NATS_TLS_CA" in env_file and "SHIPYARD_NATS_CREDS" in units
+    assert given - known == set(), "variables no code reads"
+
+
 # -- Dockerfile ------------------------------------------------------------------------------
 
 def dockerfile() -> list[tuple[str, str]]:
@@ -608,22 +634,44 @@ def test_every_shipyard_command_in_the_deploy_readme_is_one_the_cli_accepts() ->
 # -- shipyard node health / shipyard auth publish ---------------------------------------------
 
 def test_node_health_passes_while_a_node_beats_and_fails_once_it_is_killed(
-        tmp_path: Path, cli_env: dict[str, str]) -> None:
-    """With auth on: identities published by 'auth publish', a Govern node running as its
-    identity, the check run as a viewer the way the Kubernetes probes run it."""
+        tmp_path: Path, cli_env: dict[str, str], capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """With auth on: identities published by 'auth publish', a Govern node started the way
+    its systemd unit starts it, the check run as a viewer the way the Kubernetes probes
+    run it."""
+    monkeypatch.chdir(tmp_path)  # the in-process CLI calls find no stack.json
+    for key in [k for k in os.environ if k.startswith("SHIPYARD_")]:
+        monkeypatch.delenv(key)
     with auth_stack(tmp_path, ("probe", "user", "viewer", None)) as stack:
         url = stack.server.url
         auth_dir = str(stack.store.dir)
         first = shipyard("auth", "publish", "--dir", auth_dir, "--nats", url, "--json",
                          env=cli_env, cwd=tmp_path, check=True)
         assert json.loads(first.stdout)["changed"] == 8
-        again = shipyard("auth", "publish", "--dir", auth_dir, "--nats", url, "--json",
-                         env=cli_env, cwd=tmp_path, check=True)
-        assert json.loads(again.stdout)["changed"] == 0  # safe to repeat
-        node = Background(shipyard_argv("node", "start", "govern", "--nats", url,
-                                        "--heartbeat-interval", "0.2"),
-                          env=dict(cli_env, SHIPYARD_NATS_CREDS=str(
-                              stack.store.creds_path("govern"))), cwd=tmp_path)
+        with pytest.raises(SystemExit) as again:  # in this process: a second CLI start
+            main(["auth", "publish", "--dir", auth_dir, "--nats", url, "--json"])
+        assert again.value.code == 0
+        assert json.loads(capsys.readouterr().out)["changed"] == 0  # safe to repeat
+        # The Govern node as its systemd unit starts it: ExecStart with the instance name,
+        # the credential systemd hands over, and extra options from SHIPYARD_NODE_ARGS.
+        service = read_unit(UNITS / "shipyard-govern@.service")["Service"]
+        (exec_start,) = values(service, "ExecStart")
+        credentials = tmp_path / "credentials"
+        credentials.mkdir()
+        shutil.copy(stack.store.creds_path("govern"), credentials / "nats.creds")
+        argv = []
+        for word in shlex.split(exec_start.replace("%i", "govern")):
+            if word == "$SHIPYARD_NODE_ARGS":
+                argv += ["--heartbeat-interval", "0.2"]
+            else:
+                argv.append(word.replace("/opt/shipyard/bin/shipyard",
+                                         str(Path(sys.executable).parent / "shipyard")))
+        unit_env = dict(cli_env, SHIPYARD_NATS_URL=url)
+        for line in values(service, "Environment"):
+            for assignment in line.split():
+                key, _, value = assignment.partition("=")
+                unit_env[key] = value.replace("%d", str(credentials))
+        node = Background(argv, env=unit_env, cwd=tmp_path)
         try:
             node.wait_line("node ready", timeout=30)
             probe_env = dict(cli_env, SHIPYARD_NODE_NAME="govern", SHIPYARD_NATS_URL=url,
@@ -634,9 +682,11 @@ def test_node_health_passes_while_a_node_beats_and_fails_once_it_is_killed(
             beat = json.loads(ok.stdout)
             assert (beat["node"], beat["role"], beat["pid"]) == ("govern", "govern",
                                                                  node.proc.pid)
-            as_node = shipyard("--identity", str(stack.store.creds_path("govern")), "node",
-                               "health", "govern", env=probe_env, cwd=tmp_path)
-            assert as_node.returncode == 2 and "may not read heartbeats" in as_node.stderr
+            with pytest.raises(SystemExit) as as_node:
+                main(["--identity", str(stack.store.creds_path("govern")), "--nats", url,
+                      "node", "health", "govern", "--name", "govern"])
+            assert as_node.value.code == 2
+            assert "may not read heartbeats" in capsys.readouterr().err
         finally:
             node.stop(signal.SIGKILL)
         gone = shipyard("node", "health", "govern", "--within", "1", env=probe_env,
