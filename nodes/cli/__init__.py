@@ -14,6 +14,7 @@ import nodes
 from nodes.cli.apis import api, deploy_api
 from nodes.cli.audit import audit
 from nodes.cli.auth import auth
+from nodes.cli.capture import api_queries, api_replay
 from nodes.cli.common import EXIT_FAILED, EXIT_USAGE, CliState, err
 from nodes.cli.envs import envs_cmd
 from nodes.cli.fleet import events_cmd, node_forget, nodes_cmd
@@ -73,6 +74,8 @@ cli.add_command(runs_cmd)
 cli.add_command(run_group)
 cli.add_command(build_cmd)
 cli.add_command(api)
+api.add_command(api_queries)
+api.add_command(api_replay)
 cli.add_command(auth)
 cli.add_command(govern)
 cli.add_command(audit)
