@@ -290,7 +290,8 @@ async def read_captures(nc: NATS, service: str, *, since: float | None = None,
                                  ordered_consumer=True, config=config)
         try:
             consumer = await sub.consumer_info()
-            if consumer.num_pending:
+            delivered = consumer.delivered.consumer_seq if consumer.delivered else 0
+            if consumer.num_pending or delivered:
                 async for msg in recv:
                     meta = msg.metadata
                     try:

@@ -26,6 +26,7 @@ from nodes.cli.common import (
     table,
 )
 from nodes.runtime.calls import Caller
+from protocol import subjects
 from protocol.capture import CapturedCall
 from protocol.deploy import IN_SYNC, DeploymentView, ListDeployments
 
@@ -47,6 +48,11 @@ def _call_json(seq: int, c: CapturedCall) -> dict[str, Any]:
     d["seq"] = seq
     d["time"] = _iso(c.ts)
     return d
+
+
+def _check_endpoint(endpoint: str | None) -> None:
+    if endpoint is not None:
+        subjects.token(endpoint, "endpoint")  # BadName: exit 1 with the rule
 
 
 def _limits(fn: Any) -> Any:
@@ -95,7 +101,8 @@ def api_queries(service: str, generation: str | None, since: str | None, limit: 
                 as_json: bool) -> None:
     """Captured calls of SERVICE (deploy it with --capture F to record a fraction F of
     its requests): request, answer, version, status and latency, oldest first."""
-    check_names(service=service, version=generation, endpoint=endpoint)
+    check_names(service=service, version=generation)
+    _check_endpoint(endpoint)
     found = _read(nats_url, service, since, generation, endpoint, limit, timeout)
     if as_json:
         print_json([_call_json(seq, c) for seq, c in found.entries])
@@ -135,12 +142,13 @@ def api_replay(service: str, version: str, generation: str | None, rate: float,
     """Send captured calls of SERVICE again to VERSION and report how many answers
     differ, with examples and latencies side by side.  Answers go to this command only,
     never to clients; replayed requests are not captured."""
-    check_names(service=service, version=version, endpoint=endpoint)
+    check_names(service=service, version=version)
     check_names(version=generation)
+    _check_endpoint(endpoint)
 
     async def main() -> ReplayReport | str:
         async with connected(nats_url) as nc:
-            problem = await _check_loaded(nc, service, version)
+            problem = await replay_refusal(nc, service, version)
             if problem:
                 return problem
             start = parse_time(since) if since else None
@@ -161,7 +169,7 @@ def api_replay(service: str, version: str, generation: str | None, rate: float,
     _print_report(summary)
 
 
-async def _check_loaded(nc: Any, service: str, version: str) -> str:
+async def replay_refusal(nc: Any, service: str, version: str) -> str:
     """Why ``version`` cannot be replayed to (not deployed, not loaded), or ""."""
     reply = await Caller(nc, sender="cli").call(ListDeployments(project=service))
     views: list[DeploymentView] = [v for v in reply.deployments if v.kind == "api"]
