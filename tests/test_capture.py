@@ -23,7 +23,8 @@ import nats.errors
 import pytest
 from nats.aio.client import Client as NATS
 
-from nodes.api.capture import ensure_capture_stream, read_captures
+from nodes.api.capture import Capturer, Pending, ensure_capture_stream, read_captures
+from nodes.api.usercode import OP_PREDICT
 from nodes.cli.capture import replay_refusal
 from nodes.runtime.calls import Caller
 from nodes.runtime.connection import connect
@@ -31,7 +32,15 @@ from nodes.runtime.embedded import EmbeddedNats
 from nodes.runtime.settings import NatsSettings
 from protocol import subjects
 from protocol.api import GENERATION_HEADER, OP_HEADER, OP_MULTI, CreateApiPackage, DeployApi
-from protocol.capture import REQUEST_ID_HEADER, CapturedCall, sampled
+from protocol.capture import (
+    REQUEST_ID_HEADER,
+    CapturedCall,
+    CaptureSettings,
+    capture_settings,
+    parse_redact,
+    redact,
+    sampled,
+)
 from protocol.deploy import CreateInfra, ListDeployments
 from tests.authstack import auth_stack
 from tests.helpers import Background, shipyard, shipyard_argv, wait_for, wait_until
@@ -463,3 +472,64 @@ async def test_with_auth_api_nodes_publish_captures_viewers_read_them_deployers_
 async def _read_as(nc: NATS) -> list[CapturedCall]:
     found = await read_captures(nc, "svc", timeout=5)
     return [c for _, c in found.entries]
+
+
+# -- the parts, without the stack ---------------------------------------------------------
+
+def test_redaction_removes_top_level_and_dotted_fields_and_says_which() -> None:
+    value = {"email": "a", "card": {"number": "4111", "brand": "visa"}, "items": [{"pin": 1}]}
+    assert redact(value, ["email", "card.number", "card.cvv", "items.pin", "nope"]) == [
+        "email", "card.number"]
+    assert value == {"card": {"brand": "visa"}, "items": [{"pin": 1}]}  # lists: untouched
+    assert redact("not an object", ["email"]) == []
+    assert parse_redact(" email, card.number ,email") == ["email", "card.number"]
+    for bad in ("a..b", ".a", "a b", "x" * 300):
+        with pytest.raises(ValueError, match="invalid field to redact"):
+            parse_redact(bad)
+
+
+def test_deploys_keep_capture_settings_unless_they_change_them() -> None:
+    on = capture_settings(None, 0.25, ["email"])
+    assert on == CaptureSettings(fraction=0.25, redact=["email"])
+    assert capture_settings(on, None, None) is on  # a deploy that says nothing keeps it
+    assert capture_settings(on, 0.5, None) == CaptureSettings(fraction=0.5, redact=["email"])
+    assert capture_settings(on, 0.0, []) is None
+    for bad in (-0.1, 1.5, float("nan")):
+        with pytest.raises(ValueError, match="invalid capture fraction"):
+            capture_settings(None, bad, None)
+
+
+async def test_a_full_capture_queue_or_a_failed_publish_drops_and_counts_never_raises(
+        settings: NatsSettings) -> None:
+    nc = await connect(settings, name="test")
+    try:
+        await ensure_capture_stream(nc.jetstream())
+        capturer = Capturer(nc, node="n1", worker=3, max_pending=3)
+        on = CaptureSettings(fraction=1.0, redact=["secret"])
+
+        def pending(rid: str, answer: bytes) -> Pending:
+            return Pending(on, rid, "svc", "predict", "v1", OP_PREDICT,
+                           msgspec.Raw(b'{"x":1,"secret":"s"}'), 200, answer, 0.001,
+                           time.time(), len(answer))
+
+        huge = b'{"result":{"blob":"' + b"x" * (2 << 20) + b'"},"generation":"v1"}'
+        capturer.offer(pending("a", b'{"result":{"y":2,"secret":"t"},"generation":"v1"}'))
+        capturer.offer(pending("too-big", huge))  # over the server's max payload
+        capturer.offer(pending("b", b'{"result":{"y":3},"generation":"v1"}'))
+        for rid in ("c", "d"):  # the queue holds 3
+            capturer.offer(pending(rid, b'{"result":{},"generation":"v1"}'))
+        assert (capturer.pending, capturer.dropped) == (3, 2)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(capturer.run)
+            await wait_for(lambda: capturer.pending == 0 and capturer.captured == 2,
+                           message="the queue published")
+            tg.cancel_scope.cancel()
+        assert capturer.dropped == 3
+        found = await read_captures(nc, "svc", timeout=5)
+    finally:
+        await nc.close()
+    calls = [c for _, c in found.entries]
+    assert [(c.id, c.node, c.worker) for c in calls] == [("a", "n1", 3), ("b", "n1", 3)]
+    assert msgspec.json.decode(calls[0].request) == {"x": 1}
+    assert msgspec.json.decode(calls[0].response) == {"y": 2}
+    assert calls[0].redacted == ["secret"]

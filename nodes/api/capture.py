@@ -90,7 +90,12 @@ def stream_limits() -> tuple[int, float]:
 
 def capture_stream_config(replicas: int = 1, max_bytes: int | None = None,
                           max_age_s: float | None = None) -> StreamConfig:
-    default_bytes, default_age = stream_limits()
+    try:
+        default_bytes, default_age = stream_limits()
+    except ValueError as exc:
+        get_logger(component="capture").error("capture stream limits ignored; using the "
+                                              "defaults", error=str(exc))
+        default_bytes, default_age = DEFAULT_MAX_BYTES, DEFAULT_MAX_AGE_S
     return StreamConfig(
         name=subjects.CAPTURE_STREAM,
         description="captured API requests and answers (shipyard api queries, replay)",

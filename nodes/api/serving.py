@@ -8,7 +8,9 @@ NATS hands it to the process that runs the user code.
 Per request: check size and shape, shed it (``overloaded``) when the worker's backlog
 would make it wait longer than ``queue_timeout``, pick the generation (forced, sticky by
 dispatch key, or by weight), run the user code (here, or in the user-code host of the
-generation's code environment: ``hosts``), reply, and only then run a shadow copy.
+generation's code environment: ``hosts``), reply, and only then run a shadow copy and,
+when the service captures calls and this one is sampled, queue it for the worker's
+``capture.Capturer`` (an append; it is published between requests).
 A worker runs one request at a time, so micro's own counters are exact and a generation
 that leaves the route has no request in flight: it is dropped at once.  While user code
 runs, the worker's busy page names the request's reply subject: if the worker dies, its
