@@ -24,7 +24,8 @@ import pytest
 from nats.aio.client import Client as NATS
 
 from nodes.api.capture import Capturer, Pending, ensure_capture_stream, read_captures
-from nodes.api.usercode import OP_PREDICT
+from nodes.api.usercode import OP_MULTI as OP_MULTI_CODE
+from nodes.api.usercode import OP_PREDICT, OP_RUN
 from nodes.cli.capture import replay_refusal
 from nodes.runtime.calls import Caller
 from nodes.runtime.connection import connect
@@ -533,3 +534,22 @@ async def test_a_full_capture_queue_or_a_failed_publish_drops_and_counts_never_r
     assert msgspec.json.decode(calls[0].request) == {"x": 1}
     assert msgspec.json.decode(calls[0].response) == {"y": 2}
     assert calls[0].redacted == ["secret"]
+
+
+def test_captured_json_is_the_same_with_and_without_the_redaction_path() -> None:
+    capturer = Capturer(None, node="n1", worker=0)  # type: ignore[arg-type]  # not published
+    cases = [
+        (OP_PREDICT, msgspec.Raw(b'{"x": 1}'), b'{"result":{"y":[1,2]},"generation":"v1"}',
+         {"x": 1}, {"y": [1, 2]}),
+        (OP_MULTI_CODE, [b'{"x":1}', b'{"x":2}'],
+         b'{"results":[{"y":1},{"y":2}],"generation":"v1"}', [{"x": 1}, {"x": 2}],
+         [{"y": 1}, {"y": 2}]),
+        (OP_RUN, b'"hi"', b'{"response":"hi","generation":"v1"}', "hi", "hi"),
+    ]
+    for op, payload, body, request, answer in cases:
+        for paths in ([], ["unused"]):
+            call = capturer.entry(Pending(CaptureSettings(fraction=1.0, redact=paths), "id",
+                                          "svc", "ep", "v1", op, payload, 200, body, 0.001,
+                                          0.0, 1))
+            assert (msgspec.json.decode(call.request), msgspec.json.decode(call.response)) \
+                == (request, answer), (op, paths)
