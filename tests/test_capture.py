@@ -13,6 +13,7 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -500,12 +501,13 @@ def test_deploys_keep_capture_settings_unless_they_change_them() -> None:
             capture_settings(None, bad, None)
 
 
-async def test_a_full_capture_queue_or_a_failed_publish_drops_and_counts_never_raises(
+async def test_a_full_queue_a_failed_publish_or_connection_drops_and_counts_never_raises(
         settings: NatsSettings) -> None:
     nc = await connect(settings, name="test")
     try:
         await ensure_capture_stream(nc.jetstream())
-        capturer = Capturer(nc, node="n1", worker=3, max_pending=3)
+        capturer = Capturer(partial(connect, settings, name="test-capture"), node="n1",
+                            worker=3, max_pending=3)
         on = CaptureSettings(fraction=1.0, redact=["secret"])
 
         def pending(rid: str, answer: bytes) -> Pending:
@@ -526,6 +528,15 @@ async def test_a_full_capture_queue_or_a_failed_publish_drops_and_counts_never_r
                            message="the queue published")
             tg.cancel_scope.cancel()
         assert capturer.dropped == 3
+
+        async def refused() -> NATS:
+            raise OSError("connection refused")
+        broken = Capturer(refused, node="n1", worker=4)
+        broken.offer(pending("e", b'{"result":{},"generation":"v1"}'))
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(broken.run)
+            await wait_for(lambda: broken.dropped == 1, message="dropped, not raised")
+            tg.cancel_scope.cancel()
         found = await read_captures(nc, "svc", timeout=5)
     finally:
         await nc.close()
@@ -537,7 +548,7 @@ async def test_a_full_capture_queue_or_a_failed_publish_drops_and_counts_never_r
 
 
 def test_captured_json_is_the_same_with_and_without_the_redaction_path() -> None:
-    capturer = Capturer(None, node="n1", worker=0)  # type: ignore[arg-type]  # not published
+    capturer = Capturer(partial(connect, NatsSettings()), node="n1", worker=0)  # unused
     cases = [
         (OP_PREDICT, msgspec.Raw(b'{"x": 1}'), b'{"result":{"y":[1,2]},"generation":"v1"}',
          {"x": 1}, {"y": [1, 2]}),

@@ -1,8 +1,11 @@
 """Prediction capture in an API worker, the stream that keeps it, and reading it back.
 
-Each worker captures what it answers itself and publishes on its own NATS connection:
-it already holds the request, the answer and the generation, so nothing is copied to
-its node, and a node with N workers publishes from N processes.  On the request path a
+Each worker captures what it answers itself: it already holds the request, the answer
+and the generation, so nothing is copied to its node, and a node with N workers
+publishes from N processes.  It publishes on a second NATS connection of its own, opened
+when the first call is captured: on the connection that carries replies, a server slow
+to take in captures made replies wait behind them in the client's outgoing buffer (one
+request in flight, no-op endpoint: p50 0.72 ms -> 5.2 ms; bench/RESULTS.md).  On the request path a
 captured request costs a sampling decision and one append to a bounded queue, after the
 reply has been published (``Capturer.offer``); a background task of the worker decodes,
 redacts, encodes and publishes each entry between requests.  A full queue drops the
@@ -22,8 +25,9 @@ import contextlib
 import datetime as dt
 import os
 import random
+import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -65,6 +69,7 @@ DEFAULT_MAX_AGE_S = 7 * 24 * 3600.0
 # The worker's queue of entries not yet published.
 MAX_PENDING = 1000
 MAX_PENDING_BYTES = 16 << 20
+RECONNECT_S = 5.0  # a capture connection that could not be opened is retried after this
 
 _OP_NAMES = {OP_PREDICT: "predict", OP_MULTI: "multi"}
 _JSON = msgspec.json.Decoder()
@@ -142,10 +147,14 @@ class Capturer:
     """One worker's capture: sampling and a bounded queue on the request path, the rest
     in ``run``."""
 
-    def __init__(self, nc: NATS, *, node: str, worker: int, max_pending: int = MAX_PENDING,
-                 max_bytes: int = MAX_PENDING_BYTES,
+    def __init__(self, connect: Callable[[], Awaitable[NATS]], *, node: str, worker: int,
+                 max_pending: int = MAX_PENDING, max_bytes: int = MAX_PENDING_BYTES,
                  rand: Callable[[], float] = random.random) -> None:
-        self.nc = nc
+        """``connect``: opens the capture connection (on first need; again after a
+        failed attempt, at most every ``RECONNECT_S``)."""
+        self._connect = connect
+        self.nc: NATS | None = None
+        self._next_connect = 0.0
         self.node = node
         self.worker = worker
         self.max_pending = max_pending
@@ -183,19 +192,42 @@ class Capturer:
 
     async def run(self) -> None:
         """Publish queued entries, forever; a failure drops the entry it was for."""
-        while True:
-            await self._wake.wait()
-            self._wake = anyio.Event()
-            while self._queue:
-                entry = self._queue.popleft()
-                self._bytes -= entry.size
-                await self._publish(entry)
-                await anyio.lowlevel.checkpoint()  # requests waiting here go first
+        try:
+            while True:
+                await self._wake.wait()
+                self._wake = anyio.Event()
+                nc = self.nc or await self._open()
+                while self._queue:
+                    entry = self._queue.popleft()
+                    self._bytes -= entry.size
+                    if nc is None:
+                        self.dropped += 1
+                        continue
+                    await self._publish(nc, entry)
+                    await anyio.lowlevel.checkpoint()  # requests waiting here go first
+        finally:
+            if self.nc is not None:
+                with anyio.move_on_after(2, shield=True), contextlib.suppress(Exception):
+                    await self.nc.drain()
 
-    async def _publish(self, p: Pending) -> None:
+    async def _open(self) -> NATS | None:
+        """The capture connection, or None (the queued entries are dropped) when it
+        cannot be opened now."""
+        now = time.monotonic()
+        if now < self._next_connect:
+            return None
+        try:
+            self.nc = await self._connect()
+        except Exception as exc:
+            self._next_connect = now + RECONNECT_S
+            self.log.warning("capture connection failed; captured calls are dropped",
+                             error=f"{type(exc).__name__}: {exc}".rstrip(": "))
+        return self.nc
+
+    async def _publish(self, nc: NATS, p: Pending) -> None:
         try:
             data = _encode(self.entry(p))
-            await self.nc.publish(subjects.capture(p.service, p.endpoint), data,
+            await nc.publish(subjects.capture(p.service, p.endpoint), data,
                                   headers={"Nats-Msg-Id": p.request_id})
             self.captured += 1
         except Exception as exc:

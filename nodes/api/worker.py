@@ -31,6 +31,7 @@ import socket
 import sys
 import time
 import traceback
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -89,7 +90,9 @@ class Worker:
         c = self.config
         settings = NatsSettings(**c["nats"])
         nc = await connect(settings, name=f"api-worker:{c['node']}:{self.index}")
-        self.capturer = capturer = Capturer(nc, node=c["node"], worker=self.index)
+        self.capturer = capturer = Capturer(
+            partial(connect, settings, name=f"api-worker-capture:{c['node']}:{self.index}"),
+            node=c["node"], worker=self.index)
         self.serving = Serving(nc, node=c["node"], infra=c["infra"], worker=self.index,
                                max_body=int(c["max_body"]),
                                queue_timeout=float(c["queue_timeout"]),
