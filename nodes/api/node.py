@@ -16,6 +16,9 @@ A generation with a code environment is loaded with that environment's interpret
 worker runs its user code in a host process of it, so a switch between environments
 loads the new one beside the old, like any switch.
 
+The route carries the service's prediction capture settings too (``capture``): a deploy
+that changes only those re-routes the workers, with nothing to load.
+
 A failure (a package that does not verify, an environment that cannot be built, a
 ``load()`` that raises) leaves the previous mapping serving, and is reported in
 heartbeats, as a report and as an event.
