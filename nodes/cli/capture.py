@@ -64,7 +64,8 @@ def _limits(fn: Any) -> Any:
                      show_default=True, help="At most this many calls, oldest first."),
         click.option("--endpoint", default=None, help="Only this endpoint."),
         click.option("--timeout", type=click.FloatRange(min=0.1), default=10.0,
-                     show_default=True, help="Stop reading the stream after this long."),
+                     show_default=True, help="Stop reading the stream after this long "
+                                             "(replay: also each request's deadline)."),
     ]):
         fn = option(fn)
     return fn
