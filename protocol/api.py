@@ -33,6 +33,7 @@ import msgspec
 from protocol import checks, subjects
 from protocol.base import Codec, Command, Message, encode
 from protocol.bundles import FileEntry
+from protocol.capture import CaptureSettings
 from protocol.deploy import DeploymentView, Update
 from protocol.envs import EnvLock, EnvSummary
 from protocol.errors import BadName, InvalidMessage
@@ -268,6 +269,7 @@ class ApiDeploymentRecord(msgspec.Struct, frozen=True, kw_only=True):
     updated_at: float = 0.0
     updated_by: str = ""
     history: list[Update] = []
+    capture: CaptureSettings | None = None  # prediction capture (None: off)
     v: int = 1
 
 
@@ -275,7 +277,9 @@ class DeployApi(Command[DeploymentView], frozen=True, kw_only=True, tag="api.dep
     """Serve ``service`` on ``infra`` with ``generations`` (version -> weight).
 
     ``auth`` None keeps the current mode (``public`` for a new deployment).
-    ``expected_revision``: refuse with ``conflict`` unless the record is at it."""
+    ``expected_revision``: refuse with ``conflict`` unless the record is at it.
+    ``capture`` (the fraction of requests captured, 0 off) and ``redact`` (fields removed
+    from what is captured): None keeps the current setting (off for a new deployment)."""
 
     service: str
     infra: str
@@ -284,6 +288,8 @@ class DeployApi(Command[DeploymentView], frozen=True, kw_only=True, tag="api.dep
     auth: str | None = None
     by: str = ""
     expected_revision: int | None = None
+    capture: float | None = None
+    redact: list[str] | None = None
 
 
 class RollbackApi(Command[DeploymentView], frozen=True, kw_only=True, tag="api.rollback"):

@@ -20,6 +20,8 @@ Namespace first, identifiers last, one token per level::
                                         <service> and hand it to a worker that is not stalled
     <reply>.working                     "a worker runs this request": from the API node
                                         whose worker runs it, while it runs
+    sy.cap.<service>.<endpoint>         captured requests and answers of a service that
+                                        opted in; the SY_CAPTURE JetStream stream keeps them
     $SRV.PING|INFO|STATS[.<svc>[.<id>]] nats.micro discovery (spelled by nats-py itself)
 
 Tokens are ``[A-Za-z0-9_-]+``: names of nodes, roles, infras, projects and services are
@@ -159,6 +161,23 @@ def api_working_all(reply_prefix: str) -> str:
     """Every such notice for the requests whose reply subjects are ``reply_prefix`` + one
     token."""
     return f"{reply_prefix}*.{WORKING_TOKEN}"
+
+
+# -- prediction capture -------------------------------------------------------------------
+
+CAPTURE_STREAM = "SY_CAPTURE"  # captured requests and answers, bounded by size and age
+CAPTURE_ALL = f"{ROOT}.cap.>"
+
+
+def capture(service: str, endpoint: str) -> str:
+    """A captured request and its answer (``protocol.capture.CapturedCall``), published by
+    the API worker that answered it."""
+    return f"{ROOT}.cap.{token(service, 'service')}.{token(endpoint, 'endpoint')}"
+
+
+def captures_of(service: str) -> str:
+    """Every captured call of one service (what ``shipyard api queries`` reads)."""
+    return f"{ROOT}.cap.{token(service, 'service')}.>"
 
 
 # -- JetStream resources ------------------------------------------------------------------

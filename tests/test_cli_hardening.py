@@ -60,6 +60,8 @@ NAMED: list[list[str]] = [
     ["govern", "review", BAD, "v1", "--approve"], ["govern", "review", "churn", BAD, "--reject"],
     ["govern", "status", BAD, "v1"], ["govern", "status", "api", "s", BAD],
     ["audit", "--who", BAD], ["audit", "at", "--infra", BAD, "10m"],
+    ["api", "queries", BAD], ["api", "queries", "s", "--generation", BAD],
+    ["api", "replay", BAD, "--version", "v1"], ["api", "replay", "s", "--version", BAD],
 ]
 # Commands without a name to get wrong (or that check theirs as usage errors).
 UNNAMED = {"up", "node start", "events", "projects", "infra list", "auth init",

@@ -67,6 +67,8 @@ class Metrics:
         self.worker_counts: dict[int, tuple[int, int]] = {}  # overloaded, mismatches
         self.retired: dict[Key, Stat] = {}
         self.retired_counts = (0, 0)
+        self.capture_counts: dict[int, tuple[int, int]] = {}  # captured, dropped
+        self.retired_capture = (0, 0)
         self.http: dict[tuple[str, str, int], int] = {}
         self.retries = 0
         self.workers = 0
@@ -88,6 +90,20 @@ class Metrics:
         self.backlogs.pop(index, None)
         o, m = self.worker_counts.pop(index, (0, 0))
         self.retired_counts = (self.retired_counts[0] + o, self.retired_counts[1] + m)
+        c, d = self.capture_counts.pop(index, (0, 0))
+        self.retired_capture = (self.retired_capture[0] + c, self.retired_capture[1] + d)
+
+    def capture_stats(self, index: int, captured: int, dropped: int) -> None:
+        """One worker's capture counters (cumulative)."""
+        self.capture_counts[index] = (int(captured), int(dropped))
+
+    @property
+    def captured(self) -> int:
+        return self.retired_capture[0] + sum(c[0] for c in self.capture_counts.values())
+
+    @property
+    def capture_dropped(self) -> int:
+        return self.retired_capture[1] + sum(c[1] for c in self.capture_counts.values())
 
     @property
     def stats(self) -> dict[Key, Stat]:
@@ -183,8 +199,17 @@ class _Collector(Collector):
                                          "Shadow replies that differed from the live reply",
                                          labels=["node"])
         mismatches.add_metric([m.node], m.shadow_mismatches)
+        captured = CounterMetricFamily("shipyard_api_captured",
+                                       "Calls published to the capture stream",
+                                       labels=["node"])
+        captured.add_metric([m.node], m.captured)
+        dropped = CounterMetricFamily("shipyard_api_capture_dropped",
+                                      "Sampled calls not captured: the worker's capture "
+                                      "queue was full or the publish failed",
+                                      labels=["node"])
+        dropped.add_metric([m.node], m.capture_dropped)
         yield from (requests, errors, inflight, latency, http, overloaded, retries, workers,
-                    mismatches)
+                    mismatches, captured, dropped)
 
 
 def quantile(buckets: list[int], q: float) -> float | None:

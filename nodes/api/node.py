@@ -16,6 +16,9 @@ A generation with a code environment is loaded with that environment's interpret
 worker runs its user code in a host process of it, so a switch between environments
 loads the new one beside the old, like any switch.
 
+The route carries the service's prediction capture settings too (``capture``): a deploy
+that changes only those re-routes the workers, with nothing to load.
+
 A failure (a package that does not verify, an environment that cannot be built, a
 ``load()`` that raises) leaves the previous mapping serving, and is reported in
 heartbeats, as a report and as an event.
@@ -63,6 +66,11 @@ from protocol.base import encode
 from protocol.deploy import deployment_keys
 from protocol.envs import EnvLock
 from protocol.state import ApiState, MappingFailure, ServiceState
+
+
+def _capture(rec: ApiDeploymentRecord) -> bytes:
+    """A record's capture settings as the workers get them (``wire.Route.capture``)."""
+    return encode(rec.capture) if rec.capture is not None and rec.capture.on else b""
 
 
 def default_workers() -> int:
@@ -198,7 +206,8 @@ class ApiNode(Node):
                 st = self.services.get(name) or ServiceState(stage="idle")
                 if st.update == rec.update_id and st.stage in ("serving", "failed"):
                     continue
-                if st.mapping == rec.mapping.describe() and st.stage == "serving":
+                if st.mapping == rec.mapping.describe() and st.stage == "serving" and \
+                        self._capture_of(name) == _capture(rec):
                     self._set(name, update=rec.update_id)  # already serving exactly this
                     continue
                 self._switching.add(name)
@@ -243,7 +252,8 @@ class ApiNode(Node):
                     raise PackageRefused(f"{gen}: load failed: {error}")
             description = next((dirs[g][1].description for g in generations
                                 if dirs[g][1].description), rec.description)
-            error = await self.pool.route(name, encode(mapping), kinds, description)
+            error = await self.pool.route(name, encode(mapping), kinds, description,
+                                          capture=_capture(rec))
             if error:
                 raise PackageRefused(f"switch failed: {error}")
         except PackageRefused as exc:
@@ -269,6 +279,11 @@ class ApiNode(Node):
         finally:
             self._switching.discard(name)
             self._kick.set()
+
+    def _capture_of(self, service: str) -> bytes:
+        """The capture settings the workers serve ``service`` with (JSON; "" off)."""
+        route = self.pool.routes.get(service)
+        return route.capture if route is not None else b""
 
     async def _build_env(self, rec: ApiDeploymentRecord, gen: str, lock: EnvLock,
                          generations: list[str]) -> str:

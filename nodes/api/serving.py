@@ -8,7 +8,9 @@ NATS hands it to the process that runs the user code.
 Per request: check size and shape, shed it (``overloaded``) when the worker's backlog
 would make it wait longer than ``queue_timeout``, pick the generation (forced, sticky by
 dispatch key, or by weight), run the user code (here, or in the user-code host of the
-generation's code environment: ``hosts``), reply, and only then run a shadow copy.
+generation's code environment: ``hosts``), reply, and only then run a shadow copy and,
+when the service captures calls and this one is sampled, queue it for the worker's
+``capture.Capturer`` (an append; it is published between requests).
 A worker runs one request at a time, so micro's own counters are exact and a generation
 that leaves the route has no request in flight: it is dropped at once.  While user code
 runs, the worker's busy page names the request's reply subject: if the worker dies, its
@@ -33,6 +35,7 @@ from nats.micro.request import Request as MicroRequest
 from nats.micro.service import Endpoint, EndpointStats, Service, ServiceConfig
 
 import nodes
+from nodes.api.capture import Capturer, Pending
 from nodes.api.metrics import Stat
 from nodes.api.usercode import (
     OP_MULTI,
@@ -59,6 +62,7 @@ from protocol.api import (
     OP_MULTI as MULTI_VALUE,
 )
 from protocol.base import NESTED_TOO_DEEPLY
+from protocol.capture import LATENCY_HEADER, REPLAY_HEADER, REQUEST_ID_HEADER, CaptureSettings
 
 PREDICT_SHAPE = ('expected {"features": {...}} with optional "dispatch_key" and '
                  '"generation"')
@@ -100,10 +104,11 @@ class Route:
 
     mapping: ApiMapping
     endpoints: dict[str, EndpointRoute]
+    capture: CaptureSettings | None = None  # None: nothing is captured
 
     @classmethod
     def build(cls, mapping: ApiMapping, kinds: dict[str, dict[str, str]],
-              loaded: dict[str, Runnable]) -> Route:
+              loaded: dict[str, Runnable], capture: CaptureSettings | None = None) -> Route:
         """``kinds``: generation -> {endpoint: kind}; ``loaded``: generation -> code."""
         endpoints = {}
         for name in sorted({e for eps in kinds.values() for e in eps}):
@@ -114,7 +119,8 @@ class Route:
             shadow = have.get(mapping.shadow) if mapping.shadow else None
             endpoints[name] = EndpointRoute(kind=kind, weights=weights, generations=have,
                                             shadow=shadow)
-        return cls(mapping=mapping, endpoints=endpoints)
+        return cls(mapping=mapping, endpoints=endpoints,
+                   capture=capture if capture is not None and capture.on else None)
 
 
 Handler = Callable[[str, bytes, "dict[str, str] | None"], Awaitable[None]]
@@ -133,7 +139,8 @@ class Serving:
     def __init__(self, nc: NATS, *, node: str, infra: str, worker: int, max_body: int,
                  queue_timeout: float, debug: bool, busy: BusyPage,
                  memory_mb: int | None = None,
-                 on_memory_error: Callable[[], None] | None = None) -> None:
+                 on_memory_error: Callable[[], None] | None = None,
+                 capturer: Capturer | None = None) -> None:
         self.nc = nc
         self.node = node
         self.infra = infra
@@ -144,6 +151,7 @@ class Serving:
         self.busy = busy
         self.memory_mb = memory_mb
         self.on_memory_error = on_memory_error
+        self.capturer = capturer
         self.out_of_memory = False
         self.services: dict[str, ServiceServer] = {}
         self.stats: dict[tuple[str, str, str, bool], Stat] = {}
@@ -254,11 +262,12 @@ class Serving:
                                         "its limit: the request would wait more than "
                                         f"{self.queue_timeout:g}s for a worker")
             forced = key = None
-            multi = False
+            multi = replay = False
             if headers:
                 forced = headers.get(GENERATION_HEADER)
                 key = headers.get(DISPATCH_HEADER)
                 multi = headers.get(OP_HEADER) == MULTI_VALUE
+                replay = REPLAY_HEADER in headers
             payload: Any
             if ep.kind == "prediction":
                 try:
@@ -298,11 +307,21 @@ class Serving:
             self.service_time += (elapsed - self.service_time) * 0.2 if self.service_time \
                 else elapsed
             self.stat(service, name, gen.name).observe(elapsed, status != 0)
+            extra = {LATENCY_HEADER: f"{elapsed:.6f}"} if replay else None
             if status == 0:
-                await publish(reply, body)
+                await publish(reply, body, headers=extra)
             else:
                 code, message = body
-                await self._fail(micro_ep, reply, code, message)
+                await self._fail(micro_ep, reply, code, message, extra)
+            capture = server.route.capture
+            if capture is not None and not replay and self.capturer is not None:
+                rid = self.capturer.sample(capture, headers.get(REQUEST_ID_HEADER)
+                                           if headers else None)
+                if rid is not None:
+                    self.capturer.offer(Pending(
+                        capture, rid, service, name, gen.name, op, payload,
+                        status or 200, body, elapsed, time.time(),
+                        len(data) + (len(body) if status == 0 else 256)))
             if ep.shadow is not None and status == 0:
                 self._shadow(service, name, ep.shadow, op, payload, body)
             if self.out_of_memory and self.on_memory_error is not None:
@@ -338,11 +357,12 @@ class Serving:
         if status != 0 or not same_result(body, primary):
             self.shadow_mismatches += 1
 
-    async def _fail(self, micro_ep: Endpoint | None, reply: str, code: str, message: str) -> None:
+    async def _fail(self, micro_ep: Endpoint | None, reply: str, code: str, message: str,
+                    extra: dict[str, str] | None = None) -> None:
         if micro_ep is not None:  # micro counts only raised errors: count answered ones
             natscompat.count_endpoint_error(micro_ep, f"{code}: {message}")
         body, headers = micro_error(code, message)
-        await self.nc.publish(reply, body, headers=headers)
+        await self.nc.publish(reply, body, headers={**headers, **extra} if extra else headers)
 
 
 def _from_micro(handler: Handler) -> Callable[[MicroRequest], Awaitable[None]]:

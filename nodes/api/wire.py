@@ -54,6 +54,7 @@ class Route(msgspec.Struct, frozen=True, tag=True):
     mapping: bytes  # ApiMapping, JSON
     kinds: dict[str, dict[str, str]]
     description: str
+    capture: bytes = b""  # CaptureSettings, JSON ("": capture off)
 
 
 class Drain(msgspec.Struct, frozen=True, tag=True):
@@ -116,6 +117,8 @@ class Stats(msgspec.Struct, frozen=True, tag=True):
     backlog: list[Backlog]
     overloaded: int
     shadow_mismatches: int
+    captured: int = 0  # calls published to the capture stream
+    capture_dropped: int = 0  # calls that could not be (queue full, publish failed)
 
 
 class Retiring(msgspec.Struct, frozen=True, tag=True):

@@ -31,6 +31,7 @@ import socket
 import sys
 import time
 import traceback
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,7 @@ import anyio
 import msgspec
 
 from nodes.api import wire
+from nodes.api.capture import Capturer
 from nodes.api.hosts import Host, HostError, RemoteGeneration
 from nodes.api.serving import Route, Serving
 from nodes.api.usercode import Generation, Runnable
@@ -48,10 +50,12 @@ from nodes.runtime.logs import configure_logging, get_logger
 from nodes.runtime.settings import NatsSettings
 from nodes.sandbox.child import set_memory_limit
 from protocol.api import ApiMapping
+from protocol.capture import CaptureSettings
 
 CONFIG_ENV = "SHIPYARD_API_WORKER"
 STATS_INTERVAL = 1.0
 _MAPPING = msgspec.json.Decoder(ApiMapping)
+_CAPTURE = msgspec.json.Decoder(CaptureSettings)
 
 
 class Worker:
@@ -63,6 +67,7 @@ class Worker:
         self.hosts: dict[str, Host] = {}  # python -> its user-code host
         self._host_lock = anyio.Lock()
         self.serving: Serving | None = None
+        self.capturer: Capturer | None = None
         self.writer: asyncio.StreamWriter | None = None
         self.log = get_logger(component="api-worker", node=config["node"], worker=self.index)
         with open(config["busy_path"], "r+b") as f:
@@ -85,15 +90,20 @@ class Worker:
         c = self.config
         settings = NatsSettings(**c["nats"])
         nc = await connect(settings, name=f"api-worker:{c['node']}:{self.index}")
+        self.capturer = capturer = Capturer(
+            partial(connect, settings, name=f"api-worker-capture:{c['node']}:{self.index}"),
+            node=c["node"], worker=self.index)
         self.serving = Serving(nc, node=c["node"], infra=c["infra"], worker=self.index,
                                max_body=int(c["max_body"]),
                                queue_timeout=float(c["queue_timeout"]),
                                debug=bool(c["debug"]), busy=self.page,
-                               memory_mb=self.memory_mb, on_memory_error=self.memory_error)
+                               memory_mb=self.memory_mb, on_memory_error=self.memory_error,
+                               capturer=capturer)
         reader, self.writer = await asyncio.open_unix_connection(sock=self.sock)
         try:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._stats_loop)
+                tg.start_soon(capturer.run)
                 tg.start_soon(self._retire)
                 await self._control(reader, tg)
                 tg.cancel_scope.cancel()
@@ -169,8 +179,9 @@ class Worker:
         error = ""
         try:
             mapping = _MAPPING.decode(msg.mapping)
+            capture = _CAPTURE.decode(msg.capture) if msg.capture else None
             loaded = {g: self.generations[(service, g)] for g in kinds}
-            await self.serving.apply(service, Route.build(mapping, kinds, loaded),
+            await self.serving.apply(service, Route.build(mapping, kinds, loaded, capture),
                                      msg.description)
             for key in [k for k in self.generations if k[0] == service and k[1] not in kinds]:
                 gone = self.generations.pop(key)  # left the route; nothing runs it now
@@ -183,8 +194,8 @@ class Worker:
         self.send(wire.Routed(service=service, error=error))
 
     async def _stats_loop(self) -> None:
-        assert self.serving is not None
-        s = self.serving
+        assert self.serving is not None and self.capturer is not None
+        s, capturer = self.serving, self.capturer
         while True:
             await anyio.sleep(STATS_INTERVAL)
             rows = [wire.StatRow(k[0], k[1], k[2], k[3], st.requests, st.errors,
@@ -192,7 +203,9 @@ class Worker:
                     for k, st in s.stats.items()]
             backlog = [wire.Backlog(k[0], k[1], n) for k, n in s.backlog().items()]
             self.send(wire.Stats(rows=rows, backlog=backlog, overloaded=s.overloaded,
-                                 shadow_mismatches=s.shadow_mismatches))
+                                 shadow_mismatches=s.shadow_mismatches,
+                                 captured=capturer.captured,
+                                 capture_dropped=capturer.dropped))
 
 
 

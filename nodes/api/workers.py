@@ -291,6 +291,7 @@ class WorkerPool:
                         w.index, [list(msgspec.structs.astuple(r)) for r in msg.rows],
                         [[b.service, b.endpoint, b.waiting] for b in msg.backlog],
                         msg.overloaded, msg.shadow_mismatches)
+                    self.metrics.capture_stats(w.index, msg.captured, msg.capture_dropped)
                     continue
                 if isinstance(msg, wire.Retiring):
                     w.out_of_memory = msg.reason
@@ -440,10 +441,11 @@ class WorkerPool:
             return error
 
     async def route(self, service: str, mapping_json: bytes, kinds: dict[str, dict[str, str]],
-                    description: str, timeout: float = 30.0) -> str:
-        """Switch every worker to the mapping; "" or the first error."""
+                    description: str, timeout: float = 30.0, capture: bytes = b"") -> str:
+        """Switch every worker to the mapping (and ``capture``, CaptureSettings JSON);
+        "" or the first error."""
         msg = wire.Route(service=service, mapping=mapping_json, kinds=kinds,
-                         description=description)
+                         description=description, capture=capture)
         async with self._lock(service):
             error = await self._broadcast(service, msg, ("routed", service), timeout,
                                           "switching")

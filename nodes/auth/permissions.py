@@ -93,6 +93,10 @@ def stream_reads(stream: str) -> list[str]:
             f"$JS.ACK.{stream}.>", f"$JS.FC.{stream}.>"]
 
 
+# The least human role that may send API requests itself (``shipyard api replay``); the
+# admin may send anything.
+REPLAY_ROLE = "deployer"
+
 # Every request's reply subject is an inbox: "<prefix>.<nuid>.<token>" (nodes.runtime.requests).
 ANY_REPLY_PREFIX = "_INBOX.*.*."
 
@@ -178,6 +182,7 @@ def _reader(p: Permissions) -> None:
     p.read_events()
     p.sub_allow.append(subjects.HEARTBEATS_ALL)
     p.pub_allow += stream_reads(subjects.AUDIT_STREAM)  # the audit ledger: read, never write
+    p.pub_allow += stream_reads(subjects.CAPTURE_STREAM)  # captured calls: shipyard api queries
 
 
 def permissions_for(identity: Identity) -> Permissions:
@@ -192,6 +197,8 @@ def permissions_for(identity: Identity) -> Permissions:
         else:
             _reader(p)
             p.pub_allow += command_subjects(role)
+            if role == REPLAY_ROLE:  # shipyard api replay sends captured requests again
+                p.pub_allow.append(subjects.API_ALL)
         return p
     if role in ("deployer", "govern"):
         _control_plane(p)
@@ -217,7 +224,7 @@ def permissions_for(identity: Identity) -> Permissions:
         p.sub_allow += [subjects.API_ALL, SRV_ALL]
         # Its HTTP server sends requests to the service's queue group like a gateway.
         p.pub_allow += [subjects.API_ALL, subjects.infra_events("api", infra),
-                        subjects.api_working_all(ANY_REPLY_PREFIX)]
+                        subjects.api_working_all(ANY_REPLY_PREFIX), subjects.CAPTURE_ALL]
     elif role == "gateway":
         p.read_kv(subjects.DEPLOY_BUCKET, subjects.API_KEYS_BUCKET)
         p.pub_allow.append(subjects.API_ALL)

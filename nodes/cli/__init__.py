@@ -15,6 +15,7 @@ from nodes.cli.apis import api, deploy_api
 from nodes.cli.audit import audit
 from nodes.cli.auth import auth
 from nodes.cli.auth_publish import auth_publish
+from nodes.cli.capture import api_queries, api_replay
 from nodes.cli.common import EXIT_FAILED, EXIT_USAGE, CliState, err
 from nodes.cli.envs import envs_cmd
 from nodes.cli.fleet import events_cmd, node_forget, nodes_cmd
@@ -76,6 +77,8 @@ cli.add_command(runs_cmd)
 cli.add_command(run_group)
 cli.add_command(build_cmd)
 cli.add_command(api)
+api.add_command(api_queries)
+api.add_command(api_replay)
 cli.add_command(auth)
 auth.add_command(auth_publish)
 cli.add_command(govern)

@@ -48,6 +48,7 @@ from protocol.api import (
     RollbackApi,
     parse_split,
 )
+from protocol.capture import parse_redact
 from protocol.deploy import FAILED, IN_SYNC, DeploymentView, ListDeployments
 from protocol.errors import BadName, DecodeError, OperationError
 
@@ -176,11 +177,18 @@ def key_revoke(service: str, key_id: str, nats_url: str | None) -> None:
 @click.option("--timeout", type=click.FloatRange(min=0.1), default=120.0, show_default=True)
 @click.option("--if-revision", type=int, default=None,
               help="Only deploy if the deployment is still at this revision.")
+@click.option("--capture", type=click.FloatRange(0.0, 1.0), default=None, metavar="F",
+              help="Capture this fraction of requests with their answers (0.1: 10%; 0: "
+                   "off). Default: unchanged (off for a new deployment).")
+@click.option("--redact", default=None, metavar="FIELD,...",
+              help="Fields removed from captured requests and answers before they leave "
+                   "the API node (dotted paths reach nested fields; '' clears).")
 @nats_option
 @json_option
 def deploy_api(service: str, version: str | None, infra: str, split: str | None,
                shadow: str | None, auth: str | None, wait: bool, timeout: float,
-               if_revision: int | None, nats_url: str | None, as_json: bool) -> None:
+               if_revision: int | None, capture: float | None, redact: str | None,
+               nats_url: str | None, as_json: bool) -> None:
     """Serve VERSION of SERVICE on an API infra (or several versions with --split)."""
     check_names(service=service, version=version, infra=infra)
     check_names(version=shadow)
@@ -197,8 +205,13 @@ def deploy_api(service: str, version: str | None, infra: str, split: str | None,
         raise click.UsageError("give a VERSION, or --split v1=90,v2=10")
     else:
         generations = {version: 100}
+    try:
+        paths = parse_redact(redact) if redact is not None else None
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--redact") from None
     cmd = DeployApi(service=service, infra=infra, generations=generations, shadow=shadow,
-                    auth=auth, by=whoami(), expected_revision=if_revision)
+                    auth=auth, by=whoami(), expected_revision=if_revision, capture=capture,
+                    redact=paths)
     after_change(cmd, "deploying", wait, timeout, nats_url, as_json)
 
 
@@ -218,7 +231,9 @@ def after_change(cmd: DeployApi | RollbackApi, verb: str, wait: bool, timeout: f
         last = view.last_update
         out.print(f"{verb} API {view.project} {(last.from_bundle if last else None) or '-'} -> "
                   f"{view.desired} on {view.infra} (update {view.update_id}, revision "
-                  f"{view.revision}, auth {view.extra.get('auth')})")
+                  f"{view.revision}, auth {view.extra.get('auth')}"
+                  + (f", capture {view.extra['capture']:g}" if view.extra.get("capture")
+                     else "") + ")")
 
     if not wait:
         view: DeploymentView = run(call, nats_url, cmd)

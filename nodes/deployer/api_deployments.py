@@ -19,6 +19,7 @@ import nats.js.errors
 from anyio.abc import TaskGroup
 from nats.js.kv import KeyValue
 
+from nodes.api.capture import ensure_capture_stream
 from nodes.api.metrics import quantile
 from nodes.deployer.bundle_deployments import HISTORY_LIMIT
 from nodes.deployer.host import DeskHost, RequireInfra
@@ -49,6 +50,7 @@ from protocol.api import (
     package_key,
 )
 from protocol.base import Request, encode, new_id
+from protocol.capture import CaptureSettings, capture_settings
 from protocol.deploy import (
     PENDING,
     SUPERSEDED,
@@ -99,6 +101,7 @@ class ApiDeployer:
         self._packages = await ensure_kv(js, subjects.API_PACKAGE_BUCKET, replicas=r,
                                          description="shipyard API package records")
         await self.policy.setup()
+        await ensure_capture_stream(js, replicas=r)
         self._cache = KVCache(self._deploy, deployment_keys("api"), API_DEPLOYMENT_VALUE.decode,
                               on_change=self._changed)
 
@@ -172,7 +175,8 @@ class ApiDeployer:
         return endpoints, description
 
     async def _change(self, *, service: str, infra: str, rules: Infra, mapping: ApiMapping,
-                      action: str, by: str, expected_revision: int | None) -> DeploymentView:
+                      action: str, by: str, expected_revision: int | None,
+                      capture: CaptureSettings | None = None) -> DeploymentView:
         """Write ``mapping`` as the desired state once it is valid (every version exists)
         and every version in it, the shadow too, passes the infra's govern policy."""
         assert self._cache is not None
@@ -206,7 +210,7 @@ class ApiDeployer:
         record = ApiDeploymentRecord(service=service, infra=infra, mapping=mapping,
                                      endpoints=endpoints, description=description,
                                      previous=previous, update_id=update.id, updated_at=now,
-                                     updated_by=by, history=history)
+                                     updated_by=by, history=history, capture=capture)
         try:
             data = encode(record)
             new_revision = int(await self.kv.create(key, data) if revision == 0 else
@@ -243,12 +247,17 @@ class ApiDeployer:
                              f"{', '.join(AUTH_MODES)}")
         current, _ = await self._read(deployment_key("api", cmd.infra, cmd.service))
         auth = cmd.auth or (current.mapping.auth if current else "public")
+        try:
+            capture = capture_settings(current.capture if current else None, cmd.capture,
+                                       cmd.redact)
+        except ValueError as exc:
+            raise BadRequest(str(exc)) from None
         mapping = ApiMapping(generations=dict(sorted(cmd.generations.items())),
                              shadow=cmd.shadow, auth=auth)
         return await self._change(service=cmd.service, infra=cmd.infra, rules=infra,
                                   mapping=mapping,
                                   action="deploy", by=cmd.by or req.sender,
-                                  expected_revision=cmd.expected_revision)
+                                  expected_revision=cmd.expected_revision, capture=capture)
 
     @handles(RollbackApi)
     async def rollback(self, cmd: RollbackApi, req: Request[Any]) -> DeploymentView:
@@ -265,7 +274,8 @@ class ApiDeployer:
                              "back to")
         return await self._change(service=cmd.service, infra=cmd.infra, rules=infra,
                                   mapping=current.previous, action="rollback",
-                                  by=cmd.by or req.sender, expected_revision=revision)
+                                  by=cmd.by or req.sender, expected_revision=revision,
+                                  capture=current.capture)
 
     def views(self, cmd: ListDeployments) -> list[DeploymentView]:
         """API deployments for ``shipyard deployments`` (``project`` filters by service)."""
@@ -295,7 +305,9 @@ class ApiDeployer:
             last_update=rec.history[-1] if rec.history else None, kind="api",
             extra={"generations": rec.mapping.generations, "shadow": rec.mapping.shadow,
                    "auth": rec.mapping.auth, "endpoints": rec.endpoints,
-                   "metrics": self._metrics(rec.service, online)})
+                   "metrics": self._metrics(rec.service, online),
+                   "capture": rec.capture.fraction if rec.capture else 0.0,
+                   "redact": rec.capture.redact if rec.capture else []})
 
     def _metrics(self, service: str, online: set[str]) -> list[dict[str, Any]]:
         rows: dict[tuple[str, str, bool], dict[str, Any]] = {}
