@@ -104,7 +104,10 @@ def test_up_turns_auth_on_and_each_identity_may_do_only_its_role(
 
     shipyard("auth", "user", "revoke", "vera", env=cli_env, cwd=tmp_path, check=True)
     gone = shipyard(*as_vera, "nodes", env=cli_env, cwd=tmp_path)
-    assert gone.returncode == 2 and "Authorization Violation" in gone.stderr
+    # The server's refusal reaches the client as an authorization violation or as a
+    # reset of the new connection, depending on timing: one message either way.
+    assert gone.returncode == 2, gone.stderr
+    assert f"NATS refused the credentials in {vera}:" in " ".join(gone.stderr.split())
     assert "Traceback" not in gone.stderr + denied.stderr
 
     # The README's first project, word for word but for the CLI path and the HTTP port.
