@@ -83,7 +83,8 @@ class Requester:
         future: asyncio.Future[Msg] = loop.create_future()
         self._pending[token] = future
         timer = loop.call_later(timeout, self._expire, token)
-        watched = denials.watch(subject, future) if denials is not None else ""
+        if denials is not None:
+            denials.watch(subject, future)
         try:
             await self.nc.publish(subject, payload, reply=self._prefix + token, headers=headers)
             msg = await future
@@ -91,7 +92,7 @@ class Requester:
             timer.cancel()
             self._pending.pop(token, None)
             if denials is not None:
-                denials.unwatch(watched, future)
+                denials.unwatch(future)
         if msg.headers and msg.headers.get("Status") == NO_RESPONDERS and not msg.data:
             raise nats.errors.NoRespondersError
         return msg
