@@ -1,7 +1,8 @@
 """Verifying signed commands: the check ``Node._handle`` runs before a handler.
 
 ``CommandGuard.check`` is pure (identities and clock are injected) and synchronous: a
-signature check, a dict look-up and a heap push, no I/O.  Nodes that set
+signature check, a dict look-up and a heap push, no I/O; ``CommandGuard.verify``, what a
+serving node runs, adds the stack-wide nonce claim (below).  Nodes that set
 ``verifies_commands`` (Deployer, Govern) get a guard fed by a ``KVCache`` of the
 ``sy_identities`` bucket (a watch plus a periodic re-read), so a revoke reaches every
 verifier within milliseconds, and the revoked identity's NATS connection is closed by the
@@ -83,7 +84,9 @@ class CommandGuard:
 
     def check(self, subject: str, data: bytes, command: type[Any]) -> Identity:
         """Return the identity that signed this command, or raise ``Forbidden``."""
-        return self._check(subject, data, command)[0]
+        identity = self._check(subject, data, command)[0]
+        self.accepted += 1
+        return identity
 
     async def verify(self, subject: str, data: bytes, command: type[Any],
                      nonces: NonceLedger | None) -> Identity:
@@ -96,16 +99,15 @@ class CommandGuard:
             try:
                 fresh = await nonces.claim(identity.name, part.nonce)
             except Exception as exc:
-                self.accepted -= 1
                 self.log.error("nonce not recorded: command refused", subject=subject,
                                identity=identity.name, error=str(exc) or type(exc).__name__)
                 raise Unavailable("cannot record the command's nonce in "
                                   f"{subjects.NONCES_BUCKET} ({type(exc).__name__}): "
                                   "try again") from None
             if not fresh:
-                self.accepted -= 1
                 self._refuse(subject, identity.name, part.id, auth.REPLAYED,
                              "replayed command: this nonce was used already")
+        self.accepted += 1
         return identity
 
     def _check(self, subject: str, data: bytes, command: type[Any],
@@ -158,7 +160,6 @@ class CommandGuard:
                          f"send this command: it needs role {auth.required_role(command)}")
         self._seen.add(seen)
         heapq.heappush(self._expiry, (part.ts + self.max_age, seen))
-        self.accepted += 1
         return identity, part
 
     @property
