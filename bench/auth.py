@@ -6,7 +6,10 @@ process as the admin, the same 128-byte echo command each way:
 
 * ``unsigned``: a responder that does not verify, called on a connection with no signer;
 * ``signed``: a responder that verifies every command in ``Node._handle`` (signature,
-  identity, age, nonce, role), called with ``Caller`` on a connection that signs.
+  identity, age, nonce, role) and claims its nonce stack-wide in the ``sy_nonces`` KV
+  bucket (one JetStream publish), called with ``Caller`` on a connection that signs;
+* ``signed-local``: the same with the nonce kept only in the responder's process (the
+  guard before the stack-wide claim), to show what the claim costs.
 
 Both cross the same authenticated server, so the difference is the signing (client),
 the bigger envelope and the verification (responder).  Reported: sequential p50/p99 and
@@ -26,9 +29,10 @@ from typing import Any, ClassVar
 import anyio
 import nats
 
-from bench.common import print_table, processes, python, summary_us
+from bench.common import load_average, print_table, processes, python, summary_us
 from bench.echo import sequential, throughput
 from bench.responders import BenchEcho, BenchNode
+from nodes.auth import guard
 from nodes.auth.keys import read_credentials
 from nodes.auth.registry import publish_identities
 from nodes.auth.store import AuthStore
@@ -39,6 +43,7 @@ from nodes.runtime.settings import NatsSettings
 
 PAYLOAD = "x" * 128
 TARGET_ADDED_P50_US = 1000.0
+KINDS = ("unsigned", "signed-local", "signed")
 
 
 class VerifyingBenchNode(BenchNode):
@@ -46,11 +51,14 @@ class VerifyingBenchNode(BenchNode):
 
 
 async def serve(url: str, creds: str, mode: str) -> None:
-    cls = VerifyingBenchNode if mode == "verify" else BenchNode
+    cls = BenchNode if mode == "plain" else VerifyingBenchNode
     node = cls(name="bench-1", nats=NatsSettings(servers=(url,), creds_file=creds),
                heartbeat_interval=2.0)
     async with anyio.create_task_group() as tg:
         await tg.start(node.serve)
+        if mode == "local":  # open the guard, then take its stack-wide nonce claim away
+            await guard.guard_of(node)
+            guard._NONCES.pop(node)
         print("READY", flush=True)
 
 
@@ -79,7 +87,8 @@ async def measure(url: str, admin: str, signed: bool, n_seq: int,
 def run(quick: bool = False) -> dict[str, Any]:
     n_seq, seconds, rounds = (1000, 1.5, 1) if quick else (3000, 3.0, 3)
     results: dict[str, Any] = {"target_added_p50_us": TARGET_ADDED_P50_US,
-                               "payload_bytes": len(PAYLOAD)}
+                               "payload_bytes": len(PAYLOAD),
+                               "load_average_start": load_average()}
     with tempfile.TemporaryDirectory(prefix="sy-bench-auth-") as tmp:
         store = AuthStore(Path(tmp) / "auth")
         store.init()
@@ -89,27 +98,30 @@ def run(quick: bool = False) -> dict[str, Any]:
         try:
             admin = str(store.creds_path("admin"))
             anyio.run(_publish, server.url, admin, store)
-            per: dict[str, list[dict[str, Any]]] = {"unsigned": [], "signed": []}
+            per: dict[str, list[dict[str, Any]]] = {k: [] for k in KINDS}
             for _ in range(rounds):  # interleaved, so drift hits both alike
-                for kind, mode in (("unsigned", "plain"), ("signed", "verify")):
+                for kind, mode in zip(KINDS, ("plain", "local", "verify"), strict=True):
                     argv = python("-m", "bench.auth", "serve", server.url,
                                   str(store.creds_path("deployer")), mode)
                     with processes([argv]):
                         per[kind].append(anyio.run(
-                            measure, server.url, admin, kind == "signed", n_seq, seconds,
+                            measure, server.url, admin, kind != "unsigned", n_seq, seconds,
                             backend_options={"use_uvloop": True}))
         finally:
             server.stop()
+    results["load_average_end"] = load_average()
     for kind, cases in per.items():
         results[kind] = sorted(cases, key=lambda c: c["p50_us"])[len(cases) // 2]
     added = round(results["signed"]["p50_us"] - results["unsigned"]["p50_us"], 1)
     results["added_p50_us"] = added
+    results["added_p50_us_local_nonces"] = round(
+        results["signed-local"]["p50_us"] - results["unsigned"]["p50_us"], 1)
     results["rps_ratio"] = round(results["signed"]["rps_64"] / results["unsigned"]["rps_64"], 3)
     results["pass"] = added < TARGET_ADDED_P50_US
     print_table("auth: signed vs unsigned command round trip (auth server, node runtime)",
                 ["path", "seq p50 us", "seq p99 us", "req/s @64"],
                 [(k, results[k]["p50_us"], results[k]["p99_us"], results[k]["rps_64"])
-                 for k in ("unsigned", "signed")])
+                 for k in KINDS])
     print(f"added p50: {added} us (target < {TARGET_ADDED_P50_US:g} us); throughput ratio "
           f"{results['rps_ratio']} -> {'PASS' if results['pass'] else 'FAIL'}")
     return results

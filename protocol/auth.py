@@ -19,7 +19,9 @@ A verifier refuses, with a ``forbidden`` error (HTTP 403):
   ``MAX_SKEW_S`` in the future;
 * a nonce it has already seen (it remembers nonces until their command would be too old
   anyway, so the replay cache is bounded by the rate of commands, at most
-  ``REPLAY_CACHE_MAX``);
+  ``REPLAY_CACHE_MAX``), in its own process or, through the ``sy_nonces`` KV bucket, in
+  any verifier of the stack since ``NONCE_TTL_S`` ago (a restarted Deployer, another
+  instance of its queue group, the Govern node);
 * a command the identity's role may not send (``REQUIRED_ROLE``).
 
 A retry of a command keeps its request id (the idempotency key) but is signed afresh with
@@ -28,6 +30,7 @@ a new nonce and timestamp, so a retry is never mistaken for a replay.
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any, Final
 
 import msgspec
@@ -61,6 +64,9 @@ SIGNING_DOMAIN: Final = b"shipyard-command-v1"
 MAX_AGE_S: Final = 60.0
 MAX_SKEW_S: Final = 60.0  # how far in the future a timestamp may be (clock skew)
 REPLAY_CACHE_MAX: Final = 100_000
+# How long the stack-wide nonce record lives (``sy_nonces`` bucket TTL): a command stamped
+# up to MAX_SKEW_S ahead stays acceptable until MAX_AGE_S after its stamp.
+NONCE_TTL_S: Final = MAX_AGE_S + MAX_SKEW_S
 
 # -- roles ---------------------------------------------------------------------------------
 
@@ -157,6 +163,18 @@ def signed_bytes(subject: str, request_id: str, ts: float, nonce: str, identity:
     """The bytes an identity signs for one command (see the module docstring)."""
     head = "\n".join((subject, request_id, repr(ts), nonce, identity))
     return b"%s\n%s\n%s" % (SIGNING_DOMAIN, head.encode(), bytes(body))
+
+
+# -- nonces already used (KV ``sy_nonces``, create-only: a second create is a replay) -------
+
+def nonce_digest(nonce: str) -> str:
+    """A fixed-length, key-safe stand-in for a nonce (the sender chooses its characters)."""
+    return hashlib.blake2b(nonce.encode(), digest_size=16).hexdigest()
+
+
+def nonce_key(identity: str, digest: str) -> str:
+    """The record of one identity's nonce (``digest`` from ``nonce_digest``)."""
+    return f"{token(identity, 'identity name')}.{token(digest, 'nonce digest')}"
 
 
 # Why a command was refused (the ``reason`` in a ``forbidden`` error's details).

@@ -76,6 +76,7 @@ _KEY_FAMILIES: list[tuple[str, Callable[..., str], dict[str, str]]] = [
     (subjects.LOCKS_BUCKET, scenarios.lock_key, {}),
     (subjects.LOCKS_BUCKET, scenarios.cron_mark_key, {}),
     (subjects.IDENTITIES_BUCKET, auth.identity_key, {}),
+    (subjects.NONCES_BUCKET, auth.nonce_key, {}),
     (subjects.GOVERN_BUCKET, govern.review_key, {"kind": "bundle"}),
     (subjects.GOVERN_BUCKET, govern.review_key, {"kind": "api"}),
 ]

@@ -230,6 +230,7 @@ def audit(role: str, node: str) -> str:
 
 IDENTITIES_BUCKET = "sy_identities"  # KV: identities that may connect and sign, by name
 GOVERN_BUCKET = "sy_govern"  # KV: sign-off reviews, <kind>.<name>.<version> (Govern node)
+NONCES_BUCKET = "sy_nonces"  # KV: signed commands' nonces already used, stack-wide (TTL)
 API_ALL = f"{ROOT}.api.{API_VERSION}.>"
 COMMANDS_ALL = f"{ROOT}.cmd.>"
 

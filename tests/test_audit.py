@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -36,7 +37,15 @@ from protocol.deploy import CreateInfra, DeployBundle, ListInfras, RollbackBundl
 from protocol.errors import Forbidden
 from tests.apiproject import make_api_project
 from tests.authstack import AuthStack, auth_stack
-from tests.helpers import fleet, running, shipyard, wait_for
+from tests.helpers import (
+    Background,
+    fleet,
+    gather,
+    running,
+    shipyard,
+    shipyard_argv,
+    wait_for,
+)
 from tests.projects import make_project
 
 HB = 0.2
@@ -230,6 +239,74 @@ async def test_nobody_can_delete_purge_shrink_or_write_the_audit_stream(
             assert info.config.max_msgs != 1
             entries = await _ledger(admin.nc)
             assert entries and all(e.node == "deployer" for e in entries)  # nothing forged
+
+
+async def test_a_command_replayed_to_a_restarted_deployer_is_refused_and_audited(
+        stack: AuthStack) -> None:
+    """The nonce is claimed stack-wide (``sy_nonces``), not only in the process that saw
+    it: a Deployer started after the first one stopped refuses the replay."""
+    await _publish(stack)
+    seed = _seed(stack, "admin")
+    captured = _signed(seed, "admin", ListInfras(), ts=time.time(), request_id="wire")
+    async with stack.connect("admin") as admin:
+        first = DeployerNode(name="deployer", nats=stack.settings("deployer"),
+                             heartbeat_interval=HB)
+        async with running(first):
+            assert await _error_of(admin.nc, captured) is None
+        restarted = DeployerNode(name="deployer", nats=stack.settings("deployer"),
+                                 heartbeat_interval=HB)
+        async with running(restarted):
+            error = await _error_of(admin.nc, captured)
+            assert error is not None and error.code == "forbidden"
+            assert error.details["reason"] == auth.REPLAYED
+            # A fresh command from the same identity is still accepted.
+            fresh = _signed(seed, "admin", ListInfras(), ts=time.time(), request_id="new")
+            assert await _error_of(admin.nc, fresh) is None
+
+            async def both() -> list[AuditEntry] | None:
+                wire = [e for e in await _ledger(admin.nc) if e.request_id == "wire"]
+                return wire if len(wire) == 2 else None
+
+            wire = await wait_for(both, message="both fates of the captured command")
+        assert [(e.outcome, e.reason, e.identity) for e in wire] == [
+            (OK, None, "admin"), (ERROR, auth.REPLAYED, "admin")]
+        assert wire[0].node == wire[1].node == "deployer"
+        # Nobody but the control plane may write a nonce (nor so burn another's).
+        async with stack.connect("a1") as node:
+            key = auth.nonce_key("admin", auth.nonce_digest("x"))
+            await node.nc.publish(f"$KV.{subjects.NONCES_BUCKET}.{key}", b"")
+            await node.denied(f"$KV.{subjects.NONCES_BUCKET}")
+
+
+async def test_entries_of_commands_answered_just_before_sigterm_reach_the_ledger(
+        stack: AuthStack, cli_env: dict[str, str], tmp_path: Path) -> None:
+    """A graceful stop appends what the recorder still buffers (bounded by a timeout)."""
+    await _publish(stack)
+    deployer = Background(shipyard_argv(
+        "node", "start", "deployer", "--name", "deployer", "--nats", stack.server.url,
+        "--creds", str(stack.store.creds_path("deployer")), "--heartbeat-interval", "0.5"),
+        env={**cli_env, "SHIPYARD_LOG_FORMAT": "json"}, cwd=tmp_path)
+    try:
+        deployer.wait_line("node ready", timeout=30)
+        nc = await connect(stack.settings("admin"), name="test-admin")
+        try:
+            caller = Caller(nc, sender="test")
+            ids = [f"burst-{i}" for i in range(150)]
+            # Answered at once; their entries are appended one JetStream publish at a
+            # time behind the replies, so most are still buffered when SIGTERM comes.
+            await gather(*(caller.call(ListInfras(), request_id=rid, timeout=20)
+                           for rid in ids))
+            assert deployer.stop(signal.SIGTERM, timeout=30) == 0, deployer.output()
+            entries = {e.request_id: e for e in await _ledger(nc)}
+        finally:
+            await close(nc)
+    finally:
+        if deployer.proc.poll() is None:
+            deployer.stop(signal.SIGKILL)
+    missing = [rid for rid in ids if rid not in entries]
+    assert missing == [], f"{len(missing)} entries lost:\n{deployer.output()[-2000:]}"
+    assert all(entries[rid].outcome == OK for rid in ids)
+    assert "audit entries not appended" not in deployer.output()
 
 
 async def _count(nc: Any) -> int:

@@ -18,7 +18,7 @@ from nodes.auth.registry import publish_identities
 from nodes.auth.signing import Signer
 from nodes.deployer import DeployerNode
 from nodes.runtime.calls import Caller
-from nodes.runtime.connection import close, connect
+from nodes.runtime.connection import close, connect, denials_of
 from protocol import auth, subjects
 from protocol.api import HTTP_STATUS
 from protocol.auth import Identity
@@ -193,6 +193,8 @@ async def test_the_deployer_refuses_forged_revoked_unsigned_and_replayed_command
                 await dora.call(CreateInfra(name="stage", kind="automation"), timeout=30)
             assert info.value.details["reason"] == "nats_permission"
             assert time.monotonic() - started < 10  # not the request's timeout
+            denials = denials_of(dora_nc)
+            assert denials is not None and denials.watched == 0  # nothing left behind
             # Refused by the Deployer: a node identity sends no admin command.
             with pytest.raises(Forbidden, match="may not send this command"):
                 await Caller(govern_nc).call(CreateInfra(name="stage", kind="automation"),

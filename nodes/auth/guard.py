@@ -1,7 +1,8 @@
 """Verifying signed commands: the check ``Node._handle`` runs before a handler.
 
 ``CommandGuard.check`` is pure (identities and clock are injected) and synchronous: a
-signature check, a dict look-up and a heap push, no I/O.  Nodes that set
+signature check, a dict look-up and a heap push, no I/O; ``CommandGuard.verify``, what a
+serving node runs, adds the stack-wide nonce claim (below).  Nodes that set
 ``verifies_commands`` (Deployer, Govern) get a guard fed by a ``KVCache`` of the
 ``sy_identities`` bucket (a watch plus a periodic re-read), so a revoke reaches every
 verifier within milliseconds, and the revoked identity's NATS connection is closed by the
@@ -12,8 +13,17 @@ A node verifies only when it runs with shipyard credentials: on a stack started 
 
 Every refusal is logged and handed to ``on_refusal`` (the seam an audit ledger plugs into).
 
-The replay cache is per process: with several Deployer instances in one queue group, a
-captured command replayed within 60 s may reach an instance that has not seen its nonce.
+Replays are refused stack-wide.  A verifying node keeps each accepted nonce twice: in
+its own process (the fast path: a replay to the same process is refused without I/O) and
+in the ``sy_nonces`` KV bucket, created with a TTL of ``auth.NONCE_TTL_S`` (no command
+older than that is accepted anyway).  The record is made with ``kv.create``, which the
+server refuses when the key exists, so of two verifiers that see the same command (a
+restarted Deployer, another instance of its queue group, the Govern node) exactly one
+accepts it, and the check-and-record is one atomic JetStream publish: no read then write
+race.  That publish is the one round trip the guard adds to a signed command (a few
+hundred µs here, see bench/RESULTS.md "auth"); it comes after every cheap and costly
+check, so forgeries cost it nothing.  If the bucket cannot be written the command is
+refused as ``unavailable`` (retry-safe: a retry is re-signed with a new nonce).
 """
 
 from __future__ import annotations
@@ -29,14 +39,17 @@ from typing import Any, NoReturn
 
 import anyio
 import msgspec
+import nats.js.errors
 import structlog
+from nats.js.api import KeyValueConfig, StorageType
+from nats.js.kv import KeyValue
 
 from nodes.auth import keys
 from nodes.runtime.jetstream import ensure_kv
 from nodes.runtime.kvcache import KVCache
 from protocol import auth, subjects
-from protocol.auth import IDENTITY, SIGNED_PART, Identity
-from protocol.errors import Forbidden
+from protocol.auth import IDENTITY, SIGNED_PART, Identity, SignedPart
+from protocol.errors import Forbidden, Unavailable
 
 
 @dataclass(frozen=True)
@@ -71,6 +84,34 @@ class CommandGuard:
 
     def check(self, subject: str, data: bytes, command: type[Any]) -> Identity:
         """Return the identity that signed this command, or raise ``Forbidden``."""
+        identity = self._check(subject, data, command)[0]
+        self.accepted += 1
+        return identity
+
+    async def verify(self, subject: str, data: bytes, command: type[Any],
+                     nonces: NonceLedger | None) -> Identity:
+        """``check``, then claim the nonce stack-wide in ``nonces`` (when given): raise
+        ``Forbidden`` (``replayed``) if another verifier, or this one before a restart,
+        accepted it already."""
+        identity, part = self._check(subject, data, command)
+        if nonces is not None:
+            assert part.nonce is not None  # _check refuses a command without one
+            try:
+                fresh = await nonces.claim(identity.name, part.nonce)
+            except Exception as exc:
+                self.log.error("nonce not recorded: command refused", subject=subject,
+                               identity=identity.name, error=str(exc) or type(exc).__name__)
+                raise Unavailable("cannot record the command's nonce in "
+                                  f"{subjects.NONCES_BUCKET} ({type(exc).__name__}): "
+                                  "try again") from None
+            if not fresh:
+                self._refuse(subject, identity.name, part.id, auth.REPLAYED,
+                             "replayed command: this nonce was used already")
+        self.accepted += 1
+        return identity
+
+    def _check(self, subject: str, data: bytes, command: type[Any],
+               ) -> tuple[Identity, SignedPart]:
         try:
             part = SIGNED_PART.decode(data)
         except msgspec.DecodeError:
@@ -119,8 +160,7 @@ class CommandGuard:
                          f"send this command: it needs role {auth.required_role(command)}")
         self._seen.add(seen)
         heapq.heappush(self._expiry, (part.ts + self.max_age, seen))
-        self.accepted += 1
-        return identity
+        return identity, part
 
     @property
     def remembered(self) -> int:
@@ -147,9 +187,41 @@ class CommandGuard:
         raise Forbidden(message, details={"reason": reason})
 
 
+class NonceLedger:
+    """The nonces every verifier of the stack accepted in the last ``NONCE_TTL_S``."""
+
+    def __init__(self, kv: KeyValue) -> None:
+        self.kv = kv
+
+    async def claim(self, identity: str, nonce: str) -> bool:
+        """Record ``identity``'s ``nonce``; False if it was recorded already (a replay)."""
+        key = auth.nonce_key(identity, auth.nonce_digest(nonce))
+        try:
+            await self.kv.create(key, b"")
+        except nats.js.errors.KeyWrongLastSequenceError:
+            return False
+        return True
+
+
+async def open_nonces(js: Any, replicas: int = 1) -> NonceLedger:
+    """Open the ``sy_nonces`` bucket, creating it if missing."""
+    try:
+        kv = await js.key_value(subjects.NONCES_BUCKET)
+    except nats.js.errors.BucketNotFoundError:
+        try:
+            kv = await js.create_key_value(KeyValueConfig(
+                bucket=subjects.NONCES_BUCKET, history=1, ttl=auth.NONCE_TTL_S,
+                replicas=replicas, storage=StorageType.FILE,
+                description="nonces of accepted signed commands (replays are refused)"))
+        except nats.js.errors.BadRequestError:  # created meanwhile by another verifier
+            kv = await js.key_value(subjects.NONCES_BUCKET)
+    return NonceLedger(kv)
+
+
 # -- the guard of a serving node ------------------------------------------------------------
 
 _GUARDS: weakref.WeakKeyDictionary[Any, CommandGuard | None] = weakref.WeakKeyDictionary()
+_NONCES: weakref.WeakKeyDictionary[Any, NonceLedger] = weakref.WeakKeyDictionary()
 _LOCKS: weakref.WeakKeyDictionary[Any, anyio.Lock] = weakref.WeakKeyDictionary()
 
 
@@ -185,6 +257,7 @@ async def guard_of(node: Any) -> CommandGuard | None:
             # A node that defines ``command_refused(refusal)`` hears of every refusal
             # (where an audit ledger records them).
             guard = CommandGuard(lookup, on_refusal=getattr(node, "command_refused", None))
+            _NONCES[node] = await open_nonces(node.js, node.settings.replicas)
         _GUARDS[node] = guard
         return guard
 
@@ -195,5 +268,5 @@ async def verify_command(node: Any, subject: str, data: bytes,
     return that identity (None on a node without shipyard credentials: nothing checked)."""
     guard = _GUARDS.get(node) if node in _GUARDS else await guard_of(node)
     if guard is not None:
-        return guard.check(subject, data, command)
+        return await guard.verify(subject, data, command, _NONCES.get(node))
     return None

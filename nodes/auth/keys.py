@@ -13,7 +13,9 @@ header lines shipyard reads (name, kind, role, infra)::
 
 The Go ``nats`` CLI reads it as it is (``nats --nkey FILE``); shipyard passes the seed to
 nats-py (``nkeys_seed_str``) and signs commands with the same key.  Measured here
-(PyNaCl through ``nkeys``): signing a 300-byte command ~38 µs, verifying ~80 µs.
+(PyNaCl through ``nkeys``, best of 5 x 20,000, 400 bytes): signing ~20 µs, verifying
+~55 µs, on a loaded 2-core machine.  PyNaCl (libsodium) is the fastest Ed25519 at hand:
+``cryptography`` (OpenSSL) took 33 µs to sign and 108 µs to verify on the same data.
 """
 
 from __future__ import annotations

@@ -18,6 +18,9 @@ Rules every role follows:
   never change one; updates, deletes and purges are the control plane's.
 * Heartbeats and reports carry the node's own name in the subject: a node may publish
   only its own (``sy.hb.<role>.<name>``, ``sy.rpt.*.<name>``).
+* The nonces of accepted signed commands (``sy_nonces``) are the verifiers' alone:
+  Deployer and Govern (control plane) create and write that bucket; no other role is
+  given any of it, so none can read which nonces were used nor burn one.
 """
 
 from __future__ import annotations

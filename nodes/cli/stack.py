@@ -217,7 +217,7 @@ def _plan(automation: int, api: int) -> list[tuple[str, str]]:
 def _children(home: Path, url: str, *, automation: int, api: int,
               heartbeat_interval: float, workspace: Path,
               creds: dict[str, Path] | None = None,
-              env_argv: list[str] | None = None) -> list[Child]:
+              env_argv: list[str] | None = None, approvals: int = 1) -> list[Child]:
     children = []
     for role, name in _plan(automation, api):
         # -P: the user's current folder must not shadow our packages (say, a "nodes/").
@@ -226,6 +226,8 @@ def _children(home: Path, url: str, *, automation: int, api: int,
                 "--heartbeat-interval", str(heartbeat_interval)]
         if role == "design":
             argv += ["--workspace", str(workspace)]
+        if role == "govern":
+            argv += ["--approvals", str(approvals)]
         if role in ("automation", "api", "design"):
             argv += ["--data-dir", str(home / "nodes" / name), *(env_argv or [])]
         if creds is not None:
@@ -254,10 +256,13 @@ def _children(home: Path, url: str, *, automation: int, api: int,
 @click.option("--insecure", is_flag=True,
               help="No auth: anyone who reaches NATS may deploy. [default: identities, "
                    "signed commands and per-node NATS users, kept in HOME/auth]")
+@click.option("--approvals", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Approvals a sign-off review needs before a deployment counts as "
+                   "approved (the Govern node's --approvals).")
 @env_node_options
 def up(home: Path, nats_port: int, monitor_port: int | None, http_port: int,
        automation_nodes: int, api_nodes: int, heartbeat_interval: float,
-       workspace: Path, insecure: bool, **env_options: Any) -> None:
+       workspace: Path, insecure: bool, approvals: int, **env_options: Any) -> None:
     """Start the whole stack in the foreground: embedded NATS and every node role.
 
     Writes HOME/stack.json so other commands run in this folder find the stack.  If the
@@ -282,15 +287,16 @@ def up(home: Path, nats_port: int, monitor_port: int | None, http_port: int,
         except ShipyardError as exc:
             err.print(f"shipyard: {exc}")
             sys.exit(EXIT_FAILED)
-    code = anyio.run(_up, home, nats_port, monitor_port, http_port, automation_nodes,
-                     api_nodes, heartbeat_interval, workspace.resolve(), auth,
-                     env_up_argv(env_options))
+    code = anyio.run(partial(_up, approvals=approvals), home, nats_port, monitor_port,
+                     http_port, automation_nodes, api_nodes, heartbeat_interval,
+                     workspace.resolve(), auth, env_up_argv(env_options))
     sys.exit(code)
 
 
 async def _up(home: Path, nats_port: int, monitor_port: int, http_port: int,
               automation: int, api: int, heartbeat_interval: float, workspace: Path,
-              auth: StackAuth | None = None, env_argv: list[str] | None = None) -> int:
+              auth: StackAuth | None = None, env_argv: list[str] | None = None,
+              approvals: int = 1) -> int:
     server = EmbeddedNats(home / "nats", host=NATS_HOST, port=nats_port,
                           monitor_port=monitor_port,
                           log_file=home / "logs" / "nats.log", server_name="shipyard",
@@ -304,7 +310,8 @@ async def _up(home: Path, nats_port: int, monitor_port: int, http_port: int,
 
     children = _children(home, server.url, automation=automation, api=api,
                          heartbeat_interval=heartbeat_interval, workspace=workspace,
-                         creds=auth.creds if auth else None, env_argv=env_argv)
+                         creds=auth.creds if auth else None, env_argv=env_argv,
+                         approvals=approvals)
     add_http_port(children, http_port)
     # With auth, this process acts as the stack's admin (and signs what it sends).
     settings = NatsSettings(servers=(server.url,),

@@ -7,7 +7,10 @@ in a bounded buffer (``BUFFER`` entries) without waiting, and a background publi
 run under ``loops.supervised`` so that a NATS timeout or an outage cannot end it, appends
 the entries to ``SY_AUDIT`` with the entry id as ``Nats-Msg-Id`` (a retried append is
 stored once).  When the buffer is full the entry is dropped and counted (``dropped``),
-and the count shows in the node's heartbeat like every other drop.
+and the count shows in the node's heartbeat like every other drop.  A node that stops
+gracefully (SIGTERM) waits, after its last request is answered, up to
+``FLUSH_TIMEOUT_S`` for the buffer to be appended (``flush``), so the last commands
+before a stop are in the ledger; what is still buffered after that is logged as lost.
 
 The stream is created with ``deny_delete`` and ``deny_purge``: the server refuses to
 purge it, to remove one of its messages, or to lift those flags, whoever asks.  Deleting
@@ -56,6 +59,7 @@ from protocol.base import encode
 from protocol.deploy import DEPLOYMENT_VALUE, Update, deployment_keys
 
 BUFFER = 10_000
+FLUSH_TIMEOUT_S = 5.0
 AUDIT_MAX_BYTES = 8 << 30
 READ_BUFFER = 1024
 
@@ -97,6 +101,7 @@ class AuditRecorder:
         self.appended = 0
         self.dropped = 0
         self._send, self._recv = anyio.create_memory_object_stream[AuditEntry](buffer)
+        self._progress = anyio.Event()  # set after each append (what ``flush`` waits on)
 
     def record(self, entry: AuditEntry) -> bool:
         """Queue ``entry`` for appending; never waits.  False (and counted) when full."""
@@ -118,7 +123,17 @@ class AuditRecorder:
 
     @property
     def backlog(self) -> int:
-        return self._recv.statistics().current_buffer_used
+        """Entries recorded and not appended yet (the one being appended included)."""
+        return self.recorded - self.appended
+
+    async def flush(self, timeout: float = FLUSH_TIMEOUT_S) -> bool:
+        """Wait until every entry recorded so far is appended, at most ``timeout``
+        seconds; True if it was."""
+        target = self.recorded
+        with anyio.move_on_after(timeout):
+            while self.appended < target:
+                await self._progress.wait()
+        return self.appended >= target
 
     def start(self, tg: TaskGroup, js: JetStreamContext, replicas: int = 1) -> None:
         tg.start_soon(partial(supervised, "audit ledger", self._run, js, replicas,
@@ -133,6 +148,8 @@ class AuditRecorder:
             await publish_retry(js, self.subject, encode(entry), msg_id=entry.id)
             pending = None
             self.appended += 1
+            self._progress.set()
+            self._progress = anyio.Event()
 
 
 # -- reading ---------------------------------------------------------------------------------

@@ -296,6 +296,8 @@ class Node:
                 await self._idle.wait()
         if scope.cancelled_caught:
             self.log.warning("shutdown timeout: abandoning in-flight work", inflight=self.inflight)
+        if self.audit is not None:  # every answered command's entry, in the ledger (bounded)
+            await self.audit.flush()
         await self._say_goodbye()
         tg.cancel_scope.cancel()
 

@@ -11,11 +11,15 @@ from __future__ import annotations
 import asyncio
 import itertools
 import weakref
+from typing import TYPE_CHECKING
 
 import anyio
 import nats.errors
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
+
+if TYPE_CHECKING:
+    from nodes.runtime.connection import PublishDenials
 
 NO_RESPONDERS = "503"
 
@@ -62,11 +66,14 @@ class Requester:
             future.set_exception(nats.errors.TimeoutError())
 
     async def request(self, subject: str, payload: bytes, *, timeout: float,
-                      headers: dict[str, str] | None = None) -> Msg:
+                      headers: dict[str, str] | None = None,
+                      denials: PublishDenials | None = None) -> Msg:
         """Send a request and wait for its reply.
 
         Raises ``nats.errors.NoRespondersError`` at once when nothing subscribes to
-        ``subject``, and ``nats.errors.TimeoutError`` after ``timeout`` seconds.
+        ``subject``, and ``nats.errors.TimeoutError`` after ``timeout`` seconds.  With
+        ``denials`` (a connection opened with credentials), raises ``PublishDenied`` as
+        soon as the server refuses the publish.
         """
         if not self._prefix:
             await self._start()
@@ -76,12 +83,16 @@ class Requester:
         future: asyncio.Future[Msg] = loop.create_future()
         self._pending[token] = future
         timer = loop.call_later(timeout, self._expire, token)
+        if denials is not None:
+            denials.watch(subject, future)
         try:
             await self.nc.publish(subject, payload, reply=self._prefix + token, headers=headers)
             msg = await future
         finally:
             timer.cancel()
             self._pending.pop(token, None)
+            if denials is not None:
+                denials.unwatch(future)
         if msg.headers and msg.headers.get("Status") == NO_RESPONDERS and not msg.data:
             raise nats.errors.NoRespondersError
         return msg
