@@ -43,6 +43,12 @@ class Heartbeat(Message, frozen=True, kw_only=True, tag="heartbeat"):
     instance: str = ""  # unique per node object: tells a restart even with the same pid
     state: RoleState = NoState()
     dropped: int = 0  # inbound messages this node dropped as malformed, since it started
+    # Resource use, for live views: CPU seconds (user + system) the process has used since
+    # it started, and its resident memory now.  Cumulative CPU rather than a percentage,
+    # so a viewer that misses beats still gets the right average between the two it saw.
+    # 0 from nodes of the previous release (unknown).
+    cpu_s: float = 0.0
+    rss_bytes: int = 0
 
     def validate(self, subject: str) -> None:
         """Raise ``InvalidMessage`` unless every name and number is in bounds and the
@@ -56,6 +62,8 @@ class Heartbeat(Message, frozen=True, kw_only=True, tag="heartbeat"):
         checks.count(self.pid, "pid")
         checks.count(self.seq, "seq")
         checks.count(self.dropped, "dropped")
+        checks.number(self.cpu_s, "cpu_s", 0.0, 1e12)
+        checks.count(self.rss_bytes, "rss_bytes")
         checks.number(self.interval_s, "interval_s", MIN_INTERVAL_S, MAX_INTERVAL_S)
         checks.number(self.uptime_s, "uptime_s", 0.0, 1e10)
         checks.finite(self.ts, "ts")

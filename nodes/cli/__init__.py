@@ -18,6 +18,7 @@ from nodes.cli.common import EXIT_FAILED, EXIT_USAGE, CliState, err
 from nodes.cli.envs import envs_cmd
 from nodes.cli.fleet import events_cmd, node_forget, nodes_cmd
 from nodes.cli.govern import govern
+from nodes.cli.monitor import monitor_cmd
 from nodes.cli.projects import (
     bundle,
     deploy,
@@ -61,6 +62,7 @@ node.add_command(node_forget)
 cli.add_command(nodes_cmd)
 cli.add_command(envs_cmd)
 cli.add_command(events_cmd)
+cli.add_command(monitor_cmd)
 cli.add_command(projects_cmd)
 cli.add_command(bundle)
 cli.add_command(infra)
