@@ -85,10 +85,14 @@ def test_a_node_not_heard_yet_takes_the_deployers_verdict_and_a_forgotten_one_go
     clock.t += 0.1
     m.on_nodes([info])
     assert m.node_rows()[0].status == "lost"
-    m.on_nodes([])
+    m.on_nodes([])  # forgotten (it goes once silent here too)
     clock.t += 3.5
     m.on_nodes([])
     assert m.node_rows() == []
+    m.on_heartbeat(beat("a3"))  # never listed lost: kept, and judged lost here
+    clock.t += 3.5
+    m.on_nodes([])
+    assert [(r.name, r.status) for r in m.node_rows()] == [("a3", "lost")]
 
 
 def metrics(node: str, gen: str, requests: int, errors: int, fast: int, slow: int,

@@ -5,9 +5,10 @@ stops it:
 
 * live subscriptions (heartbeats ``sy.hb.>``, API metrics reports ``sy.rpt.metrics.*``,
   events ``sy.evt.>``): plain subscriptions, which nats-py re-sends after a reconnect;
-* the Deployer, asked every ``--poll`` seconds for nodes, deployments (desired state,
-  health and reasons) and recent runs, each request with a timeout; a failed round is
-  shown in the header and the last answers stay on screen until the next one succeeds.
+* the Deployer, asked every ``--poll`` seconds for lost nodes (online ones are known
+  from their beats), deployments (desired state, health and reasons) and recent runs,
+  each request with a timeout; a failed round is shown in the header and the last
+  answers stay on screen until the next one succeeds.
 
 On a terminal it redraws four times a second with rich's ``Live`` on the alternate
 screen (whole frames, no flicker); piped, it prints a plain-text snapshot every
@@ -61,7 +62,7 @@ from protocol.api import METRICS_REPORT, ApiMetricsReport
 from protocol.deploy import ListDeployments
 from protocol.errors import DecodeError, OperationError
 from protocol.heartbeat import HEARTBEAT
-from protocol.registry import ListNodes
+from protocol.registry import LOST, ListNodes
 from protocol.scenarios import ListRuns
 from protocol.stream import EVENT, describe_unknown
 
@@ -137,7 +138,8 @@ async def poll_deployer(caller: Caller, model: MonitorModel, timeout: float) -> 
     """One round of questions to the Deployer; never raises (the header says why not)."""
     f = model.filter
     try:
-        nodes = await caller.call(ListNodes(role=f.role, infra=f.infra), timeout=timeout)
+        nodes = await caller.call(ListNodes(role=f.role, infra=f.infra, status=LOST),
+                                  timeout=timeout)
         model.on_nodes(nodes.nodes)
         deps = await caller.call(ListDeployments(project=f.project, infra=f.infra),
                                  timeout=timeout)

@@ -38,6 +38,7 @@ MAX_NODES = 20_000  # rows kept (the registry holds at most 10,000)
 EVENTS_KEPT = 200
 RUNS_KEPT = 500
 LAGS_KEPT = 20_000
+UNLISTED_KEPT_S = 600.0  # a silent node the Deployer never listed (it forgot it) goes
 SEEN_IDS = 2_000  # event ids remembered, so history and live never show one twice
 FILTER_KEYS = ("infra", "project", "role")
 
@@ -166,6 +167,7 @@ class _Node:
     cpu_pct: float | None = None
     info: NodeInfo | None = None  # the Deployer's record
     info_at: float = 0.0
+    listed: bool = False  # the Deployer has listed it lost at least once
 
 
 @dataclass
@@ -244,6 +246,9 @@ class MonitorModel:
     # -- the Deployer's answers ----------------------------------------------------------
 
     def on_nodes(self, infos: Iterable[NodeInfo]) -> None:
+        """The Deployer's lost nodes (online ones come from their beats: asking for
+        them all would send the whole fleet every round); a node it no longer lists is
+        forgotten."""
         now = self.clock()
         listed = set()
         for info in infos:
@@ -253,12 +258,16 @@ class MonitorModel:
                 if len(self.nodes) >= MAX_NODES:
                     continue
                 node = self.nodes[info.name] = _Node()
-            node.info, node.info_at = info, now
+            node.info, node.info_at, node.listed = info, now, True
         for name, node in list(self.nodes.items()):
-            if name not in listed:  # forgotten by the Deployer, or not registered yet
-                node.info = None
-                if self._silent(node, now):
-                    del self.nodes[name]
+            if name in listed:
+                continue
+            node.info = None
+            # Listed before and silent now: forgotten.  Never listed: not judged lost by
+            # the Deployer yet (kept, lost here), unless silent for very long.
+            if self._silent(node, now) and (node.listed or node.beat_at is None
+                                            or now - node.beat_at > UNLISTED_KEPT_S):
+                del self.nodes[name]
 
     def on_deployments(self, views: Iterable[DeploymentView]) -> None:
         self.deployments = list(views)
