@@ -206,14 +206,18 @@ def measure(n: int, seconds: float, warmup: float) -> dict[str, Any]:
             mon.stdin.write("go\n")
             mon.stdin.flush()
             line = mon.stdout.readline()
+            while line and not line.startswith("{"):  # a log line (a slow consumer, say)
+                line = mon.stdout.readline()
             elapsed = time.monotonic() - t0
             cpu = 100 * (sum(proc.cpu_times()[:2]) - cpu0) / elapsed
             result = json.loads(line)
-            return {"nodes": n, "seconds": round(elapsed, 1),
+            row = {"nodes": n, "seconds": round(elapsed, 1),
                     "deployer_cpu_pct": round(cpu, 1),
                     "deployer_rss_mib": round(proc.memory_info().rss / 2**20, 1),
                     "registered_before": registered,
                     "load_1m": round(os.getloadavg()[0], 2), **result}
+            print(json.dumps(row), flush=True)
+            return row
         finally:
             for c in children:
                 c.terminate()
