@@ -60,6 +60,12 @@ def test_a_node_shows_its_cpu_share_between_two_beats_and_turns_lost_after_three
     clock.t += 3.5  # more than 3 intervals of 1 s
     [row] = m.node_rows()
     assert (row.status, row.age_s, row.cpu_pct) == ("lost", 3.5, None)
+    # Its exit report makes it lost at once; a report about another process does not.
+    m.on_heartbeat(beat("a1", seq=3, uptime=14.0, cpu=1.6))
+    m.on_exit("a1", pid=99)
+    assert m.node_rows()[0].status == "online"
+    m.on_exit("a1", pid=7)
+    assert m.node_rows()[0].status == "lost"
     # A restart (new pid) has no CPU share until its second beat.
     m.on_heartbeat(beat("a1", pid=8, uptime=0.5, cpu=0.1))
     [row] = m.node_rows()

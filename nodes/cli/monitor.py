@@ -3,8 +3,9 @@
 The view feeds itself from two sources, so neither a Deployer restart nor a NATS outage
 stops it:
 
-* live subscriptions (heartbeats ``sy.hb.>``, API metrics reports ``sy.rpt.metrics.*``,
-  events ``sy.evt.>``): plain subscriptions, which nats-py re-sends after a reconnect;
+* live subscriptions (heartbeats ``sy.hb.>``, API metrics and exit reports
+  ``sy.rpt.metrics.*``/``sy.rpt.exit.*``, events ``sy.evt.>``): plain subscriptions,
+  which nats-py re-sends after a reconnect;
 * the Deployer, asked every ``--poll`` seconds for lost nodes (online ones are known
   from their beats), deployments (desired state, health and reasons) and recent runs,
   each request with a timeout; a failed round is shown in the header and the last
@@ -63,6 +64,7 @@ from protocol.deploy import ListDeployments
 from protocol.errors import DecodeError, OperationError
 from protocol.heartbeat import HEARTBEAT
 from protocol.registry import LOST, ListNodes
+from protocol.reports import REPORT
 from protocol.scenarios import ListRuns
 from protocol.stream import EVENT, describe_unknown
 
@@ -88,6 +90,7 @@ class Feed:
         await self.nc.subscribe(subjects.HEARTBEATS_ALL, cb=self._on_heartbeat,
                                 pending_msgs_limit=200_000)
         await self.nc.subscribe(subjects.reports("metrics"), cb=self._on_metrics)
+        await self.nc.subscribe(subjects.reports("exit"), cb=self._on_exit)
         await self.nc.subscribe(subjects.EVENTS_ALL, cb=self._on_event)
 
     async def _on_heartbeat(self, msg: Msg) -> None:
@@ -108,6 +111,15 @@ class Feed:
             return
         if isinstance(report, ApiMetricsReport):
             self.model.on_metrics(report)
+
+    async def _on_exit(self, msg: Msg) -> None:
+        try:
+            report = REPORT.decode(msg.data, msg.subject)
+            report.validate(msg.subject)
+        except Exception:
+            self.dropped += 1
+            return
+        self.model.on_exit(report.node, report.pid)
 
     async def _on_event(self, msg: Msg) -> None:
         try:

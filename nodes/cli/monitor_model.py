@@ -168,6 +168,7 @@ class _Node:
     info: NodeInfo | None = None  # the Deployer's record
     info_at: float = 0.0
     listed: bool = False  # the Deployer has listed it lost at least once
+    exited_at: float | None = None  # its process reported its exit
 
 
 @dataclass
@@ -211,7 +212,13 @@ class MonitorModel:
                                  1)
         elif prev is None or prev.pid != hb.pid:
             node.cpu_pct = None
-        node.hb, node.beat_at = hb, now
+        node.hb, node.beat_at, node.exited_at = hb, now, None
+
+    def on_exit(self, node: str, pid: int) -> None:
+        """A node's process reported its exit: lost at once (until it beats again)."""
+        known = self.nodes.get(node)
+        if known is not None and known.hb is not None and known.hb.pid == pid:
+            known.exited_at = self.clock()
 
     def on_metrics(self, report: ApiMetricsReport) -> None:
         now = self.clock()
@@ -311,10 +318,11 @@ class MonitorModel:
                 assert info is not None
                 status, age = info.status, info.last_seen_s + (now - node.info_at)
             else:
-                # Our own beats decide; the Deployer can only say lost sooner (the node
-                # reported its exit after the last beat seen here).
-                said_lost = info is not None and info.status == LOST \
-                    and node.info_at > node.beat_at
+                # Our own beats decide; an exit report, or the Deployer, can only say lost
+                # sooner (the node's exit came after the last beat seen here).
+                said_lost = (info is not None and info.status == LOST
+                             and node.info_at > node.beat_at) \
+                    or node.exited_at is not None
                 status = LOST if said_lost or self._silent(node, now) else ONLINE
                 age = now - node.beat_at
             fresh = status == ONLINE and hb is not None
