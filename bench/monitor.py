@@ -113,12 +113,13 @@ async def feed(url: str, seconds: float) -> None:
     if ingest0 is not None and ingest1 is not None and ingest1[1] > ingest0[1]:
         rate = round((ingest1[0] - ingest0[0]) / (ingest1[1] - ingest0[1]))
     rows = model.node_rows()
+    lags = model.lag_ms(0.5, 0.99)
     print(json.dumps({
         "deployer_beats_per_s": rate,
         "deployer_lost": sum(1 for n in model.nodes.values()
                              if n.info is not None and n.info.status == "lost"),
         "monitor_online": sum(1 for r in rows if r.status == "online"),
-        "lag_p50_ms": model.lag_ms(0.5), "lag_p99_ms": model.lag_ms(0.99),
+        "lag_p50_ms": lags[0], "lag_p99_ms": lags[1],
         "beats": model.beats - beats0, "dropped": f.dropped,
         "feed_cpu_pct": round(100 * (sum(me.cpu_times()[:2]) - cpu0) / elapsed, 1),
         "snapshot_ms": round(max(snapshot_ms), 1) if snapshot_ms else None,
