@@ -1,5 +1,6 @@
 """``shipyard monitor``: the state model (pure, on an injected clock), its drawing, and
-the command against a real stack that loses its Deployer and its NATS server."""
+the command against a real stack that deploys and runs a scenario (piped, with no
+progress noise), then loses its Deployer and its NATS server."""
 
 from __future__ import annotations
 
@@ -23,6 +24,8 @@ from protocol.heartbeat import Heartbeat
 from protocol.registry import NodeInfo
 from protocol.scenarios import RunFinished, RunStarted, RunSummary
 from tests.helpers import Background, shipyard, shipyard_argv, wait_until
+from tests.projects import make_flow_project
+from tests.test_progress import PROGRESS_NOISE
 
 
 class Clock:
@@ -221,7 +224,7 @@ def _latest(p: Background, since: int, check: Any) -> Any:
     return next((s for s in reversed(_snapshots(p, since)) if check(s)), None)
 
 
-def test_monitor_follows_the_fleet_across_a_deployer_restart_and_a_nats_restart(
+def test_monitor_shows_a_deployment_and_its_run_and_follows_the_fleet_across_restarts(
         tmp_path: Path, cli_env: dict[str, str]) -> None:
     server = EmbeddedNats(tmp_path / "nats", port=-1, monitor_port=None,
                           log_file=tmp_path / "nats.log")
@@ -229,7 +232,13 @@ def test_monitor_follows_the_fleet_across_a_deployer_restart_and_a_nats_restart(
     env = dict(cli_env, SHIPYARD_NATS_URL=server.url)
     deployer_argv = shipyard_argv("node", "start", "deployer", "--name", "deployer",
                                   "--heartbeat-interval", "0.2")
+    ws = tmp_path / "ws"
+    make_flow_project(ws)
     procs = [Background(deployer_argv, env=env),
+             Background(shipyard_argv("node", "start", "design", "--name", "design",
+                                      "--workspace", str(ws), "--data-dir",
+                                      str(tmp_path / "design"), "--heartbeat-interval",
+                                      "0.2"), env=env),
              Background(shipyard_argv("node", "start", "automation", "--name", "a1",
                                       "--infra", "prod", "--data-dir", str(tmp_path / "a1"),
                                       "--heartbeat-interval", "0.2"), env=env)]
@@ -237,6 +246,19 @@ def test_monitor_follows_the_fleet_across_a_deployer_restart_and_a_nats_restart(
     try:
         for p in procs:
             p.wait_line("node ready", timeout=30)
+        # Long operations, piped: their results, and no progress bar in the output.
+        shipyard("infra", "create", "prod", "--kind", "automation", env=env, check=True)
+        steps = [shipyard("bundle", "create", "flows", "--id", "v1", env=env, check=True),
+                 shipyard("deploy", "bundle", "flows", "v1", "--infra", "prod", "--wait",
+                          env=env, timeout=60, check=True),
+                 shipyard("scenario", "run", "flows", "nightly", "--infra", "prod",
+                          "--wait", env=env, timeout=60, check=True)]
+        assert "bundle flows v1 created" in steps[0].stdout
+        assert "step 1" in steps[2].stdout  # the run's steps still print, as lines
+        for r in steps:
+            for noise in PROGRESS_NOISE:
+                assert noise not in r.stdout and noise not in r.stderr, (noise, r.args)
+
         once = shipyard("monitor", "--once", "--json", "--interval", "0.6", env=env,
                         cwd=tmp_path, check=True)
         snap = json.loads(once.stdout)
@@ -244,6 +266,13 @@ def test_monitor_follows_the_fleet_across_a_deployer_restart_and_a_nats_restart(
         a1 = next(n for n in snap["nodes"] if n["name"] == "a1")
         assert a1["status"] == "online" and a1["rss_bytes"] > 1 << 20
         assert a1["cpu_pct"] is not None and a1["cpu_pct"] >= 0
+        [dep] = snap["deployments"]
+        assert (dep["name"], dep["desired"], dep["actual"], dep["state"], dep["health"]) == (
+            "flows", "v1", "1/1 v1", "in_sync", "HEALTHY")
+        [nightly] = [r for r in snap["runs"] if r["scenario"] == "nightly"]
+        assert nightly["running"] == [] and nightly["last_outcome"] in ("SUCCESS", "WARNING")
+        kinds = {e["kind"] for e in snap["events"]}
+        assert {"node.online", "run.finished"} <= kinds
 
         text = shipyard("monitor", "--once", "--interval", "0.3", "--filter",
                         "role=automation", env=env, cwd=tmp_path, check=True).stdout
