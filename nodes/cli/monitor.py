@@ -39,6 +39,7 @@ from rich.text import Text
 from nodes.cli.common import (
     CLI_CONNECT_TIMEOUT,
     STATUS_STYLE,
+    check_names,
     human_age,
     human_size,
     nats_option,
@@ -331,6 +332,8 @@ def monitor_cmd(filter_text: str | None, interval: float, poll_s: float, timeout
         model = MonitorModel(filter=Filter.parse(filter_text))
     except BadFilter as exc:
         raise click.BadParameter(str(exc), param_hint="--filter") from None
+    check_names(infra=model.filter.infra, project=model.filter.project,
+                role=model.filter.role)
     live = sys.stdout.isatty() and not as_json and not once
 
     def show_json(m: MonitorModel) -> None:
