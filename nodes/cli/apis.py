@@ -10,6 +10,7 @@ import click
 from nats.aio.msg import Msg
 from rich.text import Text
 
+from nodes.cli import progress
 from nodes.cli.common import (
     EXIT_FAILED,
     call,
@@ -23,7 +24,6 @@ from nodes.cli.common import (
     print_changes,
     print_json,
     run,
-    spinner,
     styled,
     table,
     when,
@@ -74,7 +74,7 @@ def api_package(project: str, service: str, version: str, notes: str, wheels: bo
     check_names(project=project, service=service, version=version)
     cmd = CreateApiPackage(project=project, service=service, version=version, notes=notes,
                            created_by=whoami(), wheels=wheels)
-    with spinner(f"packaging {service} {version} ..."):
+    with progress.bar(f"packaging and storing {service} {version}"):
         reply: ApiPackageCreated = run(call, nats_url, cmd, 600.0)
     if as_json:
         print_json(reply)

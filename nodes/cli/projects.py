@@ -8,6 +8,7 @@ from typing import Any
 import click
 from rich.text import Text
 
+from nodes.cli import progress
 from nodes.cli.common import (
     EXIT_FAILED,
     call,
@@ -19,7 +20,6 @@ from nodes.cli.common import (
     print_changes,
     print_json,
     run,
-    spinner,
     styled,
     table,
     when,
@@ -83,7 +83,7 @@ def bundle_create(project: str, bundle_id: str, notes: str, wheels: bool,
     check_names(project=project, bundle=bundle_id)
     cmd = CreateBundle(project=project, bundle_id=bundle_id, notes=notes, created_by=whoami(),
                        wheels=wheels)
-    with spinner(f"packing {project} as bundle {bundle_id} ..."):
+    with progress.bar(f"packing and storing {project} as bundle {bundle_id}"):
         reply: BundleCreated = run(call, nats_url, cmd, 600.0)
     if as_json:
         print_json(reply)

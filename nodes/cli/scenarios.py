@@ -11,6 +11,7 @@ import anyio
 import click
 from rich.text import Text
 
+from nodes.cli import progress
 from nodes.cli.common import (
     EXIT_FAILED,
     call,
@@ -126,12 +127,16 @@ async def follow_run(nats_url: str | None, project: str, run_id: str, timeout: f
                      show: bool) -> RunSummary | None:
     """Follow a run's events (stored and live) until it finishes; None on timeout."""
     async with connected(nats_url) as nc:
-        with anyio.move_on_after(timeout):
+        with anyio.move_on_after(timeout), \
+                (progress.bar(f"run {run_id}: starting") if show else progress.Bar(
+                    "", console=progress.QUIET)) as steps:
             subject = subjects.event("run", project, run_id)
             async for stored in read_events(nc, follow=True, subject=subject):
                 ev = stored.event
                 if isinstance(ev, RunProgress) and show:
-                    out.print(f"  {ev.summary()}")
+                    steps.note(f"  {ev.summary()}")
+                    steps.update(description=f"run {run_id}: {ev.kind} {ev.name} "
+                                             f"{ev.status.lower()}")
                 elif isinstance(ev, RunFinished):
                     return ev.run
     return None

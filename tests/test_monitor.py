@@ -1,0 +1,322 @@
+"""``shipyard monitor``: the state model (pure, on an injected clock), its drawing, and
+the command against a real stack that deploys and runs a scenario (piped, with no
+progress noise), then loses its Deployer and its NATS server."""
+
+from __future__ import annotations
+
+import io
+import json
+import signal
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+from rich.console import Console
+
+from nodes.cli.monitor import plain_text, render
+from nodes.cli.monitor_model import BadFilter, Filter, MonitorModel
+from nodes.runtime.embedded import EmbeddedNats
+from protocol.api import LATENCY_BUCKETS_S, ApiMetricsReport, EndpointMetrics
+from protocol.deploy import DeploymentView, NodeDeployment
+from protocol.events import NodeLost
+from protocol.heartbeat import Heartbeat
+from protocol.registry import NodeInfo
+from protocol.scenarios import RunFinished, RunStarted, RunSummary
+from tests.helpers import Background, shipyard, shipyard_argv, wait_until
+from tests.projects import make_flow_project
+from tests.test_progress import PROGRESS_NOISE
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def beat(node: str, *, role: str = "automation", infra: str = "prod", seq: int = 1,
+         uptime: float = 10.0, cpu: float = 1.0, rss: int = 50 << 20, pid: int = 7,
+         ts: float = 0.0) -> Heartbeat:
+    return Heartbeat(node=node, role=role, infra=infra, version="1.0", host="h", pid=pid,
+                     uptime_s=uptime, interval_s=1.0, seq=seq, ts=ts, cpu_s=cpu,
+                     rss_bytes=rss)
+
+
+def model(filter_text: str | None = None) -> tuple[MonitorModel, Clock]:
+    clock = Clock()
+    return MonitorModel(filter=Filter.parse(filter_text), clock=clock,
+                        wall=lambda: 5000.0 + clock.t), clock
+
+
+def test_a_node_shows_its_cpu_share_between_two_beats_and_turns_lost_after_three_intervals(
+        ) -> None:
+    m, clock = model()
+    m.on_heartbeat(beat("a1", uptime=10.0, cpu=1.0))
+    [row] = m.node_rows()
+    assert (row.status, row.cpu_pct, row.rss_bytes) == ("online", None, 50 << 20)
+    clock.t += 1.0
+    m.on_heartbeat(beat("a1", seq=2, uptime=12.0, cpu=1.5))
+    [row] = m.node_rows()
+    assert row.cpu_pct == 25.0 and row.age_s == 0.0
+    clock.t += 3.5  # more than 3 intervals of 1 s
+    [row] = m.node_rows()
+    assert (row.status, row.age_s, row.cpu_pct) == ("lost", 3.5, None)
+    # Its exit report makes it lost at once; a report about another process does not.
+    m.on_heartbeat(beat("a1", seq=3, uptime=14.0, cpu=1.6))
+    m.on_exit("a1", pid=99)
+    assert m.node_rows()[0].status == "online"
+    m.on_exit("a1", pid=7)
+    assert m.node_rows()[0].status == "lost"
+    # A restart (new pid) has no CPU share until its second beat.
+    m.on_heartbeat(beat("a1", pid=8, uptime=0.5, cpu=0.1))
+    [row] = m.node_rows()
+    assert (row.status, row.cpu_pct) == ("online", None)
+
+
+def test_a_node_not_heard_yet_takes_the_deployers_verdict_and_a_forgotten_one_goes() -> None:
+    m, clock = model()
+    info = NodeInfo(name="a2", role="automation", infra="prod", status="lost",
+                    last_seen=1.0, first_seen=1.0, version="1.0", host="h", pid=3,
+                    uptime_s=1.0, interval_s=1.0, last_seen_s=40.0)
+    m.on_nodes([info])
+    clock.t += 2
+    [row] = m.node_rows()
+    assert (row.name, row.status, row.age_s) == ("a2", "lost", 42.0)
+    # Beats seen here decide, whatever an older answer said; an exit the Deployer
+    # learnt of after the last beat makes the node lost at once.
+    m.on_heartbeat(beat("a2", pid=3))
+    m.on_nodes([msgspec_replace(info, status="online")])
+    clock.t += 3.5
+    assert m.node_rows()[0].status == "lost"
+    m.on_heartbeat(beat("a2", pid=3, seq=2))
+    clock.t += 0.1
+    m.on_nodes([info])
+    assert m.node_rows()[0].status == "lost"
+    m.on_nodes([])  # forgotten (it goes once silent here too)
+    clock.t += 3.5
+    m.on_nodes([])
+    assert m.node_rows() == []
+    m.on_heartbeat(beat("a3"))  # never listed lost: kept, and judged lost here
+    clock.t += 3.5
+    m.on_nodes([])
+    assert [(r.name, r.status) for r in m.node_rows()] == [("a3", "lost")]
+
+
+def metrics(node: str, gen: str, requests: int, errors: int, fast: int, slow: int,
+            service: str = "shop") -> ApiMetricsReport:
+    buckets = [0] * (len(LATENCY_BUCKETS_S) + 1)
+    buckets[LATENCY_BUCKETS_S.index(0.005)] = fast
+    buckets[LATENCY_BUCKETS_S.index(0.25)] = slow
+    return ApiMetricsReport(node=node, infra="apis", ts=0.0, interval_s=1.0, endpoints=[
+        EndpointMetrics(service=service, endpoint="predict", generation=gen, shadow=False,
+                        requests=requests, errors=errors, inflight=0, latency_sum_s=0.0,
+                        buckets=buckets)])
+
+
+def test_traffic_per_generation_has_rate_quantiles_and_error_rate_over_the_window() -> None:
+    m, clock = model()
+    m.on_metrics(metrics("n1", "v1", 100, 0, 100, 0))
+    m.on_metrics(metrics("n2", "v1", 50, 0, 50, 0))
+    clock.t += 2.0
+    # n1: 200 more requests (2 errors, 2 slow); n2: 100 more; over 2 s.
+    m.on_metrics(metrics("n1", "v1", 300, 2, 298, 2))
+    m.on_metrics(metrics("n2", "v1", 150, 0, 150, 0))
+    [row] = m.traffic_rows()
+    assert (row.service, row.generation, row.infra, row.nodes) == ("shop", "v1", "apis", 2)
+    assert row.rps == 150.0 and row.requests == 300
+    assert row.error_rate == round(2 / 300, 4)
+    assert row.p50_ms == 5.0 and row.p99_ms == 5.0
+    # A node restart (counters back to 0) is not a negative rate; a silent node leaves.
+    clock.t += 2.0
+    m.on_metrics(metrics("n2", "v1", 3, 0, 3, 0))
+    clock.t += 20.0
+    m.on_metrics(metrics("n1", "v1", 400, 2, 398, 2))
+    [row] = m.traffic_rows()
+    assert row.nodes == 1 and row.rps >= 0
+
+
+def test_the_filter_narrows_every_panel_and_a_bad_one_says_what_is_expected() -> None:
+    m, _ = model("infra=prod,role=automation,project=shop")
+    m.on_heartbeat(beat("a1"))
+    m.on_heartbeat(beat("x1", infra="dev"))
+    m.on_heartbeat(beat("api1", role="api"))
+    m.on_metrics(metrics("api1", "v1", 1, 0, 1, 0, service="other"))
+    view = DeploymentView(project="shop", infra="prod", desired="b2", previous=None,
+                          revision=1, update_id="u", updated_at=0.0, updated_by="me",
+                          state="in_sync", health="HEALTHY",
+                          nodes=[NodeDeployment(node="a1", status="online", running="b2")])
+    m.on_deployments([view, DeploymentView(
+        project="blog", infra="prod", desired="b1", previous=None, revision=1, update_id="u",
+        updated_at=0.0, updated_by="me", state="in_sync", health="HEALTHY")])
+    m.on_event(NodeLost(node="x1", role="automation", infra="dev", last_seen=0.0,
+                        silent_s=3.0))
+    m.on_event(NodeLost(node="a1", role="automation", infra="prod", last_seen=0.0,
+                        silent_s=3.0))
+    s = m.snapshot()
+    assert [n.name for n in s.nodes] == ["a1"]
+    assert [(d.name, d.actual) for d in s.deployments] == [("shop", "1/1 b2")]
+    assert s.traffic == []
+    assert [e.text for e in s.events] == [m.events[0].text] and "a1" in s.events[0].text
+    with pytest.raises(BadFilter, match="unknown filter key 'colour'"):
+        Filter.parse("colour=red")
+    with pytest.raises(BadFilter, match="is not key=value"):
+        Filter.parse("infra")
+
+
+def test_runs_show_the_running_ones_and_the_last_outcome_and_events_show_once() -> None:
+    m, _ = model()
+    started = RunStarted(run_id="r1", project="shop", scenario="nightly", infra="prod",
+                         node="a1", bundle="b1", trigger="manual", firing="f1")
+    m.on_event(started)
+    m.on_event(started)  # the same event, from history and live
+    [row] = m.run_rows()
+    assert row.running == ["r1"] and row.last_outcome is None
+    done = RunSummary(run_id="r1", project="shop", scenario="nightly", infra="prod",
+                      node="a1", bundle="b1", trigger="manual", outcome="FAILED",
+                      started_at=1.0, finished_at=2.0, duration_s=1.0, error="boom")
+    m.on_event(RunFinished(run=done))
+    m.on_runs([msgspec_replace(done, outcome="RUNNING")])  # a stale answer
+    [row] = m.run_rows()
+    assert (row.running, row.last_outcome, row.last_error) == ([], "FAILED", "boom")
+    assert len(m.events) == 2
+    small = MonitorModel(events_kept=3)
+    for i in range(10):
+        small.on_event(NodeLost(node=f"n{i}", role="api", infra="x", last_seen=0.0,
+                                silent_s=1.0))
+    assert [e.text.split()[1] for e in small.events] == ["n7", "n8", "n9"]
+
+
+def msgspec_replace(r: Any, **kw: Any) -> Any:
+    return msgspec.structs.replace(r, **kw)
+
+
+def test_the_view_draws_every_panel_and_caps_rows_on_a_terminal() -> None:
+    m, clock = model()
+    for i in range(30):
+        m.on_heartbeat(beat(f"node{i:02d}"))
+    m.on_metrics(metrics("api1", "v1", 1, 0, 1, 0))
+    clock.t += 1
+    m.on_metrics(metrics("api1", "v1", 11, 1, 11, 0))
+    console = Console(record=True, width=160, force_terminal=True, file=io.StringIO())
+    console.print(render(m.snapshot(), node_rows=5, event_rows=3))
+    text = console.export_text()
+    for title in ("nodes (30/30 online)", "deployments", "API traffic", "scenario runs",
+                  "events", "node00", "... and 25 more", "shop", "10.0%"):
+        assert title in text
+    assert "node29" not in text
+    plain = plain_text(m.snapshot())
+    assert "node29" in plain and "\x1b[" not in plain
+
+
+# -- against a real stack -----------------------------------------------------------------
+
+def _snapshots(p: Background, since: int) -> list[dict[str, Any]]:
+    out = []
+    for line in p.lines[since:]:
+        if line.startswith("{"):
+            out.append(json.loads(line))
+    return out
+
+
+def _latest(p: Background, since: int, check: Any) -> Any:
+    return next((s for s in reversed(_snapshots(p, since)) if check(s)), None)
+
+
+def test_monitor_shows_a_deployment_and_its_run_and_follows_the_fleet_across_restarts(
+        tmp_path: Path, cli_env: dict[str, str]) -> None:
+    server = EmbeddedNats(tmp_path / "nats", port=-1, monitor_port=None,
+                          log_file=tmp_path / "nats.log")
+    server.start()
+    env = dict(cli_env, SHIPYARD_NATS_URL=server.url)
+    deployer_argv = shipyard_argv("node", "start", "deployer", "--name", "deployer",
+                                  "--heartbeat-interval", "0.2")
+    ws = tmp_path / "ws"
+    make_flow_project(ws)
+    procs = [Background(deployer_argv, env=env),
+             Background(shipyard_argv("node", "start", "design", "--name", "design",
+                                      "--workspace", str(ws), "--data-dir",
+                                      str(tmp_path / "design"), "--heartbeat-interval",
+                                      "0.2"), env=env),
+             Background(shipyard_argv("node", "start", "automation", "--name", "a1",
+                                      "--infra", "prod", "--data-dir", str(tmp_path / "a1"),
+                                      "--heartbeat-interval", "0.2"), env=env)]
+    watcher: Background | None = None
+    try:
+        for p in procs:
+            p.wait_line("node ready", timeout=30)
+        # Long operations, piped: their results, and no progress bar in the output.
+        shipyard("infra", "create", "prod", "--kind", "automation", env=env, check=True)
+        steps = [shipyard("bundle", "create", "flows", "--id", "v1", env=env, check=True),
+                 shipyard("deploy", "bundle", "flows", "v1", "--infra", "prod", "--wait",
+                          env=env, timeout=60, check=True),
+                 shipyard("scenario", "run", "flows", "nightly", "--infra", "prod",
+                          "--wait", env=env, timeout=60, check=True)]
+        assert "bundle flows v1 created" in steps[0].stdout
+        assert "step 1" in steps[2].stdout  # the run's steps still print, as lines
+        for r in steps:
+            for noise in PROGRESS_NOISE:
+                assert noise not in r.stdout and noise not in r.stderr, (noise, r.args)
+
+        once = shipyard("monitor", "--once", "--json", "--interval", "0.6", env=env,
+                        cwd=tmp_path, check=True)
+        snap = json.loads(once.stdout)
+        assert snap["deployer"] == "ok" and snap["nats"] == "connected"
+        a1 = next(n for n in snap["nodes"] if n["name"] == "a1")
+        assert a1["status"] == "online" and a1["rss_bytes"] > 1 << 20
+        assert a1["cpu_pct"] is not None and a1["cpu_pct"] >= 0
+        [dep] = snap["deployments"]
+        assert (dep["name"], dep["desired"], dep["actual"], dep["state"], dep["health"]) == (
+            "flows", "v1", "1/1 v1", "in_sync", "HEALTHY")
+        [nightly] = [r for r in snap["runs"] if r["scenario"] == "nightly"]
+        assert nightly["running"] == [] and nightly["last_outcome"] in ("SUCCESS", "WARNING")
+        kinds = {e["kind"] for e in snap["events"]}
+        assert {"node.online", "run.finished"} <= kinds
+
+        text = shipyard("monitor", "--once", "--interval", "0.3", "--filter",
+                        "role=automation", env=env, cwd=tmp_path, check=True).stdout
+        assert "a1" in text and "automation" in text and "\x1b[" not in text
+        assert not any(line.split()[:2] == ["deployer", "deployer"]
+                       for line in text.splitlines())
+
+        watcher = Background(shipyard_argv("monitor", "--json", "--interval", "0.3",
+                                           "--poll", "0.3", "--timeout", "0.5"), env=env)
+        wait_until(lambda: _latest(watcher, 0, lambda s: s["deployer"] == "ok"),
+                   timeout=15, message="the monitor hearing from the Deployer")
+
+        # The Deployer stops: the view says so and keeps the live fleet; it comes back.
+        procs[0].stop(signal.SIGTERM)
+        mark = len(watcher.lines)
+        gone = wait_until(lambda: _latest(watcher, mark, lambda s: s["deployer"] != "ok"),
+                          timeout=15, message="the monitor seeing the Deployer gone")
+        assert any(n["name"] == "a1" and n["status"] == "online" for n in gone["nodes"])
+        procs[0] = Background(deployer_argv, env=env)
+        procs[0].wait_line("node ready", timeout=30)
+        mark = len(watcher.lines)
+        wait_until(lambda: _latest(watcher, mark, lambda s: s["deployer"] == "ok"),
+                   timeout=15, message="the monitor hearing from the new Deployer")
+
+        # nats-server restarts on the same port: the subscriptions come back by themselves.
+        server.stop()
+        mark = len(watcher.lines)
+        wait_until(lambda: _latest(watcher, mark, lambda s: s["nats"] != "connected"),
+                   timeout=15, message="the monitor seeing NATS gone")
+        wait_until(lambda: _latest(watcher, mark, lambda s: any(
+            n["name"] == "a1" and n["status"] == "lost" for n in s["nodes"])),
+            timeout=15, message="a1 silent while NATS is down")
+        server = EmbeddedNats(tmp_path / "nats", port=server.port, monitor_port=None,
+                              log_file=tmp_path / "nats-2.log")
+        server.start()
+        mark = len(watcher.lines)
+        back = wait_until(lambda: _latest(watcher, mark, lambda s: s["nats"] == "connected"
+                                          and s["deployer"] == "ok" and any(
+            n["name"] == "a1" and n["status"] == "online" for n in s["nodes"])),
+            timeout=30, message="the view live again after the NATS restart")
+        assert back["feed_lag_p99_ms"] is not None
+    finally:
+        if watcher is not None:
+            watcher.stop(signal.SIGINT, timeout=10)
+        for p in procs:
+            p.stop(signal.SIGTERM, timeout=10)
+        server.stop()

@@ -1,0 +1,35 @@
+"""Progress bars: drawn on a terminal, absent from piped output."""
+
+from __future__ import annotations
+
+import io
+
+from rich.console import Console
+
+from nodes.cli.progress import Bar
+
+# What a bar leaves in output: carriage returns, escape codes, bar glyphs, spinner dots.
+# (Piped CLI output is checked for them in tests/test_monitor.py, on its stack.)
+PROGRESS_NOISE = ("\r", "\x1b[", "━", "⠋", "⠙")
+
+
+def test_a_bar_draws_on_a_terminal_and_writes_nothing_off_one() -> None:
+    screen = Console(file=io.StringIO(), force_terminal=True, width=100)
+    lines = Console(file=io.StringIO(), force_terminal=False, width=100)
+    with Bar("storing churn v1", total=2048, bytes_=True, console=screen,
+             lines=lines) as b:
+        assert b.shown
+        b.advance(1024)
+        b.note("  step 1 done")
+    drawn = screen.file.getvalue()  # type: ignore[attr-defined]
+    assert "storing churn v1" in drawn and "step 1 done" in drawn and "\x1b[" in drawn
+    assert lines.file.getvalue() == ""  # type: ignore[attr-defined]
+
+    pipe = Console(file=io.StringIO(), force_terminal=False, width=100)
+    with Bar("storing churn v1", total=None, console=pipe, lines=lines) as b:
+        assert not b.shown
+        b.update(description="still storing", completed=3)
+        b.advance()
+        b.note("  step 1 done")
+    assert pipe.file.getvalue() == ""  # type: ignore[attr-defined]
+    assert lines.file.getvalue() == "  step 1 done\n"  # type: ignore[attr-defined]
