@@ -57,6 +57,7 @@ class DeployerNode(Node):
     role: ClassVar[str] = "deployer"
     family: ClassVar[Family | None] = DEPLOYER
     verifies_commands: ClassVar[bool] = True
+    leased: ClassVar[bool] = True  # one active Deployer; the others are standbys
     runs: RunDesk
     apis: ApiDeployer
 
@@ -134,7 +135,8 @@ class DeployerNode(Node):
         await self.apis.started(tg)
 
     def state(self) -> DeployerState:
-        return DeployerState(nodes=len(self.registry.nodes), heartbeats=self.heartbeats_seen)
+        return DeployerState(nodes=len(self.registry.nodes), heartbeats=self.heartbeats_seen,
+                             lease=self.lease_state)
 
     @property
     def heartbeats_bad(self) -> int:

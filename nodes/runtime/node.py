@@ -47,6 +47,7 @@ from nodes.runtime.calls import Caller
 from nodes.runtime.connection import ConnectionClosed, ConnectionStats, close, connect
 from nodes.runtime.inbound import Drops
 from nodes.runtime.jetstream import ensure_events_stream, publish_event
+from nodes.runtime.lease import Lease, LeaseLost, bucket_ttl, open_leases
 from nodes.runtime.logs import current_request, get_logger
 from nodes.runtime.settings import NatsSettings
 from nodes.runtime.workqueue import WorkQueue
@@ -73,6 +74,7 @@ from protocol.errors import (
 )
 from protocol.events import Event
 from protocol.heartbeat import HEARTBEAT, MAX_INTERVAL_S, MIN_INTERVAL_S, Heartbeat
+from protocol.leases import ACTIVE, STANDBY, LeaderChanged
 from protocol.reports import REPORT, NodeExit
 from protocol.state import NoState, RoleState
 from protocol.system import SYSTEM, Echo, Echoed, Ping, Pong
@@ -111,6 +113,9 @@ class Node:
     family: ClassVar[Family | None] = None
     direct_families: ClassVar[tuple[Family, ...]] = ()  # beside SYSTEM, on sy.node.<name>.>
     verifies_commands: ClassVar[bool] = False  # role commands must be signed (nodes.auth)
+    # One active instance per role (``nodes.runtime.lease``): the others wait as standbys,
+    # heartbeating but serving nothing, until the active one's lease is theirs.
+    leased: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -153,6 +158,9 @@ class Node:
         self._nc: NATS | None = None
         self._tg: TaskGroup | None = None
         self.ready = anyio.Event()
+        self.lease: Lease | None = None
+        self.lease_state = STANDBY if self.leased else ""  # "active" once it holds the lease
+        self.lease_lost: str | None = None
         # Roles that verify commands record each one's fate in the audit ledger.
         self.audit = AuditRecorder(self.name, self.role, self.log) if (
             self.verifies_commands) else None
@@ -241,36 +249,92 @@ class Node:
         try:
             async with anyio.create_task_group() as tg:
                 self._tg = tg
-                await ensure_events_stream(self.js, self.settings.replicas)
-                if self.audit is not None:
-                    self.audit.start(tg, self.js, self.settings.replicas)
-                await self.setup()
-                for _ in range(self.max_concurrency):
-                    tg.start_soon(self._worker)
-                await self._subscribe()
-                await self.started(tg)
-                # Readiness means the server has every subscription, the role's too.
-                await self.nc.flush()
-                tg.start_soon(self._heartbeat_loop)
-                self.log.info("node ready", infra=self.infra, nats=self.settings.url)
-                self.ready.set()
-                task_status.started()
-                await self._stop.wait()
-                if self.closed_reason is None:
-                    await self._shutdown(tg)
-                else:  # nothing can be handed off or reported without a connection
+                if self.leased:  # a standby heartbeats, and serves nothing
+                    tg.start_soon(self._heartbeat_loop)
+                    await self._await_lease()
+                if self._stop.is_set():  # stopped while standby
+                    if self.closed_reason is None:
+                        await self._say_goodbye()
                     tg.cancel_scope.cancel()
+                else:
+                    await self._serve_active(tg, task_status)
         finally:
             self._stopping = True  # the close below is ours, not a connection loss
             if self.audit is not None:
-                if self.audit.backlog:
+                if self.audit.backlog and self.lease_lost is None:
                     self.log.warning("audit entries not appended before stopping",
                                      backlog=self.audit.backlog)
                 self.audit.close()
+            if self.lease_lost is not None:
+                with anyio.move_on_after(1, shield=True):
+                    await self.nc.close()  # no drain: nothing more may leave this term
             await close(self.nc)
             self.log.info("node stopped")
+        if self.lease_lost is not None:
+            raise LeaseLost(self.role, self.lease_lost)
         if self.closed_reason is not None:
             raise ConnectionClosed(self.settings.url, self.closed_reason)
+
+    async def _serve_active(self, tg: TaskGroup, task_status: TaskStatus[None]) -> None:
+        await ensure_events_stream(self.js, self.settings.replicas)
+        if self.audit is not None:
+            self.audit.start(tg, self.js, self.settings.replicas)
+        await self.setup()
+        for _ in range(self.max_concurrency):
+            tg.start_soon(self._worker)
+        await self._subscribe()
+        await self.started(tg)
+        # Readiness means the server has every subscription, the role's too.
+        await self.nc.flush()
+        if self.lease is None:
+            tg.start_soon(self._heartbeat_loop)
+        else:
+            await self._announce_leader()
+        self.log.info("node ready", infra=self.infra, nats=self.settings.url)
+        self.ready.set()
+        task_status.started()
+        await self._stop.wait()
+        if self.closed_reason is None and self.lease_lost is None:
+            await self._shutdown(tg)
+        else:  # nothing can be handed off or reported without a connection (or a lease)
+            tg.cancel_scope.cancel()
+
+    # -- the lease (roles with one active instance) -----------------------------------
+
+    async def _await_lease(self) -> None:
+        """Wait as a standby until this instance holds the role's lease (or a stop)."""
+        kv = await open_leases(self.nc, replicas=self.settings.replicas)
+        self.lease = Lease(kv, role=self.role, node=self.name, instance=self.instance,
+                           ttl=await bucket_ttl(kv))
+        async with anyio.create_task_group() as race:
+            async def acquire() -> None:
+                assert self.lease is not None
+                await self.lease.acquire()
+                race.cancel_scope.cancel()
+
+            async def stopped() -> None:
+                await self._stop.wait()
+                race.cancel_scope.cancel()
+
+            race.start_soon(acquire)
+            race.start_soon(stopped)
+        if self.lease.revision is not None and not self._stop.is_set():
+            self.lease_state = ACTIVE
+            self.tg.start_soon(self.lease.hold, self._on_lease_lost)
+
+    def _on_lease_lost(self, reason: str) -> None:
+        """Stop acting now: cancel every handler and loop of this term, then exit."""
+        self.lease_lost = reason
+        self.lease_state = STANDBY
+        self._stop.set()
+        if self._tg is not None:
+            self._tg.cancel_scope.cancel()
+
+    async def _announce_leader(self) -> None:
+        assert self.lease is not None and self.lease.revision is not None
+        await self.beat_now()  # the registry shows this instance active at once
+        await self.emit(LeaderChanged(role=self.role, node=self.name, instance=self.instance,
+                                      term=self.lease.revision, previous=self.lease.previous))
 
     async def _on_closed(self) -> None:
         """nats-py closed the connection: for good, unless we are stopping."""
@@ -297,6 +361,8 @@ class Node:
         if scope.cancelled_caught:
             self.log.warning("shutdown timeout: abandoning in-flight work", inflight=self.inflight)
         await self._say_goodbye()
+        if self.lease is not None:
+            await self.lease.release()
         tg.cancel_scope.cancel()
 
     async def _on_disconnect(self) -> None:
