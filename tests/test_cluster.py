@@ -26,8 +26,15 @@ from protocol.errors import Unavailable
 from protocol.leases import ACTIVE, STANDBY, LeaderChanged
 from protocol.registry import ListNodes
 from protocol.state import DeployerState
-from tests.helpers import Background, fleet, pid_alive, shipyard, shipyard_argv, wait_for, \
-    wait_until
+from tests.helpers import (
+    Background,
+    fleet,
+    pid_alive,
+    shipyard,
+    shipyard_argv,
+    wait_for,
+    wait_until,
+)
 
 
 async def test_one_instance_holds_the_lease_and_a_standby_takes_it_when_it_expires(
@@ -130,7 +137,7 @@ def _standby_seen(active: DeployerNode) -> bool:
 
 
 def _json(url: str) -> Any:
-    with urllib.request.urlopen(url, timeout=5) as r:  # noqa: S310 - a local test URL
+    with urllib.request.urlopen(url, timeout=5) as r:
         return json.loads(r.read())
 
 

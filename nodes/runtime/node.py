@@ -33,6 +33,7 @@ from typing import Any, ClassVar, TypeVar
 
 import anyio
 import msgspec
+import nats.errors
 import structlog
 from anyio.abc import TaskGroup, TaskStatus
 from nats.aio.client import Client as NATS
@@ -282,8 +283,12 @@ class Node:
         await self.setup()
         for _ in range(self.max_concurrency):
             tg.start_soon(self._worker)
-        await self._subscribe()
-        await self.started(tg)
+        if self.lease is None:
+            await self._subscribe()
+            await self.started(tg)
+        else:  # a new active instance answers only once its state is loaded
+            await self.started(tg)
+            await self._subscribe()
         # Readiness means the server has every subscription, the role's too.
         await self.nc.flush()
         if self.lease is None:
@@ -303,12 +308,9 @@ class Node:
 
     async def _await_lease(self) -> None:
         """Wait as a standby until this instance holds the role's lease (or a stop)."""
-        kv = await open_leases(self.nc, replicas=self.settings.replicas)
-        self.lease = Lease(kv, role=self.role, node=self.name, instance=self.instance,
-                           ttl=await bucket_ttl(kv))
         async with anyio.create_task_group() as race:
             async def acquire() -> None:
-                assert self.lease is not None
+                self.lease = await self._open_lease()
                 await self.lease.acquire()
                 race.cancel_scope.cancel()
 
@@ -318,9 +320,25 @@ class Node:
 
             race.start_soon(acquire)
             race.start_soon(stopped)
-        if self.lease.revision is not None and not self._stop.is_set():
+        if self.lease is not None and self.lease.revision is not None \
+                and not self._stop.is_set():
             self.lease_state = ACTIVE
             self.tg.start_soon(self.lease.hold, self._on_lease_lost)
+
+    async def _open_lease(self) -> Lease:
+        """The role's lease, once JetStream answers (a new cluster elects its leaders
+        first; retried until it does)."""
+        delay = 0.1
+        while True:
+            try:
+                kv = await open_leases(self.nc, replicas=self.settings.replicas)
+                return Lease(kv, role=self.role, node=self.name, instance=self.instance,
+                             ttl=await bucket_ttl(kv))
+            except (nats.errors.Error, TimeoutError) as exc:
+                self.log.warning("lease bucket not available yet; retrying",
+                                 error=str(exc) or type(exc).__name__)
+            await anyio.sleep(delay)
+            delay = min(delay * 2, 2.0)
 
     def _on_lease_lost(self, reason: str) -> None:
         """Stop acting now: cancel every handler and loop of this term, then exit."""
