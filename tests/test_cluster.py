@@ -223,3 +223,24 @@ def test_up_cluster_3_runs_three_servers_r3_state_and_an_active_and_a_standby_de
         code = up.stop(signal.SIGINT, timeout=40)
     assert code == 0, up.output()
     assert "Traceback" not in up.output()
+
+
+def test_cluster_ports_are_the_next_ones_up_and_a_taken_one_is_a_usage_error() -> None:
+    import socket
+
+    import click
+
+    from nodes.cli.stack import _cluster_ports
+    assert _cluster_ports(1, 4222, 8222, 8080) is None
+    assert _cluster_ports(3, -1, -1, 8080) == ([-1, -1, -1], [-1, -1, -1])
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = int(held.getsockname()[1])
+        base = port - 1
+        with pytest.raises(click.BadParameter, match=f"--cluster 3 needs ports {base}-"
+                                                     f"{base + 2}, and {port} is taken"):
+            _cluster_ports(3, base, -1, 8080)
+    http = free_port()
+    with pytest.raises(click.BadParameter, match=f"{http} is taken"):
+        _cluster_ports(3, -1, http - 1, http)  # the second monitoring port is the HTTP one

@@ -1,10 +1,8 @@
-"""Failover with real processes: SIGKILL of the active Deployer mid-deploy with a standby
-running, and SIGKILL of one of three NATS servers under API load.  Each is bounded in
-time; the figures (p50 over several runs) are in ``bench/cluster.py``.
-
-The third fault, a restart of the single NATS server of ``shipyard up``, is
-``tests/test_cli_up_resilience.py``: the same node processes reconnect, heartbeat,
-serve deployments and take writes again."""
+"""Failover with real processes, each bounded in time: SIGKILL of the active Deployer
+mid-deploy with a standby running, SIGKILL of one of three NATS servers under API load,
+and a restart of the single NATS server of a plain stack with API traffic
+(``tests/test_cli_up_resilience.py`` has that one under ``shipyard up``).  The figures
+(p50 over several runs) are in ``bench/cluster.py``."""
 
 from __future__ import annotations
 
@@ -168,3 +166,71 @@ async def test_sigkill_of_one_of_three_nats_servers_under_api_load_loses_nothing
             return mine == total and bool(deploys)
         await wait_for(caught_up, timeout=20, interval=0.2,
                        message="the restarted server's copies of events and desired state")
+
+
+async def test_restart_of_the_single_nats_server_resumes_everything_without_restarting_a_node(
+        tmp_path: Path) -> None:
+    """kill -9 and restart (same port and store) of a plain stack's one server: the same
+    Deployer process keeps its lease, the API node reconnects, resubscribes and serves,
+    heartbeats and deployments resume."""
+    make_api_project(tmp_path / "ws", version="1")
+    server = EmbeddedNats(tmp_path / "nats", port=-1, monitor_port=None,
+                          log_file=tmp_path / "nats.log")
+    await server.astart()
+    try:
+        async with fail_stack([server], tmp_path, deployers=1) as s:
+            node = await s.stack.api_node("api-1")
+            await s.stack.package("v1")
+            await s.stack.package("v2")
+            await s.stack.deploy({"v1": 100})
+            deployer = s.deployer("deployer-1")
+            load = Load()
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(load_loop, s.stack.http, url(node), load)
+                await wait_for(lambda: load.first_ok_after(0), timeout=10,
+                               message="API traffic before the restart")
+                assert server.proc is not None
+                server.proc.kill()
+                server.proc.wait()
+                killed = time.monotonic()
+                server.respawn()
+                await anyio.to_thread.run_sync(server.wait_ready, 20.0)
+                await wait_for(lambda: load.first_ok_after(killed + 0.2), timeout=10,
+                               interval=0.05, message="API requests after the restart")
+                tg.cancel_scope.cancel()
+            up = node.uptime
+            await wait_for(lambda: _online_after(s, "api-1", up), timeout=10,
+                           message="the API node's heartbeats reaching the Deployer")
+            asked = await wait_for(lambda: _deploy_v2(s), timeout=20, interval=0.2,
+                                   message="a deploy accepted after the restart")
+            await wait_for(lambda: _in_sync(s, asked.update_id), timeout=30, interval=0.1,
+                           message="v2 in sync")
+            # Nobody restarted: the same Deployer process, still the lease holder.
+            assert deployer.proc.poll() is None and await s.holder() == "deployer-1"
+            assert node in s.stack.fleet.nodes and not node.stopping_requested
+    finally:
+        await server.astop()
+
+
+async def _online_after(s: FailStack, name: str, uptime: float) -> bool:
+    """``name`` online in the registry with a heartbeat sent after it was ``uptime`` old
+    (the same process: its uptime kept counting)."""
+    from protocol.registry import ListNodes
+    try:
+        reply = await s.stack.caller.call(ListNodes(), timeout=2)
+    except OperationError:
+        return False
+    return any(n.name == name and n.status == "online" and n.uptime_s > uptime
+               for n in reply.nodes)
+
+
+async def _deploy_v2(s: FailStack) -> DeploymentView | None:
+    try:
+        return await s.stack.deploy({"v2": 100}, wait=False)
+    except OperationError:
+        return None
+
+
+async def _in_sync(s: FailStack, update_id: str) -> DeploymentView | None:
+    v = await _view(s)
+    return v if v and v.update_id == update_id and v.state == IN_SYNC else None

@@ -134,6 +134,7 @@ class Lease:
         self.previous = ""  # who held it before this instance (node name), if anyone
         self.last_sent = 0.0  # when the renewal that holds it now was sent
         self._unconfirmed = 0.0  # when the first renewal with no answer yet was sent
+        self._released = False
         self.log = get_logger(component="lease", role=role, node=node)
         self._value = encode(LeaseRecord(role=role, node=node, instance=instance,
                                          host=socket.gethostname(), pid=os.getpid(),
@@ -241,6 +242,8 @@ class Lease:
             await anyio.sleep(max(0.0, self.last_sent + self.renew_every - self.clock()))
             while True:
                 error = await self.renew()
+                if self._released:
+                    return  # given up on purpose: nothing was lost
                 if error is None:
                     break
                 if self.revision is None or self.clock() >= self.valid_until:
@@ -254,6 +257,7 @@ class Lease:
 
     async def release(self) -> None:
         """Give the lease up (a graceful stop), so a standby takes over at once."""
+        self._released = True
         revision, self.revision = self.revision, None
         if revision is None:
             return
