@@ -209,6 +209,17 @@ def test_up_cluster_3_runs_three_servers_r3_state_and_an_active_and_a_standby_de
                 "KV_sy_identities"} <= replicas.keys()
         assert set(replicas.values()) == {3}, replicas
 
+        # A new identity is known to every server: all three include the auth config
+        # and `auth user add` reloads each of them.
+        vera = json.loads(shipyard("auth", "user", "add", "vera", "--role", "viewer",
+                                   "--json", env=cli_env, cwd=tmp_path,
+                                   check=True).stdout)["credentials"]
+        for s in servers:
+            wait_until(lambda s=s: shipyard("--identity", vera, "nodes", "--json", "--nats",
+                                            s["url"], env=cli_env,
+                                            cwd=tmp_path).returncode == 0,
+                       timeout=15, message=f"vera admitted by {s['name']}")
+
         # A killed server is restarted on its ports and store, and rejoins the cluster.
         victim = servers[1]
         os.kill(victim["pid"], signal.SIGKILL)

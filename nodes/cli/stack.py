@@ -398,16 +398,19 @@ async def _up(home: Path, nats_port: int, monitor_port: int, http_port: int,
              "version": nodes.__version__, **(auth.stack_fields() if auth else {})}
     await _write_stack(home, stack)
 
+    def named(s: EmbeddedNats) -> str:
+        return f" {s.server_name}" if len(servers) > 1 else ""
+
     def on_exit(s: EmbeddedNats) -> Callable[[int, float], Awaitable[None]]:
         async def nats_exited(code: int, delay: float) -> None:
-            out.print(f"NATS        server {s.server_name} {describe_exit(code)}; restarting "
+            out.print(f"NATS        server{named(s)} {describe_exit(code)}; restarting "
                       f"in {delay:g}s on port {s.port} with store {s.store_dir}")
         return nats_exited
 
     def on_restart(s: EmbeddedNats) -> Callable[[], Awaitable[None]]:
         async def nats_restarted() -> None:
             pid = s.proc.pid if s.proc else None
-            out.print(f"NATS        {s.server_name} restarted (pid {pid}, restart "
+            out.print(f"NATS       {named(s)} restarted (pid {pid}, restart "
                       f"{s.restarts}); nodes reconnect on their own")
             stack.update(servers=_describe_servers(servers),
                          nats_restarts=sum(x.restarts for x in servers))

@@ -21,6 +21,13 @@ Lifecycle (``serve``)::
     connect -> setup() -> subscribe -> started(tg) -> task_status.started()
             -> ... stop() ...
             -> stop intake -> stopping() -> wait for in-flight requests -> drain -> close
+
+A role with one active instance (``leased``: Deployer, Govern) first waits as a standby
+(heartbeats only) until it holds its role's lease (``nodes.runtime.lease``), then runs
+``setup()`` and ``started(tg)`` before it subscribes to its commands, so it answers only
+with its state loaded; a graceful stop releases the lease after ``stopping()``.  If the
+lease is lost, everything is cancelled at once, the connection is closed undrained and
+``serve`` raises ``LeaseLost``.
 """
 
 from __future__ import annotations
