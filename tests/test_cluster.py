@@ -17,12 +17,13 @@ import pytest
 
 from nodes.deployer import DeployerNode
 from nodes.runtime.calls import Caller
+from nodes.runtime.connection import CannotReachNats, connect
 from nodes.runtime.embedded import EmbeddedCluster, EmbeddedNats, free_port
 from nodes.runtime.events import read_events
 from nodes.runtime.lease import Lease, bucket_ttl, open_leases
-from nodes.runtime.settings import NatsSettings
+from nodes.runtime.settings import NatsSettings, split_servers
 from protocol import subjects
-from protocol.errors import Unavailable
+from protocol.errors import OperationError, Unavailable
 from protocol.leases import ACTIVE, STANDBY, LeaderChanged
 from protocol.registry import ListNodes
 from protocol.state import DeployerState
@@ -157,10 +158,46 @@ def test_cluster_servers_share_the_auth_config_and_routes_need_their_own(
         wait_until(routed, timeout=15, message="every server routed to the other two")
 
 
+async def _leases(stack: dict[str, Any]) -> dict[str, str]:
+    """Deployer and Govern instances by lease state, once one of each role is active and
+    one standby (as the admin, through the active Deployer)."""
+    settings = NatsSettings(servers=split_servers(stack["nats_url"]),
+                            creds_file=stack["credentials"])
+    nc = await connect(settings, name="test")
+    caller = Caller(nc, sender="test")
+
+    async def rows() -> dict[str, str] | None:
+        try:
+            reply = await caller.call(ListNodes(status="online"), timeout=2)
+        except OperationError:
+            return None
+        found = {n.name: str(getattr(n.state, "lease", "")) for n in reply.nodes
+                 if n.role in ("deployer", "govern")}
+        return found if sorted(found.values()) == [ACTIVE, ACTIVE, STANDBY, STANDBY] \
+            else None
+    try:
+        result: dict[str, str] = await wait_for(rows, timeout=30, interval=0.1,
+                                                message="one active, one standby per role")
+        return result
+    finally:
+        await nc.close()
+
+
+async def _admitted(url: str, creds: str) -> bool:
+    """Whether the server at ``url`` lets the identity of ``creds`` connect."""
+    settings = NatsSettings(servers=(url,), creds_file=creds)
+    try:
+        nc = await connect(settings, name="test")
+    except CannotReachNats:
+        return False
+    await nc.close()
+    return True
+
+
 def _stream_replicas(url: str, creds: str) -> dict[str, int]:
     async def main() -> dict[str, int]:
-        nc = await nats.connect(url.split(","), user_credentials=None,
-                                nkeys_seed_str=_seed(creds))
+        nc = await connect(NatsSettings(servers=split_servers(url), creds_file=creds),
+                           name="test")
         try:
             return {s.config.name: s.config.num_replicas or 1
                     for s in await nc.jetstream().streams_info()}
@@ -169,16 +206,12 @@ def _stream_replicas(url: str, creds: str) -> dict[str, int]:
     return anyio.run(main)
 
 
-def _seed(creds: str) -> str:
-    from nodes.auth.keys import read_credentials
-    return read_credentials(creds).seed
-
-
 def test_up_cluster_3_runs_three_servers_r3_state_and_an_active_and_a_standby_deployer(
         cli_env: dict[str, str], tmp_path: Path) -> None:
     up = Background(shipyard_argv("up", "--cluster", "3", "--nats-port", "-1",
                                   "--monitor-port", "-1", "--http-port", str(free_port()),
-                                  "--heartbeat-interval", "0.5", "--api-nodes", "0"),
+                                  "--heartbeat-interval", "0.5", "--api-nodes", "0",
+                                  "--automation-nodes", "0"),
                     env=cli_env, cwd=tmp_path)
     stack_file = tmp_path / ".shipyard" / "stack.json"
     try:
@@ -191,15 +224,8 @@ def test_up_cluster_3_runs_three_servers_r3_state_and_an_active_and_a_standby_de
         for s in servers:
             assert _json(f"{s['monitor_url']}/healthz")["status"] == "ok"
 
-        def leases() -> dict[str, str] | None:
-            proc = shipyard("nodes", "--json", env=cli_env, cwd=tmp_path)
-            if proc.returncode != 0:
-                return None
-            rows = {n["name"]: n["lease"] for n in json.loads(proc.stdout)
-                    if n["role"] in ("deployer", "govern")}
-            return rows if sorted(rows.values()) == [ACTIVE, ACTIVE, STANDBY, STANDBY] \
-                else None
-        rows = wait_until(leases, timeout=30, message="one active and one standby per role")
+        # One CLI call shows the lease column; the polling talks to NATS in-process.
+        rows = anyio.run(_leases, stack)
         assert rows.keys() == {"deployer", "deployer-2", "govern", "govern-2"}
         text = shipyard("nodes", env=cli_env, cwd=tmp_path, check=True).stdout
         assert "LEASE" in text and " active " in text and " standby " in text
@@ -215,10 +241,8 @@ def test_up_cluster_3_runs_three_servers_r3_state_and_an_active_and_a_standby_de
                                    "--json", env=cli_env, cwd=tmp_path,
                                    check=True).stdout)["credentials"]
         for s in servers:
-            wait_until(lambda s=s: shipyard("--identity", vera, "nodes", "--json", "--nats",
-                                            s["url"], env=cli_env,
-                                            cwd=tmp_path).returncode == 0,
-                       timeout=15, message=f"vera admitted by {s['name']}")
+            wait_until(lambda s=s: anyio.run(_admitted, s["url"], vera), timeout=15,
+                       message=f"vera admitted by {s['name']}")
 
         # A killed server is restarted on its ports and store, and rejoins the cluster.
         victim = servers[1]
