@@ -137,6 +137,13 @@ def _standby_seen(active: DeployerNode) -> bool:
         and info.state.lease == STANDBY
 
 
+def _healthy(monitor_url: str) -> bool:
+    try:
+        return bool(_json(f"{monitor_url}/healthz")["status"] == "ok")
+    except OSError:  # 503 while JetStream catches up
+        return False
+
+
 def _json(url: str) -> Any:
     with urllib.request.urlopen(url, timeout=5) as r:
         return json.loads(r.read())
@@ -221,8 +228,9 @@ def test_up_cluster_3_runs_three_servers_r3_state_and_an_active_and_a_standby_de
         assert [s["name"] for s in servers] == ["shipyard-1", "shipyard-2", "shipyard-3"]
         assert stack["nats_url"] == ",".join(s["url"] for s in servers)
         assert stack["replicas"] == 3 and len({s["monitor_port"] for s in servers}) == 3
-        for s in servers:
-            assert _json(f"{s['monitor_url']}/healthz")["status"] == "ok"
+        for s in servers:  # healthy: JetStream current on each (it may still be syncing)
+            wait_until(lambda s=s: _healthy(s["monitor_url"]), timeout=20,
+                       message=f"{s['name']} /healthz ok")
 
         # One CLI call shows the lease column; the polling talks to NATS in-process.
         rows = anyio.run(_leases, stack)
