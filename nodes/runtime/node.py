@@ -284,10 +284,9 @@ class Node:
             raise ConnectionClosed(self.settings.url, self.closed_reason)
 
     async def _serve_active(self, tg: TaskGroup, task_status: TaskStatus[None]) -> None:
-        await ensure_events_stream(self.js, self.settings.replicas)
         if self.audit is not None:
             self.audit.start(tg, self.js, self.settings.replicas)
-        await self.setup()
+        await self._load()
         for _ in range(self.max_concurrency):
             tg.start_soon(self._worker)
         if self.lease is None:
@@ -310,6 +309,25 @@ class Node:
             await self._shutdown(tg)
         else:  # nothing can be handed off or reported without a connection (or a lease)
             tg.cancel_scope.cancel()
+
+    async def _load(self) -> None:
+        """The event stream and ``setup()``.  A node that just took its role's lease
+        retries them while JetStream cannot answer (the fault that moved the lease often
+        moved a stream's leader too: an election takes seconds); its lease is renewed
+        meanwhile, and losing it cancels this.  Other nodes fail, and are restarted."""
+        delay = 0.2
+        while True:
+            try:
+                await ensure_events_stream(self.js, self.settings.replicas)
+                await self.setup()
+                return
+            except (nats.errors.Error, TimeoutError) as exc:
+                if self.lease is None:
+                    raise
+                self.log.warning("state not loaded yet (JetStream not answering); retrying",
+                                 error=str(exc) or type(exc).__name__)
+            await anyio.sleep(delay)
+            delay = min(delay * 2, 2.0)
 
     # -- the lease (roles with one active instance) -----------------------------------
 
