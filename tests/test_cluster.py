@@ -20,11 +20,11 @@ from nodes.runtime.calls import Caller
 from nodes.runtime.connection import CannotReachNats, connect
 from nodes.runtime.embedded import EmbeddedCluster, EmbeddedNats, free_port
 from nodes.runtime.events import read_events
-from nodes.runtime.lease import Lease, bucket_ttl, open_leases
+from nodes.runtime.lease import Lease, LeaseLost, bucket_ttl, open_leases
 from nodes.runtime.settings import NatsSettings, split_servers
 from protocol import subjects
 from protocol.errors import OperationError, Unavailable
-from protocol.leases import ACTIVE, STANDBY, LeaderChanged
+from protocol.leases import ACTIVE, STANDBY, LeaderChanged, lease_key
 from protocol.registry import ListNodes
 from protocol.state import DeployerState
 from tests.helpers import (
@@ -287,3 +287,39 @@ def test_cluster_ports_are_the_next_ones_up_and_a_taken_one_is_a_usage_error() -
     http = free_port()
     with pytest.raises(click.BadParameter, match=f"{http} is taken"):
         _cluster_ports(3, -1, http - 1, http)  # the second monitoring port is the HTTP one
+
+
+async def test_an_active_deployer_whose_lease_is_taken_stops_acting_and_exits(
+        settings: NatsSettings) -> None:
+    """Fencing: once another write moved the lease key on, the holder's next renewal
+    fails its compare-and-set; it cancels everything, unsubscribes and ``serve`` raises
+    ``LeaseLost`` (the process exits with code 3, and a supervisor restarts it)."""
+    nc = await nats.connect(settings.url)
+    caller = Caller(nc, sender="test")
+    node = DeployerNode(name="d1", nats=settings, heartbeat_interval=0.2)
+    lost: list[LeaseLost] = []
+    ended = anyio.Event()
+
+    async def serve(*, task_status: Any = anyio.TASK_STATUS_IGNORED) -> None:
+        try:
+            await node.serve(task_status=task_status)
+        except LeaseLost as exc:
+            lost.append(exc)
+        finally:
+            ended.set()
+
+    try:
+        async with anyio.create_task_group() as tg:
+            await tg.start(serve)
+            assert await _answered_by(caller) == "d1"
+            kv = await open_leases(nc)
+            await kv.put(lease_key("deployer"), b'{"role":"deployer","node":"x",'
+                                                b'"instance":"other"}')
+            with anyio.fail_after(5):
+                await ended.wait()
+        assert lost and lost[0].reason == "taken by another instance"
+        assert node.lease_state == STANDBY
+        with pytest.raises(Unavailable):  # no command subscription is left
+            await caller.call(ListNodes(), timeout=2)
+    finally:
+        await nc.close()

@@ -195,10 +195,13 @@ class DeployerNode(Node):
             self.log.warning("event after shutdown not stored", type=type(event).__name__)
 
     async def _event_publisher(self) -> None:
-        async with self._events_recv:
-            async for event in self._events_recv:
-                await self.emit(event)
-        self._events_done.set()
+        try:
+            async with self._events_recv:
+                async for event in self._events_recv:
+                    await self.emit(event)
+            self._events_done.set()
+        finally:  # also when cancelled (a lost lease): later events are refused
+            self._events_send.close()
 
     async def stopping(self) -> None:
         # Store every queued event and registry change before the connection drains.
