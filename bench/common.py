@@ -23,7 +23,7 @@ from nodes.auth.store import ADMIN, AuthStore
 from nodes.runtime.calls import Caller
 from nodes.runtime.connection import close, connect
 from nodes.runtime.embedded import EmbeddedNats
-from nodes.runtime.settings import NatsSettings
+from nodes.runtime.settings import NatsSettings, split_servers
 from protocol.registry import ListNodes
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -91,8 +91,9 @@ async def _publish_identities(auth: AuthServer) -> None:
 
 
 def settings(url: str, creds: str | None = None) -> NatsSettings:
-    """Connection settings for ``url``, as the identity of ``creds`` when given."""
-    return NatsSettings(servers=(url,), creds_file=creds)
+    """Connection settings for ``url`` (one server, or a cluster's comma-separated list),
+    as the identity of ``creds`` when given."""
+    return NatsSettings(servers=split_servers(url), creds_file=creds)
 
 
 @contextmanager

@@ -21,7 +21,18 @@ from typing import Any, get_args
 import msgspec
 
 import protocol
-from protocol import api, auth, bundles, deploy, envs, govern, registry, scenarios, subjects
+from protocol import (
+    api,
+    auth,
+    bundles,
+    deploy,
+    envs,
+    govern,
+    leases,
+    registry,
+    scenarios,
+    subjects,
+)
 from protocol.base import Codec, tag_of
 
 
@@ -79,6 +90,7 @@ _KEY_FAMILIES: list[tuple[str, Callable[..., str], dict[str, str]]] = [
     (subjects.NONCES_BUCKET, auth.nonce_key, {}),
     (subjects.GOVERN_BUCKET, govern.review_key, {"kind": "bundle"}),
     (subjects.GOVERN_BUCKET, govern.review_key, {"kind": "api"}),
+    (subjects.LEASES_BUCKET, leases.lease_key, {}),
 ]
 
 _NOT_SUBJECTS = {"token", "api_queue_group"}

@@ -171,10 +171,11 @@ class DesignState(_State, frozen=True, kw_only=True, tag="design"):
 class DeployerState(_State, frozen=True, kw_only=True, tag="deployer"):
     nodes: int = 0  # nodes in its registry
     heartbeats: int = 0  # heartbeats seen since it started
+    lease: str = ""  # "active" or "standby" (protocol.leases); "" from older releases
 
 
 class GovernState(_State, frozen=True, kw_only=True, tag="govern"):
-    pass
+    lease: str = ""  # "active" or "standby" (protocol.leases); "" from older releases
 
 
 class NoState(_State, frozen=True, kw_only=True, tag="none"):

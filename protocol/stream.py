@@ -29,6 +29,7 @@ from protocol.deploy import (
 )
 from protocol.events import NodeForgotten, NodeLost, NodeOnline
 from protocol.govern import ReviewChanged
+from protocol.leases import LeaderChanged
 from protocol.scenarios import RunFinished, RunProgress, RunStarted
 
 AnyEvent = (NodeOnline | NodeLost | NodeForgotten | InfraCreatedEvent | BundleStored
@@ -36,7 +37,7 @@ AnyEvent = (NodeOnline | NodeLost | NodeForgotten | InfraCreatedEvent | BundleSt
             | BundleActivated | BundleActivationFailed | DeploymentFinished
             | RunStarted | RunProgress | RunFinished
             | ApiPackageStored | ApiDeploymentRequested | GenerationsServing | GenerationFailed
-            | ApiDeploymentFinished | ApiKeyIssued | ReviewChanged)
+            | ApiDeploymentFinished | ApiKeyIssued | ReviewChanged | LeaderChanged)
 
 EVENT = Codec[AnyEvent](AnyEvent)
 

@@ -231,6 +231,7 @@ def audit(role: str, node: str) -> str:
 IDENTITIES_BUCKET = "sy_identities"  # KV: identities that may connect and sign, by name
 GOVERN_BUCKET = "sy_govern"  # KV: sign-off reviews, <kind>.<name>.<version> (Govern node)
 NONCES_BUCKET = "sy_nonces"  # KV: signed commands' nonces already used, stack-wide (TTL)
+LEASES_BUCKET = "sy_leases"  # KV: <role>, which instance of a control-plane role is active
 API_ALL = f"{ROOT}.api.{API_VERSION}.>"
 COMMANDS_ALL = f"{ROOT}.cmd.>"
 

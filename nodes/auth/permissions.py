@@ -106,7 +106,7 @@ ANY_REPLY_PREFIX = "_INBOX.*.*."
 KV_BUCKETS = (subjects.REGISTRY_BUCKET, subjects.INFRA_BUCKET, subjects.DEPLOY_BUCKET,
               subjects.BUNDLE_BUCKET, subjects.API_PACKAGE_BUCKET, subjects.API_KEYS_BUCKET,
               subjects.FIRED_BUCKET, subjects.LOCKS_BUCKET, subjects.IDENTITIES_BUCKET,
-              subjects.GOVERN_BUCKET)
+              subjects.GOVERN_BUCKET, subjects.LEASES_BUCKET)
 OBJECT_STORES = (subjects.BUNDLE_STORE, subjects.API_PACKAGE_STORE, subjects.WHEELS_STORE,
                  subjects.RUN_LOGS_STORE)
 

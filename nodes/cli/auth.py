@@ -94,7 +94,11 @@ def apply(home: Path | None, store: AuthStore, *, revoking: bool = False,
             await close(nc)
 
     def reload() -> None:
-        os.kill(int(stack["nats_pid"]), signal.SIGHUP)
+        # Every server of a cluster includes the same auth config: reload them all.
+        pids = [s.get("pid") for s in stack.get("servers") or []] or [stack["nats_pid"]]
+        for pid in pids:
+            if isinstance(pid, int):
+                os.kill(pid, signal.SIGHUP)
 
     try:
         if not revoking:

@@ -25,7 +25,7 @@ from nodes.cli.common import (
     whoami,
 )
 from nodes.runtime.events import StoredEvent, read_events
-from protocol.registry import ForgetNode, ForgottenNode, ListNodes, NodeList
+from protocol.registry import ONLINE, ForgetNode, ForgottenNode, ListNodes, NodeInfo, NodeList
 
 
 @click.command("nodes")
@@ -42,7 +42,8 @@ def nodes_cmd(role: str | None, infra: str | None, nats_url: str | None, as_json
             {"name": n.name, "role": n.role, "infra": n.infra, "status": n.status,
              "last_seen_s": n.last_seen_s, "version": n.version, "host": n.host, "pid": n.pid,
              "uptime_s": n.uptime_s, "interval_s": n.interval_s, "last_seen": n.last_seen,
-             "first_seen": n.first_seen, "dropped": n.dropped, "state": n.state}
+             "first_seen": n.first_seen, "dropped": n.dropped, "lease": _lease(n),
+             "state": n.state}
             for n in reply.nodes])
         return
     if not reply.nodes:
@@ -50,9 +51,16 @@ def nodes_cmd(role: str | None, infra: str | None, nats_url: str | None, as_json
         return
     rows = []
     for n in reply.nodes:
-        rows.append((n.name, n.role, n.infra, styled(n.status),
+        rows.append((n.name, n.role, n.infra, styled(n.status), _lease(n),
                      f"{human_age(n.last_seen_s)} ago", n.version, n.host, n.pid))
-    table(["NAME", "ROLE", "INFRA", "STATUS", "LAST SEEN", "VERSION", "HOST", "PID"], rows)
+    table(["NAME", "ROLE", "INFRA", "STATUS", "LEASE", "LAST SEEN", "VERSION", "HOST", "PID"],
+          rows)
+
+
+def _lease(n: NodeInfo) -> str:
+    """active or standby, for an online instance of a role with one active instance."""
+    lease = getattr(n.state, "lease", "")
+    return lease if n.status == ONLINE and isinstance(lease, str) else ""
 
 
 @click.command("forget")

@@ -9,6 +9,7 @@ import signal
 import socket
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -47,11 +48,16 @@ from nodes.cli.common import (
     table,
 )
 from nodes.cli.envs import env_node_extra, env_node_options, env_up_argv
-from nodes.cli.ports import check_ports, port_type
+from nodes.cli.ports import FREE, check_ports, in_use, port_type
 from nodes.roles import ROLES
 from nodes.runtime.calls import Caller
 from nodes.runtime.connection import CannotReachNats, connect
-from nodes.runtime.embedded import EmbeddedNats, EmbeddedNatsError
+from nodes.runtime.embedded import (
+    EmbeddedCluster,
+    EmbeddedNats,
+    EmbeddedNatsError,
+    wait_jetstream,
+)
 from nodes.runtime.logs import configure_logging
 from nodes.runtime.run import run_node
 from nodes.runtime.settings import STACK_FILE, NatsSettings, read_stack_file, resolve
@@ -205,10 +211,13 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _plan(automation: int, api: int) -> list[tuple[str, str]]:
-    """(role, name) of every node ``up`` runs."""
+def _plan(automation: int, api: int, cluster: int = 1) -> list[tuple[str, str]]:
+    """(role, name) of every node ``up`` runs.  On a cluster, a second Deployer and a
+    second Govern node wait as standbys (one instance of each is active: a lease)."""
     plan: list[tuple[str, str]] = [("deployer", "deployer"), ("design", "design"),
                                    ("govern", "govern")]
+    if cluster > 1:
+        plan += [("deployer", "deployer-2"), ("govern", "govern-2")]
     plan += [("automation", f"automation-{i + 1}") for i in range(automation)]
     plan += [("api", f"api-{i + 1}") for i in range(api)]
     return plan
@@ -217,9 +226,10 @@ def _plan(automation: int, api: int) -> list[tuple[str, str]]:
 def _children(home: Path, url: str, *, automation: int, api: int,
               heartbeat_interval: float, workspace: Path,
               creds: dict[str, Path] | None = None,
-              env_argv: list[str] | None = None, approvals: int = 1) -> list[Child]:
+              env_argv: list[str] | None = None, approvals: int = 1,
+              cluster: int = 1) -> list[Child]:
     children = []
-    for role, name in _plan(automation, api):
+    for role, name in _plan(automation, api, cluster):
         # -P: the user's current folder must not shadow our packages (say, a "nodes/").
         argv = [sys.executable, "-P", "-m", "nodes.cli", "node", "start", role, "--name", name,
                 "--infra", default_infra(role), "--nats", url,
@@ -234,7 +244,8 @@ def _children(home: Path, url: str, *, automation: int, api: int,
             argv += ["--creds", str(creds[name])]
         children.append(Child(name=name, role=role, argv=argv,
                               log_path=home / "logs" / f"{name}.log",
-                              env={"SHIPYARD_LOG_FORMAT": "json"}))
+                              env={"SHIPYARD_LOG_FORMAT": "json",
+                                   "SHIPYARD_REPLICAS": str(_replicas(cluster))}))
     return children
 
 
@@ -259,15 +270,22 @@ def _children(home: Path, url: str, *, automation: int, api: int,
 @click.option("--approvals", type=click.IntRange(min=1), default=1, show_default=True,
               help="Approvals a sign-off review needs before a deployment counts as "
                    "approved (the Govern node's --approvals).")
+@click.option("--cluster", type=click.Choice(["1", "3", "5"]), default="1",
+              show_default=True,
+              help="NATS servers: 3 or 5 run a JetStream cluster on this host (client "
+                   "ports from --nats-port up, every stream and bucket at R3, two "
+                   "Deployers and two Govern nodes, one of each active).")
 @env_node_options
 def up(home: Path, nats_port: int, monitor_port: int | None, http_port: int,
        automation_nodes: int, api_nodes: int, heartbeat_interval: float,
-       workspace: Path, insecure: bool, approvals: int, **env_options: Any) -> None:
+       workspace: Path, insecure: bool, approvals: int, cluster: str = "1",
+       **env_options: Any) -> None:
     """Start the whole stack in the foreground: embedded NATS and every node role.
 
-    Writes HOME/stack.json so other commands run in this folder find the stack.  If the
+    Writes HOME/stack.json so other commands run in this folder find the stack.  If a
     NATS server dies it is restarted on the same ports and store.  Ctrl-C stops everything.
     """
+    size = int(cluster)
     configure_logging()
     home = home.resolve()
     home.mkdir(parents=True, exist_ok=True)
@@ -279,49 +297,96 @@ def up(home: Path, nats_port: int, monitor_port: int | None, http_port: int,
         sys.exit(EXIT_FAILED)
     monitor_port = check_ports(nats_host=NATS_HOST, http_host=HTTP_HOST, nats_port=nats_port,
                                monitor_port=monitor_port, http_port=http_port)
+    ports = _cluster_ports(size, nats_port, monitor_port, http_port)
     auth = None
     if not insecure:
         try:
             auth = prepare_auth(home, [(role, name, default_infra(role))
-                                       for role, name in _plan(automation_nodes, api_nodes)])
+                                       for role, name in _plan(automation_nodes, api_nodes,
+                                                               size)])
         except ShipyardError as exc:
             err.print(f"shipyard: {exc}")
             sys.exit(EXIT_FAILED)
     code = anyio.run(partial(_up, approvals=approvals), home, nats_port, monitor_port,
                      http_port, automation_nodes, api_nodes, heartbeat_interval,
-                     workspace.resolve(), auth, env_up_argv(env_options))
+                     workspace.resolve(), auth, env_up_argv(env_options), ports)
     sys.exit(code)
+
+
+def _replicas(cluster: int) -> int:
+    """JetStream replicas of every shipyard stream, bucket and object store."""
+    return min(cluster, 3)
+
+
+def _cluster_ports(size: int, nats_port: int, monitor_port: int,
+                   http_port: int) -> tuple[list[int], list[int]] | None:
+    """Client and monitoring ports of a cluster's servers: the given ones and the next
+    ``size - 1`` above each (or free ones for -1), checked like ``check_ports`` does."""
+    if size == 1:
+        return None
+    clients = [nats_port + i if nats_port != FREE else FREE for i in range(size)]
+    monitors = [monitor_port + i if monitor_port != FREE else FREE for i in range(size)]
+    taken = {http_port}
+    for option, ports in (("--nats-port", clients), ("--monitor-port", monitors)):
+        for port in ports[1:]:
+            if port == FREE:
+                continue
+            if port > 65535 or port in taken or port in clients[:1] + monitors[:1] \
+                    or in_use(NATS_HOST, port):
+                raise click.BadParameter(
+                    f"--cluster {size} needs ports {ports[0]}-{ports[-1]}, and {port} is "
+                    "taken: choose another base port or -1 for free ones", param_hint=option)
+            taken.add(port)
+    return clients, monitors
 
 
 async def _up(home: Path, nats_port: int, monitor_port: int, http_port: int,
               automation: int, api: int, heartbeat_interval: float, workspace: Path,
               auth: StackAuth | None = None, env_argv: list[str] | None = None,
+              cluster_ports: tuple[list[int], list[int]] | None = None,
               approvals: int = 1) -> int:
-    server = EmbeddedNats(home / "nats", host=NATS_HOST, port=nats_port,
-                          monitor_port=monitor_port,
-                          log_file=home / "logs" / "nats.log", server_name="shipyard",
-                          config_file=auth.store.server_config if auth else None,
-                          die_with_parent=True)
+    config = auth.store.server_config if auth else None
+    servers: list[EmbeddedNats]
+    if cluster_ports is None:
+        servers = [EmbeddedNats(home / "nats", host=NATS_HOST, port=nats_port,
+                                monitor_port=monitor_port,
+                                log_file=home / "logs" / "nats.log", server_name="shipyard",
+                                config_file=config, die_with_parent=True)]
+    else:
+        servers = EmbeddedCluster(home / "nats", size=len(cluster_ports[0]), host=NATS_HOST,
+                                  ports=cluster_ports[0], monitor_ports=cluster_ports[1],
+                                  log_dir=home / "logs", config_file=config,
+                                  die_with_parent=True).servers
+    server = servers[0]
     try:
-        await server.astart()
+        for s in servers:
+            s.spawn()
+        for s in servers:
+            await anyio.to_thread.run_sync(s.wait_ready, 20.0)
     except EmbeddedNatsError as exc:
+        for s in servers:
+            await s.astop()
         err.print(f"shipyard: cannot start NATS: {exc}")
         return EXIT_FAILED
+    url = ",".join(s.url for s in servers)
+    replicas = _replicas(len(servers))
 
-    children = _children(home, server.url, automation=automation, api=api,
+    children = _children(home, url, automation=automation, api=api,
                          heartbeat_interval=heartbeat_interval, workspace=workspace,
                          creds=auth.creds if auth else None, env_argv=env_argv,
-                         approvals=approvals)
+                         approvals=approvals, cluster=len(servers))
     add_http_port(children, http_port)
     # With auth, this process acts as the stack's admin (and signs what it sends).
-    settings = NatsSettings(servers=(server.url,),
-                            creds_file=str(auth.admin) if auth else None)
+    settings = NatsSettings(servers=tuple(s.url for s in servers),
+                            creds_file=str(auth.admin) if auth else None, replicas=replicas)
     try:
         nc = await connect(settings, name="shipyard-up")
+        await wait_jetstream(nc)  # a new cluster elects its meta leader first
         if auth:  # what the Deployer verifies commands against
-            await publish_identities(nc, auth.store.identities())
-    except (CannotReachNats, OperationError) as exc:
-        await server.astop()
+            await publish_identities(nc, auth.store.identities(), replicas=replicas)
+    except (CannotReachNats, OperationError, EmbeddedNatsError) as exc:
+        for s in servers:
+            await s.astop()
         err.print(f"shipyard: {exc}")
         return EXIT_FAILED
 
@@ -333,32 +398,48 @@ async def _up(home: Path, nats_port: int, monitor_port: int, http_port: int,
     supervisor = Supervisor(on_exit=report_exit)
     for child in children:
         supervisor.add(child)
-    stack = {"nats_url": server.url, "monitor_url": server.monitor_url,
+    stack = {"nats_url": url, "monitor_url": server.monitor_url,
              "nats_pid": server.proc.pid if server.proc else None,
+             "servers": _describe_servers(servers),
              "http_url": f"http://127.0.0.1:{http_port}", "pid": os.getpid(),
-             "home": str(home), "replicas": 1, "started_at": time.time(),
+             "home": str(home), "replicas": replicas, "started_at": time.time(),
              "version": nodes.__version__, **(auth.stack_fields() if auth else {})}
     await _write_stack(home, stack)
 
-    async def nats_exited(code: int, delay: float) -> None:
-        out.print(f"NATS        server {describe_exit(code)}; restarting in {delay:g}s on "
-                  f"port {server.port} with store {server.store_dir}")
+    def named(s: EmbeddedNats) -> str:
+        return f" {s.server_name}" if len(servers) > 1 else ""
 
-    async def nats_restarted() -> None:
-        pid = server.proc.pid if server.proc else None
-        out.print(f"NATS        restarted (pid {pid}, restart {server.restarts}); nodes "
-                  "reconnect on their own")
-        await _write_stack(home, {**stack, "nats_pid": pid, "nats_restarts": server.restarts})
+    def on_exit(s: EmbeddedNats) -> Callable[[int, float], Awaitable[None]]:
+        async def nats_exited(code: int, delay: float) -> None:
+            out.print(f"NATS        server{named(s)} {describe_exit(code)}; restarting "
+                      f"in {delay:g}s on port {s.port} with store {s.store_dir}")
+        return nats_exited
+
+    def on_restart(s: EmbeddedNats) -> Callable[[], Awaitable[None]]:
+        async def nats_restarted() -> None:
+            pid = s.proc.pid if s.proc else None
+            out.print(f"NATS       {named(s)} restarted (pid {pid}, restart "
+                      f"{s.restarts}); nodes reconnect on their own")
+            stack.update(servers=_describe_servers(servers),
+                         nats_restarts=sum(x.restarts for x in servers))
+            if s is server:
+                stack["nats_pid"] = pid
+            await _write_stack(home, stack)
+        return nats_restarted
 
     code = EXIT_OK
     try:
         async with anyio.create_task_group() as tg:
             with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-                out.print(f"NATS        {server.url}  (monitoring {server.monitor_url}, "
-                          f"store {server.store_dir})")
+                for s in servers:
+                    out.print(f"NATS        {s.url}  (monitoring {s.monitor_url}, "
+                              f"store {s.store_dir})")
+                    tg.start_soon(partial(s.keep_running, on_exit=on_exit(s),
+                                          on_restart=on_restart(s)))
+                if len(servers) > 1:
+                    out.print(f"cluster     {len(servers)} servers, JetStream R{replicas}; "
+                              "one Deployer and one Govern node active, one standby each")
                 _print_auth(auth)
-                tg.start_soon(partial(server.keep_running, on_exit=nats_exited,
-                                      on_restart=nats_restarted))
                 await tg.start(supervisor.run)
                 ok = await _wait_online(nc, children, timeout=30.0)
                 _print_children(children, home)
@@ -382,13 +463,25 @@ async def _up(home: Path, nats_port: int, monitor_port: int, http_port: int,
             with anyio.move_on_after(2):
                 await nc.close()
             out.print("stopping NATS ...")
-            await server.astop()
+            for s in servers:
+                s.stopping = True
+            for s in servers:
+                await s.astop()
             if (home / STACK_FILE).exists():
                 current = read_stack_file(home)
                 if current and current.get("pid") == os.getpid():
                     (home / STACK_FILE).unlink()
             out.print("stopped")
     return code
+
+
+def _describe_servers(servers: list[EmbeddedNats]) -> list[dict[str, Any]]:
+    """Every NATS server as ``stack.json`` lists it."""
+    return [{"name": s.server_name, "url": s.url, "monitor_url": s.monitor_url,
+             "monitor_port": s.monitor_port,
+             "cluster_port": s.cluster.port if s.cluster else None,
+             "pid": s.proc.pid if s.proc else None, "restarts": s.restarts}
+            for s in servers]
 
 
 async def _write_stack(home: Path, stack: dict[str, Any]) -> None:

@@ -29,19 +29,36 @@ from protocol.deploy import (
     DeploymentView,
     ListDeployments,
 )
-from protocol.errors import OperationError
+from protocol.errors import OperationError, Unavailable
 from protocol.registry import ONLINE
 
 REPORTS = msgspec.json.Decoder(ActivationReport)
 POLL_S = 0.2
 EARLY_REPORTS = 1000  # reports kept while the change is on its way
+# While one Deployer hands over to a standby (nodes.runtime.lease: ~3.5 s after a
+# SIGKILL, plus loading state), nothing answers: a change refused as "unavailable" was
+# received by no one, so sending it again is safe.  A timeout is not retried (the
+# change may have been made).
+HANDOVER_S = 10.0
+
+
+async def _send(change: Callable[[Caller], Awaitable[DeploymentView]],
+                caller: Caller) -> DeploymentView:
+    deadline = time.monotonic() + HANDOVER_S
+    while True:
+        try:
+            return await change(caller)
+        except Unavailable:
+            if time.monotonic() > deadline:
+                raise
+            await anyio.sleep(POLL_S)
 
 
 async def call_with(nats_url: str | None,
                     change: Callable[[Caller], Awaitable[DeploymentView]]) -> DeploymentView:
     """Make the change without waiting for it."""
     async with connected(nats_url) as nc:
-        return await change(Caller(nc, sender="cli"))
+        return await _send(change, Caller(nc, sender="cli"))
 
 
 async def change_and_wait(nats_url: str | None,
@@ -68,7 +85,7 @@ async def change_and_wait(nats_url: str | None,
 
         sub = await nc.subscribe(subjects.reports("activation"), cb=on_report)
         try:
-            view = asked = await change(caller)
+            view = asked = await _send(change, caller)
         except BaseException:
             await sub.unsubscribe()
             raise

@@ -57,6 +57,7 @@ class DeployerNode(Node):
     role: ClassVar[str] = "deployer"
     family: ClassVar[Family | None] = DEPLOYER
     verifies_commands: ClassVar[bool] = True
+    leased: ClassVar[bool] = True  # one active Deployer; the others are standbys
     runs: RunDesk
     apis: ApiDeployer
 
@@ -134,7 +135,8 @@ class DeployerNode(Node):
         await self.apis.started(tg)
 
     def state(self) -> DeployerState:
-        return DeployerState(nodes=len(self.registry.nodes), heartbeats=self.heartbeats_seen)
+        return DeployerState(nodes=len(self.registry.nodes), heartbeats=self.heartbeats_seen,
+                             lease=self.lease_state)
 
     @property
     def heartbeats_bad(self) -> int:
@@ -193,10 +195,13 @@ class DeployerNode(Node):
             self.log.warning("event after shutdown not stored", type=type(event).__name__)
 
     async def _event_publisher(self) -> None:
-        async with self._events_recv:
-            async for event in self._events_recv:
-                await self.emit(event)
-        self._events_done.set()
+        try:
+            async with self._events_recv:
+                async for event in self._events_recv:
+                    await self.emit(event)
+            self._events_done.set()
+        finally:  # also when cancelled (a lost lease): later events are refused
+            self._events_send.close()
 
     async def stopping(self) -> None:
         # Store every queued event and registry change before the connection drains.

@@ -82,6 +82,7 @@ class GovernNode(Node):
     role: ClassVar[str] = "govern"
     family: ClassVar[Family | None] = GOVERN
     verifies_commands: ClassVar[bool] = True
+    leased: ClassVar[bool] = True  # one active Govern node; the others are standbys
 
     def __init__(self, *, approvals: int = 1, clock: Callable[[], float] = time.time,
                  **kw: Any) -> None:
@@ -118,7 +119,7 @@ class GovernNode(Node):
             cache.resync()
 
     def state(self) -> GovernState:
-        return GovernState()
+        return GovernState(lease=self.lease_state)
 
     @property
     def kv(self) -> KeyValue:

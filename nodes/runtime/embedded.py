@@ -23,18 +23,23 @@ from __future__ import annotations
 import json
 import os
 import re
+import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
 import anyio
+import nats.errors
+from nats.aio.client import Client as NATS
 
 from nodes.orphans import die_with_parent
 from nodes.runtime.logs import get_logger
@@ -70,6 +75,36 @@ def _pdeathsig() -> None:  # runs in the child between fork and exec
     die_with_parent(signal.SIGTERM)
 
 
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port nothing listens on now (the OS's pick; another process may take it later)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass(frozen=True)
+class ClusterRoutes:
+    """One server's place in a cluster: its route port, every server's route port, and
+    the route credentials.  Routes listen on the server's host (loopback for ``up``) and
+    need a user and password of their own: the client auth config does not cover them,
+    and a route from anyone else would join the cluster and see every message."""
+
+    name: str
+    port: int
+    ports: tuple[int, ...]
+    user: str
+    password: str
+
+    def config_lines(self, host: str) -> list[str]:
+        auth = f"{self.user}:{self.password}@"
+        routes = ", ".join(json.dumps(f"nats-route://{auth}{host}:{p}") for p in self.ports)
+        return ["cluster {", f"  name: {json.dumps(self.name)}",
+                f"  listen: {json.dumps(f'{host}:{self.port}')}",
+                f"  authorization {{ user: {json.dumps(self.user)}, "
+                f"password: {json.dumps(self.password)} }}",
+                f"  routes: [{routes}]", "}"]
+
+
 class EmbeddedNats:
     """One ``nats-server`` process.
 
@@ -91,6 +126,7 @@ class EmbeddedNats:
         extra_args: Sequence[str] = (),
         die_with_parent: bool = False,
         config_file: Path | None = None,
+        cluster: ClusterRoutes | None = None,
     ) -> None:
         self.store_dir = Path(store_dir)
         self.host = host
@@ -101,6 +137,7 @@ class EmbeddedNats:
         self.extra_args = list(extra_args)
         self.die_with_parent = die_with_parent
         self.config_file = config_file
+        self.cluster = cluster
         self.proc: subprocess.Popen[bytes] | None = None
         self._ready = threading.Event()
         self._exited = threading.Event()
@@ -128,7 +165,7 @@ class EmbeddedNats:
                "-sd", str(self.store_dir)]
         if self.monitor_port is not None:
             cmd += ["-m", str(self.monitor_port)]
-        if self.config_file is not None:
+        if self.config_file is not None or self.cluster is not None:
             cmd += ["-c", str(self._write_config())]
         elif self.server_name:
             cmd += ["-n", self.server_name]
@@ -139,14 +176,18 @@ class EmbeddedNats:
         return self.store_dir / "server.conf"
 
     def _write_config(self) -> Path:
-        """The server's config file: its name and an ``include`` of ``config_file`` (the
-        auth config).  A reload refuses a server name given by ``-n`` that the file lacks
-        ("config reload not supported for ServerName"), so the name lives in the file."""
-        assert self.config_file is not None
+        """The server's config file: its name, its cluster block, and an ``include`` of
+        ``config_file`` (the auth config, shared by every server of a cluster).  A reload
+        refuses a server name given by ``-n`` that the file lacks ("config reload not
+        supported for ServerName"), so the name lives in the file."""
         self.store_dir.mkdir(parents=True, exist_ok=True)
-        include = os.path.relpath(Path(self.config_file).resolve(), self.store_dir.resolve())
         lines = [f"server_name: {json.dumps(self.server_name)}"] if self.server_name else []
-        lines.append(f"include {json.dumps(include)}")
+        if self.cluster is not None:
+            lines += self.cluster.config_lines(self.host)
+        if self.config_file is not None:
+            include = os.path.relpath(Path(self.config_file).resolve(),
+                                      self.store_dir.resolve())
+            lines.append(f"include {json.dumps(include)}")
         self.main_config.write_text("\n".join(lines) + "\n")
         return self.main_config
 
@@ -336,3 +377,102 @@ class EmbeddedNats:
     def __exit__(self, t: type[BaseException] | None, e: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.stop()
+
+
+class EmbeddedCluster:
+    """``size`` ``nats-server`` processes in one JetStream cluster on this host.
+
+    Server ``i`` is named ``<name>-<i>``, keeps its store in ``store_dir/<name>-<i>`` and
+    its log in ``log_dir/nats-<i>.log``; client and monitoring ports are the ones given
+    (-1: free), route ports are picked free.  Every server includes the same auth config.
+    Each is an ``EmbeddedNats``, so ``keep_running`` restarts any that dies on its ports
+    and store, and it rejoins the cluster and catches up from the others.
+    """
+
+    def __init__(self, store_dir: Path, *, size: int = 3, host: str = "127.0.0.1",
+                 ports: Sequence[int] | None = None,
+                 monitor_ports: Sequence[int | None] | None = None,
+                 log_dir: Path | None = None, name: str = "shipyard",
+                 config_file: Path | None = None, die_with_parent: bool = False) -> None:
+        if size < 1:
+            raise ValueError(f"a cluster needs at least one server, not {size}")
+        ports = list(ports or [-1] * size)
+        monitors = list(monitor_ports or [-1] * size)
+        if len(ports) != size or len(monitors) != size:
+            raise ValueError(f"{size} servers need {size} client and monitoring ports")
+        route_ports = tuple(free_port(host) for _ in range(size))
+        password = secrets.token_urlsafe(24)
+        self.name = name
+        self.servers = [
+            EmbeddedNats(
+                Path(store_dir) / f"{name}-{i + 1}", host=host, port=ports[i],
+                monitor_port=monitors[i],
+                log_file=(Path(log_dir) / f"nats-{i + 1}.log") if log_dir else None,
+                server_name=f"{name}-{i + 1}", config_file=config_file,
+                die_with_parent=die_with_parent,
+                cluster=ClusterRoutes(name=name, port=route_ports[i], ports=route_ports,
+                                      user="route", password=password))
+            for i in range(size)]
+
+    @property
+    def urls(self) -> list[str]:
+        return [s.url for s in self.servers]
+
+    @property
+    def url(self) -> str:
+        """Every server's client URL, comma-separated (what ``--nats`` takes)."""
+        return ",".join(self.urls)
+
+    def start(self, timeout: float = 20.0) -> EmbeddedCluster:
+        for server in self.servers:
+            server.spawn()
+        for server in self.servers:
+            server.wait_ready(timeout)
+        return self
+
+    async def astart(self, timeout: float = 20.0) -> EmbeddedCluster:
+        for server in self.servers:
+            server.spawn()
+        for server in self.servers:
+            await anyio.to_thread.run_sync(server.wait_ready, timeout)
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        for server in self.servers:
+            server.stopping = True
+        for server in self.servers:
+            server.stop(timeout)
+
+    async def astop(self, timeout: float = 10.0) -> None:
+        await anyio.to_thread.run_sync(self.stop, timeout)
+
+    def __enter__(self) -> EmbeddedCluster:
+        try:
+            return self.start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def __exit__(self, t: type[BaseException] | None, e: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.stop()
+
+
+async def wait_jetstream(nc: NATS, timeout: float = 30.0) -> None:
+    """Wait until JetStream answers (a new cluster elects its meta leader first).
+
+    Raises ``EmbeddedNatsError`` after ``timeout`` seconds."""
+    js = nc.jetstream(timeout=2.0)
+    delay = 0.1
+    last: Exception | None = None
+    with anyio.move_on_after(timeout):
+        while True:
+            try:
+                await js.account_info()
+                return
+            except nats.errors.Error as exc:
+                last = exc
+            await anyio.sleep(delay)
+            delay = min(delay * 2, 1.0)
+    raise EmbeddedNatsError(f"JetStream not available after {timeout:g}s: "
+                            f"{last or 'no answer'}")

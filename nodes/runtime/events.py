@@ -72,8 +72,13 @@ async def read_events(nc: NATS, *, since_s: float | None = None, last: int | Non
         with contextlib.suppress(anyio.ClosedResourceError, anyio.BrokenResourceError):
             await send.send(msg)
 
-    sub = await js.subscribe(subject, stream=subjects.EVENTS_STREAM, cb=on_msg,
-                             ordered_consumer=True, config=config)
+    try:
+        sub = await js.subscribe(subject, stream=subjects.EVENTS_STREAM, cb=on_msg,
+                                 ordered_consumer=True, config=config)
+    except BaseException:  # a timeout while the stream elects a leader, say
+        send.close()
+        recv.close()
+        raise
     try:
         # Nothing pending and nothing already pushed to us: the stream has no match.
         consumer = await sub.consumer_info()

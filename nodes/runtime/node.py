@@ -21,6 +21,13 @@ Lifecycle (``serve``)::
     connect -> setup() -> subscribe -> started(tg) -> task_status.started()
             -> ... stop() ...
             -> stop intake -> stopping() -> wait for in-flight requests -> drain -> close
+
+A role with one active instance (``leased``: Deployer, Govern) first waits as a standby
+(heartbeats only) until it holds its role's lease (``nodes.runtime.lease``), then runs
+``setup()`` and ``started(tg)`` before it subscribes to its commands, so it answers only
+with its state loaded; a graceful stop releases the lease after ``stopping()``.  If the
+lease is lost, everything is cancelled at once, the connection is closed undrained and
+``serve`` raises ``LeaseLost``.
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ from typing import Any, ClassVar, TypeVar
 
 import anyio
 import msgspec
+import nats.errors
 import structlog
 from anyio.abc import TaskGroup, TaskStatus
 from nats.aio.client import Client as NATS
@@ -47,6 +55,7 @@ from nodes.runtime.calls import Caller
 from nodes.runtime.connection import ConnectionClosed, ConnectionStats, close, connect
 from nodes.runtime.inbound import Drops
 from nodes.runtime.jetstream import ensure_events_stream, publish_event
+from nodes.runtime.lease import Lease, LeaseLost, bucket_ttl, open_leases
 from nodes.runtime.logs import current_request, get_logger
 from nodes.runtime.settings import NatsSettings
 from nodes.runtime.workqueue import WorkQueue
@@ -73,6 +82,7 @@ from protocol.errors import (
 )
 from protocol.events import Event
 from protocol.heartbeat import HEARTBEAT, MAX_INTERVAL_S, MIN_INTERVAL_S, Heartbeat
+from protocol.leases import ACTIVE, STANDBY, LeaderChanged
 from protocol.reports import REPORT, NodeExit
 from protocol.state import NoState, RoleState
 from protocol.system import SYSTEM, Echo, Echoed, Ping, Pong
@@ -131,6 +141,9 @@ class Node:
     family: ClassVar[Family | None] = None
     direct_families: ClassVar[tuple[Family, ...]] = ()  # beside SYSTEM, on sy.node.<name>.>
     verifies_commands: ClassVar[bool] = False  # role commands must be signed (nodes.auth)
+    # One active instance per role (``nodes.runtime.lease``): the others wait as standbys,
+    # heartbeating but serving nothing, until the active one's lease is theirs.
+    leased: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -173,6 +186,9 @@ class Node:
         self._nc: NATS | None = None
         self._tg: TaskGroup | None = None
         self.ready = anyio.Event()
+        self.lease: Lease | None = None
+        self.lease_state = STANDBY if self.leased else ""  # "active" once it holds the lease
+        self.lease_lost: str | None = None
         # Roles that verify commands record each one's fate in the audit ledger.
         self.audit = AuditRecorder(self.name, self.role, self.log) if (
             self.verifies_commands) else None
@@ -261,36 +277,127 @@ class Node:
         try:
             async with anyio.create_task_group() as tg:
                 self._tg = tg
-                await ensure_events_stream(self.js, self.settings.replicas)
-                if self.audit is not None:
-                    self.audit.start(tg, self.js, self.settings.replicas)
-                await self.setup()
-                for _ in range(self.max_concurrency):
-                    tg.start_soon(self._worker)
-                await self._subscribe()
-                await self.started(tg)
-                # Readiness means the server has every subscription, the role's too.
-                await self.nc.flush()
-                tg.start_soon(self._heartbeat_loop)
-                self.log.info("node ready", infra=self.infra, nats=self.settings.url)
-                self.ready.set()
-                task_status.started()
-                await self._stop.wait()
-                if self.closed_reason is None:
-                    await self._shutdown(tg)
-                else:  # nothing can be handed off or reported without a connection
+                if self.leased:  # a standby heartbeats, and serves nothing
+                    tg.start_soon(self._heartbeat_loop)
+                    await self._await_lease()
+                if self._stop.is_set():  # stopped while standby
+                    if self.closed_reason is None:
+                        await self._say_goodbye()
                     tg.cancel_scope.cancel()
+                else:
+                    await self._serve_active(tg, task_status)
         finally:
             self._stopping = True  # the close below is ours, not a connection loss
             if self.audit is not None:
-                if self.audit.backlog:
+                if self.audit.backlog and self.lease_lost is None:
                     self.log.warning("audit entries not appended before stopping",
                                      backlog=self.audit.backlog)
                 self.audit.close()
+            if self.lease_lost is not None:
+                with anyio.move_on_after(1, shield=True):
+                    await self.nc.close()  # no drain: nothing more may leave this term
             await close(self.nc)
             self.log.info("node stopped")
+        if self.lease_lost is not None:
+            raise LeaseLost(self.role, self.lease_lost)
         if self.closed_reason is not None:
             raise ConnectionClosed(self.settings.url, self.closed_reason)
+
+    async def _serve_active(self, tg: TaskGroup, task_status: TaskStatus[None]) -> None:
+        if self.audit is not None:
+            self.audit.start(tg, self.js, self.settings.replicas)
+        await self._load()
+        for _ in range(self.max_concurrency):
+            tg.start_soon(self._worker)
+        if self.lease is None:
+            await self._subscribe()
+            await self.started(tg)
+        else:  # a new active instance answers only once its state is loaded
+            await self.started(tg)
+            await self._subscribe()
+        # Readiness means the server has every subscription, the role's too.
+        await self.nc.flush()
+        if self.lease is None:
+            tg.start_soon(self._heartbeat_loop)
+        else:
+            await self._announce_leader()
+        self.log.info("node ready", infra=self.infra, nats=self.settings.url)
+        self.ready.set()
+        task_status.started()
+        await self._stop.wait()
+        if self.closed_reason is None and self.lease_lost is None:
+            await self._shutdown(tg)
+        else:  # nothing can be handed off or reported without a connection (or a lease)
+            tg.cancel_scope.cancel()
+
+    async def _load(self) -> None:
+        """The event stream and ``setup()``.  A node that just took its role's lease
+        retries them while JetStream cannot answer (the fault that moved the lease often
+        moved a stream's leader too: an election takes seconds); its lease is renewed
+        meanwhile, and losing it cancels this.  Other nodes fail, and are restarted."""
+        delay = 0.2
+        while True:
+            try:
+                await ensure_events_stream(self.js, self.settings.replicas)
+                await self.setup()
+                return
+            except (nats.errors.Error, TimeoutError) as exc:
+                if self.lease is None:
+                    raise
+                self.log.warning("state not loaded yet (JetStream not answering); retrying",
+                                 error=str(exc) or type(exc).__name__)
+            await anyio.sleep(delay)
+            delay = min(delay * 2, 2.0)
+
+    # -- the lease (roles with one active instance) -----------------------------------
+
+    async def _await_lease(self) -> None:
+        """Wait as a standby until this instance holds the role's lease (or a stop)."""
+        async with anyio.create_task_group() as race:
+            async def acquire() -> None:
+                self.lease = await self._open_lease()
+                await self.lease.acquire()
+                race.cancel_scope.cancel()
+
+            async def stopped() -> None:
+                await self._stop.wait()
+                race.cancel_scope.cancel()
+
+            race.start_soon(acquire)
+            race.start_soon(stopped)
+        if self.lease is not None and self.lease.revision is not None \
+                and not self._stop.is_set():
+            self.lease_state = ACTIVE
+            self.tg.start_soon(self.lease.hold, self._on_lease_lost)
+
+    async def _open_lease(self) -> Lease:
+        """The role's lease, once JetStream answers (a new cluster elects its leaders
+        first; retried until it does)."""
+        delay = 0.1
+        while True:
+            try:
+                kv = await open_leases(self.nc, replicas=self.settings.replicas)
+                return Lease(kv, role=self.role, node=self.name, instance=self.instance,
+                             ttl=await bucket_ttl(kv))
+            except (nats.errors.Error, TimeoutError) as exc:
+                self.log.warning("lease bucket not available yet; retrying",
+                                 error=str(exc) or type(exc).__name__)
+            await anyio.sleep(delay)
+            delay = min(delay * 2, 2.0)
+
+    def _on_lease_lost(self, reason: str) -> None:
+        """Stop acting now: cancel every handler and loop of this term, then exit."""
+        self.lease_lost = reason
+        self.lease_state = STANDBY
+        self._stop.set()
+        if self._tg is not None:
+            self._tg.cancel_scope.cancel()
+
+    async def _announce_leader(self) -> None:
+        assert self.lease is not None and self.lease.revision is not None
+        await self.beat_now()  # the registry shows this instance active at once
+        await self.emit(LeaderChanged(role=self.role, node=self.name, instance=self.instance,
+                                      term=self.lease.revision, previous=self.lease.previous))
 
     async def _on_closed(self) -> None:
         """nats-py closed the connection: for good, unless we are stopping."""
@@ -319,6 +426,8 @@ class Node:
         if self.audit is not None:  # every answered command's entry, in the ledger (bounded)
             await self.audit.flush()
         await self._say_goodbye()
+        if self.lease is not None:
+            await self.lease.release()
         tg.cancel_scope.cancel()
 
     async def _on_disconnect(self) -> None:

@@ -11,6 +11,7 @@ import anyio
 
 from nodes.orphans import die_with_parent
 from nodes.runtime.connection import CannotReachNats, ConnectionClosed
+from nodes.runtime.lease import LeaseLost
 from nodes.runtime.logs import get_logger
 from nodes.runtime.node import Node
 
@@ -58,6 +59,9 @@ def run_node(node: Node) -> int:
     except* ConnectionClosed as group:
         print(f"shipyard: {group.exceptions[0]}", file=sys.stderr)
         code = 2
+    except* LeaseLost as group:  # stepped down: a restart waits as a standby
+        print(f"shipyard: {group.exceptions[0]}", file=sys.stderr)
+        code = 3
     return code
 
 

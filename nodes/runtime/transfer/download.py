@@ -85,8 +85,9 @@ class _Receiver(_Flow):
     async def on_msg(self, msg: Msg) -> None:
         status = _status(msg)
         if status is not None:
-            self.error = TransferStalled(self.bucket, self.name,
-                                         f"server ended the read: {status}")
+            kind = _NotYetServed if _not_yet_served(status, self.received) \
+                else TransferStalled
+            self.error = kind(self.bucket, self.name, f"server ended the read: {status}")
         else:
             self.received += 1
             self.batch.append(msg.data)
@@ -133,8 +134,38 @@ class _Pull(msgspec.Struct, frozen=True):
     window: int  # chunks requested but not yet received, at most
 
 
+class _NotYetServed(TransferStalled):
+    """The first pull found no responder (status 503): in a cluster, the new consumer's
+    pull subject may not have reached the client's server yet.  Nothing was received."""
+
+
+# Attempts (with backoff from 50 ms) at a read whose first pull found no responder.
+NOT_YET_SERVED_ATTEMPTS = 5
+
+
+def _not_yet_served(status: str, received: int) -> bool:
+    return received == 0 and status.startswith("status 503")
+
+
 async def _receive(js: JetStreamContext, info: _Info, fd: int, h: Any,
                    progress: Callable[[int, int], None] | None, timeout: float) -> int:
+    """Pull every chunk into ``fd``; a read refused before its first chunk because the
+    consumer was not yet served where the client is (a cluster) is tried again with a
+    new consumer (nothing was written or hashed yet)."""
+    delay = 0.05
+    for attempt in range(NOT_YET_SERVED_ATTEMPTS):
+        try:
+            return await _receive_once(js, info, fd, h, progress, timeout)
+        except _NotYetServed:
+            if attempt == NOT_YET_SERVED_ATTEMPTS - 1:
+                raise
+            await anyio.sleep(delay)
+            delay *= 2
+    raise AssertionError("unreachable")
+
+
+async def _receive_once(js: JetStreamContext, info: _Info, fd: int, h: Any,
+                        progress: Callable[[int, int], None] | None, timeout: float) -> int:
     """Pull every chunk into ``fd`` through an ephemeral no-ack consumer; bytes written."""
     nc = natscompat.js_client(js)
     stream, consumer = _stream(info.bucket), _nuid.next().decode()
@@ -213,8 +244,8 @@ async def _receive_direct(fetch: bulkfetch.Fetch, pull: _Pull, fd: int, h: Any,
         raise TransferStalled(info.bucket, info.name, f"stalled: chunk {exc.received + 1} "
                               f"of {info.chunks} did not arrive within {timeout:g}s") from None
     except bulkfetch.Refused as exc:
-        raise TransferStalled(info.bucket, info.name,
-                              f"server ended the read: {exc}") from exc
+        kind = _NotYetServed if _not_yet_served(str(exc), fetch.received) else TransferStalled
+        raise kind(info.bucket, info.name, f"server ended the read: {exc}") from exc
 
 
 async def _receive_nats_py(nc: NATS, pull: _Pull, fd: int, h: Any,

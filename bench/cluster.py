@@ -1,0 +1,374 @@
+"""A 3-server JetStream cluster against one server, and failover times.
+
+* **API over NATS**: the no-op endpoint of one API node process (``bench.api_nats``'s
+  load: sequential latency, throughput with 64 in flight), on one server and on the
+  cluster (streams at R3; the load's client on server 1, the API node wherever its
+  server list put it).  The ratio says what the cluster costs the hot path.
+* **Deploy propagation**: a 100 KB bundle to 16 Automation node processes
+  (``bench.deploy``'s measure: deploy command -> every node reports it active), one
+  server against the cluster (R3 desired state and object store).
+* **Failover**, on the cluster with two Deployer processes (one active), an API node
+  and a client that keeps requesting:
+  - SIGKILL of a NATS server (each of the three in turn, restarted and caught up before
+    the next run): time to the first successful API request and to the first deploy
+    command the control plane accepts (desired state written, R3);
+  - SIGKILL of the active Deployer (restarted as a standby after each run): time to the
+    first accepted deploy command.
+  p50 (and max) over the runs.
+
+Every node is a real ``shipyard node start`` process.  Measured on a shared, loaded
+2-core host: absolute numbers are noisy; the ratios and failover times are the point.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+from typing import Any
+
+import anyio
+import nats
+import nats.errors
+
+from bench import api_nats
+from bench.api_common import (
+    SERVICE,
+    api_node_argv,
+    api_nodes,
+    control_plane,
+    deploy,
+    package,
+    served_nats,
+)
+from bench.common import percentile, print_table, processes, python, wait_nodes
+from bench.deploy import create_infra, measure, node_argv, setup, write_project
+from nodes.runtime.calls import Caller
+from nodes.runtime.connection import connect
+from nodes.runtime.embedded import EmbeddedCluster, EmbeddedNats, wait_jetstream
+from nodes.runtime.requests import Requester
+from nodes.runtime.settings import NatsSettings, split_servers
+from protocol import subjects
+from protocol.api import DeployApi
+from protocol.errors import OperationError
+from protocol.leases import LEASE_VALUE, lease_key
+
+KB = 1024
+BODY = b'{"features":{"x":1}}'
+
+
+@contextmanager
+def servers(size: int) -> Iterator[list[EmbeddedNats]]:
+    """One server, or a cluster of ``size``; nodes started meanwhile use R3 on a cluster."""
+    with tempfile.TemporaryDirectory(prefix="sy-bench-cluster-") as tmp:
+        before = os.environ.get("SHIPYARD_REPLICAS")
+        os.environ["SHIPYARD_REPLICAS"] = str(min(size, 3))
+        try:
+            if size == 1:
+                server = EmbeddedNats(Path(tmp) / "js", port=-1, monitor_port=None)
+                with server:
+                    yield [server]
+            else:
+                with EmbeddedCluster(Path(tmp) / "js", size=size, monitor_ports=[None] * size,
+                                     ) as cluster:
+                    anyio.run(_js_ready, cluster.url)
+                    yield cluster.servers
+        finally:
+            if before is None:
+                os.environ.pop("SHIPYARD_REPLICAS", None)
+            else:
+                os.environ["SHIPYARD_REPLICAS"] = before
+
+
+async def _js_ready(url: str) -> None:
+    nc = await nats.connect(list(split_servers(url)))
+    try:
+        await wait_jetstream(nc)
+    finally:
+        await nc.close()
+
+
+def _url(ss: list[EmbeddedNats]) -> str:
+    return ",".join(s.url for s in ss)
+
+
+# -- API throughput and latency ---------------------------------------------------------------
+
+@contextmanager
+def api_stack(size: int, tmp: Path) -> Iterator[str]:
+    """A control plane and one API node serving the no-op endpoint; yields the URL of
+    the server the load's client uses (the first)."""
+    with servers(size) as ss:
+        url = _url(ss)
+        with control_plane(url, tmp / "ws", tmp):
+            anyio.run(package, url, ["v1"], tmp / "ws")
+            argv = api_node_argv(url, "api-1", tmp, "--no-http")
+            with api_nodes([argv], url, 1):
+                anyio.run(deploy, url, {"v1": 100}, 1)
+                served_nats(url, subjects.api_endpoint(SERVICE, "noop"))
+                yield ss[0].url
+
+
+def api_cases(n_seq: int, seconds: float, rounds: int) -> dict[str, dict[str, Any]]:
+    """Both stacks up at once, measured in alternating rounds (the load on this shared
+    host changes by the minute); the median round of each by throughput."""
+    subject = subjects.api_endpoint(SERVICE, "noop")
+    runs: dict[str, list[dict[str, Any]]] = {"single": [], "cluster": []}
+    with tempfile.TemporaryDirectory(prefix="sy-bench-capi-") as tmp_s, ExitStack() as stack:
+        tmp = Path(tmp_s)
+        urls = {"single": stack.enter_context(api_stack(1, tmp / "single")),
+                "cluster": stack.enter_context(api_stack(3, tmp / "cluster"))}
+        for r in range(rounds):
+            for name in (["single", "cluster"] if r % 2 == 0 else ["cluster", "single"]):
+                runs[name].append(api_nats._measure(urls[name], subject, n_seq, seconds))
+    return {name: dict(sorted(rs, key=lambda m: m["rps_64"])[len(rs) // 2])
+            for name, rs in runs.items()}
+
+
+# -- deploy propagation ---------------------------------------------------------------------
+
+def deploy_case(size: int, n_nodes: int, repeats: int) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="sy-bench-cdeploy-") as tmp_s, \
+            servers(size) as ss:
+        tmp, url = Path(tmp_s), _url(ss)
+        ws = tmp / "ws"
+        write_project(ws, "p100k", 100 * KB)
+        control = [python("-P", "-m", "nodes.cli", "node", "start", "deployer", "--name",
+                          "deployer", "--nats", url, "--heartbeat-interval", "1.0"),
+                   python("-P", "-m", "nodes.cli", "node", "start", "design", "--name",
+                          "design", "--nats", url, "--workspace", str(ws))]
+        with processes(control, ready_line=None):
+            anyio.run(wait_nodes, url, "control", 2)
+            anyio.run(setup, ss[0].url, {"p100k": 100 * KB}, {100 * KB: repeats})
+            anyio.run(create_infra, ss[0].url, "bench")
+            argvs = [node_argv(url, f"bench-a{i}", "bench", tmp / "nodes")
+                     for i in range(n_nodes)]
+            with processes(argvs, ready_line=None):
+                anyio.run(wait_nodes, url, "bench", n_nodes)
+                bundles = [f"b{i}" for i in range(repeats + 1)]
+                times = anyio.run(measure, ss[0].url, "bench", "p100k", bundles, n_nodes)
+    ms = [t * 1000 for t in times[1:]]  # the first one warms up
+    return {"runs": len(ms), "p50_ms": round(percentile(ms, 50), 1),
+            "p95_ms": round(percentile(ms, 95), 1)}
+
+
+# -- failover -------------------------------------------------------------------------------
+
+def deployer_argv(url: str, name: str) -> list[str]:
+    return python("-P", "-m", "nodes.cli", "node", "start", "deployer", "--name", name,
+                  "--nats", url, "--heartbeat-interval", "0.5")
+
+
+def spawn(argv: list[str]) -> subprocess.Popen[bytes]:
+    from bench.common import ROOT
+    return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                            start_new_session=True)
+
+
+class Probe:
+    """A client that requests the API service, and tries deploys, until told to stop."""
+
+    def __init__(self, url: str) -> None:
+        self.settings = NatsSettings(servers=split_servers(url))
+        self.ok_requests: list[float] = []
+
+    async def first_ok_request_after(self, t: float, timeout: float = 60.0) -> float:
+        with anyio.fail_after(timeout):
+            while True:
+                found = next((x for x in self.ok_requests if x > t), None)
+                if found is not None:
+                    return found - t
+                await anyio.sleep(0.01)
+
+    async def requests(self, nc: Any) -> None:
+        req = Requester(nc)
+        subject = subjects.api_endpoint(SERVICE, "noop")
+        while True:
+            try:
+                msg = await req.request(subject, BODY, timeout=1)
+                if not msg.headers:
+                    self.ok_requests.append(time.monotonic())
+                    if len(self.ok_requests) > 10_000:
+                        del self.ok_requests[:5000]
+                    await anyio.sleep(0.005)
+                    continue
+            except (nats.errors.Error, TimeoutError):
+                pass
+            await anyio.sleep(0.02)
+
+    @staticmethod
+    async def first_deploy_after(caller: Caller, t: float, version: str,
+                                 timeout: float = 60.0) -> float:
+        with anyio.fail_after(timeout):
+            while True:
+                try:
+                    await caller.call(DeployApi(service=SERVICE, infra="bench",
+                                                generations={version: 100}), timeout=2)
+                    return time.monotonic() - t
+                except OperationError:
+                    await anyio.sleep(0.05)
+
+
+async def _holder(nc: Any) -> str | None:
+    try:
+        kv = await nc.jetstream(timeout=1.0).key_value(subjects.LEASES_BUCKET)
+        entry = await kv.get(lease_key("deployer"))
+    except (nats.errors.Error, TimeoutError):
+        return None
+    return LEASE_VALUE.decode(entry.value).node if entry.value else None
+
+
+async def _caught_up(nc: Any, timeout: float = 60.0) -> None:
+    """Every replica of every stream current again (a restarted server caught up)."""
+    js = nc.jetstream(timeout=2.0)
+    with anyio.fail_after(timeout):
+        while True:
+            try:
+                infos = await js.streams_info()
+                if all(i.cluster is not None and len(i.cluster.replicas or []) == 2
+                       and all(r.current and not r.offline for r in i.cluster.replicas or [])
+                       for i in infos):
+                    return
+            except (nats.errors.Error, TimeoutError):
+                pass
+            await anyio.sleep(0.2)
+
+
+async def failover_runs(ss: list[EmbeddedNats], url: str, deployers: dict[str, Any],
+                        runs: int) -> tuple[dict[str, list[float]], int]:
+    """Seconds from each SIGKILL to the first success; and how many Deployers exited
+    (lost their lease) while NATS servers were killed."""
+    probe = Probe(url)
+    nc = await connect(probe.settings, name="bench-failover")
+    caller = Caller(nc, sender="bench")
+    out: dict[str, list[float]] = {"nats_request": [], "nats_deploy": [],
+                                   "deployer_deploy": [], "deployer_request": []}
+    version = 0
+    restarts = {"count": 0}
+
+    async def supervise() -> None:
+        """Restart a Deployer that exits, as ``shipyard up``'s supervisor does (one that
+        lost its lease exits; a SIGKILLed one is restarted too)."""
+        while True:
+            for name, proc in list(deployers.items()):
+                if proc.poll() is not None:
+                    await anyio.sleep(1.0)
+                    deployers[name] = spawn(deployer_argv(url, name))
+                    restarts["count"] += 1
+            await anyio.sleep(0.1)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(supervise)
+        tg.start_soon(probe.requests, nc)
+        await probe.first_ok_request_after(0)
+        for i in range(runs):
+            victim = ss[i % len(ss)]
+            assert victim.proc is not None
+            t = time.monotonic()
+            victim.proc.send_signal(signal.SIGKILL)
+            version += 1
+            out["nats_request"].append(await probe.first_ok_request_after(t))
+            out["nats_deploy"].append(await probe.first_deploy_after(
+                caller, t, f"v{1 + version % 2}"))
+            await anyio.to_thread.run_sync(victim.proc.wait)
+            victim.respawn()
+            await anyio.to_thread.run_sync(victim.wait_ready, 20.0)
+            await _caught_up(nc)
+        stepped_down = restarts["count"]
+        for _ in range(runs):
+            with anyio.fail_after(30):
+                while True:
+                    active = await _holder(nc)
+                    if active is not None:
+                        break
+                    await anyio.sleep(0.05)
+            t = time.monotonic()
+            deployers[active].send_signal(signal.SIGKILL)
+            version += 1
+            out["deployer_request"].append(await probe.first_ok_request_after(t))
+            out["deployer_deploy"].append(await probe.first_deploy_after(
+                caller, t, f"v{1 + version % 2}"))
+            with anyio.fail_after(30):  # restarted, and heartbeating as a standby
+                while True:
+                    try:
+                        seen = await wait_standby(caller, active)
+                    except OperationError:
+                        seen = False
+                    if seen:
+                        break
+                    await anyio.sleep(0.1)
+        tg.cancel_scope.cancel()
+    await nc.close()
+    return out, stepped_down
+
+
+async def wait_standby(caller: Caller, name: str) -> bool:
+    from protocol.registry import ListNodes
+    from protocol.state import DeployerState
+    reply = await caller.call(ListNodes(role="deployer"), timeout=2)
+    return any(n.name == name and n.status == "online" and isinstance(n.state, DeployerState)
+               and n.state.lease == "standby" for n in reply.nodes)
+
+
+def failover_case(runs: int) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="sy-bench-cfail-") as tmp_s, servers(3) as ss:
+        tmp, url = Path(tmp_s), _url(ss)
+        deployers = {"deployer-1": spawn(deployer_argv(url, "deployer-1"))}
+        try:
+            anyio.run(wait_nodes, url, "control", 1)
+            deployers["deployer-2"] = spawn(deployer_argv(url, "deployer-2"))
+            design = python("-P", "-m", "nodes.cli", "node", "start", "design", "--name",
+                            "design", "--nats", url, "--workspace", str(tmp / "ws"),
+                            "--data-dir", str(tmp / "design"), "--heartbeat-interval", "0.5")
+            with processes([design], ready_line=None):
+                anyio.run(wait_nodes, url, "control", 3)
+                anyio.run(package, url, ["v1", "v2"], tmp / "ws")
+                with api_nodes([api_node_argv(url, "api-1", tmp, "--no-http")], url, 1):
+                    anyio.run(deploy, url, {"v1": 100}, 1)
+                    served_nats(url, subjects.api_endpoint(SERVICE, "noop"))
+                    times, stepped_down = anyio.run(failover_runs, ss, url, deployers, runs)
+        finally:
+            for p in deployers.values():
+                p.terminate()
+            for p in deployers.values():
+                try:
+                    p.wait(15)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait()
+    result: dict[str, Any] = {k: {"runs": len(v), "p50_s": round(percentile(v, 50), 2),
+                                  "max_s": round(max(v), 2)} for k, v in times.items()}
+    result["deployer_step_downs_during_nats_kills"] = stepped_down
+    return result
+
+
+def run(quick: bool = False) -> dict[str, Any]:
+    n_seq, seconds = (1000, 1.5) if quick else (3000, 3.0)
+    n_nodes, repeats = (4, 6) if quick else (16, 12)
+    runs = 3 if quick else 6
+    api = api_cases(n_seq, seconds, rounds=3 if quick else 5)
+    ratio = round(api["cluster"]["rps_64"] / api["single"]["rps_64"], 3)
+    print_table("API no-op endpoint over NATS: one server vs a 3-server cluster (R3)",
+                ["servers", "seq p50 us", "seq p99 us", "req/s @64"],
+                [(k, v["p50_us"], v["p99_us"], v["rps_64"]) for k, v in api.items()])
+    print(f"cluster/single throughput ratio: {ratio}")
+    dep = {name: deploy_case(size, n_nodes, repeats) for name, size in (("single", 1),
+                                                                        ("cluster", 3))}
+    print_table(f"deploy propagation, 100 KB to {n_nodes} nodes",
+                ["servers", "runs", "p50 ms", "p95 ms"],
+                [(k, v["runs"], v["p50_ms"], v["p95_ms"]) for k, v in dep.items()])
+    fail = failover_case(runs)
+    print_table("failover on the cluster: seconds from SIGKILL to the first success",
+                ["fault -> first success", "runs", "p50 s", "max s"],
+                [(k, v["runs"], v["p50_s"], v["max_s"]) for k, v in fail.items()
+                 if isinstance(v, dict)])
+    print("Deployers that stepped down (lost the lease) during the NATS kills: "
+          f"{fail['deployer_step_downs_during_nats_kills']}")
+    return {"api": {**api, "throughput_ratio": ratio}, "deploy_100kb": {
+        **dep, "nodes": n_nodes}, "failover": fail}
