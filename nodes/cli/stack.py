@@ -9,6 +9,7 @@ import signal
 import socket
 import sys
 import time
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -46,8 +47,19 @@ from nodes.cli.common import (
     styled,
     table,
 )
+from nodes.cli.dashboard import (
+    add_dashboard,
+    dashboard_node_extra,
+    dashboard_node_options,
+    dashboard_url,
+    pick_port,
+    prepare_up,
+    serving,
+    up_dashboard_options,
+)
 from nodes.cli.envs import env_node_extra, env_node_options, env_up_argv
 from nodes.cli.ports import check_ports, port_type
+from nodes.deployer.dashboard.access import ensure_token_file
 from nodes.roles import ROLES
 from nodes.runtime.calls import Caller
 from nodes.runtime.connection import CannotReachNats, connect
@@ -113,6 +125,7 @@ def node() -> None:
 @click.option("--log-level", default=None, help="debug, info, warning or error.")
 @env_node_options
 @api_node_options
+@dashboard_node_options
 def node_start(role: str, name: str | None, infra: str | None, nats_url: str | None,
                creds: str | None, heartbeat_interval: float, forget_after: str,
                max_concurrency: int, approvals: int | None,
@@ -120,6 +133,8 @@ def node_start(role: str, name: str | None, infra: str | None, nats_url: str | N
                data_dir: Path | None, keep_bundles: int, log_level: str | None,
                index_url: str | None, find_links: tuple[str, ...], no_index: bool,
                env_build_timeout: float | None, env_grace: float | None,
+               dashboard_port: int | None, dashboard_host: str | None,
+               dashboard_token_file: Path | None, dashboard_creds: Path | None,
                **api_options: Any) -> None:
     """Run one node worker of ROLE in the foreground (SIGINT/SIGTERM stop it gracefully)."""
     configure_logging(log_level)
@@ -155,6 +170,9 @@ def node_start(role: str, name: str | None, infra: str | None, nats_url: str | N
     elif approvals is not None:
         raise click.BadParameter("--approvals is for govern nodes", param_hint="--approvals")
     extra.update(api_node_extra(role, api_options))
+    extra.update(dashboard_node_extra(role, name, dict(
+        dashboard_port=dashboard_port, dashboard_host=dashboard_host,
+        dashboard_token_file=dashboard_token_file, dashboard_creds=dashboard_creds)))
     extra.update(env_node_extra(role, dict(
         index_url=index_url, find_links=find_links, no_index=no_index,
         env_build_timeout=env_build_timeout, env_grace=env_grace)))
@@ -254,10 +272,12 @@ def _children(home: Path, url: str, *, automation: int, api: int,
 @click.option("--insecure", is_flag=True,
               help="No auth: anyone who reaches NATS may deploy. [default: identities, "
                    "signed commands and per-node NATS users, kept in HOME/auth]")
+@up_dashboard_options
 @env_node_options
 def up(home: Path, nats_port: int, monitor_port: int | None, http_port: int,
        automation_nodes: int, api_nodes: int, heartbeat_interval: float,
-       workspace: Path, insecure: bool, **env_options: Any) -> None:
+       workspace: Path, insecure: bool, dashboard_port: int | None, dashboard_host: str,
+       **env_options: Any) -> None:
     """Start the whole stack in the foreground: embedded NATS and every node role.
 
     Writes HOME/stack.json so other commands run in this folder find the stack.  If the
@@ -274,6 +294,8 @@ def up(home: Path, nats_port: int, monitor_port: int | None, http_port: int,
         sys.exit(EXIT_FAILED)
     monitor_port = check_ports(nats_host=NATS_HOST, http_host=HTTP_HOST, nats_port=nats_port,
                                monitor_port=monitor_port, http_port=http_port)
+    dashboard_port = pick_port(dashboard_host, dashboard_port, {
+        "--nats-port": nats_port, "--http-port": http_port, "--monitor-port": monitor_port})
     auth = None
     if not insecure:
         try:
@@ -282,15 +304,38 @@ def up(home: Path, nats_port: int, monitor_port: int | None, http_port: int,
         except ShipyardError as exc:
             err.print(f"shipyard: {exc}")
             sys.exit(EXIT_FAILED)
+    board = None
+    if dashboard_port:
+        try:
+            token_file, board_creds = prepare_up(home, auth)
+        except (OSError, ValueError, ShipyardError) as exc:
+            err.print(f"shipyard: {exc}")
+            sys.exit(EXIT_FAILED)
+        board = Board(dashboard_host, dashboard_port, token_file, board_creds)
     code = anyio.run(_up, home, nats_port, monitor_port, http_port, automation_nodes,
                      api_nodes, heartbeat_interval, workspace.resolve(), auth,
-                     env_up_argv(env_options))
+                     env_up_argv(env_options), board)
     sys.exit(code)
+
+
+@dataclass(frozen=True)
+class Board:
+    """The dashboard ``up`` has the Deployer serve."""
+
+    host: str
+    port: int
+    token_file: Path
+    creds: Path | None
+
+    @property
+    def url(self) -> str:
+        return dashboard_url(self.host, self.port)
 
 
 async def _up(home: Path, nats_port: int, monitor_port: int, http_port: int,
               automation: int, api: int, heartbeat_interval: float, workspace: Path,
-              auth: StackAuth | None = None, env_argv: list[str] | None = None) -> int:
+              auth: StackAuth | None = None, env_argv: list[str] | None = None,
+              board: Board | None = None) -> int:
     server = EmbeddedNats(home / "nats", host=NATS_HOST, port=nats_port,
                           monitor_port=monitor_port,
                           log_file=home / "logs" / "nats.log", server_name="shipyard",
@@ -306,6 +351,9 @@ async def _up(home: Path, nats_port: int, monitor_port: int, http_port: int,
                          heartbeat_interval=heartbeat_interval, workspace=workspace,
                          creds=auth.creds if auth else None, env_argv=env_argv)
     add_http_port(children, http_port)
+    if board is not None:
+        add_dashboard(children, port=board.port, host=board.host,
+                      token_file=board.token_file, creds=board.creds)
     # With auth, this process acts as the stack's admin (and signs what it sends).
     settings = NatsSettings(servers=(server.url,),
                             creds_file=str(auth.admin) if auth else None)
@@ -330,7 +378,9 @@ async def _up(home: Path, nats_port: int, monitor_port: int, http_port: int,
              "nats_pid": server.proc.pid if server.proc else None,
              "http_url": f"http://127.0.0.1:{http_port}", "pid": os.getpid(),
              "home": str(home), "replicas": 1, "started_at": time.time(),
-             "version": nodes.__version__, **(auth.stack_fields() if auth else {})}
+             "version": nodes.__version__, **(auth.stack_fields() if auth else {}),
+             **({"dashboard_url": board.url, "dashboard_token_file": str(board.token_file)}
+                if board else {})}
     await _write_stack(home, stack)
 
     async def nats_exited(code: int, delay: float) -> None:
@@ -357,6 +407,7 @@ async def _up(home: Path, nats_port: int, monitor_port: int, http_port: int,
                 _print_children(children, home)
                 await _default_infras(nc)
                 await print_api_urls(nc, http_port, tg)
+                await _print_dashboard(board)
                 out.print(f"workspace   {workspace}  (projects: one folder each, with "
                           "shipyard.toml)")
                 if not ok:
@@ -427,6 +478,18 @@ async def _default_infras(nc: Any) -> None:
         except OperationError as exc:
             err.print(f"shipyard: could not create infra {name}: {exc.message}")
     out.print("infras      automation (automation nodes), api (API nodes)")
+
+
+async def _print_dashboard(board: Board | None) -> None:
+    if board is None:
+        out.print("dashboard   off (--dashboard-port 0)")
+        return
+    token = ensure_token_file(board.token_file, "admin")
+    if not await serving(board.host, board.port):
+        err.print(f"shipyard: the dashboard is not answering on {board.url}: see the "
+                  "deployer's log")
+    out.print(f"dashboard   {board.url}  (log in: {board.url}/login?token={token}; "
+              f"logins in {board.token_file})")
 
 
 def _print_auth(auth: StackAuth | None) -> None:

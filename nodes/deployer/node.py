@@ -18,6 +18,7 @@ from nats.js.kv import KeyValue
 from nodes.deployer.api_deployments import ApiDeployer
 from nodes.deployer.apikeys import ApiKeys
 from nodes.deployer.bundle_deployments import ProjectDeployer
+from nodes.deployer.dashboard.server import Dashboard, DashboardConfig
 from nodes.deployer.registry import FORGET_AFTER_S, Registry
 from nodes.deployer.run_history import RunDesk
 from nodes.runtime.jetstream import ensure_kv
@@ -61,9 +62,11 @@ class DeployerNode(Node):
     apis: ApiDeployer
 
     def __init__(self, *, sweep_interval: float | None = None,
-                 forget_after: float | None = FORGET_AFTER_S, **kw: Any) -> None:
+                 forget_after: float | None = FORGET_AFTER_S,
+                 dashboard: DashboardConfig | None = None, **kw: Any) -> None:
         """``forget_after``: seconds a lost node is kept before it is forgotten (None:
-        kept until ``shipyard node forget``)."""
+        kept until ``shipyard node forget``).  ``dashboard``: serve the web dashboard
+        and ``/metrics`` (None: not served)."""
         super().__init__(**kw)
         self.registry = Registry(forget_after=forget_after)
         # Each desk gets the node's capabilities (``DeskHost``) and, by name, what it
@@ -86,6 +89,7 @@ class DeployerNode(Node):
             EVENT_QUEUE)
         self._dirty = anyio.Event()
         self._events_done = anyio.Event()
+        self.dashboard = Dashboard(self, dashboard) if dashboard is not None else None
 
     @property
     def kv(self) -> KeyValue:
@@ -132,6 +136,8 @@ class DeployerNode(Node):
         await self.runs.started(tg)
         await self.projects.started(tg)
         await self.apis.started(tg)
+        if self.dashboard is not None:  # every part supervised: NATS errors never end it
+            await tg.start(self.dashboard.run)
 
     def state(self) -> DeployerState:
         return DeployerState(nodes=len(self.registry.nodes), heartbeats=self.heartbeats_seen)
@@ -199,6 +205,8 @@ class DeployerNode(Node):
         self._events_done.set()
 
     async def stopping(self) -> None:
+        if self.dashboard is not None:
+            await self.dashboard.shutdown()
         # Store every queued event and registry change before the connection drains.
         self._events_send.close()
         await self._events_done.wait()
