@@ -1,6 +1,6 @@
 """The web dashboard in a real headless Chromium (Debian's ``chromium``, driven by
-Playwright; no browser download), against a stack with auth: a Deployer and an Automation
-node as real processes.  One stack and one browser for the module.
+Playwright; no browser download), against a stack started the way a user starts it:
+``shipyard up``, with auth.  One stack and one browser for the module.
 
 Without Chromium or Playwright the tests skip on a developer's machine and fail in CI
 (``CI=true``), where ``.ci/run`` installs both."""
@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -22,15 +23,15 @@ from typing import Any
 
 import pytest
 
-from nodes.auth.registry import publish_identities
 from nodes.runtime.calls import Caller
 from nodes.runtime.connection import close, connect
 from nodes.runtime.jetstream import ensure_kv
+from nodes.runtime.settings import NatsSettings
 from protocol import subjects
 from protocol.base import encode
 from protocol.bundles import BundleInfo, bundle_key
-from protocol.deploy import CreateInfra, DeployBundle, DeploymentView, ListDeployments
-from tests.authstack import AuthStack
+from protocol.deploy import DeployBundle, DeploymentView, ListDeployments
+from protocol.registry import ListNodes, NodeInfo
 from tests.helpers import Background, shipyard, shipyard_argv, wait_until
 
 CHROMIUM = os.environ.get("SHIPYARD_CHROMIUM", "/usr/bin/chromium")
@@ -62,15 +63,15 @@ def _free_port() -> int:
 
 @dataclass
 class Stack:
-    auth: AuthStack
-    url: str
-    token: str
-    automation: Background
+    home: Path
+    login: str  # the login URL ``up`` printed
+    url: str  # stack.json's dashboard_url
+    settings: NatsSettings  # the admin's, as stack.json names them
     env: dict[str, str]
 
     def call(self, cmd: Any) -> Any:
         async def main() -> Any:
-            nc = await connect(self.auth.settings("admin"), name="test")
+            nc = await connect(self.settings, name="test")
             try:
                 return await Caller(nc, sender="test").call(cmd, timeout=10)
             finally:
@@ -84,11 +85,13 @@ class Stack:
         reply = self.call(ListDeployments(project="churn", infra="automation"))
         return reply.deployments[0]  # type: ignore[no-any-return]
 
+    def node(self, name: str) -> NodeInfo:
+        return next(n for n in self.call(ListNodes()).nodes if n.name == name)  # type: ignore[no-any-return]
 
-async def _prepare(auth: AuthStack) -> None:
-    nc = await connect(auth.settings("admin"), name="test")
+
+async def _publish_bundles(settings: NatsSettings) -> None:
+    nc = await connect(settings, name="test")
     try:
-        await publish_identities(nc, auth.store.identities())
         kv = await ensure_kv(nc.jetstream(), subjects.BUNDLE_BUCKET)
         for b in ("v1", "v2"):
             await kv.put(bundle_key("churn", b), encode(BundleInfo(
@@ -99,42 +102,35 @@ async def _prepare(auth: AuthStack) -> None:
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """``shipyard up`` with auth (the default), one Automation node, the dashboard on any
+    free port: the login URL it prints and the URL stack.json records."""
     root = tmp_path_factory.mktemp("dashboard")
-    auth = AuthStack(root)
-    dashboard_creds = auth.add("dashboard", "deployer")
-    auth.server.start()
     env = {k: v for k, v in os.environ.items() if not k.startswith("SHIPYARD_")}
-    env.update(SHIPYARD_LOG_FORMAT="json", SHIPYARD_NATS_URL=auth.server.url)
-    port = _free_port()
-    token_file = root / "dashboard.token"
-    token = "admin-" + "t" * 30
-    token_file.write_text(f"admin:{token}\n")
-    procs: list[Background] = []
+    env["SHIPYARD_LOG_FORMAT"] = "json"
+    _browser_or_skip()  # before the stack: a skip (or failure) should cost nothing
+    http_port = _free_port()
+    up = Background(shipyard_argv(
+        "up", "--nats-port", "-1", "--monitor-port", "-1", "--http-port", str(http_port),
+        "--api-nodes", "0", "--automation-nodes", "1", "--heartbeat-interval", HB,
+        "--dashboard-port", "-1"), env=env, cwd=root)
     try:
-        asyncio.run(_prepare(auth))
-        deployer = Background(shipyard_argv(
-            "node", "start", "deployer", "--name", "deployer", "--heartbeat-interval", HB,
-            "--creds", str(auth.store.creds_path("deployer")),
-            "--dashboard-port", str(port), "--dashboard-token-file", str(token_file),
-            "--dashboard-creds", str(dashboard_creds)), env=env, cwd=root)
-        procs.append(deployer)
-        automation = Background(shipyard_argv(
-            "node", "start", "automation", "--name", "automation-1", "--heartbeat-interval",
-            HB, "--creds", str(auth.store.creds_path("automation-1")),
-            "--data-dir", str(root / "automation-1")), env=env, cwd=root)
-        procs.append(automation)
-        deployer.wait_line("serving the dashboard", timeout=30)
-        automation.wait_line("node ready", timeout=30)
-        s = Stack(auth=auth, url=f"http://127.0.0.1:{port}", token=token,
-                  automation=automation, env=env)
-        s.call(CreateInfra(name="automation", kind="automation"))
+        line = up.wait_line("dashboard   http", timeout=60)
+        up.wait_line("ready:", timeout=30)
+        login = re.search(r"log in: (\S+);", line)
+        assert login is not None, line
+        info = json.loads((root / ".shipyard" / "stack.json").read_text())
+        settings = NatsSettings(servers=(info["nats_url"],), creds_file=info["credentials"])
+        s = Stack(home=root, login=login.group(1), url=info["dashboard_url"],
+                  settings=settings, env=env)
+        assert s.login.startswith(s.url + "/login?token=")
+        with ThreadPoolExecutor(1) as pool:
+            pool.submit(asyncio.run, _publish_bundles(settings)).result()
         for b in ("v1", "v2"):
             s.call(DeployBundle(project="churn", bundle_id=b, infra="automation", by="alice"))
         yield s
     finally:
-        for p in reversed(procs):
-            p.stop(signal.SIGTERM)  # a no-op signal for one already killed
-        auth.server.stop()
+        code = up.stop(signal.SIGINT, timeout=40)
+        assert code == 0, up.output()
 
 
 @pytest.fixture(scope="module")
@@ -148,7 +144,7 @@ def page(stack: Stack) -> Iterator[Any]:
             errors: list[str] = []
             tab.on("pageerror", lambda exc: errors.append(str(exc)))
             tab.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
-            tab.goto(f"{stack.url}/login?token={stack.token}")
+            tab.goto(stack.login)
             tab.wait_for_selector("#live[data-state=live]")
             tab.evaluate("window.__sameDocument = true")
             yield tab
@@ -178,8 +174,8 @@ def test_a_rollback_clicked_on_the_page_changes_the_deployment(page: Any,
         "() => document.querySelector('[data-deployment=\"bundle:automation:churn\"] "
         ".desired')?.textContent === 'v1'")
     # Audited: the verified identity the dashboard signs with, and who clicked.
-    env = dict(stack.env, SHIPYARD_NATS_CREDS=str(stack.auth.store.creds_path("admin")))
-    entries = json.loads(shipyard("audit", "--json", env=env, check=True).stdout)
+    entries = json.loads(shipyard("audit", "--json", env=stack.env, cwd=stack.home,
+                                  check=True).stdout)
     rollback = [e for e in entries if e["command"] == "deploy.rollback"]
     assert len(rollback) == 1, entries
     assert rollback[0]["identity"] == "dashboard" and rollback[0]["verified"] is True
@@ -189,8 +185,8 @@ def test_a_rollback_clicked_on_the_page_changes_the_deployment(page: Any,
 def test_a_node_killed_with_sigkill_turns_lost_on_the_page_without_a_reload(
         page: Any, stack: Stack) -> None:
     page.wait_for_selector('tr[data-node="automation-1"][data-status="online"]')
-    os.kill(stack.automation.proc.pid, signal.SIGKILL)
-    stack.automation.proc.wait(5)
+    os.kill(stack.node("automation-1").pid, signal.SIGKILL)
+    # ``up`` restarts it a moment later: the page must show the loss in between.
     page.wait_for_selector('tr[data-node="automation-1"][data-status="lost"]')
     assert page.evaluate("window.__sameDocument") is True  # no reload happened
     assert "lost" in page.inner_text('tr[data-node="automation-1"] .status')
