@@ -27,6 +27,7 @@ from nodes.flow.graph import Graph
 from nodes.project.manifest import MANIFEST, Manifest, parse_manifest
 from nodes.runtime import transfer
 from nodes.runtime.jetstream import ensure_kv
+from nodes.runtime.loops import is_transient
 from protocol import subjects
 from protocol.bundles import BUNDLE_INFO, BundleInfo, bundle_key
 from protocol.scenarios import RunSummary
@@ -81,12 +82,14 @@ class Flows:
         while True:
             while self._wanted:
                 project, bundle = self._wanted[0]
-                result: Manifest | str
+                result: Manifest | str | None
                 try:
                     result = await self._load(project, bundle)
                 except Exception as exc:  # shown on the page in place of the picture
-                    result = f"Flow not available: {exc}"
-                self.manifests[(project, bundle)] = result
+                    # NATS not answering now: asked again at the next refresh.
+                    result = None if is_transient(exc) else f"Flow not available: {exc}"
+                if result is not None:
+                    self.manifests[(project, bundle)] = result
                 while len(self.manifests) > MAX_CACHED:
                     self.manifests.popitem(last=False)
                 self._wanted.pop(0)
