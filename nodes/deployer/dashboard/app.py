@@ -157,7 +157,7 @@ class DashboardApp:
                      ) -> tuple[int, bytes, bytes, list[tuple[bytes, bytes]]]:
         if path == "/metrics":
             _method(method, "GET")
-            return 200, self.board.metrics.render(), CONTENT_TYPE.encode(), []
+            return 200, await self.board.metrics.render(), CONTENT_TYPE.encode(), []
         if path.startswith("/static/"):
             _method(method, "GET")
             found = self.static.get(path[len("/static/"):])

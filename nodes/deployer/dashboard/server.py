@@ -23,6 +23,7 @@ from anyio.abc import TaskStatus
 from nats.aio.client import Client as NATS
 
 from nodes.auth.guard import node_identity
+from nodes.auth.keys import read_credentials
 from nodes.deployer.dashboard.access import Logins, read_tokens
 from nodes.deployer.dashboard.app import DashboardApp
 from nodes.deployer.dashboard.feed import Feed
@@ -31,6 +32,7 @@ from nodes.deployer.dashboard.state import (
     EVENTS_SHOWN,
     RecentEvents,
     Traffic,
+    api_records,
     deployment_views,
     deployments_section,
     nodes_section,
@@ -74,17 +76,12 @@ class Actor:
         self.secured = node_identity(node.settings) is not None
         self._nc: NATS | None = None
         self._lock = anyio.Lock()
+        self._identity = "" if creds is None else read_credentials(str(creds)).name
 
     @property
     def identity(self) -> str:
-        if self.creds is not None:
-            from nodes.auth.keys import read_credentials
-
-            try:
-                return read_credentials(str(self.creds)).name
-            except Exception:
-                return "?"
-        return "" if self.secured else self.node.name
+        """Who the commands are signed by ("" when nobody signs)."""
+        return self._identity
 
     def can_act(self) -> tuple[bool, str]:
         if self.secured and self.creds is None:
@@ -154,7 +151,7 @@ class Dashboard:
         self.traffic = Traffic()
         self.events = RecentEvents()
         self.flows = Flows(node)
-        self.feed = Feed(self.sections)
+        self.feed = Feed(self.sections, idle=self.sample_traffic)
         self.flows.on_loaded.append(self.feed.kick)
         self.app = DashboardApp(self)
         self.port = config.port
@@ -177,6 +174,10 @@ class Dashboard:
                 "traffic": self.traffic.section(),
                 "events": self.events.section(),
                 "flows": flows_section(self.node, self.flows)}
+
+    def sample_traffic(self) -> None:
+        self.traffic.sample([self.node.apis.view(e.value, e.revision)
+                             for e in api_records(self.node)])
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         log = self.log

@@ -4,8 +4,8 @@ Each section is plain JSON-able data built from what the Deployer already holds:
 registry (fleet), the two deployment desks' KV caches and their views (the same views
 ``shipyard deployments`` prints, so the health judgement is the Deployer's own), the run
 history, the API nodes' last metrics reports, and the recent events.  Building every
-section for 1,000 nodes takes a few milliseconds, so it runs in the event loop, where
-the state it reads is never half-changed.
+section for 1,000 nodes took 10-17 ms on this loaded 2-core machine, so it runs in the
+event loop, where the state it reads is never half-changed (``feed`` bounds how often).
 """
 
 from __future__ import annotations
