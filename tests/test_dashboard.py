@@ -10,19 +10,31 @@ from pathlib import Path
 import anyio
 import httpx
 import msgspec
+import pytest
 
 from nodes.deployer import DeployerNode
 from nodes.deployer.dashboard.access import COOKIE, ensure_token_file
+from nodes.deployer.dashboard.app import ActionBody, build_command
 from nodes.deployer.dashboard.feed import CLIENT_QUEUE, Feed
 from nodes.deployer.dashboard.server import DashboardConfig
+from nodes.deployer.dashboard.state import TRAFFIC_POINTS, Traffic, redeployable
 from nodes.runtime.calls import Caller
 from nodes.runtime.connection import close, connect
 from nodes.runtime.jetstream import ensure_kv
 from nodes.runtime.settings import NatsSettings
 from protocol import subjects
+from protocol.api import DeployApi, RollbackApi
 from protocol.base import encode
 from protocol.bundles import BundleInfo, bundle_key
-from protocol.deploy import CreateInfra, DeployBundle, GetHistory, ListDeployments
+from protocol.deploy import (
+    CreateInfra,
+    DeployBundle,
+    DeploymentView,
+    GetHistory,
+    ListDeployments,
+    Update,
+)
+from protocol.errors import BadRequest
 from tests.helpers import fleet, shipyard, wait_for
 
 
@@ -103,6 +115,8 @@ async def test_dashboard_needs_a_login_and_a_csrf_token_then_rolls_back_like_the
                     "target": "v2"})
                 assert again.status_code == 200 and \
                     again.json()["deployment"]["desired"] == "v2"
+                no_log = await http.get("/api/runs/r-404/log")
+                assert no_log.status_code == 404 and "unknown run" in no_log.text
                 state = (await http.get("/api/state")).json()
                 listed = state["deployments"][0]
                 assert [u["to_bundle"] for u in listed["history"]] == ["v2", "v1", "v2", "v1"]
@@ -191,3 +205,58 @@ def test_up_says_clearly_when_the_dashboard_port_is_taken(cli_env: dict[str, str
     proc = shipyard("node", "start", "automation", "--dashboard-port", "1234", env=cli_env,
                     cwd=tmp_path)
     assert proc.returncode == 2 and "--dashboard-port is for deployer nodes" in proc.stderr
+
+
+def test_clicks_become_the_clis_typed_commands_and_bad_ones_say_why() -> None:
+    api = build_command(ActionBody(action="deploy", kind="api", infra="api", name="scorer",
+                                   target="v1=90,v2=10", revision=3), "ops")
+    assert api == DeployApi(service="scorer", infra="api", generations={"v1": 90, "v2": 10},
+                            by="dashboard:ops", expected_revision=3)
+    assert build_command(ActionBody(action="rollback", kind="api", infra="api",
+                                    name="scorer"), "ops") == RollbackApi(
+        service="scorer", infra="api", by="dashboard:ops")
+    for body, message in (
+            (ActionBody(action="deploy", kind="api", infra="a", name="s", target="v1=x"),
+             "invalid split"),
+            (ActionBody(action="deploy", kind="bundle", infra="a", name="p"),
+             "deploy needs a target"),
+            (ActionBody(action="delete", kind="bundle", infra="a", name="p"),
+             "expected rollback or deploy"),
+            (ActionBody(action="rollback", kind="model", infra="a", name="p"),
+             "expected bundle or api")):
+        with pytest.raises(BadRequest, match=message):
+            build_command(body, "ops")
+    # What a listed API version redeploys as: a split, never a mapping with a shadow.
+    update = Update(id="u", at=0, by="x", action="deploy", from_bundle=None, to_bundle="v2")
+    assert redeployable("api", update) == "v2=100"
+    assert redeployable("api", msgspec.structs.replace(update, to_bundle="v1=90,v2=10")) \
+        == "v1=90,v2=10"
+    assert redeployable("api", msgspec.structs.replace(
+        update, to_bundle="v2 (+shadow v3)")) is None
+    assert redeployable("bundle", update) == "v2"
+
+
+def test_traffic_history_is_sampled_per_generation_and_bounded() -> None:
+    traffic = Traffic()
+
+    def view(rows: list[dict[str, object]]) -> DeploymentView:
+        return DeploymentView(project="scorer", infra="api", desired="v1=90,v2=10",
+                              previous=None, revision=1, update_id="u", updated_at=0,
+                              updated_by="x", state="in_sync", health="HEALTHY", kind="api",
+                              extra={"metrics": rows})
+
+    rows: list[dict[str, object]] = [
+        {"endpoint": "predict", "generation": "v1", "shadow": False, "requests": 100,
+         "errors": 5, "rps": 9.0, "p95_ms": 25.0},
+        {"endpoint": "other", "generation": "v1", "shadow": False, "requests": 100,
+         "errors": 0, "rps": 1.0, "p95_ms": 50.0},
+        {"endpoint": "predict", "generation": "v3", "shadow": True, "requests": 7,
+         "errors": 0, "rps": 1.0, "p95_ms": 5.0}]
+    assert traffic.sample([view(rows)], now=1000.0)
+    assert not traffic.sample([view(rows)], now=1000.5)  # at most one sample per period
+    series = {g["generation"]: g["points"] for g in traffic.section()}
+    assert set(series) == {"v1"}  # shadow traffic is not live traffic
+    assert series["v1"] == [[1000.0, 10.0, 0.025, 50.0]]
+    for i in range(TRAFFIC_POINTS + 10):
+        traffic.sample([view(rows)], now=2000.0 + i * 3)
+    assert len(traffic.section()[0]["points"]) == TRAFFIC_POINTS
