@@ -15,8 +15,8 @@ import pytest
 from nodes.deployer import DeployerNode
 from nodes.deployer.dashboard.access import COOKIE, ensure_token_file
 from nodes.deployer.dashboard.app import ActionBody, build_command
+from nodes.deployer.dashboard.config import DashboardConfig
 from nodes.deployer.dashboard.feed import CLIENT_QUEUE, Feed
-from nodes.deployer.dashboard.server import DashboardConfig
 from nodes.deployer.dashboard.state import TRAFFIC_POINTS, Traffic, redeployable
 from nodes.runtime.calls import Caller
 from nodes.runtime.connection import close, connect

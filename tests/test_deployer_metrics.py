@@ -13,7 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from nodes.api.metrics import Metrics
 from nodes.deployer import DeployerNode
 from nodes.deployer.dashboard.access import ensure_token_file
-from nodes.deployer.dashboard.server import DashboardConfig
+from nodes.deployer.dashboard.config import DashboardConfig
 from nodes.deployer.metrics import HEALTH_VALUE
 from nodes.design import DesignNode
 from nodes.runtime.calls import Caller

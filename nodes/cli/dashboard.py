@@ -30,7 +30,7 @@ from nodes.deployer.dashboard.access import (
     TokenFileError,
     ensure_token_file,
 )
-from nodes.deployer.dashboard.server import DEFAULT_HOST, DEFAULT_PORT, DashboardConfig
+from nodes.deployer.dashboard.config import DEFAULT_HOST, DEFAULT_PORT, DashboardConfig
 from nodes.runtime.supervisor import Child
 
 F = TypeVar("F", bound=Callable[..., Any])

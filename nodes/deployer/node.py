@@ -9,7 +9,7 @@ one record that cannot be written is dropped, never holding back the others.
 from __future__ import annotations
 
 from functools import partial
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import anyio
 from anyio.abc import TaskGroup
@@ -18,7 +18,6 @@ from nats.js.kv import KeyValue
 from nodes.deployer.api_deployments import ApiDeployer
 from nodes.deployer.apikeys import ApiKeys
 from nodes.deployer.bundle_deployments import ProjectDeployer
-from nodes.deployer.dashboard.server import Dashboard, DashboardConfig
 from nodes.deployer.registry import FORGET_AFTER_S, Registry
 from nodes.deployer.run_history import RunDesk
 from nodes.runtime.jetstream import ensure_kv
@@ -44,6 +43,10 @@ from protocol.registry import (
 )
 from protocol.reports import REPORT, AnyReport
 from protocol.state import DeployerState
+
+if TYPE_CHECKING:
+    from nodes.deployer.dashboard.config import DashboardConfig
+    from nodes.deployer.dashboard.server import Dashboard
 
 EVENT_QUEUE = 10_000
 WRITE_RETRY_S = 0.5
@@ -89,7 +92,11 @@ class DeployerNode(Node):
             EVENT_QUEUE)
         self._dirty = anyio.Event()
         self._events_done = anyio.Event()
-        self.dashboard = Dashboard(self, dashboard) if dashboard is not None else None
+        self.dashboard: Dashboard | None = None
+        if dashboard is not None:  # imported here: every CLI command imports this module
+            from nodes.deployer.dashboard.server import Dashboard
+
+            self.dashboard = Dashboard(self, dashboard)
 
     @property
     def kv(self) -> KeyValue:

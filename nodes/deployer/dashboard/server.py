@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import socket
 from collections.abc import Iterator
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -26,6 +25,7 @@ from nodes.auth.guard import node_identity
 from nodes.auth.keys import read_credentials
 from nodes.deployer.dashboard.access import Logins, read_tokens
 from nodes.deployer.dashboard.app import DashboardApp
+from nodes.deployer.dashboard.config import DashboardConfig
 from nodes.deployer.dashboard.feed import Feed
 from nodes.deployer.dashboard.flow import Flows, flows_section
 from nodes.deployer.dashboard.state import (
@@ -51,19 +51,7 @@ from protocol.errors import Forbidden, Unavailable
 if TYPE_CHECKING:
     from nodes.deployer.node import DeployerNode
 
-DEFAULT_PORT = 8081
-DEFAULT_HOST = "127.0.0.1"
 ACTION_TIMEOUT_S = 10.0
-
-
-@dataclass(frozen=True)
-class DashboardConfig:
-    """Where the dashboard listens, who may log in, and as whom it acts."""
-
-    token_file: Path
-    host: str = DEFAULT_HOST
-    port: int = DEFAULT_PORT
-    creds: Path | None = None  # a user identity's credentials (stacks with auth)
 
 
 class Actor:
