@@ -10,6 +10,7 @@ the loader of deployed projects' Flows.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import socket
 from collections.abc import Iterator
 from functools import partial
@@ -44,7 +45,6 @@ from nodes.runtime.connection import close, connect
 from nodes.runtime.events import read_events
 from nodes.runtime.logs import get_logger
 from nodes.runtime.loops import supervised
-from nodes.runtime.settings import NatsSettings
 from protocol.base import Command
 from protocol.errors import Forbidden, Unavailable
 
@@ -89,9 +89,10 @@ class Actor:
             return Caller(self.node.nc, sender="dashboard")
         async with self._lock:
             if self._nc is None or self._nc.is_closed:
-                settings = NatsSettings(servers=self.node.settings.servers,
-                                        creds_file=str(self.creds),
-                                        replicas=self.node.settings.replicas)
+                # The node's servers and TLS, the dashboard identity's credentials.
+                settings = dataclasses.replace(
+                    self.node.settings, creds_file=str(self.creds), nkey_seed_file=None,
+                    user=None, password=None, token=None)
                 try:
                     self._nc = await connect(settings, name="dashboard",
                                              first_connect_timeout=5.0)
