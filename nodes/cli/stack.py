@@ -10,6 +10,7 @@ import socket
 import sys
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -47,8 +48,19 @@ from nodes.cli.common import (
     styled,
     table,
 )
+from nodes.cli.dashboard import (
+    add_dashboard,
+    dashboard_node_extra,
+    dashboard_node_options,
+    dashboard_url,
+    pick_port,
+    prepare_up,
+    serving,
+    up_dashboard_options,
+)
 from nodes.cli.envs import env_node_extra, env_node_options, env_up_argv
 from nodes.cli.ports import FREE, check_ports, in_use, port_type
+from nodes.deployer.dashboard.access import ensure_token_file
 from nodes.roles import ROLES
 from nodes.runtime.calls import Caller
 from nodes.runtime.connection import CannotReachNats, connect
@@ -119,6 +131,7 @@ def node() -> None:
 @click.option("--log-level", default=None, help="debug, info, warning or error.")
 @env_node_options
 @api_node_options
+@dashboard_node_options
 def node_start(role: str, name: str | None, infra: str | None, nats_url: str | None,
                creds: str | None, heartbeat_interval: float, forget_after: str,
                max_concurrency: int, approvals: int | None,
@@ -126,6 +139,8 @@ def node_start(role: str, name: str | None, infra: str | None, nats_url: str | N
                data_dir: Path | None, keep_bundles: int, log_level: str | None,
                index_url: str | None, find_links: tuple[str, ...], no_index: bool,
                env_build_timeout: float | None, env_grace: float | None,
+               dashboard_port: int | None, dashboard_host: str | None,
+               dashboard_token_file: Path | None, dashboard_creds: Path | None,
                **api_options: Any) -> None:
     """Run one node worker of ROLE in the foreground (SIGINT/SIGTERM stop it gracefully)."""
     configure_logging(log_level)
@@ -161,6 +176,9 @@ def node_start(role: str, name: str | None, infra: str | None, nats_url: str | N
     elif approvals is not None:
         raise click.BadParameter("--approvals is for govern nodes", param_hint="--approvals")
     extra.update(api_node_extra(role, api_options))
+    extra.update(dashboard_node_extra(role, name, dict(
+        dashboard_port=dashboard_port, dashboard_host=dashboard_host,
+        dashboard_token_file=dashboard_token_file, dashboard_creds=dashboard_creds)))
     extra.update(env_node_extra(role, dict(
         index_url=index_url, find_links=find_links, no_index=no_index,
         env_build_timeout=env_build_timeout, env_grace=env_grace)))
@@ -275,10 +293,12 @@ def _children(home: Path, url: str, *, automation: int, api: int,
               help="NATS servers: 3 or 5 run a JetStream cluster on this host (client "
                    "ports from --nats-port up, every stream and bucket at R3, two "
                    "Deployers and two Govern nodes, one of each active).")
+@up_dashboard_options
 @env_node_options
 def up(home: Path, nats_port: int, monitor_port: int | None, http_port: int,
        automation_nodes: int, api_nodes: int, heartbeat_interval: float,
-       workspace: Path, insecure: bool, approvals: int, cluster: str = "1",
+       workspace: Path, insecure: bool, approvals: int, cluster: str,
+       dashboard_port: int | None, dashboard_host: str,
        **env_options: Any) -> None:
     """Start the whole stack in the foreground: embedded NATS and every node role.
 
@@ -298,6 +318,8 @@ def up(home: Path, nats_port: int, monitor_port: int | None, http_port: int,
     monitor_port = check_ports(nats_host=NATS_HOST, http_host=HTTP_HOST, nats_port=nats_port,
                                monitor_port=monitor_port, http_port=http_port)
     ports = _cluster_ports(size, nats_port, monitor_port, http_port)
+    dashboard_port = pick_port(dashboard_host, dashboard_port, {
+        "--nats-port": nats_port, "--http-port": http_port, "--monitor-port": monitor_port})
     auth = None
     if not insecure:
         try:
@@ -307,9 +329,18 @@ def up(home: Path, nats_port: int, monitor_port: int | None, http_port: int,
         except ShipyardError as exc:
             err.print(f"shipyard: {exc}")
             sys.exit(EXIT_FAILED)
-    code = anyio.run(partial(_up, approvals=approvals), home, nats_port, monitor_port,
-                     http_port, automation_nodes, api_nodes, heartbeat_interval,
-                     workspace.resolve(), auth, env_up_argv(env_options), ports)
+    board = None
+    if dashboard_port:
+        try:
+            token_file, board_creds = prepare_up(home, auth)
+        except (OSError, ValueError, ShipyardError) as exc:
+            err.print(f"shipyard: {exc}")
+            sys.exit(EXIT_FAILED)
+        board = Board(dashboard_host, dashboard_port, token_file, board_creds)
+    code = anyio.run(partial(_up, approvals=approvals, board=board), home, nats_port,
+                     monitor_port, http_port, automation_nodes, api_nodes,
+                     heartbeat_interval, workspace.resolve(), auth,
+                     env_up_argv(env_options), ports)
     sys.exit(code)
 
 
@@ -340,11 +371,25 @@ def _cluster_ports(size: int, nats_port: int, monitor_port: int,
     return clients, monitors
 
 
+@dataclass(frozen=True)
+class Board:
+    """The dashboard ``up`` has the Deployer serve."""
+
+    host: str
+    port: int
+    token_file: Path
+    creds: Path | None
+
+    @property
+    def url(self) -> str:
+        return dashboard_url(self.host, self.port)
+
+
 async def _up(home: Path, nats_port: int, monitor_port: int, http_port: int,
               automation: int, api: int, heartbeat_interval: float, workspace: Path,
               auth: StackAuth | None = None, env_argv: list[str] | None = None,
               cluster_ports: tuple[list[int], list[int]] | None = None,
-              approvals: int = 1) -> int:
+              approvals: int = 1, board: Board | None = None) -> int:
     config = auth.store.server_config if auth else None
     servers: list[EmbeddedNats]
     if cluster_ports is None:
@@ -376,6 +421,9 @@ async def _up(home: Path, nats_port: int, monitor_port: int, http_port: int,
                          creds=auth.creds if auth else None, env_argv=env_argv,
                          approvals=approvals, cluster=len(servers))
     add_http_port(children, http_port)
+    if board is not None:
+        add_dashboard(children, port=board.port, host=board.host,
+                      token_file=board.token_file, creds=board.creds)
     # With auth, this process acts as the stack's admin (and signs what it sends).
     settings = NatsSettings(servers=tuple(s.url for s in servers),
                             creds_file=str(auth.admin) if auth else None, replicas=replicas)
@@ -403,7 +451,9 @@ async def _up(home: Path, nats_port: int, monitor_port: int, http_port: int,
              "servers": _describe_servers(servers),
              "http_url": f"http://127.0.0.1:{http_port}", "pid": os.getpid(),
              "home": str(home), "replicas": replicas, "started_at": time.time(),
-             "version": nodes.__version__, **(auth.stack_fields() if auth else {})}
+             "version": nodes.__version__, **(auth.stack_fields() if auth else {}),
+             **({"dashboard_url": board.url, "dashboard_token_file": str(board.token_file)}
+                if board else {})}
     await _write_stack(home, stack)
 
     def named(s: EmbeddedNats) -> str:
@@ -445,6 +495,7 @@ async def _up(home: Path, nats_port: int, monitor_port: int, http_port: int,
                 _print_children(children, home)
                 await _default_infras(nc)
                 await print_api_urls(nc, http_port, tg)
+                await _print_dashboard(board)
                 out.print(f"workspace   {workspace}  (projects: one folder each, with "
                           "shipyard.toml)")
                 if not ok:
@@ -527,6 +578,18 @@ async def _default_infras(nc: Any) -> None:
         except OperationError as exc:
             err.print(f"shipyard: could not create infra {name}: {exc.message}")
     out.print("infras      automation (automation nodes), api (API nodes)")
+
+
+async def _print_dashboard(board: Board | None) -> None:
+    if board is None:
+        out.print("dashboard   off (--dashboard-port 0)")
+        return
+    token = ensure_token_file(board.token_file, "admin")
+    if not await serving(board.host, board.port):
+        err.print(f"shipyard: the dashboard is not answering on {board.url}: see the "
+                  "deployer's log")
+    out.print(f"dashboard   {board.url}  (log in: {board.url}/login?token={token}; "
+              f"logins in {board.token_file})")
 
 
 def _print_auth(auth: StackAuth | None) -> None:

@@ -9,7 +9,7 @@ one record that cannot be written is dropped, never holding back the others.
 from __future__ import annotations
 
 from functools import partial
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import anyio
 from anyio.abc import TaskGroup
@@ -44,6 +44,10 @@ from protocol.registry import (
 from protocol.reports import REPORT, AnyReport
 from protocol.state import DeployerState
 
+if TYPE_CHECKING:
+    from nodes.deployer.dashboard.config import DashboardConfig
+    from nodes.deployer.dashboard.server import Dashboard
+
 EVENT_QUEUE = 10_000
 WRITE_RETRY_S = 0.5
 
@@ -62,9 +66,11 @@ class DeployerNode(Node):
     apis: ApiDeployer
 
     def __init__(self, *, sweep_interval: float | None = None,
-                 forget_after: float | None = FORGET_AFTER_S, **kw: Any) -> None:
+                 forget_after: float | None = FORGET_AFTER_S,
+                 dashboard: DashboardConfig | None = None, **kw: Any) -> None:
         """``forget_after``: seconds a lost node is kept before it is forgotten (None:
-        kept until ``shipyard node forget``)."""
+        kept until ``shipyard node forget``).  ``dashboard``: serve the web dashboard
+        and ``/metrics`` (None: not served)."""
         super().__init__(**kw)
         self.registry = Registry(forget_after=forget_after)
         # Each desk gets the node's capabilities (``DeskHost``) and, by name, what it
@@ -87,6 +93,11 @@ class DeployerNode(Node):
             EVENT_QUEUE)
         self._dirty = anyio.Event()
         self._events_done = anyio.Event()
+        self.dashboard: Dashboard | None = None
+        if dashboard is not None:  # imported here: every CLI command imports this module
+            from nodes.deployer.dashboard.server import Dashboard
+
+            self.dashboard = Dashboard(self, dashboard)
 
     @property
     def kv(self) -> KeyValue:
@@ -133,6 +144,8 @@ class DeployerNode(Node):
         await self.runs.started(tg)
         await self.projects.started(tg)
         await self.apis.started(tg)
+        if self.dashboard is not None:  # every part supervised: NATS errors never end it
+            await tg.start(self.dashboard.run)
 
     def state(self) -> DeployerState:
         return DeployerState(nodes=len(self.registry.nodes), heartbeats=self.heartbeats_seen,
@@ -204,6 +217,8 @@ class DeployerNode(Node):
             self._events_send.close()
 
     async def stopping(self) -> None:
+        if self.dashboard is not None:
+            await self.dashboard.shutdown()
         # Store every queued event and registry change before the connection drains.
         self._events_send.close()
         await self._events_done.wait()

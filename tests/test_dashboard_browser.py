@@ -1,0 +1,192 @@
+"""The web dashboard in a real headless Chromium (Debian's ``chromium``, driven by
+Playwright; no browser download), against a stack started the way a user starts it:
+``shipyard up``, with auth.  One stack and one browser for the module.
+
+Without Chromium or Playwright the tests skip on a developer's machine and fail in CI
+(``CI=true``), where ``.ci/run`` installs both."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from nodes.runtime.calls import Caller
+from nodes.runtime.connection import close, connect
+from nodes.runtime.jetstream import ensure_kv
+from nodes.runtime.settings import NatsSettings
+from protocol import subjects
+from protocol.base import encode
+from protocol.bundles import BundleInfo, bundle_key
+from protocol.deploy import DeployBundle, DeploymentView, ListDeployments
+from protocol.registry import ListNodes, NodeInfo
+from tests.helpers import Background, shipyard, shipyard_argv, wait_until
+
+CHROMIUM = os.environ.get("SHIPYARD_CHROMIUM", "/usr/bin/chromium")
+HB = "0.5"
+TIMEOUT_MS = 10_000
+
+
+def _browser_or_skip() -> Any:
+    """Playwright's sync API, or a skip (a failure in CI: the test must not go green)."""
+    problem = ""
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        problem = "playwright is not installed (pip install -e '.[dev]')"
+    if not problem and not (Path(CHROMIUM).exists() or shutil.which(CHROMIUM)):
+        problem = f"no chromium at {CHROMIUM} (apt-get install chromium)"
+    if problem:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"browser tests cannot run in CI: {problem}")
+        pytest.skip(problem)
+    return sync_playwright
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Stack:
+    home: Path
+    login: str  # the login URL ``up`` printed
+    url: str  # stack.json's dashboard_url
+    settings: NatsSettings  # the admin's, as stack.json names them
+    env: dict[str, str]
+
+    def call(self, cmd: Any) -> Any:
+        async def main() -> Any:
+            nc = await connect(self.settings, name="test")
+            try:
+                return await Caller(nc, sender="test").call(cmd, timeout=10)
+            finally:
+                await close(nc)
+
+        # In a thread: Playwright's sync API runs its own loop in this one.
+        with ThreadPoolExecutor(1) as pool:
+            return pool.submit(asyncio.run, main()).result()
+
+    def deployment(self) -> DeploymentView:
+        reply = self.call(ListDeployments(project="churn", infra="automation"))
+        return reply.deployments[0]  # type: ignore[no-any-return]
+
+    def node(self, name: str) -> NodeInfo:
+        return next(n for n in self.call(ListNodes()).nodes if n.name == name)  # type: ignore[no-any-return]
+
+
+async def _publish_bundles(settings: NatsSettings) -> None:
+    nc = await connect(settings, name="test")
+    try:
+        kv = await ensure_kv(nc.jetstream(), subjects.BUNDLE_BUCKET)
+        for b in ("v1", "v2"):
+            await kv.put(bundle_key("churn", b), encode(BundleInfo(
+                id=b, project="churn", created_at=time.time(), created_by="design")))
+    finally:
+        await close(nc)
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """``shipyard up`` with auth (the default), one Automation node, the dashboard on any
+    free port: the login URL it prints and the URL stack.json records."""
+    root = tmp_path_factory.mktemp("dashboard")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SHIPYARD_")}
+    env["SHIPYARD_LOG_FORMAT"] = "json"
+    _browser_or_skip()  # before the stack: a skip (or failure) should cost nothing
+    http_port = _free_port()
+    up = Background(shipyard_argv(
+        "up", "--nats-port", "-1", "--monitor-port", "-1", "--http-port", str(http_port),
+        "--api-nodes", "0", "--automation-nodes", "1", "--heartbeat-interval", HB,
+        "--dashboard-port", "-1"), env=env, cwd=root)
+    try:
+        line = up.wait_line("dashboard   http", timeout=60)
+        up.wait_line("ready:", timeout=30)
+        login = re.search(r"log in: (\S+);", line)
+        assert login is not None, line
+        info = json.loads((root / ".shipyard" / "stack.json").read_text())
+        settings = NatsSettings(servers=(info["nats_url"],), creds_file=info["credentials"])
+        s = Stack(home=root, login=login.group(1), url=info["dashboard_url"],
+                  settings=settings, env=env)
+        assert s.login.startswith(s.url + "/login?token=")
+        with ThreadPoolExecutor(1) as pool:
+            pool.submit(asyncio.run, _publish_bundles(settings)).result()
+        for b in ("v1", "v2"):
+            s.call(DeployBundle(project="churn", bundle_id=b, infra="automation", by="alice"))
+        yield s
+    finally:
+        code = up.stop(signal.SIGINT, timeout=40)
+        assert code == 0, up.output()
+
+
+@pytest.fixture(scope="module")
+def page(stack: Stack) -> Iterator[Any]:
+    sync_playwright = _browser_or_skip()
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        try:
+            tab = browser.new_page()
+            tab.set_default_timeout(TIMEOUT_MS)
+            errors: list[str] = []
+            tab.on("pageerror", lambda exc: errors.append(str(exc)))
+            tab.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+            tab.goto(stack.login)
+            tab.wait_for_selector("#live[data-state=live]")
+            tab.evaluate("window.__sameDocument = true")
+            yield tab
+            assert errors == [], errors  # no script error, no CSP refusal
+        finally:
+            browser.close()
+
+
+def test_the_page_renders_the_fleet_and_the_deployment(page: Any, stack: Stack) -> None:
+    page.wait_for_selector('tr[data-node="automation-1"][data-status="online"]')
+    page.wait_for_selector('tr[data-node="deployer"][data-status="online"]')
+    assert page.inner_text('tr[data-node="automation-1"] td:nth-child(3)') == "automation"
+    card = page.wait_for_selector('[data-deployment="bundle:automation:churn"]')
+    assert card.inner_text().count("v2") >= 1
+    assert page.inner_text("#who").startswith("admin (acts as dashboard)")
+
+
+def test_a_rollback_clicked_on_the_page_changes_the_deployment(page: Any,
+                                                               stack: Stack) -> None:
+    assert stack.deployment().desired == "v2"
+    page.click('[data-deployment="bundle:automation:churn"] button[data-action=rollback]')
+    view = wait_until(lambda: (v := stack.deployment()).desired == "v1" and v,
+                      timeout=10, message="the rollback to reach the Deployer")
+    assert view.updated_by == "dashboard:admin"
+    # The page shows it too, pushed by the Deployer.
+    page.wait_for_function(
+        "() => document.querySelector('[data-deployment=\"bundle:automation:churn\"] "
+        ".desired')?.textContent === 'v1'")
+    # Audited: the verified identity the dashboard signs with, and who clicked.
+    entries = json.loads(shipyard("audit", "--json", env=stack.env, cwd=stack.home,
+                                  check=True).stdout)
+    rollback = [e for e in entries if e["command"] == "deploy.rollback"]
+    assert len(rollback) == 1, entries
+    assert rollback[0]["identity"] == "dashboard" and rollback[0]["verified"] is True
+    assert rollback[0]["args"]["by"] == "dashboard:admin"
+
+
+def test_a_node_killed_with_sigkill_turns_lost_on_the_page_without_a_reload(
+        page: Any, stack: Stack) -> None:
+    page.wait_for_selector('tr[data-node="automation-1"][data-status="online"]')
+    os.kill(stack.node("automation-1").pid, signal.SIGKILL)
+    # ``up`` restarts it a moment later: the page must show the loss in between.
+    page.wait_for_selector('tr[data-node="automation-1"][data-status="lost"]')
+    assert page.evaluate("window.__sameDocument") is True  # no reload happened
+    assert "lost" in page.inner_text('tr[data-node="automation-1"] .status')
