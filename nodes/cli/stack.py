@@ -76,7 +76,7 @@ from nodes.runtime.settings import STACK_FILE, NatsSettings, read_stack_file, re
 from nodes.runtime.supervisor import Child, Supervisor, describe_exit
 from protocol import subjects
 from protocol.deploy import CreateInfra
-from protocol.errors import OperationError, ShipyardError
+from protocol.errors import OperationError, ShipyardError, Unavailable
 from protocol.heartbeat import HEARTBEAT, MAX_INTERVAL_S, MIN_INTERVAL_S
 from protocol.reports import REPORT, NodeExit
 
@@ -568,15 +568,30 @@ async def _wait_online(nc: Any, children: list[Child], timeout: float) -> bool:
     return not waiting
 
 
+DEPLOYER_ACTIVE_WITHIN_S = 30.0  # how long up waits for a Deployer to take the lease
+
+
 async def _default_infras(nc: Any) -> None:
     """The infras ``up`` places its nodes in (kept if they already exist)."""
     caller = Caller(nc, sender="shipyard-up")
     for name, kind in (("automation", "automation"), ("api", "api")):
-        try:
-            await caller.call(CreateInfra(name=name, kind=kind, stage="development",
-                                          exist_ok=True, by="shipyard up"), timeout=10)
-        except OperationError as exc:
-            err.print(f"shipyard: could not create infra {name}: {exc.message}")
+        # A Deployer heartbeats as a standby before it holds the lease and serves commands:
+        # until one is active nothing answers, so an unanswered create is sent again (it
+        # is idempotent: exist_ok) for up to DEPLOYER_ACTIVE_WITHIN_S.
+        deadline = time.monotonic() + DEPLOYER_ACTIVE_WITHIN_S
+        while True:
+            try:
+                await caller.call(CreateInfra(name=name, kind=kind, stage="development",
+                                              exist_ok=True, by="shipyard up"), timeout=10)
+            except Unavailable:
+                if time.monotonic() < deadline:
+                    await anyio.sleep(0.2)
+                    continue
+                err.print(f"shipyard: could not create infra {name}: no Deployer became "
+                          f"active within {DEPLOYER_ACTIVE_WITHIN_S:g}s")
+            except OperationError as exc:
+                err.print(f"shipyard: could not create infra {name}: {exc.message}")
+            break
     out.print("infras      automation (automation nodes), api (API nodes)")
 
 
