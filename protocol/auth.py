@@ -53,6 +53,7 @@ from protocol.deploy import (
     SetInfra,
 )
 from protocol.govern import GetReview, ListArtifacts, RequestReview, ReviewArtifact
+from protocol.health import GetHealth, SendTestAlert
 from protocol.registry import ForgetNode, ListNodes
 from protocol.scenarios import BuildDatasets, CancelRun, GetRunLog, ListRuns, RunScenario
 from protocol.subjects import token
@@ -83,6 +84,7 @@ REQUIRED_ROLE: Final[dict[type[Command[Any]], str]] = {
     ListArtifacts: "viewer", GetReview: "viewer", RequestReview: "deployer",
     ReviewArtifact: "reviewer",
     CreateInfra: "admin", SetInfra: "admin", ForgetNode: "admin",
+    GetHealth: "viewer", SendTestAlert: "deployer",
 }
 
 
