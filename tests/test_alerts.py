@@ -217,4 +217,6 @@ async def test_a_lost_node_and_a_failed_run_each_alert_once(
                 "health")) if isinstance(e.event, HealthChanged)]
             assert any(c.about == "deployment" and c.name == "flows" and c.health == "ERROR"
                        for c in changes)
+            cleared = await _cli(env, "infra", "set", "prod", "--webhook", "")
+            assert cleared.returncode == 0 and "0 webhook(s)" in cleared.stdout
             await nc.close()

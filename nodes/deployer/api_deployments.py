@@ -179,9 +179,11 @@ class ApiDeployer:
 
     async def _change(self, *, service: str, infra: str, rules: Infra, mapping: ApiMapping,
                       action: str, by: str, expected_revision: int | None,
-                      thresholds: tuple[float, float] | None = None) -> DeploymentView:
+                      max_error_rate: float | None = None, max_p95_ms: float | None = None,
+                      ) -> DeploymentView:
         """Write ``mapping`` as the desired state once it is valid (every version exists)
-        and every version in it, the shadow too, passes the infra's govern policy."""
+        and every version in it, the shadow too, passes the infra's govern policy.  A
+        health threshold left None keeps the current one (the default when new)."""
         assert self._cache is not None
         for entry in self._cache.entries.values():
             other = entry.value
@@ -210,9 +212,10 @@ class ApiDeployer:
         history = [*history, update][-HISTORY_LIMIT:]
         previous = current.mapping if current and current.mapping != mapping else (
             current.previous if current else None)
-        max_error_rate, max_p95_ms = thresholds or (
-            (current.max_error_rate, current.max_p95_ms) if current
-            else (DEFAULT_MAX_ERROR_RATE, DEFAULT_MAX_P95_MS))
+        if max_error_rate is None:
+            max_error_rate = current.max_error_rate if current else DEFAULT_MAX_ERROR_RATE
+        if max_p95_ms is None:
+            max_p95_ms = current.max_p95_ms if current else DEFAULT_MAX_P95_MS
         record = ApiDeploymentRecord(service=service, infra=infra, mapping=mapping,
                                      endpoints=endpoints, description=description,
                                      previous=previous, update_id=update.id, updated_at=now,
@@ -255,18 +258,14 @@ class ApiDeployer:
         _check_thresholds(cmd.max_error_rate, cmd.max_p95_ms)
         current, _ = await self._read(deployment_key("api", cmd.infra, cmd.service))
         auth = cmd.auth or (current.mapping.auth if current else "public")
-        thresholds = (
-            cmd.max_error_rate if cmd.max_error_rate is not None else
-            current.max_error_rate if current else DEFAULT_MAX_ERROR_RATE,
-            cmd.max_p95_ms if cmd.max_p95_ms is not None else
-            current.max_p95_ms if current else DEFAULT_MAX_P95_MS)
         mapping = ApiMapping(generations=dict(sorted(cmd.generations.items())),
                              shadow=cmd.shadow, auth=auth)
         return await self._change(service=cmd.service, infra=cmd.infra, rules=infra,
                                   mapping=mapping,
                                   action="deploy", by=cmd.by or req.sender,
                                   expected_revision=cmd.expected_revision,
-                                  thresholds=thresholds)
+                                  max_error_rate=cmd.max_error_rate,
+                                  max_p95_ms=cmd.max_p95_ms)
 
     @handles(RollbackApi)
     async def rollback(self, cmd: RollbackApi, req: Request[Any]) -> DeploymentView:

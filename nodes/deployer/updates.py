@@ -22,7 +22,6 @@ from protocol.deploy import (
     OUT_OF_SYNC,
     PENDING,
     SUCCEEDED,
-    UNKNOWN,
     UPDATING,
     DeploymentView,
     NodeDeployment,
@@ -91,7 +90,8 @@ def judge(*, want: str, infra: str, role: str, verbs: tuple[str, str, str], pend
     worth a reason."""
     verb, doing, did = verbs
     if not per_node:
-        return OUT_OF_SYNC, UNKNOWN, [f"no {role} node has joined infra {infra}"]
+        reasons = [f"no {role} node has joined infra {infra}"]
+        return OUT_OF_SYNC, fleet_health(OUT_OF_SYNC, False, reasons, has_nodes=False), reasons
     online = [d for d in per_node if d.status == ONLINE]
     failed = [d for d in online if d.error]
     behind = [d for d in online if d.running != want and not d.error]
