@@ -92,17 +92,17 @@ NodeEvent = NodeOnline | NodeLost | NodeForgotten
 
 class HealthChanged(Event, frozen=True, kw_only=True, tag="health.changed"):
     """The health of a deployment (``about`` ``deployment``, ``kind`` bundle or api,
-    ``name`` its project or service) or of an infra (``about`` ``infra``, ``name`` the
-    infra) went from ``previous`` to ``health``, for ``reasons``.  Published by the
+    ``name`` its project or service) or of an infra (``about`` and ``kind`` ``infra``,
+    ``name`` the infra) went from ``previous`` to ``health``, for ``reasons``.  Published by the
     Deployer on ``sy.evt.health.<infra>`` (an infra) or
     ``sy.evt.health.<infra>.<kind>.<name>`` (a deployment)."""
 
     infra: str
     about: str
+    kind: str
     name: str
     health: str
     previous: str
-    kind: str = ""
     reasons: list[str] = []
 
     def subject(self) -> str:

@@ -325,7 +325,8 @@ class HealthTracker:
         out: list[HealthChanged] = []
         current: set[tuple[str, str, str, str]] = set()
         for infra in report.infras:
-            items = [(("infra", infra.name, "", infra.name), infra.health, infra.reasons)]
+            items = [(("infra", infra.name, "infra", infra.name), infra.health,
+                      infra.reasons)]
             items += [(("deployment", infra.name, d.kind, d.name), d.health, d.reasons)
                       for d in infra.deployments]
             for key, health, reasons in items:
