@@ -256,6 +256,11 @@ class ApiMapping(msgspec.Struct, frozen=True, kw_only=True):
         return describe_mapping(self.generations, self.shadow)
 
 
+# An API deployment is WARNING above these (``deploy api --max-error-rate/--max-p95-ms``).
+DEFAULT_MAX_ERROR_RATE = 0.05
+DEFAULT_MAX_P95_MS = 1000.0
+
+
 class ApiDeploymentRecord(msgspec.Struct, frozen=True, kw_only=True):
     """The desired state of one service on one API infra (the KV value)."""
 
@@ -270,6 +275,9 @@ class ApiDeploymentRecord(msgspec.Struct, frozen=True, kw_only=True):
     updated_by: str = ""
     history: list[Update] = []
     capture: CaptureSettings | None = None  # prediction capture (None: off)
+    # Health thresholds over the last minute of traffic (nodes.deployer.health).
+    max_error_rate: float = DEFAULT_MAX_ERROR_RATE
+    max_p95_ms: float = DEFAULT_MAX_P95_MS
     v: int = 1
 
 
@@ -290,6 +298,9 @@ class DeployApi(Command[DeploymentView], frozen=True, kw_only=True, tag="api.dep
     expected_revision: int | None = None
     capture: float | None = None
     redact: list[str] | None = None
+    # Health thresholds; None keeps the current ones (the defaults for a new deployment).
+    max_error_rate: float | None = None
+    max_p95_ms: float | None = None
 
 
 class RollbackApi(Command[DeploymentView], frozen=True, kw_only=True, tag="api.rollback"):

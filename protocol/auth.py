@@ -56,6 +56,7 @@ from protocol.deploy import (
     SetInfra,
 )
 from protocol.govern import GetReview, ListArtifacts, RequestReview, ReviewArtifact
+from protocol.health import GetHealth, SendTestAlert
 from protocol.registry import ForgetNode, ListNodes
 from protocol.scenarios import BuildDatasets, CancelRun, GetRunLog, ListRuns, RunScenario
 from protocol.subjects import token
@@ -89,6 +90,7 @@ REQUIRED_ROLE: Final[dict[type[Command[Any]], str]] = {
     ListArtifacts: "viewer", GetReview: "viewer", RequestReview: "deployer",
     ReviewArtifact: "reviewer",
     CreateInfra: "admin", SetInfra: "admin", ForgetNode: "admin",
+    GetHealth: "viewer", SendTestAlert: "deployer",
 }
 
 

@@ -70,6 +70,7 @@ class Infra(msgspec.Struct, frozen=True, kw_only=True):
     created_at: float = 0.0
     created_by: str = ""
     govern: str = "none"  # prevent | warn | none: what an unapproved artifact meets here
+    webhooks: list[str] = []  # where alerts about this infra are POSTed (protocol.health)
     v: int = 1
 
 
@@ -167,6 +168,7 @@ class SetInfra(Command[InfraUpdated], frozen=True, kw_only=True, tag="infra.set"
 
     name: str
     govern: str | None = None
+    webhooks: list[str] | None = None  # replaces the list ([] clears it)
     by: str = ""
 
 

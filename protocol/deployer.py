@@ -28,6 +28,7 @@ from protocol.deploy import (
     RollbackBundle,
     SetInfra,
 )
+from protocol.health import AlertTested, GetHealth, HealthReport, SendTestAlert
 from protocol.registry import ForgetNode, ForgottenNode, ListNodes, NodeList
 from protocol.scenarios import (
     CancelRun,
@@ -44,10 +45,12 @@ DeployerCommand = (ListNodes | ForgetNode | CreateInfra | SetInfra | ListInfras 
                    | RollbackBundle
                    | ListDeployments | GetHistory
                    | RunScenario | ListRuns | GetRunLog | CancelRun
-                   | DeployApi | RollbackApi | CreateApiKey | ListApiKeys | RevokeApiKey)
+                   | DeployApi | RollbackApi | CreateApiKey | ListApiKeys | RevokeApiKey
+                   | GetHealth | SendTestAlert)
 DeployerReply = (NodeList | ForgottenNode | InfraCreated | InfraUpdated | InfraList | DeploymentView
                  | DeploymentList | History
                  | RunAccepted | RunList | RunLog | RunCancelled
-                 | ApiKeyCreated | ApiKeyList | ApiKeyRevoked)
+                 | ApiKeyCreated | ApiKeyList | ApiKeyRevoked
+                 | HealthReport | AlertTested)
 
 DEPLOYER = Family("deployer", DeployerCommand, DeployerReply)

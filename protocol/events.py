@@ -88,3 +88,30 @@ class NodeForgotten(Event, frozen=True, kw_only=True, tag="node.forgotten"):
 
 
 NodeEvent = NodeOnline | NodeLost | NodeForgotten
+
+
+class HealthChanged(Event, frozen=True, kw_only=True, tag="health.changed"):
+    """The health of a deployment (``about`` ``deployment``, ``kind`` bundle or api,
+    ``name`` its project or service) or of an infra (``about`` and ``kind`` ``infra``,
+    ``name`` the infra) went from ``previous`` to ``health``, for ``reasons``.  Published by the
+    Deployer on ``sy.evt.health.<infra>`` (an infra) or
+    ``sy.evt.health.<infra>.<kind>.<name>`` (a deployment)."""
+
+    infra: str
+    about: str
+    kind: str
+    name: str
+    health: str
+    previous: str
+    reasons: list[str] = []
+
+    def subject(self) -> str:
+        if self.about == "infra":
+            return subjects.event("health", self.infra)
+        return subjects.event("health", self.infra, self.kind, self.name)
+
+    def summary(self) -> str:
+        what = f"infra {self.name}" if self.about == "infra" else \
+            f"{self.kind} {self.name} on {self.infra}"
+        why = f": {'; '.join(self.reasons)}" if self.reasons else ""
+        return f"{what} health {self.previous} -> {self.health}{why}"

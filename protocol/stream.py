@@ -27,7 +27,7 @@ from protocol.deploy import (
     DeploymentRequested,
     InfraCreatedEvent,
 )
-from protocol.events import NodeForgotten, NodeLost, NodeOnline
+from protocol.events import HealthChanged, NodeForgotten, NodeLost, NodeOnline
 from protocol.govern import ReviewChanged
 from protocol.leases import LeaderChanged
 from protocol.scenarios import RunFinished, RunProgress, RunStarted
@@ -37,7 +37,8 @@ AnyEvent = (NodeOnline | NodeLost | NodeForgotten | InfraCreatedEvent | BundleSt
             | BundleActivated | BundleActivationFailed | DeploymentFinished
             | RunStarted | RunProgress | RunFinished
             | ApiPackageStored | ApiDeploymentRequested | GenerationsServing | GenerationFailed
-            | ApiDeploymentFinished | ApiKeyIssued | ReviewChanged | LeaderChanged)
+            | ApiDeploymentFinished | ApiKeyIssued | ReviewChanged | LeaderChanged
+            | HealthChanged)
 
 EVENT = Codec[AnyEvent](AnyEvent)
 

@@ -55,6 +55,7 @@ NAMED: list[list[str]] = [
     ["auth", "node", "add", "n1", "--role", "automation", "--infra", BAD],
     ["auth", "node", "revoke", BAD], ["node", "health", "--name", BAD, "govern"],
     ["infra", "set", BAD, "--govern", "warn"], ["govern", "list", "--name", BAD],
+    ["status", "--infra", BAD], ["alerts", "test", BAD],
     ["govern", "request", BAD, "v1"], ["govern", "request", "churn", BAD],
     ["govern", "request", "api", BAD, "v1"], ["govern", "request", "api", "s", BAD],
     ["govern", "review", BAD, "v1", "--approve"], ["govern", "review", "churn", BAD, "--reject"],

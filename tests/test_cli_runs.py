@@ -63,7 +63,7 @@ def test_build_deploy_run_break_and_cancel_through_the_cli(cluster: dict[str, st
     assert failed.returncode == 1
     assert "RuntimeError: column value is missing" in failed.stdout
     [dep] = _json(env, "deployments", "--json")
-    assert dep["health"] == "WARNING"
+    assert dep["health"] == "ERROR"
     assert any("column value is missing" in r for r in dep["reasons"])
     nodes = _json(env, "nodes", "--json")
     assert all(n["status"] == "online" for n in nodes)

@@ -82,9 +82,11 @@ async def test_manual_run_with_params_builds_checks_and_is_recorded(
         assert out.read_text().splitlines()[1] == "1,a!"
         log = await caller.call(GetRunLog(run_id=run_id))
         assert "keeping 3 rows, suffix '!'" in log.text
-        # Deployment health carries the outcome of the last run.
+        # Deployment health carries the outcome of the last run: its check warned.
         view = (await caller.call(ListDeployments(project="flows"))).deployments[0]
-        assert view.health == "HEALTHY"
+        assert view.health == "WARNING"
+        assert any(r.startswith(f"last run {run_id} of scenario nightly warned")
+                   for r in view.reasons)
         with pytest.raises(NotFound, match="has no scenario 'nope'"):
             await caller.call(RunScenario(project="flows", scenario="nope", infra="prod"))
         await nc.close()
@@ -100,7 +102,7 @@ async def test_a_failed_run_is_reported_with_its_reason_and_feeds_health(
         assert run.outcome == "FAILED"
         assert "ValueError: bad row 7" in run.error
         assert any("bad row 7" in line for line in run.log_tail)
-        view = await wait_for(lambda: _warning(caller), message="health follows the run")
+        view = await wait_for(lambda: _erroring(caller), message="health follows the run")
         assert any("failed" in r and "bad row 7" in r for r in view.reasons)
         # The node is fine: another scenario still runs.
         await manual(caller, "report")
@@ -109,9 +111,9 @@ async def test_a_failed_run_is_reported_with_its_reason_and_feeds_health(
         await nc.close()
 
 
-async def _warning(caller: Caller) -> Any:
+async def _erroring(caller: Caller) -> Any:
     view = (await caller.call(ListDeployments(project="flows"))).deployments[0]
-    return view if view.health == "WARNING" else None
+    return view if view.health == "ERROR" else None
 
 
 async def test_after_chaining_and_on_activation_run_once_per_infra(

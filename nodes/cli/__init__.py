@@ -33,6 +33,7 @@ from nodes.cli.projects import (
 )
 from nodes.cli.scenarios import build_cmd, run_group, runs_cmd, scenario
 from nodes.cli.stack import node, up
+from nodes.cli.status import alerts, status_cmd
 from nodes.runtime.connection import CannotReachNats
 from nodes.runtime.embedded import EmbeddedNatsError
 from protocol.errors import OperationError, ShipyardError
@@ -85,6 +86,8 @@ cli.add_command(auth)
 auth.add_command(auth_publish)
 cli.add_command(govern)
 cli.add_command(audit)
+cli.add_command(status_cmd)
+cli.add_command(alerts)
 deploy.add_command(deploy_api)
 
 

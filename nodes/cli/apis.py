@@ -183,11 +183,20 @@ def key_revoke(service: str, key_id: str, nats_url: str | None) -> None:
 @click.option("--redact", default=None, metavar="FIELD,...",
               help="Fields removed from captured requests and answers before they leave "
                    "the API node (dotted paths reach nested fields; '' clears).")
+@click.option("--max-error-rate", type=click.FloatRange(0.0, 1.0), default=None,
+              help="Health is WARNING above this error rate over the last minute (0.01 is "
+                   "1%), ERROR at 5 times it. Default: unchanged (0.05 for a new "
+                   "deployment).")
+@click.option("--max-p95-ms", type=click.FloatRange(0.0, 3_600_000.0, min_open=True),
+              default=None,
+              help="Health is WARNING above this p95 latency in milliseconds over the last "
+                   "minute. Default: unchanged (1000 for a new deployment).")
 @nats_option
 @json_option
 def deploy_api(service: str, version: str | None, infra: str, split: str | None,
                shadow: str | None, auth: str | None, wait: bool, timeout: float,
                if_revision: int | None, capture: float | None, redact: str | None,
+               max_error_rate: float | None, max_p95_ms: float | None,
                nats_url: str | None, as_json: bool) -> None:
     """Serve VERSION of SERVICE on an API infra (or several versions with --split)."""
     check_names(service=service, version=version, infra=infra)
@@ -211,7 +220,7 @@ def deploy_api(service: str, version: str | None, infra: str, split: str | None,
         raise click.BadParameter(str(exc), param_hint="--redact") from None
     cmd = DeployApi(service=service, infra=infra, generations=generations, shadow=shadow,
                     auth=auth, by=whoami(), expected_revision=if_revision, capture=capture,
-                    redact=paths)
+                    redact=paths, max_error_rate=max_error_rate, max_p95_ms=max_p95_ms)
     after_change(cmd, "deploying", wait, timeout, nats_url, as_json)
 
 

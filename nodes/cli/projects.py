@@ -43,6 +43,7 @@ from protocol.deploy import (
 )
 from protocol.envs import EnvSummary
 from protocol.govern import POLICIES
+from protocol.health import check_webhooks
 
 # -- projects and bundles --------------------------------------------------------------------
 
@@ -181,20 +182,32 @@ def infra_create(name: str, kind: str, stage: str, description: str, policy: str
 @click.argument("name")
 @click.option("--govern", "policy", type=click.Choice(POLICIES), default=None,
               help=GOVERN_HELP)
+@click.option("--webhook", "webhooks", multiple=True, metavar="URL",
+              help="Where alerts about this infra are POSTed: repeat it or give a comma "
+                   "separated list (it replaces the current list); --webhook '' clears it.")
 @nats_option
 @json_option
-def infra_set(name: str, policy: str | None, nats_url: str | None, as_json: bool) -> None:
+def infra_set(name: str, policy: str | None, webhooks: tuple[str, ...], nats_url: str | None,
+              as_json: bool) -> None:
     """Change settings of infrastructure NAME."""
     check_names(infra=name)
-    if policy is None:
-        raise click.UsageError("nothing to change: give --govern prevent|warn|none")
-    reply = run(call, nats_url, SetInfra(name=name, govern=policy, by=whoami()))
+    if policy is None and not webhooks:
+        raise click.UsageError("nothing to change: give --govern prevent|warn|none or "
+                               "--webhook URL")
+    urls = None if not webhooks else [
+        u.strip() for w in webhooks for u in w.split(",") if u.strip()]
+    if urls is not None:
+        check_webhooks(urls)
+    reply = run(call, nats_url, SetInfra(name=name, govern=policy, webhooks=urls,
+                                         by=whoami()))
     if as_json:
         print_json(reply.infra)
-    elif reply.changed:
-        out.print(f"infra {name}: govern {reply.infra.govern}")
+        return
+    settings = f"govern {reply.infra.govern}, {len(reply.infra.webhooks)} webhook(s)"
+    if reply.changed:
+        out.print(f"infra {name}: {settings}")
     else:
-        out.print(f"infra {name} already has govern {reply.infra.govern}")
+        out.print(f"infra {name} already has {settings}")
 
 
 @infra.command("list")
@@ -206,9 +219,9 @@ def infra_list(nats_url: str | None, as_json: bool) -> None:
     if as_json:
         print_json(reply.infras)
         return
-    table(["NAME", "KIND", "STAGE", "GOVERN", "CREATED", "BY", "DESCRIPTION"],
-          [(i.name, i.kind, i.stage, i.govern, when(i.created_at), i.created_by,
-            i.description)
+    table(["NAME", "KIND", "STAGE", "GOVERN", "WEBHOOKS", "CREATED", "BY", "DESCRIPTION"],
+          [(i.name, i.kind, i.stage, i.govern, len(i.webhooks), when(i.created_at),
+            i.created_by, i.description)
            for i in reply.infras])
 
 

@@ -22,8 +22,9 @@ from nats.js.kv import KeyValue
 from nodes.api.capture import ensure_capture_stream
 from nodes.api.metrics import quantile
 from nodes.deployer.bundle_deployments import HISTORY_LIMIT
+from nodes.deployer.health import TrafficWindow, combine, governance_verdict, traffic_verdict
 from nodes.deployer.host import DeskHost, RequireInfra
-from nodes.deployer.policy import GovernPolicy, govern_health
+from nodes.deployer.policy import GovernPolicy
 from nodes.deployer.registry import Registry
 from nodes.deployer.updates import UpdateCloser, close_last, judge
 from nodes.runtime.jetstream import ensure_kv
@@ -35,6 +36,8 @@ from protocol.api import (
     API_DEPLOYMENT_VALUE,
     API_PACKAGE_INFO,
     AUTH_MODES,
+    DEFAULT_MAX_ERROR_RATE,
+    DEFAULT_MAX_P95_MS,
     GENERATION_REPORT,
     METRICS_REPORT,
     ApiDeploymentFinished,
@@ -93,6 +96,7 @@ class ApiDeployer:
         self.closer = UpdateCloser(self.view, self._finish,
                                    lambda: self.host.stopping_requested)
         self.reports: OrderedDict[str, Reports] = OrderedDict()
+        self.traffic = TrafficWindow()  # the last minute of traffic, for health
 
     async def setup(self) -> None:
         js, r = self.host.js, self.host.settings.replicas
@@ -126,8 +130,9 @@ class ApiDeployer:
     async def _on_metrics(self, report: ApiMetricsReport) -> None:
         last = self.reports.pop(report.node, None)
         self.reports[report.node] = ((report, time.monotonic()), last[0] if last else None)
+        self.traffic.add(report)
         while len(self.reports) > MAX_REPORTING_NODES:
-            self.reports.popitem(last=False)
+            self.traffic.forget(self.reports.popitem(last=False)[0])
 
     async def _on_progress(self, report: GenerationReport) -> None:
         self.kick()
@@ -135,6 +140,7 @@ class ApiDeployer:
     def forget(self, node: str) -> None:
         """``node`` left the registry: its metrics leave the rollup."""
         self.reports.pop(node, None)
+        self.traffic.forget(node)
 
     @property
     def kv(self) -> KeyValue:
@@ -176,9 +182,12 @@ class ApiDeployer:
 
     async def _change(self, *, service: str, infra: str, rules: Infra, mapping: ApiMapping,
                       action: str, by: str, expected_revision: int | None,
-                      capture: CaptureSettings | None = None) -> DeploymentView:
+                      capture: CaptureSettings | None = None,
+                      max_error_rate: float | None = None, max_p95_ms: float | None = None,
+                      ) -> DeploymentView:
         """Write ``mapping`` as the desired state once it is valid (every version exists)
-        and every version in it, the shadow too, passes the infra's govern policy."""
+        and every version in it, the shadow too, passes the infra's govern policy.  A
+        health threshold left None keeps the current one (the default when new)."""
         assert self._cache is not None
         for entry in self._cache.entries.values():
             other = entry.value
@@ -207,10 +216,15 @@ class ApiDeployer:
         history = [*history, update][-HISTORY_LIMIT:]
         previous = current.mapping if current and current.mapping != mapping else (
             current.previous if current else None)
+        if max_error_rate is None:
+            max_error_rate = current.max_error_rate if current else DEFAULT_MAX_ERROR_RATE
+        if max_p95_ms is None:
+            max_p95_ms = current.max_p95_ms if current else DEFAULT_MAX_P95_MS
         record = ApiDeploymentRecord(service=service, infra=infra, mapping=mapping,
                                      endpoints=endpoints, description=description,
                                      previous=previous, update_id=update.id, updated_at=now,
-                                     updated_by=by, history=history, capture=capture)
+                                     updated_by=by, history=history, capture=capture,
+                                     max_error_rate=max_error_rate, max_p95_ms=max_p95_ms)
         try:
             data = encode(record)
             new_revision = int(await self.kv.create(key, data) if revision == 0 else
@@ -245,6 +259,7 @@ class ApiDeployer:
         if cmd.auth is not None and cmd.auth not in AUTH_MODES:
             raise BadRequest(f"invalid auth {cmd.auth!r}: expected one of "
                              f"{', '.join(AUTH_MODES)}")
+        _check_thresholds(cmd.max_error_rate, cmd.max_p95_ms)
         current, _ = await self._read(deployment_key("api", cmd.infra, cmd.service))
         auth = cmd.auth or (current.mapping.auth if current else "public")
         try:
@@ -257,7 +272,9 @@ class ApiDeployer:
         return await self._change(service=cmd.service, infra=cmd.infra, rules=infra,
                                   mapping=mapping,
                                   action="deploy", by=cmd.by or req.sender,
-                                  expected_revision=cmd.expected_revision, capture=capture)
+                                  expected_revision=cmd.expected_revision, capture=capture,
+                                  max_error_rate=cmd.max_error_rate,
+                                  max_p95_ms=cmd.max_p95_ms)
 
     @handles(RollbackApi)
     async def rollback(self, cmd: RollbackApi, req: Request[Any]) -> DeploymentView:
@@ -295,8 +312,12 @@ class ApiDeployer:
             verbs=("serves", "serving", "served"),
             pending=bool(rec.history) and rec.history[-1].result == PENDING,
             per_node=per_node, quiet=("", "idle", "serving"))
-        health = govern_health(health, reasons, rec.history[-1] if rec.history else None)
         online = {n.name for n in nodes if n.status == ONLINE}
+        health, reasons = combine(
+            (health, reasons),
+            traffic_verdict(self.traffic.traffic(rec.service, online),
+                            max_error_rate=rec.max_error_rate, max_p95_ms=rec.max_p95_ms),
+            governance_verdict(rec.history[-1] if rec.history else None))
         return DeploymentView(
             project=rec.service, infra=rec.infra, desired=rec.mapping.describe(),
             previous=rec.previous.describe() if rec.previous else None, revision=revision,
@@ -305,6 +326,7 @@ class ApiDeployer:
             last_update=rec.history[-1] if rec.history else None, kind="api",
             extra={"generations": rec.mapping.generations, "shadow": rec.mapping.shadow,
                    "auth": rec.mapping.auth, "endpoints": rec.endpoints,
+                   "max_error_rate": rec.max_error_rate, "max_p95_ms": rec.max_p95_ms,
                    "metrics": self._metrics(rec.service, online),
                    "capture": rec.capture.fraction if rec.capture else 0.0,
                    "redact": rec.capture.redact if rec.capture else []})
@@ -368,3 +390,12 @@ def _node_deployment(n: NodeInfo, rec: ApiDeploymentRecord) -> NodeDeployment:
         error = failed.reason or "refused"
     return NodeDeployment(node=n.name, status=n.status, running=st.mapping,
                           activity=st.stage, error=error)
+
+
+def _check_thresholds(max_error_rate: float | None, max_p95_ms: float | None) -> None:
+    if max_error_rate is not None and not 0.0 <= max_error_rate <= 1.0:
+        raise BadRequest(f"invalid max_error_rate {max_error_rate!r}: expected a fraction "
+                         "from 0 to 1 (0.01 is 1%)")
+    if max_p95_ms is not None and not 0.0 < max_p95_ms <= 3_600_000.0:
+        raise BadRequest(f"invalid max_p95_ms {max_p95_ms!r}: expected milliseconds above 0 "
+                         "(at most an hour)")

@@ -20,8 +20,9 @@ import nats.js.errors
 from anyio.abc import TaskGroup
 from nats.js.kv import KeyValue
 
+from nodes.deployer.health import combine, governance_verdict, runs_verdict
 from nodes.deployer.host import DeskHost
-from nodes.deployer.policy import GovernPolicy, govern_health
+from nodes.deployer.policy import GovernPolicy
 from nodes.deployer.registry import Registry
 from nodes.deployer.updates import UpdateCloser, close_last, judge
 from nodes.runtime.jetstream import ensure_kv
@@ -33,15 +34,12 @@ from protocol.base import Request, encode, new_id
 from protocol.bundles import BUNDLE_INFO, bundle_key, check_bundle_id
 from protocol.deploy import (
     DEPLOYMENT_VALUE,
-    HEALTHY,
     INFRA_NAME,
     INFRA_VALUE,
     KINDS,
     PENDING,
     STAGES,
     SUPERSEDED,
-    UNKNOWN,
-    WARNING,
     CreateInfra,
     DeployBundle,
     DeploymentFinished,
@@ -68,6 +66,7 @@ from protocol.deploy import (
 )
 from protocol.errors import BadRequest, Conflict, NotFound
 from protocol.govern import BUNDLE, check_policy
+from protocol.health import check_webhooks
 from protocol.registry import NodeInfo
 from protocol.scenarios import RunSummary
 from protocol.state import AutomationState, BundleState
@@ -78,13 +77,14 @@ HISTORY_LIMIT = 200
 class ProjectDeployer:
     def __init__(self, host: DeskHost, registry: Registry, *,
                  api_views: Callable[[ListDeployments], list[DeploymentView]],
-                 last_run: Callable[[str, str], RunSummary | None]) -> None:
+                 last_runs: Callable[[str, str], list[RunSummary]]) -> None:
         """``api_views``: the API deployments' views, listed beside the bundles';
-        ``last_run(infra, project)``: the project's latest run, for its view."""
+        ``last_runs(infra, project)``: the last finished run of each of the project's
+        scenarios, for its health."""
         self.host = host
         self.registry = registry
         self.api_views = api_views
-        self.last_run = last_run
+        self.last_runs = last_runs
         self.log = host.log.bind(component="project-deployer")
         self._infra: KeyValue | None = None
         self._deploy: KeyValue | None = None
@@ -187,6 +187,7 @@ class ProjectDeployer:
         what is stored now, so a repeated command is harmless)."""
         if cmd.govern is not None:
             check_policy(cmd.govern)
+        webhooks = None if cmd.webhooks is None else check_webhooks(cmd.webhooks)
         for _ in range(8):
             try:
                 entry = await self.infra_kv.get(infra_key(cmd.name))
@@ -199,6 +200,8 @@ class ProjectDeployer:
             infra = INFRA_VALUE.decode(entry.value)
             new = infra if cmd.govern is None else msgspec.structs.replace(
                 infra, govern=cmd.govern)
+            if webhooks is not None:
+                new = msgspec.structs.replace(new, webhooks=webhooks)
             if new == infra:
                 return InfraUpdated(infra=infra, changed=False)
             try:
@@ -207,7 +210,7 @@ class ProjectDeployer:
             except nats.js.errors.KeyWrongLastSequenceError:
                 continue
             self.log.info("infra changed", infra=cmd.name, govern=new.govern,
-                          by=cmd.by or req.sender)
+                          webhooks=len(new.webhooks), by=cmd.by or req.sender)
             return InfraUpdated(infra=new, changed=True)
         raise Conflict(f"infra {cmd.name!r} kept changing while this command was applied: "
                        "retry")
@@ -312,13 +315,17 @@ class ProjectDeployer:
                                           action="rollback", by=cmd.by or req.sender,
                                           expected_revision=revision, warnings=warnings)
 
+    def views(self, cmd: ListDeployments) -> list[DeploymentView]:
+        """Bundle deployments (``project`` and ``infra`` filter)."""
+        if self._cache is None:
+            return []
+        return [self.view(e.value, e.revision) for e in self._cache.entries.values()
+                if (cmd.project is None or e.value.project == cmd.project)
+                and (cmd.infra is None or e.value.infra == cmd.infra)]
+
     @handles(ListDeployments)
     async def list_deployments(self, cmd: ListDeployments, req: Request[Any]) -> DeploymentList:
-        assert self._cache is not None
-        views = [self.view(e.value, e.revision) for e in self._cache.entries.values()
-                 if (cmd.project is None or e.value.project == cmd.project)
-                 and (cmd.infra is None or e.value.infra == cmd.infra)]
-        views += self.api_views(cmd)  # API deployments (kind "api")
+        views = self.views(cmd) + self.api_views(cmd)  # API deployments (kind "api")
         return DeploymentList(deployments=sorted(views, key=lambda v: (v.project, v.infra)))
 
     @handles(GetHistory)
@@ -344,13 +351,9 @@ class ProjectDeployer:
             verbs=("runs", "running", "ran"),
             pending=bool(rec.history) and rec.history[-1].result == PENDING,
             per_node=per_node)
-        last = self.last_run(rec.infra, rec.project)
-        if last is not None and last.outcome == "FAILED":
-            reasons.append(f"last run {last.run_id} ({last.scenario}) failed: "
-                           f"{last.error or 'see its log'}")
-            if health in (HEALTHY, UNKNOWN):
-                health = WARNING
-        health = govern_health(health, reasons, rec.history[-1] if rec.history else None)
+        health, reasons = combine(
+            (health, reasons), runs_verdict(self.last_runs(rec.infra, rec.project)),
+            governance_verdict(rec.history[-1] if rec.history else None))
         return DeploymentView(
             project=rec.project, infra=rec.infra, desired=rec.desired, previous=rec.previous,
             revision=revision, update_id=rec.update_id, updated_at=rec.updated_at,

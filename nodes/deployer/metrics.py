@@ -30,14 +30,13 @@ from prometheus_client.registry import Collector
 
 from nodes.deployer.dashboard.state import deployment_views
 from protocol.api import LATENCY_BUCKETS_S
-from protocol.deploy import ERROR, HEALTHY, UNKNOWN, WARNING
+from protocol.health import HEALTH_VALUE
 from protocol.registry import ONLINE
 
 if TYPE_CHECKING:
     from nodes.deployer.node import DeployerNode
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-HEALTH_VALUE = {UNKNOWN: -1, HEALTHY: 0, WARNING: 1, ERROR: 2}
 _BOUNDS = list(LATENCY_BUCKETS_S)
 
 

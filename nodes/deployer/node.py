@@ -15,9 +15,12 @@ import anyio
 from anyio.abc import TaskGroup
 from nats.js.kv import KeyValue
 
+from nodes.deployer.alerts import Policy
 from nodes.deployer.api_deployments import ApiDeployer
 from nodes.deployer.apikeys import ApiKeys
 from nodes.deployer.bundle_deployments import ProjectDeployer
+from nodes.deployer.health import DEFAULT_HOLD_S
+from nodes.deployer.health_desk import HealthDesk
 from nodes.deployer.registry import FORGET_AFTER_S, Registry
 from nodes.deployer.run_history import RunDesk
 from nodes.runtime.jetstream import ensure_kv
@@ -26,9 +29,10 @@ from nodes.runtime.loops import supervised
 from nodes.runtime.node import Node, handles
 from protocol import subjects
 from protocol.base import Family, Request, encode
+from protocol.deploy import ListDeployments
 from protocol.deployer import DEPLOYER
 from protocol.errors import BadName, Conflict, NotFound
-from protocol.events import Event, NodeEvent
+from protocol.events import Event, NodeEvent, NodeLost
 from protocol.events import NodeForgotten as NodeForgottenEvent
 from protocol.heartbeat import HEARTBEAT, Heartbeat
 from protocol.registry import (
@@ -64,28 +68,40 @@ class DeployerNode(Node):
     leased: ClassVar[bool] = True  # one active Deployer; the others are standbys
     runs: RunDesk
     apis: ApiDeployer
+    health: HealthDesk
 
     def __init__(self, *, sweep_interval: float | None = None,
                  forget_after: float | None = FORGET_AFTER_S,
-                 dashboard: DashboardConfig | None = None, **kw: Any) -> None:
+                 dashboard: DashboardConfig | None = None,
+                 health_hold_s: float = DEFAULT_HOLD_S, alert_policy: Policy | None = None,
+                 **kw: Any) -> None:
         """``forget_after``: seconds a lost node is kept before it is forgotten (None:
-        kept until ``shipyard node forget``).  ``dashboard``: serve the web dashboard
-        and ``/metrics`` (None: not served)."""
+        kept until ``shipyard node forget``); ``dashboard``: serve the web dashboard and
+        ``/metrics`` (None: not served); ``health_hold_s``: how long a new health value
+        must hold before it is published and alerted; ``alert_policy``: webhook retries,
+        timeouts and queue bounds."""
         super().__init__(**kw)
         self.registry = Registry(forget_after=forget_after)
         # Each desk gets the node's capabilities (``DeskHost``) and, by name, what it
         # uses of a sibling; the bundle view's two come late-bound (built after it).
         self.projects = ProjectDeployer(
             self, self.registry, api_views=lambda cmd: self.apis.views(cmd),
-            last_run=lambda infra, project: self.runs.last_run(infra, project))
+            last_runs=lambda infra, project: self.runs.last_runs(infra, project))
         self.add_handlers(self.projects)
         self.runs = RunDesk(self, self.registry, require_infra=self.projects.require_infra,
-                            on_run_finished=self.projects.kick)
+                            on_run_finished=self.projects.kick,
+                            on_run_failed=lambda run: self.health.run_failed(run))
         self.add_handlers(self.runs)
         self.apis = ApiDeployer(self, self.registry, require_infra=self.projects.require_infra)
         self.add_handlers(self.apis)
         self.api_keys = ApiKeys(self)
         self.add_handlers(self.api_keys)
+        everything = ListDeployments()
+        self.health = HealthDesk(
+            self, self.registry, hold_s=health_hold_s, alert_policy=alert_policy,
+            views=lambda: self.projects.views(everything) + self.apis.views(everything),
+            get_infra=self.projects.get_infra)
+        self.add_handlers(self.health)
         self.sweep_interval = sweep_interval or min(0.5, self.heartbeat_interval / 4)
         self.heartbeats_seen = 0
         self._kv: KeyValue | None = None
@@ -113,6 +129,7 @@ class DeployerNode(Node):
         await self.runs.setup()
         await self.apis.setup()
         await self.api_keys.setup()
+        await self.health.setup()
 
     async def _load_registry(self) -> None:
         # A snapshot, not kv.keys(): nats-py's keys() can end before the replay does.
@@ -144,6 +161,7 @@ class DeployerNode(Node):
         await self.runs.started(tg)
         await self.projects.started(tg)
         await self.apis.started(tg)
+        await self.health.started(tg)
         if self.dashboard is not None:  # every part supervised: NATS errors never end it
             await tg.start(self.dashboard.run)
 
@@ -178,6 +196,8 @@ class DeployerNode(Node):
         event = self.registry.on_exit(report.node, report.pid, report.reason, report.instance)
         if event is not None:
             self.log.info("node exited", peer=report.node, reason=report.reason)
+            if isinstance(event, NodeLost):
+                self.health.node_lost(event)
             await self._queue_event(event)
             self._dirty.set()
             self.projects.kick()
@@ -196,6 +216,8 @@ class DeployerNode(Node):
             self.apis.forget(event.node)
         else:
             self.log.warning("node lost", peer=event.node)
+        if isinstance(event, NodeLost):
+            self.health.node_lost(event)
         await self._queue_event(event)
         self._dirty.set()
         self.projects.kick()

@@ -27,7 +27,7 @@ from nodes.deployer.host import DeskHost
 from nodes.runtime.jetstream import ensure_kv
 from nodes.runtime.kvcache import read
 from protocol import subjects
-from protocol.deploy import HEALTHY, UNKNOWN, WARNING, Infra, Update
+from protocol.deploy import Infra
 from protocol.errors import NotApproved
 from protocol.govern import NONE, PREVENT, REVIEW_VALUE, approval_problem, label, review_key
 
@@ -83,12 +83,3 @@ class GovernPolicy:
         self.host.log.warning("deploying unapproved artifacts", infra=infra.name,
                               warnings=problems)
         return problems
-
-
-def govern_health(health: str, reasons: list[str], last: Update | None) -> str:
-    """Add the warnings of the update that set the current desired state to a
-    deployment's reasons; a deployment that was HEALTHY or UNKNOWN becomes WARNING."""
-    if last is None or not last.warnings:
-        return health
-    reasons.extend(f"govern warning: {w}" for w in last.warnings)
-    return WARNING if health in (HEALTHY, UNKNOWN) else health

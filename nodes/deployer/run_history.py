@@ -68,19 +68,26 @@ from protocol.state import AutomationState
 HISTORY_S = 30 * 24 * 3600
 MAX_RUNS = 20_000
 UNKNOWN_HOLDER_GRACE_S = 30.0
+FAILED_NEWS_S = 600.0  # a failure read again later (a consumer restart) is not news
 
 
 class RunDesk:
     def __init__(self, host: DeskHost, registry: Registry, *,
-                 require_infra: RequireInfra, on_run_finished: Callable[[], None]) -> None:
+                 require_infra: RequireInfra, on_run_finished: Callable[[], None],
+                 on_run_failed: Callable[[RunSummary], None] | None = None) -> None:
         """``on_run_finished``: called when a run ends (the bundle deployments' views
-        show each project's last run)."""
+        show each project's last run); ``on_run_failed``: called once for each run seen
+        failing live (not for runs read back from history)."""
         self.host = host
         self.registry = registry
         self.require_infra = require_infra
         self.on_run_finished = on_run_finished
+        self.on_run_failed = on_run_failed
+        self.live = False  # the stored history has been read: events now are news
         self.log = host.log.bind(component="runs")
         self.runs: OrderedDict[str, RunSummary] = OrderedDict()
+        # (infra, project) -> scenario -> its last finished run (kept past ``MAX_RUNS``).
+        self.latest: dict[tuple[str, str], dict[str, RunSummary]] = {}
         self._locks_kv: KeyValue | None = None
         self._locks: KVCache[RunLock] | None = None
         self._kick = anyio.Event()
@@ -105,11 +112,15 @@ class RunDesk:
         """Fold run events into summaries: the stored history first, then live."""
         ready = anyio.Event()
         started = False
+
+        def caught_up() -> None:
+            self.live = True
+            ready.set()
         async with anyio.create_task_group() as tg:
             async def consume() -> None:
                 async for stored in read_events(self.host.nc, since_s=HISTORY_S, follow=True,
                                                 subject=subjects.RUN_EVENTS_ALL,
-                                                caught_up=ready.set):
+                                                caught_up=caught_up):
                     if stored.event is None:
                         continue
                     try:
@@ -145,23 +156,28 @@ class RunDesk:
                                    duration_s=event.duration_s)
                 self._put(msgspec.structs.replace(run, steps=[*run.steps, step]))
         elif isinstance(event, RunFinished):
+            before = self.runs.get(event.run.run_id)
             self._put(event.run)
             self.on_run_finished()
+            if self.live and self.on_run_failed is not None and event.run.outcome == "FAILED" \
+                    and (before is None or before.outcome == "RUNNING") \
+                    and time.time() - (event.run.finished_at or 0.0) < FAILED_NEWS_S:
+                self.on_run_failed(event.run)
 
     def _put(self, run: RunSummary) -> None:
+        if run.finished_at is not None:
+            latest = self.latest.setdefault((run.infra, run.project), {})
+            seen = latest.get(run.scenario)
+            if seen is None or run.finished_at >= (seen.finished_at or 0.0):
+                latest[run.scenario] = run
         self.runs[run.run_id] = run
         self.runs.move_to_end(run.run_id)
         while len(self.runs) > MAX_RUNS:
             self.runs.popitem(last=False)
 
-    def last_run(self, infra: str, project: str) -> RunSummary | None:
-        """The most recently finished run of ``project`` on ``infra``."""
-        best: RunSummary | None = None
-        for run in self.runs.values():
-            if run.infra == infra and run.project == project and run.finished_at is not None \
-                    and (best is None or run.finished_at > (best.finished_at or 0)):
-                best = run
-        return best
+    def last_runs(self, infra: str, project: str) -> list[RunSummary]:
+        """The last finished run of each scenario of ``project`` on ``infra``."""
+        return list(self.latest.get((infra, project), {}).values())
 
     # -- dead holders --------------------------------------------------------------------
 

@@ -14,18 +14,15 @@ from typing import Any, Generic, Protocol, TypeVar
 import anyio
 import msgspec
 
+from nodes.deployer.health import fleet_health
 from nodes.runtime.kvcache import Entry, KVCache
 from protocol.deploy import (
-    ERROR,
     FAILED,
-    HEALTHY,
     IN_SYNC,
     OUT_OF_SYNC,
     PENDING,
     SUCCEEDED,
-    UNKNOWN,
     UPDATING,
-    WARNING,
     DeploymentView,
     NodeDeployment,
     Update,
@@ -87,12 +84,14 @@ def judge(*, want: str, infra: str, role: str, verbs: tuple[str, str, str], pend
           per_node: list[NodeDeployment],
           quiet: tuple[str, ...] = ("", "idle")) -> tuple[str, str, list[str]]:
     """(state, health, reasons) of a deployment from its nodes: the one rule both
-    Deployers apply.  ``want`` is what every online node should run; ``verbs`` words it
-    (("runs", "running", "ran") or ("serves", "serving", "served")); ``quiet`` are
-    activities not worth a reason."""
+    Deployers apply (its health half is ``nodes.deployer.health.fleet_health``).
+    ``want`` is what every online node should run; ``verbs`` words it (("runs",
+    "running", "ran") or ("serves", "serving", "served")); ``quiet`` are activities not
+    worth a reason."""
     verb, doing, did = verbs
     if not per_node:
-        return OUT_OF_SYNC, UNKNOWN, [f"no {role} node has joined infra {infra}"]
+        reasons = [f"no {role} node has joined infra {infra}"]
+        return OUT_OF_SYNC, fleet_health(OUT_OF_SYNC, False, reasons, has_nodes=False), reasons
     online = [d for d in per_node if d.status == ONLINE]
     failed = [d for d in online if d.error]
     behind = [d for d in online if d.running != want and not d.error]
@@ -112,5 +111,4 @@ def judge(*, want: str, infra: str, role: str, verbs: tuple[str, str, str], pend
         state = UPDATING if pending or working else OUT_OF_SYNC
     else:
         state = IN_SYNC
-    health = ERROR if state == FAILED or not online else WARNING if reasons else HEALTHY
-    return state, health, reasons
+    return state, fleet_health(state, bool(online), reasons), reasons
