@@ -27,7 +27,7 @@ from protocol.deploy import (
     DeploymentRequested,
     InfraCreatedEvent,
 )
-from protocol.events import NodeForgotten, NodeLost, NodeOnline
+from protocol.events import ApiScaled, NodeForgotten, NodeLost, NodeOnline
 from protocol.govern import ReviewChanged
 from protocol.scenarios import RunFinished, RunProgress, RunStarted
 
@@ -36,7 +36,7 @@ AnyEvent = (NodeOnline | NodeLost | NodeForgotten | InfraCreatedEvent | BundleSt
             | BundleActivated | BundleActivationFailed | DeploymentFinished
             | RunStarted | RunProgress | RunFinished
             | ApiPackageStored | ApiDeploymentRequested | GenerationsServing | GenerationFailed
-            | ApiDeploymentFinished | ApiKeyIssued | ReviewChanged)
+            | ApiDeploymentFinished | ApiKeyIssued | ReviewChanged | ApiScaled)
 
 EVENT = Codec[AnyEvent](AnyEvent)
 

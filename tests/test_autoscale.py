@@ -6,7 +6,14 @@ is answered, the decisions are events, /metrics has the gauges an autoscaler rea
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import anyio
+import click
+import msgspec
 import pytest
+from nats.aio.msg import Msg
+from prometheus_client.parser import text_string_to_metric_families
 
 from nodes.api.autoscale import (
     Decision,
@@ -16,6 +23,15 @@ from nodes.api.autoscale import (
     ScaleSettings,
     WindowMean,
 )
+from nodes.cli.apinodes import api_node_extra
+from nodes.runtime.settings import NatsSettings
+from protocol import subjects
+from protocol.events import ApiScaled
+from protocol.registry import ListNodes
+from protocol.state import ApiState
+from tests.apiproject import make_api_project
+from tests.apistack import api_stack, url
+from tests.helpers import wait_for
 
 
 class Clock:
@@ -180,3 +196,112 @@ def test_recent_quantile_and_window_mean_forget_what_is_older_than_the_window() 
     assert m.add(5, 0.0) == 0.5
     assert m.add(12, 0.0) == 0.0  # the 1.0 at t=0 is out of the window
 
+
+
+# -- a real API node under a step load -------------------------------------------------
+
+SCALING = ScaleSettings(min_workers=1, max_workers=3, up_after_s=0.5, down_after_s=1.0,
+                        up_cooldown_s=0.5, down_cooldown_s=0.0, sample_every_s=0.05)
+
+
+async def test_a_step_load_scales_workers_up_and_back_to_the_minimum_failing_no_request(
+        settings: NatsSettings, tmp_path: Path) -> None:
+    """Each predict sleeps 50 ms.  One client pausing 0.1 s between requests (a third
+    of a worker), then ten (the step, within one second): the node adds workers, which
+    serve only once loaded; then one client at a sixth of a worker: after the 1 s
+    quiet period the node retires workers back to its minimum, draining them.  Every
+    response of every phase is a 200."""
+    make_api_project(tmp_path / "ws", version="1", sleep=0.05)
+    async with api_stack(settings, tmp_path) as s:
+        events: list[ApiScaled] = []
+        decoder = msgspec.json.Decoder(ApiScaled)
+
+        async def on_event(msg: Msg) -> None:
+            events.append(decoder.decode(msg.data))
+
+        sub = await s.nc.subscribe(subjects.event("api", "prod", "api-1", "scaled"),
+                                   cb=on_event)
+        node = await s.api_node("api-1", workers=None, scaling=SCALING)
+        await s.package("v1")
+        await s.deploy({"v1": 100})
+        codes: list[int] = []
+        pids: set[int] = set()
+        phase = {"clients": 1, "pause": 0.1}
+        stop = anyio.Event()
+
+        async def client(i: int) -> None:
+            while not stop.is_set() and i < phase["clients"]:
+                r = await s.http.post(url(node), json={"features": {"x": 1}})
+                codes.append(r.status_code)
+                if r.status_code == 200:
+                    pids.add(r.json()["result"]["pid"])
+                await anyio.sleep(phase["pause"])
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(client, 0)
+            await wait_for(lambda: len(codes) >= 5, timeout=10, message="baseline load")
+            assert node.pool.size == 1
+            phase["clients"] = 10
+            for i in range(1, 10):  # ten times the load, within one second
+                tg.start_soon(client, i)
+                await anyio.sleep(0.1)
+            await wait_for(lambda: len(node.pool.serving) > 1, timeout=15,
+                           message="a worker added and serving")
+            added = len(codes)
+            await wait_for(lambda: len(codes) >= added + 30, timeout=15,
+                           message="requests served after scaling up")
+            assert len(pids) > 1  # the added workers took traffic
+            phase["clients"], phase["pause"] = 1, 0.3  # one client, ~0.15 of a worker
+            await wait_for(lambda: node.pool.size == 1 and len(node.pool.workers) == 1,
+                           timeout=15, message="back to the minimum of 1 worker")
+            done = len(codes)
+            await wait_for(lambda: len(codes) >= done + 3, timeout=10,
+                           message="the last worker serving")
+            stop.set()
+        await sub.unsubscribe()
+        assert codes and set(codes) == {200}, {c: codes.count(c) for c in set(codes)}
+        await wait_for(lambda: any(e.direction == "down" for e in events), timeout=5,
+                       message="the scale-down event")
+        ups = [e for e in events if e.direction == "up"]
+        downs = [e for e in events if e.direction == "down"]
+        assert ups and downs and events.index(ups[0]) < events.index(downs[-1])
+        assert ups[0].from_workers == 1 and 1 < ups[0].to_workers <= 3
+        assert downs[-1].to_workers == 1 and downs[-1].reason.startswith("quiet: load")
+        assert {(e.node, e.infra, e.min_workers, e.max_workers) for e in events} == \
+            {("api-1", "prod", 1, 3)}
+
+        r = await s.http.get(f"{node.http.url}/metrics")  # type: ignore[union-attr]
+        families = {f.name: f for f in text_string_to_metric_families(r.text)}
+        values = {(x.name, tuple(sorted(x.labels.items()))): x.value
+                  for f in families.values() for x in f.samples}
+        node_label = (("node", "api-1"),)
+        assert 0.0 <= values[("shipyard_api_worker_utilization", node_label)] <= 1.0
+        assert values[("shipyard_api_queue_depth", node_label)] >= 0
+        assert values[("shipyard_api_requests_in_flight", node_label)] >= 0
+        assert values[("shipyard_api_workers_bound", (("bound", "max"), *node_label))] == 3
+        assert values[("shipyard_api_workers_bound", (("bound", "min"), *node_label))] == 1
+        scaled = "shipyard_api_scale_events_total"
+        assert values[(scaled, (("direction", "up"), *node_label))] == len(ups)
+        assert values[(scaled, (("direction", "down"), *node_label))] == len(downs)
+
+        async def registered() -> ApiState | None:
+            reply = await s.caller.call(ListNodes(role="api"))
+            state = reply.nodes[0].state if reply.nodes else None
+            return state if isinstance(state, ApiState) and state.max_workers == 3 else None
+        state = await wait_for(registered, timeout=10, message="bounds in the heartbeat")
+        assert (state.workers, state.min_workers) == (1, 1)
+
+
+def test_worker_bounds_are_api_node_options_and_workers_is_a_fixed_count() -> None:
+    extra = api_node_extra("api", {"min_workers": 2, "max_workers": 5,
+                                   "scale_down_after": 30.0})
+    assert extra["scaling"] == ScaleSettings(min_workers=2, max_workers=5, down_after_s=30)
+    assert "workers" not in extra
+    assert api_node_extra("api", {"workers": 3}) == {"workers": 3, "debug": False}
+    assert api_node_extra("api", {"max_workers": 4})["scaling"].min_workers == 1
+    with pytest.raises(click.BadParameter, match="--max-workers 2 is below --min-workers 3"):
+        api_node_extra("api", {"min_workers": 3, "max_workers": 2})
+    with pytest.raises(click.BadParameter, match="--workers is a fixed count"):
+        api_node_extra("api", {"workers": 2, "max_workers": 4})
+    with pytest.raises(click.BadParameter, match="--max-workers is not an option of gateway"):
+        api_node_extra("gateway", {"max_workers": 4})
