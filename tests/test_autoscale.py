@@ -139,6 +139,18 @@ def test_after_a_scale_up_the_next_waits_for_the_cooldown_and_a_fresh_window() -
     assert 3.0 <= policy.changed_at - t0 < 3.15
 
 
+def test_a_scale_down_does_not_delay_the_next_scale_up_beyond_a_fresh_window() -> None:
+    policy, clock = _policy(down_after_s=1.0, up_cooldown_s=3.0)
+    _feed(policy, clock, 5, workers=1, busy=0)
+    [up] = _feed(policy, clock, 2.05, workers=1, busy=1, queued=3)
+    [down] = _feed(policy, clock, 8, workers=up.to, busy=0)
+    assert down.to == 1
+    t0 = policy.changed_at
+    [again] = _feed(policy, clock, 5, workers=1, busy=1, queued=3)  # a step right after
+    assert (again.frm, again.to) == (1, 4)
+    assert 2.0 <= policy.changed_at - t0 < 2.15  # one fresh 2 s window, no 3 s cooldown
+
+
 def test_no_scale_down_within_the_down_cooldown_of_a_change() -> None:
     policy, clock = _policy(down_after_s=1.0, down_cooldown_s=6.0)
     _feed(policy, clock, 5, workers=1, busy=0)

@@ -10,7 +10,7 @@ The rules, with hysteresis so that a load near a threshold does not flap:
 
 * **load** of a sample is ``min(1, (busy + queued) / workers)``: the share of the workers
   that requests occupy, capped so that one burst of queued requests cannot outweigh a
-  whole window of quiet (a 0.3 s blip of 10x load moves a 2 s mean by at most 0.15).
+  whole window of quiet (a 0.3 s blip of 10x load moves a 1 s mean by at most 0.3).
 * **up** when the mean load over the last ``up_after_s`` is at least ``up_utilization``
   (or every p99 seen in that window is over ``latency_target_s`` while the load is at
   least ``target_utilization``: more workers help only when there are requests to share),
@@ -20,7 +20,9 @@ The rules, with hysteresis so that a load near a threshold does not flap:
   the mean demand at ``target_utilization`` (with no load: ``min_workers``);
 * a window counts only samples taken after the last change, so the load measured with
   fewer workers never argues for more after they came; on top of that, no scale-up for
-  ``up_cooldown_s`` and no scale-down for ``down_cooldown_s`` after any change;
+  ``up_cooldown_s`` after a scale-up (new workers take a moment to be felt; a scale-down
+  does not delay a scale-up: a step load right after a quiet period is the case that
+  matters) and no scale-down for ``down_cooldown_s`` after any change;
 * never below ``min_workers``, never above ``max_workers``: a count outside them is
   brought back at once.
 
@@ -48,10 +50,10 @@ class ScaleSettings:
     up_utilization: float = 0.85
     down_utilization: float = 0.3
     latency_target_s: float | None = None  # p99 of worker latency; None: not a trigger
-    up_after_s: float = 2.0  # sustained load before scaling up
+    up_after_s: float = 1.0  # sustained load before scaling up
     down_after_s: float = 60.0  # quiet period before scaling down
-    up_cooldown_s: float = 3.0  # after any change
-    down_cooldown_s: float = 30.0  # after any change
+    up_cooldown_s: float = 3.0  # after a scale-up
+    down_cooldown_s: float = 0.0  # after any change (the quiet period counts from it)
     sample_every_s: float = 0.1  # how often the node samples (the mechanics' pace)
 
     def __post_init__(self) -> None:
@@ -115,6 +117,7 @@ class ScalePolicy:
         self.settings = settings
         self.clock = clock
         self.changed_at = clock()  # the pool started at min_workers now
+        self.grown_at = -math.inf  # the last scale-up
         self._seen: deque[_Seen] = deque()
         self._since = self.changed_at  # the first moment the window may count
 
@@ -144,7 +147,7 @@ class ScalePolicy:
 
     def _up(self, n: int, now: float) -> Decision | None:
         s = self.settings
-        if n >= s.max_workers or now - self.changed_at < s.up_cooldown_s:
+        if n >= s.max_workers or now - self.grown_at < s.up_cooldown_s:
             return None
         window = self._window(s.up_after_s, now)
         if not window:
@@ -183,6 +186,8 @@ class ScalePolicy:
 
     def _change(self, frm: int, to: int, reason: str, now: float) -> Decision:
         self.changed_at = self._since = now
+        if to > frm:
+            self.grown_at = now
         self._seen.clear()
         return Decision(frm=frm, to=to, reason=reason)
 
