@@ -309,6 +309,8 @@ class WorkerPool:
             while True:
                 msg = wire.decode_from_worker(await read_frame(reader))
                 if isinstance(msg, wire.Stats):
+                    if w not in self.workers:  # closed: its counters are retired already
+                        continue
                     self.metrics.worker_stats(
                         w.index, [list(msgspec.structs.astuple(r)) for r in msg.rows],
                         [[b.service, b.endpoint, b.waiting] for b in msg.backlog],
