@@ -83,13 +83,22 @@ def test_a_blip_of_ten_times_the_load_does_not_scale_up() -> None:
         assert _feed(policy, clock, 1.7, workers=1, busy=0) == []
 
 
+def test_a_backlog_reported_beside_an_idle_worker_is_not_load() -> None:
+    policy, clock = _policy()
+    _feed(policy, clock, 1, workers=2, busy=0)
+    # A backlog report is up to a second old: with a worker idle, nothing really waits.
+    assert _feed(policy, clock, 5, workers=2, busy=1, queued=3) == []
+    [d] = _feed(policy, clock, 5, workers=2, busy=2, queued=3)
+    assert (d.frm, d.to) == (2, 4)
+
+
 def test_load_just_short_of_the_window_does_not_scale_up_and_the_window_does() -> None:
     policy, clock = _policy()
     _feed(policy, clock, 5, workers=2, busy=0)
     assert _feed(policy, clock, 1.0, workers=2, busy=2) == []  # half the window
     assert _feed(policy, clock, 0.6, workers=2, busy=2) == []  # the quiet part counts
     [d] = _feed(policy, clock, 0.2, workers=2, busy=2)
-    assert (d.frm, d.to) == (2, 3)  # mean demand 1.7 at 0.6
+    assert (d.frm, d.to) == (2, 4)  # sized by the last quarter: demand 2 at 0.6
 
 
 def test_a_quiet_period_scales_down_to_the_minimum_and_not_before() -> None:
@@ -131,7 +140,7 @@ def test_after_a_scale_up_the_next_waits_for_the_cooldown_and_a_fresh_window() -
     policy, clock = _policy(max_workers=10, up_cooldown_s=3.0)
     _feed(policy, clock, 5, workers=1, busy=0)
     [first] = _feed(policy, clock, 2.05, workers=1, busy=1, queued=3)
-    assert (first.frm, first.to) == (1, 6)
+    assert (first.frm, first.to) == (1, 7)  # demand 4 now, at 0.6
     t0 = policy.changed_at
     # Still saturated with 6: the window is full after 2 s, the cooldown after 3 s.
     [second] = _feed(policy, clock, 5, workers=6, busy=6, queued=4)

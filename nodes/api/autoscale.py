@@ -11,10 +11,15 @@ The rules, with hysteresis so that a load near a threshold does not flap:
 * **load** of a sample is ``min(1, (busy + queued) / workers)``: the share of the workers
   that requests occupy, capped so that one burst of queued requests cannot outweigh a
   whole window of quiet (a 0.3 s blip of 10x load moves a 1 s mean by at most 0.3).
+  Queued requests count only while every worker is busy: workers report their backlog
+  once a second, and a request seen waiting beside an idle worker is about to run (at
+  10 req/s on one worker, such a stale report once made a quiet node scale up).
 * **up** when the mean load over the last ``up_after_s`` is at least ``up_utilization``
   (or every p99 seen in that window is over ``latency_target_s`` while the load is at
   least ``target_utilization``: more workers help only when there are requests to share),
-  to ``ceil(mean demand / target_utilization)`` workers, at least one more;
+  to ``ceil(demand / target_utilization)`` workers, at least one more, where demand is
+  the mean of the window or of its last quarter, whichever is higher (a step load is
+  sized by what it is now, not by a window that is half the quiet before it);
 * **down** when the mean load over the quiet period ``down_after_s`` is at most
   ``down_utilization`` and no p99 in it was over the target, to the count that carries
   the mean demand at ``target_utilization`` (with no load: ``min_workers``);
@@ -129,7 +134,8 @@ class ScalePolicy:
             bound = "minimum" if n < s.min_workers else "maximum"
             return self._change(n, to, f"{n} workers is outside the {bound} "
                                        f"({s.min_workers}..{s.max_workers})", now)
-        demand = float(max(0, sample.busy) + max(0, sample.queued))
+        busy = max(0, sample.busy)
+        demand = float(busy + (max(0, sample.queued) if busy >= n else 0))
         slow = None if sample.p99_s is None or s.latency_target_s is None \
             else sample.p99_s > s.latency_target_s
         self._seen.append(_Seen(now, min(1.0, demand / n), demand, slow))
@@ -154,6 +160,8 @@ class ScalePolicy:
             return None
         load = sum(x.load for x in window) / len(window)
         demand = sum(x.demand for x in window) / len(window)
+        last = [x.demand for x in window if x.at >= now - s.up_after_s / 4]
+        now_demand = max(demand, sum(last) / len(last)) if last else demand
         timed = [x.slow for x in window if x.slow is not None]
         if load >= s.up_utilization:
             why = (f"load {load:.2f} >= {s.up_utilization:g} for {s.up_after_s:g}s "
@@ -164,7 +172,7 @@ class ScalePolicy:
                    f"{s.up_after_s:g}s at load {load:.2f}")
         else:
             return None
-        to = min(s.max_workers, max(n + 1, math.ceil(demand / s.target_utilization)))
+        to = min(s.max_workers, max(n + 1, math.ceil(now_demand / s.target_utilization)))
         return self._change(n, to, why, now)
 
     def _down(self, n: int, now: float) -> Decision | None:
