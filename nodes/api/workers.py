@@ -402,10 +402,15 @@ class WorkerPool:
             for _ in range(self.size - have):
                 self._starting += 1
                 self._tg.start_soon(self._grow)
-            if have > self.size:
+            # Retire only what serves beyond ``size``, whatever is starting: a worker
+            # still starting does not serve yet (and may fail), so retiring for it would
+            # leave the queue groups short; once it serves, the surplus is retired.
+            serving = self.serving
+            surplus = len(serving) - self.size
+            if surplus > 0:
                 # Idle workers first, then the newest: they have the least warm caches.
-                spare = sorted(self.serving, key=lambda w: (bool(w.busy_since()), -w.index))
-                for w in spare[:have - self.size]:
+                spare = sorted(serving, key=lambda w: (bool(w.busy_since()), -w.index))
+                for w in spare[:surplus]:
                     w.retiring = True  # no hedged copy, no broadcast, no replacement
                     self._tg.start_soon(self._retire, w)
 
