@@ -320,6 +320,8 @@ def test_worker_bounds_are_api_node_options_and_workers_is_a_fixed_count() -> No
     assert "workers" not in extra
     assert api_node_extra("api", {"workers": 3}) == {"workers": 3, "debug": False}
     assert api_node_extra("api", {"max_workers": 4})["scaling"].min_workers == 1
+    tuned = api_node_extra("api", {"latency_target": 0.2})["scaling"]
+    assert not tuned.elastic and tuned.latency_target_s == 0.2  # the default fixed count
     with pytest.raises(click.BadParameter, match="--max-workers 2 is below --min-workers 3"):
         api_node_extra("api", {"min_workers": 3, "max_workers": 2})
     with pytest.raises(click.BadParameter, match="--workers is a fixed count"):

@@ -127,15 +127,17 @@ def api_node_extra(role: str, options: dict[str, Any]) -> dict[str, Any]:
 
 def _scaling(given: dict[str, Any]) -> ScaleSettings:
     """Elastic workers from the options: ``--workers N`` is ``--min-workers N
-    --max-workers N``; one bound alone takes the other from the defaults."""
+    --max-workers N``; one bound alone takes the other from the defaults; tuning options
+    alone leave the default fixed count."""
     from nodes.api.node import default_workers
 
     fixed = given.get("workers")
     if fixed is not None and ({"min_workers", "max_workers"} & given.keys()):
         raise click.BadParameter("--workers is a fixed count: give it, or --min-workers "
                                  "and --max-workers, not both", param_hint="--workers")
-    low = fixed or given.get("min_workers") or 1
-    high = fixed or given.get("max_workers") or max(low, default_workers())
+    default = default_workers()
+    low = fixed or given.get("min_workers") or (1 if "max_workers" in given else default)
+    high = fixed or given.get("max_workers") or max(low, default)
     if high < low:
         raise click.BadParameter(f"--max-workers {high} is below --min-workers {low}: "
                                  "expected max >= min", param_hint="--max-workers")
