@@ -384,7 +384,8 @@ class ApiNode(Node):
             p99 = latency.add(now, m.live_buckets())
             if not settings.elastic:
                 continue
-            decision = policy.observe(Sample(workers=self.pool.size, busy=busy,
+            serving = sum(1 for w in self.pool.serving if w.busy_since())  # not retiring
+            decision = policy.observe(Sample(workers=self.pool.size, busy=serving,
                                              queued=m.queued, p99_s=p99))
             if decision is not None:
                 self._scale(decision.frm, decision.to, decision.reason)
