@@ -87,6 +87,32 @@ class NodeForgotten(Event, frozen=True, kw_only=True, tag="node.forgotten"):
         return f"node {self.node} ({self.role}, infra {self.infra}) forgotten{who}: {self.reason}"
 
 
+class ApiScaled(Event, frozen=True, kw_only=True, tag="api.scaled"):
+    """API node ``node`` changed its worker processes from ``from_workers`` to
+    ``to_workers`` (within ``min_workers``..``max_workers``) because of ``reason`` (the
+    load or latency it measured, or a quiet period)."""
+
+    node: str
+    infra: str
+    from_workers: int
+    to_workers: int
+    min_workers: int
+    max_workers: int
+    reason: str
+
+    @property
+    def direction(self) -> str:
+        return "up" if self.to_workers > self.from_workers else "down"
+
+    def subject(self) -> str:
+        return subjects.event("api", self.infra, self.node, "scaled")
+
+    def summary(self) -> str:
+        return (f"{self.node} scaled {self.direction} from {self.from_workers} to "
+                f"{self.to_workers} workers ({self.min_workers}..{self.max_workers}): "
+                f"{self.reason}")
+
+
 NodeEvent = NodeOnline | NodeLost | NodeForgotten
 
 

@@ -131,7 +131,9 @@ class AutomationState(_State, frozen=True, kw_only=True, tag="automation"):
 
 class ApiState(_State, frozen=True, kw_only=True, tag="api"):
     data_dir: str = ""
-    workers: int = 0
+    workers: int = 0  # worker processes kept now
+    min_workers: int = 0  # the bounds it scales between (0: a node that does not say)
+    max_workers: int = 0
     worker_pids: list[int] = []
     worker_crashes: int = 0
     http: str | None = None  # the URL it serves HTTP on

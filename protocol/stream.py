@@ -27,7 +27,7 @@ from protocol.deploy import (
     DeploymentRequested,
     InfraCreatedEvent,
 )
-from protocol.events import HealthChanged, NodeForgotten, NodeLost, NodeOnline
+from protocol.events import ApiScaled, HealthChanged, NodeForgotten, NodeLost, NodeOnline
 from protocol.govern import ReviewChanged
 from protocol.leases import LeaderChanged
 from protocol.scenarios import RunFinished, RunProgress, RunStarted
@@ -38,7 +38,7 @@ AnyEvent = (NodeOnline | NodeLost | NodeForgotten | InfraCreatedEvent | BundleSt
             | RunStarted | RunProgress | RunFinished
             | ApiPackageStored | ApiDeploymentRequested | GenerationsServing | GenerationFailed
             | ApiDeploymentFinished | ApiKeyIssued | ReviewChanged | LeaderChanged
-            | HealthChanged)
+            | HealthChanged | ApiScaled)
 
 EVENT = Codec[AnyEvent](AnyEvent)
 

@@ -4,6 +4,14 @@ Counting is on the request path, so it is a few integer increments on plain obje
 (``Stat``), resolved once per request; prometheus_client only renders them, at scrape
 time, through a custom collector.  The same counters go to the Deployer as an
 ``ApiMetricsReport`` every few seconds.
+
+What an autoscaler outside the node reads (a Kubernetes HorizontalPodAutoscaler through
+a Prometheus adapter, or KEDA's Prometheus scaler) is here too, per node:
+``shipyard_api_worker_utilization`` (busy workers / workers, 0..1, the mean of the last
+10 s: a scraper samples every 15 s or so, an instant would be noise),
+``shipyard_api_queue_depth`` (requests received and waiting for a worker) and
+``shipyard_api_requests_in_flight`` (running or waiting); and the node's own scaling:
+workers now, its bounds, and its scale events by direction.
 """
 
 from __future__ import annotations
@@ -73,6 +81,10 @@ class Metrics:
         self.retries = 0
         self.workers = 0
         self.workers_busy = 0
+        self.workers_min = 0
+        self.workers_max = 0
+        self.utilization = 0.0  # busy / workers, smoothed (set by the node's sampler)
+        self.scale_events = {"up": 0, "down": 0}
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(_Collector(self))
 
@@ -118,6 +130,20 @@ class Metrics:
             for (service, endpoint), n in backlog.items():
                 out.setdefault((service, endpoint, "*", False), Stat()).inflight += n
         return out
+
+    @property
+    def queued(self) -> int:
+        """Requests the workers have received and not started (as of their last
+        report, at most a second old)."""
+        return sum(n for backlog in list(self.backlogs.values()) for n in backlog.values())
+
+    def live_buckets(self) -> list[int]:
+        """Latency bucket counts of every live request so far (not shadow copies)."""
+        total = [0] * (len(_BOUNDS) + 1)
+        for key, st in self.stats.items():
+            if not key[3]:
+                total = [a + b for a, b in zip(total, st.buckets, strict=False)]
+        return total
 
     @property
     def overloaded(self) -> int:
@@ -195,6 +221,29 @@ class _Collector(Collector):
                                     labels=["node", "state"])
         workers.add_metric([m.node, "total"], m.workers)
         workers.add_metric([m.node, "busy"], m.workers_busy)
+        bounds = GaugeMetricFamily("shipyard_api_workers_bound",
+                                   "The least and most worker processes the node scales "
+                                   "between", labels=["node", "bound"])
+        bounds.add_metric([m.node, "min"], m.workers_min)
+        bounds.add_metric([m.node, "max"], m.workers_max)
+        scaled = CounterMetricFamily("shipyard_api_scale_events",
+                                     "Times the node changed its worker count",
+                                     labels=["node", "direction"])
+        for direction, n in sorted(m.scale_events.items()):
+            scaled.add_metric([m.node, direction], n)
+        utilization = GaugeMetricFamily("shipyard_api_worker_utilization",
+                                        "Busy workers / workers, mean of the last 10 s "
+                                        "(0..1)", labels=["node"])
+        utilization.add_metric([m.node], round(m.utilization, 4))
+        queued = m.queued
+        depth = GaugeMetricFamily("shipyard_api_queue_depth",
+                                  "Requests received by workers and waiting for one",
+                                  labels=["node"])
+        depth.add_metric([m.node], queued)
+        active = GaugeMetricFamily("shipyard_api_requests_in_flight",
+                                   "Requests running or waiting for a worker",
+                                   labels=["node"])
+        active.add_metric([m.node], queued + m.workers_busy)
         mismatches = CounterMetricFamily("shipyard_api_shadow_mismatches",
                                          "Shadow replies that differed from the live reply",
                                          labels=["node"])
@@ -209,7 +258,7 @@ class _Collector(Collector):
                                       labels=["node"])
         dropped.add_metric([m.node], m.capture_dropped)
         yield from (requests, errors, inflight, latency, http, overloaded, retries, workers,
-                    mismatches, captured, dropped)
+                    bounds, scaled, utilization, depth, active, mismatches, captured, dropped)
 
 
 def quantile(buckets: list[int], q: float) -> float | None:

@@ -23,6 +23,12 @@ A failure (a package that does not verify, an environment that cannot be built, 
 ``load()`` that raises) leaves the previous mapping serving, and is reported in
 heartbeats, as a report and as an event.
 Every API node also serves HTTP (``gateway``) on ``--http-port``.
+
+Its workers are elastic between ``min_workers`` and ``max_workers``: every
+``sample_every_s`` the node samples busy workers, requests waiting for one and the recent
+p99, exports them for outside autoscalers (``metrics``), and asks the policy
+(``autoscale``) whether to scale; a decision resizes the pool (``WorkerPool.scale_to``),
+counts in /metrics, and is an ``api.scaled`` event.
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ import nats.errors
 from anyio.abc import TaskGroup
 from nats.js.kv import KeyValue
 
+from nodes.api.autoscale import RecentQuantile, Sample, ScalePolicy, ScaleSettings, WindowMean
 from nodes.api.gateway import Gateway
 from nodes.api.generations import PackageRefused, PackageStore, ensure
 from nodes.api.http import HttpServer
@@ -57,6 +64,7 @@ from nodes.runtime.node import Node
 from protocol import subjects
 from protocol.api import (
     API_DEPLOYMENT_VALUE,
+    LATENCY_BUCKETS_S,
     ApiDeploymentRecord,
     GenerationFailed,
     GenerationReport,
@@ -65,7 +73,10 @@ from protocol.api import (
 from protocol.base import encode
 from protocol.deploy import deployment_keys
 from protocol.envs import EnvLock
+from protocol.events import ApiScaled
 from protocol.state import ApiState, MappingFailure, ServiceState
+
+UTILIZATION_WINDOW_S = 10.0  # what /metrics exports: the mean busy share of this long
 
 
 def _capture(rec: ApiDeploymentRecord) -> bytes:
@@ -86,6 +97,7 @@ class ApiNode(Node):
     role: ClassVar[str] = "api"
 
     def __init__(self, *, data_dir: Path | None = None, workers: int | None = None,
+                 scaling: ScaleSettings | None = None,
                  http_port: int | None = 8080, http_host: str = "0.0.0.0",
                  request_timeout: float = 30.0, queue_timeout: float = 1.0,
                  kill_grace: float = 5.0, worker_memory_mb: int | None = None,
@@ -100,7 +112,11 @@ class ApiNode(Node):
         self.env_options = envs or EnvOptions()
         self.envs = node_env_store(self.data_dir, self.env_options, lambda: self.js)
         self._gen_envs: dict[tuple[str, str], EnvLock] = {}  # (service, gen) -> its env
-        self.n_workers = workers or default_workers()
+        if scaling is not None and workers is not None:
+            raise ValueError("give workers (a fixed count) or scaling (bounds), not both")
+        n = workers or default_workers()
+        self.scaling = scaling or ScaleSettings(min_workers=n, max_workers=n)
+        self.n_workers = self.scaling.min_workers  # at start
         self.http_port = http_port
         self.http_host = http_host
         self.request_timeout = request_timeout
@@ -109,6 +125,8 @@ class ApiNode(Node):
         self.metrics_interval = metrics_interval
         self.resync_interval = resync_interval
         self.metrics = Metrics(self.name, self.role)
+        self.metrics.workers_min = self.scaling.min_workers
+        self.metrics.workers_max = self.scaling.max_workers
         self.pool = WorkerPool(self.n_workers, nats=self.settings, node=self.name,
                                infra=self.infra, run_dir=self.data_dir / "run",
                                metrics=self.metrics, max_body=max_body,
@@ -123,6 +141,7 @@ class ApiNode(Node):
         self._switching: set[str] = set()
         self._retry_at: dict[str, float] = {}
         self._kick = anyio.Event()
+        self._tg: TaskGroup | None = None
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -144,6 +163,7 @@ class ApiNode(Node):
 
     async def started(self, tg: TaskGroup) -> None:
         assert self._desired is not None and self.gateway is not None
+        self._tg = tg
         await tg.start(self.pool.run)
         await self.gateway.start(tg, self.js, self.settings.replicas)
         if self.http_port is not None:
@@ -154,6 +174,7 @@ class ApiNode(Node):
         await tg.start(self._desired.run)
         tg.start_soon(partial(supervised, "converge", self._converge_loop, tg, log=self.log))
         tg.start_soon(partial(supervised, "metrics", self._metrics_loop, log=self.log))
+        tg.start_soon(partial(supervised, "scaling", self._scale_loop, log=self.log))
         tg.start_soon(partial(forever, "envs", self._collect_envs, log=self.log,
                               interval=self.env_options.gc_interval_s))
 
@@ -174,7 +195,9 @@ class ApiNode(Node):
             await self.http.shutdown()
 
     def state(self) -> ApiState:
-        return ApiState(data_dir=str(self.data_dir), workers=self.n_workers,
+        return ApiState(data_dir=str(self.data_dir), workers=self.pool.size,
+                        min_workers=self.scaling.min_workers,
+                        max_workers=self.scaling.max_workers,
                         worker_pids=self.pool.pids(), worker_crashes=self.pool.crashes,
                         http=self.http.url if self.http else None,
                         http_error=self.http.error if self.http else "",
@@ -356,3 +379,48 @@ class ApiNode(Node):
                 await self.nc.publish(report.subject(), encode(report))
             except Exception as exc:
                 self.log.debug("metrics report not sent", error=str(exc))
+
+    # -- scaling ------------------------------------------------------------------------
+
+    async def _scale_loop(self) -> None:
+        """Sample the workers' load for /metrics and, when the node is elastic, for the
+        policy; act on its decisions."""
+        settings = self.scaling
+        policy = ScalePolicy(settings)
+        latency = RecentQuantile(list(LATENCY_BUCKETS_S), window_s=max(2.0, settings.up_after_s))
+        utilization = WindowMean(UTILIZATION_WINDOW_S)
+        m = self.metrics
+        while not self.stopping_requested:
+            await anyio.sleep(settings.sample_every_s)
+            now = time.monotonic()
+            busy = self.pool.busy
+            m.workers, m.workers_busy = len(self.pool.workers), busy
+            m.utilization = utilization.add(now, min(1.0, busy / max(1, m.workers)))
+            p99 = latency.add(now, m.live_buckets())
+            if not settings.elastic:
+                continue
+            serving = sum(1 for w in self.pool.serving if w.busy_since())  # not retiring
+            decision = policy.observe(Sample(workers=self.pool.size, busy=serving,
+                                             queued=m.queued, p99_s=p99))
+            if decision is not None:
+                self._scale(decision.frm, decision.to, decision.reason)
+
+    def _scale(self, frm: int, to: int, reason: str) -> None:
+        """Resize the pool; count, log and announce it (the announcements in the
+        background: a NATS outage delays them, never the next sample)."""
+        self.pool.scale_to(to)
+        event = ApiScaled(node=self.name, infra=self.infra, from_workers=frm, to_workers=to,
+                          min_workers=self.scaling.min_workers,
+                          max_workers=self.scaling.max_workers, reason=reason)
+        self.metrics.scale_events[event.direction] += 1
+        self.log.info("scaling workers", direction=event.direction, frm=frm, to=to,
+                      reason=reason)
+        if self._tg is not None:
+            self._tg.start_soon(self._announce, event)
+
+    async def _announce(self, event: ApiScaled) -> None:
+        try:
+            await self.emit(event)
+            await self.beat_now()
+        except Exception as exc:  # the event stream misses it; metrics and logs have it
+            self.log.warning("scaling event not stored", error=str(exc) or type(exc).__name__)

@@ -77,7 +77,8 @@ class Worker:
 
     def send(self, msg: wire.FromWorker) -> None:
         assert self.writer is not None
-        self.writer.write(frame(msg))
+        if not self.writer.is_closing():  # closed: the node retired or replaced us
+            self.writer.write(frame(msg))
 
     def memory_error(self) -> None:
         """User code ran out of memory: stop taking requests, then exit (replaced)."""

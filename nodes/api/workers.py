@@ -24,6 +24,13 @@ Hedged copies (``sy.api.v1.<service>.<endpoint>.hedge``) reach the node, not a w
 it hands each to a worker that is neither stopped nor busy when it has one, so a retry
 does not land in the queue of the worker that stalled.  A dead worker is replaced with
 backoff; its process group (whatever user code started) is killed with it.
+
+The pool keeps ``size`` workers (``_keep_size``): the autoscaler moves ``size`` between
+the node's minimum and maximum (``scale_to``).  A worker added takes traffic only once
+every service is replayed to it (``_spawn``), like a replacement; a worker retired
+leaves the queue groups, answers what it had received and then exits (``_retire``), so
+scaling down fails no request.  A crashed worker is one fewer than ``size``: replaced by
+the same loop, with backoff when spawning fails.
 """
 
 from __future__ import annotations
@@ -53,6 +60,7 @@ from nodes.api.metrics import Metrics
 from nodes.api.worker import CONFIG_ENV
 from nodes.runtime.framing import FrameError, frame, read_frame
 from nodes.runtime.logs import get_logger
+from nodes.runtime.loops import Backoff
 from nodes.runtime.settings import NatsSettings
 from protocol import subjects
 from protocol.api import micro_error
@@ -118,7 +126,7 @@ class WorkerPool:
                  run_dir: Path, metrics: Metrics, max_body: int, queue_timeout: float,
                  request_timeout: float, kill_grace: float, debug: bool,
                  memory_mb: int | None = None) -> None:
-        self.size = size
+        self.size = size  # the workers kept: ready or starting (``scale_to`` moves it)
         self.run_dir = run_dir
         self.metrics = metrics
         self.request_timeout = request_timeout
@@ -141,7 +149,11 @@ class WorkerPool:
         self._hedge_subs: dict[str, Any] = {}
         self._next = 0
         self._tg: Any = None
-        self._spawning = anyio.Lock()
+        self._starting = 0  # spawns under way
+        self._resized = anyio.Event()  # size changed, or a worker came or went
+        self._spawn_backoff = Backoff(initial=0.05, cap=5.0)
+        self._spawn_failed = False
+        self._stopping = False
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -154,6 +166,7 @@ class WorkerPool:
                     for _ in range(self.size):
                         await self._spawn()
                 tg.start_soon(self._watchdog)
+                tg.start_soon(self._keep_size)
                 task_status.started()
                 await anyio.sleep_forever()
             finally:
@@ -163,6 +176,11 @@ class WorkerPool:
 
     def pids(self) -> list[int]:
         return [w.pid for w in self.workers if w.pid]
+
+    @property
+    def serving(self) -> list[Worker]:
+        """Workers that take traffic: ready and not retiring."""
+        return [w for w in self.workers if w.ready and not w.retiring]
 
     @property
     def busy(self) -> int:
@@ -216,6 +234,8 @@ class WorkerPool:
                         tg.start_soon(self._replay, w, service, errors)
                 if errors:
                     raise RuntimeError(errors[0])
+            if w.dead:
+                raise RuntimeError(w.dead)
         except BaseException:
             await self._close(w)
             raise
@@ -263,6 +283,8 @@ class WorkerPool:
 
     async def drain(self, timeout: float) -> None:
         """Every worker leaves the queue groups and answers what it had received."""
+        self._stopping = True
+        self._resized.set()
         for sub in list(self._hedge_subs.values()):
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
@@ -287,6 +309,8 @@ class WorkerPool:
             while True:
                 msg = wire.decode_from_worker(await read_frame(reader))
                 if isinstance(msg, wire.Stats):
+                    if w not in self.workers:  # closed: its counters are retired already
+                        continue
                     self.metrics.worker_stats(
                         w.index, [list(msgspec.structs.astuple(r)) for r in msg.rows],
                         [[b.service, b.endpoint, b.waiting] for b in msg.backlog],
@@ -343,7 +367,7 @@ class WorkerPool:
             self.log.error("worker process died; replacing it", worker=w.index, pid=w.pid,
                            exit_code=code, running_request=bool(since))
         if was_ready:
-            self._tg.start_soon(self._replace)
+            self._resized.set()  # one fewer than ``size``: replaced by ``_keep_size``
 
     async def _answer_for_dead(self, reply: str, code: int | None) -> None:
         """The worker died running the request with reply subject ``reply``: say so to
@@ -359,18 +383,65 @@ class WorkerPool:
         except Exception as exc:  # the requester times out instead
             self.log.warning("could not answer for a dead worker", error=str(exc))
 
-    async def _replace(self) -> None:
-        delay = 0.05
-        while True:
-            await anyio.sleep(delay)
-            try:
-                async with self._spawning:
-                    with anyio.fail_after(START_TIMEOUT + 60):
-                        await self._spawn()
+    # -- size ---------------------------------------------------------------------------
+
+    def scale_to(self, size: int) -> None:
+        """Keep ``size`` workers from now on: start or retire the difference."""
+        if size < 1:
+            raise ValueError(f"a pool of {size} workers: expected at least 1")
+        self.size = size
+        self._resized.set()
+
+    async def _keep_size(self) -> None:
+        """Start or retire workers until ``size`` of them serve or are starting."""
+        while not self._stopping:
+            await self._resized.wait()
+            self._resized = anyio.Event()
+            if self._stopping:
                 return
-            except Exception as exc:
-                self.log.error("worker replacement failed; retrying", error=str(exc))
-                delay = min(delay * 2, 5.0)
+            have = self._starting + len(self.serving)
+            for _ in range(self.size - have):
+                self._starting += 1
+                self._tg.start_soon(self._grow)
+            # Retire only what serves beyond ``size``, whatever is starting: a worker
+            # still starting does not serve yet (and may fail), so retiring for it would
+            # leave the queue groups short; once it serves, the surplus is retired.
+            serving = self.serving
+            surplus = len(serving) - self.size
+            if surplus > 0:
+                # Idle workers first, then the newest: they have the least warm caches.
+                spare = sorted(serving, key=lambda w: (bool(w.busy_since()), -w.index))
+                for w in spare[:surplus]:
+                    w.retiring = True  # no hedged copy, no broadcast, no replacement
+                    self._tg.start_soon(self._retire, w)
+
+    async def _grow(self) -> None:
+        """Start one worker for ``size`` (``_starting`` counts it already)."""
+        try:
+            if self._spawn_failed:
+                await anyio.sleep(self._spawn_backoff.delay())
+            with anyio.fail_after(START_TIMEOUT + 60):
+                await self._spawn()
+            self._spawn_failed = False
+            self._spawn_backoff.reset()
+        except Exception as exc:
+            self._spawn_failed = True
+            self.log.error("starting a worker failed; retrying", error=str(exc))
+        finally:
+            self._starting -= 1
+            self._resized.set()
+
+    async def _retire(self, w: Worker) -> None:
+        """Take ``w`` out of service without failing a request: it leaves the queue
+        groups, answers what it had received, then exits."""
+        self.log.info("retiring a worker", worker=w.index, pid=w.pid)
+        drained = w.expect("drained")
+        w.send(wire.Drain())
+        with anyio.move_on_after(self.request_timeout + self.kill_grace):
+            await drained
+        await self._close(w)
+        self.metrics.workers = len(self.workers)
+        self._resized.set()
 
     async def _watchdog(self) -> None:
         while True:
@@ -464,14 +535,17 @@ class WorkerPool:
         """Send ``msg`` to every worker that has ``service`` (or every service) and wait
         (bounded) for each one's ``reply``; "" or the first error.  The caller holds the
         service's lock."""
-        workers = [w for w in self.workers if w.ready or service in w.synced]
+        workers = [w for w in self.workers
+                   if (w.ready or service in w.synced) and not w.retiring]
         futures = [w.expect(*reply) for w in workers]
         for w in workers:
             w.send(msg)
         errors = []
         with anyio.move_on_after(timeout) as scope:
-            for fut in futures:
-                errors.append(await fut)
+            for w, fut in zip(workers, futures, strict=True):
+                error = await fut
+                if not w.retiring:  # retired meanwhile: what it says no longer matters
+                    errors.append(error)
         if scope.cancelled_caught:
             errors.append(f"{doing} did not finish within {timeout:g}s")
         return next((e for e in errors if e), "")

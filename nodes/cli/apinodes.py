@@ -12,6 +12,7 @@ import msgspec
 from anyio.abc import TaskGroup
 from nats.aio.msg import Msg
 
+from nodes.api.autoscale import ScaleSettings
 from nodes.api.httplimits import HttpLimits
 from nodes.runtime.calls import Caller
 from nodes.runtime.supervisor import Child
@@ -24,8 +25,22 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 _OPTIONS: list[tuple[str, dict[str, Any]]] = [
     ("--workers", dict(type=click.IntRange(min=1), default=None,
-                       help="api: worker processes for user code (default: one per core "
-                            "but one, at least 1, at most 8).")),
+                       help="api: a fixed count of worker processes for user code, the "
+                            "same as --min-workers N --max-workers N (default: one per "
+                            "core but one, at least 1, at most 8).")),
+    ("--min-workers", dict(type=click.IntRange(min=1), default=None,
+                           help="api: the fewest worker processes the node scales down to "
+                                "after a quiet period [default: 1 with --max-workers]")),
+    ("--max-workers", dict(type=click.IntRange(min=1), default=None,
+                           help="api: the most worker processes the node scales up to when "
+                                "requests queue or latency rises [default: the default "
+                                "--workers, at least --min-workers]")),
+    ("--scale-down-after", dict(type=click.FloatRange(min=0.1), default=None,
+                                help="api: seconds of quiet before the node retires "
+                                     "workers [default: 60]")),
+    ("--latency-target", dict(type=click.FloatRange(min=0.001), default=None,
+                              help="api: p99 seconds of worker latency over which a loaded "
+                                   "node adds workers [default: none, load alone]")),
     ("--worker-memory", dict(type=click.IntRange(min=256), default=None,
                              help="api: address-space limit of each worker process in MB "
                                   "(a worker starts at ~120 MB of address space); a request "
@@ -76,6 +91,7 @@ _KEYS = {"workers": "workers", "worker_memory": "worker_memory_mb",
 _LIMITS = {"max_header_bytes": "max_header_bytes", "header_timeout": "header_timeout",
            "body_timeout": "body_timeout", "keep_alive": "keep_alive",
            "max_connections": "max_connections"}
+_SCALING = {"min_workers", "max_workers", "scale_down_after", "latency_target"}
 _GATEWAY = {"http_port", "http_host", "request_timeout", "retry_after", "max_body", *_LIMITS}
 
 
@@ -88,7 +104,8 @@ def api_node_options(fn: F) -> F:
 def api_node_extra(role: str, options: dict[str, Any]) -> dict[str, Any]:
     """Constructor arguments for ``role`` from the options; usage error if misplaced."""
     given = {k: v for k, v in options.items() if v not in (None, False)}
-    allowed = set(_KEYS) | set(_LIMITS) | {"no_http", "debug"} if role == "api" else (
+    allowed = set(_KEYS) | set(_LIMITS) | set(_SCALING) | {"no_http", "debug"} \
+        if role == "api" else (
         _GATEWAY if role == "gateway" else set())
     wrong = sorted(set(given) - allowed)
     if wrong:
@@ -99,10 +116,37 @@ def api_node_extra(role: str, options: dict[str, Any]) -> dict[str, Any]:
     if limits:
         extra["http_limits"] = HttpLimits(**limits)
     if role == "api":
+        if given.keys() & _SCALING:
+            extra["scaling"] = _scaling(given)
+            extra.pop("workers", None)
         if given.get("no_http"):
             extra["http_port"] = None
         extra["debug"] = bool(given.get("debug"))
     return extra
+
+
+def _scaling(given: dict[str, Any]) -> ScaleSettings:
+    """Elastic workers from the options: ``--workers N`` is ``--min-workers N
+    --max-workers N``; one bound alone takes the other from the defaults; tuning options
+    alone leave the default fixed count."""
+    from nodes.api.node import default_workers
+
+    fixed = given.get("workers")
+    if fixed is not None and ({"min_workers", "max_workers"} & given.keys()):
+        raise click.BadParameter("--workers is a fixed count: give it, or --min-workers "
+                                 "and --max-workers, not both", param_hint="--workers")
+    default = default_workers()
+    low = fixed or given.get("min_workers") or (1 if "max_workers" in given else default)
+    high = fixed or given.get("max_workers") or max(low, default)
+    if high < low:
+        raise click.BadParameter(f"--max-workers {high} is below --min-workers {low}: "
+                                 "expected max >= min", param_hint="--max-workers")
+    tuning: dict[str, Any] = {"min_workers": low, "max_workers": high}
+    if "scale_down_after" in given:
+        tuning["down_after_s"] = given["scale_down_after"]
+    if "latency_target" in given:
+        tuning["latency_target_s"] = given["latency_target"]
+    return ScaleSettings(**tuning)
 
 
 def add_http_port(children: list[Child], port: int) -> None:
