@@ -60,6 +60,15 @@ def shipyard(*args: str, env: dict[str, str], cwd: Path | None = None,
     return proc
 
 
+async def ashipyard(*args: str, env: dict[str, str], cwd: Path | None = None,
+                    timeout: float = 30.0,
+                    check: bool = False) -> subprocess.CompletedProcess[str]:
+    """``shipyard`` from an async test: in a worker thread, so nodes served in the test's
+    event loop (heartbeats, lease renewals) keep running while the CLI does."""
+    return await anyio.to_thread.run_sync(
+        lambda: shipyard(*args, env=env, cwd=cwd, timeout=timeout, check=check))
+
+
 async def gather(*aws: Awaitable[T]) -> list[T]:
     results: list[Any] = [None] * len(aws)
 

@@ -39,10 +39,10 @@ from tests.apiproject import make_api_project
 from tests.authstack import AuthStack, auth_stack
 from tests.helpers import (
     Background,
+    ashipyard,
     fleet,
     gather,
     running,
-    shipyard,
     shipyard_argv,
     wait_for,
 )
@@ -184,12 +184,12 @@ async def test_every_accepted_and_refused_command_is_in_the_ledger_with_identity
             # The CLI, as the viewer: --who filters, --json carries the typed entry.
             env = {k: v for k, v in os.environ.items() if not k.startswith("SHIPYARD_")}
             env["SHIPYARD_IDENTITY"] = str(stack.store.creds_path("vera"))
-            proc = shipyard("audit", "--who", "dora", "--since", "10m", "--json",
+            proc = await ashipyard("audit", "--who", "dora", "--since", "10m", "--json",
                             "--nats", stack.server.url, env=env, check=True)
             listed = json.loads(proc.stdout)
             assert listed and {e["identity"] for e in listed} == {"dora"}
             assert {e["reason"] for e in listed} >= {None, auth.REVOKED}
-            table = shipyard("audit", "--nats", stack.server.url, env=env, check=True)
+            table = await ashipyard("audit", "--nats", stack.server.url, env=env, check=True)
             assert "replayed" in table.stdout and "admin (claimed)" in table.stdout
         finally:
             for nc in conns.values():
@@ -377,12 +377,12 @@ async def test_audit_at_answers_what_was_deployed_across_deploys_and_a_rollback(
             import datetime as dt
             iso = dt.datetime.fromtimestamp(marks[1], dt.UTC).isoformat()
             for when in (iso, f"{marks[1]:.6f}"):
-                proc = shipyard("audit", "at", when, "--json", "--nats", settings.url,
+                proc = await ashipyard("audit", "at", when, "--json", "--nats", settings.url,
                                 env=cli_env, cwd=tmp_path, check=True)
                 got = json.loads(proc.stdout)["deployed"]
                 assert [(d["infra"], d["name"], d["deployed"]) for d in got] == [
                     ("api", "churn-api", "v1=50,v2=50"), ("prod", "churn", "v2")]
-            proc = shipyard("audit", "at", "yesterday-ish", "--nats", settings.url,
+            proc = await ashipyard("audit", "at", "yesterday-ish", "--nats", settings.url,
                             env=cli_env, cwd=tmp_path)
             assert proc.returncode == 2 and "ISO 8601" in proc.stderr
             # Without auth, the ledger still records who the commands claimed to be.

@@ -59,8 +59,10 @@ async def test_one_instance_holds_the_lease_and_a_standby_takes_it_when_it_expir
             while not await b.try_acquire():
                 assert a.held or not b.held
                 await anyio.sleep(0.02)
-        assert not a.held
-        assert await a.renew() == "expired"  # by its own clock, before B could act
+        assert not a.held  # by its own clock, before B could act
+        # A's next renewal is judged by the compare-and-set: B holds the key, so A is out.
+        assert await a.renew() == "taken by another instance"
+        assert a.revision is None and not a.held
         assert b.held
 
         # Renewals are fenced by the revision: once another write moved it on, hold()
@@ -73,6 +75,16 @@ async def test_one_instance_holds_the_lease_and_a_standby_takes_it_when_it_expir
         with anyio.fail_after(3):
             await c.hold(lost.append)
         assert lost == ["taken by another instance"]
+
+        # A holder whose event loop stalled past its own deadline, while the server still
+        # holds its key and nobody else took it, keeps the lease on its next renewal.
+        now = [100.0]
+        d = Lease(kv, role="design", node="d", instance="id", ttl=1.0, renew_every=0.3,
+                  slack=0.2, poll=0.05, clock=lambda: now[0])
+        assert await d.try_acquire()
+        now[0] += 60.0  # frozen for a minute by its own clock; the server saw 0 s
+        assert not d.held
+        assert await d.renew() is None and d.held
 
         # A graceful release hands over within one poll, not one TTL.
         await b.release()

@@ -25,8 +25,11 @@ The numbers (``LEASE_TTL_S`` = 3 s, ``RENEW_EVERY_S`` = 1 s, ``CLOCK_SLACK_S`` =
   standby could hold the key.  The slack covers the drift of two clocks over 3 s (parts
   per million) and the time between a check and the action it allows, which on a
   loaded host is the event loop's latency (tens of ms).  A process frozen longer than
-  the slack (SIGSTOP, a VM pause) is the case no lease without storage fencing covers:
-  the renewal's compare-and-set makes it step down as soon as it runs again.
+  the slack (SIGSTOP, a VM pause, a blocked event loop) is the case no lease without
+  storage fencing covers: its next renewal's compare-and-set decides as soon as it runs
+  again. If the key is still at its revision (the server has not expired it, nobody
+  created it since) it holds on, since no other instance can have acted; otherwise it
+  steps down.
 * A renewal is tried every second, each bounded by ``OP_TIMEOUT_S`` (1 s) and by the
   time left; so two consecutive failures still leave the lease held (a JetStream
   leader election in a 3-server cluster was measured at ~2 s here), a third steps down.
@@ -201,10 +204,14 @@ class Lease:
             return "not held"
         sent = self.clock()
         left = self.valid_until - sent
-        if self.last_sent and left <= 0:
-            return "expired"
+        # Past ``valid_until`` (the event loop stalled, or renewals kept failing) the
+        # compare-and-set is still the judge: it succeeds only if the key is still at
+        # this instance's revision, i.e. the server has not expired it and nobody else
+        # created it since, so no other instance can have acted in between.
+        stalled = bool(self.last_sent) and left <= 0
         try:
-            with anyio.fail_after(min(OP_TIMEOUT_S, left) if self.last_sent else OP_TIMEOUT_S):
+            with anyio.fail_after(OP_TIMEOUT_S if stalled or not self.last_sent
+                                  else min(OP_TIMEOUT_S, left)):
                 revision = await self.kv.update(self.key, self._value, last=self.revision)
         except nats.js.errors.KeyWrongLastSequenceError:
             if self._unconfirmed and await self._confirm_lost_reply():
@@ -213,7 +220,10 @@ class Lease:
             return "taken by another instance"
         except (TimeoutError, nats.errors.Error) as exc:
             self._unconfirmed = self._unconfirmed or sent
-            return str(exc) or type(exc).__name__
+            return "expired" if stalled else str(exc) or type(exc).__name__
+        if stalled:
+            self.log.warning("lease renewed after a stall: still held, nobody took it",
+                             late_s=round(-left, 3))
         self.revision, self.last_sent, self._unconfirmed = revision, sent, 0.0
         return None
 
