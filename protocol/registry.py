@@ -35,6 +35,9 @@ class NodeInfo(msgspec.Struct, frozen=True, kw_only=True):
     state: RoleState = NoState()  # as its last heartbeat carried it
     last_seen_s: float = 0.0
     dropped: int = 0  # inbound messages the node dropped as malformed (its last beat)
+    cpu_s: float = 0.0  # the process's CPU seconds and memory, as its last beat said
+    rss_bytes: int = 0
+    cpu_pct: float | None = None  # CPU share (% of one core) between its last two beats
 
     def validate(self, key: str) -> None:
         """Raise ``InvalidMessage`` unless this record's names are valid and its name is

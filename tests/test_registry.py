@@ -191,6 +191,22 @@ def test_liveness_follows_the_monotonic_clock_not_the_wall_clock() -> None:
     assert events[0].silent_s == 3.1  # type: ignore[union-attr]
 
 
+def test_a_nodes_cpu_share_and_memory_come_from_its_last_two_beats() -> None:
+    reg = Clocks().registry()
+    reg.on_heartbeat(hb(uptime_s=10.0, cpu_s=2.0, rss_bytes=50 << 20))
+    first = reg.get("n1")
+    assert first is not None and first.cpu_pct is None and first.rss_bytes == 50 << 20
+    reg.on_heartbeat(hb(seq=2, uptime_s=12.0, cpu_s=2.5, rss_bytes=60 << 20))
+    second = reg.get("n1")
+    assert second is not None and (second.cpu_pct, second.rss_bytes) == (25.0, 60 << 20)
+    reg.on_heartbeat(hb(seq=3, uptime_s=14.0))  # an older node: no CPU time to compare
+    third = reg.get("n1")
+    assert third is not None and third.cpu_pct is None
+    reg.on_heartbeat(hb(seq=1, pid=8, uptime_s=0.5, cpu_s=0.4))  # a new process
+    restarted = reg.get("n1")
+    assert restarted is not None and restarted.cpu_pct is None
+
+
 def test_an_exit_report_is_not_sticky_while_the_process_keeps_beating() -> None:
     clocks = Clocks()
     reg = clocks.registry()

@@ -91,7 +91,8 @@ class Registry:
             # record is updated in place; half the cost of building a new one.
             rec.info = msgspec.structs.replace(
                 rec.info, last_seen=wall, uptime_s=hb.uptime_s,
-                interval_s=_clamp(hb.interval_s), dropped=hb.dropped)
+                interval_s=_clamp(hb.interval_s), dropped=hb.dropped, cpu_s=hb.cpu_s,
+                rss_bytes=hb.rss_bytes, cpu_pct=_cpu_pct(rec.info, hb))
             rec.judge_from = rec.beat_at = now
             rec.seq, rec.instance = hb.seq, hb.instance
             return None
@@ -123,7 +124,8 @@ class Registry:
             name=hb.node, role=hb.role, infra=hb.infra, status=ONLINE, last_seen=wall,
             first_seen=first_seen, version=hb.version, host=hb.host, pid=hb.pid,
             uptime_s=hb.uptime_s, interval_s=_clamp(hb.interval_s), state=hb.state,
-            dropped=hb.dropped,
+            dropped=hb.dropped, cpu_s=hb.cpu_s, rss_bytes=hb.rss_bytes,
+            cpu_pct=_cpu_pct(rec.info, hb) if rec is not None and not reason else None,
         )
         self.nodes[hb.node] = Record(info=info, judge_from=now, seq=hb.seq,
                                      dirty=changed or (rec is not None and rec.dirty),
@@ -229,3 +231,14 @@ class Registry:
 
     def online(self, *, role: str | None = None, infra: str | None = None) -> list[NodeInfo]:
         return self.query(role=role, infra=infra, status=ONLINE)
+
+
+def _cpu_pct(prev: NodeInfo, hb: Heartbeat) -> float | None:
+    """The process's CPU share between two beats of it (% of one core), from the CPU
+    seconds and uptime each beat carries; None when they cannot say (a first beat, an
+    older node sending no CPU time, a clock that did not move)."""
+    elapsed = hb.uptime_s - prev.uptime_s
+    used = hb.cpu_s - prev.cpu_s
+    if elapsed <= 0 or used < 0 or not hb.cpu_s:
+        return prev.cpu_pct if elapsed == 0 else None
+    return round(100.0 * used / elapsed, 1)

@@ -57,8 +57,8 @@ function renderNodes() {
   document.getElementById("fleet-count").textContent =
     `${online} online, ${nodes.length - online} lost`;
   body.replaceChildren(...nodes.map((n) => {
-    const cpu = n.cpu_percent ?? n.cpu;
-    const mem = n.rss_bytes ?? n.memory_bytes;
+    const cpu = n.cpu_pct ?? n.cpu_percent ?? n.cpu;
+    const mem = n.rss_bytes || n.memory_bytes;
     return h("tr", { "data-node": n.name, "data-status": n.status },
       h("td", {}, n.name), h("td", {}, n.role), h("td", {}, n.infra),
       h("td", { class: "status" }, badge(n.status)),
