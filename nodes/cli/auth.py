@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from pathlib import Path
 from typing import Any
 
@@ -29,11 +30,13 @@ from nodes.cli.common import (
     table,
     when,
 )
-from nodes.runtime.connection import CannotReachNats, close, connect
+from nodes.runtime.connection import CannotReachNats, CredentialsRefused, close, connect
 from nodes.runtime.settings import DEFAULT_HOME, NatsSettings, read_stack_file, split_servers
 from protocol import subjects
 from protocol.auth import HUMAN_ROLES, NODE_ROLES, Identity
 from protocol.errors import OperationError
+
+RELOAD_SETTLE_S = 5.0  # how long a server may refuse the admin right after a reload
 
 
 def default_home() -> Path:
@@ -86,7 +89,17 @@ def apply(home: Path | None, store: AuthStore, *, revoking: bool = False,
     async def publish() -> int:
         settings = NatsSettings(servers=split_servers(str(stack["nats_url"])),
                                 creds_file=str(store.creds_path(ADMIN)))
-        nc = await connect(settings, name="shipyard-auth", first_connect_timeout=3.0)
+        # Right after a reload a server may still refuse the admin for a moment (it is
+        # applying the new users): retry that, briefly.
+        deadline = time.monotonic() + RELOAD_SETTLE_S
+        while True:
+            try:
+                nc = await connect(settings, name="shipyard-auth", first_connect_timeout=3.0)
+                break
+            except CredentialsRefused:
+                if time.monotonic() >= deadline:
+                    raise
+                await anyio.sleep(0.2)
         try:
             return await publish_identities(nc, identities,
                                             replicas=int(stack.get("replicas") or 1))

@@ -233,6 +233,8 @@ class ApiDeployer:
             raise Conflict(f"deployment of {service} on {infra} was changed concurrently; "
                            f"this {action} was not applied: check 'shipyard deployments' "
                            "and retry") from None
+        if self._cache is not None:
+            await self._cache.written(key, new_revision, data)
         self.log.info("desired API mapping changed", service=service, infra=infra,
                       action=action, to=mapping.describe(), revision=new_revision)
         await self.host.emit(ApiDeploymentRequested(
@@ -369,11 +371,13 @@ class ApiDeployer:
     async def _finish(self, entry: Entry[ApiDeploymentRecord], result: str, detail: str) -> None:
         rec = entry.value
         new, last = close_last(rec, result, detail)
+        key, data = deployment_key("api", rec.infra, rec.service), encode(new)
         try:
-            await self.kv.update(deployment_key("api", rec.infra, rec.service), encode(new),
-                                 last=entry.revision)
+            revision = int(await self.kv.update(key, data, last=entry.revision))
         except nats.js.errors.KeyWrongLastSequenceError:
             return
+        if self._cache is not None:
+            await self._cache.written(key, revision, data)
         self.log.info("API update finished", service=rec.service, infra=rec.infra,
                       mapping=rec.mapping.describe(), result=result)
         await self.host.emit(ApiDeploymentFinished(

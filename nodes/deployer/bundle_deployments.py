@@ -245,8 +245,12 @@ class ProjectDeployer:
         """Compare-and-set: write only if the record is still at ``revision``."""
         data = encode(record)
         if revision == 0:
-            return int(await self.deploy_kv.create(key, data))
-        return int(await self.deploy_kv.update(key, data, last=revision))
+            written = int(await self.deploy_kv.create(key, data))
+        else:
+            written = int(await self.deploy_kv.update(key, data, last=revision))
+        if self._cache is not None:
+            await self._cache.written(key, written, data)
+        return written
 
     async def _change_desired(self, *, project: str, infra: str, target: str, action: str,
                               by: str, expected_revision: int | None,

@@ -161,6 +161,7 @@ async def connect(
     # A refusal is a definite answer (nothing listens there), unlike silence: once every
     # server has refused, the first connect gives up instead of waiting out its deadline.
     refusals: set[int] = set()
+    credential_refusals: list[int] = []
     giving_up = anyio.CancelScope()
     creds = settings.creds_file or settings.nkey_seed_file
     denials = PublishDenials() if creds else None
@@ -177,7 +178,12 @@ async def connect(
                 if len(refusals) >= len(settings.servers):
                     giving_up.cancel()
             elif creds and _refused_credentials(exc):
-                giving_up.cancel()  # a definite answer: retrying cannot change it
+                # A definite answer, from that server: give up once as many refusals as
+                # there are servers came back (one server of a cluster may not know a
+                # new identity yet, or be reloading its config).
+                credential_refusals.append(len(first_errors))
+                if len(credential_refusals) >= len(settings.servers):
+                    giving_up.cancel()
             return
         refused = denials.refused(str(exc)) if denials is not None else None
         if refused:

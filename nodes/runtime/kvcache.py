@@ -100,6 +100,13 @@ class KVCache(Generic[V]):
             with contextlib.suppress(Exception):
                 await watcher.stop()
 
+    async def written(self, key: str, revision: int, raw: bytes) -> None:
+        """A write this process just made (``revision`` from the server's ack): applied
+        now, so this process reads its own writes even before the watch delivers them
+        (on a 3-server cluster the watch can trail the ack); the watch's copy is then
+        skipped as already seen."""
+        await self._apply(key, revision, raw, deleted=False)
+
     async def _apply(self, key: str, revision: int, raw: bytes, *, deleted: bool) -> None:
         current = self.entries.get(key)
         if deleted:
