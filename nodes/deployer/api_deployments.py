@@ -127,6 +127,10 @@ class ApiDeployer:
     async def _changed(self, key: str, entry: Entry[ApiDeploymentRecord] | None) -> None:
         self.kick()
 
+    def records(self) -> list[Entry[ApiDeploymentRecord]]:
+        """Every deployment record this desk holds (none before setup)."""
+        return list(self._cache.entries.values()) if self._cache is not None else []
+
     async def _on_metrics(self, report: ApiMetricsReport) -> None:
         last = self.reports.pop(report.node, None)
         self.reports[report.node] = ((report, time.monotonic()), last[0] if last else None)

@@ -120,6 +120,10 @@ class ProjectDeployer:
     async def _changed(self, key: str, entry: Entry[DeploymentRecord] | None) -> None:
         self.kick()
 
+    def records(self) -> list[Entry[DeploymentRecord]]:
+        """Every deployment record this desk holds (none before setup)."""
+        return list(self._cache.entries.values()) if self._cache is not None else []
+
     @property
     def infra_kv(self) -> KeyValue:
         assert self._infra is not None

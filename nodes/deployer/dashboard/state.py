@@ -35,14 +35,11 @@ RESOURCE_FIELDS = ("cpu_percent", "cpu", "memory_bytes", "rss_bytes", "mem_perce
 
 
 def bundle_records(d: DeployerNode) -> list[Entry[DeploymentRecord]]:
-    # The desks keep their records in a KVCache (``_cache``), None before setup.
-    cache = d.projects._cache
-    return list(cache.entries.values()) if cache is not None else []
+    return d.projects.records()
 
 
 def api_records(d: DeployerNode) -> list[Entry[ApiDeploymentRecord]]:
-    cache = d.apis._cache
-    return list(cache.entries.values()) if cache is not None else []
+    return d.apis.records()
 
 
 def deployment_views(d: DeployerNode) -> list[DeploymentView]:
