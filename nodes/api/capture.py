@@ -22,6 +22,7 @@ the same way.  Measured on the API benchmark: bench/RESULTS.md, "Prediction capt
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import os
 import random
 import time
@@ -33,16 +34,21 @@ from typing import Any
 import anyio
 import anyio.lowlevel
 import msgspec
+import nats.js.errors
 from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import (
+    AckPolicy,
+    ConsumerConfig,
+    DeliverPolicy,
     DiscardPolicy,
     StorageType,
     StreamConfig,
 )
 
 from nodes.api.usercode import OP_MULTI, OP_PREDICT
-from nodes.runtime.jetstream import DEDUP_WINDOW_S, ensure_stream, read_to_end
+from nodes.runtime.jetstream import DEDUP_WINDOW_S, ensure_stream
 from nodes.runtime.logs import get_logger
 from protocol import subjects
 from protocol.base import new_id
@@ -324,22 +330,52 @@ async def read_captures(nc: NATS, service: str, *, since: float | None = None,
     the oldest kept), of one generation and endpoint if given, at most ``limit``, read
     with an ordered consumer filtered by subject and ended after ``timeout`` seconds in
     any case."""
+    js = nc.jetstream()
     found = Captures(entries=[])
+    try:
+        await js.stream_info(subjects.CAPTURE_STREAM)
+    except nats.js.errors.NotFoundError:
+        return found
+    config = ConsumerConfig(ack_policy=AckPolicy.NONE, inactive_threshold=30.0)
+    if since is not None:
+        config.deliver_policy = DeliverPolicy.BY_START_TIME
+        config.opt_start_time = dt.datetime.fromtimestamp(since, dt.UTC)
+    else:
+        config.deliver_policy = DeliverPolicy.ALL
     filter_subject = (subjects.capture(service, endpoint) if endpoint
                       else subjects.captures_of(service))
+    send, recv = anyio.create_memory_object_stream[Msg](256)
+
+    async def on_msg(msg: Msg) -> None:
+        with contextlib.suppress(anyio.ClosedResourceError, anyio.BrokenResourceError):
+            await send.send(msg)
+
     with anyio.move_on_after(timeout) as scope:
-        async with contextlib.aclosing(read_to_end(nc, subjects.CAPTURE_STREAM, filter_subject,
-                                                   since=since, buffer=256)) as msgs:
-            async for msg in msgs:
-                try:
-                    call: CapturedCall | None = CAPTURED_CALL.decode(msg.data)
-                except (msgspec.DecodeError, RecursionError):
-                    found.unreadable += 1
-                    call = None
-                if call is not None and (generation is None or call.generation == generation):
-                    if len(found.entries) >= limit:
-                        found.more = True
+        sub = await js.subscribe(filter_subject, stream=subjects.CAPTURE_STREAM, cb=on_msg,
+                                 ordered_consumer=True, config=config)
+        try:
+            consumer = await sub.consumer_info()
+            delivered = consumer.delivered.consumer_seq if consumer.delivered else 0
+            if consumer.num_pending or delivered:
+                async for msg in recv:
+                    meta = msg.metadata
+                    try:
+                        call = CAPTURED_CALL.decode(msg.data)
+                    except (msgspec.DecodeError, RecursionError):
+                        found.unreadable += 1
+                        call = None
+                    if call is not None and (generation is None
+                                             or call.generation == generation):
+                        if len(found.entries) >= limit:
+                            found.more = True
+                            break
+                        found.entries.append((meta.sequence.stream, call))
+                    if meta.num_pending == 0:
                         break
-                    found.entries.append((msg.metadata.sequence.stream, call))
+        finally:
+            send.close()
+            recv.close()
+            with anyio.move_on_after(2, shield=True), contextlib.suppress(Exception):
+                await sub.unsubscribe()
     found.timed_out = scope.cancelled_caught
     return found

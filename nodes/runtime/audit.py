@@ -28,6 +28,7 @@ this ledger: see ``deployed_at``.
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 from collections.abc import AsyncIterator
 from functools import partial
 from typing import Any
@@ -37,14 +38,18 @@ import msgspec
 import nats.js.errors
 from anyio.abc import TaskGroup
 from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import (
+    AckPolicy,
+    ConsumerConfig,
+    DeliverPolicy,
     DiscardPolicy,
     StorageType,
     StreamConfig,
 )
 
-from nodes.runtime.jetstream import publish_retry, read_to_end
+from nodes.runtime.jetstream import publish_retry
 from nodes.runtime.kvcache import snapshot
 from nodes.runtime.loops import supervised
 from protocol import subjects
@@ -154,14 +159,44 @@ async def read_audit(nc: NATS, *, since: float | None = None,
     """Every entry appended at or after ``since`` (seconds since the epoch; None: all),
     as (stream sequence, entry or None when it does not decode, raw bytes).  Ends once
     caught up with the stream."""
-    async with contextlib.aclosing(read_to_end(nc, subjects.AUDIT_STREAM, subjects.AUDIT_ALL,
-                                               since=since, buffer=READ_BUFFER)) as msgs:
-        async for msg in msgs:
+    js = nc.jetstream()
+    try:
+        await js.stream_info(subjects.AUDIT_STREAM)
+    except nats.js.errors.NotFoundError:
+        return
+    config = ConsumerConfig(ack_policy=AckPolicy.NONE, inactive_threshold=30.0)
+    if since is not None:
+        config.deliver_policy = DeliverPolicy.BY_START_TIME
+        config.opt_start_time = dt.datetime.fromtimestamp(since, dt.UTC)
+    else:
+        config.deliver_policy = DeliverPolicy.ALL
+    send, recv = anyio.create_memory_object_stream[Msg](READ_BUFFER)
+
+    async def on_msg(msg: Msg) -> None:
+        with contextlib.suppress(anyio.ClosedResourceError, anyio.BrokenResourceError):
+            await send.send(msg)
+
+    sub = await js.subscribe(subjects.AUDIT_ALL, stream=subjects.AUDIT_STREAM, cb=on_msg,
+                             ordered_consumer=True, config=config)
+    try:
+        consumer = await sub.consumer_info()
+        delivered = consumer.delivered.consumer_seq if consumer.delivered else 0
+        if not consumer.num_pending and not delivered:
+            return
+        async for msg in recv:
+            meta = msg.metadata
             try:
                 entry: AuditEntry | None = AUDIT_ENTRY.decode(msg.data)
             except msgspec.DecodeError:
                 entry = None
-            yield msg.metadata.sequence.stream, entry, msg.data
+            yield meta.sequence.stream, entry, msg.data
+            if meta.num_pending == 0:
+                return
+    finally:
+        send.close()
+        recv.close()
+        with anyio.move_on_after(2, shield=True), contextlib.suppress(Exception):
+            await sub.unsubscribe()
 
 
 def _at(history: list[Update], at: float) -> Update | None:

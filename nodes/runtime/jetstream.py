@@ -3,24 +3,13 @@
 from __future__ import annotations
 
 import contextlib
-import datetime as dt
-from collections.abc import AsyncGenerator
 from typing import Any
 
 import anyio
 import nats.errors
 import nats.js.errors
-from nats.aio.client import Client as NATS
-from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from nats.js.api import (
-    AckPolicy,
-    ConsumerConfig,
-    DeliverPolicy,
-    KeyValueConfig,
-    StorageType,
-    StreamConfig,
-)
+from nats.js.api import KeyValueConfig, StorageType, StreamConfig
 from nats.js.kv import KeyValue
 
 from nodes.runtime.logs import get_logger
@@ -103,44 +92,3 @@ async def publish_event(js: JetStreamContext, event: Event) -> None:
     except Exception as exc:
         get_logger(component="events").error(
             "event not stored", type=type(event).__name__, error=str(exc) or type(exc).__name__)
-
-
-async def read_to_end(nc: NATS, stream: str, subject: str, *, since: float | None = None,
-                      buffer: int = 1024) -> AsyncGenerator[Msg, None]:
-    """Every message of ``stream`` on ``subject`` stored at or after ``since`` (seconds
-    since the epoch; None: the oldest kept), read with an ordered consumer through a
-    bounded buffer, ending once caught up with the stream (nothing if the stream does
-    not exist).  Iterate it inside ``contextlib.aclosing`` when stopping early."""
-    js = nc.jetstream()
-    try:
-        await js.stream_info(stream)
-    except nats.js.errors.NotFoundError:
-        return
-    config = ConsumerConfig(ack_policy=AckPolicy.NONE, inactive_threshold=30.0)
-    if since is not None:
-        config.deliver_policy = DeliverPolicy.BY_START_TIME
-        config.opt_start_time = dt.datetime.fromtimestamp(since, dt.UTC)
-    else:
-        config.deliver_policy = DeliverPolicy.ALL
-    send, recv = anyio.create_memory_object_stream[Msg](buffer)
-
-    async def on_msg(msg: Msg) -> None:
-        with contextlib.suppress(anyio.ClosedResourceError, anyio.BrokenResourceError):
-            await send.send(msg)
-
-    sub = await js.subscribe(subject, stream=stream, cb=on_msg, ordered_consumer=True,
-                             config=config)
-    try:
-        consumer = await sub.consumer_info()
-        delivered = consumer.delivered.consumer_seq if consumer.delivered else 0
-        if not consumer.num_pending and not delivered:
-            return
-        async for msg in recv:
-            yield msg
-            if msg.metadata.num_pending == 0:
-                return
-    finally:
-        send.close()
-        recv.close()
-        with anyio.move_on_after(2, shield=True), contextlib.suppress(Exception):
-            await sub.unsubscribe()
