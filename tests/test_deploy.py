@@ -17,6 +17,7 @@ from nats.aio.client import Client as NATS
 
 from nodes.automation import AutomationNode
 from nodes.deployer import DeployerNode
+from nodes.deployer.updates import close_last
 from nodes.design import DesignNode
 from nodes.runtime import transfer
 from nodes.runtime.calls import Caller
@@ -314,6 +315,50 @@ async def test_concurrent_deploys_are_resolved_by_compare_and_set(settings: Nats
         for prev, nxt in itertools.pairwise(chain):
             assert nxt.from_bundle == prev.to_bundle
         assert (await view(caller)).desired == chain[-1].to_bundle
+        await nc.close()
+
+
+async def test_a_deploy_that_races_the_recorded_outcome_of_the_last_update_is_applied(
+        settings: NatsSettings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The Deployer closes an update (``_finish``) with a compare-and-set of the same
+    record a new deploy is changing.  Losing that race is bookkeeping, not a concurrent
+    change of what is wanted: the deploy (and a rollback) retries on the new revision.
+    A caller's own ``expected_revision`` stays strict."""
+    make_project(tmp_path / "ws", "churn")
+    async with fleet() as f:
+        nc, caller = await control_plane(f, settings, tmp_path)
+        node = next(n for n in f.nodes if isinstance(n, DeployerNode))
+        desk = node.projects
+        for b in ("v1", "v2"):
+            await caller.call(CreateBundle(project="churn", bundle_id=b))
+        first = await caller.call(DeployBundle(project="churn", bundle_id="v1", infra="prod"))
+        real_read = desk._read
+        raced: list[int] = []
+
+        async def read_then_record_outcome(key: str) -> Any:
+            current, revision = await real_read(key)
+            if not raced and current is not None:  # the outcome lands after this read
+                closed, _ = close_last(current, "failed", "no node answered")
+                raced.append(await desk._write(key, closed, revision))
+            return current, revision
+
+        monkeypatch.setattr(desk, "_read", read_then_record_outcome)
+        second = await caller.call(DeployBundle(project="churn", bundle_id="v2",
+                                                infra="prod"))
+        assert raced and second.desired == "v2" and second.revision == raced[0] + 1
+        history = await caller.call(GetHistory(project="churn", infra="prod"))
+        assert [(u.to_bundle, u.result) for u in history.updates[:1]] == [("v1", "failed")]
+        assert [u.to_bundle for u in history.updates] == ["v1", "v2"]
+
+        raced.clear()
+        back = await caller.call(RollbackBundle(project="churn", infra="prod"))
+        assert raced and back.desired == "v1" and back.previous == "v2"
+
+        raced.clear()  # a stale revision the caller gave is still a conflict
+        with pytest.raises(Conflict, match="changed"):
+            await caller.call(DeployBundle(project="churn", bundle_id="v2", infra="prod",
+                                           expected_revision=first.revision))
+        assert (await view(caller)).desired == "v1"
         await nc.close()
 
 

@@ -21,7 +21,7 @@ from nats.js.kv import KeyValue
 
 from nodes.api.capture import ensure_capture_stream
 from nodes.api.metrics import quantile
-from nodes.deployer.bundle_deployments import HISTORY_LIMIT
+from nodes.deployer.bundle_deployments import CAS_ATTEMPTS, HISTORY_LIMIT
 from nodes.deployer.health import TrafficWindow, combine, governance_verdict, traffic_verdict
 from nodes.deployer.host import DeskHost, RequireInfra
 from nodes.deployer.policy import GovernPolicy
@@ -188,7 +188,7 @@ class ApiDeployer:
                       action: str, by: str, expected_revision: int | None,
                       capture: CaptureSettings | None = None,
                       max_error_rate: float | None = None, max_p95_ms: float | None = None,
-                      ) -> DeploymentView:
+                      based_on: str | None = None) -> DeploymentView:
         """Write ``mapping`` as the desired state once it is valid (every version exists)
         and every version in it, the shadow too, passes the infra's govern policy.  A
         health threshold left None keeps the current one (the default when new)."""
@@ -204,39 +204,53 @@ class ApiDeployer:
                                                     else [])})
         warnings = await self.policy.check(rules, [(API, service, v) for v in versions])
         key = deployment_key("api", infra, service)
-        current, revision = await self._read(key)
-        if expected_revision is not None and expected_revision != revision:
-            raise Conflict(f"deployment of {service} on {infra} is at revision {revision}, "
-                           f"not {expected_revision}: it changed since you looked")
-        now = time.time()
-        before = current.mapping.describe() if current else None
-        update = Update(id=new_id(), at=now, by=by, action=action, from_bundle=before,
-                        to_bundle=mapping.describe(), warnings=warnings)
-        history = list(current.history) if current else []
-        if history and history[-1].result == PENDING:
-            history[-1] = msgspec.structs.replace(
-                history[-1], result=SUPERSEDED, finished_at=now,
-                detail=f"superseded by {action} to {mapping.describe()}")
-        history = [*history, update][-HISTORY_LIMIT:]
-        previous = current.mapping if current and current.mapping != mapping else (
-            current.previous if current else None)
-        if max_error_rate is None:
-            max_error_rate = current.max_error_rate if current else DEFAULT_MAX_ERROR_RATE
-        if max_p95_ms is None:
-            max_p95_ms = current.max_p95_ms if current else DEFAULT_MAX_P95_MS
-        record = ApiDeploymentRecord(service=service, infra=infra, mapping=mapping,
-                                     endpoints=endpoints, description=description,
-                                     previous=previous, update_id=update.id, updated_at=now,
-                                     updated_by=by, history=history, capture=capture,
-                                     max_error_rate=max_error_rate, max_p95_ms=max_p95_ms)
-        try:
+        for _ in range(CAS_ATTEMPTS):
+            current, revision = await self._read(key)
+            if expected_revision is not None and expected_revision != revision:
+                raise Conflict(f"deployment of {service} on {infra} is at revision "
+                               f"{revision}, not {expected_revision}: it changed since you "
+                               "looked")
+            if based_on is not None and (current is None or current.update_id != based_on):
+                raise Conflict(f"deployment of {service} on {infra} changed while this "
+                               f"{action} was prepared; it was not applied: retry")
+            now = time.time()
+            before = current.mapping.describe() if current else None
+            update = Update(id=new_id(), at=now, by=by, action=action, from_bundle=before,
+                            to_bundle=mapping.describe(), warnings=warnings)
+            history = list(current.history) if current else []
+            if history and history[-1].result == PENDING:
+                history[-1] = msgspec.structs.replace(
+                    history[-1], result=SUPERSEDED, finished_at=now,
+                    detail=f"superseded by {action} to {mapping.describe()}")
+            history = [*history, update][-HISTORY_LIMIT:]
+            previous = current.mapping if current and current.mapping != mapping else (
+                current.previous if current else None)
+            error_rate = max_error_rate if max_error_rate is not None else (
+                current.max_error_rate if current else DEFAULT_MAX_ERROR_RATE)
+            p95_ms = max_p95_ms if max_p95_ms is not None else (
+                current.max_p95_ms if current else DEFAULT_MAX_P95_MS)
+            record = ApiDeploymentRecord(service=service, infra=infra, mapping=mapping,
+                                         endpoints=endpoints, description=description,
+                                         previous=previous, update_id=update.id,
+                                         updated_at=now, updated_by=by, history=history,
+                                         capture=capture, max_error_rate=error_rate,
+                                         max_p95_ms=p95_ms)
             data = encode(record)
-            new_revision = int(await self.kv.create(key, data) if revision == 0 else
-                               await self.kv.update(key, data, last=revision))
-        except nats.js.errors.KeyWrongLastSequenceError:
-            raise Conflict(f"deployment of {service} on {infra} was changed concurrently; "
-                           f"this {action} was not applied: check 'shipyard deployments' "
-                           "and retry") from None
+            try:
+                new_revision = int(await self.kv.create(key, data) if revision == 0 else
+                                   await self.kv.update(key, data, last=revision))
+                break
+            except nats.js.errors.KeyWrongLastSequenceError:
+                latest, _ = await self._read(key)
+                if (expected_revision is None and current is not None and latest is not None
+                        and latest.update_id == current.update_id):
+                    continue  # only the outcome of the same update was recorded meanwhile
+                raise Conflict(f"deployment of {service} on {infra} was changed "
+                               f"concurrently; this {action} was not applied: check "
+                               "'shipyard deployments' and retry") from None
+        else:
+            raise Conflict(f"deployment of {service} on {infra} kept changing during this "
+                           f"{action}; it was not applied: retry")
         if self._cache is not None:
             await self._cache.written(key, new_revision, data)
         self.log.info("desired API mapping changed", service=service, infra=infra,
@@ -289,7 +303,7 @@ class ApiDeployer:
             key = deployment_key("api", cmd.infra, cmd.service)
         except ValueError as exc:
             raise BadRequest(str(exc)) from None
-        current, revision = await self._read(key)
+        current, _ = await self._read(key)
         if current is None:
             raise NotFound(f"API service {cmd.service!r} is not deployed on {cmd.infra!r}")
         if current.previous is None:
@@ -297,8 +311,8 @@ class ApiDeployer:
                              "back to")
         return await self._change(service=cmd.service, infra=cmd.infra, rules=infra,
                                   mapping=current.previous, action="rollback",
-                                  by=cmd.by or req.sender, expected_revision=revision,
-                                  capture=current.capture)
+                                  by=cmd.by or req.sender, expected_revision=None,
+                                  capture=current.capture, based_on=current.update_id)
 
     def views(self, cmd: ListDeployments) -> list[DeploymentView]:
         """API deployments for ``shipyard deployments`` (``project`` filters by service)."""

@@ -72,6 +72,9 @@ from protocol.scenarios import RunSummary
 from protocol.state import AutomationState, BundleState
 
 HISTORY_LIMIT = 200
+# Compare-and-set attempts when a desired-state write loses only to the Deployer's own
+# record of an update's outcome (each attempt re-reads; a real conflict stops at once).
+CAS_ATTEMPTS = 5
 
 
 class ProjectDeployer:
@@ -258,36 +261,54 @@ class ProjectDeployer:
 
     async def _change_desired(self, *, project: str, infra: str, target: str, action: str,
                               by: str, expected_revision: int | None,
-                              warnings: list[str]) -> DeploymentView:
+                              warnings: list[str], based_on: str | None = None,
+                              ) -> DeploymentView:
+        """Compare-and-set the desired bundle.  ``expected_revision`` is the caller's
+        (strict: any change since is a conflict); ``based_on`` is the update a rollback
+        derived its target from.  A write that lost only to this Deployer recording the
+        outcome of the same update (``_finish``) is retried on the new revision: that is
+        bookkeeping, not a concurrent change of what is wanted."""
         key = deployment_key("bundle", infra, project)
-        current, revision = await self._read(key)
-        if expected_revision is not None and expected_revision != revision:
-            raise Conflict(f"deployment of {project} on {infra} is at revision {revision}, "
-                           f"not {expected_revision}: it changed since you looked")
-        now = time.time()
-        update = Update(id=new_id(), at=now, by=by, action=action,
-                        from_bundle=current.desired if current else None, to_bundle=target,
-                        warnings=warnings)
-        history = list(current.history) if current else []
-        if history and history[-1].result == PENDING:
-            history[-1] = msgspec.structs.replace(history[-1], result=SUPERSEDED,
-                                                  finished_at=now,
-                                                  detail=f"superseded by {action} to {target}")
-        history = [*history, update][-HISTORY_LIMIT:]
-        previous = current.desired if current and current.desired != target else (
-            current.previous if current else None)
-        record = DeploymentRecord(project=project, infra=infra, desired=target,
-                                  previous=previous, update_id=update.id, updated_at=now,
-                                  updated_by=by, history=history)
-        try:
-            new_revision = await self._write(key, record, revision)
-        except nats.js.errors.KeyWrongLastSequenceError:
-            latest, _ = await self._read(key)
-            now_desired = latest.desired if latest else "nothing"
-            raise Conflict(
-                f"deployment of {project} on {infra} was changed concurrently (it now wants "
-                f"{now_desired}); this {action} was not applied: check "
-                "'shipyard deployments' and retry") from None
+        for _ in range(CAS_ATTEMPTS):
+            current, revision = await self._read(key)
+            if expected_revision is not None and expected_revision != revision:
+                raise Conflict(f"deployment of {project} on {infra} is at revision "
+                               f"{revision}, not {expected_revision}: it changed since you "
+                               "looked")
+            if based_on is not None and (current is None or current.update_id != based_on):
+                raise Conflict(f"deployment of {project} on {infra} changed while this "
+                               f"{action} was prepared; it was not applied: retry")
+            now = time.time()
+            update = Update(id=new_id(), at=now, by=by, action=action,
+                            from_bundle=current.desired if current else None,
+                            to_bundle=target, warnings=warnings)
+            history = list(current.history) if current else []
+            if history and history[-1].result == PENDING:
+                history[-1] = msgspec.structs.replace(
+                    history[-1], result=SUPERSEDED, finished_at=now,
+                    detail=f"superseded by {action} to {target}")
+            history = [*history, update][-HISTORY_LIMIT:]
+            previous = current.desired if current and current.desired != target else (
+                current.previous if current else None)
+            record = DeploymentRecord(project=project, infra=infra, desired=target,
+                                      previous=previous, update_id=update.id,
+                                      updated_at=now, updated_by=by, history=history)
+            try:
+                new_revision = await self._write(key, record, revision)
+                break
+            except nats.js.errors.KeyWrongLastSequenceError:
+                latest, _ = await self._read(key)
+                if (expected_revision is None and current is not None and latest is not None
+                        and latest.update_id == current.update_id):
+                    continue  # only the outcome of the same update was recorded meanwhile
+                now_desired = latest.desired if latest else "nothing"
+                raise Conflict(
+                    f"deployment of {project} on {infra} was changed concurrently (it now "
+                    f"wants {now_desired}); this {action} was not applied: check "
+                    "'shipyard deployments' and retry") from None
+        else:
+            raise Conflict(f"deployment of {project} on {infra} kept changing during this "
+                           f"{action}; it was not applied: retry")
         self.log.info("desired state changed", project=project, infra=infra, action=action,
                       to=target, revision=new_revision)
         await self.host.emit(DeploymentRequested(
@@ -310,7 +331,7 @@ class ProjectDeployer:
     @handles(RollbackBundle)
     async def rollback(self, cmd: RollbackBundle, req: Request[Any]) -> DeploymentView:
         infra = await self.require_infra(cmd.infra, "automation")
-        current, revision = await self._read(deployment_key("bundle", cmd.infra, cmd.project))
+        current, _ = await self._read(deployment_key("bundle", cmd.infra, cmd.project))
         if current is None:
             raise NotFound(f"project {cmd.project!r} is not deployed on {cmd.infra!r}")
         target = cmd.to or current.previous
@@ -321,7 +342,8 @@ class ProjectDeployer:
         warnings = await self.policy.check(infra, [(BUNDLE, cmd.project, target)])
         return await self._change_desired(project=cmd.project, infra=cmd.infra, target=target,
                                           action="rollback", by=cmd.by or req.sender,
-                                          expected_revision=revision, warnings=warnings)
+                                          expected_revision=None, warnings=warnings,
+                                          based_on=current.update_id)
 
     def views(self, cmd: ListDeployments) -> list[DeploymentView]:
         """Bundle deployments (``project`` and ``infra`` filter)."""

@@ -295,7 +295,11 @@ class Node:
                 self.audit.close()
             if self.lease_lost is not None:
                 with anyio.move_on_after(1, shield=True):
-                    await self.nc.close()  # no drain: nothing more may leave this term
+                    # No drain: nothing more may leave this term.  Interest is withdrawn
+                    # first, so the server stops routing commands here before the socket
+                    # closes (a request in that gap would wait for its timeout).
+                    await self._withdraw()
+                    await self.nc.close()
             await close(self.nc)
             self.log.info("node stopped")
         if self.lease_lost is not None:
@@ -409,14 +413,25 @@ class Node:
         self.closed_reason = reason
         self._stop.set()
 
-    async def _shutdown(self, tg: TaskGroup) -> None:
-        self.log.info("shutting down", inflight=self.inflight)
+    async def _withdraw(self) -> None:
+        """Unsubscribe every command subscription and flush, so the server has dropped
+        this node's interest when this returns (best effort: the connection may be gone).
+        Messages already delivered to a callback are still handled."""
         for sub in self._subs:
-            # Stop intake; messages already delivered to the callback are still handled.
             try:
                 await sub.unsubscribe()
             except Exception as exc:
                 self.log.debug("unsubscribe failed", error=str(exc))
+        self._subs.clear()
+        if self.nc.is_connected:
+            try:
+                await self.nc.flush(timeout=1)
+            except Exception as exc:
+                self.log.debug("flush after unsubscribe failed", error=str(exc))
+
+    async def _shutdown(self, tg: TaskGroup) -> None:
+        self.log.info("shutting down", inflight=self.inflight)
+        await self._withdraw()  # stop intake
         with anyio.move_on_after(self.shutdown_timeout) as scope:
             await self.stopping()
             if self.inflight:
