@@ -368,8 +368,8 @@ def test_kubernetes_manifests_validate_against_the_kubernetes_schemas() -> None:
                 pytest.fail(f"{path.relative_to(ROOT)} {doc['kind']}: {exc.message}")
             kinds.append(doc["kind"])
     assert sorted(set(kinds)) == ["ConfigMap", "Deployment", "HorizontalPodAutoscaler",
-                                  "Namespace", "PersistentVolumeClaim", "Service",
-                                  "StatefulSet"]
+                                  "Namespace", "PersistentVolumeClaim",
+                                  "PodDisruptionBudget", "Service", "StatefulSet"]
     # The validator does catch a misspelt field.
     bad = yaml.safe_load((K8S / "api-hpa.yaml").read_text())
     bad["spec"]["maxReplica"] = 3
@@ -456,6 +456,41 @@ def test_kubernetes_nodes_run_real_commands_with_their_credentials_and_real_prob
     api = found["api"]["spec"]["template"]["spec"]["containers"][0]
     assert {p["path"] for k in ("readinessProbe", "livenessProbe")
             for p in [api[k]["httpGet"]]} == {"/isAlive", "/metrics"}
+
+
+def test_the_leased_roles_run_an_active_and_a_standby_on_two_hosts_in_every_layout() -> None:
+    """The Deployer and Govern hold their role through a lease, so a second instance is a
+    standby, not a second actor: Kubernetes runs two pods of each (distinct names, so
+    distinct identities; spread over hosts; a drain takes one at a time), and the
+    three-host guide starts a second instance of each on another host, with its own
+    identity."""
+    by_kind: dict[tuple[str, str], dict[str, Any]] = {
+        (d["kind"], d["metadata"]["name"]): d for d in manifests()}
+    for role in ("deployer", "govern"):
+        sts = by_kind[("StatefulSet", role)]["spec"]
+        assert sts["replicas"] >= 2 and sts["podManagementPolicy"] == "Parallel"
+        assert by_kind[("Service", role)]["spec"]["clusterIP"] == "None"
+        assert sts["serviceName"] == role
+        labels = sts["selector"]["matchLabels"]
+        pdb = by_kind[("PodDisruptionBudget", role)]["spec"]
+        assert pdb["selector"]["matchLabels"] == labels and pdb["maxUnavailable"] == 1
+        anti = sts["template"]["spec"]["affinity"]["podAntiAffinity"]
+        (term,) = anti["preferredDuringSchedulingIgnoredDuringExecution"]
+        assert term["podAffinityTerm"]["labelSelector"]["matchLabels"] == labels
+        assert term["podAffinityTerm"]["topologyKey"] == "kubernetes.io/hostname"
+    guide = (DEPLOY / "README.md").read_text()
+    added = {(w[3], w[5]) for w in shipyard_commands(guide)
+             if w[:3] == ["auth", "node", "add"] and "--role" in w}
+    started = re.findall(r"shipyard-(deployer|govern)@([\w-]+)", guide)
+    for role in ("deployer", "govern"):
+        # Kubernetes: an identity per pod of the StatefulSet, in the role's Secret.
+        for i in range(by_kind[("StatefulSet", role)]["spec"]["replicas"]):
+            assert (f"{role}-{i}", role) in added
+            assert f"k8s-auth/creds/{role}-{i}.creds" in guide
+        # systemd: two instances of the role, each an identity of its own.
+        names = {name for r, name in started if r == role}
+        assert len(names) >= 2, names
+        assert all(name == role or (name, role) in added for name in names)
 
 
 def test_api_nodes_autoscale_on_the_worker_utilization_metric() -> None:
