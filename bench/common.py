@@ -169,6 +169,25 @@ def auth_comparison(off: Sequence[dict[str, Any]], on: Sequence[dict[str, Any]],
             "runs": {"off": list(off), "on": list(on)}}
 
 
+def pid_of(server: EmbeddedNats) -> int | None:
+    """The pid of an embedded nats-server process (None when it is not running)."""
+    return server.proc.pid if server.proc is not None else None
+
+
+def process_cpu_s(pid: int | None) -> float:
+    """User + system CPU seconds a process has used so far (0.0 when ``pid`` is None or
+    the process is gone), read from ``/proc/PID/stat``."""
+    if pid is None:
+        return 0.0
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    # After the command name: state is field 3, utime and stime are fields 14 and 15.
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def load_average() -> tuple[float, float, float]:
     return os.getloadavg()
 
