@@ -7,14 +7,16 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import nats.errors
+import nats.js.errors
 import pytest
 from nats.aio.msg import Msg
 from nats.js.api import StreamConfig
 
 from nodes.runtime.jetstream import ensure_events_stream, ensure_kv
+from nodes.runtime.kvcache import snapshot
 from protocol import subjects
 from protocol.base import tag_of
-from protocol.deploy import DeployBundle, deployment_key
+from protocol.deploy import DeployBundle, deployment_key, deployment_keys
 from protocol.heartbeat import HEARTBEAT
 from protocol.reports import REPORT, NodeExit
 from tests.authstack import AuthStack, Conn, auth_stack
@@ -98,7 +100,8 @@ async def test_an_automation_node_cannot_write_desired_state_nor_command_the_dep
         await _seed(admin)
         commands = await _watch(admin, subjects.COMMANDS_ALL)
         kv = await node.nc.jetstream(timeout=0.5).key_value(subjects.DEPLOY_BUCKET)
-        assert (await kv.get(DESIRED)).value == b'{"desired": "v1"}'  # it may read
+        mine = await snapshot(kv, deployment_keys("bundle", "automation"))  # it may read
+        assert mine[DESIRED][1] == b'{"desired": "v1"}'
         with pytest.raises(nats.errors.TimeoutError):
             await kv.put(DESIRED, b'{"desired": "evil"}')
         await node.denied(f"$KV.{subjects.DEPLOY_BUCKET}.{DESIRED}")
@@ -108,6 +111,33 @@ async def test_an_automation_node_cannot_write_desired_state_nor_command_the_dep
         await admin.nc.flush()
         assert await _desired(admin) == b'{"desired": "v1"}'
         assert commands.subjects == []
+
+
+async def test_an_automation_node_reads_the_desired_state_of_its_infra_only(
+        stack: AuthStack) -> None:
+    """automation-1 (infra ``automation``) follows its infra's deployments as its node
+    does (a watch through a named consumer); another infra's are refused by the
+    server: a watch of them, a get, and a consumer whose filter is only in the body."""
+    other = deployment_key("bundle", "staging", "churn")
+    async with stack.connect("admin") as admin, stack.connect("automation-1") as node:
+        await _seed(admin)
+        admin_kv = await admin.nc.jetstream().key_value(subjects.DEPLOY_BUCKET)
+        await admin_kv.put(other, b'{"desired": "secret"}')
+        js = node.nc.jetstream(timeout=1)
+        kv = await js.key_value(subjects.DEPLOY_BUCKET)
+        mine = await snapshot(kv, deployment_keys("bundle", "automation"))
+        assert {k: v for k, (_, v) in mine.items()} == {DESIRED: b'{"desired": "v1"}'}
+
+        with pytest.raises((nats.errors.TimeoutError, nats.js.errors.Error)):
+            await snapshot(kv, deployment_keys("bundle", "staging"), timeout=2)
+        await node.denied(f"$KV.{subjects.DEPLOY_BUCKET}.bundle.staging.>")
+        with pytest.raises((nats.errors.TimeoutError, nats.js.errors.Error)):
+            await kv.get(other)
+        # A message get names the key only in its body: refused for every key.
+        await node.denied(f"STREAM.MSG.GET.KV_{subjects.DEPLOY_BUCKET}")
+        with pytest.raises((nats.errors.TimeoutError, nats.js.errors.Error)):
+            await kv.watch(deployment_keys("bundle", "staging"))  # nats-py's own: unnamed
+        await node.denied(f"CONSUMER.CREATE.KV_{subjects.DEPLOY_BUCKET}\"")
 
 
 async def test_a_viewer_reads_state_but_cannot_deploy_write_or_delete(

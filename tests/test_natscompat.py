@@ -88,6 +88,32 @@ async def test_kv_subject_count_counts_keys_with_values_or_deletion_markers(
         assert await natscompat.kv_subject_count(kv, ">") == 3
 
 
+async def test_kv_watch_delivers_the_filtered_keys_through_a_named_consumer(
+        settings: NatsSettings) -> None:
+    """The consumer has a name (so the create request's subject carries the filter,
+    which permissions check: tests/test_auth_permissions.py), filters as asked, and the
+    watch delivers the current values and later changes like ``KeyValue.watch``."""
+    async with client(settings.url) as nc:
+        js = nc.jetstream()
+        kv = await js.create_key_value(bucket="compat_watch")
+        await kv.put("a.one", b"1")
+        await kv.put("b.one", b"1")
+        watcher = await natscompat.kv_watch(kv, "a.>")
+        try:
+            first = await watcher.updates(timeout=TIMEOUT)
+            assert (first.key, first.value) == ("a.one", b"1")
+            assert await watcher.updates(timeout=TIMEOUT) is None  # end of the replay
+            (consumer,) = await js.consumers_info("KV_compat_watch")
+            assert consumer.name.startswith("sy_watch_")
+            assert consumer.config.filter_subject == "$KV.compat_watch.a.>"
+            await kv.put("b.two", b"2")
+            await kv.put("a.two", b"2")
+            later = await watcher.updates(timeout=TIMEOUT)
+            assert (later.key, later.value) == ("a.two", b"2")
+        finally:
+            await watcher.stop()
+
+
 async def test_js_api_prefix_is_where_the_server_answers_jetstream_requests(
         settings: NatsSettings) -> None:
     """The default prefix reaches the server's JetStream API (an account info request is

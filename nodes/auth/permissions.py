@@ -13,6 +13,13 @@ Rules every role follows:
   (create, info, delete, next), their acks and flow control.  A role that may only read
   gets none of stream update, delete or purge, and no ``$KV.<bucket>`` / ``$O.<bucket>``
   publish.
+* Reading part of a bucket: an Automation node reads only its infra's desired state.  Its
+  user may watch those keys through a consumer whose filter is in the create subject
+  (``$JS.API.CONSUMER.CREATE.<stream>.<name>.<filter>``: shipyard's watches name their
+  consumers, ``natscompat.kv_watch``), and get them by direct get where a bucket allows
+  it (the key is in its subject); no message get and no unnamed consumer, whose key or
+  filter is in the request body, where the server cannot check it.  Stream info stays
+  allowed (opening a bucket needs it): with a filter it can list key names, never values.
 * Opening a bucket it uses: ``STREAM.CREATE.<stream>`` only.  The server refuses a create
   that differs from an existing stream's config, so this can create a missing bucket but
   never change one; updates, deletes and purges are the control plane's.
@@ -33,6 +40,7 @@ from nodes.auth.keys import inbox_prefix
 from protocol import subjects
 from protocol.auth import Identity, commands_for
 from protocol.base import Family, tag_of
+from protocol.deploy import deployment_keys
 
 # -- NATS system subjects ---------------------------------------------------------------------
 
@@ -123,6 +131,14 @@ class Permissions:
             self.pub_allow += stream_reads(kv_stream(b))
             if create:
                 self.pub_allow.append(stream_create(kv_stream(b)))
+
+    def read_kv_keys(self, bucket: str, keys: str) -> None:
+        """Read only the keys of ``bucket`` matching ``keys`` (a key filter)."""
+        stream, api, only = kv_stream(bucket), "$JS.API", f"$KV.{bucket}.{keys}"
+        self.pub_allow += [f"{api}.STREAM.INFO.{stream}", f"{api}.DIRECT.GET.{stream}.{only}",
+                           f"{api}.CONSUMER.CREATE.{stream}.*.{only}",
+                           f"{api}.CONSUMER.INFO.{stream}.>", f"{api}.CONSUMER.DELETE.{stream}.>",
+                           f"$JS.FC.{stream}.>", stream_create(stream)]
 
     def write_kv(self, *buckets: str) -> None:
         self.read_kv(*buckets)
@@ -217,7 +233,8 @@ def permissions_for(identity: Identity) -> Permissions:
     if role in ("automation", "api"):  # artifacts run only if signed by a Design key
         p.read_kv(subjects.IDENTITIES_BUCKET, create=False)
     if role == "automation":
-        p.read_kv(subjects.DEPLOY_BUCKET, subjects.BUNDLE_BUCKET)
+        p.read_kv_keys(subjects.DEPLOY_BUCKET, deployment_keys("bundle", infra))
+        p.read_kv(subjects.BUNDLE_BUCKET)
         p.write_kv(subjects.LOCKS_BUCKET, subjects.FIRED_BUCKET)
         p.read_objects(subjects.BUNDLE_STORE, subjects.WHEELS_STORE)
         p.write_objects(subjects.RUN_LOGS_STORE)

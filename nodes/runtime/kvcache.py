@@ -89,7 +89,7 @@ class KVCache(Generic[V]):
 
     async def _watch(self) -> None:
         """Follow the watch until it ends or fails (``forever`` starts it again)."""
-        watcher: Any = await self.kv.watch(self.keys)
+        watcher: Any = await natscompat.kv_watch(self.kv, self.keys)
         try:
             async for entry in watcher:
                 if entry is None:
@@ -143,7 +143,7 @@ async def snapshot(kv: KeyValue, keys: str, timeout: float = 10.0) -> dict[str, 
     A ``None`` before any entry is believed only if the stream holds no key of ``keys``.
     """
     out: dict[str, tuple[int, bytes]] = {}
-    watcher: Any = await kv.watch(keys)
+    watcher: Any = await natscompat.kv_watch(kv, keys)
     seen = False
     try:
         with anyio.fail_after(timeout):

@@ -12,6 +12,13 @@ Why each access is needed (nats-py 2.16):
 * ``js_client(js)`` (``JetStreamContext._nc``): the Object Store transfers publish chunks
   and pull them over the client's core API (un-acked windows, raw pull requests), and
   their callers hold only the JetStream context.
+* ``kv_watch(kv, keys)`` (``KeyValue._name``, ``_stream``, ``_pre``, ``_js``, ``_direct``;
+  ``PushSubscription._sub._jsi``: its ``_ccreq`` and ``recreate_consumer``): a KV watch
+  whose consumer has a name, so its key filter is in the subject of the create request, where a NATS
+  permission can allow one key range of a bucket and refuse the rest (an Automation
+  node's user reads only its infra's desired state).  ``KeyValue.watch`` creates an
+  unnamed consumer (its filter only in the request body), and its ordered consumer
+  re-creates itself after a gap with the same config, so each re-creation is renamed.
 * ``js_api_prefix(js)`` (``JetStreamContext._prefix``): pull requests go to
   ``<prefix>.CONSUMER.MSG.NEXT...``; the prefix changes with a JetStream domain.
 * ``server_tls_name(nc)`` (``Client._current_server.tls_name``): the host name TLS must
@@ -44,9 +51,11 @@ from dataclasses import dataclass, field
 from nats.aio.client import Client as NATS
 from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
+from nats.js import api as js_api
 from nats.js.kv import KeyValue
 from nats.micro.request import Request
 from nats.micro.service import Endpoint, Service
+from nats.nuid import NUID
 
 LAST_ERROR_MAX = 500  # characters of an error message kept in micro's stats
 
@@ -65,6 +74,53 @@ async def kv_subject_count(kv: KeyValue, keys: str) -> int:
     stream, live or a deletion marker: one stream-info request, no consumer."""
     info = await kv._js.stream_info(kv._stream, subjects_filter=f"{kv._pre}{keys}")
     return len(info.state.subjects or {})
+
+
+async def kv_watch(kv: KeyValue, keys: str) -> KeyValue.KeyWatcher:
+    """``kv.watch(keys)`` through a named consumer: the create request goes to
+    ``$JS.API.CONSUMER.CREATE.<stream>.<name>.<filter>`` (nats-server 2.9+), so the
+    server's permissions decide which keys a user may watch."""
+    named = KeyValue(name=kv._name, stream=kv._stream, pre=kv._pre,
+                     js=_NamedConsumers(kv._js), direct=kv._direct)  # type: ignore[arg-type]
+    watcher: KeyValue.KeyWatcher = await named.watch(keys)
+    return watcher
+
+
+class _NamedConsumers:
+    """A JetStream context whose ``subscribe`` names the consumer it creates, and names
+    it afresh each time the ordered consumer re-creates it (the old one may still exist
+    until its inactivity threshold; a create under its name with another config would be
+    refused)."""
+
+    def __init__(self, js: JetStreamContext) -> None:
+        self._js = js
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._js, name)
+
+    async def subscribe(self, subject: str, **kw: object) -> JetStreamContext.PushSubscription:
+        config = kw.pop("config", None) or js_api.ConsumerConfig()
+        assert isinstance(config, js_api.ConsumerConfig)
+        config.name = _consumer_name()
+        sub: JetStreamContext.PushSubscription = await self._js.subscribe(
+            subject, config=config, **kw)  # type: ignore[arg-type]
+        jsi = sub._sub._jsi
+        if jsi is not None:
+            recreate = jsi.recreate_consumer
+
+            async def renamed() -> None:
+                jsi._ccreq.name = _consumer_name()
+                await recreate()
+
+            jsi.recreate_consumer = renamed  # type: ignore[method-assign]
+        return sub
+
+
+_NUID = NUID()
+
+
+def _consumer_name() -> str:
+    return "sy_watch_" + _NUID.next().decode()
 
 
 def js_api_prefix(js: JetStreamContext) -> str:
