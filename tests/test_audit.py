@@ -206,7 +206,8 @@ async def test_nobody_can_delete_purge_shrink_or_write_the_audit_stream(
             with pytest.raises(Forbidden):  # a plain connection signs nothing: refused
                 await Caller(admin.nc).call(ListInfras(), timeout=5)
             await wait_for(lambda: _count(admin.nc), message="one entry")
-            js = admin.nc.jetstream()
+            # A refused publish gets no answer: 1 s is plenty to wait for one that would.
+            js = admin.nc.jetstream(timeout=1)
             # Refused by the stream itself (deny_purge, deny_delete), whoever asks.
             with pytest.raises(nats.js.errors.ServerError, match="purge not permitted"):
                 await js.purge_stream(subjects.AUDIT_STREAM)
@@ -227,7 +228,7 @@ async def test_nobody_can_delete_purge_shrink_or_write_the_audit_stream(
             await admin.denied(subjects.audit("deployer", "deployer"))
         async with stack.connect("deployer") as node:  # the Deployer's own user neither
             with pytest.raises(nats.errors.Error):
-                await node.nc.jetstream().delete_stream(subjects.AUDIT_STREAM)
+                await node.nc.jetstream(timeout=1).delete_stream(subjects.AUDIT_STREAM)
             await node.denied(f"$JS.API.STREAM.DELETE.{subjects.AUDIT_STREAM}")
         for name in ("vera", "a1"):
             async with stack.connect(name) as other:
