@@ -39,14 +39,14 @@ from nodes.cli.common import (
     out,
     print_json,
 )
-from nodes.roles import ROLES
+from nodes.roles import ROLE_NAMES
 from protocol import subjects
 from protocol.errors import ProtocolError
 from protocol.heartbeat import HEARTBEAT, Heartbeat
 
 
 @click.command("health")
-@click.argument("role", type=click.Choice(sorted(ROLES)))
+@click.argument("role", type=click.Choice(sorted(ROLE_NAMES)))
 @click.option("--name", envvar="SHIPYARD_NODE_NAME", required=True,
               help="The node's name. [default: $SHIPYARD_NODE_NAME]")
 @click.option("--within", type=click.FloatRange(min=0.1, max=600.0), default=10.0,

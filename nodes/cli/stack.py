@@ -61,7 +61,7 @@ from nodes.cli.dashboard import (
 from nodes.cli.envs import env_node_extra, env_node_options, env_up_argv
 from nodes.cli.ports import FREE, check_ports, in_use, port_type
 from nodes.deployer.dashboard.access import ensure_token_file
-from nodes.roles import ROLES
+from nodes.roles import ROLE_NAMES, role_class
 from nodes.runtime.calls import Caller
 from nodes.runtime.connection import CannotReachNats, connect
 from nodes.runtime.embedded import (
@@ -103,7 +103,7 @@ def node() -> None:
 
 
 @node.command("start")
-@click.argument("role", type=click.Choice(sorted(ROLES)))
+@click.argument("role", type=click.Choice(sorted(ROLE_NAMES)))
 @click.option("--name", help="Node name, unique in the stack. Default: <role>-<hostname>.")
 @click.option("--infra", help="Infrastructure to join. Default: automation/api for those "
                               "roles, 'control' otherwise.")
@@ -182,7 +182,7 @@ def node_start(role: str, name: str | None, infra: str | None, nats_url: str | N
     extra.update(env_node_extra(role, dict(
         index_url=index_url, find_links=find_links, no_index=no_index,
         env_build_timeout=env_build_timeout, env_grace=env_grace)))
-    instance = ROLES[role](name=name, infra=infra, nats=settings,
+    instance = role_class(role)(name=name, infra=infra, nats=settings,
                            heartbeat_interval=heartbeat_interval,
                            max_concurrency=max_concurrency, **extra)
     sys.exit(run_node(instance))
