@@ -81,20 +81,25 @@ def test_up_starts_every_role_restarts_a_killed_node_and_stops_cleanly(
         assert {n["infra"] for n in nodes if n["role"] == "automation"} == {"automation"}
         victim = next(n for n in nodes if n["name"] == "automation-1")
 
-        # kill -9 one node: the registry shows it lost, then online again (new pid).
-        killed_at = time.monotonic()
+        # kill -9 one node: the registry judges it lost within 3 heartbeat intervals and
+        # the sweep's slack, then it is online again (new pid: up restarted it).  The
+        # lost state may last less than one CLI call (the restart comes back at once),
+        # so the judgement is read from the event it leaves, with its time.
+        killed_at = time.time()
         import os
         os.kill(victim["pid"], signal.SIGKILL)
-        wait_until(lambda: _status(cli_env, tmp_path, "automation-1") == "lost",
-                   timeout=3 * 0.5 + 2, interval=0.02, message="automation-1 lost")
-        assert time.monotonic() - killed_at < 3 * 0.5 + 2
         back = wait_until(lambda: _back_online(cli_env, tmp_path, victim["pid"]), timeout=20,
                           message="automation-1 restarted and online")
         pids.add(back["pid"])
-        events = shipyard("events", "--json", env=cli_env, cwd=tmp_path, check=True).stdout
-        kinds = [(e["type"], e.get("node")) for e in map(json.loads, events.splitlines())]
-        assert ("node.lost", "automation-1") in kinds
+        events = [e for e in map(json.loads, shipyard(
+            "events", "--json", env=cli_env, cwd=tmp_path, check=True).stdout.splitlines())]
+        kinds = [(e["type"], e.get("node")) for e in events]
+        lost = [e for e in events if (e["type"], e.get("node")) == ("node.lost",
+                                                                     "automation-1")]
+        assert len(lost) == 1 and 0 <= lost[0]["ts"] - killed_at < 3 * 0.5 + 2, lost
         assert kinds.count(("node.online", "automation-1")) == 2
+        assert kinds.index(("node.lost", "automation-1")) < len(kinds) - 1 - kinds[::-1].index(
+            ("node.online", "automation-1"))  # lost, then online again
     finally:
         code = up.stop(signal.SIGINT, timeout=40)
     assert code == 0, up.output()
