@@ -21,9 +21,11 @@ retires (``on_memory_error``): its node replaces it with a fresh process.
 
 from __future__ import annotations
 
+import asyncio
 import random
 import time
 import traceback
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -57,6 +59,7 @@ from protocol.api import (
     http_status,
     micro_error,
     pick_generation,
+    queued_notice,
 )
 from protocol.api import (
     OP_MULTI as MULTI_VALUE,
@@ -125,6 +128,21 @@ class Route:
 
 Handler = Callable[[str, bytes, "dict[str, str] | None"], Awaitable[None]]
 
+MAX_QUEUE = 1000  # requests waiting in one worker, whatever the shedding estimate says
+MAX_QUEUE_BYTES = 64 * 1024 * 1024  # and their bodies (nats-py's own per-subscription cap)
+NOTICE_EVERY = 0.1  # a queued request's requester hears again this often (< retry floor)
+
+
+@dataclass(eq=False, slots=True)
+class Waiting:
+    """A request taken into the worker's queue (or handed over by its node)."""
+
+    service: str
+    endpoint: str
+    reply: str
+    data: bytes
+    headers: dict[str, str] | None
+
 
 @dataclass(eq=False)
 class ServiceServer:
@@ -140,7 +158,8 @@ class Serving:
                  queue_timeout: float, debug: bool, busy: BusyPage,
                  memory_mb: int | None = None,
                  on_memory_error: Callable[[], None] | None = None,
-                 capturer: Capturer | None = None) -> None:
+                 capturer: Capturer | None = None,
+                 pass_on: Callable[[Waiting], None] | None = None) -> None:
         self.nc = nc
         self.node = node
         self.infra = infra
@@ -158,6 +177,15 @@ class Serving:
         self.overloaded = 0
         self.shadow_mismatches = 0
         self.service_time = 0.0  # recent mean seconds per request (for shedding)
+        self.pass_on = pass_on  # hands a request this worker cannot take to its node
+        self.passed_on = 0
+        self.queue: deque[Waiting] = deque()  # taken in, not started (first in, first run)
+        self.queued_bytes = 0
+        self.running = False
+        self._wake = asyncio.Event()  # the queue has something
+        self._empty = asyncio.Event()  # the queue is empty and nothing runs
+        self._empty.set()
+        self._renewed = 0.0
         self._random = random.random
         self.log = get_logger(component="serving", worker=worker)
 
@@ -169,12 +197,22 @@ class Serving:
         return s
 
     def backlog(self) -> dict[tuple[str, str], int]:
+        """Requests received and not started, per (service, endpoint)."""
         out = {}
         for server in self.services.values():
             for name, ep in server.micro_endpoints.items():
                 sub = natscompat.endpoint_subscription(ep)
                 out[(server.name, name)] = sub.pending_msgs if sub else 0
+        for w in self.queue:
+            key = (w.service, w.endpoint)
+            out[key] = out.get(key, 0) + 1
         return out
+
+    def expected_wait(self, position: int | None = None) -> float:
+        """Seconds before a request at ``position`` in the queue (default: one taken in
+        now) starts, at the recent service time."""
+        ahead = len(self.queue) if position is None else position
+        return self.service_time * (ahead + self.running)
 
     # -- routes -------------------------------------------------------------------------
 
@@ -195,10 +233,11 @@ class Serving:
             natscompat.set_service_metadata(server.micro, self._metadata(route))
         for name, ep in route.endpoints.items():
             if name not in server.micro_endpoints:
-                handler = server.handlers[name] = self._handler(server, name)
+                server.handlers[name] = self._handler(server, name)
                 await server.micro.add_endpoint(
                     name=name, subject=subjects.api_endpoint(service, name),
-                    handler=_from_micro(handler), metadata={"kind": ep.kind})
+                    handler=_from_micro(self._accept(server, name)),
+                    metadata={"kind": ep.kind})
                 server.micro_endpoints[name] = natscompat.micro_endpoints(server.micro)[-1]
         await self.nc.flush()
 
@@ -215,7 +254,8 @@ class Serving:
         return data
 
     async def drain(self) -> None:
-        """Leave every queue group; requests already received are still answered."""
+        """Leave every queue group; requests already received are still answered (this
+        returns once they are)."""
         for server in self.services.values():
             for ep in server.micro_endpoints.values():
                 sub = natscompat.endpoint_subscription(ep)
@@ -224,18 +264,98 @@ class Serving:
                         await sub.drain()  # type: ignore[no-untyped-call]  # unannotated in nats-py
                     except Exception as exc:
                         self.log.warning("drain failed", error=str(exc) or type(exc).__name__)
+        await self._empty.wait()
+
+    # -- the queue ----------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Run the queued requests one at a time, first in first run; between two, tell
+        the requesters of those still waiting that they wait (``NOTICE_EVERY``)."""
+        while True:
+            if not self.queue:
+                self._empty.set()
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            try:
+                await self._renew()
+                w = self.queue.popleft()
+                self.queued_bytes -= len(w.data)
+                self.running = True
+                server = self.services.get(w.service)
+                handler = server.handlers.get(w.endpoint) if server is not None else None
+                if handler is None:
+                    await self._fail(None, w.reply, "not_found", f"{w.service} serves no "
+                                     f"endpoint {w.endpoint!r} in this worker")
+                else:
+                    await handler(w.reply, w.data, w.headers)
+            except Exception:  # a publish that failed: that request times out, no other
+                self.log.exception("serving a queued request failed")
+            finally:
+                self.running = False
+            await asyncio.sleep(0)  # read the socket: take new requests in between two
+
+    def _enqueue(self, w: Waiting, *, first: bool = False) -> None:
+        if first:
+            self.queue.appendleft(w)
+        else:
+            self.queue.append(w)
+        self.queued_bytes += len(w.data)
+        self._empty.clear()
+        self._wake.set()
+
+    async def _renew(self) -> None:
+        now = time.monotonic()
+        if now - self._renewed < NOTICE_EVERY or not self.queue:
+            return
+        self._renewed = now
+        publish = self.nc.publish
+        for i, w in enumerate(list(self.queue)):
+            await publish(subjects.api_working(w.reply), queued_notice(self.expected_wait(i)))
 
     # -- requests -----------------------------------------------------------------------
 
     async def serve(self, request: Serve) -> None:
-        """A request that came through the node (a hedged copy), not from a queue group."""
+        """A request that came through the node (a hedged copy, or one another worker
+        of the node could not take): it goes first, since it has waited already."""
         server = self.services.get(request.service)
-        handler = server.handlers.get(request.endpoint) if server is not None else None
-        if handler is None:
+        if server is None or request.endpoint not in server.handlers:
             await self._fail(None, request.reply, "not_found", f"{request.service} "
                              f"serves no endpoint {request.endpoint!r} in this worker")
             return
-        await handler(request.reply, request.data, request.headers)
+        self._enqueue(Waiting(request.service, request.endpoint, request.reply,
+                              request.data, request.headers), first=True)
+
+    def _accept(self, server: ServiceServer, name: str) -> Handler:
+        """What the endpoint's queue-group subscription calls: take the request into the
+        queue and tell its requester so (it is not hedged while it waits); one that would
+        wait more than ``queue_timeout`` goes to the node (``pass_on``: another worker
+        may be idle, or about to start) or, without one, is shed (``overloaded``)."""
+        service = server.name
+
+        async def accept(reply: str, data: bytes, headers: dict[str, str] | None) -> None:
+            if not reply:
+                return None
+            if len(data) > self.max_body:
+                return await self._fail(server.micro_endpoints.get(name), reply,
+                                        "too_large", f"request body of {len(data)} bytes "
+                                        f"is over the limit of {self.max_body}")
+            wait = self.expected_wait()
+            w = Waiting(service, name, reply, data, headers)
+            if wait > self.queue_timeout or len(self.queue) >= MAX_QUEUE or \
+                    self.queued_bytes + len(data) > MAX_QUEUE_BYTES:
+                if self.pass_on is not None:
+                    self.passed_on += 1
+                    self.pass_on(w)
+                    return None
+                self.overloaded += 1
+                return await self._fail(server.micro_endpoints.get(name), reply,
+                                        "overloaded", overloaded_message(self.queue_timeout))
+            self._enqueue(w)
+            await self.nc.publish(subjects.api_working(reply), queued_notice(wait))
+            return None
+
+        return accept
 
     def _handler(self, server: ServiceServer, name: str) -> Handler:
         service = server.name
@@ -243,8 +363,6 @@ class Serving:
         page = self.busy
 
         async def handle(reply: str, data: bytes, headers: dict[str, str] | None) -> None:
-            if not reply:
-                return None
             micro_ep = server.micro_endpoints.get(name)
             ep = server.route.endpoints.get(name)
             if ep is None:
@@ -254,13 +372,6 @@ class Serving:
                 return await self._fail(micro_ep, reply, "too_large", f"request body of "
                                         f"{len(data)} bytes is over the limit of "
                                         f"{self.max_body}")
-            sub = natscompat.endpoint_subscription(micro_ep) if micro_ep is not None else None
-            if sub is not None and self.service_time * sub.pending_msgs > \
-                    self.queue_timeout:
-                self.overloaded += 1
-                return await self._fail(micro_ep, reply, "overloaded", "the node is at "
-                                        "its limit: the request would wait more than "
-                                        f"{self.queue_timeout:g}s for a worker")
             forced = key = None
             multi = replay = False
             if headers:
@@ -363,6 +474,12 @@ class Serving:
             natscompat.count_endpoint_error(micro_ep, f"{code}: {message}")
         body, headers = micro_error(code, message)
         await self.nc.publish(reply, body, headers={**headers, **extra} if extra else headers)
+
+
+def overloaded_message(queue_timeout: float) -> str:
+    """The message of an ``overloaded`` answer (from a worker or its node)."""
+    return ("the node is at its limit: the request would wait more than "
+            f"{queue_timeout:g}s for a worker")
 
 
 def _from_micro(handler: Handler) -> Callable[[MicroRequest], Awaitable[None]]:

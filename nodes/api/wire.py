@@ -62,7 +62,8 @@ class Drain(msgspec.Struct, frozen=True, tag=True):
 
 
 class Serve(msgspec.Struct, frozen=True, tag=True):
-    """Run one request that arrived at the node (a hedged copy) and reply to ``reply``."""
+    """Run one request that arrived at the node (a hedged copy, or one another worker
+    passed on) before those queued, and reply to ``reply``."""
 
     service: str
     endpoint: str
@@ -127,7 +128,18 @@ class Retiring(msgspec.Struct, frozen=True, tag=True):
     reason: str
 
 
-FromWorker = Loaded | Routed | Drained | Stats | Retiring
+class PassOn(msgspec.Struct, frozen=True, tag=True):
+    """A request the worker cannot start within its queue timeout: the node hands it to
+    another worker, holds it while workers start, or answers ``overloaded``."""
+
+    service: str
+    endpoint: str
+    reply: str
+    data: bytes
+    headers: dict[str, str] | None = None
+
+
+FromWorker = Loaded | Routed | Drained | Stats | Retiring | PassOn
 
 _to_worker = msgspec.msgpack.Decoder(ToWorker)
 _from_worker = msgspec.msgpack.Decoder(FromWorker)
