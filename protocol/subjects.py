@@ -155,7 +155,8 @@ def api_hedges(service: str) -> str:
 
 
 def api_working(reply: str) -> str:
-    """Where an API node says that a worker runs the request with reply subject ``reply``."""
+    """Where an API node or worker says that it runs, or queues, the request with reply
+    subject ``reply``."""
     return f"{reply}.{WORKING_TOKEN}"
 
 

@@ -11,8 +11,9 @@ The rules, with hysteresis so that a load near a threshold does not flap:
 * **load** of a sample is ``min(1, (busy + queued) / workers)``: the share of the workers
   that requests occupy, capped so that one burst of queued requests cannot outweigh a
   whole window of quiet (a 0.3 s blip of 10x load moves a 1 s mean by at most 0.3).
-  Queued requests count only while every worker is busy: workers report their backlog
-  once a second, and a request seen waiting beside an idle worker is about to run.
+  Queued requests (in the workers' queues, read from their busy pages at each sample,
+  and those the node holds for a worker) count only while every worker is busy: a
+  request seen waiting beside an idle worker is about to run.
 * **up** when the mean load over the last ``up_after_s`` is at least ``up_utilization``
   (or every p99 seen in that window is over ``latency_target_s`` while the load is at
   least ``target_utilization``: more workers help only when there are requests to share),

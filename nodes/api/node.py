@@ -406,7 +406,7 @@ class ApiNode(Node):
                 continue
             serving = sum(1 for w in self.pool.serving if w.busy_since())  # not retiring
             decision = policy.observe(Sample(workers=self.pool.size, busy=serving,
-                                             queued=m.queued + len(self.pool.held),
+                                             queued=self.pool.queued,
                                              p99_s=p99))
             if decision is not None:
                 self._scale(decision.frm, decision.to, decision.reason)

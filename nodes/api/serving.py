@@ -131,6 +131,12 @@ Handler = Callable[[str, bytes, "dict[str, str] | None"], Awaitable[None]]
 MAX_QUEUE = 1000  # requests waiting in one worker, whatever the shedding estimate says
 MAX_QUEUE_BYTES = 64 * 1024 * 1024  # and their bodies (nats-py's own per-subscription cap)
 NOTICE_EVERY = 0.1  # a queued request's requester hears again this often (< retry floor)
+COLD_SERVICE_TIME = 0.25  # what a request is taken to last before one has been timed
+# Event loop turns between two requests: a request that arrived while user code held the
+# loop goes socket -> reader task -> subscription task -> ``accept`` (its notice queued)
+# -> flusher task (the notice sent), one turn each; without them it would wait a second
+# request's time unannounced (and be copied).  A turn costs microseconds.
+SETTLE_TURNS = 4
 
 
 @dataclass(eq=False, slots=True)
@@ -208,11 +214,18 @@ class Serving:
             out[key] = out.get(key, 0) + 1
         return out
 
-    def expected_wait(self, position: int | None = None) -> float:
-        """Seconds before a request at ``position`` in the queue (default: one taken in
-        now) starts, at the recent service time."""
-        ahead = len(self.queue) if position is None else position
-        return self.service_time * (ahead + self.running)
+    def expected_wait(self) -> float:
+        """Seconds before a request taken in now would start, at the recent service
+        time (what shedding compares with ``queue_timeout``)."""
+        return self.service_time * (len(self.queue) + self.running)
+
+    def promise(self, position: int) -> float:
+        """The wait told to the requester of the request at ``position``: twice the
+        expected one (service times vary; a copy of a request that waits as long as
+        expected is a wasted run), plus the time to the next notice.  Before the
+        first request has been timed, ``COLD_SERVICE_TIME`` a request."""
+        per = self.service_time or COLD_SERVICE_TIME
+        return 2 * per * (position + self.running) + NOTICE_EVERY
 
     # -- routes -------------------------------------------------------------------------
 
@@ -278,10 +291,13 @@ class Serving:
                 await self._wake.wait()
                 continue
             try:
+                await _turns(SETTLE_TURNS)  # take in what arrived meanwhile, tell them
                 await self._renew()
                 w = self.queue.popleft()
                 self.queued_bytes -= len(w.data)
+                self.busy.set_queued(len(self.queue))
                 self.running = True
+                await _turns(1)  # the notices leave before user code holds the loop
                 server = self.services.get(w.service)
                 handler = server.handlers.get(w.endpoint) if server is not None else None
                 if handler is None:
@@ -293,7 +309,6 @@ class Serving:
                 self.log.exception("serving a queued request failed")
             finally:
                 self.running = False
-            await asyncio.sleep(0)  # read the socket: take new requests in between two
 
     def _enqueue(self, w: Waiting, *, first: bool = False) -> None:
         if first:
@@ -301,6 +316,7 @@ class Serving:
         else:
             self.queue.append(w)
         self.queued_bytes += len(w.data)
+        self.busy.set_queued(len(self.queue))
         self._empty.clear()
         self._wake.set()
 
@@ -311,7 +327,7 @@ class Serving:
         self._renewed = now
         publish = self.nc.publish
         for i, w in enumerate(list(self.queue)):
-            await publish(subjects.api_working(w.reply), queued_notice(self.expected_wait(i)))
+            await publish(subjects.api_working(w.reply), queued_notice(self.promise(i)))
 
     # -- requests -----------------------------------------------------------------------
 
@@ -352,7 +368,8 @@ class Serving:
                 return await self._fail(server.micro_endpoints.get(name), reply,
                                         "overloaded", overloaded_message(self.queue_timeout))
             self._enqueue(w)
-            await self.nc.publish(subjects.api_working(reply), queued_notice(wait))
+            await self.nc.publish(subjects.api_working(reply),
+                                  queued_notice(self.promise(len(self.queue) - 1)))
             return None
 
         return accept
@@ -474,6 +491,11 @@ class Serving:
             natscompat.count_endpoint_error(micro_ep, f"{code}: {message}")
         body, headers = micro_error(code, message)
         await self.nc.publish(reply, body, headers={**headers, **extra} if extra else headers)
+
+
+async def _turns(n: int) -> None:
+    for _ in range(n):
+        await asyncio.sleep(0)
 
 
 def overloaded_message(queue_timeout: float) -> str:

@@ -203,6 +203,13 @@ class WorkerPool:
     def busy(self) -> int:
         return sum(1 for w in self.workers if w.busy_since())
 
+    @property
+    def queued(self) -> int:
+        """Requests waiting: in the queues of the workers that serve (read from their
+        pages now) and held here for a worker."""
+        return sum(w.page.queued() for w in self.serving if w.page is not None) + \
+            len(self.held)
+
     def _lock(self, service: str) -> anyio.Lock:
         lock = self._locks.get(service)
         if lock is None:
