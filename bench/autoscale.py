@@ -4,10 +4,12 @@ One API node process, ``--min-workers 1 --max-workers 4 --scale-down-after 5``, 
 latency-bound endpoint (``time.sleep(0.02)``: 50 req/s per worker).  From this process,
 an open-loop load (requests are sent on a schedule, whatever the replies do, so queueing
 shows in the latencies): 10 req/s, then a ramp to 100 req/s within one second (twice
-what one worker can do), held, then back to 10 req/s.  Twice: through the node's HTTP
-gateway (what users call: a request queued behind a busy worker is hedged to an idle
-one after 0.25 s, an ``overloaded`` one is retried once), and straight to the service's
-NATS queue group (no hedging: requests queued at the first worker stay there).  Workers
+what one worker can do), held, then back to 10 req/s.  Through the node's HTTP gateway
+(what users call: a request is copied to another worker only when nobody announces it
+as running or queued for 0.25 s past the wait it was promised, an ``overloaded`` one is
+retried once), the same with ``--queue-timeout 5``, and straight to the service's NATS
+queue group (no copies; what a worker cannot take within the queue timeout waits at the
+node for a new worker, as over HTTP).  Workers
 over time come from the node's ``api.scaled`` events; every reply is counted (an error
 or a timeout is a failure).  Reported: p50/p99 before, during and after the step, per
 second too, and how long after the step began the p99 of every later second of the step

@@ -5,14 +5,24 @@ endpoint subscribes ``sy.api.v1.<service>.<endpoint>`` in queue group ``<service
 adding a node (or a worker) anywhere adds capacity and a request crosses no extra hop:
 NATS hands it to the process that runs the user code.
 
-Per request: check size and shape, shed it (``overloaded``) when the worker's backlog
-would make it wait longer than ``queue_timeout``, pick the generation (forced, sticky by
+Per request, when it arrives (``_accept``): check its size; if the worker's queue would
+make it wait longer than ``queue_timeout`` (at the recent service time), hand it back to
+the node (``pass_on``: it gives it to an idle worker, holds it while workers start, or
+sheds it as ``overloaded``); else queue it (bounded) and tell its requester "queued,
+starts within N s" (``<reply>.working`` with N in the body), which holds the gateway's
+hedged copy back.  The queue runs one request at a time (``run``), in order; between two,
+the event loop gets a few turns, so what arrived while user code held it is taken in and
+announced, and the requesters of those still waiting hear again.  Measured on a 10x step
+load: copying requests that merely waited behind a busy worker kept p99 in seconds for
+~10 s; announced, they are not copied (bench/RESULTS.md, "Autoscaling").
+Per request, when it runs: check its shape, pick the generation (forced, sticky by
 dispatch key, or by weight), run the user code (here, or in the user-code host of the
 generation's code environment: ``hosts``), reply, and only then run a shadow copy and,
 when the service captures calls and this one is sampled, queue it for the worker's
 ``capture.Capturer`` (an append; it is published between requests).
-A worker runs one request at a time, so micro's own counters are exact and a generation
-that leaves the route has no request in flight: it is dropped at once.  While user code
+A worker runs one request at a time, so a generation that leaves the route has no
+request in flight: it is dropped at once.  micro counts requests as they are taken in
+(its processing time is that of taking them in; ``stats`` has the real latencies).  While user code
 runs, the worker's busy page names the request's reply subject: if the worker dies, its
 node answers that request (it is not retried: it may be what killed the worker).  A
 ``MemoryError`` (the worker's memory limit) fails that request alone, and the worker then

@@ -25,6 +25,14 @@ it hands each to a worker that is neither stopped nor busy when it has one, so a
 does not land in the queue of the worker that stalled.  A dead worker is replaced with
 backoff; its process group (whatever user code started) is killed with it.
 
+A request a worker cannot start within the queue timeout comes back to the node
+(``wire.PassOn``): an idle worker gets it (first in its queue); while workers are
+starting, or the autoscaler may still add some (``size < max_size``), the node holds it
+(bounded, ``MAX_HELD``) up to the queue timeout, says "queued" to its requester meanwhile,
+and hands held requests to workers as they are idle (a few each per watch); otherwise,
+and for a node at its most workers at once, it answers ``overloaded``.  So a node that is
+scaling up does not shed what its new workers will run within the queue timeout.
+
 The pool keeps ``size`` workers (``_keep_size``): the autoscaler moves ``size`` between
 the node's minimum and maximum (``scale_to``).  A worker added takes traffic only once
 every service is replayed to it (``_spawn``), like a replacement; a worker retired
@@ -72,6 +80,7 @@ START_TIMEOUT = 60.0
 WATCH_EVERY = 0.05  # the busy pages are read this often
 NOTICE_EVERY = 0.1  # a running request's requester hears so this often (< retry floor)
 MAX_HELD = 1000  # requests the node holds for workers that start
+MAX_HELD_BYTES = 64 * 1024 * 1024  # and their bodies
 HAND_AT_ONCE = 4  # held requests given to one idle worker per watch
 NATS_FIELDS = ("servers", "creds_file", "nkey_seed_file", "user", "password", "token",
                "tls_ca_file", "tls_cert_file", "tls_key_file", "inbox_prefix",
@@ -162,6 +171,7 @@ class WorkerPool:
         self.died_running = 0  # requests answered for a worker that died running them
         self.passed_on = 0  # requests a worker could not take, given to another one
         self.held: deque[Held] = deque()  # passed on, waiting for a worker to start
+        self.held_bytes = 0
         self._locks: dict[str, anyio.Lock] = {}
         self._hedge_subs: dict[str, Any] = {}
         self._next = 0
@@ -315,7 +325,9 @@ class WorkerPool:
                 await sub.unsubscribe()
         self._hedge_subs.clear()
         while self.held:
-            await self._shed(self.held.popleft().request)
+            h = self.held.popleft()
+            self.held_bytes -= len(h.request.data)
+            await self._shed(h.request)
         futures = []
         for w in self.workers:
             futures.append(w.expect("drained"))
@@ -511,7 +523,8 @@ class WorkerPool:
         """Workers that serve ``service`` and run nothing right now (nor are stopped)."""
         return [w for w in self.workers
                 if w is not but and w.ready and not w.retiring and service in w.synced
-                and not w.busy_since() and not w.stopped()]
+                and w.page is not None and not w.page.since() and not w.page.queued()
+                and not w.stopped()]
 
     async def _passed_on(self, w: Worker, msg: wire.PassOn) -> None:
         """``w`` cannot start ``msg`` within the queue timeout: an idle worker runs it;
@@ -520,9 +533,11 @@ class WorkerPool:
         idle = self._idle(msg.service, but=w)
         if idle:
             self._hand(random.choice(idle), msg)
-        elif self.growing and len(self.held) < MAX_HELD:
+        elif self.growing and len(self.held) < MAX_HELD and \
+                self.held_bytes + len(msg.data) <= MAX_HELD_BYTES:
             now = time.monotonic()
             self.held.append(Held(msg, now + self.queue_timeout, now))
+            self.held_bytes += len(msg.data)
             await self._notice(msg.reply, self.queue_timeout)
         else:
             await self._shed(msg)
@@ -538,7 +553,9 @@ class WorkerPool:
         still wait."""
         now = time.monotonic()
         while self.held and self.held[0].until <= now:
-            await self._shed(self.held.popleft().request)
+            h = self.held.popleft()
+            self.held_bytes -= len(h.request.data)
+            await self._shed(h.request)
         given: dict[Worker, int] = {}
         keep: deque[Held] = deque()
         idle: dict[str, list[Worker]] = {}
@@ -551,6 +568,7 @@ class WorkerPool:
             if ws:
                 w = min(ws, key=lambda x: given.get(x, 0))
                 given[w] = given.get(w, 0) + 1
+                self.held_bytes -= len(h.request.data)
                 self._hand(w, h.request)
                 continue
             keep.append(h)
