@@ -61,7 +61,7 @@ class ScaleSettings:
     down_after_s: float = 60.0  # quiet period before scaling down
     up_cooldown_s: float = 3.0  # after a scale-up
     down_cooldown_s: float = 0.0  # after any change (the quiet period counts from it)
-    sample_every_s: float = 0.1  # how often the node samples (the mechanics' pace)
+    sample_every_s: float = 0.1  # the mean time between samples (``sample_interval``)
 
     def __post_init__(self) -> None:
         if self.min_workers < 1:
@@ -85,6 +85,14 @@ class ScaleSettings:
     @property
     def elastic(self) -> bool:
         return self.max_workers > self.min_workers
+
+
+def sample_interval(settings: ScaleSettings, u: float) -> float:
+    """The time to the next sample, for ``u`` uniform in [0, 1): 0.5 to 1.5 times
+    ``sample_every_s``.  Not a fixed pace: one locks in phase with a periodic load (a
+    20 ms request every 0.1 s, sampled every 0.1 s, looked busy in ~40 samples in a row
+    every ~20 s, which a 1 s window reads as full load)."""
+    return settings.sample_every_s * (0.5 + u)
 
 
 @dataclass(frozen=True)

@@ -24,9 +24,10 @@ A failure (a package that does not verify, an environment that cannot be built, 
 heartbeats, as a report and as an event.
 Every API node also serves HTTP (``gateway``) on ``--http-port``.
 
-Its workers are elastic between ``min_workers`` and ``max_workers``: every
-``sample_every_s`` the node samples busy workers, requests waiting for one and the recent
-p99, exports them for outside autoscalers (``metrics``), and asks the policy
+Its workers are elastic between ``min_workers`` and ``max_workers``: about every
+``sample_every_s`` (at random moments: ``autoscale.sample_interval``) the node samples
+busy workers, requests waiting for one (from the workers' busy pages, and those it holds)
+and the recent p99, exports them for outside autoscalers (``metrics``), and asks the policy
 (``autoscale``) whether to scale; a decision resizes the pool (``WorkerPool.scale_to``),
 counts in /metrics, and is an ``api.scaled`` event.
 """
@@ -46,7 +47,14 @@ import nats.errors
 from anyio.abc import TaskGroup
 from nats.js.kv import KeyValue
 
-from nodes.api.autoscale import RecentQuantile, Sample, ScalePolicy, ScaleSettings, WindowMean
+from nodes.api.autoscale import (
+    RecentQuantile,
+    Sample,
+    ScalePolicy,
+    ScaleSettings,
+    WindowMean,
+    sample_interval,
+)
 from nodes.api.gateway import Gateway
 from nodes.api.generations import PackageRefused, PackageStore, ensure
 from nodes.api.http import HttpServer
@@ -393,10 +401,7 @@ class ApiNode(Node):
         utilization = WindowMean(UTILIZATION_WINDOW_S)
         m = self.metrics
         while not self.stopping_requested:
-            # At random moments, not every ``sample_every_s`` on the dot: a fixed pace
-            # locks in phase with a periodic load (10 req/s of 20 ms each sampled every
-            # 0.1 s looked busy for ~4 s in a row every ~20 s: false scale-ups).
-            await anyio.sleep(settings.sample_every_s * (0.5 + random.random()))
+            await anyio.sleep(sample_interval(settings, random.random()))  # not in phase
             now = time.monotonic()
             busy = self.pool.busy
             m.workers, m.workers_busy = len(self.pool.workers), busy
