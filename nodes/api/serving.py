@@ -349,6 +349,12 @@ class Serving:
             await self._fail(None, request.reply, "not_found", f"{request.service} "
                              f"serves no endpoint {request.endpoint!r} in this worker")
             return
+        if len(self.queue) >= MAX_QUEUE or \
+                self.queued_bytes + len(request.data) > MAX_QUEUE_BYTES:
+            self.overloaded += 1
+            await self._fail(server.micro_endpoints.get(request.endpoint), request.reply,
+                             "overloaded", overloaded_message(self.queue_timeout))
+            return
         self._enqueue(Waiting(request.service, request.endpoint, request.reply,
                               request.data, request.headers), first=True)
 
