@@ -145,11 +145,12 @@ COLD_SERVICE_TIME = 0.25  # what a request is taken to last before one has been 
 # Event loop turns between two requests: a request that arrived while user code held the
 # loop goes socket -> reader task -> subscription task -> ``accept`` (its notice queued)
 # -> flusher task (the notice sent), one turn each; without them it would wait a second
-# request's time unannounced (and be copied).  A turn costs microseconds.
-# Fast requests give the loop turns often enough by themselves: at most one settling
-# every SETTLE_EVERY, so a no-op endpoint does not pay for it on every request.
+# request's time unannounced (and be copied).  At most once every SETTLE_EVERY: a turn
+# per request cut a no-op endpoint's throughput to a third (bench ``api_nats``), and
+# between requests that fast nothing waits unannounced for long anyway.
 SETTLE_TURNS = 4
 SETTLE_EVERY = 0.005
+SOON_S = 0.02  # a request expected to start within this is not announced as queued
 
 
 @dataclass(eq=False, slots=True)
@@ -306,7 +307,8 @@ class Serving:
                 continue
             try:
                 now = time.monotonic()
-                if now - self._settled >= SETTLE_EVERY:  # user code held the loop a while
+                settle = now - self._settled >= SETTLE_EVERY  # user code held the loop
+                if settle:
                     self._settled = now
                     await _turns(SETTLE_TURNS)  # take in what arrived meanwhile, tell them
                 await self._renew()
@@ -314,7 +316,8 @@ class Serving:
                 self.queued_bytes -= len(w.data)
                 self.busy.set_queued(len(self.queue))
                 self.running = True
-                await _turns(1)  # the notices leave before user code holds the loop
+                if settle:
+                    await _turns(1)  # the notices leave before user code holds the loop
                 server = self.services.get(w.service)
                 handler = server.handlers.get(w.endpoint) if server is not None else None
                 if handler is None:
@@ -390,9 +393,15 @@ class Serving:
                 self.overloaded += 1
                 return await self._fail(server.micro_endpoints.get(name), reply,
                                         "overloaded", overloaded_message(self.queue_timeout))
+            # No notice for a request that starts at once or all but (a fast endpoint
+            # under load would pay one publish per request): the renewals cover it if
+            # it waits after all.  Before the first timing, always one.
+            soon = wait < SOON_S and (self.service_time > 0 or
+                                      (not self.queue and not self.running))
             self._enqueue(w)
-            await self.nc.publish(subjects.api_working(reply),
-                                  queued_notice(self.promise(len(self.queue) - 1)))
+            if not soon:
+                await self.nc.publish(subjects.api_working(reply),
+                                      queued_notice(self.promise(len(self.queue) - 1)))
             return None
 
         return accept
