@@ -4,10 +4,12 @@ One API node process, ``--min-workers 1 --max-workers 4 --scale-down-after 5``, 
 latency-bound endpoint (``time.sleep(0.02)``: 50 req/s per worker).  From this process,
 an open-loop load (requests are sent on a schedule, whatever the replies do, so queueing
 shows in the latencies): 10 req/s, then a ramp to 100 req/s within one second (twice
-what one worker can do), held, then back to 10 req/s.  Twice: through the node's HTTP
-gateway (what users call: a request queued behind a busy worker is hedged to an idle
-one after 0.25 s, an ``overloaded`` one is retried once), and straight to the service's
-NATS queue group (no hedging: requests queued at the first worker stay there).  Workers
+what one worker can do), held, then back to 10 req/s.  Through the node's HTTP gateway
+(what users call: a request is copied to another worker only when nobody announces it
+as running or queued for 0.25 s past the wait it was promised, an ``overloaded`` one is
+retried once), the same with ``--queue-timeout 5``, and straight to the service's NATS
+queue group (no copies; what a worker cannot take within the queue timeout waits at the
+node for a new worker, as over HTTP).  Workers
 over time come from the node's ``api.scaled`` events; every reply is counted (an error
 or a timeout is a failure).  Reported: p50/p99 before, during and after the step, per
 second too, and how long after the step began the p99 of every later second of the step
@@ -19,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -163,6 +166,22 @@ async def measure(url: str, http_url: str | None, before: float, during: float,
     return {"sent": sent, "events": events, "end": end, "failures": failures}
 
 
+COUNTERS = {"shipyard_api_overloaded": "shed overloaded",
+            "shipyard_http_retries": "gateway copies and retries"}
+
+
+def node_counters(port: int) -> dict[str, float]:
+    """The node's shed and copy counters, from its /metrics."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    out = {}
+    for line in text.splitlines():
+        name = line.split("{", 1)[0].removesuffix("_total")
+        if name in COUNTERS and not line.startswith("#"):
+            out[COUNTERS[name]] = out.get(COUNTERS[name], 0.0) + float(line.rsplit(" ", 1)[1])
+    return out
+
+
 def workers_at(t: float, events: list[tuple[float, ApiScaled]]) -> int:
     n = MIN_WORKERS
     for at, e in events:
@@ -199,8 +218,10 @@ def one_run(transport: str, before: float, during: float, after: float,
                 http_url = f"http://127.0.0.1:{port}/public/api/v1/{SERVICE}/sleep/predict"
                 served_http(http_url)
                 time.sleep(3)  # the probes' bursts are not part of the baseline
+                counts0 = node_counters(port)
                 r = anyio.run(measure, server.url, http_url if transport == "http" else None,
                               before, during, after, backend_options={"use_uvloop": True})
+                counts = {k: v - counts0.get(k, 0) for k, v in node_counters(port).items()}
     sent, events = r["sent"], r["events"]
     seconds = []
     for s in range(int(before + during + after)):
@@ -237,6 +258,8 @@ def one_run(transport: str, before: float, during: float, after: float,
               "scaled_up": max(s["workers"] for s in seconds) > MIN_WORKERS,
               "failed": sum(v["failed"] for v in phases.values()),
               "failures": r["failures"]}
+    result["node"] = counts
+    print(f"node counters during the load: {counts}")
     print(f"{transport}: p99 under {TARGET_P99_S * 1000:g} ms {first_ok}s after the step "
           f"began, for good after {result['p99_under_target_after_step_s']}s; failed "
           f"requests: {result['failed']} {r['failures'] or ''}; back to {MIN_WORKERS} worker at "
@@ -252,10 +275,12 @@ def run(quick: bool = False) -> dict[str, Any]:
     summary = [(name, r["failed"], r["p99_first_under_target_after_step_s"],
                 r["p99_under_target_after_step_s"], r["back_to_min_at_s"],
                 r["phases"]["before"]["p99_ms"], r["phases"]["during"]["p99_ms"],
-                r["phases"]["after"]["p99_ms"]) for name, r in runs.items()]
+                r["phases"]["after"]["p99_ms"], r["node"].get("shed overloaded"),
+                r["node"].get("gateway copies and retries")) for name, r in runs.items()]
     print_table("autoscaling, summary", ["run", "failed", "p99 ok at (s)",
                                          "p99 ok for good at (s)", "at min at (s)",
-                                         "p99 before", "p99 during", "p99 after"], summary)
+                                         "p99 before", "p99 during", "p99 after", "shed",
+                                         "copies"], summary)
     ok = all(r["scaled_up"] and r["back_to_min_at_s"] is not None
              and r["p99_first_under_target_after_step_s"] is not None
              for name, r in runs.items() if name != "http, --queue-timeout 5") \

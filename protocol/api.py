@@ -146,6 +146,33 @@ def micro_error(code: str, message: str) -> tuple[bytes, dict[str, str]]:
                                        ERROR_HEADER: message.split("\n")[0][:200]}
 
 
+# -- notices on "<reply>.working" (``subjects.api_working``) -----------------------------
+# They hold back a requester's hedged copy: a request that someone is running, or that
+# waits in a live worker's queue, is not sent again.  An empty body: a worker runs the
+# request now (its API node says so while it runs).  A body of decimal seconds: the
+# request is queued (in a worker, or at its node while workers start) and should start
+# within that long; it is said again while the request waits.
+
+MAX_NOTICE_WAIT_S = 300.0  # a longer promised wait is read as this
+
+
+def queued_notice(wait_s: float) -> bytes:
+    """The body of a "queued" notice: start expected within ``wait_s`` seconds."""
+    return f"{min(max(0.0, wait_s), MAX_NOTICE_WAIT_S):.3f}".encode()
+
+
+def notice_wait(body: bytes) -> float:
+    """Seconds before the request starts, as a notice says: 0 for "running now" (an
+    empty body) and for a body this version does not understand."""
+    if not body:
+        return 0.0
+    try:
+        wait = float(body)
+    except ValueError:
+        return 0.0
+    return min(wait, MAX_NOTICE_WAIT_S) if wait > 0 else 0.0  # NaN compares False
+
+
 # -- packages ----------------------------------------------------------------------------
 
 class EndpointSpec(msgspec.Struct, frozen=True, kw_only=True):

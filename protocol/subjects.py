@@ -18,8 +18,10 @@ Namespace first, identifiers last, one token per level::
     sy.api.v1.<service>.<endpoint>.hedge   a hedged copy of a request: the service's API
                                         nodes (not their workers) share it in queue group
                                         <service> and hand it to a worker that is not stalled
-    <reply>.working                     "a worker runs this request": from the API node
-                                        whose worker runs it, while it runs
+    <reply>.working                     "a worker runs this request" (empty body: from the
+                                        API node whose worker runs it, while it runs) or
+                                        "it is queued, starts within N s" (body N: from
+                                        the worker or node that holds it, while it waits)
     sy.cap.<service>.<endpoint>         captured requests and answers of a service that
                                         opted in; the SY_CAPTURE JetStream stream keeps them
     $SRV.PING|INFO|STATS[.<svc>[.<id>]] nats.micro discovery (spelled by nats-py itself)
@@ -153,7 +155,8 @@ def api_hedges(service: str) -> str:
 
 
 def api_working(reply: str) -> str:
-    """Where an API node says that a worker runs the request with reply subject ``reply``."""
+    """Where an API node or worker says that it runs, or queues, the request with reply
+    subject ``reply``."""
     return f"{reply}.{WORKING_TOKEN}"
 
 

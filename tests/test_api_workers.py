@@ -6,6 +6,7 @@ what user code starts dies with its worker.  Real nats-server, real worker proce
 
 from __future__ import annotations
 
+import mmap
 import os
 import signal
 from pathlib import Path
@@ -275,7 +276,9 @@ def test_worker_frames_round_trip_typed_and_a_broken_stream_is_an_error() -> Non
                    wire.Stats(rows=[wire.StatRow("s", "p", "v1", False, 1, 0, 0.1, [1])],
                               backlog=[wire.Backlog("s", "p", 2)], overloaded=0,
                               shadow_mismatches=0),
-                   wire.Retiring(reason="MemoryError")]
+                   wire.Retiring(reason="MemoryError"),
+                   wire.PassOn(service="s", endpoint="p", reply="r", data=b"{}",
+                               headers={"Sy-Op": "multi"})]
     deframer = framing.Deframer()
     data = b"".join(framing.frame(m) for m in to_worker)
     bodies = deframer.feed(data[:7]) + deframer.feed(data[7:])
@@ -287,3 +290,16 @@ def test_worker_frames_round_trip_typed_and_a_broken_stream_is_an_error() -> Non
                                                         error="", seconds=0))[4:])
     with pytest.raises(framing.FrameError, match="over the limit"):
         framing.Deframer().feed(framing.HEADER.pack(framing.MAX_FRAME + 1))
+
+
+def test_the_busy_page_carries_the_queue_length_beside_the_running_request() -> None:
+    page = wire.BusyPage(mmap.mmap(-1, wire.PAGE_SIZE))
+    longest = "r" * wire.MAX_REPLY
+    page.set_queued(7)
+    page.start(12.5, longest)
+    assert (page.read(), page.queued()) == ((12.5, longest), 7)
+    page.stop()
+    page.set_queued(0)
+    assert (page.read(), page.queued()) == ((0.0, ""), 0)
+    page.set_queued(-3)  # nonsense is clamped, never a struct error
+    assert page.queued() == 0

@@ -6,6 +6,8 @@ is answered, the decisions are events, /metrics has the gauges an autoscaler rea
 
 from __future__ import annotations
 
+import random
+from collections.abc import Callable
 from pathlib import Path
 
 import anyio
@@ -22,6 +24,7 @@ from nodes.api.autoscale import (
     ScalePolicy,
     ScaleSettings,
     WindowMean,
+    sample_interval,
 )
 from nodes.cli.apinodes import api_node_extra
 from nodes.runtime.settings import NatsSettings
@@ -191,6 +194,32 @@ def test_a_slow_p99_holds_back_a_scale_down() -> None:
     assert _feed(policy, clock, 20, workers=3, busy=0, p99=0.5) == []
     [d] = _feed(policy, clock, 10.05, workers=3, busy=0, p99=0.05)
     assert (d.frm, d.to) == (3, 1)
+
+
+def test_a_periodic_light_load_sampled_at_random_moments_does_not_scale_up() -> None:
+    """One worker busy 20 ms of every 100 ms (10 req/s of a 20 ms endpoint, sent on the
+    dot).  Sampled on the dot every ~0.1 s, the sampler locks in phase with the load and
+    sees the worker busy for seconds in a row: a scale-up.  Sampled at the node's random
+    moments, the load is seen as what it is: no scale-up in two simulated minutes."""
+    def busy(t: float) -> int:
+        return 1 if (t - 1000.0) % 0.1 < 0.02 else 0
+
+    def ups(interval: Callable[[], float]) -> list[Decision]:
+        policy, clock = _policy(up_after_s=1.0, down_after_s=5.0)
+        out = []
+        while clock.now < 1120.0:
+            clock.now += interval()
+            d = policy.observe(Sample(workers=1, busy=busy(clock.now), queued=0))
+            if d is not None:
+                out.append(d)
+        return out
+
+    on_the_dot = ups(lambda: 0.1003)  # a loop sleeping 0.1 s and a little more
+    assert on_the_dot and on_the_dot[0].to == 2
+    assert "load 1.00" in on_the_dot[0].reason
+    rand = random.Random(7)
+    settings = ScaleSettings(min_workers=1, max_workers=4)
+    assert ups(lambda: sample_interval(settings, rand.random())) == []
 
 
 def test_settings_that_cannot_work_are_refused_with_what_was_expected() -> None:

@@ -11,8 +11,9 @@ The rules, with hysteresis so that a load near a threshold does not flap:
 * **load** of a sample is ``min(1, (busy + queued) / workers)``: the share of the workers
   that requests occupy, capped so that one burst of queued requests cannot outweigh a
   whole window of quiet (a 0.3 s blip of 10x load moves a 1 s mean by at most 0.3).
-  Queued requests count only while every worker is busy: workers report their backlog
-  once a second, and a request seen waiting beside an idle worker is about to run.
+  Queued requests (in the workers' queues, read from their busy pages at each sample,
+  and those the node holds for a worker) count only while every worker is busy: a
+  request seen waiting beside an idle worker is about to run.
 * **up** when the mean load over the last ``up_after_s`` is at least ``up_utilization``
   (or every p99 seen in that window is over ``latency_target_s`` while the load is at
   least ``target_utilization``: more workers help only when there are requests to share),
@@ -60,7 +61,7 @@ class ScaleSettings:
     down_after_s: float = 60.0  # quiet period before scaling down
     up_cooldown_s: float = 3.0  # after a scale-up
     down_cooldown_s: float = 0.0  # after any change (the quiet period counts from it)
-    sample_every_s: float = 0.1  # how often the node samples (the mechanics' pace)
+    sample_every_s: float = 0.1  # the mean time between samples (``sample_interval``)
 
     def __post_init__(self) -> None:
         if self.min_workers < 1:
@@ -84,6 +85,14 @@ class ScaleSettings:
     @property
     def elastic(self) -> bool:
         return self.max_workers > self.min_workers
+
+
+def sample_interval(settings: ScaleSettings, u: float) -> float:
+    """The time to the next sample, for ``u`` uniform in [0, 1): 0.5 to 1.5 times
+    ``sample_every_s``.  Not a fixed pace: one locks in phase with a periodic load (a
+    20 ms request every 0.1 s, sampled every 0.1 s, looked busy in ~40 samples in a row
+    every ~20 s, which a 1 s window reads as full load)."""
+    return settings.sample_every_s * (0.5 + u)
 
 
 @dataclass(frozen=True)

@@ -79,6 +79,7 @@ class Metrics:
         self.retired_capture = (0, 0)
         self.http: dict[tuple[str, str, int], int] = {}
         self.retries = 0
+        self.overloaded_at_node = 0  # requests workers passed on that the node shed
         self.workers = 0
         self.workers_busy = 0
         self.workers_min = 0
@@ -147,7 +148,8 @@ class Metrics:
 
     @property
     def overloaded(self) -> int:
-        return self.retired_counts[0] + sum(c[0] for c in self.worker_counts.values())
+        return self.retired_counts[0] + self.overloaded_at_node + \
+            sum(c[0] for c in self.worker_counts.values())
 
     @property
     def shadow_mismatches(self) -> int:

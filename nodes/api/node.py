@@ -24,9 +24,10 @@ A failure (a package that does not verify, an environment that cannot be built, 
 heartbeats, as a report and as an event.
 Every API node also serves HTTP (``gateway``) on ``--http-port``.
 
-Its workers are elastic between ``min_workers`` and ``max_workers``: every
-``sample_every_s`` the node samples busy workers, requests waiting for one and the recent
-p99, exports them for outside autoscalers (``metrics``), and asks the policy
+Its workers are elastic between ``min_workers`` and ``max_workers``: about every
+``sample_every_s`` (at random moments: ``autoscale.sample_interval``) the node samples
+busy workers, requests waiting for one (from the workers' busy pages, and those it holds)
+and the recent p99, exports them for outside autoscalers (``metrics``), and asks the policy
 (``autoscale``) whether to scale; a decision resizes the pool (``WorkerPool.scale_to``),
 counts in /metrics, and is an ``api.scaled`` event.
 """
@@ -34,6 +35,7 @@ counts in /metrics, and is an ``api.scaled`` event.
 from __future__ import annotations
 
 import os
+import random
 import time
 from functools import partial
 from pathlib import Path
@@ -45,7 +47,14 @@ import nats.errors
 from anyio.abc import TaskGroup
 from nats.js.kv import KeyValue
 
-from nodes.api.autoscale import RecentQuantile, Sample, ScalePolicy, ScaleSettings, WindowMean
+from nodes.api.autoscale import (
+    RecentQuantile,
+    Sample,
+    ScalePolicy,
+    ScaleSettings,
+    WindowMean,
+    sample_interval,
+)
 from nodes.api.gateway import Gateway
 from nodes.api.generations import PackageRefused, PackageStore, ensure
 from nodes.api.http import HttpServer
@@ -132,7 +141,8 @@ class ApiNode(Node):
                                metrics=self.metrics, max_body=max_body,
                                queue_timeout=queue_timeout, request_timeout=request_timeout,
                                kill_grace=kill_grace, debug=debug,
-                               memory_mb=worker_memory_mb)
+                               memory_mb=worker_memory_mb,
+                               max_size=self.scaling.max_workers)
         self.services: dict[str, ServiceState] = {}  # heartbeat state per service
         self.gateway: Gateway | None = None
         self.http: HttpServer | None = None
@@ -391,7 +401,7 @@ class ApiNode(Node):
         utilization = WindowMean(UTILIZATION_WINDOW_S)
         m = self.metrics
         while not self.stopping_requested:
-            await anyio.sleep(settings.sample_every_s)
+            await anyio.sleep(sample_interval(settings, random.random()))  # not in phase
             now = time.monotonic()
             busy = self.pool.busy
             m.workers, m.workers_busy = len(self.pool.workers), busy
@@ -401,7 +411,8 @@ class ApiNode(Node):
                 continue
             serving = sum(1 for w in self.pool.serving if w.busy_since())  # not retiring
             decision = policy.observe(Sample(workers=self.pool.size, busy=serving,
-                                             queued=m.queued, p99_s=p99))
+                                             queued=self.pool.queued,
+                                             p99_s=p99))
             if decision is not None:
                 self._scale(decision.frm, decision.to, decision.reason)
 

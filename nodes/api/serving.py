@@ -5,14 +5,24 @@ endpoint subscribes ``sy.api.v1.<service>.<endpoint>`` in queue group ``<service
 adding a node (or a worker) anywhere adds capacity and a request crosses no extra hop:
 NATS hands it to the process that runs the user code.
 
-Per request: check size and shape, shed it (``overloaded``) when the worker's backlog
-would make it wait longer than ``queue_timeout``, pick the generation (forced, sticky by
+Per request, when it arrives (``_accept``): check its size; if the worker's queue would
+make it wait longer than ``queue_timeout`` (at the recent service time), hand it back to
+the node (``pass_on``: it gives it to an idle worker, holds it while workers start, or
+sheds it as ``overloaded``); else queue it (bounded) and tell its requester "queued,
+starts within N s" (``<reply>.working`` with N in the body), which holds the gateway's
+hedged copy back.  The queue runs one request at a time (``run``), in order; between two,
+the event loop gets a few turns, so what arrived while user code held it is taken in and
+announced, and the requesters of those still waiting hear again.  Measured on a 10x step
+load: copying requests that merely waited behind a busy worker kept p99 in seconds for
+~10 s; announced, they are not copied (bench/RESULTS.md, "Autoscaling").
+Per request, when it runs: check its shape, pick the generation (forced, sticky by
 dispatch key, or by weight), run the user code (here, or in the user-code host of the
 generation's code environment: ``hosts``), reply, and only then run a shadow copy and,
 when the service captures calls and this one is sampled, queue it for the worker's
 ``capture.Capturer`` (an append; it is published between requests).
-A worker runs one request at a time, so micro's own counters are exact and a generation
-that leaves the route has no request in flight: it is dropped at once.  While user code
+A worker runs one request at a time, so a generation that leaves the route has no
+request in flight: it is dropped at once.  micro counts requests as they are taken in
+(its processing time is that of taking them in; ``stats`` has the real latencies).  While user code
 runs, the worker's busy page names the request's reply subject: if the worker dies, its
 node answers that request (it is not retried: it may be what killed the worker).  A
 ``MemoryError`` (the worker's memory limit) fails that request alone, and the worker then
@@ -21,9 +31,11 @@ retires (``on_memory_error``): its node replaces it with a fresh process.
 
 from __future__ import annotations
 
+import asyncio
 import random
 import time
 import traceback
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -57,6 +69,7 @@ from protocol.api import (
     http_status,
     micro_error,
     pick_generation,
+    queued_notice,
 )
 from protocol.api import (
     OP_MULTI as MULTI_VALUE,
@@ -125,6 +138,31 @@ class Route:
 
 Handler = Callable[[str, bytes, "dict[str, str] | None"], Awaitable[None]]
 
+MAX_QUEUE = 1000  # requests waiting in one worker, whatever the shedding estimate says
+MAX_QUEUE_BYTES = 64 * 1024 * 1024  # and their bodies (nats-py's own per-subscription cap)
+NOTICE_EVERY = 0.1  # a queued request's requester hears again this often (< retry floor)
+COLD_SERVICE_TIME = 0.25  # what a request is taken to last before one has been timed
+# Event loop turns between two requests: a request that arrived while user code held the
+# loop goes socket -> reader task -> subscription task -> ``accept`` (its notice queued)
+# -> flusher task (the notice sent), one turn each; without them it would wait a second
+# request's time unannounced (and be copied).  At most once every SETTLE_EVERY: a turn
+# per request cut a no-op endpoint's throughput to a third (bench ``api_nats``), and
+# between requests that fast nothing waits unannounced for long anyway.
+SETTLE_TURNS = 4
+SETTLE_EVERY = 0.005
+SOON_S = 0.02  # a request expected to start within this is not announced as queued
+
+
+@dataclass(eq=False, slots=True)
+class Waiting:
+    """A request taken into the worker's queue (or handed over by its node)."""
+
+    service: str
+    endpoint: str
+    reply: str
+    data: bytes
+    headers: dict[str, str] | None
+
 
 @dataclass(eq=False)
 class ServiceServer:
@@ -140,7 +178,8 @@ class Serving:
                  queue_timeout: float, debug: bool, busy: BusyPage,
                  memory_mb: int | None = None,
                  on_memory_error: Callable[[], None] | None = None,
-                 capturer: Capturer | None = None) -> None:
+                 capturer: Capturer | None = None,
+                 pass_on: Callable[[Waiting], None] | None = None) -> None:
         self.nc = nc
         self.node = node
         self.infra = infra
@@ -158,6 +197,16 @@ class Serving:
         self.overloaded = 0
         self.shadow_mismatches = 0
         self.service_time = 0.0  # recent mean seconds per request (for shedding)
+        self.pass_on = pass_on  # hands a request this worker cannot take to its node
+        self.passed_on = 0
+        self.queue: deque[Waiting] = deque()  # taken in, not started (first in, first run)
+        self.queued_bytes = 0
+        self.running = False
+        self._wake = asyncio.Event()  # the queue has something
+        self._empty = asyncio.Event()  # the queue is empty and nothing runs
+        self._empty.set()
+        self._renewed = 0.0
+        self._settled = 0.0
         self._random = random.random
         self.log = get_logger(component="serving", worker=worker)
 
@@ -169,12 +218,29 @@ class Serving:
         return s
 
     def backlog(self) -> dict[tuple[str, str], int]:
+        """Requests received and not started, per (service, endpoint)."""
         out = {}
         for server in self.services.values():
             for name, ep in server.micro_endpoints.items():
                 sub = natscompat.endpoint_subscription(ep)
                 out[(server.name, name)] = sub.pending_msgs if sub else 0
+        for w in self.queue:
+            key = (w.service, w.endpoint)
+            out[key] = out.get(key, 0) + 1
         return out
+
+    def expected_wait(self) -> float:
+        """Seconds before a request taken in now would start, at the recent service
+        time (what shedding compares with ``queue_timeout``)."""
+        return self.service_time * (len(self.queue) + self.running)
+
+    def promise(self, position: int) -> float:
+        """The wait told to the requester of the request at ``position``: twice the
+        expected one (service times vary; a copy of a request that waits as long as
+        expected is a wasted run), plus the time to the next notice.  Before the
+        first request has been timed, ``COLD_SERVICE_TIME`` a request."""
+        per = self.service_time or COLD_SERVICE_TIME
+        return 2 * per * (position + self.running) + NOTICE_EVERY
 
     # -- routes -------------------------------------------------------------------------
 
@@ -195,10 +261,11 @@ class Serving:
             natscompat.set_service_metadata(server.micro, self._metadata(route))
         for name, ep in route.endpoints.items():
             if name not in server.micro_endpoints:
-                handler = server.handlers[name] = self._handler(server, name)
+                server.handlers[name] = self._handler(server, name)
                 await server.micro.add_endpoint(
                     name=name, subject=subjects.api_endpoint(service, name),
-                    handler=_from_micro(handler), metadata={"kind": ep.kind})
+                    handler=_from_micro(self._accept(server, name)),
+                    metadata={"kind": ep.kind})
                 server.micro_endpoints[name] = natscompat.micro_endpoints(server.micro)[-1]
         await self.nc.flush()
 
@@ -215,7 +282,8 @@ class Serving:
         return data
 
     async def drain(self) -> None:
-        """Leave every queue group; requests already received are still answered."""
+        """Leave every queue group; requests already received are still answered (this
+        returns once they are)."""
         for server in self.services.values():
             for ep in server.micro_endpoints.values():
                 sub = natscompat.endpoint_subscription(ep)
@@ -224,18 +292,119 @@ class Serving:
                         await sub.drain()  # type: ignore[no-untyped-call]  # unannotated in nats-py
                     except Exception as exc:
                         self.log.warning("drain failed", error=str(exc) or type(exc).__name__)
+        await self._empty.wait()
+
+    # -- the queue ----------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Run the queued requests one at a time, first in first run; between two, tell
+        the requesters of those still waiting that they wait (``NOTICE_EVERY``)."""
+        while True:
+            if not self.queue:
+                self._empty.set()
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            try:
+                now = time.monotonic()
+                settle = now - self._settled >= SETTLE_EVERY  # user code held the loop
+                if settle:
+                    self._settled = now
+                    await _turns(SETTLE_TURNS)  # take in what arrived meanwhile, tell them
+                await self._renew()
+                w = self.queue.popleft()
+                self.queued_bytes -= len(w.data)
+                self.busy.set_queued(len(self.queue))
+                self.running = True
+                if settle:
+                    await _turns(1)  # the notices leave before user code holds the loop
+                server = self.services.get(w.service)
+                handler = server.handlers.get(w.endpoint) if server is not None else None
+                if handler is None:
+                    await self._fail(None, w.reply, "not_found", f"{w.service} serves no "
+                                     f"endpoint {w.endpoint!r} in this worker")
+                else:
+                    await handler(w.reply, w.data, w.headers)
+            except Exception:  # a publish that failed: that request times out, no other
+                self.log.exception("serving a queued request failed")
+            finally:
+                self.running = False
+
+    def _enqueue(self, w: Waiting, *, first: bool = False) -> None:
+        if first:
+            self.queue.appendleft(w)
+        else:
+            self.queue.append(w)
+        self.queued_bytes += len(w.data)
+        self.busy.set_queued(len(self.queue))
+        self._empty.clear()
+        self._wake.set()
+
+    async def _renew(self) -> None:
+        now = time.monotonic()
+        if now - self._renewed < NOTICE_EVERY or not self.queue:
+            return
+        self._renewed = now
+        publish = self.nc.publish
+        for i, w in enumerate(list(self.queue)):
+            await publish(subjects.api_working(w.reply), queued_notice(self.promise(i)))
 
     # -- requests -----------------------------------------------------------------------
 
     async def serve(self, request: Serve) -> None:
-        """A request that came through the node (a hedged copy), not from a queue group."""
+        """A request that came through the node (a hedged copy, or one another worker
+        of the node could not take): it goes first, since it has waited already."""
         server = self.services.get(request.service)
-        handler = server.handlers.get(request.endpoint) if server is not None else None
-        if handler is None:
+        if server is None or request.endpoint not in server.handlers:
             await self._fail(None, request.reply, "not_found", f"{request.service} "
                              f"serves no endpoint {request.endpoint!r} in this worker")
             return
-        await handler(request.reply, request.data, request.headers)
+        if len(self.queue) >= MAX_QUEUE or \
+                self.queued_bytes + len(request.data) > MAX_QUEUE_BYTES:
+            self.overloaded += 1
+            await self._fail(server.micro_endpoints.get(request.endpoint), request.reply,
+                             "overloaded", overloaded_message(self.queue_timeout))
+            return
+        self._enqueue(Waiting(request.service, request.endpoint, request.reply,
+                              request.data, request.headers), first=True)
+
+    def _accept(self, server: ServiceServer, name: str) -> Handler:
+        """What the endpoint's queue-group subscription calls: take the request into the
+        queue and tell its requester so (it is not hedged while it waits); one that would
+        wait more than ``queue_timeout`` goes to the node (``pass_on``: another worker
+        may be idle, or about to start) or, without one, is shed (``overloaded``)."""
+        service = server.name
+
+        async def accept(reply: str, data: bytes, headers: dict[str, str] | None) -> None:
+            if not reply:
+                return None
+            if len(data) > self.max_body:
+                return await self._fail(server.micro_endpoints.get(name), reply,
+                                        "too_large", f"request body of {len(data)} bytes "
+                                        f"is over the limit of {self.max_body}")
+            wait = self.expected_wait()
+            w = Waiting(service, name, reply, data, headers)
+            if wait > self.queue_timeout or len(self.queue) >= MAX_QUEUE or \
+                    self.queued_bytes + len(data) > MAX_QUEUE_BYTES:
+                if self.pass_on is not None:
+                    self.passed_on += 1
+                    self.pass_on(w)
+                    return None
+                self.overloaded += 1
+                return await self._fail(server.micro_endpoints.get(name), reply,
+                                        "overloaded", overloaded_message(self.queue_timeout))
+            # No notice for a request that starts at once or all but (a fast endpoint
+            # under load would pay one publish per request): the renewals cover it if
+            # it waits after all.  Before the first timing, always one.
+            soon = wait < SOON_S and (self.service_time > 0 or
+                                      (not self.queue and not self.running))
+            self._enqueue(w)
+            if not soon:
+                await self.nc.publish(subjects.api_working(reply),
+                                      queued_notice(self.promise(len(self.queue) - 1)))
+            return None
+
+        return accept
 
     def _handler(self, server: ServiceServer, name: str) -> Handler:
         service = server.name
@@ -243,8 +412,6 @@ class Serving:
         page = self.busy
 
         async def handle(reply: str, data: bytes, headers: dict[str, str] | None) -> None:
-            if not reply:
-                return None
             micro_ep = server.micro_endpoints.get(name)
             ep = server.route.endpoints.get(name)
             if ep is None:
@@ -254,13 +421,6 @@ class Serving:
                 return await self._fail(micro_ep, reply, "too_large", f"request body of "
                                         f"{len(data)} bytes is over the limit of "
                                         f"{self.max_body}")
-            sub = natscompat.endpoint_subscription(micro_ep) if micro_ep is not None else None
-            if sub is not None and self.service_time * sub.pending_msgs > \
-                    self.queue_timeout:
-                self.overloaded += 1
-                return await self._fail(micro_ep, reply, "overloaded", "the node is at "
-                                        "its limit: the request would wait more than "
-                                        f"{self.queue_timeout:g}s for a worker")
             forced = key = None
             multi = replay = False
             if headers:
@@ -363,6 +523,17 @@ class Serving:
             natscompat.count_endpoint_error(micro_ep, f"{code}: {message}")
         body, headers = micro_error(code, message)
         await self.nc.publish(reply, body, headers={**headers, **extra} if extra else headers)
+
+
+async def _turns(n: int) -> None:
+    for _ in range(n):
+        await asyncio.sleep(0)
+
+
+def overloaded_message(queue_timeout: float) -> str:
+    """The message of an ``overloaded`` answer (from a worker or its node)."""
+    return ("the node is at its limit: the request would wait more than "
+            f"{queue_timeout:g}s for a worker")
 
 
 def _from_micro(handler: Handler) -> Callable[[MicroRequest], Awaitable[None]]:

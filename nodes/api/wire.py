@@ -8,10 +8,11 @@ one tagged union of frozen Structs.  Both ends always run the same code, so thes
 no compatibility rules, unlike ``protocol/``.
 
 The busy page (``BusyPage``, a small shared file mapping) holds the worker's busy-since
-clock and the reply subject of the request it runs.  The node reads it while the worker's
-event loop is stuck in user code: to kill a worker stuck far past the request timeout, to
-tell the requester that its request is being worked on (so it is not hedged), and to
-answer the request itself when the worker dies running it.
+clock, the reply subject of the request it runs, and how many wait in its queue.  The
+node reads it while the worker's event loop is stuck in user code: to kill a worker
+stuck far past the request timeout, to tell the requester that its request is being
+worked on (so it is not hedged), to answer the request itself when the worker dies
+running it, and to see the backlog at every scaling sample.
 """
 
 from __future__ import annotations
@@ -62,7 +63,8 @@ class Drain(msgspec.Struct, frozen=True, tag=True):
 
 
 class Serve(msgspec.Struct, frozen=True, tag=True):
-    """Run one request that arrived at the node (a hedged copy) and reply to ``reply``."""
+    """Run one request that arrived at the node (a hedged copy, or one another worker
+    passed on) before those queued, and reply to ``reply``."""
 
     service: str
     endpoint: str
@@ -127,7 +129,18 @@ class Retiring(msgspec.Struct, frozen=True, tag=True):
     reason: str
 
 
-FromWorker = Loaded | Routed | Drained | Stats | Retiring
+class PassOn(msgspec.Struct, frozen=True, tag=True):
+    """A request the worker cannot start within its queue timeout: the node hands it to
+    another worker, holds it while workers start, or answers ``overloaded``."""
+
+    service: str
+    endpoint: str
+    reply: str
+    data: bytes
+    headers: dict[str, str] | None = None
+
+
+FromWorker = Loaded | Routed | Drained | Stats | Retiring | PassOn
 
 _to_worker = msgspec.msgpack.Decoder(ToWorker)
 _from_worker = msgspec.msgpack.Decoder(FromWorker)
@@ -145,9 +158,11 @@ def decode_from_worker(body: bytes) -> FromWorker:
 
 _SINCE = struct.Struct("<d")
 _LENGTH = struct.Struct("<H")
+_QUEUED = struct.Struct("<I")
 _REPLY_AT = _SINCE.size + _LENGTH.size
 PAGE_SIZE = 1024
-MAX_REPLY = PAGE_SIZE - _REPLY_AT
+_QUEUED_AT = PAGE_SIZE - _QUEUED.size
+MAX_REPLY = _QUEUED_AT - _REPLY_AT
 
 
 class BusyPage:
@@ -176,6 +191,14 @@ class BusyPage:
 
     def since(self) -> float:
         return float(_SINCE.unpack_from(self.page)[0])
+
+    def set_queued(self, n: int) -> None:
+        """How many requests wait in the worker's queue (the node's scaler reads it
+        every sample, fresher than the once-a-second counters)."""
+        _QUEUED.pack_into(self.page, _QUEUED_AT, min(max(0, n), 0xFFFFFFFF))
+
+    def queued(self) -> int:
+        return int(_QUEUED.unpack_from(self.page, _QUEUED_AT)[0])
 
     def read(self) -> tuple[float, str]:
         """(since, reply subject); (0.0, "") when idle."""

@@ -6,8 +6,10 @@ environment's interpreter (``hosts``; ``wire.Load.python``), which lives and die
 the worker.
 one that kills the process (a segfault, ``os._exit``) takes down only this worker, which
 the node replaces.  The worker has its own NATS connection and serves the node's
-services in their queue groups (``serving``), one request at a time, so a node with N
-workers uses N cores; it loads generations in a thread, so serving goes on meanwhile.
+services in their queue groups (``serving``), one request at a time from its own bounded
+queue, so a node with N workers uses N cores; a request it cannot take within the queue
+timeout goes back to its node (``PassOn``); it loads generations in a thread, so
+serving goes on meanwhile.
 
 Configuration comes in ``SHIPYARD_API_WORKER`` (JSON).  The worker reports its counters
 every second, writes its busy-since clock and the reply subject of the request it runs to
@@ -41,7 +43,7 @@ import msgspec
 from nodes.api import wire
 from nodes.api.capture import Capturer
 from nodes.api.hosts import Host, HostError, RemoteGeneration
-from nodes.api.serving import Route, Serving
+from nodes.api.serving import Route, Serving, Waiting
 from nodes.api.usercode import Generation, Runnable
 from nodes.orphans import die_with_parent
 from nodes.runtime.connection import connect
@@ -87,6 +89,12 @@ class Worker:
             self.send(wire.Retiring(reason=f"MemoryError (limit {self.memory_mb} MB)"))
             self.retiring.set()
 
+    def pass_on(self, w: Waiting) -> None:
+        """A request that would wait here past the queue timeout: the node gives it to
+        another worker, holds it while workers start, or answers ``overloaded``."""
+        self.send(wire.PassOn(service=w.service, endpoint=w.endpoint, reply=w.reply,
+                              data=w.data, headers=w.headers))
+
     async def run(self) -> None:
         c = self.config
         settings = NatsSettings(**c["nats"])
@@ -99,11 +107,12 @@ class Worker:
                                queue_timeout=float(c["queue_timeout"]),
                                debug=bool(c["debug"]), busy=self.page,
                                memory_mb=self.memory_mb, on_memory_error=self.memory_error,
-                               capturer=capturer)
+                               capturer=capturer, pass_on=self.pass_on)
         reader, self.writer = await asyncio.open_unix_connection(sock=self.sock)
         try:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._stats_loop)
+                tg.start_soon(self.serving.run)
                 tg.start_soon(capturer.run)
                 tg.start_soon(self._retire)
                 await self._control(reader, tg)

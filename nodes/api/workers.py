@@ -25,6 +25,14 @@ it hands each to a worker that is neither stopped nor busy when it has one, so a
 does not land in the queue of the worker that stalled.  A dead worker is replaced with
 backoff; its process group (whatever user code started) is killed with it.
 
+A request a worker cannot start within the queue timeout comes back to the node
+(``wire.PassOn``): an idle worker gets it (first in its queue); while workers are
+starting, or the autoscaler may still add some (``size < max_size``), the node holds it
+(bounded, ``MAX_HELD``) up to the queue timeout, says "queued" to its requester meanwhile,
+and hands held requests to workers as they are idle (a few each per watch); otherwise,
+and for a node at its most workers at once, it answers ``overloaded``.  So a node that is
+scaling up does not shed what its new workers will run within the queue timeout.
+
 The pool keeps ``size`` workers (``_keep_size``): the autoscaler moves ``size`` between
 the node's minimum and maximum (``scale_to``).  A worker added takes traffic only once
 every service is replayed to it (``_spawn``), like a replacement; a worker retired
@@ -45,7 +53,8 @@ import signal
 import socket
 import sys
 import time
-from dataclasses import asdict
+from collections import deque
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -57,18 +66,22 @@ from nats.aio.msg import Msg
 
 from nodes.api import wire
 from nodes.api.metrics import Metrics
+from nodes.api.serving import overloaded_message
 from nodes.api.worker import CONFIG_ENV
 from nodes.runtime.framing import FrameError, frame, read_frame
 from nodes.runtime.logs import get_logger
 from nodes.runtime.loops import Backoff
 from nodes.runtime.settings import NatsSettings
 from protocol import subjects
-from protocol.api import micro_error
+from protocol.api import micro_error, queued_notice
 
 ROOT = Path(__file__).resolve().parents[2]
 START_TIMEOUT = 60.0
 WATCH_EVERY = 0.05  # the busy pages are read this often
 NOTICE_EVERY = 0.1  # a running request's requester hears so this often (< retry floor)
+MAX_HELD = 1000  # requests the node holds for workers that start
+MAX_HELD_BYTES = 64 * 1024 * 1024  # and their bodies
+HAND_AT_ONCE = 4  # held requests given to one idle worker per watch
 NATS_FIELDS = ("servers", "creds_file", "nkey_seed_file", "user", "password", "token",
                "tls_ca_file", "tls_cert_file", "tls_key_file", "inbox_prefix",
                "connect_timeout")
@@ -121,12 +134,23 @@ class Worker:
         return fut
 
 
+@dataclass(eq=False, slots=True)
+class Held:
+    """A request a worker passed on, waiting at the node for a worker to start."""
+
+    request: wire.PassOn
+    until: float  # answered ``overloaded`` if no worker took it by then
+    noticed: float  # when its requester last heard of it
+
+
 class WorkerPool:
     def __init__(self, size: int, *, nats: NatsSettings, node: str, infra: str,
                  run_dir: Path, metrics: Metrics, max_body: int, queue_timeout: float,
                  request_timeout: float, kill_grace: float, debug: bool,
-                 memory_mb: int | None = None) -> None:
+                 memory_mb: int | None = None, max_size: int | None = None) -> None:
         self.size = size  # the workers kept: ready or starting (``scale_to`` moves it)
+        self.max_size = max(size, max_size or size)  # what the autoscaler may go up to
+        self.queue_timeout = queue_timeout
         self.run_dir = run_dir
         self.metrics = metrics
         self.request_timeout = request_timeout
@@ -145,6 +169,9 @@ class WorkerPool:
         self.crashes = 0
         self.hedged = 0  # hedged copies handed to a worker
         self.died_running = 0  # requests answered for a worker that died running them
+        self.passed_on = 0  # requests a worker could not take, given to another one
+        self.held: deque[Held] = deque()  # passed on, waiting for a worker to start
+        self.held_bytes = 0
         self._locks: dict[str, anyio.Lock] = {}
         self._hedge_subs: dict[str, Any] = {}
         self._next = 0
@@ -185,6 +212,13 @@ class WorkerPool:
     @property
     def busy(self) -> int:
         return sum(1 for w in self.workers if w.busy_since())
+
+    @property
+    def queued(self) -> int:
+        """Requests waiting: in the queues of the workers that serve (read from their
+        pages now) and held here for a worker."""
+        return sum(w.page.queued() for w in self.serving if w.page is not None) + \
+            len(self.held)
 
     def _lock(self, service: str) -> anyio.Lock:
         lock = self._locks.get(service)
@@ -241,6 +275,7 @@ class WorkerPool:
             raise
         w.ready = True
         self.metrics.workers = len(self.workers)
+        await self._hand_held()
         return w
 
     async def _replay(self, w: Worker, service: str, errors: list[str]) -> None:
@@ -289,6 +324,10 @@ class WorkerPool:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
         self._hedge_subs.clear()
+        while self.held:
+            h = self.held.popleft()
+            self.held_bytes -= len(h.request.data)
+            await self._shed(h.request)
         futures = []
         for w in self.workers:
             futures.append(w.expect("drained"))
@@ -316,6 +355,9 @@ class WorkerPool:
                         [[b.service, b.endpoint, b.waiting] for b in msg.backlog],
                         msg.overloaded, msg.shadow_mismatches)
                     self.metrics.capture_stats(w.index, msg.captured, msg.capture_dropped)
+                    continue
+                if isinstance(msg, wire.PassOn):
+                    await self._passed_on(w, msg)
                     continue
                 if isinstance(msg, wire.Retiring):
                     w.out_of_memory = msg.reason
@@ -446,6 +488,8 @@ class WorkerPool:
     async def _watchdog(self) -> None:
         while True:
             await anyio.sleep(WATCH_EVERY)
+            if self.held:
+                await self._hand_held()
             now = time.monotonic()
             for w in list(self.workers):
                 if w.page is None:
@@ -467,6 +511,91 @@ class WorkerPool:
                         await self.nc.publish(subjects.api_working(reply), b"")
                     except Exception as exc:
                         self.log.debug("working notice not sent", error=str(exc))
+
+    # -- requests a worker passed on ----------------------------------------------------
+
+    @property
+    def growing(self) -> bool:
+        """Whether workers are starting, or the autoscaler may still add some."""
+        return self._starting > 0 or self.size < self.max_size
+
+    def _idle(self, service: str, but: Worker | None = None) -> list[Worker]:
+        """Workers that serve ``service`` and run nothing right now (nor are stopped)."""
+        return [w for w in self.workers
+                if w is not but and w.ready and not w.retiring and service in w.synced
+                and w.page is not None and not w.page.since() and not w.page.queued()
+                and not w.stopped()]
+
+    async def _passed_on(self, w: Worker, msg: wire.PassOn) -> None:
+        """``w`` cannot start ``msg`` within the queue timeout: an idle worker runs it;
+        while workers start (or may be added) it waits here, at most the queue timeout,
+        for one to be idle; else it is shed.  A node at its most workers sheds at once."""
+        idle = self._idle(msg.service, but=w)
+        if idle:
+            self._hand(random.choice(idle), msg)
+        elif self.growing and len(self.held) < MAX_HELD and \
+                self.held_bytes + len(msg.data) <= MAX_HELD_BYTES:
+            now = time.monotonic()
+            self.held.append(Held(msg, now + self.queue_timeout, now))
+            self.held_bytes += len(msg.data)
+            await self._notice(msg.reply, self.queue_timeout)
+        else:
+            await self._shed(msg)
+
+    def _hand(self, w: Worker, msg: wire.PassOn) -> None:
+        self.passed_on += 1
+        w.send(wire.Serve(service=msg.service, endpoint=msg.endpoint, reply=msg.reply,
+                          data=msg.data, headers=msg.headers))
+
+    async def _hand_held(self) -> None:
+        """Give held requests to idle workers (a few each: they run them first), shed
+        those that waited the queue timeout, and tell the others' requesters they
+        still wait."""
+        now = time.monotonic()
+        while self.held and self.held[0].until <= now:
+            h = self.held.popleft()
+            self.held_bytes -= len(h.request.data)
+            await self._shed(h.request)
+        given: dict[Worker, int] = {}
+        keep: deque[Held] = deque()
+        idle: dict[str, list[Worker]] = {}
+        waiting: list[Held] = []
+        for h in self.held:  # no await in this loop: ``held`` may grow meanwhile
+            service = h.request.service
+            if service not in idle:
+                idle[service] = self._idle(service)
+            ws = [w for w in idle[service] if given.get(w, 0) < HAND_AT_ONCE]
+            if ws:
+                w = min(ws, key=lambda x: given.get(x, 0))
+                given[w] = given.get(w, 0) + 1
+                self.held_bytes -= len(h.request.data)
+                self._hand(w, h.request)
+                continue
+            keep.append(h)
+            if now - h.noticed >= NOTICE_EVERY:
+                h.noticed = now
+                waiting.append(h)
+        self.held = keep
+        for h in waiting:
+            await self._notice(h.request.reply, h.until - now)
+
+    async def _notice(self, reply: str, wait: float) -> None:
+        if self.nc is not None:
+            try:
+                await self.nc.publish(subjects.api_working(reply), queued_notice(wait))
+            except Exception as exc:
+                self.log.debug("queued notice not sent", error=str(exc))
+
+    async def _shed(self, msg: wire.PassOn) -> None:
+        """Answer ``overloaded`` for a request no worker can take in time."""
+        self.metrics.overloaded_at_node += 1
+        if self.nc is None:
+            return
+        try:
+            body, headers = micro_error("overloaded", overloaded_message(self.queue_timeout))
+            await self.nc.publish(msg.reply, body, headers=headers)
+        except Exception as exc:  # the requester times out instead
+            self.log.warning("could not answer overloaded", error=str(exc))
 
     # -- hedged copies ------------------------------------------------------------------
 
