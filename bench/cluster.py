@@ -364,10 +364,10 @@ async def failover_runs(ss: list[EmbeddedNats], url: str, deployers: dict[str, A
                             "holder_after": await _holder(nc), "request_s": round(request_s, 3),
                             "deploy_s": round(deploy_s, 3), "refusals": refusals})
             print(f"deployer run: {details[-1]}", flush=True)
-            with anyio.fail_after(30):  # restarted, and heartbeating as a standby
+            with anyio.fail_after(30):  # restarted: one Deployer active, one standby
                 while True:
                     try:
-                        seen = await wait_standby(caller, active)
+                        seen = await active_and_standby(caller)
                     except OperationError:
                         seen = False
                     if seen:
@@ -378,12 +378,15 @@ async def failover_runs(ss: list[EmbeddedNats], url: str, deployers: dict[str, A
     return {"times": out, "runs": details, "deployer_exits": exits}
 
 
-async def wait_standby(caller: Caller, name: str) -> bool:
+async def active_and_standby(caller: Caller) -> bool:
+    """Both Deployers online, one active and one standby (the restarted one may have
+    become the active one: whoever polls first after the key's TTL takes it)."""
     from protocol.registry import ListNodes
     from protocol.state import DeployerState
     reply = await caller.call(ListNodes(role="deployer"), timeout=2)
-    return any(n.name == name and n.status == "online" and isinstance(n.state, DeployerState)
-               and n.state.lease == "standby" for n in reply.nodes)
+    states = sorted(n.state.lease for n in reply.nodes
+                    if n.status == "online" and isinstance(n.state, DeployerState))
+    return states == ["active", "standby"]
 
 
 def failover_case(runs: int, logs: Path | None = None) -> dict[str, Any]:

@@ -124,36 +124,44 @@ def leases_js(nc: NATS) -> JetStreamContext:
 
 
 async def open_leases(nc: NATS, *, replicas: int = 1) -> KeyValue:
-    """The ``sy_leases`` bucket, created without a max age (see the module docstring);
-    an existing one that has a max age is updated to have none (best effort)."""
+    """The ``sy_leases`` bucket (``open_lease_bucket`` without the TTL)."""
+    return (await open_lease_bucket(nc, replicas=replicas))[0]
+
+
+async def open_lease_bucket(nc: NATS, *, replicas: int = 1) -> tuple[KeyValue, float]:
+    """The ``sy_leases`` bucket, created without a max age (see the module docstring),
+    and the lease TTL to use with it (``bucket_ttl``).  An existing bucket that has a
+    max age is updated to have none (best effort).  Two JetStream requests when the
+    bucket exists: a holder that starts over after an election waits for them."""
     js = leases_js(nc)
     try:
         kv = await js.key_value(subjects.LEASES_BUCKET)
     except nats.js.errors.BucketNotFoundError:
         try:
-            return await js.create_key_value(KeyValueConfig(
+            kv = await js.create_key_value(KeyValueConfig(
                 bucket=subjects.LEASES_BUCKET, history=1, replicas=replicas,
                 storage=StorageType.FILE,
                 description="shipyard control-plane leases: the active instance per role"))
+            return kv, LEASE_TTL_S
         except nats.js.errors.BadRequestError:
             kv = await js.key_value(subjects.LEASES_BUCKET)  # created concurrently
-    await _drop_max_age(js, kv)
-    return kv
+    max_age = (await kv.status()).ttl
+    if max_age and not await _drop_max_age(js, max_age):
+        return kv, min(float(max_age), LEASE_TTL_S)
+    return kv, LEASE_TTL_S
 
 
-async def _drop_max_age(js: JetStreamContext, kv: KeyValue) -> None:
-    status = await kv.status()
-    if not status.ttl:
-        return
+async def _drop_max_age(js: JetStreamContext, max_age: float) -> bool:
+    log = get_logger(component="lease")
     try:
         info = await js.stream_info(lease_stream())
         await js.update_stream(info.config.evolve(max_age=0))
-        get_logger(component="lease").info("lease bucket no longer expires keys",
-                                           was_s=status.ttl)
     except (TimeoutError, nats.errors.Error) as exc:
-        get_logger(component="lease").warning(
-            "lease bucket still expires keys; its max age caps the lease TTL",
-            max_age_s=status.ttl, error=str(exc) or type(exc).__name__)
+        log.warning("lease bucket still expires keys; its max age caps the lease TTL",
+                    max_age_s=max_age, error=str(exc) or type(exc).__name__)
+        return False
+    log.info("lease bucket no longer expires keys", was_s=max_age)
+    return True
 
 
 async def bucket_ttl(kv: KeyValue) -> float:
