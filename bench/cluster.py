@@ -22,7 +22,9 @@ Every node is a real ``shipyard node start`` process.  Measured on a shared, loa
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -30,6 +32,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -431,11 +434,70 @@ def failover_case(runs: int, logs: Path | None = None) -> dict[str, Any]:
         1 for e in found["deployer_exits"]
         if e["at"] < min((r["killed_at"] for r in found["runs"] if r["fault"] == "deployer"),
                          default=float("inf")))
+    timelines(found["runs"], logs)
     result["runs_detail"] = found["runs"]
     result["deployer_exits"] = found["deployer_exits"]
     result["load_average"] = load_average()
     result["logs"] = str(logs)
     return result
+
+
+_NATS_LINE = re.compile(r"^\[\d+\] (\S+ \S+) \[INF\] JetStream cluster new stream leader "
+                        r"for '\$G > (\S+)'")
+
+
+def _elections(logs: Path) -> list[tuple[float, str]]:
+    """(wall-clock time, stream) of every stream leader elected, from the servers' logs
+    (local time, as the servers write it)."""
+    out = []
+    for f in sorted(logs.glob("nats-*.log")):
+        for line in f.read_text(errors="replace").splitlines():
+            m = _NATS_LINE.match(line)
+            if m:
+                when = datetime.strptime(m.group(1), "%Y/%m/%d %H:%M:%S.%f").timestamp()
+                out.append((when, m.group(2)))
+    return sorted(out)
+
+
+def _deployer_events(logs: Path) -> list[tuple[float, str, str]]:
+    """(wall-clock time, node, message) of the Deployers' lease and readiness lines."""
+    keep = ("lease lost: stepping down", "lease acquired: active", "node ready",
+            "lease taken back: active again")
+    out = []
+    for f in sorted(logs.glob("deployer-*.log")):
+        for line in f.read_text(errors="replace").splitlines():
+            try:
+                d = json.loads(line)
+            except ValueError:
+                continue
+            if d.get("msg") in keep:
+                when = datetime.fromisoformat(d["timestamp"].replace("Z", "+00:00"))
+                out.append((when.timestamp(), f.stem, d["msg"]))
+    return sorted(out)
+
+
+def timelines(runs: list[dict[str, Any]], logs: Path) -> None:
+    """Add to each NATS-kill run, in seconds after the kill, from the logs: when the
+    lease stream and the deploy bucket's stream had a new leader (when the killed server
+    led them), and when a Deployer stepped down, took the lease and was ready again."""
+    elected, lines = _elections(logs), _deployer_events(logs)
+    for i, r in enumerate(runs):
+        if not r["fault"].startswith("nats"):
+            continue
+        t0 = r["killed_at"]
+        t1 = runs[i + 1]["killed_at"] if i + 1 < len(runs) else t0 + 60
+
+        def first(pred: Any, t0: float = t0, t1: float = t1) -> float | None:
+            return next((round(t - t0, 2) for t, *rest in pred if t0 < t < t1), None)
+        for stream in (LEASES_STREAM, f"KV_{subjects.DEPLOY_BUCKET}"):
+            if stream in r["led"]:
+                r[f"{stream}_elected_s"] = first((t, s) for t, s in elected if s == stream)
+        for msg in ("lease lost: stepping down", "lease taken back: active again",
+                    "lease acquired: active", "node ready"):
+            found = [(t, n) for t, n, m in lines if m == msg]
+            at = first(found)
+            if at is not None:
+                r[msg] = (at, next(n for t, n in found if round(t - t0, 2) == at))
 
 
 def print_failover(fail: dict[str, Any]) -> None:
@@ -471,7 +533,6 @@ def run(quick: bool = False) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     """``python -m bench.cluster --failover [--runs N]``: the failover part alone."""
     import argparse
-    import json
     parser = argparse.ArgumentParser(prog="python -m bench.cluster", description=__doc__)
     parser.add_argument("--failover", action="store_true", required=True,
                         help="run only the failover part")
