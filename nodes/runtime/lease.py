@@ -37,10 +37,11 @@ standby's takeover whose reply was lost names the standby: its next read finds i
 instance and confirms by renewing.  A holder that starts over in its own process takes
 back only a key that still names its instance, with a compare-and-set on the revision
 its old term left: that term had stopped acting before the new one was built, and the
-compare-and-set proves nobody else wrote the key in between.  A process frozen longer than the slack (SIGSTOP, a
-VM pause, a blocked event loop) is the case no lease without storage fencing covers:
-its next renewal's compare-and-set decides as soon as it runs again (held if the key is
-still at its revision, since nobody else can have acted; otherwise it steps down).
+compare-and-set proves nobody else wrote the key in between.  A process frozen longer
+than the slack (SIGSTOP, a VM pause, a blocked event loop) is the case no lease without
+storage fencing covers: its next renewal's compare-and-set decides as soon as it runs
+again (held if the key is still at its revision, since nobody else can have acted;
+otherwise it steps down).
 
 **Why the holder keeps the role through a JetStream election.**  Killing the server that
 leads the lease stream leaves it without a leader for 3.3-8 s (15 kills measured here;
