@@ -115,9 +115,9 @@ Routes = dict[str, tuple[Family, type[Any], Handler | None]]
 # Pending limits for command subscriptions: bounded, so a flood is dropped (and counted
 # by the error callback) instead of growing memory without limit.
 PENDING_MSGS = 20_000
+PENDING_BYTES = 64 * 1024 * 1024
 # Time budgets of the first attempts to load a new active instance's state (``_load``).
 LOAD_BUDGETS_S = (1.0, 1.0, 1.0, 2.0)
-PENDING_BYTES = 64 * 1024 * 1024
 
 
 def handles(command: type[Command[Any]]) -> Callable[[F], F]:
@@ -347,10 +347,11 @@ class Node:
         Each attempt has a budget (``LOAD_BUDGETS_S``, then doubling): one call waiting
         on a stream still in election would otherwise hold the attempt for the JetStream
         timeout (5 s; a snapshot's watch 10 s) even after the stream has a leader again.
-        After a NATS server's SIGKILL the streams it led got new leaders 3-8 s later,
+        After a NATS server's SIGKILL the streams it led got new leaders 3-9.5 s later,
         one after another, and a Deployer that took the lease as soon as the lease
-        stream had one spent 5 s in such a wait in 3 runs out of 3, before its second
-        attempt loaded everything in 0.2 s.  A load with no fault takes 0.1-0.3 s here.
+        stream had one lost 5.3-5.5 s in such a wait after 6 kills out of 7, before its
+        second attempt loaded everything in 0.1-0.2 s.  A load with no fault takes
+        0.1-0.3 s here.
         """
         delay, budgets, budget = 0.1, list(LOAD_BUDGETS_S), 0.0
         while True:
@@ -409,7 +410,8 @@ class Node:
             await anyio.sleep(POLL_S)
 
     def _on_lease_lost(self, reason: str) -> None:
-        """Stop acting now: cancel every handler and loop of this term, then exit."""
+        """Stop acting now: cancel every handler and loop of this term; ``serve`` then
+        raises ``LeaseLost`` (``run_node`` exits, or starts a standby over)."""
         self.lease_lost = reason
         self.lease_state = STANDBY
         self._stop.set()
