@@ -119,6 +119,40 @@ async def test_one_instance_holds_the_lease_and_a_standby_takes_it_only_once_unr
         await nc.close()
 
 
+async def test_a_standby_counts_its_ttl_again_after_no_answer_so_the_holder_returns_first(
+        nats_server: EmbeddedNats) -> None:
+    """What keeps the role with its holder through a JetStream election: while the
+    stream answers nothing neither can write; afterwards the standby needs a whole TTL of
+    answers, and the holder (a new term of the same instance) takes its key back at once."""
+    nc = await nats.connect(nats_server.url, max_reconnect_attempts=-1,
+                            reconnect_time_wait=0.1)
+    try:
+        kv = await open_leases(nc)
+        a, b = _lease(kv, nc, "a", "ia"), _lease(kv, nc, "b", "ib")
+        assert await a.try_acquire()
+        watched = anyio.current_time()
+        while anyio.current_time() - watched < 0.7 * b.ttl:  # most of a TTL, unrenewed
+            assert not await b.try_acquire()
+            await anyio.sleep(b.poll)
+        assert nats_server.proc is not None
+        nats_server.proc.kill()  # the stream's only server: no answer, as in an election
+        nats_server.proc.wait()
+        down = anyio.current_time()
+        while anyio.current_time() - down < 0.5 * b.ttl:
+            assert not await b.try_acquire()
+            assert await b.read() is None
+        nats_server.respawn()
+        await anyio.to_thread.run_sync(nats_server.wait_ready, 20.0)
+        # Unchanged for longer than a TTL by now, but not in one unbroken run of answers.
+        assert await wait_for(b.read, timeout=10) is not None
+        assert not await b.try_acquire()
+        a2 = _lease(kv, nc, "a", "ia")  # the holder's next term, in the same process
+        assert await a2.try_acquire() and a2.reclaimed and a2.held
+        assert not await b.try_acquire() and b.previous == "a"
+    finally:
+        await nc.close()
+
+
 async def test_an_older_lease_bucket_that_expires_keys_stops_expiring_them_when_opened(
         nats_server: EmbeddedNats) -> None:
     nc = await nats.connect(nats_server.url)
