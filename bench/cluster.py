@@ -9,12 +9,16 @@
   server against the cluster (R3 desired state and object store).
 * **Failover**, on the cluster with two Deployer processes (one active), an API node
   and a client that keeps requesting:
-  - SIGKILL of a NATS server (each of the three in turn, restarted and caught up before
-    the next run): time to the first successful API request and to the first deploy
-    command the control plane accepts (desired state written, R3);
-  - SIGKILL of the active Deployer (restarted as a standby after each run): time to the
-    first accepted deploy command.
-  p50 (and max) over the runs.
+  - SIGKILL of a NATS server (alternately the one leading the lease stream and another
+    one, restarted and caught up before the next run): time to the first successful API
+    request and to the first deploy command the control plane accepts (desired state
+    written, R3);
+  - SIGKILL of the active Deployer (restarted after each run): time to the first
+    accepted deploy command.
+  p50 (and max) over the runs.  Every node's and server's log is kept (by default in
+  ``bench/out/cluster-failover/``), and each NATS kill's timeline is read back from them
+  (elections, the Deployer stepping down, taking the lease, ready).
+  ``python -m bench.cluster --failover [--runs N]`` runs this part alone.
 
 Every node is a real ``shipyard node start`` process.  Measured on a shared, loaded
 2-core host: absolute numbers are noisy; the ratios and failover times are the point.

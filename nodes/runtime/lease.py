@@ -80,6 +80,8 @@ The numbers (``LEASE_TTL_S`` = 3 s, ``RENEW_EVERY_S`` = 1 s, ``CLOCK_SLACK_S`` =
   within one poll of it being stored; it takes the key a TTL after that read: takeover
   within ~2-3.3 s of the SIGKILL, plus the time to load state (first accepted deploy
   3.0 s p50, 3.35 s max over 16 kills here), and within one poll after a graceful stop.
+* A key left behind by a stack killed whole (nothing released it) is taken by the first
+  instance to start, a TTL after its first read of it (the server does not expire it).
 
 A holder that loses the lease because another instance wrote the key (``TAKEN``) does
 not go back to standby in the same process: ``Node`` cancels everything it runs, closes
