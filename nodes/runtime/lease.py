@@ -11,9 +11,11 @@ compare-and-set that the lease stream's leader judges.
   wrote last.  The revision is the holder's fencing token: once another instance has
   written the key, the old holder's next renewal fails and it steps down at once;
 * **take over**: a standby reads the key from the stream's *leader* every poll.  Once it
-  has seen the key at one revision, in an unbroken run of answered reads, for the
-  holder's TTL (``LeaseRecord.ttl_s``, at least its own), it writes the key with
-  ``update(last=that revision)``: that succeeds only if the holder has not renewed;
+  has seen the key at one revision for the holder's TTL (``LeaseRecord.ttl_s``, at
+  least its own), it writes the key with ``update(last=that revision)``: that succeeds
+  only if the holder has not renewed.  If its reads went unanswered for ``OUTAGE_S``
+  (2 s: the stream had no leader; one slow read, 1 s at most, does not count), it
+  counts the TTL again from the first answer after the gap;
 * **release**: a holder that stops gracefully deletes the key (compare-and-set too), so
   a standby takes over within one poll instead of one TTL.
 
@@ -48,7 +50,8 @@ leads the lease stream leaves it without a leader for 3.3-8 s (15 kills measured
 nats-server waits a randomised election timeout), so no renewal can be stored for
 longer than the holder's 2.5 s: it must stop acting, and it does.  But nobody else can
 write the key either, and a standby's count restarts with the first read the *new*
-leader answers.  The old holder (``Node``: it stops acting, then, in the same process,
+leader answers (an election leaves it unanswered for 3.3 s or more, longer than
+``OUTAGE_S``).  The old holder (``Node``: it stops acting, then, in the same process,
 starts over as a standby with the same instance) finds the key still naming its
 instance and takes it back with one compare-and-set on that revision, while a standby
 needs a full TTL of the new leader's answers.  Measured (``python -m bench.cluster
@@ -70,6 +73,11 @@ What was weighed and not done:
   whichever server leads it can be the one that dies.
 * *Faster retries*: renewals are retried every poll already; the holder's lease bucket
   is reopened every poll too (two JetStream requests) when it starts over.
+
+The price of the holder's priority: when the active instance dies *during* an election
+of the lease stream (two faults at once), a standby takes the key a TTL after the new
+leader's first answer, where the server's expiry let it take the key as soon as the
+election ended.
 
 The numbers (``LEASE_TTL_S`` = 3 s, ``RENEW_EVERY_S`` = 1 s, ``CLOCK_SLACK_S`` = 0.5 s,
 ``POLL_S`` = 0.25 s, ``OP_TIMEOUT_S`` = 1 s):
@@ -118,6 +126,7 @@ RENEW_EVERY_S = 1.0
 CLOCK_SLACK_S = 0.5
 POLL_S = 0.25
 OP_TIMEOUT_S = 1.0
+OUTAGE_S = 2.0  # a standby's reads unanswered this long: the lease stream had no leader
 
 TAKEN = "taken by another instance"  # the one reason a holder does not rejoin as standby
 _DELETED = ("DEL", "PURGE")  # a KV entry's operation header when the key was removed
@@ -206,6 +215,7 @@ class Lease:
     def __init__(self, kv: KeyValue, *, js: JetStreamContext, role: str, node: str,
                  instance: str, ttl: float = LEASE_TTL_S, renew_every: float = RENEW_EVERY_S,
                  slack: float = CLOCK_SLACK_S, poll: float = POLL_S,
+                 outage: float = OUTAGE_S,
                  clock: Callable[[], float] = time.monotonic) -> None:
         if not renew_every + slack < ttl:
             raise ValueError(f"lease renewal every {renew_every:g}s with {slack:g}s slack "
@@ -220,6 +230,7 @@ class Lease:
         self.renew_every = renew_every
         self.slack = slack
         self.poll = poll
+        self.outage = outage
         self.clock = clock
         self.revision: int | None = None  # the fencing token while held
         self.previous = ""  # who held it before this instance (node name), if anyone
@@ -227,6 +238,7 @@ class Lease:
         self.last_sent = 0.0  # when the renewal that holds it now was sent
         self._unconfirmed = 0.0  # when the first renewal with no answer yet was sent
         self._seen: tuple[int, float] | None = None  # (revision, first read of it) as standby
+        self._unanswered = 0.0  # when the first of the standby's unanswered reads was sent
         self._released = False
         self.log = get_logger(component="lease", role=role, node=node)
         self._value = encode(LeaseRecord(role=role, node=node, instance=instance,
@@ -264,10 +276,14 @@ class Lease:
 
     async def try_acquire(self) -> bool:
         """One attempt: True if this instance now holds the lease.  Never raises."""
+        sent = self.clock()
         seen = await self.read()
-        if seen is None:  # nobody can write the key now; the count starts over after
-            self._seen = None
+        if seen is None:  # nobody can write the key now (or this read was slow)
+            self._unanswered = self._unanswered or sent
             return False
+        if self._unanswered and self.clock() - self._unanswered >= self.outage:
+            self._seen = None  # the stream had no leader: count again, from its answers
+        self._unanswered = 0.0
         revision, holder = seen
         if holder is None:
             return await self._create()
