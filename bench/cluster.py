@@ -14,7 +14,9 @@
     request and to the first deploy command the control plane accepts (desired state
     written, R3);
   - SIGKILL of the active Deployer (restarted after each run): time to the first
-    accepted deploy command.
+    accepted deploy command;
+  - both at once, the lease stream's leader and the active Deployer (a quarter as many
+    runs): time to the first accepted deploy command.
   p50 (and max) over the runs.  Every node's and server's log is kept (by default in
   ``bench/out/cluster-failover/``), and each NATS kill's timeline is read back from them
   (elections, the Deployer stepping down, taking the lease, ready).
@@ -305,7 +307,8 @@ async def failover_runs(ss: list[EmbeddedNats], url: str, deployers: dict[str, A
     out: dict[str, list[float]] = {"nats_lease_leader_request": [],
                                    "nats_lease_leader_deploy": [],
                                    "nats_other_request": [], "nats_other_deploy": [],
-                                   "deployer_deploy": [], "deployer_request": []}
+                                   "deployer_deploy": [], "deployer_request": [],
+                                   "lease_leader_and_deployer_deploy": []}
     details: list[dict[str, Any]] = []
     exits: list[dict[str, Any]] = []
     version = 0
@@ -380,9 +383,54 @@ async def failover_runs(ss: list[EmbeddedNats], url: str, deployers: dict[str, A
                     if seen:
                         break
                     await anyio.sleep(0.1)
+        for _ in range(max(1, runs // 4)):  # both at once: the lease leader and the holder
+            leaders = await _leaders(nc)
+            victim = _victim(ss, leaders, 0)
+            active = await _wait_holder(nc)
+            assert victim.proc is not None
+            refusals = {}
+            at, t = time.time(), time.monotonic()
+            victim.proc.send_signal(signal.SIGKILL)
+            deployers[active].send_signal(signal.SIGKILL)
+            version += 1
+            deploy_s = await probe.first_deploy_after(caller, t, f"v{1 + version % 2}",
+                                                      refusals)
+            out["lease_leader_and_deployer_deploy"].append(deploy_s)
+            details.append({"fault": "lease_leader_and_deployer", "victim": active,
+                            "server": victim.server_name, "killed_at": at,
+                            "led": sorted(k for k, v in leaders.items()
+                                          if v == victim.server_name),
+                            "holder_after": await _holder(nc), "deploy_s": round(deploy_s, 3),
+                            "refusals": refusals})
+            print(f"both: {details[-1]}", flush=True)
+            await anyio.to_thread.run_sync(victim.proc.wait)
+            victim.respawn()
+            await anyio.to_thread.run_sync(victim.wait_ready, 20.0)
+            await _caught_up(nc)
+            with anyio.fail_after(30):
+                while True:
+                    if await _safe(active_and_standby(caller)):
+                        break
+                    await anyio.sleep(0.1)
         tg.cancel_scope.cancel()
     await nc.close()
     return {"times": out, "runs": details, "deployer_exits": exits}
+
+
+async def _wait_holder(nc: Any) -> str:
+    with anyio.fail_after(30):
+        while True:
+            active = await _holder(nc)
+            if active is not None:
+                return active
+            await anyio.sleep(0.05)
+
+
+async def _safe(check: Any) -> bool:
+    try:
+        return bool(await check)
+    except OperationError:
+        return False
 
 
 async def active_and_standby(caller: Caller) -> bool:
@@ -397,9 +445,10 @@ async def active_and_standby(caller: Caller) -> bool:
 
 
 def failover_case(runs: int, logs: Path | None = None) -> dict[str, Any]:
-    """``runs`` NATS server kills (half of them the lease stream's leader) and ``runs``
-    kills of the active Deployer.  Every node's and server's log is kept in ``logs``
-    (default ``bench/out/cluster-failover/``, emptied first)."""
+    """``runs`` NATS server kills (half of them the lease stream's leader), ``runs``
+    kills of the active Deployer and ``runs // 4`` (at least one) of both at once.
+    Every node's and server's log is kept in ``logs`` (default
+    ``bench/out/cluster-failover/``, emptied first)."""
     logs = logs or ROOT / "bench" / "out" / "cluster-failover"
     shutil.rmtree(logs, ignore_errors=True)
     logs.mkdir(parents=True)
@@ -486,7 +535,7 @@ def timelines(runs: list[dict[str, Any]], logs: Path) -> None:
     led them), and when a Deployer stepped down, took the lease and was ready again."""
     elected, lines = _elections(logs), _deployer_events(logs)
     for i, r in enumerate(runs):
-        if not r["fault"].startswith("nats"):
+        if "led" not in r:
             continue
         t0 = r["killed_at"]
         t1 = runs[i + 1]["killed_at"] if i + 1 < len(runs) else t0 + 60
