@@ -32,6 +32,9 @@ class LeaseRecord(msgspec.Struct, frozen=True, kw_only=True):
     host: str = ""
     pid: int = 0
     acquired_at: float = 0.0
+    # How long the holder may act after sending its last renewal (its TTL): a standby
+    # waits at least this long, seeing the key unchanged, before it takes the key.
+    ttl_s: float = 0.0
 
 
 LEASE_VALUE = Codec[LeaseRecord](LeaseRecord)

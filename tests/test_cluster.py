@@ -14,13 +14,22 @@ from typing import Any
 import anyio
 import nats
 import pytest
+from nats.js.api import KeyValueConfig
 
 from nodes.deployer import DeployerNode
 from nodes.runtime.calls import Caller
 from nodes.runtime.connection import CannotReachNats, connect
 from nodes.runtime.embedded import EmbeddedCluster, EmbeddedNats, free_port
 from nodes.runtime.events import read_events
-from nodes.runtime.lease import Lease, LeaseLost, bucket_ttl, open_leases
+from nodes.runtime.lease import (
+    LEASE_TTL_S,
+    TAKEN,
+    Lease,
+    LeaseLost,
+    bucket_ttl,
+    leases_js,
+    open_leases,
+)
 from nodes.runtime.settings import NatsSettings, split_servers
 from protocol import subjects
 from protocol.errors import OperationError, Unavailable
@@ -38,65 +47,131 @@ from tests.helpers import (
 )
 
 
-async def test_one_instance_holds_the_lease_and_a_standby_takes_it_when_it_expires(
+def _lease(kv: Any, nc: Any, node: str, instance: str, role: str = "deployer",
+           **timing: Any) -> Lease:
+    return Lease(kv, js=leases_js(nc), role=role, node=node, instance=instance,
+                 **{"ttl": 1.0, "renew_every": 0.3, "slack": 0.2, "poll": 0.05, **timing})
+
+
+async def test_one_instance_holds_the_lease_and_a_standby_takes_it_only_once_unrenewed_for_a_ttl(
         nats_server: EmbeddedNats) -> None:
     nc = await nats.connect(nats_server.url)
     try:
-        kv = await open_leases(nc, ttl=1.0)
-        assert await bucket_ttl(kv) == 1.0
-        a = Lease(kv, role="deployer", node="a", instance="ia", ttl=1.0, renew_every=0.3,
-                  slack=0.2, poll=0.05)
-        b = Lease(kv, role="deployer", node="b", instance="ib", ttl=1.0, renew_every=0.3,
-                  slack=0.2, poll=0.05)
+        kv = await open_leases(nc)
+        assert not (await kv.status()).ttl  # the server never expires the key by itself
+        a, b = _lease(kv, nc, "a", "ia"), _lease(kv, nc, "b", "ib")
         assert await a.try_acquire() and a.held
         assert not await b.try_acquire()
         assert b.previous == "a"  # who holds it, for the leader event
-        assert await a.renew() is None  # compare-and-set on its own revision
 
-        # A stops renewing (a SIGKILL, as far as the bucket can tell): B's create succeeds
-        # only once the server has expired the key, and never while A could still act.
+        # While A renews, B never takes it, however long it watches (3 TTLs here).
+        lost: list[str] = []
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(a.hold, lost.append)
+            with anyio.move_on_after(3.0):
+                while True:
+                    assert not await b.try_acquire()
+                    await anyio.sleep(b.poll)
+            tg.cancel_scope.cancel()  # A stops renewing: a SIGKILL, as B can tell
+        assert not lost and a.revision is not None
+
+        # B takes the key once it has seen it unchanged for a TTL, and never while A
+        # could still act by its own clock.
+        stopped = anyio.current_time()
         with anyio.fail_after(5):
             while not await b.try_acquire():
                 assert a.held or not b.held
-                await anyio.sleep(0.02)
-        assert not a.held  # by its own clock, before B could act
+                await anyio.sleep(b.poll)
+        assert anyio.current_time() - stopped >= b.ttl - b.renew_every
+        assert not a.held and b.held
         # A's next renewal is judged by the compare-and-set: B holds the key, so A is out.
-        assert await a.renew() == "taken by another instance"
+        assert await a.renew() == TAKEN
         assert a.revision is None and not a.held
-        assert b.held
+
+        # The same instance in a new term (a holder that stepped down and starts over in
+        # its process) takes its own key back at once: nobody else wrote it since.
+        b2 = _lease(kv, nc, "b", "ib")
+        assert await b2.try_acquire() and b2.reclaimed and b2.held
+        assert await b.renew() == TAKEN  # the old term's token is spent
 
         # Renewals are fenced by the revision: once another write moved it on, hold()
         # steps down through on_lost.
-        lost: list[str] = []
-        c = Lease(kv, role="govern", node="c", instance="ic", ttl=1.0, renew_every=0.3,
-                  slack=0.2, poll=0.05)
+        c = _lease(kv, nc, "c", "ic", role="govern")
         assert await c.try_acquire()
         await kv.delete("govern")  # someone else's write: the revision moves on
         with anyio.fail_after(3):
             await c.hold(lost.append)
-        assert lost == ["taken by another instance"]
+        assert lost == [TAKEN]
 
-        # A holder whose event loop stalled past its own deadline, while the server still
-        # holds its key and nobody else took it, keeps the lease on its next renewal.
+        # A holder whose event loop stalled past its own deadline, while nobody else took
+        # its key, keeps the lease on its next renewal.
         now = [100.0]
-        d = Lease(kv, role="design", node="d", instance="id", ttl=1.0, renew_every=0.3,
-                  slack=0.2, poll=0.05, clock=lambda: now[0])
+        d = _lease(kv, nc, "d", "id", role="design", clock=lambda: now[0])
         assert await d.try_acquire()
-        now[0] += 60.0  # frozen for a minute by its own clock; the server saw 0 s
+        now[0] += 60.0  # frozen for a minute by its own clock; nobody wrote the key
         assert not d.held
         assert await d.renew() is None and d.held
 
         # A graceful release hands over within one poll, not one TTL.
-        await b.release()
+        await b2.release()
         assert await a.try_acquire()
+    finally:
+        await nc.close()
+
+
+async def test_a_standby_counts_its_ttl_again_after_no_answer_so_the_holder_returns_first(
+        nats_server: EmbeddedNats) -> None:
+    """What keeps the role with its holder through a JetStream election: while the
+    stream answers nothing neither can write; afterwards the standby needs a whole TTL of
+    answers, and the holder (a new term of the same instance) takes its key back at once."""
+    nc = await nats.connect(nats_server.url, max_reconnect_attempts=-1,
+                            reconnect_time_wait=0.1)
+    try:
+        kv = await open_leases(nc)
+        # An outage of 0.3 s counts here (2 s in production, shorter than any election).
+        a, b = _lease(kv, nc, "a", "ia"), _lease(kv, nc, "b", "ib", outage=0.3)
+        assert await a.try_acquire()
+        watched = anyio.current_time()
+        while anyio.current_time() - watched < 0.7 * b.ttl:  # most of a TTL, unrenewed
+            assert not await b.try_acquire()
+            await anyio.sleep(b.poll)
+        assert nats_server.proc is not None
+        nats_server.proc.kill()  # the stream's only server: no answer, as in an election
+        nats_server.proc.wait()
+        down = anyio.current_time()
+        while anyio.current_time() - down < 0.5 * b.ttl:
+            assert not await b.try_acquire()
+            assert await b.read() is None
+        nats_server.respawn()
+        await anyio.to_thread.run_sync(nats_server.wait_ready, 20.0)
+        # Unchanged for longer than a TTL by now, but not in one unbroken run of answers.
+        assert await wait_for(b.read, timeout=10) is not None
+        assert not await b.try_acquire()
+        a2 = _lease(kv, nc, "a", "ia")  # the holder's next term, in the same process
+        assert await a2.try_acquire() and a2.reclaimed and a2.held
+        assert not await b.try_acquire() and b.previous == "a"
+    finally:
+        await nc.close()
+
+
+async def test_an_older_lease_bucket_that_expires_keys_stops_expiring_them_when_opened(
+        nats_server: EmbeddedNats) -> None:
+    nc = await nats.connect(nats_server.url)
+    try:
+        js = nc.jetstream()
+        await js.create_key_value(KeyValueConfig(bucket=subjects.LEASES_BUCKET, history=1,
+                                                 ttl=1.0))
+        kv = await open_leases(nc)
+        assert not (await kv.status()).ttl
+        assert await bucket_ttl(kv) == LEASE_TTL_S
     finally:
         await nc.close()
 
 
 def test_a_lease_whose_renewal_cannot_fit_in_its_ttl_is_refused() -> None:
     with pytest.raises(ValueError, match="does not fit"):
-        Lease(None, role="deployer", node="a", instance="i",  # type: ignore[arg-type]
-              ttl=1.0, renew_every=0.8, slack=0.5)
+        Lease(None, js=None, role="deployer", node="a",  # type: ignore[arg-type]
+              instance="i", ttl=1.0, renew_every=0.8, slack=0.5)
 
 
 async def _answered_by(caller: Caller) -> str | None:

@@ -19,13 +19,15 @@ import pytest
 
 from nodes.runtime.embedded import EmbeddedCluster, EmbeddedNats
 from nodes.runtime.events import read_events
+from nodes.runtime.lease import lease_stream
 from protocol import subjects
 from protocol.api import ApiDeploymentFinished, ApiDeploymentRequested
 from protocol.deploy import FAILED, IN_SYNC, DeploymentView
 from protocol.errors import OperationError
+from protocol.events import Event
 from protocol.leases import LeaderChanged
 from tests.apiproject import make_api_project
-from tests.failstack import FailStack, Load, fail_stack, load_loop, url
+from tests.failstack import Deployer, FailStack, Load, fail_stack, load_loop, url
 from tests.helpers import wait_for
 
 TAKEOVER_S = 5.0  # what the control plane promises after a SIGKILL
@@ -254,3 +256,114 @@ async def _deploy_v2(s: FailStack) -> DeploymentView | None:
 async def _in_sync(s: FailStack, update_id: str) -> DeploymentView | None:
     v = await _view(s)
     return v if v and v.update_id == update_id and v.state == IN_SYNC else None
+
+
+async def _lease_leader(s: FailStack, timeout: float = 10) -> EmbeddedNats:
+    """The live server that leads the lease bucket's stream (waiting for an election)."""
+    js = s.stack.nc.jetstream(timeout=2.0)
+    alive = {x.server_name: x for x in s.servers if x.proc is not None
+             and x.proc.poll() is None}
+
+    async def leader() -> str | None:
+        try:
+            info = await js.stream_info(lease_stream())
+        except (nats.errors.Error, TimeoutError):
+            return None
+        name = info.cluster.leader if info.cluster is not None else None
+        return name if name in alive else None
+    name = await wait_for(leader, timeout=timeout, interval=0.1,
+                          message="a live leader of the lease stream")
+    return alive[name]
+
+
+async def _leaders_changed(s: FailStack) -> list[tuple[str, str]]:
+    async def read() -> list[tuple[str, str]] | None:
+        try:
+            return [(e.event.node, e.event.previous) async for e in read_events(
+                s.stack.nc, subject=subjects.event("leader", "deployer"))
+                if isinstance(e.event, LeaderChanged)]
+        except (nats.errors.Error, TimeoutError):
+            return None
+    found: list[tuple[str, str]] = await wait_for(read, timeout=20, interval=0.2,
+                                                  message="the leader events")
+    return found
+
+
+def _lines(d: Deployer, text: str) -> int:
+    return sum(1 for line in d.log.read_text(errors="replace").splitlines() if text in line)
+
+
+async def test_sigkill_of_the_nats_server_leading_the_lease_keeps_the_active_deployer(
+        servers: list[EmbeddedNats], tmp_path: Path) -> None:
+    """The lease stream has no leader for seconds, longer than the holder may act without
+    renewing: it stops acting, and takes its own key back in the same process once the
+    new leader answers, before the standby has watched the key for a TTL.  Then the
+    active Deployer's SIGKILL still hands over to the standby within 5 s."""
+    make_api_project(tmp_path / "ws", version="1")
+    async with fail_stack(servers, tmp_path) as s:
+        await s.stack.package("v1")
+        await s.stack.package("v2")
+        first = await s.stack.deploy({"v1": 100}, wait=False)
+        d1, d2 = s.deployer("deployer-1"), s.deployer("deployer-2")
+        await wait_for(lambda: _lines(d2, "standby: another instance holds the lease") > 0,
+                       timeout=20, message="deployer-2 waiting as a standby")
+        victim = await _lease_leader(s)
+        assert victim.proc is not None
+        victim.proc.kill()
+        victim.proc.wait()
+        await _lease_leader(s, timeout=30)  # the election is over
+        asked = await wait_for(lambda: _deploy_v2(s), timeout=30, interval=0.2,
+                               message="a deploy accepted after the lease leader's death")
+        # If the election outlasted the holder's grace it stopped acting; it is back.
+        await wait_for(lambda: _lines(d1, "lease lost: stepping down") == _lines(
+            d1, "lease taken back: active again"), timeout=10,
+            message="deployer-1 active again")
+
+        # The same process still holds the role, and nobody else acted meanwhile: one
+        # leader event, one request event per deploy.
+        assert d1.proc.poll() is None and d2.proc.poll() is None
+        assert await wait_for(s.holder, timeout=10) == "deployer-1"
+        assert await _leaders_changed(s) == [("deployer-1", "")]
+        assert _lines(d2, "lease acquired") == 0
+        assert _lines(d1, "lease taken back: active again") <= 1
+        assert _requested_once(await _events(s)) >= {first.update_id, asked.update_id}
+
+        # Then the active Deployer's own SIGKILL (two servers of three left): the standby
+        # takes over within 5 s.
+        killed = time.monotonic()
+        d1.kill()
+        await wait_for(lambda: _is(s.holder(), "deployer-2"), timeout=TAKEOVER_S,
+                       interval=0.05, message="the standby holding the lease")
+        assert time.monotonic() - killed < TAKEOVER_S
+        again = await wait_for(lambda: _deploy(s, {"v1": 100}), timeout=20, interval=0.2,
+                               message="a deploy accepted by the new active Deployer")
+        assert await _leaders_changed(s) == [("deployer-1", ""), ("deployer-2", "deployer-1")]
+        assert _requested_once(await _events(s)) >= {first.update_id, again.update_id}
+
+
+async def _events(s: FailStack) -> list[Event]:
+    async def read() -> list[Event] | None:
+        try:
+            return [e.event async for e in read_events(s.stack.nc, subject=subjects.EVENTS_ALL)
+                    if e.event is not None]
+        except (nats.errors.Error, TimeoutError):
+            return None
+    found: list[Event] = await wait_for(read, timeout=20, interval=0.2,
+                                        message="the event stream answering")
+    return found
+
+
+def _requested_once(events: list[Event]) -> set[str]:
+    """The updates requested, each stored once (a deploy the test sent again after a
+    timeout is a second request, with its own update), and no event stored twice."""
+    assert len({e.id for e in events}) == len(events)
+    ids = [e.update_id for e in events if isinstance(e, ApiDeploymentRequested)]
+    assert len(ids) == len(set(ids)), ids
+    return set(ids)
+
+
+async def _deploy(s: FailStack, generations: dict[str, int]) -> DeploymentView | None:
+    try:
+        return await s.stack.deploy(generations, wait=False)
+    except OperationError:
+        return None

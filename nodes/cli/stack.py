@@ -182,10 +182,11 @@ def node_start(role: str, name: str | None, infra: str | None, nats_url: str | N
     extra.update(env_node_extra(role, dict(
         index_url=index_url, find_links=find_links, no_index=no_index,
         env_build_timeout=env_build_timeout, env_grace=env_grace)))
-    instance = role_class(role)(name=name, infra=infra, nats=settings,
-                           heartbeat_interval=heartbeat_interval,
-                           max_concurrency=max_concurrency, **extra)
-    sys.exit(run_node(instance))
+    build = partial(role_class(role), name=name, infra=infra, nats=settings,
+                    heartbeat_interval=heartbeat_interval,
+                    max_concurrency=max_concurrency, **extra)
+    instance = build()  # a leased role that stops acting starts over as a standby here
+    sys.exit(run_node(instance, again=build if instance.leased else None))
 
 
 def node_credentials(role: str, name: str | None, infra: str | None,

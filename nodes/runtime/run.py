@@ -1,17 +1,27 @@
-"""Running a node as a process: signals, event loop, exit codes."""
+"""Running a node as a process: signals, event loop, exit codes.
+
+A node of a leased role (Deployer, Govern) whose renewals failed until it had to stop
+acting (a JetStream election of the lease stream, a partition) starts over in the same
+process as a standby: a fresh node (``again()``) with the same instance, which takes
+the lease back if nobody else took it meanwhile (``nodes.runtime.lease``).  A restart by
+the supervisor cost a second of backoff (doubling while the process kept failing) and
+the Python start-up, and let another instance take the role; one whose lease another
+instance *took* still exits with code 3.
+"""
 
 from __future__ import annotations
 
 import os
 import signal
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import anyio
 
 from nodes.orphans import die_with_parent
 from nodes.runtime.connection import CannotReachNats, ConnectionClosed
-from nodes.runtime.lease import LeaseLost
+from nodes.runtime.lease import TAKEN, LeaseLost
 from nodes.runtime.logs import get_logger
 from nodes.runtime.node import Node
 
@@ -47,9 +57,29 @@ async def serve_until_signalled(node: Node) -> None:
         tg.cancel_scope.cancel()
 
 
-def run_node(node: Node) -> int:
-    """Run a node in this process until a signal; return the process exit code."""
+def run_node(node: Node, again: Callable[[], Node] | None = None) -> int:
+    """Run a node in this process until a signal; return the process exit code.
+
+    ``again`` builds a fresh node of the same role and options: given, a leased node
+    that stopped acting because its renewals failed (not because another instance took
+    the lease) serves again as a standby instead of exiting."""
     die_with_supervisor()
+    while True:
+        code, lost = _run_once(node)
+        if lost is None or again is None or lost.reason == TAKEN or node.stop_asked:
+            if lost is not None:
+                print(f"shipyard: {lost}", file=sys.stderr)
+            return code
+        get_logger(node=node.name, role=node.role).warning(
+            "stopped acting (lease renewals failed); waiting as a standby again in this "
+            "process", reason=lost.reason)
+        fresh = again()
+        fresh.instance = node.instance  # the same process: the key may still name it
+        node = fresh
+
+
+def _run_once(node: Node) -> tuple[int, LeaseLost | None]:
+    lost: LeaseLost | None = None
     code = 0
     try:
         anyio.run(serve_until_signalled, node, backend_options=_backend_options())
@@ -59,10 +89,11 @@ def run_node(node: Node) -> int:
     except* ConnectionClosed as group:
         print(f"shipyard: {group.exceptions[0]}", file=sys.stderr)
         code = 2
-    except* LeaseLost as group:  # stepped down: a restart waits as a standby
-        print(f"shipyard: {group.exceptions[0]}", file=sys.stderr)
-        code = 3
-    return code
+    except* LeaseLost as group:  # stepped down
+        found = group.exceptions[0]
+        assert isinstance(found, LeaseLost)
+        lost, code = found, 3
+    return code, lost
 
 
 def _backend_options() -> dict[str, Any]:
