@@ -461,9 +461,18 @@ async def test_with_auth_api_nodes_publish_captures_viewers_read_them_deployers_
                 await msg.respond(b"{}")
             await admin.nc.subscribe(subjects.api_endpoint("svc", "predict"), cb=answer)
             await admin.nc.flush()
-            reply = await deployer.nc.request(subjects.api_endpoint("svc", "predict"), b"{}",
-                                              timeout=5)
-            assert reply.data == b"{}"
+
+            async def replayed() -> bytes | None:
+                # A "no responders" answer already shows the publish was allowed (a denied
+                # one gets none); the reply itself is waited for.
+                try:
+                    reply = await deployer.nc.request(subjects.api_endpoint("svc", "predict"),
+                                                      b"{}", timeout=5)
+                except nats.errors.NoRespondersError:
+                    return None
+                return reply.data
+            assert await wait_for(replayed, timeout=10, message="the deployer's request "
+                                  "answered") == b"{}"
             with pytest.raises((nats.errors.NoRespondersError, nats.errors.TimeoutError)):
                 await viewer.nc.request(subjects.api_endpoint("svc", "predict"), b"{}",
                                         timeout=2)
