@@ -18,7 +18,7 @@ from bench.common import machine, write_json
 BENCHMARKS = ["echo", "deploy", "transfer", "flow", "scenarios",
               "api_nats", "api_http", "api_scale", "api_deploy", "api_stall", "sandbox",
               "envs", "auth", "capture", "monitor", "cluster",
-              "autoscale"]
+              "autoscale", "natsperm"]
 AUTH_COMPARED = ["echo", "api_http"]  # --auth: each measured with auth off and on
 
 

@@ -74,6 +74,15 @@ class Infra(msgspec.Struct, frozen=True, kw_only=True):
     v: int = 1
 
 
+def update_event_id(update_id: str, stage: str) -> str:
+    """The event id (the stream's ``Nats-Msg-Id``) of an update's ``requested`` or
+    ``finished`` event, for bundle and API deployments alike: derived from the update,
+    so announcing it again (a Deployer that took over) is deduplicated by the stream."""
+    if stage not in ("requested", "finished"):
+        raise ValueError(f"unknown update stage {stage!r}: expected requested or finished")
+    return f"{stage}-{update_id}"
+
+
 class Update(msgspec.Struct, frozen=True, kw_only=True):
     """One change of a deployment's desired state, and how it ended."""
 

@@ -7,6 +7,7 @@ import hashlib
 import io
 import itertools
 import tarfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,7 @@ from nodes.runtime.events import read_events
 from nodes.runtime.settings import NatsSettings
 from protocol import subjects
 from protocol.api import CreateApiPackage, ListApiPackages
-from protocol.base import encode
+from protocol.base import encode, new_id
 from protocol.bundles import (
     BUNDLE_INFO,
     BundleInfo,
@@ -37,13 +38,19 @@ from protocol.bundles import (
     files_digest,
 )
 from protocol.deploy import (
+    DEPLOYMENT_VALUE,
+    SUPERSEDED,
     BundleActivated,
     CreateInfra,
     DeployBundle,
+    DeploymentFinished,
+    DeploymentRequested,
     DeploymentView,
     GetHistory,
     ListDeployments,
     RollbackBundle,
+    Update,
+    deployment_key,
 )
 from protocol.errors import BadRequest, Conflict, NotFound
 from protocol.scenarios import BuildDatasets
@@ -274,6 +281,60 @@ async def test_a_restarted_deployer_loses_nothing(settings: NatsSettings, tmp_pa
         await caller.call(RollbackBundle(project="churn", infra="prod"))
         await wait_for(lambda: converged(caller, "v1", 1), message="rollback via new deployer")
         await nc.close()
+
+
+async def test_a_new_deployer_announces_events_a_killed_one_left_unsent_and_none_twice(
+        settings: NatsSettings, tmp_path: Path) -> None:
+    """A Deployer killed between writing an update and publishing its events leaves them
+    unsent.  The next active one announces the recent updates again, under event ids
+    derived from each update: the missing events appear once, and those already stored
+    are not stored twice (the stream drops the repeats), however often it restarts."""
+    make_project(tmp_path / "ws", "churn")
+    async with fleet() as f:
+        nc, caller = await control_plane(f, settings, tmp_path)
+        for b in ("v1", "v2"):
+            await caller.call(CreateBundle(project="churn", bundle_id=b))
+        first = await caller.call(DeployBundle(project="churn", bundle_id="v1", infra="prod"))
+        # What a Deployer killed right after its compare-and-set leaves: an update (here
+        # already closed as failed) in KV, and no event of it.
+        kv = await nc.jetstream().key_value(subjects.DEPLOY_BUCKET)
+        key = deployment_key("bundle", "prod", "churn")
+        entry = await kv.get(key)
+        assert entry.value is not None
+        rec = DEPLOYMENT_VALUE.decode(entry.value)
+        now = time.time()
+        lost = Update(id=new_id(), at=now, by="ghost", action="deploy", from_bundle="v1",
+                      to_bundle="v2", result="failed", detail="no node answered",
+                      finished_at=now + 0.5)
+        superseded = msgspec.structs.replace(rec.history[-1], result=SUPERSEDED,
+                                             finished_at=now)
+        await kv.update(key, encode(msgspec.structs.replace(
+            rec, desired="v2", previous="v1", update_id=lost.id,
+            history=[*rec.history[:-1], superseded, lost])), last=entry.revision)
+
+        async def announced() -> list[tuple[str, str]]:
+            return [(type(e.event).__name__, e.event.update_id) async for e in read_events(
+                nc, subject=subjects.event("deploy", "prod", "churn"))
+                if isinstance(e.event, DeploymentRequested | DeploymentFinished)]
+
+        assert await announced() == [("DeploymentRequested", first.update_id)]
+        want = [("DeploymentRequested", first.update_id), ("DeploymentRequested", lost.id),
+                ("DeploymentFinished", lost.id)]
+        for _ in range(2):  # a takeover, then another
+            old = next(n for n in f.nodes if isinstance(n, DeployerNode))
+            await f.stop(old)
+            await f.start(deployer(settings))
+            assert await wait_for(lambda: _when(announced, want), message="the lost events")
+        finished = [e.event async for e in read_events(
+            nc, subject=subjects.event("deploy", "prod", "churn"))
+            if isinstance(e.event, DeploymentFinished)]
+        assert [(e.result, e.detail, e.bundle, e.ts) for e in finished] == [
+            ("failed", "no node answered", "v2", lost.finished_at)]
+        await nc.close()
+
+
+async def _when(read: Any, want: list[tuple[str, str]]) -> bool:
+    return sorted(await read()) == sorted(want)
 
 
 async def test_concurrent_deploys_are_resolved_by_compare_and_set(settings: NatsSettings,

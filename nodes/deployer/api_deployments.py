@@ -26,7 +26,7 @@ from nodes.deployer.health import TrafficWindow, combine, governance_verdict, tr
 from nodes.deployer.host import DeskHost, RequireInfra
 from nodes.deployer.policy import GovernPolicy
 from nodes.deployer.registry import Registry
-from nodes.deployer.updates import UpdateCloser, close_last, judge
+from nodes.deployer.updates import UpdateCloser, close_last, judge, recent_updates
 from nodes.runtime.jetstream import ensure_kv
 from nodes.runtime.kvcache import Entry, KVCache, read
 from nodes.runtime.loops import supervised
@@ -64,6 +64,7 @@ from protocol.deploy import (
     Update,
     deployment_key,
     deployment_keys,
+    update_event_id,
 )
 from protocol.errors import BadRequest, Conflict, NotFound
 from protocol.govern import API
@@ -112,6 +113,7 @@ class ApiDeployer:
     async def started(self, tg: TaskGroup) -> None:
         assert self._cache is not None
         await tg.start(self._cache.run)
+        await self._announce_recent()
         await self.host.subscribe_decoded(
             subjects.reports("metrics"), METRICS_REPORT, self._on_metrics,
             validate=ApiMetricsReport.validate, kind="metrics report", sender=_sender)
@@ -255,9 +257,7 @@ class ApiDeployer:
             await self._cache.written(key, new_revision, data)
         self.log.info("desired API mapping changed", service=service, infra=infra,
                       action=action, to=mapping.describe(), revision=new_revision)
-        await self.host.emit(ApiDeploymentRequested(
-            service=service, infra=infra, update_id=update.id, action=action,
-            from_mapping=before, to_mapping=mapping.describe(), by=by))
+        await self.host.emit(_requested(record, update))
         self.kick()
         return self.view(record, new_revision)
 
@@ -398,9 +398,33 @@ class ApiDeployer:
             await self._cache.written(key, revision, data)
         self.log.info("API update finished", service=rec.service, infra=rec.infra,
                       mapping=rec.mapping.describe(), result=result)
-        await self.host.emit(ApiDeploymentFinished(
-            service=rec.service, infra=rec.infra, update_id=last.id,
-            mapping=rec.mapping.describe(), result=result, detail=detail))
+        await self.host.emit(_finished(new, last))
+
+    async def _announce_recent(self) -> None:
+        """Announce again the recent updates' events (``updates.recent_updates``)."""
+        assert self._cache is not None
+        now = time.time()
+        for entry in list(self._cache.entries.values()):
+            for update, requested, finished in recent_updates(entry.value.history, now):
+                if requested:
+                    await self.host.emit(_requested(entry.value, update))
+                if finished:
+                    await self.host.emit(_finished(entry.value, update))
+
+
+def _requested(rec: ApiDeploymentRecord, update: Update) -> ApiDeploymentRequested:
+    return ApiDeploymentRequested(id=update_event_id(update.id, "requested"), ts=update.at,
+                                  service=rec.service, infra=rec.infra, update_id=update.id,
+                                  action=update.action, from_mapping=update.from_bundle,
+                                  to_mapping=update.to_bundle, by=update.by)
+
+
+def _finished(rec: ApiDeploymentRecord, update: Update) -> ApiDeploymentFinished:
+    return ApiDeploymentFinished(id=update_event_id(update.id, "finished"),
+                                 ts=update.finished_at or update.at, service=rec.service,
+                                 infra=rec.infra, update_id=update.id,
+                                 mapping=update.to_bundle, result=update.result,
+                                 detail=update.detail)
 
 
 def _node_deployment(n: NodeInfo, rec: ApiDeploymentRecord) -> NodeDeployment:

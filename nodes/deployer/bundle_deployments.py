@@ -24,7 +24,7 @@ from nodes.deployer.health import combine, governance_verdict, runs_verdict
 from nodes.deployer.host import DeskHost
 from nodes.deployer.policy import GovernPolicy
 from nodes.deployer.registry import Registry
-from nodes.deployer.updates import UpdateCloser, close_last, judge
+from nodes.deployer.updates import UpdateCloser, close_last, judge, recent_updates
 from nodes.runtime.jetstream import ensure_kv
 from nodes.runtime.kvcache import Entry, KVCache, read, snapshot
 from nodes.runtime.loops import supervised
@@ -63,6 +63,7 @@ from protocol.deploy import (
     deployment_key,
     deployment_keys,
     infra_key,
+    update_event_id,
 )
 from protocol.errors import BadRequest, Conflict, NotFound
 from protocol.govern import BUNDLE, check_policy
@@ -113,6 +114,7 @@ class ProjectDeployer:
     async def started(self, tg: TaskGroup) -> None:
         assert self._cache is not None
         await tg.start(self._cache.run)
+        await self._announce_recent()
         tg.start_soon(partial(supervised, "pending updates", self.closer.run, self._cache,
                               log=self.log))
 
@@ -311,9 +313,7 @@ class ProjectDeployer:
                            f"{action}; it was not applied: retry")
         self.log.info("desired state changed", project=project, infra=infra, action=action,
                       to=target, revision=new_revision)
-        await self.host.emit(DeploymentRequested(
-            project=project, infra=infra, update_id=update.id, action=action,
-            from_bundle=update.from_bundle, to_bundle=target, by=by))
+        await self.host.emit(_requested(record, update))
         self.kick()
         return self.view(record, new_revision)
 
@@ -400,9 +400,32 @@ class ProjectDeployer:
             return  # changed meanwhile (a new deploy): the cache will bring it back
         self.log.info("update finished", project=rec.project, infra=rec.infra,
                       bundle=rec.desired, result=result)
-        await self.host.emit(DeploymentFinished(project=rec.project, infra=rec.infra,
-                                                update_id=last.id, bundle=rec.desired,
-                                                result=result, detail=detail))
+        await self.host.emit(_finished(new, last))
+
+    async def _announce_recent(self) -> None:
+        """Announce again the recent updates' events (``updates.recent_updates``)."""
+        assert self._cache is not None
+        now = time.time()
+        for entry in list(self._cache.entries.values()):
+            for update, requested, finished in recent_updates(entry.value.history, now):
+                if requested:
+                    await self.host.emit(_requested(entry.value, update))
+                if finished:
+                    await self.host.emit(_finished(entry.value, update))
+
+
+def _requested(rec: DeploymentRecord, update: Update) -> DeploymentRequested:
+    return DeploymentRequested(id=update_event_id(update.id, "requested"), ts=update.at,
+                               project=rec.project, infra=rec.infra, update_id=update.id,
+                               action=update.action, from_bundle=update.from_bundle,
+                               to_bundle=update.to_bundle, by=update.by)
+
+
+def _finished(rec: DeploymentRecord, update: Update) -> DeploymentFinished:
+    return DeploymentFinished(id=update_event_id(update.id, "finished"),
+                              ts=update.finished_at or update.at, project=rec.project,
+                              infra=rec.infra, update_id=update.id, bundle=update.to_bundle,
+                              result=update.result, detail=update.detail)
 
 
 def _node_deployment(n: NodeInfo, rec: DeploymentRecord) -> NodeDeployment:

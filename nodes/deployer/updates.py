@@ -15,6 +15,7 @@ import anyio
 import msgspec
 
 from nodes.deployer.health import fleet_health
+from nodes.runtime.jetstream import DEDUP_WINDOW_S
 from nodes.runtime.kvcache import Entry, KVCache
 from protocol.deploy import (
     FAILED,
@@ -22,12 +23,19 @@ from protocol.deploy import (
     OUT_OF_SYNC,
     PENDING,
     SUCCEEDED,
+    SUPERSEDED,
     UPDATING,
     DeploymentView,
     NodeDeployment,
     Update,
 )
 from protocol.registry import ONLINE
+
+# A new active Deployer announces again the updates of the last this many seconds: their
+# events may have been lost with the previous instance (killed between its write and
+# its event).  Within the event stream's duplicate window, with a margin for clocks and
+# the time to load, so an event that was stored is dropped as a duplicate.
+REANNOUNCE_S = DEDUP_WINDOW_S - 30
 
 
 class WithHistory(Protocol):
@@ -112,3 +120,18 @@ def judge(*, want: str, infra: str, role: str, verbs: tuple[str, str, str], pend
     else:
         state = IN_SYNC
     return state, fleet_health(state, bool(online), reasons), reasons
+
+
+def recent_updates(history: list[Update], now: float) -> list[tuple[Update, bool, bool]]:
+    """The updates of ``history`` whose events a new active Deployer announces again,
+    each with whether to announce its ``requested`` event (it started within
+    ``REANNOUNCE_S``) and its ``finished`` one (it ended within it with a result that
+    has one: not pending, and not superseded, which has none)."""
+    out = []
+    for update in history:
+        requested = now - update.at < REANNOUNCE_S
+        finished = update.result not in (PENDING, SUPERSEDED) and \
+            update.finished_at is not None and now - update.finished_at < REANNOUNCE_S
+        if requested or finished:
+            out.append((update, requested, finished))
+    return out
