@@ -469,13 +469,14 @@ async def _up(home: Path, nats_port: int, monitor_port: int, http_port: int,
     def on_restart(s: EmbeddedNats) -> Callable[[], Awaitable[None]]:
         async def nats_restarted() -> None:
             pid = s.proc.pid if s.proc else None
-            out.print(f"NATS       {named(s)} restarted (pid {pid}, restart "
-                      f"{s.restarts}); nodes reconnect on their own")
+            # stack.json first: whoever reads the line below finds the new pid there.
             stack.update(servers=_describe_servers(servers),
                          nats_restarts=sum(x.restarts for x in servers))
             if s is server:
                 stack["nats_pid"] = pid
             await _write_stack(home, stack)
+            out.print(f"NATS       {named(s)} restarted (pid {pid}, restart "
+                      f"{s.restarts}); nodes reconnect on their own")
         return nats_restarted
 
     code = EXIT_OK
