@@ -26,7 +26,7 @@ from nodes.deployer.health import TrafficWindow, combine, governance_verdict, tr
 from nodes.deployer.host import DeskHost, RequireInfra
 from nodes.deployer.policy import GovernPolicy
 from nodes.deployer.registry import Registry
-from nodes.deployer.updates import UpdateCloser, close_last, judge, recent_updates
+from nodes.deployer.updates import UpdateCloser, announce_recent, close_last, judge
 from nodes.runtime.jetstream import ensure_kv
 from nodes.runtime.kvcache import Entry, KVCache, read
 from nodes.runtime.loops import supervised
@@ -403,13 +403,8 @@ class ApiDeployer:
     async def _announce_recent(self) -> None:
         """Announce again the recent updates' events (``updates.recent_updates``)."""
         assert self._cache is not None
-        now = time.time()
-        for entry in list(self._cache.entries.values()):
-            for update, requested, finished in recent_updates(entry.value.history, now):
-                if requested:
-                    await self.host.emit(_requested(entry.value, update))
-                if finished:
-                    await self.host.emit(_finished(entry.value, update))
+        await announce_recent((e.value for e in self._cache.entries.values()),
+                              self.host.emit, _requested, _finished)
 
 
 def _requested(rec: ApiDeploymentRecord, update: Update) -> ApiDeploymentRequested:

@@ -8,7 +8,7 @@ the deployment's view says every online node runs it (``succeeded``) or one refu
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, Generic, Protocol, TypeVar
 
 import anyio
@@ -135,3 +135,19 @@ def recent_updates(history: list[Update], now: float) -> list[tuple[Update, bool
         if requested or finished:
             out.append((update, requested, finished))
     return out
+
+
+async def announce_recent(records: Iterable[WithHistory], emit: Callable[[Any], Awaitable[None]],
+                          requested: Callable[[Any, Update], Any],
+                          finished: Callable[[Any, Update], Any]) -> None:
+    """Emit again the ``requested`` and ``finished`` events of each record's recent
+    updates (``recent_updates``), built by ``requested(record, update)`` and
+    ``finished(record, update)``: a new active Deployer's catch-up, for bundle and API
+    deployments alike."""
+    now = time.time()
+    for record in list(records):
+        for update, was_requested, was_finished in recent_updates(record.history, now):
+            if was_requested:
+                await emit(requested(record, update))
+            if was_finished:
+                await emit(finished(record, update))
