@@ -68,6 +68,7 @@ class Stack:
     url: str  # stack.json's dashboard_url
     settings: NatsSettings  # the admin's, as stack.json names them
     env: dict[str, str]
+    deployer_killed: bool = False  # from then on the page's feed fails to load, as it should
 
     def call(self, cmd: Any) -> Any:
         async def main() -> Any:
@@ -143,7 +144,9 @@ def page(stack: Stack) -> Iterator[Any]:
             tab.set_default_timeout(TIMEOUT_MS)
             errors: list[str] = []
             tab.on("pageerror", lambda exc: errors.append(str(exc)))
-            tab.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+            tab.on("console", lambda m: errors.append(m.text) if m.type == "error" and not (
+                stack.deployer_killed and m.text.startswith("Failed to load resource"))
+                else None)
             tab.goto(stack.login)
             tab.wait_for_selector("#live[data-state=live]")
             tab.evaluate("window.__sameDocument = true")
@@ -190,3 +193,19 @@ def test_a_node_killed_with_sigkill_turns_lost_on_the_page_without_a_reload(
     page.wait_for_selector('tr[data-node="automation-1"][data-status="lost"]')
     assert page.evaluate("window.__sameDocument") is True  # no reload happened
     assert "lost" in page.inner_text('tr[data-node="automation-1"] .status')
+
+
+def test_after_a_deployer_restart_the_page_asks_to_log_in_again_and_goes_live_again(
+        page: Any, stack: Stack) -> None:
+    page.wait_for_selector("#live[data-state=live]")
+    old = stack.node("deployer").pid
+    stack.deployer_killed = True
+    os.kill(old, signal.SIGKILL)
+    # ``up`` restarts it; its sessions were in the old process's memory: the page says so
+    # instead of showing stale data as "reconnecting" for ever.
+    page.wait_for_url("**/login?ended=1", timeout=30_000)
+    assert "Your session has ended" in page.inner_text("body")
+    assert stack.node("deployer").pid != old
+    page.goto(stack.login)
+    page.wait_for_selector("#live[data-state=live]")
+    page.wait_for_selector('tr[data-node="deployer"][data-status="online"]')

@@ -3,6 +3,7 @@
 Routes::
 
     GET  /login?token=T        trade a login token for a session cookie, then go to /
+    GET  /login[?ended=1]      the login form (saying why, when a session ended)
     GET  /                     the page (static/index.html); its JS and CSS: /static/...
     GET  /api/session          who is logged in, the CSRF token, whether clicks can act
     GET  /api/state            every section at once (JSON)
@@ -62,6 +63,8 @@ SECURITY = [
     (b"cache-control", b"no-store"),
 ]
 JSON = b"application/json"
+SESSION_ENDED = ("Your session has ended: sessions last 12 hours and end when the Deployer "
+                 "restarts. Log in again.")
 
 
 class ActionBody(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -228,7 +231,8 @@ class DashboardApp:
         query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
         token = (query.get("token") or [""])[0]
         if not token:
-            return 200, _login_page(""), STATIC_TYPES[".html"], []
+            note = SESSION_ENDED if query.get("ended") else ""
+            return 200, _login_page(note), STATIC_TYPES[".html"], []
         session = self.board.logins.login(token)
         if session is None:
             self.log.warning("dashboard login refused", client=_client(scope))

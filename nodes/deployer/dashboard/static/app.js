@@ -295,7 +295,10 @@ function follow() {
   feed.onopen = () => { live.dataset.state = "live"; live.textContent = "live"; };
   feed.onerror = () => {
     live.dataset.state = "reconnecting";
-    live.textContent = "reconnecting";  // EventSource retries by itself
+    live.textContent = "reconnecting";  // EventSource retries by itself after a network
+    // error, but gives up on an error status: a session that ended (the Deployer
+    // restarted) or too many pages open.
+    if (feed.readyState === EventSource.CLOSED) setTimeout(resume, 2000);
   };
   for (const name of SECTIONS) {
     feed.addEventListener(name, (ev) => {
@@ -303,6 +306,20 @@ function follow() {
       RENDER[name]();
     });
   }
+}
+
+async function resume() {
+  let reply;
+  try {
+    reply = await fetch("/api/session", { credentials: "same-origin" });
+  } catch (err) {
+    setTimeout(resume, 2000);  // the Deployer is still down
+    return;
+  }
+  if (reply.status === 401) { window.location = "/login?ended=1"; return; }
+  if (!reply.ok) { setTimeout(resume, 5000); return; }
+  session = await reply.json();
+  follow();
 }
 
 async function start() {
