@@ -245,18 +245,30 @@ def test_traffic_history_is_sampled_per_generation_and_bounded() -> None:
                               updated_by="x", state="in_sync", health="HEALTHY", kind="api",
                               extra={"metrics": rows})
 
+    # Counts since the nodes started, and over their last report interval: the charts
+    # draw the interval (an error burst long ago no longer weighs on the error rate).
     rows: list[dict[str, object]] = [
         {"endpoint": "predict", "generation": "v1", "shadow": False, "requests": 100,
-         "errors": 5, "rps": 9.0, "p95_ms": 25.0},
+         "errors": 50, "rps": 9.0, "p95_ms": 900.0, "recent_requests": 18,
+         "recent_errors": 1, "recent_p95_ms": 25.0},
         {"endpoint": "other", "generation": "v1", "shadow": False, "requests": 100,
-         "errors": 0, "rps": 1.0, "p95_ms": 50.0},
+         "errors": 0, "rps": 1.0, "p95_ms": 50.0, "recent_requests": 2,
+         "recent_errors": 0, "recent_p95_ms": 50.0},
+        {"endpoint": "predict", "generation": "v2", "shadow": False, "requests": 40,
+         "errors": 4, "rps": 0.0, "p95_ms": 5.0, "recent_requests": 0,
+         "recent_errors": 0, "recent_p95_ms": None},
+        {"endpoint": "predict", "generation": "*", "shadow": False, "requests": 0,
+         "errors": 0, "inflight": 3, "rps": 0.0, "p95_ms": None},
         {"endpoint": "predict", "generation": "v3", "shadow": True, "requests": 7,
-         "errors": 0, "rps": 1.0, "p95_ms": 5.0}]
+         "errors": 0, "rps": 1.0, "p95_ms": 5.0, "recent_requests": 2,
+         "recent_errors": 0, "recent_p95_ms": 5.0}]
     assert traffic.sample([view(rows)], now=1000.0)
     assert not traffic.sample([view(rows)], now=1000.5)  # at most one sample per period
     series = {g["generation"]: g["points"] for g in traffic.section()}
-    assert set(series) == {"v1"}  # shadow traffic is not live traffic
-    assert series["v1"] == [[1000.0, 10.0, 0.025, 50.0]]
+    # Shadow traffic is not live traffic; "*" holds queued requests, not a generation.
+    assert set(series) == {"v1", "v2"}
+    assert series["v1"] == [[1000.0, 10.0, 0.05, 50.0]]
+    assert series["v2"] == [[1000.0, 0.0, None, None]]  # idle: no rate to draw
     for i in range(TRAFFIC_POINTS + 10):
         traffic.sample([view(rows)], now=2000.0 + i * 3)
     assert len(traffic.section()[0]["points"]) == TRAFFIC_POINTS

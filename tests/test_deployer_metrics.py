@@ -67,15 +67,21 @@ def value(series: dict[str, list[tuple[str, dict[str, str], float]]], family: st
     return found[0]
 
 
-def report(node: str, requests: int, errors: int) -> ApiMetricsReport:
+def endpoint(generation: str, requests: int, errors: int, inflight: int = 0,
+             ) -> EndpointMetrics:
     buckets = [0] * (len(LATENCY_BUCKETS_S) + 1)
-    buckets[3] = requests - 1  # <= 5 ms
-    buckets[8] = 1  # <= 250 ms
+    if requests:
+        buckets[3] = requests - 1  # <= 5 ms
+        buckets[8] = 1  # <= 250 ms
+    return EndpointMetrics(service="scorer", endpoint="predict", generation=generation,
+                           shadow=False, requests=requests, errors=errors, inflight=inflight,
+                           latency_sum_s=0.01 * requests, buckets=buckets)
+
+
+def report(node: str, requests: int, errors: int, *more: EndpointMetrics,
+           ) -> ApiMetricsReport:
     return ApiMetricsReport(node=node, infra="api", ts=time.time(), interval_s=0.2,
-                            endpoints=[EndpointMetrics(
-                                service="scorer", endpoint="predict", generation="v1",
-                                shadow=False, requests=requests, errors=errors, inflight=0,
-                                latency_sum_s=0.01 * requests, buckets=buckets)])
+                            endpoints=[endpoint("v1", requests, errors), *more])
 
 
 async def test_deployer_metrics_expose_fleet_health_traffic_and_runs_by_convention(
@@ -103,10 +109,13 @@ async def test_deployer_metrics_expose_fleet_health_traffic_and_runs_by_conventi
                                                 outcome="SUCCESS")])
             await publish_event(nc.jetstream(), RunFinished(run=run))
             # Two reports from one API node: counters summed, a rate measured between them.
+            # The second one brings a generation's first traffic, and requests queued
+            # before any generation was picked (in flight, never counted as handled).
             await nc.publish("sy.rpt.metrics.api-9", encode(report("api-9", 10, 1)))
             await nc.flush()
             await wait_for(lambda: "api-9" in deployer.apis.reports, message="first report")
-            await nc.publish("sy.rpt.metrics.api-9", encode(report("api-9", 30, 2)))
+            await nc.publish("sy.rpt.metrics.api-9", encode(report(
+                "api-9", 30, 2, endpoint("v2", 8, 4), endpoint("*", 0, 0, inflight=3))))
             await nc.flush()
             await wait_for(lambda: deployer.apis.reports.get("api-9", (None, None))[1],
                            message="second report")
@@ -139,6 +148,19 @@ async def test_deployer_metrics_expose_fleet_health_traffic_and_runs_by_conventi
                 assert value(series, "shipyard_fleet_api_latency_seconds",
                              "shipyard_fleet_api_latency_seconds_bucket", le="0.005",
                              **labels) == 29
+                v2 = {**labels, "generation": "v2"}
+                assert value(series, "shipyard_fleet_api_requests_per_second", **v2) > 0
+                assert not [lab for family, samples in series.items() for _, lab, _ in samples
+                            if family.startswith("shipyard_fleet_api_")
+                            and lab.get("generation") == "*"]
+                # The same interval as the deployment view counts it, for the dashboard's
+                # charts: between the node's last two reports, not since it started.
+                rows = {r["generation"]: r
+                        for r in deployer.apis._metrics("scorer", {"api-9"})}
+                assert (rows["v1"]["recent_requests"], rows["v1"]["recent_errors"]) == (20, 1)
+                assert (rows["v2"]["recent_requests"], rows["v2"]["recent_errors"]) == (8, 4)
+                assert rows["v2"]["rps"] > 0 and rows["v2"]["recent_p95_ms"] == 250.0
+                assert rows["v1"]["requests"] == 30 and rows["*"]["inflight"] == 3
                 run_labels = dict(project="churn", infra="prod", scenario="nightly")
                 assert value(series, "shipyard_scenario_runs", outcome="SUCCESS",
                              **run_labels) == 1
@@ -169,9 +191,12 @@ async def test_deployer_metrics_expose_fleet_health_traffic_and_runs_by_conventi
 def test_api_node_metrics_follow_the_same_conventions() -> None:
     m = Metrics("api-1", "api")
     row = ["scorer", "predict", "v1", False, 5, 1, 0.02, [1, 4] + [0] * 13]
-    m.worker_stats(0, [row], [], overloaded=2, mismatches=0)
+    m.worker_stats(0, [row], [["scorer", "predict", 3]], overloaded=2, mismatches=0)
     m.count_http("scorer", "predict", 200)
     series = conventions(m.render().decode())
+    # Requests not yet given a generation are in flight, and nothing else.
+    assert value(series, "shipyard_api_inflight", node="api-1", generation="*") == 3
+    assert [lab["generation"] for _, lab, _ in series["shipyard_api_requests"]] == ["v1"]
     assert value(series, "shipyard_api_requests", "shipyard_api_requests_total",
                  node="api-1", generation="v1") == 5
     assert value(series, "shipyard_api_latency_seconds",

@@ -29,7 +29,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from protocol.api import LATENCY_BUCKETS_S, ApiMetricsReport, EndpointMetrics
+from protocol.api import ANY_GENERATION, LATENCY_BUCKETS_S, ApiMetricsReport, EndpointMetrics
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 # The service and endpoint label of HTTP responses to names the node does not serve:
@@ -129,7 +129,7 @@ class Metrics:
                 _add(out.setdefault(key, Stat()), row)
         for backlog in list(self.backlogs.values()):
             for (service, endpoint), n in backlog.items():
-                out.setdefault((service, endpoint, "*", False), Stat()).inflight += n
+                out.setdefault((service, endpoint, ANY_GENERATION, False), Stat()).inflight += n
         return out
 
     @property
@@ -199,9 +199,11 @@ class _Collector(Collector):
                                         labels=labels)
         for (service, endpoint, generation, shadow), s in m.stats.items():
             values = [service, endpoint, generation, "shadow" if shadow else "live", m.node]
+            inflight.add_metric(values, s.inflight)
+            if generation == ANY_GENERATION:
+                continue  # requests queued before a generation was picked: in flight only
             requests.add_metric(values, s.requests)
             errors.add_metric(values, s.errors)
-            inflight.add_metric(values, s.inflight)
             cumulative, buckets = 0, []
             for bound, count in zip(_BOUNDS, s.buckets, strict=False):
                 cumulative += count

@@ -352,6 +352,10 @@ class ApiDeployer:
                    "redact": rec.capture.redact if rec.capture else []})
 
     def _metrics(self, service: str, online: set[str]) -> list[dict[str, Any]]:
+        """``service``'s traffic per endpoint, generation and shadow on the online nodes:
+        counts and p50/p95 since each node started, and between each node's last two
+        reports ``rps``, ``recent_requests``, ``recent_errors`` and ``recent_p95_ms`` (a
+        row the earlier report lacks, a generation's first traffic, counts from zero)."""
         rows: dict[tuple[str, str, bool], dict[str, Any]] = {}
         for node, ((report, at), earlier) in self.reports.items():
             if node not in online:
@@ -367,21 +371,34 @@ class ApiDeployer:
                 row = rows.setdefault(key, {"endpoint": m.endpoint, "generation": m.generation,
                                             "shadow": m.shadow, "requests": 0, "errors": 0,
                                             "inflight": 0, "rps": 0.0, "nodes": 0,
-                                            "buckets": [0] * len(m.buckets)})
+                                            "recent_requests": 0, "recent_errors": 0,
+                                            "buckets": [0] * len(m.buckets),
+                                            "recent_buckets": [0] * len(m.buckets)})
                 row["requests"] += m.requests
                 row["errors"] += m.errors
                 row["inflight"] += m.inflight
                 row["nodes"] += 1
                 row["buckets"] = [a + b for a, b in zip(row["buckets"], m.buckets, strict=False)]
+                if not span:
+                    continue
                 old = before.get(key)
-                if old is not None and span > 0:
-                    row["rps"] += max(0, m.requests - old.requests) / span
+                if old is None or old.requests > m.requests:  # new row, or the node restarted
+                    req0, err0, buckets0 = 0, 0, [0] * len(m.buckets)
+                else:
+                    req0, err0, buckets0 = old.requests, old.errors, old.buckets
+                row["rps"] += (m.requests - req0) / span
+                row["recent_requests"] += m.requests - req0
+                row["recent_errors"] += max(0, m.errors - err0)
+                row["recent_buckets"] = [a + max(0, b - c) for a, b, c in zip(
+                    row["recent_buckets"], m.buckets, buckets0, strict=False)]
         out = []
         for row in rows.values():
-            buckets = row.pop("buckets")
+            buckets, recent = row.pop("buckets"), row.pop("recent_buckets")
             p50, p95 = quantile(buckets, 0.5), quantile(buckets, 0.95)
             row["p50_ms"] = None if p50 is None else round(p50 * 1000, 2)
             row["p95_ms"] = None if p95 is None else round(p95 * 1000, 2)
+            recent_p95 = quantile(recent, 0.95)
+            row["recent_p95_ms"] = None if recent_p95 is None else round(recent_p95 * 1000, 2)
             row["rps"] = round(row["rps"], 1)
             out.append(row)
         return sorted(out, key=lambda r: (r["endpoint"], r["generation"]))

@@ -29,7 +29,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from nodes.deployer.dashboard.state import deployment_views
-from protocol.api import LATENCY_BUCKETS_S
+from protocol.api import ANY_GENERATION, LATENCY_BUCKETS_S
 from protocol.health import HEALTH_VALUE
 from protocol.registry import ONLINE
 
@@ -110,15 +110,21 @@ class DeployerCollector(Collector):
                 before = {(m.service, m.endpoint, m.generation, m.shadow): m
                           for m in prev.endpoints}
             for m in report.endpoints:
+                if m.generation == ANY_GENERATION:
+                    continue  # requests queued before a generation was picked: in-flight only
                 key = (m.service, m.endpoint, m.generation, "shadow" if m.shadow else "live")
                 row = rows.setdefault(key, [0, 0, 0.0, 0.0, [0] * (len(_BOUNDS) + 1)])
                 row[0] += m.requests
                 row[1] += m.errors
                 row[3] += m.latency_sum_s
                 row[4] = [a + b for a, b in zip(row[4], m.buckets, strict=False)]
-                old = before.get((m.service, m.endpoint, m.generation, m.shadow))
-                if old is not None and span:
-                    row[2] += max(0, m.requests - old.requests) / span
+                if span:
+                    # A row the earlier report lacks (a generation's first traffic) counts
+                    # from zero, as does a node that restarted.
+                    old = before.get((m.service, m.endpoint, m.generation, m.shadow))
+                    base = old.requests if old is not None and old.requests <= m.requests \
+                        else 0
+                    row[2] += (m.requests - base) / span
         for key, (n, errs, rps, total_s, buckets) in sorted(rows.items()):
             values = list(key)
             requests.add_metric(values, n)

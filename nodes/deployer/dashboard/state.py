@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 
 from nodes.runtime.kvcache import Entry
-from protocol.api import ApiDeploymentRecord, parse_split
+from protocol.api import ANY_GENERATION, ApiDeploymentRecord, parse_split
 from protocol.base import tag_of
 from protocol.deploy import DeploymentRecord, DeploymentView, Update
 
@@ -117,7 +117,10 @@ def runs_section(d: DeployerNode) -> list[dict[str, Any]]:
 
 class Traffic:
     """Request rate, error rate and p95 per API service and generation, sampled every
-    ``TRAFFIC_EVERY_S`` from the deployment views into bounded rings."""
+    ``TRAFFIC_EVERY_S`` from the deployment views into bounded rings.  Each point is the
+    traffic between the API nodes' last two reports (the views' ``rps`` and ``recent_*``),
+    not since the nodes started, so a burst of errors shows when it happens and fades when
+    it ends; with no request in that interval the error rate and p95 are None."""
 
     def __init__(self) -> None:
         self.series: dict[tuple[str, str], deque[list[float | None]]] = {}
@@ -134,18 +137,18 @@ class Traffic:
                 continue
             per_gen: dict[str, list[float]] = {}
             for row in view.extra.get("metrics") or []:
-                if row.get("shadow"):
-                    continue
+                if row.get("shadow") or row.get("generation") == ANY_GENERATION:
+                    continue  # shadow copies; requests queued before a generation was picked
                 acc = per_gen.setdefault(str(row.get("generation")), [0.0, 0.0, 0.0, 0.0])
                 acc[0] += float(row.get("rps") or 0.0)
-                acc[1] += float(row.get("requests") or 0)
-                acc[2] += float(row.get("errors") or 0)
-                acc[3] = max(acc[3], float(row.get("p95_ms") or 0.0))
+                acc[1] += float(row.get("recent_requests") or 0)
+                acc[2] += float(row.get("recent_errors") or 0)
+                acc[3] = max(acc[3], float(row.get("recent_p95_ms") or 0.0))
             for gen, (rps, n, errs, p95) in per_gen.items():
                 key = (view.project, gen)
                 live.add(key)
                 ring = self.series.setdefault(key, deque(maxlen=TRAFFIC_POINTS))
-                ring.append([round(now, 1), round(rps, 2), round(errs / n, 4) if n else 0.0,
+                ring.append([round(now, 1), round(rps, 2), round(errs / n, 4) if n else None,
                              p95 or None])
         for key in [k for k in self.series if k not in live]:
             if self.series[key] and now - (self.series[key][-1][0] or 0) > 3600:

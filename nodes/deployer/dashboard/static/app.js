@@ -187,8 +187,10 @@ function renderTraffic() {
         const last = g.points[g.points.length - 1] || [];
         const swatch = h("b", {}, "■ ");
         swatch.style.color = COLORS[i % COLORS.length];
+        const errors = last[2] === null || last[2] === undefined ? "-"
+          : (last[2] * 100).toFixed(1);
         return h("span", {}, swatch, `${g.generation}: ${last[1] ?? 0} req/s, ` +
-          `${((last[2] ?? 0) * 100).toFixed(1)} % errors, p95 ${last[3] ?? "-"} ms`);
+          `${errors} % errors, p95 ${last[3] ?? "-"} ms`);
       })),
       chart("requests/s", series, (p) => p[1], "req/s"),
       chart("error rate", series, (p) => p[2], ""),
