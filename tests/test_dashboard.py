@@ -13,7 +13,13 @@ import msgspec
 import pytest
 
 from nodes.deployer import DeployerNode
-from nodes.deployer.dashboard.access import COOKIE, ensure_token_file
+from nodes.deployer.dashboard.access import (
+    COOKIE,
+    Login,
+    TokenFileError,
+    ensure_token_file,
+    read_tokens,
+)
 from nodes.deployer.dashboard.app import ActionBody, build_command
 from nodes.deployer.dashboard.config import DashboardConfig
 from nodes.deployer.dashboard.feed import CLIENT_QUEUE, Feed
@@ -123,6 +129,66 @@ async def test_dashboard_needs_a_login_and_a_csrf_token_then_rolls_back_like_the
                 assert listed["history"][1]["redeploy"] == "v1"
         finally:
             await close(nc)
+
+
+async def test_a_viewer_login_gets_a_read_only_page_and_its_clicks_are_refused(
+        settings: NatsSettings, tmp_path: Path) -> None:
+    tokens = tmp_path / "dashboard.token"
+    viewer, reviewer, ops = "v" * 24, "r" * 24, "o" * 24
+    tokens.write_text(f"vera:{viewer}:viewer\nrita:{reviewer}:reviewer\nops:{ops}\n")
+    board = DashboardConfig(token_file=tokens, port=0)
+    async with fleet() as f:
+        deployer = DeployerNode(name="deployer", nats=settings, heartbeat_interval=0.2,
+                                dashboard=board)
+        await f.start(deployer)
+        nc = await connect(settings, name="test")
+        try:
+            caller = Caller(nc, sender="test")
+            await caller.call(CreateInfra(name="prod", kind="automation"))
+            kv = await ensure_kv(nc.jetstream(), subjects.BUNDLE_BUCKET)
+            for b in ("v1", "v2"):
+                await kv.put(bundle_key("churn", b), encode(BundleInfo(
+                    id=b, project="churn", created_at=time.time(), created_by="design")))
+                await caller.call(DeployBundle(project="churn", bundle_id=b, infra="prod"))
+            assert deployer.dashboard is not None
+            async with httpx.AsyncClient(base_url=deployer.dashboard.url, timeout=5) as http:
+                assert (await http.get("/login", params={"token": viewer})).status_code == 303
+                session = (await http.get("/api/session")).json()
+                assert (session["user"], session["role"], session["can_act"]) == (
+                    "vera", "viewer", False)
+                assert "vera, a viewer" in session["why_not"]
+                assert "read-only" in session["why_not"]
+                csrf = {"X-CSRF-Token": session["csrf"]}
+                for body in ({"action": "rollback", "kind": "bundle", "infra": "prod",
+                              "name": "churn"},
+                             {"action": "deploy", "kind": "bundle", "infra": "prod",
+                              "name": "churn", "target": "v1"}):
+                    refused = await http.post("/api/actions", json=body, headers=csrf)
+                    assert refused.status_code == 403
+                    assert refused.json()["error"]["message"] == (
+                        f"vera is a viewer on this dashboard: {body['action']} needs role "
+                        "deployer")
+                for token, allowed in ((reviewer, False), (ops, True)):
+                    rollback = await http.post(
+                        "/api/actions", headers={"Authorization": f"Bearer {token}"},
+                        json={"action": "rollback", "kind": "bundle", "infra": "prod",
+                              "name": "churn"})
+                    assert rollback.status_code == (200 if allowed else 403), rollback.text
+            view = (await caller.call(ListDeployments(project="churn"))).deployments[0]
+            assert (view.desired, view.updated_by) == ("v1", "dashboard:ops")
+        finally:
+            await close(nc)
+
+
+def test_a_token_file_line_with_an_unknown_role_is_refused_not_read_as_a_deployer(
+        tmp_path: Path) -> None:
+    tokens = tmp_path / "dashboard.token"
+    tokens.write_text(f"vera:{'v' * 24}:veiwer\n")
+    with pytest.raises(TokenFileError, match="line 1: expected NAME:TOKEN or NAME:TOKEN:ROLE"):
+        read_tokens(tokens)
+    tokens.write_text(f"# logins\nops:{'o' * 24}\nvera:{'v' * 24}:viewer\n")
+    assert read_tokens(tokens) == {"o" * 24: Login("ops", "deployer"),
+                                   "v" * 24: Login("vera", "viewer")}
 
 
 async def test_live_feed_pushes_changes_and_drops_a_client_that_stops_reading() -> None:

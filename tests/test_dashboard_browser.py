@@ -37,6 +37,7 @@ from tests.helpers import Background, shipyard, shipyard_argv, wait_until
 CHROMIUM = os.environ.get("SHIPYARD_CHROMIUM", "/usr/bin/chromium")
 HB = "0.5"
 TIMEOUT_MS = 10_000
+VIEWER_TOKEN = "viewer-token-0123456789"
 
 
 def _browser_or_skip() -> Any:
@@ -110,6 +111,11 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     env["SHIPYARD_LOG_FORMAT"] = "json"
     _browser_or_skip()  # before the stack: a skip (or failure) should cost nothing
     http_port = _free_port()
+    # A login added to the token file ``up`` keeps: someone who may look, not act.
+    (root / ".shipyard").mkdir()
+    tokens = root / ".shipyard" / "dashboard.token"
+    tokens.write_text(f"admin:{'a' * 32}\nvera:{VIEWER_TOKEN}:viewer\n")
+    tokens.chmod(0o600)
     up = Background(shipyard_argv(
         "up", "--nats-port", "-1", "--monitor-port", "-1", "--http-port", str(http_port),
         "--api-nodes", "0", "--automation-nodes", "1", "--heartbeat-interval", HB,
@@ -193,6 +199,39 @@ def test_a_node_killed_with_sigkill_turns_lost_on_the_page_without_a_reload(
     page.wait_for_selector('tr[data-node="automation-1"][data-status="lost"]')
     assert page.evaluate("window.__sameDocument") is True  # no reload happened
     assert "lost" in page.inner_text('tr[data-node="automation-1"] .status')
+
+
+def test_a_viewer_login_sees_why_the_page_is_read_only_and_cannot_roll_back(
+        page: Any, stack: Stack) -> None:
+    before = stack.deployment()
+    tab = page.context.browser.new_context().new_page()  # its own cookies
+    try:
+        tab.set_default_timeout(TIMEOUT_MS)
+        tab.goto(f"{stack.url}/login?token={VIEWER_TOKEN}")
+        tab.wait_for_selector("#live[data-state=live]")
+        assert tab.inner_text("#who").startswith("vera")
+        assert tab.inner_text("#notice") == (
+            "you are logged in as vera, a viewer: rollback and redeploy need role "
+            "deployer; the page is read-only")
+        button = tab.wait_for_selector(
+            '[data-deployment="bundle:automation:churn"] button[data-action=rollback]')
+        assert button.is_disabled()
+        assert "vera, a viewer" in (button.get_attribute("title") or "")
+        # A request made anyway, as a script in the page could: refused, nothing changed.
+        status, message = tab.evaluate("""async () => {
+            const s = await (await fetch("/api/session")).json();
+            const r = await fetch("/api/actions", {method: "POST",
+                headers: {"Content-Type": "application/json", "X-CSRF-Token": s.csrf},
+                body: JSON.stringify({action: "rollback", kind: "bundle",
+                                      infra: "automation", name: "churn"})});
+            return [r.status, (await r.json()).error.message];
+        }""")
+        assert (status, message) == (403, "vera is a viewer on this dashboard: rollback "
+                                          "needs role deployer")
+        after = stack.deployment()
+        assert (after.desired, after.revision) == (before.desired, before.revision)
+    finally:
+        tab.context.close()
 
 
 def test_after_a_deployer_restart_the_page_asks_to_log_in_again_and_goes_live_again(

@@ -36,9 +36,10 @@ from nodes.deployer.dashboard.feed import TooManyClients
 from nodes.deployer.metrics import CONTENT_TYPE
 from nodes.runtime.logs import get_logger
 from protocol.api import DeployApi, RollbackApi, error_reply, parse_split
+from protocol.auth import may_send, required_role
 from protocol.base import Command, Request, new_id
 from protocol.deploy import DeployBundle, RollbackBundle
-from protocol.errors import BadRequest, OperationError
+from protocol.errors import BadRequest, Forbidden, OperationError
 from protocol.scenarios import GetRunLog
 
 if TYPE_CHECKING:
@@ -183,9 +184,13 @@ class DashboardApp:
         if path == "/api/session":
             _method(method, "GET")
             can, why = self.board.actor.can_act()
+            if can and not may_send(session.role, RollbackBundle):
+                can, why = False, (f"you are logged in as {session.user}, a "
+                                   f"{session.role}: rollback and redeploy need role "
+                                   f"{required_role(RollbackBundle)}; the page is read-only")
             return 200, msgspec.json.encode({
-                "user": session.user, "csrf": session.csrf, "can_act": can,
-                "why_not": why, "acts_as": self.board.actor.identity,
+                "user": session.user, "role": session.role, "csrf": session.csrf,
+                "can_act": can, "why_not": why, "acts_as": self.board.actor.identity,
                 "node": self.board.node.name}), JSON, []
         if path == "/api/state":
             _method(method, "GET")
@@ -216,7 +221,8 @@ class DashboardApp:
                 if user is None:
                     raise _error("unauthorized", "unknown bearer token")
                 # A bearer is not sent by browsers on their own: no CSRF check needed.
-                return Session(id="", user=user, csrf="", expires=time.monotonic() + 1)
+                return Session(id="", user=user.name, csrf="", expires=time.monotonic() + 1,
+                               role=user.role)
         return self.board.logins.session(cookie_of(headers))
 
     def _csrf(self, scope: Scope, session: Session) -> None:
@@ -261,6 +267,9 @@ class DashboardApp:
                          '"infra", "name", "target"}') from None
         try:
             cmd = build_command(body, session.user)
+            if not may_send(session.role, type(cmd)):
+                raise Forbidden(f"{session.user} is a {session.role} on this dashboard: "
+                                f"{body.action} needs role {required_role(type(cmd))}")
             view = await self.board.actor.call(cmd)
         except OperationError as exc:
             self.log.info("dashboard action refused", user=session.user, action=body.action,
