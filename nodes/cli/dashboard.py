@@ -45,7 +45,7 @@ def dashboard_node_options(fn: F) -> F:
         click.option("--dashboard-host", default=None,
                      help=f"deployer: the dashboard's address [default: {DEFAULT_HOST}]"),
         click.option("--dashboard-token-file", type=click.Path(path_type=Path), default=None,
-                     help="deployer: dashboard logins, NAME:TOKEN per line (created with "
+                     help="deployer: dashboard logins, NAME:TOKEN[:ROLE] per line (created with "
                           "one 'operator' token if missing) [default: "
                           ".shipyard/nodes/<name>/dashboard.token]"),
         click.option("--dashboard-creds", type=click.Path(path_type=Path, dir_okay=False),
