@@ -330,6 +330,18 @@ async def test_capture_off_records_nothing(stack: Stack) -> None:
     assert "no captured calls of quiet-api" in out and "--capture" in out
 
 
+async def test_a_version_added_at_weight_0_to_a_serving_service_is_loaded_by_the_wait(
+        stack: Stack) -> None:
+    done = stack.cli("deploy", "api", QUIET, "--split", "v1=100,v2=0", "--infra", "prod",
+                     "--wait")
+    assert "v1 -> v1=100,v2=0 on prod" in done.stdout, done.stdout
+    async with _client(stack) as nc:
+        forced = await _predict(nc, QUIET, {"x": 1.5}, generation="v2")
+        assert (forced["generation"], forced["result"]["label"]) == ("v2", "no"), forced
+        assert (await _predict(nc, QUIET, {"x": 1.5}))["generation"] == "v1"
+        assert await replay_refusal(nc, QUIET, "v2") == ""
+
+
 async def test_sampling_follows_the_request_id_hash_exactly_and_the_fraction_without(
         stack: Stack) -> None:
     tag = uuid.uuid4().hex[:8]
