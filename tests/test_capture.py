@@ -47,7 +47,9 @@ from protocol.capture import (
 from protocol.deploy import CreateInfra, ListDeployments
 from tests.authstack import auth_stack
 from tests.helpers import Background, shipyard, shipyard_argv, wait_for, wait_until
+from tests.test_cli_hardening import _on_a_terminal
 from tests.test_cli_stack import free_port
+from tests.test_progress import PROGRESS_NOISE
 
 CAP, QUIET, HALF = "cap-api", "quiet-api", "half-api"
 
@@ -361,6 +363,19 @@ async def test_a_version_added_at_weight_0_is_loaded_by_the_wait_and_replays_lea
     # Every worker that answered a forced call reported after it, so after the replays.
     wait_until(lambda: v2_counts()[0] >= forced, timeout=10, message="v2's requests counted")
     assert v2_counts() == (forced, 0)
+
+
+def test_deploy_api_wait_draws_a_bar_on_a_terminal_and_stage_lines_in_a_pipe(
+        stack: Stack) -> None:
+    args = ["deploy", "api", QUIET, "v1", "--infra", "prod", "--wait"]
+    drawn = _on_a_terminal(args, stack.env).decode()
+    assert f"{QUIET} on prod: waiting for the API nodes" in drawn and "━" in drawn, drawn
+    assert f"serves {QUIET} v1" in drawn
+    piped = stack.cli("deploy", "api", QUIET, "--split", "v1=100,v2=0", "--infra", "prod",
+                      "--wait")
+    assert "serving" in piped.stderr and "done" in piped.stdout, piped
+    for noise in PROGRESS_NOISE:
+        assert noise not in piped.stdout + piped.stderr, noise
 
 
 async def test_sampling_follows_the_request_id_hash_exactly_and_the_fraction_without(
