@@ -90,9 +90,11 @@ def parse_split(text: str) -> dict[str, int]:
 
 
 def describe_mapping(generations: dict[str, int], shadow: str | None = None) -> str:
-    """A mapping as people read it: ``v2``, ``v1=90,v2=10``, ``v2 (+shadow v3)``."""
+    """A mapping as people read it: ``v2``, ``v1=90,v2=10``, ``v1=100,v2=0``, ``v2
+    (+shadow v3)``.  Every generation is named, weight 0 too: nodes and the Deployer
+    compare these texts, and a version loaded without traffic must change them."""
     live = {g: w for g, w in generations.items() if w > 0}
-    text = next(iter(live)) if len(live) == 1 else ",".join(
+    text = next(iter(live)) if len(live) == 1 == len(generations) else ",".join(
         f"{g}={w}" for g, w in sorted(generations.items()))
     return text + (f" (+shadow {shadow})" if shadow else "")
 

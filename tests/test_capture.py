@@ -25,6 +25,7 @@ import pytest
 from nats.aio.client import Client as NATS
 
 from nodes.api.capture import Capturer, Pending, ensure_capture_stream, read_captures
+from nodes.api.replay import replay
 from nodes.api.usercode import OP_MULTI as OP_MULTI_CODE
 from nodes.api.usercode import OP_PREDICT, OP_RUN
 from nodes.cli.capture import replay_refusal
@@ -46,7 +47,9 @@ from protocol.capture import (
 from protocol.deploy import CreateInfra, ListDeployments
 from tests.authstack import auth_stack
 from tests.helpers import Background, shipyard, shipyard_argv, wait_for, wait_until
+from tests.test_cli_hardening import _on_a_terminal
 from tests.test_cli_stack import free_port
+from tests.test_progress import PROGRESS_NOISE
 
 CAP, QUIET, HALF = "cap-api", "quiet-api", "half-api"
 
@@ -328,6 +331,51 @@ async def test_capture_off_records_nothing(stack: Stack) -> None:
     assert await _captured(stack.settings, QUIET) == []
     out = stack.cli("api", "queries", QUIET).stdout
     assert "no captured calls of quiet-api" in out and "--capture" in out
+
+
+async def test_a_version_added_at_weight_0_is_loaded_by_the_wait_and_replays_leave_no_traffic(
+        stack: Stack) -> None:
+    done = stack.cli("deploy", "api", QUIET, "--split", "v1=100,v2=0", "--infra", "prod",
+                     "--wait")
+    assert "v1 -> v1=100,v2=0 on prod" in done.stdout, done.stdout
+    forced = 12
+    async with _client(stack) as nc:
+        assert await replay_refusal(nc, QUIET, "v2") == ""
+        # Replayed calls that v2 fails (x is not a number): answered, never counted as
+        # the service's requests or errors, so its health and /metrics stay its own.
+        calls = [CapturedCall(id=f"c{i}", service=QUIET, endpoint="predict", generation="v1",
+                              op="predict", ts=time.time(), latency_s=0.001, status=200,
+                              node="api-1", request=msgspec.Raw(b'{"x": "nan?"}'),
+                              response=msgspec.Raw(b'{"label": "no"}')) for i in range(10)]
+        report = await replay(nc, calls, "v2", rate=500)
+        assert [r.status for r in report.results] == [500] * 10
+        for _ in range(forced):
+            answer = await _predict(nc, QUIET, {"x": 1.5}, generation="v2")
+            assert (answer["generation"], answer["result"]["label"]) == ("v2", "no"), answer
+        assert (await _predict(nc, QUIET, {"x": 1.5}))["generation"] == "v1"
+
+    def v2_counts() -> tuple[float, float]:
+        text = httpx.get(stack.http.replace("/public/api/v1", "/metrics"), timeout=5).text
+        found = {line.split("{")[0]: float(line.split()[-1]) for line in text.splitlines()
+                 if f'service="{QUIET}"' in line and 'generation="v2"' in line}
+        return (found.get("shipyard_api_requests_total", 0.0),
+                found.get("shipyard_api_errors_total", 0.0))
+    # Every worker that answered a forced call reported after it, so after the replays.
+    wait_until(lambda: v2_counts()[0] >= forced, timeout=10, message="v2's requests counted")
+    assert v2_counts() == (forced, 0)
+
+
+def test_deploy_api_wait_draws_a_bar_on_a_terminal_and_stage_lines_in_a_pipe(
+        stack: Stack) -> None:
+    args = ["deploy", "api", QUIET, "v1", "--infra", "prod", "--wait"]
+    drawn = _on_a_terminal(args, stack.env).decode()
+    assert f"{QUIET} on prod: waiting for the API nodes" in drawn and "━" in drawn, drawn
+    assert f"serves {QUIET} v1" in drawn
+    piped = stack.cli("deploy", "api", QUIET, "--split", "v1=100,v2=0", "--infra", "prod",
+                      "--wait")
+    assert "serving" in piped.stderr and "done" in piped.stdout, piped
+    for noise in PROGRESS_NOISE:
+        assert noise not in piped.stdout + piped.stderr, noise
 
 
 async def test_sampling_follows_the_request_id_hash_exactly_and_the_fraction_without(

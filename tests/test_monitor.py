@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 import signal
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -17,12 +18,12 @@ from rich.console import Console
 from nodes.cli.monitor import plain_text, render
 from nodes.cli.monitor_model import BadFilter, Filter, MonitorModel
 from nodes.runtime.embedded import EmbeddedNats
-from protocol.api import LATENCY_BUCKETS_S, ApiMetricsReport, EndpointMetrics
-from protocol.deploy import DeploymentView, NodeDeployment
+from protocol.api import ANY_GENERATION, LATENCY_BUCKETS_S, ApiMetricsReport, EndpointMetrics
+from protocol.deploy import DeploymentView, InfraCreatedEvent, NodeDeployment
 from protocol.events import NodeLost
 from protocol.heartbeat import Heartbeat
 from protocol.registry import NodeInfo
-from protocol.scenarios import RunFinished, RunStarted, RunSummary
+from protocol.scenarios import RunFinished, RunProgress, RunStarted, RunSummary
 from tests.helpers import Background, shipyard, shipyard_argv, wait_until
 from tests.projects import make_flow_project
 from tests.test_progress import PROGRESS_NOISE
@@ -104,6 +105,21 @@ def test_a_node_not_heard_yet_takes_the_deployers_verdict_and_a_forgotten_one_go
     assert [(r.name, r.status) for r in m.node_rows()] == [("a3", "lost")]
 
 
+def test_the_first_round_lists_every_node_so_the_view_is_whole_before_their_beats() -> None:
+    m, clock = model()
+    online = NodeInfo(name="a4", role="automation", infra="prod", status="online",
+                      last_seen=1.0, first_seen=1.0, version="1.0", host="h", pid=4,
+                      uptime_s=1.0, interval_s=10.0, last_seen_s=2.0)
+    m.on_nodes([online], everyone=True)
+    assert [(r.name, r.status) for r in m.node_rows()] == [("a4", "online")]
+    clock.t += 2
+    m.on_nodes([])  # later rounds ask for the lost ones: a4 is not among them
+    assert [(r.name, r.status, r.age_s) for r in m.node_rows()] == [("a4", "online", 4.0)]
+    m.on_heartbeat(beat("a4", pid=4))
+    m.on_nodes([])
+    assert [(r.name, r.status, r.age_s) for r in m.node_rows()] == [("a4", "online", 0.0)]
+
+
 def metrics(node: str, gen: str, requests: int, errors: int, fast: int, slow: int,
             service: str = "shop") -> ApiMetricsReport:
     buckets = [0] * (len(LATENCY_BUCKETS_S) + 1)
@@ -112,7 +128,10 @@ def metrics(node: str, gen: str, requests: int, errors: int, fast: int, slow: in
     return ApiMetricsReport(node=node, infra="apis", ts=0.0, interval_s=1.0, endpoints=[
         EndpointMetrics(service=service, endpoint="predict", generation=gen, shadow=False,
                         requests=requests, errors=errors, inflight=0, latency_sum_s=0.0,
-                        buckets=buckets)])
+                        buckets=buckets),
+        EndpointMetrics(service=service, endpoint="predict", generation=ANY_GENERATION,
+                        shadow=False, requests=0, errors=0, inflight=1, latency_sum_s=0.0,
+                        buckets=[0] * (len(LATENCY_BUCKETS_S) + 1))])
 
 
 def test_traffic_per_generation_has_rate_quantiles_and_error_rate_over_the_window() -> None:
@@ -123,7 +142,7 @@ def test_traffic_per_generation_has_rate_quantiles_and_error_rate_over_the_windo
     # n1: 200 more requests (2 errors, 2 slow); n2: 100 more; over 2 s.
     m.on_metrics(metrics("n1", "v1", 300, 2, 298, 2))
     m.on_metrics(metrics("n2", "v1", 150, 0, 150, 0))
-    [row] = m.traffic_rows()
+    [row] = m.traffic_rows()  # not the "*" row of requests queued in the workers
     assert (row.service, row.generation, row.infra, row.nodes) == ("shop", "v1", "apis", 2)
     assert row.rps == 150.0 and row.requests == 300
     assert row.error_rate == round(2 / 300, 4)
@@ -154,11 +173,19 @@ def test_the_filter_narrows_every_panel_and_a_bad_one_says_what_is_expected() ->
                         silent_s=3.0))
     m.on_event(NodeLost(node="a1", role="automation", infra="prod", last_seen=0.0,
                         silent_s=3.0))
+    # Events that name their infra otherwise: an infra's own, a run's steps.
+    m.on_event(InfraCreatedEvent(name="dev", kind="automation", stage="dev", by="me"))
+    m.on_event(RunStarted(run_id="r9", project="shop", scenario="s", infra="dev",
+                          node="x1", bundle="b1", trigger="manual", firing="f9"))
+    m.on_event(RunProgress(run_id="r9", project="shop", scenario="s", node="x1", step=1,
+                           kind="build", name="out", status="STARTED"))
     s = m.snapshot()
     assert [n.name for n in s.nodes] == ["a1"]
     assert [(d.name, d.actual) for d in s.deployments] == [("shop", "1/1 b2")]
     assert s.traffic == []
     assert [e.text for e in s.events] == [m.events[0].text] and "a1" in s.events[0].text
+    with pytest.raises(BadFilter, match=r"unknown role 'wizard': expected one of .*api"):
+        Filter.parse("role=wizard")
     with pytest.raises(BadFilter, match="unknown filter key 'colour'"):
         Filter.parse("colour=red")
     with pytest.raises(BadFilter, match="is not key=value"):
@@ -281,6 +308,24 @@ def test_monitor_shows_a_deployment_and_its_run_and_follows_the_fleet_across_res
         assert "a1" in text and "automation" in text and "\x1b[" not in text
         assert not any(line.split()[:2] == ["deployer", "deployer"]
                        for line in text.splitlines())
+
+        # Piped: the first snapshot already has the Deployer's answer and every node; a
+        # reader that leaves (| head) ends the monitor quietly.
+        piped = subprocess.Popen(shipyard_argv("monitor", "--interval", "0.3"), env=env,
+                                 cwd=tmp_path, stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True)
+        assert piped.stdout is not None and piped.stderr is not None
+        first = piped.stdout.readline()
+        assert first.startswith("shipyard monitor") and "deployer ok" in first, first
+        nodes = next(line for line in iter(piped.stdout.readline, "")
+                     if line.startswith("nodes ("))
+        assert nodes.startswith("nodes (3/3 online)"), nodes
+        piped.stdout.close()
+        assert piped.wait(timeout=15) == 1
+        assert piped.stderr.read() == ""
+        piped.stderr.close()
+        bad = shipyard("monitor", "--once", "--filter", "role=wizard", env=env)
+        assert bad.returncode == 2 and "unknown role 'wizard'" in bad.stderr, bad.stderr
 
         watcher = Background(shipyard_argv("monitor", "--json", "--interval", "0.3",
                                            "--poll", "0.3", "--timeout", "0.5"), env=env)

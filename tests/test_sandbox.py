@@ -175,3 +175,64 @@ def test_both_codecs_refuse_a_non_finite_result_with_the_same_words(value: Any) 
         JsonCodec().encode(value)
     assert (there.value.code, there.value.message) == (here.value.code, here.value.message)
     assert here.value.code == "bad_result"
+
+
+MEETING_POINT = """\
+import sys
+import threading
+
+
+def meet():
+    try:  # both versions at this point at once, if nothing keeps them apart
+        sys.modules["sy_test_meeting"].barrier.wait(timeout=1)
+    except threading.BrokenBarrierError:
+        pass
+
+
+meet()
+from helpers import VALUE
+meet()  # neither leaves before both imported
+
+
+def predict(features):
+    return VALUE
+"""
+
+
+def test_two_versions_loaded_at_once_each_import_their_own_helpers(tmp_path: Path) -> None:
+    """A worker loads generations on threads, two services' at the same time: each
+    version's ``import helpers`` finds its own file, never the other's."""
+    import threading
+    import types
+
+    from nodes.sandbox.usercode import Generation
+
+    for version, value in (("v1", 1), ("v2", 2)):
+        (tmp_path / version / "api").mkdir(parents=True)
+        (tmp_path / version / "api" / "predict.py").write_text(MEETING_POINT)
+        (tmp_path / version / "api" / "helpers.py").write_text(f"VALUE = {value}\n")
+    meeting = types.ModuleType("sy_test_meeting")
+    meeting.barrier = threading.Barrier(2)  # type: ignore[attr-defined]
+    sys.modules["sy_test_meeting"] = meeting
+    loaded: dict[str, Any] = {}
+
+    def load(version: str) -> None:
+        try:
+            loaded[version] = Generation(f"svc-{version}", version, tmp_path / version,
+                                         [("predict", "prediction", "api/predict.py",
+                                           "predict")])
+        except Exception as exc:
+            loaded[version] = exc
+
+    try:
+        threads = [threading.Thread(target=load, args=(v,)) for v in ("v1", "v2")]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=10)
+    finally:
+        del sys.modules["sy_test_meeting"]
+    answers = {v: g.endpoints["predict"].call({}) if isinstance(g, Generation) else repr(g)
+               for v, g in loaded.items()}
+    assert answers == {"v1": 1, "v2": 2}
+    assert "helpers" not in sys.modules

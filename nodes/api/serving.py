@@ -466,7 +466,8 @@ class Serving:
             elapsed = time.perf_counter() - t0
             self.service_time += (elapsed - self.service_time) * 0.2 if self.service_time \
                 else elapsed
-            self.stat(service, name, gen.name).observe(elapsed, status != 0)
+            if not replay:  # a replay's answers are the replay's: not the service's traffic
+                self.stat(service, name, gen.name).observe(elapsed, status != 0)
             extra = {LATENCY_HEADER: f"{elapsed:.6f}"} if replay else None
             if status == 0:
                 await publish(reply, body, headers=extra)

@@ -272,12 +272,17 @@ async def _change_and_wait(nats_url: str | None, cmd: DeployApi | RollbackApi,
         stages: dict[str, tuple[str, str]] = {}
         early: list[GenerationReport] = []
         asked: list[str] = []
+        # On a terminal, a bar of the online nodes that serve the new mapping, the
+        # stage lines above it; otherwise the stage lines alone.
+        bar = progress.Bar(f"{cmd.service} on {cmd.infra}: waiting for the API nodes",
+                           lines=err) if show else progress.Bar("", console=progress.QUIET)
 
         def note(r: GenerationReport) -> None:
             if show and stages.get(r.node) != (r.stage, r.env):
                 stages[r.node] = (r.stage, r.env)
-                err.print(f"  {r.node:<16} {describe_stage(r.stage, r.env, r.reason)}",
-                          markup=False, highlight=False)
+                stage = describe_stage(r.stage, r.env, r.reason)
+                bar.note(Text(f"  {r.node:<16} {stage}"))
+                bar.update(description=f"{cmd.service} on {cmd.infra}: {r.node} {stage}")
 
         async def on_report(msg: Msg) -> None:
             try:
@@ -295,16 +300,17 @@ async def _change_and_wait(nats_url: str | None, cmd: DeployApi | RollbackApi,
             view = await caller.call(cmd)
             announce(view)
             asked.append(view.update_id)
-            for r in early:
-                if r.update_id == view.update_id and r.service == cmd.service:
-                    note(r)
-            return await _wait(caller, view, timeout)
+            with bar:
+                for r in early:
+                    if r.update_id == view.update_id and r.service == cmd.service:
+                        note(r)
+                return await _wait(caller, view, timeout, bar)
         finally:
             await sub.unsubscribe()
 
 
-async def _wait(caller: Caller, view: DeploymentView,
-                timeout: float) -> tuple[DeploymentView, bool, str]:
+async def _wait(caller: Caller, view: DeploymentView, timeout: float,
+                bar: progress.Bar) -> tuple[DeploymentView, bool, str]:
     deadline = time.monotonic() + timeout
     last = view
     while True:
@@ -314,6 +320,9 @@ async def _wait(caller: Caller, view: DeploymentView,
             last = next((v for v in reply.deployments if v.kind == "api"), last)
         except OperationError:
             pass
+        online = [n for n in last.nodes if n.status == "online"]
+        bar.update(total=len(online) or 1,
+                   completed=sum(1 for n in online if n.running == last.desired))
         verdict = _verdict(view, last)
         if verdict is not None:
             return last, verdict[0], verdict[1]

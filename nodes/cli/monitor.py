@@ -50,6 +50,7 @@ from nodes.cli.common import (
     settings_for,
 )
 from nodes.cli.monitor_model import (
+    ASKING,
     TRAFFIC_WINDOW_S,
     BadFilter,
     Filter,
@@ -147,13 +148,16 @@ def _unknown(model: MonitorModel, raw: bytes) -> None:
                            str(body.get("type", "?")), f"(unknown event) {body}")
 
 
-async def poll_deployer(caller: Caller, model: MonitorModel, timeout: float) -> None:
-    """One round of questions to the Deployer; never raises (the header says why not)."""
+async def poll_deployer(caller: Caller, model: MonitorModel, timeout: float, *,
+                        everyone: bool = False) -> bool:
+    """One round of questions to the Deployer (about every node with ``everyone``, else
+    the lost ones): whether it answered; never raises (the header says why not)."""
     f = model.filter
     try:
-        nodes = await caller.call(ListNodes(role=f.role, infra=f.infra, status=LOST),
+        nodes = await caller.call(ListNodes(role=f.role, infra=f.infra,
+                                            status=None if everyone else LOST),
                                   timeout=timeout)
-        model.on_nodes(nodes.nodes)
+        model.on_nodes(nodes.nodes, everyone=everyone)
         deps = await caller.call(ListDeployments(project=f.project, infra=f.infra),
                                  timeout=timeout)
         model.on_deployments(deps.deployments)
@@ -163,17 +167,20 @@ async def poll_deployer(caller: Caller, model: MonitorModel, timeout: float) -> 
                                               limit=RUNS_PER_PROJECT), timeout=timeout)
             model.on_runs(runs.runs)
         model.deployer_ok()
+        return True
     except OperationError as exc:
         model.deployer_failed(exc.message)
     except Exception as exc:
         model.deployer_failed(str(exc) or type(exc).__name__)
+    return False
 
 
 async def watch(nats_url: str | None, model: MonitorModel, *, poll_s: float,
                 timeout: float, show: Callable[[MonitorModel], Any],
-                every_s: float, once: bool) -> None:
+                every_s: float, once: bool, settle: bool = False) -> None:
     """Connect, feed ``model``, and call ``show(model)`` every ``every_s`` seconds (once
-    after the first Deployer round and one interval, with ``once``)."""
+    after the first Deployer round and one interval, with ``once``; from the first
+    Deployer round on, with ``settle``: a pipe gets no half-empty first snapshot)."""
 
     async def down() -> None:
         model.nats = "disconnected: reconnecting"
@@ -192,8 +199,10 @@ async def watch(nats_url: str | None, model: MonitorModel, *, poll_s: float,
         first = anyio.Event()
 
         async def poller() -> None:
+            whole = False  # every node listed once (later rounds: the lost ones)
             while True:
-                await poll_deployer(caller, model, timeout)
+                whole = await poll_deployer(caller, model, timeout, everyone=not whole) \
+                    or whole
                 first.set()
                 await anyio.sleep(poll_s)
 
@@ -206,6 +215,8 @@ async def watch(nats_url: str | None, model: MonitorModel, *, poll_s: float,
                 show(model)
                 tg.cancel_scope.cancel()
                 return
+            if settle:
+                await first.wait()
             while True:
                 show(model)
                 await anyio.sleep(every_s)
@@ -241,13 +252,14 @@ def render(s: Snapshot, *, node_rows: int | None = None,
     """The whole view: header, nodes, deployments, traffic, runs, events.  ``node_rows``
     and ``event_rows`` cap those panels (a terminal has a height; a pipe does not)."""
     when = dt.datetime.fromtimestamp(s.at, dt.UTC).strftime("%H:%M:%S")
-    deployer = "ok" if s.deployer == "ok" else f"unreachable ({s.deployer})"
+    deployer = s.deployer if s.deployer in ("ok", ASKING) else f"unreachable ({s.deployer})"
+    colour = {"ok": "green", ASKING: "yellow"}.get(s.deployer, "red")
     age = "" if s.deployer_age_s is None else f", answered {human_age(s.deployer_age_s)} ago"
     lag = "" if s.feed_lag_p50_ms is None else \
         f"  feed lag p50 {s.feed_lag_p50_ms:g} ms p99 {_ms(s.feed_lag_p99_ms)} ms"
     header = Text.assemble(("shipyard monitor", "bold"), f"  {when}Z  filter {s.filter}  nats ",
                            (s.nats, "green" if s.nats == "connected" else "red"),
-                           "  deployer ", (deployer, "green" if s.deployer == "ok" else "red"),
+                           "  deployer ", (deployer, colour),
                            age, lag)
 
     online = sum(1 for n in s.nodes if n.status == "online")
@@ -344,10 +356,13 @@ def monitor_cmd(filter_text: str | None, interval: float, poll_s: float, timeout
         sys.stdout.flush()
 
     if not live:
-        with contextlib.suppress(KeyboardInterrupt):
-            run(lambda: watch(nats_url, model, poll_s=poll_s, timeout=timeout,
-                              show=show_json if as_json else show_text, every_s=interval,
-                              once=once))
+        try:
+            with contextlib.suppress(KeyboardInterrupt):
+                run(lambda: watch(nats_url, model, poll_s=poll_s, timeout=timeout,
+                                  show=show_json if as_json else show_text,
+                                  every_s=interval, once=once, settle=True))
+        except* BrokenPipeError:
+            out.on_broken_pipe()  # the reader left (| head): quiet, as rich's listings
         return
 
     with Live(console=out, screen=True, auto_refresh=False, redirect_stdout=False,

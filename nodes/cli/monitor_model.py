@@ -25,12 +25,13 @@ from typing import Any
 
 import msgspec
 
-from protocol.api import LATENCY_BUCKETS_S, ApiMetricsReport
-from protocol.deploy import DeploymentView
+from nodes.roles import ROLE_NAMES
+from protocol.api import ANY_GENERATION, LATENCY_BUCKETS_S, ApiMetricsReport
+from protocol.deploy import DeploymentView, InfraCreatedEvent
 from protocol.events import Event
 from protocol.heartbeat import Heartbeat
 from protocol.registry import LOST, ONLINE, NodeInfo
-from protocol.scenarios import RunFinished, RunStarted, RunSummary
+from protocol.scenarios import RunFinished, RunProgress, RunStarted, RunSummary
 
 LOST_AFTER = 3.0  # missed intervals, as the registry counts them
 TRAFFIC_WINDOW_S = 10.0
@@ -41,6 +42,7 @@ LAGS_KEPT = 20_000
 UNLISTED_KEPT_S = 600.0  # a silent node the Deployer never listed (it forgot it) goes
 SEEN_IDS = 2_000  # event ids remembered, so history and live never show one twice
 FILTER_KEYS = ("infra", "project", "role")
+ASKING = "asking"  # the Deployer's state before its first answer
 
 
 class BadFilter(ValueError):
@@ -72,6 +74,9 @@ class Filter:
             if key not in FILTER_KEYS:
                 raise BadFilter(f"unknown filter key {key!r}: expected one of "
                                 f"{', '.join(FILTER_KEYS)}")
+            if key == "role" and value not in ROLE_NAMES:
+                raise BadFilter(f"unknown role {value!r}: expected one of "
+                                f"{', '.join(ROLE_NAMES)}")
             values[key] = value
         return cls(**values)
 
@@ -190,7 +195,7 @@ class MonitorModel:
         self.lags: deque[float] = deque(maxlen=LAGS_KEPT)
         self.beats = 0
         self.nats = "connecting"
-        self.deployer = "not asked yet"
+        self.deployer = ASKING
         self.deployer_at: float | None = None
 
     # -- live feed ---------------------------------------------------------------------
@@ -243,6 +248,8 @@ class MonitorModel:
         elif isinstance(event, RunFinished):
             self._run(event.run)
         infra, project, role = _scope(event)
+        if infra is None and isinstance(event, RunProgress) and event.run_id in self.runs:
+            infra = self.runs[event.run_id].infra
         if self.filter.admits(infra=infra, project=project, role=role):
             self.events.append(EventRow(ts=event.ts, kind=str(event.__struct_config__.tag or "?"),
                                         text=event.summary()))
@@ -253,10 +260,11 @@ class MonitorModel:
 
     # -- the Deployer's answers ----------------------------------------------------------
 
-    def on_nodes(self, infos: Iterable[NodeInfo]) -> None:
+    def on_nodes(self, infos: Iterable[NodeInfo], *, everyone: bool = False) -> None:
         """The Deployer's lost nodes (online ones come from their beats: asking for
-        them all would send the whole fleet every round); a node it no longer lists is
-        forgotten."""
+        them all would send the whole fleet every round), or every node (``everyone``:
+        the first round, so the view is whole before the first beats arrive); a node it
+        no longer lists is forgotten."""
         now = self.clock()
         listed = set()
         for info in infos:
@@ -266,10 +274,14 @@ class MonitorModel:
                 if len(self.nodes) >= MAX_NODES:
                     continue
                 node = self.nodes[info.name] = _Node()
-            node.info, node.info_at, node.listed = info, now, True
+            node.info, node.info_at = info, now
+            node.listed = node.listed or info.status == LOST
         for name, node in list(self.nodes.items()):
             if name in listed:
                 continue
+            if not everyone and node.beat_at is None and node.info is not None \
+                    and node.info.status == ONLINE:
+                continue  # online when all were listed, not lost since: its beat is due
             node.info = None
             # Listed before and silent now: forgotten.  Never listed: not judged lost by
             # the Deployer yet (kept, lost here), unless silent for very long.
@@ -359,8 +371,8 @@ class MonitorModel:
             before = {(m.service, m.endpoint, m.generation, m.shadow): m
                       for m in oldest.endpoints} if span > 0 else {}
             for m in newest.endpoints:
-                if not self.filter.admits(project=m.service):
-                    continue
+                if m.generation == ANY_GENERATION or not self.filter.admits(project=m.service):
+                    continue  # ANY_GENERATION: requests queued, not traffic yet
                 gen = m.generation + (" (shadow)" if m.shadow else "")
                 row = sums.setdefault((m.service, gen, newest.infra), {
                     "requests": 0, "errors": 0, "rps": 0.0, "nodes": set(),
@@ -458,6 +470,8 @@ def _scope(event: Event) -> tuple[str | None, str | None, str | None]:
     """An event's infra, project (or service) and node role, where it has them."""
     if isinstance(event, RunFinished):
         return event.run.infra, event.run.project, None
+    if isinstance(event, InfraCreatedEvent):
+        return event.name, None, None
     infra = getattr(event, "infra", None)
     project = getattr(event, "project", None) or getattr(event, "service", None)
     role = getattr(event, "role", None)

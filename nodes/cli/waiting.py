@@ -140,6 +140,7 @@ class _Progress:
         self.bars: Progress | None = None
         self.tasks: dict[str, TaskID] = {}
         self.stages: dict[str, tuple[str, str]] = {}
+        self.totals: dict[str, int] = {}
         if show and self.tty:
             # Stages carry the nodes' reasons verbatim: no markup in them.
             self.bars = Progress(TextColumn("{task.fields[node]:<16}", markup=False),
@@ -165,12 +166,14 @@ class _Progress:
             return
         stage = describe(r)
         if self.bars is not None:
+            # Reports after the fetch may carry no size: the bar keeps the fetched one.
+            total = self.totals[r.node] = r.bytes_total or self.totals.get(r.node) or 1
             task = self.tasks.get(r.node)
             if task is None:
                 task = self.tasks[r.node] = self.bars.add_task(
-                    "", total=r.bytes_total or 1, node=r.node, stage=stage)
-            done = r.bytes_done if r.stage == "fetching" else r.bytes_total or 1
-            self.bars.update(task, completed=done, total=r.bytes_total or 1, stage=stage)
+                    "", total=total, node=r.node, stage=stage)
+            done = r.bytes_done if r.stage == "fetching" else total
+            self.bars.update(task, completed=done, total=total, stage=stage)
         elif self.stages.get(r.node) != (r.stage, r.env):
             self.stages[r.node] = (r.stage, r.env)
             err.print(f"  {r.node:<16} {stage}")

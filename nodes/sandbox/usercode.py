@@ -7,11 +7,12 @@ library's ``json``).  So reply bodies, error codes and the conventions below are
 same wherever an endpoint runs.
 
 A generation's modules are imported under private names, with its own directory first on
-``sys.path`` while they import, and their helper modules leave ``sys.modules``
-afterwards: two versions of the same code live side by side in one process.  ``load`` is
-called once per module with the package directory (where the artifacts are), and an
-optional ``warmup`` after it; an endpoint function that takes two arguments gets what
-``load`` returned as its second.
+``sys.path`` while they import (one generation at a time), and their helper modules
+leave ``sys.modules`` afterwards: two versions of the same code live side by side in one
+process.  ``load`` is called once per module with the package directory (where the
+artifacts are), after the imports and beside other generations' loads, and an optional
+``warmup`` after it; an endpoint function that takes two arguments gets what ``load``
+returned as its second.
 
 Standard library only (it runs in user environments).
 """
@@ -26,12 +27,17 @@ import json
 import math
 import re
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import ModuleType
 from typing import Any, Protocol
 
 _MODULE_IDS = itertools.count(1)
+# ``sys.path`` and ``sys.modules`` belong to the process, and generations load on
+# threads (two services switching at once): one generation imports at a time, or each
+# would find the other's helpers.
+_IMPORTING = threading.Lock()
 OP_PREDICT, OP_MULTI, OP_RUN = 0, 1, 2
 NESTED_TOO_DEEPLY = "JSON nested too deeply (at most about 1,000 levels)"  # protocol.base
 
@@ -183,37 +189,42 @@ class Generation:
         self.name = name
         self.endpoints: dict[str, Endpoint] = {}
         self.tag = f'"{name}"'.encode()
-        modules: dict[str, tuple[ModuleType, Any]] = {}
-        root = str(directory)
-        before = set(sys.modules)
-        sys.path.insert(0, root)
-        try:
-            for ep_name, kind, code, function in endpoints:
-                if code not in modules:
-                    module = self._import(service, directory, code, len(modules))
-                    model = None
-                    load = getattr(module, "load", None)
-                    if callable(load):
-                        model = _call_optional(load, directory)
-                    warm = getattr(module, "warmup", None)
-                    if callable(warm):
-                        _call_optional(warm, model)
-                    modules[code] = (module, model)
-                module, model = modules[code]
-                fn = getattr(module, function, None)
-                if not callable(fn):
-                    raise AttributeError(f"{code} defines no function {function!r} "
-                                         f"(endpoint {ep_name})")
-                self.endpoints[ep_name] = Endpoint(kind, fn, model, _takes_model(fn))
-        finally:
-            with contextlib.suppress(ValueError):
-                sys.path.remove(root)
-            # Helpers this version imported stay referenced by its modules, but leave
-            # sys.modules, so the next version imports its own copies.
-            for name in set(sys.modules) - before:
-                file = getattr(sys.modules[name], "__file__", None) or ""
-                if file.startswith(root):
-                    del sys.modules[name]
+        modules: dict[str, ModuleType] = {}
+        with _IMPORTING:
+            root = str(directory)
+            before = set(sys.modules)
+            sys.path.insert(0, root)
+            try:
+                for _, _, code, _ in endpoints:
+                    if code not in modules:
+                        modules[code] = self._import(service, directory, code, len(modules))
+            finally:
+                with contextlib.suppress(ValueError):
+                    sys.path.remove(root)
+                # Helpers this version imported stay referenced by its modules, but leave
+                # sys.modules, so the next version imports its own copies.
+                for name in set(sys.modules) - before:
+                    file = getattr(sys.modules[name], "__file__", None) or ""
+                    if file.startswith(root):
+                        del sys.modules[name]
+        # load() and warmup() may take long: beside other generations' loads.
+        models: dict[str, Any] = {}
+        for ep_name, kind, code, function in endpoints:
+            module = modules[code]
+            if code not in models:
+                model = None
+                load = getattr(module, "load", None)
+                if callable(load):
+                    model = _call_optional(load, directory)
+                warm = getattr(module, "warmup", None)
+                if callable(warm):
+                    _call_optional(warm, model)
+                models[code] = model
+            fn = getattr(module, function, None)
+            if not callable(fn):
+                raise AttributeError(f"{code} defines no function {function!r} "
+                                     f"(endpoint {ep_name})")
+            self.endpoints[ep_name] = Endpoint(kind, fn, models[code], _takes_model(fn))
 
     @staticmethod
     def _import(service: str, directory: Path, code: str, i: int) -> ModuleType:
