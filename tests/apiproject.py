@@ -31,7 +31,7 @@ import subprocess
 import sys
 import time
 
-from helpers import VERSION, label
+from {helpers} import VERSION, label
 
 LOAD_FAILS = {load_fails!r}
 SLEEP = {sleep!r}
@@ -75,7 +75,7 @@ def predict(features, model):
 SCORE = """\
 import time
 
-from helpers import VERSION
+from {helpers} import VERSION
 
 
 def score(body):
@@ -97,16 +97,20 @@ def label(p):
 
 def make_api_project(workspace: Path, key: str = "churn", service: str = "churn-api", *,
                      version: str = "1", load_fails: bool = False,
-                     sleep: float = 0.0, load_sleep: float = 0.0) -> Path:
-    """Write (or rewrite) the project; ``version`` shows in every reply."""
+                     sleep: float = 0.0, load_sleep: float = 0.0,
+                     helpers: str = "helpers") -> Path:
+    """Write (or rewrite) the project; ``version`` shows in every reply.  ``helpers``:
+    the name of the module the endpoints import (two services whose helpers share a
+    name load one after the other in a worker)."""
     d = workspace / key
     (d / "api").mkdir(parents=True, exist_ok=True)
     (d / "models").mkdir(exist_ok=True)
     (d / "shipyard.toml").write_text(MANIFEST.format(key=key, service=service))
     (d / "api" / "predict.py").write_text(PREDICT.format(load_fails=load_fails, sleep=sleep,
-                                                            load_sleep=load_sleep))
-    (d / "api" / "score.py").write_text(SCORE.format())
-    (d / "api" / "helpers.py").write_text(HELPERS.format(version=version))
+                                                            load_sleep=load_sleep,
+                                                            helpers=helpers))
+    (d / "api" / "score.py").write_text(SCORE.format(helpers=helpers))
+    (d / "api" / f"{helpers}.py").write_text(HELPERS.format(version=version))
     (d / "models" / "model.json").write_text('{"weight": 1.0}')
     (d / "notes.txt").write_text("not in the package\n")
     return d

@@ -134,9 +134,12 @@ async def test_a_predict_that_segfaults_fails_alone_with_the_signal_named(
 
 async def test_a_slow_load_of_one_service_does_not_hold_back_another(
         settings: NatsSettings, tmp_path: Path) -> None:
-    """churn-api's ``load()`` takes 10 s; other-api, deployed after it, serves meanwhile."""
+    """churn-api's ``load()`` takes 10 s; other-api, deployed after it, serves meanwhile
+    (its helper module has a name of its own: same-named helpers load one after the
+    other, ``test_sandbox``)."""
     make_api_project(tmp_path / "ws", version="1", load_sleep=10.0)
-    make_api_project(tmp_path / "ws", key="other", service=OTHER, version="1")
+    make_api_project(tmp_path / "ws", key="other", service=OTHER, version="1",
+                     helpers="other_helpers")
     async with api_stack(settings, tmp_path) as s:
         node = await s.api_node("api-1", workers=2)
         await s.package("v1")

@@ -236,3 +236,88 @@ def test_two_versions_loaded_at_once_each_import_their_own_helpers(tmp_path: Pat
                for v, g in loaded.items()}
     assert answers == {"v1": 1, "v2": 2}
     assert "helpers" not in sys.modules
+
+
+def test_load_unpickles_a_model_whose_class_lives_in_a_helper_module(tmp_path: Path) -> None:
+    """``load()`` runs while the version's helpers are importable: a pickled model whose
+    class is defined beside the endpoint (pickle imports it by name) loads."""
+    import pickle
+
+    from nodes.sandbox.usercode import Generation
+
+    (tmp_path / "api").mkdir()
+    (tmp_path / "models").mkdir()
+    (tmp_path / "api" / "modelkit.py").write_text(
+        "class Scaler:\n    def __init__(self, k):\n        self.k = k\n\n"
+        "    def apply(self, x):\n        return self.k * x\n")
+    (tmp_path / "api" / "predict.py").write_text(
+        "import pickle\n\n\ndef load(directory):\n"
+        "    return pickle.loads((directory / 'models' / 'm.pkl').read_bytes())\n\n\n"
+        "def predict(features, model):\n    return model.apply(features['x'])\n")
+    sys.path.insert(0, str(tmp_path / "api"))
+    try:
+        import modelkit  # type: ignore[import-not-found]
+        (tmp_path / "models" / "m.pkl").write_bytes(pickle.dumps(modelkit.Scaler(3)))
+    finally:
+        sys.path.remove(str(tmp_path / "api"))
+        sys.modules.pop("modelkit", None)
+    gen = Generation("svc", "v1", tmp_path, [("predict", "prediction", "api/predict.py",
+                                              "predict")])
+    assert gen.endpoints["predict"].call({"x": 2}) == 6
+    assert "modelkit" not in sys.modules
+
+
+LOAD_MEETING = """\
+import sys
+import threading
+
+from {helpers} import VALUE
+
+
+def load():
+    sys.modules["sy_test_meeting"].barrier.wait(timeout=5)  # raises if alone
+
+
+def predict(features):
+    return VALUE
+"""
+
+
+def test_two_services_whose_helpers_have_different_names_load_side_by_side(
+        tmp_path: Path) -> None:
+    """Each ``load()`` waits for the other's: both finish only if neither holds the
+    other back."""
+    import threading
+    import types
+
+    from nodes.sandbox.usercode import Generation
+
+    for service, value in (("a", 1), ("b", 2)):
+        (tmp_path / service / "api").mkdir(parents=True)
+        (tmp_path / service / "api" / "predict.py").write_text(
+            LOAD_MEETING.format(helpers=f"helpers_{service}"))
+        (tmp_path / service / "api" / f"helpers_{service}.py").write_text(f"VALUE = {value}\n")
+    meeting = types.ModuleType("sy_test_meeting")
+    meeting.barrier = threading.Barrier(2)  # type: ignore[attr-defined]
+    sys.modules["sy_test_meeting"] = meeting
+    loaded: dict[str, Any] = {}
+
+    def load(service: str) -> None:
+        try:
+            loaded[service] = Generation(service, "v1", tmp_path / service,
+                                         [("predict", "prediction", "api/predict.py",
+                                           "predict")])
+        except Exception as exc:
+            loaded[service] = exc
+
+    try:
+        threads = [threading.Thread(target=load, args=(s,)) for s in ("a", "b")]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=10)
+    finally:
+        del sys.modules["sy_test_meeting"]
+    answers = {s: g.endpoints["predict"].call({}) if isinstance(g, Generation) else repr(g)
+               for s, g in loaded.items()}
+    assert answers == {"a": 1, "b": 2}

@@ -7,12 +7,14 @@ library's ``json``).  So reply bodies, error codes and the conventions below are
 same wherever an endpoint runs.
 
 A generation's modules are imported under private names, with its own directory first on
-``sys.path`` while they import (one generation at a time), and their helper modules
-leave ``sys.modules`` afterwards: two versions of the same code live side by side in one
-process.  ``load`` is called once per module with the package directory (where the
-artifacts are), after the imports and beside other generations' loads, and an optional
-``warmup`` after it; an endpoint function that takes two arguments gets what ``load``
-returned as its second.
+``sys.path`` while they import and load (two generations with a helper module of the
+same name one after the other: ``sys.path`` and ``sys.modules`` belong to the process),
+and their helper modules leave ``sys.modules`` afterwards: two versions of the same code
+live side by side in one process.  ``load``
+is called once per module with the package directory (where the artifacts are), while
+the version's helpers are still importable (a lazy import, or a pickled model whose
+classes live beside it, finds them), and an optional ``warmup`` after it; an endpoint
+function that takes two arguments gets what ``load`` returned as its second.
 
 Standard library only (it runs in user environments).
 """
@@ -28,16 +30,19 @@ import math
 import re
 import sys
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from types import ModuleType
 from typing import Any, Protocol
 
 _MODULE_IDS = itertools.count(1)
 # ``sys.path`` and ``sys.modules`` belong to the process, and generations load on
-# threads (two services switching at once): one generation imports at a time, or each
-# would find the other's helpers.
-_IMPORTING = threading.Lock()
+# threads (two services switching at once): two generations whose code has a module of
+# the same name (``helpers``, ``utils``, two versions of one service) import and load one
+# after the other, or each would find the other's; others load side by side.  A lock per
+# module name, created on first use, never dropped (a few per distinct name).
+_NAME_LOCKS: dict[str, threading.Lock] = {}
+_NAME_LOCKS_GUARD = threading.Lock()
 OP_PREDICT, OP_MULTI, OP_RUN = 0, 1, 2
 NESTED_TOO_DEEPLY = "JSON nested too deeply (at most about 1,000 levels)"  # protocol.base
 
@@ -190,7 +195,10 @@ class Generation:
         self.endpoints: dict[str, Endpoint] = {}
         self.tag = f'"{name}"'.encode()
         modules: dict[str, ModuleType] = {}
-        with _IMPORTING:
+        models: dict[str, Any] = {}
+        codes = {directory / code for _, _, code, _ in endpoints}
+        helpers = _module_names({directory, *(c.parent for c in codes)}, besides=codes)
+        with _holding(helpers):
             root = str(directory)
             before = set(sys.modules)
             sys.path.insert(0, root)
@@ -198,6 +206,12 @@ class Generation:
                 for _, _, code, _ in endpoints:
                     if code not in modules:
                         modules[code] = self._import(service, directory, code, len(modules))
+                # load() and warmup() run while the version's helpers are importable: a
+                # load that imports lazily, or unpickles a model whose classes live beside
+                # it, finds this version's modules.
+                for code, module in modules.items():
+                    with _on_path(str((directory / code).parent)):
+                        models[code] = self._load(module, directory)
             finally:
                 with contextlib.suppress(ValueError):
                     sys.path.remove(root)
@@ -207,24 +221,24 @@ class Generation:
                     file = getattr(sys.modules[name], "__file__", None) or ""
                     if file.startswith(root):
                         del sys.modules[name]
-        # load() and warmup() may take long: beside other generations' loads.
-        models: dict[str, Any] = {}
         for ep_name, kind, code, function in endpoints:
-            module = modules[code]
-            if code not in models:
-                model = None
-                load = getattr(module, "load", None)
-                if callable(load):
-                    model = _call_optional(load, directory)
-                warm = getattr(module, "warmup", None)
-                if callable(warm):
-                    _call_optional(warm, model)
-                models[code] = model
-            fn = getattr(module, function, None)
+            fn = getattr(modules[code], function, None)
             if not callable(fn):
                 raise AttributeError(f"{code} defines no function {function!r} "
                                      f"(endpoint {ep_name})")
             self.endpoints[ep_name] = Endpoint(kind, fn, models[code], _takes_model(fn))
+
+    @staticmethod
+    def _load(module: ModuleType, directory: Path) -> Any:
+        """``load(directory)`` then ``warmup(model)``, where the module defines them."""
+        model = None
+        load = getattr(module, "load", None)
+        if callable(load):
+            model = _call_optional(load, directory)
+        warm = getattr(module, "warmup", None)
+        if callable(warm):
+            _call_optional(warm, model)
+        return model
 
     @staticmethod
     def _import(service: str, directory: Path, code: str, i: int) -> ModuleType:
@@ -234,13 +248,53 @@ class Generation:
         if spec is None or spec.loader is None:
             raise ImportError(f"cannot import {code}")
         module = importlib.util.module_from_spec(spec)
-        old_path = list(sys.path)
-        sys.path.insert(0, str(path.parent))
-        try:
+        with _on_path(str(path.parent)):
             spec.loader.exec_module(module)
-        finally:
-            sys.path[:] = old_path
         return module
+
+
+@contextlib.contextmanager
+def _on_path(folder: str) -> Iterator[None]:
+    """``folder`` first on ``sys.path`` for the block (user code imports its neighbours).
+    Removed by value, not by restoring a copy: another generation may be loading."""
+    sys.path.insert(0, folder)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(ValueError):
+            sys.path.remove(folder)
+
+
+def _module_names(folders: Iterable[Path], besides: set[Path]) -> set[str]:
+    """The top-level names the modules and packages in ``folders`` can be imported as,
+    but the endpoint files ``besides`` (imported under private names).  A folder without
+    ``__init__.py`` (``api/``, ``models/``: in every package) is left out."""
+    names: set[str] = set()
+    for folder in folders:
+        with contextlib.suppress(OSError):
+            for entry in folder.iterdir():
+                name = entry.name.split(".", 1)[0]
+                if not name.isidentifier() or entry in besides:
+                    continue
+                if (entry.suffix in _MODULE_SUFFIXES and entry.is_file()) or (
+                        entry.is_dir() and (entry / "__init__.py").is_file()):
+                    names.add(name)
+    return names
+
+
+_MODULE_SUFFIXES = frozenset({".py", ".pyc", ".so", ".pyd"})
+
+
+@contextlib.contextmanager
+def _holding(names: Iterable[str]) -> Iterator[None]:
+    """Hold the lock of each module name, taken in sorted order (no two holders wait on
+    each other)."""
+    with _NAME_LOCKS_GUARD:
+        locks = [_NAME_LOCKS.setdefault(n, threading.Lock()) for n in sorted(set(names))]
+    with contextlib.ExitStack() as held:
+        for lock in locks:
+            held.enter_context(lock)
+        yield
 
 
 def _result(value: Any) -> Any:
