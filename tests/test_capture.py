@@ -474,6 +474,12 @@ async def test_replay_against_a_changed_version_reports_the_differences(stack: S
         refusal = await replay_refusal(nc, CAP, "v9")
     assert refusal.startswith("version v9 of cap-api is not loaded on infra prod")
     assert "shipyard deploy api cap-api --split v1=100,v2=0,v9=0 --infra prod" in refusal
+    # Nothing captured in the window: said so, exit 1, nothing sent.
+    empty = stack.cli("api", "replay", CAP, "--version", "v2", "--since",
+                      f"{time.time() + 3600:.3f}", check=False)
+    assert empty.returncode == 1, empty
+    assert "no captured calls of cap-api since" in empty.stderr
+    assert "nothing to replay" in empty.stderr and "Traceback" not in empty.stderr
 
 
 async def test_the_capture_stream_is_bounded_by_size_and_age(stack: Stack) -> None:

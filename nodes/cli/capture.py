@@ -155,6 +155,8 @@ def api_replay(service: str, version: str, generation: str | None, rate: float,
             start = parse_time(since) if since else None
             found = await read_captures(nc, service, since=start, generation=generation,
                                         endpoint=endpoint, limit=limit, timeout=timeout)
+            if not found.entries:
+                return _nothing_captured(service, since, generation, endpoint)
             return await replay(nc, [c for _, c in found.entries], version, rate=rate,
                                 timeout=timeout)
 
@@ -168,6 +170,14 @@ def api_replay(service: str, version: str, generation: str | None, rate: float,
         print_json(summary)
         return
     _print_report(summary)
+
+
+def _nothing_captured(service: str, since: str | None, generation: str | None,
+                      endpoint: str | None) -> str:
+    which = "".join(f" {label} {value}" for label, value in (
+        ("since", since), ("of generation", generation), ("to endpoint", endpoint)) if value)
+    return (f"no captured calls of {service}{which}: nothing to replay (capture is turned "
+            f"on per deployment: shipyard deploy api {service} --capture RATE)")
 
 
 async def replay_refusal(nc: Any, service: str, version: str) -> str:
