@@ -156,6 +156,23 @@ def test_traffic_per_generation_has_rate_quantiles_and_error_rate_over_the_windo
     assert row.nodes == 1 and row.rps >= 0
 
 
+def test_a_new_generations_first_requests_count_in_its_rate() -> None:
+    """v2 appears between two reports of a node: its 40 requests are traffic of that
+    interval, not a baseline."""
+    m, clock = model()
+    m.on_metrics(metrics("n1", "v1", 100, 0, 100, 0))
+    clock.t += 2.0
+    report = metrics("n1", "v1", 140, 0, 140, 0)
+    report.endpoints.append(EndpointMetrics(
+        service="shop", endpoint="predict", generation="v2", shadow=False, requests=40,
+        errors=4, inflight=0, latency_sum_s=0.0, buckets=metrics("n1", "v2", 40, 0, 40, 0)
+        .endpoints[0].buckets))
+    m.on_metrics(report)
+    rows = {r.generation: r for r in m.traffic_rows()}
+    assert (rows["v1"].rps, rows["v2"].rps) == (20.0, 20.0)
+    assert rows["v2"].requests == 40 and rows["v2"].error_rate == 0.1
+
+
 def test_the_filter_narrows_every_panel_and_a_bad_one_says_what_is_expected() -> None:
     m, _ = model("infra=prod,role=automation,project=shop")
     m.on_heartbeat(beat("a1"))

@@ -378,15 +378,21 @@ class MonitorModel:
                     "requests": 0, "errors": 0, "rps": 0.0, "nodes": set(),
                     "buckets": [0] * (len(LATENCY_BUCKETS_S) + 1)})
                 row["nodes"].add(newest.node)
+                if span <= 0:
+                    continue  # one report: no interval yet
                 old = before.get((m.service, m.endpoint, m.generation, m.shadow))
-                if old is None or old.requests > m.requests:  # new, or the node restarted
-                    continue
-                requests = m.requests - old.requests
+                if old is None or old.requests > m.requests:
+                    # A generation's first traffic (a row the earlier report lacks), or the
+                    # node restarted: counted from zero.
+                    req0, err0, buckets0 = 0, 0, [0] * len(m.buckets)
+                else:
+                    req0, err0, buckets0 = old.requests, old.errors, old.buckets
+                requests = m.requests - req0
                 row["requests"] += requests
-                row["errors"] += max(0, m.errors - old.errors)
+                row["errors"] += max(0, m.errors - err0)
                 row["rps"] += requests / span
                 row["buckets"] = [a + max(0, b - c) for a, b, c in
-                                  zip(row["buckets"], m.buckets, old.buckets, strict=False)]
+                                  zip(row["buckets"], m.buckets, buckets0, strict=False)]
         rows = []
         for (service, gen, infra), s in sums.items():
             p50, p99 = _quantile(s["buckets"], 0.5), _quantile(s["buckets"], 0.99)
