@@ -26,8 +26,10 @@ from typing import Any
 import msgspec
 
 from nodes.roles import ROLE_NAMES
+from protocol import subjects
 from protocol.api import ANY_GENERATION, LATENCY_BUCKETS_S, ApiMetricsReport
 from protocol.deploy import DeploymentView, InfraCreatedEvent
+from protocol.errors import BadName
 from protocol.events import Event
 from protocol.heartbeat import Heartbeat
 from protocol.registry import LOST, ONLINE, NodeInfo
@@ -43,6 +45,14 @@ UNLISTED_KEPT_S = 600.0  # a silent node the Deployer never listed (it forgot it
 SEEN_IDS = 2_000  # event ids remembered, so history and live never show one twice
 FILTER_KEYS = ("infra", "project", "role")
 ASKING = "asking"  # the Deployer's state before its first answer
+
+
+def _is_name(value: str) -> bool:
+    try:
+        subjects.token(value, "role")
+    except BadName:
+        return False
+    return True
 
 
 class BadFilter(ValueError):
@@ -74,7 +84,8 @@ class Filter:
             if key not in FILTER_KEYS:
                 raise BadFilter(f"unknown filter key {key!r}: expected one of "
                                 f"{', '.join(FILTER_KEYS)}")
-            if key == "role" and value not in ROLE_NAMES:
+            if key == "role" and value not in ROLE_NAMES and _is_name(value):
+                # A malformed one is left to the name check every command makes (exit 1).
                 raise BadFilter(f"unknown role {value!r}: expected one of "
                                 f"{', '.join(ROLE_NAMES)}")
             values[key] = value
