@@ -21,6 +21,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
+from nodes.runtime import natscompat
 from protocol import subjects
 
 if TYPE_CHECKING:
@@ -28,6 +29,7 @@ if TYPE_CHECKING:
 
 NO_RESPONDERS = "503"
 MAX_PENDING_NOTICES = 64  # progress notices waiting for their callback (more are dropped)
+NOTICES_GRACE_S = 1.0  # most time spent handing on notices received before the reply
 
 
 class Requester:
@@ -108,6 +110,10 @@ class Requester:
             if denials is not None:
                 denials.unwatch(future)
             if notices is not None:
+                # The notices sent before the reply were received before it: hand them
+                # on (briefly: a callback that hangs only loses the rest), then stop.
+                with anyio.move_on_after(NOTICES_GRACE_S), contextlib.suppress(Exception):
+                    await natscompat.handled(notices)
                 with contextlib.suppress(Exception):  # the connection closed: so is it
                     await notices.unsubscribe()
         if msg.headers and msg.headers.get("Status") == NO_RESPONDERS and not msg.data:
