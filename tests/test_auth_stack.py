@@ -75,8 +75,11 @@ async def test_a_bundle_and_an_api_deploy_under_least_privilege_raise_no_violati
                 await admin.call(CreateBundle(project="flows", bundle_id="v1"), timeout=30)
                 await admin.call(DeployBundle(project="flows", bundle_id="v1",
                                               infra="automation", by="admin"))
+                heard.clear()
                 await admin.call(CreateApiPackage(project="churn", service="churn-api",
-                                                  version="v1"), timeout=30)
+                                                  version="v1"), timeout=30,
+                                 on_progress=heard.append)
+                assert heard[-1].stage == STORING and heard[-1].done == heard[-1].total > 0
                 await admin.call(DeployApi(service="churn-api", infra="api",
                                            generations={"v1": 100}))
 
