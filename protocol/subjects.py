@@ -22,6 +22,9 @@ Namespace first, identifiers last, one token per level::
                                         API node whose worker runs it, while it runs) or
                                         "it is queued, starts within N s" (body N: from
                                         the worker or node that holds it, while it waits)
+    <reply>.progress                    how a long command is getting on (stage, done, total:
+                                        ``protocol.progress.CommandProgress``), from the
+                                        node that runs it, for its requester to show
     sy.cap.<service>.<endpoint>         captured requests and answers of a service that
                                         opted in; the SY_CAPTURE JetStream stream keeps them
     $SRV.PING|INFO|STATS[.<svc>[.<id>]] nats.micro discovery (spelled by nats-py itself)
@@ -164,6 +167,23 @@ def api_working_all(reply_prefix: str) -> str:
     """Every such notice for the requests whose reply subjects are ``reply_prefix`` + one
     token."""
     return f"{reply_prefix}*.{WORKING_TOKEN}"
+
+
+# -- progress of long commands -----------------------------------------------------------
+
+PROGRESS_TOKEN = "progress"
+
+
+def command_progress(reply: str) -> str:
+    """Where the node that runs the command with reply subject ``reply`` tells how it is
+    getting on (``protocol.progress.CommandProgress``)."""
+    return f"{reply}.{PROGRESS_TOKEN}"
+
+
+def command_progress_all(reply_prefix: str) -> str:
+    """Every progress notice for the commands whose reply subjects are ``reply_prefix`` +
+    one token."""
+    return f"{reply_prefix}*.{PROGRESS_TOKEN}"
 
 
 # -- prediction capture -------------------------------------------------------------------

@@ -28,7 +28,14 @@ class Unhandled(Command[Done], frozen=True, kw_only=True, tag="unhandled"):
     pass
 
 
-PROBE = Family("probe", Work | Boom | Unhandled, Done)
+class Steps(Command[Done], frozen=True, kw_only=True, tag="steps"):
+    """Tell the requester ``count`` steps of progress, each body of ``raw`` first."""
+
+    count: int
+    raw: list[str] = []
+
+
+PROBE = Family("probe", Work | Boom | Unhandled | Steps, Done)
 
 
 class ProbeNode(Node):
@@ -52,3 +59,12 @@ class ProbeNode(Node):
         if cmd.typed:
             raise NotFound("no such thing: widget-7")
         raise ZeroDivisionError("division by zero in handler")
+
+    @handles(Steps)
+    async def steps(self, cmd: Steps, req: Request[Any]) -> Done:
+        notices = self.progress(req)
+        for body in cmd.raw:
+            await self.nc.publish(notices.subject, body.encode())
+        for i in range(1, cmd.count + 1):
+            await notices("stepping", i, cmd.count, "files")
+        return Done(label=f"{notices.sent} sent")

@@ -193,6 +193,27 @@ async def test_design_publishes_bundles_but_cannot_write_desired_state(
         assert await _desired(admin) == b'{"desired": "v1"}'
 
 
+async def test_design_progress_reaches_a_requesters_inbox_and_nothing_else(
+        stack: AuthStack) -> None:
+    async with stack.connect("vera") as viewer, stack.connect("design") as design:
+        reply = viewer.nc.new_inbox() + ".1"  # as a Requester names a request's reply
+        heard: list[bytes] = []
+
+        async def on_msg(msg: Msg) -> None:
+            heard.append(msg.data)
+
+        await viewer.nc.subscribe(subjects.command_progress(reply), cb=on_msg)
+        await viewer.nc.flush()
+        await design.nc.publish(subjects.command_progress(reply), b"{}")
+        await wait_for(lambda: heard == [b"{}"], timeout=5, message="the notice delivered")
+        # Only progress notices: not a reply nor a "working" notice on someone's inbox.
+        await design.nc.publish(reply, b"forged")
+        await design.denied(reply)
+        await design.nc.publish(subjects.api_working(reply), b"")
+        await design.denied(subjects.api_working(reply))
+        assert viewer.violations() == []
+
+
 async def test_the_gateway_only_requests_apis_and_api_nodes_only_serve_them(
         stack: AuthStack) -> None:
     async with stack.connect("admin") as admin, stack.connect("gateway") as gateway, \

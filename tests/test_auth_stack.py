@@ -16,9 +16,11 @@ from nodes.deployer import DeployerNode
 from nodes.design import DesignNode
 from nodes.runtime.calls import Caller
 from nodes.runtime.connection import close, connect
+from nodes.runtime.progress import STORING
 from protocol.api import CreateApiPackage, DeployApi
 from protocol.bundles import CreateBundle
 from protocol.deploy import CreateInfra, DeployBundle, ListDeployments
+from protocol.progress import CommandProgress
 from protocol.scenarios import GetRunLog, ListRuns, RunScenario
 from tests.apiproject import make_api_project
 from tests.authstack import auth_stack
@@ -62,14 +64,22 @@ async def test_a_bundle_and_an_api_deploy_under_least_privilege_raise_no_violati
                 await admin.call(CreateInfra(name="automation", kind="automation"))
                 await admin.call(CreateInfra(name="api", kind="api"))
 
-                await admin.call(CreateBundle(project="churn", bundle_id="v1"), timeout=30)
+                # The Design node's progress reaches the admin's inbox, as its reply does.
+                heard: list[CommandProgress] = []
+                await admin.call(CreateBundle(project="churn", bundle_id="v1"), timeout=30,
+                                 on_progress=heard.append)
+                assert heard[-1].stage == STORING
+                assert heard[-1].unit == "bytes" and heard[-1].done == heard[-1].total > 0
                 await admin.call(DeployBundle(project="churn", bundle_id="v1",
                                               infra="automation", by="admin"))
                 await admin.call(CreateBundle(project="flows", bundle_id="v1"), timeout=30)
                 await admin.call(DeployBundle(project="flows", bundle_id="v1",
                                               infra="automation", by="admin"))
+                heard.clear()
                 await admin.call(CreateApiPackage(project="churn", service="churn-api",
-                                                  version="v1"), timeout=30)
+                                                  version="v1"), timeout=30,
+                                 on_progress=heard.append)
+                assert heard[-1].stage == STORING and heard[-1].done == heard[-1].total > 0
                 await admin.call(DeployApi(service="churn-api", infra="api",
                                            generations={"v1": 100}))
 

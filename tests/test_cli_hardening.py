@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import pty
+import re
 import socket
 import subprocess
 from pathlib import Path
@@ -226,3 +227,21 @@ def test_output_is_plain_off_a_terminal_and_styled_on_one(cluster: dict[str, str
     styled = _on_a_terminal(["nodes"], env)
     assert b"\x1b[32monline\x1b[0m" in styled, styled
     assert b"[green]" not in styled and b"[/" not in styled
+
+
+def test_bundle_create_shows_the_design_nodes_stages_and_bytes_on_a_terminal_only(
+        cluster: dict[str, str], tmp_path: Path) -> None:
+    env = {k: v for k, v in cluster.items() if k not in ("NO_COLOR", "FORCE_COLOR")}
+    project = make_project(tmp_path / "ws", "churn")
+    (project / "data" / "big.bin").write_bytes(os.urandom(3 << 20))
+    piped = shipyard("bundle", "create", "churn", "--id", "v1", env=env, check=True)
+    assert "\x1b[" not in piped.stdout + piped.stderr and "\r" not in piped.stderr
+    assert "storing" not in piped.stdout + piped.stderr and piped.stderr == ""
+    assert "bundle churn v1 created" in piped.stdout
+
+    drawn = _on_a_terminal(["bundle", "create", "churn", "--id", "v2"], env)
+    assert b" created: 5 files" in drawn, drawn
+    # The last notice is the end of the storing stage: the archive's size, sent in full.
+    shown = re.search(rb"bundle churn v2: storing\S*\s.*?(\d+\.\d)/(\d+\.\d) MB", drawn)
+    assert shown is not None, drawn
+    assert shown.group(1) == shown.group(2) and float(shown.group(2)) >= 3.1

@@ -331,6 +331,36 @@ async def test_count_endpoint_error_shows_in_stats_replies(settings: NatsSetting
     assert stats["last_error"] == "x" * natscompat.LAST_ERROR_MAX
 
 
+async def test_handled_returns_once_the_callback_handled_every_received_message(
+        settings: NatsSettings) -> None:
+    release = anyio.Event()
+    seen: list[bytes] = []
+
+    async def on_msg(msg: Any) -> None:
+        await release.wait()
+        seen.append(msg.data)
+
+    async with client(settings.url) as nc:
+        sub = await nc.subscribe("compat.handled", cb=on_msg)
+        for i in range(3):
+            await nc.publish("compat.handled", str(i).encode())
+        await nc.flush()
+        await wait_for(lambda: sub.pending_msgs == 2, timeout=TIMEOUT,
+                       message="one message in the callback, two queued")
+        returned = anyio.Event()
+
+        async def wait() -> None:
+            await natscompat.handled(sub)
+            returned.set()
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(wait)
+            await anyio.wait_all_tasks_blocked()
+            assert not returned.is_set() and seen == []
+            release.set()
+        assert seen == [b"0", b"1", b"2"]
+
+
 async def test_request_reply_is_the_subject_the_caller_listens_on(
         settings: NatsSettings) -> None:
     seen: list[str] = []

@@ -36,6 +36,33 @@ def test_a_bar_draws_on_a_terminal_and_writes_nothing_off_one() -> None:
     assert lines.file.getvalue() == "  step 1 done\n"  # type: ignore[attr-defined]
 
 
+def test_a_bar_follows_a_nodes_stages_in_files_then_bytes_and_ignores_them_off_a_terminal(
+        ) -> None:
+    from protocol.progress import CommandProgress
+
+    screen = Console(file=io.StringIO(), force_terminal=True, width=120)
+    with Bar("packing and storing churn as bundle v2", console=screen) as b:
+        show = b.notices("bundle churn v2")
+        assert show is not None and b.progress is not None
+        [task] = b.progress.tasks
+        show(CommandProgress(stage="packing files", done=0, total=None, unit="files"))
+        assert (task.description, task.total) == ("bundle churn v2: packing files", None)
+        show(CommandProgress(stage="packing files", done=7, total=7, unit="files"))
+        b.progress.refresh()
+        assert "7/7" in screen.file.getvalue()  # type: ignore[attr-defined]
+        show(CommandProgress(stage="storing", done=1 << 20, total=3 << 20, unit="bytes"))
+        b.progress.refresh()
+        assert (task.completed, task.total) == (1 << 20, 3 << 20)
+        assert "1.0/3.1 MB" in screen.file.getvalue()  # type: ignore[attr-defined]
+        show(CommandProgress(stage="later", done=0, total=None))
+        assert task.total is None  # a stage of unknown length pulses again
+
+    pipe = Console(file=io.StringIO(), force_terminal=False, width=100)
+    with Bar("packing and storing churn as bundle v2", console=pipe) as b:
+        assert b.notices("bundle churn v2") is None  # nothing to subscribe to them for
+    assert pipe.file.getvalue() == ""  # type: ignore[attr-defined]
+
+
 def test_a_nodes_deploy_bar_keeps_the_fetched_size_when_later_stages_carry_none(
         monkeypatch: pytest.MonkeyPatch) -> None:
     from nodes.cli import waiting

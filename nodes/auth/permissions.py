@@ -23,6 +23,9 @@ Rules every role follows:
 * Opening a bucket it uses: ``STREAM.CREATE.<stream>`` only.  The server refuses a create
   that differs from an existing stream's config, so this can create a missing bucket but
   never change one; updates, deletes and purges are the control plane's.
+* Progress of a long command (``<reply>.progress``) goes to its requester's inbox: the
+  Design node may publish it to any inbox (``_INBOX.*.*.*.progress``), and a requester
+  receives it under its own inbox prefix, as it receives the reply.
 * Heartbeats and reports carry the node's own name in the subject: a node may publish
   only its own (``sy.hb.<role>.<name>``, ``sy.rpt.*.<name>``).
 * The nonces of accepted signed commands (``sy_nonces``) are the verifiers' alone:
@@ -256,7 +259,9 @@ def permissions_for(identity: Identity) -> Permissions:
         p.write_objects(subjects.BUNDLE_STORE, subjects.API_PACKAGE_STORE,
                         subjects.WHEELS_STORE, subjects.RUN_LOGS_STORE)
         p.pub_allow += [subjects.events_of("bundle"), subjects.events_of("apipkg"),
-                        subjects.RUN_EVENTS_ALL]
+                        subjects.RUN_EVENTS_ALL,
+                        # How a bundle or package it makes is getting on, to its requester.
+                        subjects.command_progress_all(ANY_REPLY_PREFIX)]
     return p
 
 

@@ -74,8 +74,9 @@ def api_package(project: str, service: str, version: str, notes: str, wheels: bo
     check_names(project=project, service=service, version=version)
     cmd = CreateApiPackage(project=project, service=service, version=version, notes=notes,
                            created_by=whoami(), wheels=wheels)
-    with progress.bar(f"packaging and storing {service} {version}"):
-        reply: ApiPackageCreated = run(call, nats_url, cmd, 600.0)
+    with progress.bar(f"packaging and storing {service} {version}") as b:
+        reply: ApiPackageCreated = run(call, nats_url, cmd, 600.0,
+                                       b.notices(f"package {service} {version}"))
     if as_json:
         print_json(reply)
         return

@@ -33,6 +33,7 @@ from nodes.runtime.settings import DEFAULT_HOME, NatsSettings, read_stack_file, 
 from protocol import subjects
 from protocol.api import check_version
 from protocol.bundles import check_bundle_id
+from protocol.progress import CommandProgress
 
 T = TypeVar("T")
 F = TypeVar("F", bound=Callable[..., Any])
@@ -151,9 +152,12 @@ async def connected(nats_url: str | None) -> AsyncIterator[NATS]:
             await nc.close()
 
 
-async def call(nats_url: str | None, cmd: Any, timeout: float = 10.0) -> Any:
+async def call(nats_url: str | None, cmd: Any, timeout: float = 10.0,
+               progress: Callable[[CommandProgress], None] | None = None) -> Any:
+    """Send ``cmd`` and return its reply; ``progress`` hears the node's progress notices
+    (``nodes.cli.progress.Bar.notices``)."""
     async with connected(nats_url) as nc:
-        return await Caller(nc, sender="cli").call(cmd, timeout=timeout)
+        return await Caller(nc, sender="cli").call(cmd, timeout=timeout, on_progress=progress)
 
 
 def run(fn: Callable[..., Awaitable[T]], *args: Any) -> T:

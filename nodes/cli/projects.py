@@ -84,8 +84,9 @@ def bundle_create(project: str, bundle_id: str, notes: str, wheels: bool,
     check_names(project=project, bundle=bundle_id)
     cmd = CreateBundle(project=project, bundle_id=bundle_id, notes=notes, created_by=whoami(),
                        wheels=wheels)
-    with progress.bar(f"packing and storing {project} as bundle {bundle_id}"):
-        reply: BundleCreated = run(call, nats_url, cmd, 600.0)
+    with progress.bar(f"packing and storing {project} as bundle {bundle_id}") as bar:
+        reply: BundleCreated = run(call, nats_url, cmd, 600.0,
+                                   bar.notices(f"bundle {project} {bundle_id}"))
     if as_json:
         print_json(reply)
         return

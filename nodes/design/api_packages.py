@@ -36,6 +36,7 @@ from nodes.runtime.hosts import Logs
 from nodes.runtime.jetstream import ensure_kv
 from nodes.runtime.kvcache import snapshot
 from nodes.runtime.node import handles
+from nodes.runtime.progress import LOCKING, PACKING, STORING, ProgressNotices
 from nodes.runtime.settings import NatsSettings
 from protocol import subjects
 from protocol.api import (
@@ -76,6 +77,10 @@ class PackagerHost(Logs, Protocol):
 
     @property
     def envs(self) -> EnvLocker: ...
+
+    def progress(self, req: Request[Any]) -> ProgressNotices:
+        """The progress notices of ``req``, the request being served."""
+        ...
 
 
 def endpoint_specs(service: ApiService) -> dict[str, EndpointSpec]:
@@ -227,21 +232,29 @@ class ApiPackager:
             raise Conflict(_immutable(existing))
         by = cmd.created_by or req.sender or getpass.getuser()
         env_name = manifest.service_env(cmd.service)
-        locks = await self.host.envs.lock(project_dir, manifest,
-                                          {env_name} if env_name else set(),
+        notices = self.host.progress(req)
+        wanted = {env_name} if env_name else set()
+        if wanted:
+            await notices(LOCKING, 0, len(wanted), "envs")
+        locks = await self.host.envs.lock(project_dir, manifest, wanted,
                                           wheels=cmd.wheels)  # refusals before storing
+        if wanted:
+            await notices(LOCKING, len(wanted), len(wanted), "envs")
         env = locks.get(env_name) if env_name else None
         fd, tmp = tempfile.mkstemp(prefix=f"sy-apipkg-{cmd.version}-", suffix=".tar")
         os.close(fd)
         archive = Path(tmp)
         try:
+            await notices(PACKING, 0, None, "files")
             info = await anyio.to_thread.run_sync(
                 lambda: pack(project_dir, manifest, cmd.service, archive, version=cmd.version,
                              created_by=by, notes=cmd.notes, env=env))
+            await notices(PACKING, len(info.files), len(info.files), "files")
             name = f"{cmd.service}/{cmd.version}/{new_id()}.tar"
-            stored = await transfer.put_file(self.host.js, subjects.API_PACKAGE_STORE, name,
-                                             archive, meta={"service": cmd.service,
-                                                            "version": cmd.version})
+            stored = await transfer.put_file(
+                self.host.js, subjects.API_PACKAGE_STORE, name, archive,
+                meta={"service": cmd.service, "version": cmd.version},
+                on_progress=lambda sent, size: notices(STORING, sent, size, "bytes"))
         finally:
             await anyio.Path(archive).unlink(missing_ok=True)
         info = sign_package(self.host.settings, msgspec.structs.replace(

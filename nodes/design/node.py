@@ -51,6 +51,7 @@ from nodes.runtime.jetstream import ensure_kv
 from nodes.runtime.kvcache import snapshot
 from nodes.runtime.loops import forever
 from nodes.runtime.node import Node, handles
+from nodes.runtime.progress import LOCKING, PACKING, STORING
 from nodes.runtime.run_reports import LocalRuns, RunInfo
 from protocol import subjects
 from protocol.base import Family, Request, encode, new_id
@@ -291,19 +292,29 @@ class DesignNode(Node):
         if existing is not None:
             raise Conflict(_immutable(existing))
         by = cmd.created_by or req.sender or getpass.getuser()
-        envs = await self.envs.lock(project_dir, manifest, manifest.bundle_envs(),
+        notices = self.progress(req)
+        wanted = manifest.bundle_envs()
+        if wanted:
+            await notices(LOCKING, 0, len(wanted), "envs")
+        envs = await self.envs.lock(project_dir, manifest, wanted,
                                     wheels=cmd.wheels)  # refusals before anything is stored
+        if wanted:
+            await notices(LOCKING, len(wanted), len(wanted), "envs")
         fd, tmp = tempfile.mkstemp(prefix=f"sy-bundle-{cmd.bundle_id}-", suffix=".tar")
         os.close(fd)
         archive = Path(tmp)
         try:
+            await notices(PACKING, 0, None, "files")
             packed = await anyio.to_thread.run_sync(
                 lambda: pack(project_dir, manifest, archive, bundle_id=cmd.bundle_id,
                              created_by=by, notes=cmd.notes, envs=envs))
+            files = len(packed.info.files)
+            await notices(PACKING, files, files, "files")
             name = f"{manifest.project.key}/{cmd.bundle_id}/{new_id()}.tar"
-            stored = await transfer.put_file(self.js, subjects.BUNDLE_STORE, name, archive,
-                                             meta={"project": manifest.project.key,
-                                                   "bundle": cmd.bundle_id})
+            stored = await transfer.put_file(
+                self.js, subjects.BUNDLE_STORE, name, archive,
+                meta={"project": manifest.project.key, "bundle": cmd.bundle_id},
+                on_progress=lambda sent, size: notices(STORING, sent, size, "bytes"))
         finally:
             await anyio.Path(archive).unlink(missing_ok=True)
         info = sign_bundle(self.settings, msgspec.structs.replace(

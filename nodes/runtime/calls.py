@@ -10,17 +10,29 @@ the call at once with ``Forbidden`` (``PublishDenials``), not after its timeout.
 from __future__ import annotations
 
 import functools
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import nats.errors
 from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
 
 from nodes.auth.signing import signer_of
 from nodes.runtime.connection import PublishDenied, denials_of
+from nodes.runtime.logs import get_logger
 from nodes.runtime.requests import requester
 from protocol import subjects
 from protocol.base import Command, Family, make_request, tag_of
-from protocol.errors import Forbidden, Internal, Timeout, Unavailable, error_from_wire
+from protocol.errors import (
+    DecodeError,
+    Forbidden,
+    Internal,
+    InvalidMessage,
+    Timeout,
+    Unavailable,
+    error_from_wire,
+)
+from protocol.progress import PROGRESS, CommandProgress
 
 R = TypeVar("R")
 
@@ -45,14 +57,18 @@ class Caller:
         self.identity = identity
         self._signer = signer_of(nc)  # set when nc was opened with shipyard credentials
         self._denials = denials_of(nc)  # set when nc was opened with credentials
+        self.notices_dropped = 0  # malformed progress notices ignored
 
     async def call(self, cmd: Command[R], *, timeout: float = DEFAULT_TIMEOUT,
-                   node: str | None = None, request_id: str | None = None) -> R:
+                   node: str | None = None, request_id: str | None = None,
+                   on_progress: Callable[[CommandProgress], None] | None = None) -> R:
         """Send ``cmd`` to its role (or to ``node`` for node-direct commands).
 
         Raises ``Unavailable`` when nothing serves the subject, ``Timeout`` when no
         reply comes within ``timeout`` seconds, or the ``OperationError`` subclass the
         remote handler raised.  ``request_id`` makes a retry recognisable as one.
+        ``on_progress`` hears the progress notices the node sends while it works (a
+        malformed one is counted in ``notices_dropped`` and ignored).
         """
         family, verb, role_subject = _route(type(cmd))
         if family.direct:
@@ -68,8 +84,9 @@ class Caller:
             data = make_request(cmd, sender=self.sender, request_id=request_id,
                                 identity=self.identity)
         try:
-            msg = await self._requester.request(subject, data, timeout=timeout,
-                                                denials=self._denials)
+            msg = await self._requester.request(
+                subject, data, timeout=timeout, denials=self._denials,
+                on_progress=None if on_progress is None else self._notices(on_progress))
         except PublishDenied:
             raise Forbidden(f"the NATS server does not let this identity send {verb!r} "
                             f"(publish to {subject} refused): ask an admin for a role "
@@ -86,3 +103,18 @@ class Caller:
         if result is None:
             raise Internal(f"{family.role} sent an empty reply to {verb!r}")
         return result  # type: ignore[no-any-return]
+
+    def _notices(self, on_progress: Callable[[CommandProgress], None],
+                 ) -> Callable[[Msg], Awaitable[None]]:
+        async def on_msg(msg: Msg) -> None:
+            try:
+                notice = PROGRESS.decode(msg.data, msg.subject)
+                notice.validate(msg.subject)
+            except (DecodeError, InvalidMessage) as exc:
+                self.notices_dropped += 1
+                get_logger(component="calls").debug(
+                    "malformed progress notice ignored", subject=msg.subject, error=str(exc))
+                return
+            on_progress(notice)
+
+        return on_msg

@@ -17,9 +17,11 @@ import structlog
 
 _configured = False
 
-# The request a worker is handling: (subject, request id).  Set per request on the hot
-# path (a ContextVar.set is cheap); read only when something is actually logged.
-current_request: ContextVar[tuple[str, str] | None] = ContextVar("sy_request", default=None)
+# The request a worker is handling: (subject, request id, reply subject).  Set per request
+# on the hot path (a ContextVar.set is cheap); read only when something is actually logged,
+# or when a handler tells its requester how it is getting on (``Node.progress``).
+current_request: ContextVar[tuple[str, str, str] | None] = ContextVar("sy_request",
+                                                                      default=None)
 
 
 def _add_request(_logger: Any, _method: str, event: dict[str, Any]) -> dict[str, Any]:

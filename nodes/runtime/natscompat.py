@@ -41,14 +41,20 @@ Why each access is needed (nats-py 2.16):
 * ``request_reply(request)`` (``Request._msg.reply``): handlers publish the answer
   themselves (and name the reply subject on the worker's busy page); micro's ``Request``
   exposes subject, headers and data but not the reply subject.
+* ``handled(sub)`` (``Subscription._pending_queue``): wait until the callback has handled
+  every message the client already received for ``sub``, so a request's last progress
+  notices, which arrive before its reply, reach their callback before it unsubscribes
+  (``unsubscribe`` drops them; ``drain`` costs a round trip to the server).
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
 from nats.js import api as js_api
@@ -191,3 +197,12 @@ def request_reply(request: Request) -> str:
     """The reply subject of a micro request ("" if the caller expects no answer)."""
     reply: str = request._msg.reply
     return reply
+
+
+# -- subscriptions ---------------------------------------------------------------------
+
+
+async def handled(sub: Subscription) -> None:
+    """Return once ``sub``'s callback has handled every message received so far."""
+    queue: asyncio.Queue[Msg] = sub._pending_queue
+    await queue.join()

@@ -57,6 +57,7 @@ from nodes.runtime.inbound import Drops
 from nodes.runtime.jetstream import ensure_events_stream, publish_event
 from nodes.runtime.lease import POLL_S, Lease, LeaseLost, leases_js, open_lease_bucket
 from nodes.runtime.logs import current_request, get_logger
+from nodes.runtime.progress import ProgressNotices
 from nodes.runtime.settings import NatsSettings
 from nodes.runtime.workqueue import WorkQueue
 from protocol import subjects
@@ -231,6 +232,13 @@ class Node:
 
     def caller(self) -> Caller:
         return Caller(self.nc, sender=self.name)
+
+    def progress(self, req: Request[Any]) -> ProgressNotices:
+        """The progress notices of ``req``, the request this handler is serving: they
+        reach its requester on ``<reply>.progress`` (none when it has no reply subject)."""
+        handling = current_request.get()
+        reply = handling[2] if handling is not None and handling[1] == req.id else ""
+        return ProgressNotices(self.nc, reply, self.log)
 
     def add_handlers(self, component: object) -> None:
         """Register the ``@handles`` methods of a component (call before ``serve``)."""
@@ -598,7 +606,7 @@ class Node:
         waits).  Every failure becomes a typed error reply; nothing here can stop the node.
         """
         verb = msg.subject[prefix_len:]
-        current_request.set((msg.subject, ""))
+        current_request.set((msg.subject, "", msg.reply))
         request: Request[Any] | None = None
         signer: str | None = None
         error: ErrorInfo | None = None
@@ -610,7 +618,7 @@ class Node:
             family, expected, handler = route
             try:
                 request = family.requests.decode(msg.data, msg.subject)
-                current_request.set((msg.subject, request.id))
+                current_request.set((msg.subject, request.id, msg.reply))
             except DecodeError as exc:
                 raise BadRequest(
                     f"malformed {verb!r} request: {exc.reason}; expected a JSON request "

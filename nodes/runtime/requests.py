@@ -9,19 +9,27 @@ that run per user request (the HTTP gateway, node-to-node calls, the CLI) use it
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import weakref
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 import anyio
 import nats.errors
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+
+from nodes.runtime import natscompat
+from protocol import subjects
 
 if TYPE_CHECKING:
     from nodes.runtime.connection import PublishDenials
 
 NO_RESPONDERS = "503"
+MAX_PENDING_NOTICES = 64  # progress notices waiting for their callback (more are dropped)
+NOTICES_GRACE_S = 1.0  # most time spent handing on notices received before the reply
 
 
 class Requester:
@@ -67,13 +75,16 @@ class Requester:
 
     async def request(self, subject: str, payload: bytes, *, timeout: float,
                       headers: dict[str, str] | None = None,
-                      denials: PublishDenials | None = None) -> Msg:
+                      denials: PublishDenials | None = None,
+                      on_progress: Callable[[Msg], Awaitable[None]] | None = None) -> Msg:
         """Send a request and wait for its reply.
 
         Raises ``nats.errors.NoRespondersError`` at once when nothing subscribes to
         ``subject``, and ``nats.errors.TimeoutError`` after ``timeout`` seconds.  With
         ``denials`` (a connection opened with credentials), raises ``PublishDenied`` as
-        soon as the server refuses the publish.
+        soon as the server refuses the publish.  With ``on_progress``, the progress
+        notices of this request (``subjects.command_progress`` of its reply subject) are
+        handed to it until the reply comes.
         """
         if not self._prefix:
             await self._start()
@@ -85,7 +96,12 @@ class Requester:
         timer = loop.call_later(timeout, self._expire, token)
         if denials is not None:
             denials.watch(subject, future)
+        notices: Subscription | None = None
         try:
+            if on_progress is not None:  # subscribed before the request can be seen
+                notices = await self.nc.subscribe(
+                    subjects.command_progress(self._prefix + token), cb=on_progress,
+                    pending_msgs_limit=MAX_PENDING_NOTICES)
             await self.nc.publish(subject, payload, reply=self._prefix + token, headers=headers)
             msg = await future
         finally:
@@ -93,6 +109,13 @@ class Requester:
             self._pending.pop(token, None)
             if denials is not None:
                 denials.unwatch(future)
+            if notices is not None:
+                # The notices sent before the reply were received before it: hand them
+                # on (briefly: a callback that hangs only loses the rest), then stop.
+                with anyio.move_on_after(NOTICES_GRACE_S), contextlib.suppress(Exception):
+                    await natscompat.handled(notices)
+                with contextlib.suppress(Exception):  # the connection closed: so is it
+                    await notices.unsubscribe()
         if msg.headers and msg.headers.get("Status") == NO_RESPONDERS and not msg.data:
             raise nats.errors.NoRespondersError
         return msg

@@ -13,6 +13,8 @@ from __future__ import annotations
 import base64
 import contextlib
 import hashlib
+import os
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
@@ -55,6 +57,8 @@ DEFAULT_CHUNK_SIZE = 256 * 1024  # 2x nats-py's: fewer messages, far under max_p
 WINDOW_BYTES = 8 << 20  # most bytes of chunks published but not yet acked
 BLOCK_BYTES = 2 << 20  # bytes read (and hashed) per worker-thread hop
 _ACK = msgspec.json.Decoder(dict[str, Any])  # {"stream", "seq"} or {"error": {...}}
+
+OnProgress = Callable[[int, int], Awaitable[None]]  # (bytes sent, the file's size)
 
 
 class _BothHashes:
@@ -102,8 +106,11 @@ async def _read_ahead(out: list[list[bytes]], f: IO[bytes], chunk_size: int, h: 
 
 
 async def _publish_chunks(nc: NATS, acks: _Acks, subject: str, f: IO[bytes],
-                          chunk_size: int, h: Any, timeout: float) -> tuple[int, int]:
-    """Publish the file as chunks, ``WINDOW_BYTES`` un-acked at most; (size, chunks)."""
+                          chunk_size: int, h: Any, timeout: float,
+                          on_progress: OnProgress | None = None) -> tuple[int, int]:
+    """Publish the file as chunks, ``WINDOW_BYTES`` un-acked at most; (size, chunks).
+    ``on_progress`` hears the bytes sent after each chunk."""
+    total = os.fstat(f.fileno()).st_size if on_progress is not None else 0
     window = max(2, WINDOW_BYTES // chunk_size)
     inbox = nc.new_inbox()
     sub = await nc.subscribe(inbox + ".*", cb=acks.on_msg)
@@ -125,6 +132,8 @@ async def _publish_chunks(nc: NATS, acks: _Acks, subject: str, f: IO[bytes],
                                               f"send chunk {sent + 1} within {timeout:g}s")
                     sent += 1
                     size += len(chunk)
+                    if on_progress is not None:
+                        await on_progress(size, max(total, size))
             block = ahead[0]
         while acks.count < sent:
             await acks.wait(timeout, f"the ack for chunk {acks.count + 1}")
@@ -136,9 +145,11 @@ async def _publish_chunks(nc: NATS, acks: _Acks, subject: str, f: IO[bytes],
 
 async def put_file(js: JetStreamContext, bucket: str, name: str, path: Path, *,
                    chunk_size: int = DEFAULT_CHUNK_SIZE, meta: dict[str, str] | None = None,
-                   replicas: int = 1, timeout: float = DEFAULT_TIMEOUT) -> StoredObject:
+                   replicas: int = 1, timeout: float = DEFAULT_TIMEOUT,
+                   on_progress: OnProgress | None = None) -> StoredObject:
     """Store the file at ``path`` as object ``name``, creating the bucket if needed and
-    replacing (and purging) an object of the same name.
+    replacing (and purging) an object of the same name.  ``on_progress(sent, size)`` is
+    awaited after each chunk is sent, with the bytes sent so far and the file's size.
 
     Raises ``BadRequest`` for a bad bucket or empty name, a chunk size over the server's
     max payload or ``meta`` using the reserved key ``BLAKE3_KEY``; ``TransferStalled`` if
@@ -163,7 +174,7 @@ async def put_file(js: JetStreamContext, bucket: str, name: str, path: Path, *,
     async with await anyio.open_file(path, "rb") as f:
         try:
             size, chunks = await _publish_chunks(nc, _Acks(bucket, name), subject, f.wrapped,
-                                                 chunk_size, h, timeout)
+                                                 chunk_size, h, timeout, on_progress)
             info = _Info(name=name, bucket=bucket, nuid=nuid, size=size, chunks=chunks,
                          mtime=datetime.now(UTC).isoformat(),
                          metadata={**(meta or {}), BLAKE3_KEY: h.blake3.hexdigest()},
