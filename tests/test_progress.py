@@ -83,3 +83,10 @@ def test_a_nodes_deploy_bar_keeps_the_fetched_size_when_later_stages_carry_none(
         [task] = bars.bars.tasks
         assert (task.completed, task.total) == (10240, 10240)
     assert "10.2/10.2 kB" in screen.file.getvalue()  # type: ignore[attr-defined]
+
+
+def test_sizes_printed_after_a_bar_use_the_bars_decimal_units() -> None:
+    from nodes.cli.common import human_size
+
+    assert [human_size(n) for n in (999, 150_000_000, 10_240, 2.5e9)] == [
+        "999 B", "150.0 MB", "10.2 kB", "2.5 GB"]

@@ -238,10 +238,12 @@ def print_changes(previous: str | None, first: str, added: Sequence[str],
 
 
 def human_size(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
+    """Bytes in decimal units (``143.1 MB`` is 143,100,000 bytes), as the progress bars
+    count them, so a size printed after a bar matches the bar's."""
+    for unit in ("B", "kB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
+        n /= 1000
     return f"{n:.1f} GB"
 
 
