@@ -31,6 +31,7 @@ from protocol import subjects
 from protocol.base import encode
 from protocol.bundles import BundleInfo, bundle_key
 from protocol.deploy import DeployBundle, DeploymentView, ListDeployments
+from protocol.errors import OperationError
 from protocol.registry import ListNodes, NodeInfo
 from tests.helpers import Background, shipyard, shipyard_argv, wait_until
 
@@ -248,3 +249,30 @@ def test_after_a_deployer_restart_the_page_asks_to_log_in_again_and_goes_live_ag
     page.goto(stack.login)
     page.wait_for_selector("#live[data-state=live]")
     page.wait_for_selector('tr[data-node="deployer"][data-status="online"]')
+
+
+def test_after_the_nats_server_restarts_the_page_stays_live_without_a_reload(
+        page: Any, stack: Stack) -> None:
+    """The Deployer keeps its sessions through a NATS outage: the page reconnects its
+    feed by itself and shows what happens after it."""
+    page.wait_for_selector("#live[data-state=live]")
+    page.evaluate("window.__sameDocument = true")
+    stack_file = stack.home / ".shipyard" / "stack.json"
+    old = json.loads(stack_file.read_text())["nats_pid"]
+    os.kill(old, signal.SIGKILL)
+    wait_until(lambda: json.loads(stack_file.read_text())["nats_pid"] != old, timeout=30,
+               message="up to restart its NATS server")
+
+    def online() -> NodeInfo | None:
+        try:  # the Deployer answers again once it has reconnected
+            n = stack.node("automation-1")
+        except OperationError:
+            return None
+        return n if n.status == "online" else None
+
+    node = wait_until(online, timeout=30, message="automation-1 back online")
+    page.wait_for_selector('tr[data-node="automation-1"][data-status="online"]')
+    os.kill(node.pid, signal.SIGKILL)
+    page.wait_for_selector('tr[data-node="automation-1"][data-status="lost"]')
+    assert page.evaluate("window.__sameDocument") is True  # no reload, no new login
+    assert "login" not in page.url
