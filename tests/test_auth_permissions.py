@@ -99,7 +99,8 @@ async def test_an_automation_node_cannot_write_desired_state_nor_command_the_dep
     async with stack.connect("admin") as admin, stack.connect("automation-1") as node:
         await _seed(admin)
         commands = await _watch(admin, subjects.COMMANDS_ALL)
-        kv = await node.nc.jetstream(timeout=0.5).key_value(subjects.DEPLOY_BUCKET)
+        kv = await ensure_kv(node.nc.jetstream(timeout=0.5), subjects.DEPLOY_BUCKET,
+                             read_info=False)  # opened as its node opens it
         mine = await snapshot(kv, deployment_keys("bundle", "automation"))  # it may read
         assert mine[DESIRED][1] == b'{"desired": "v1"}'
         with pytest.raises(nats.errors.TimeoutError):
@@ -117,14 +118,15 @@ async def test_an_automation_node_reads_the_desired_state_of_its_infra_only(
         stack: AuthStack) -> None:
     """automation-1 (infra ``automation``) follows its infra's deployments as its node
     does (a watch through a named consumer); another infra's are refused by the
-    server: a watch of them, a get, and a consumer whose filter is only in the body."""
+    server: a watch of them, a get, a consumer whose filter is only in the body, and
+    the bucket's stream info (with a subject filter it lists every key's name)."""
     other = deployment_key("bundle", "staging", "churn")
     async with stack.connect("admin") as admin, stack.connect("automation-1") as node:
         await _seed(admin)
         admin_kv = await admin.nc.jetstream().key_value(subjects.DEPLOY_BUCKET)
         await admin_kv.put(other, b'{"desired": "secret"}')
         js = node.nc.jetstream(timeout=1)
-        kv = await js.key_value(subjects.DEPLOY_BUCKET)
+        kv = await ensure_kv(js, subjects.DEPLOY_BUCKET, read_info=False)  # as its node
         mine = await snapshot(kv, deployment_keys("bundle", "automation"))
         assert {k: v for k, (_, v) in mine.items()} == {DESIRED: b'{"desired": "v1"}'}
 
@@ -138,6 +140,10 @@ async def test_an_automation_node_reads_the_desired_state_of_its_infra_only(
         with pytest.raises((nats.errors.TimeoutError, nats.js.errors.Error)):
             await kv.watch(deployment_keys("bundle", "staging"))  # nats-py's own: unnamed
         await node.denied(f"CONSUMER.CREATE.KV_{subjects.DEPLOY_BUCKET}\"")
+        with pytest.raises((nats.errors.TimeoutError, nats.js.errors.Error)):
+            await js.stream_info(f"KV_{subjects.DEPLOY_BUCKET}",
+                                 subjects_filter=f"$KV.{subjects.DEPLOY_BUCKET}.>")
+        await node.denied(f"STREAM.INFO.KV_{subjects.DEPLOY_BUCKET}")
 
 
 async def test_a_viewer_reads_state_but_cannot_deploy_write_or_delete(

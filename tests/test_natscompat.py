@@ -74,18 +74,25 @@ async def test_js_client_is_the_connection_the_context_sends_through(
         assert natscompat.js_client(nc.jetstream(domain="hub")) is nc
 
 
-async def test_kv_subject_count_counts_keys_with_values_or_deletion_markers(
+async def test_a_watch_matches_nothing_only_when_no_key_of_its_filter_has_a_message(
         settings: NatsSettings) -> None:
     async with client(settings.url) as nc:
         kv = await nc.jetstream().create_key_value(bucket="compat_count")
-        assert await natscompat.kv_subject_count(kv, "a.>") == 0
-        await kv.put("a.one", b"1")
-        await kv.put("a.one", b"2")
-        await kv.put("a.two", b"1")
         await kv.put("b.one", b"1")
-        await kv.delete("a.two")
-        assert await natscompat.kv_subject_count(kv, "a.>") == 2
-        assert await natscompat.kv_subject_count(kv, ">") == 3
+
+        async def matches_nothing(keys: str) -> bool:
+            watcher = await natscompat.kv_watch(kv, keys)
+            try:
+                return await natscompat.kv_watch_matches_nothing(watcher)
+            finally:
+                await watcher.stop()
+
+        assert await matches_nothing("a.>") is True
+        await kv.put("a.two", b"1")
+        await kv.delete("a.two")  # a deletion marker is a message too
+        assert await matches_nothing("a.>") is False
+        assert await matches_nothing("b.>") is False
+        assert await matches_nothing("c.>") is True
 
 
 async def test_kv_watch_delivers_the_filtered_keys_through_a_named_consumer(

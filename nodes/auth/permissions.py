@@ -18,8 +18,9 @@ Rules every role follows:
   (``$JS.API.CONSUMER.CREATE.<stream>.<name>.<filter>``: shipyard's watches name their
   consumers, ``natscompat.kv_watch``), and get them by direct get where a bucket allows
   it (the key is in its subject); no message get and no unnamed consumer, whose key or
-  filter is in the request body, where the server cannot check it.  Stream info stays
-  allowed (opening a bucket needs it): with a filter it can list key names, never values.
+  filter is in the request body, where the server cannot check it; no stream info
+  either, which with a subject filter lists every key's name (the node opens the bucket
+  without it: ``jetstream.ensure_kv(read_info=False)``).
 * Opening a bucket it uses: ``STREAM.CREATE.<stream>`` only.  The server refuses a create
   that differs from an existing stream's config, so this can create a missing bucket but
   never change one; updates, deletes and purges are the control plane's.
@@ -138,7 +139,8 @@ class Permissions:
     def read_kv_keys(self, bucket: str, keys: str) -> None:
         """Read only the keys of ``bucket`` matching ``keys`` (a key filter)."""
         stream, api, only = kv_stream(bucket), "$JS.API", f"$KV.{bucket}.{keys}"
-        self.pub_allow += [f"{api}.STREAM.INFO.{stream}", f"{api}.DIRECT.GET.{stream}.{only}",
+        # No STREAM.INFO: with a subject filter it lists every key's name.
+        self.pub_allow += [f"{api}.DIRECT.GET.{stream}.{only}",
                            f"{api}.CONSUMER.CREATE.{stream}.*.{only}",
                            f"{api}.CONSUMER.INFO.{stream}.>", f"{api}.CONSUMER.DELETE.{stream}.>",
                            f"$JS.FC.{stream}.>", stream_create(stream)]

@@ -104,8 +104,9 @@ class AutomationNode(Node):
 
     async def setup(self) -> None:
         await anyio.Path(self.data_dir).mkdir(parents=True, exist_ok=True)
+        # Its user may read only its infra's keys: no stream info (it lists every key).
         deploy_kv = await ensure_kv(self.js, subjects.DEPLOY_BUCKET,
-                                    replicas=self.settings.replicas)
+                                    replicas=self.settings.replicas, read_info=False)
         self._bundles_kv = await ensure_kv(self.js, subjects.BUNDLE_BUCKET,
                                            replicas=self.settings.replicas)
         await transfer.ensure_bucket(self.js, subjects.BUNDLE_STORE,

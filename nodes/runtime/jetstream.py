@@ -10,6 +10,7 @@ import nats.errors
 import nats.js.errors
 from nats.js import JetStreamContext
 from nats.js.api import KeyValueConfig, StorageType, StreamConfig
+from nats.js.client import KV_PRE_TEMPLATE, KV_STREAM_TEMPLATE
 from nats.js.kv import KeyValue
 
 from nodes.runtime.logs import get_logger
@@ -53,17 +54,28 @@ async def ensure_events_stream(js: JetStreamContext, replicas: int = 1) -> None:
 
 
 async def ensure_kv(js: JetStreamContext, bucket: str, *, replicas: int = 1, history: int = 1,
-                    description: str = "") -> KeyValue:
-    """Open a KV bucket, creating it if needed."""
+                    description: str = "", read_info: bool = True) -> KeyValue:
+    """Open a KV bucket, creating it if needed.
+
+    ``read_info=False`` opens it without asking for its stream info, which a user that
+    may read only some of its keys is refused (with a subject filter, stream info lists
+    every key's name): a create with this config either makes the bucket or meets it
+    unchanged, and a bucket made with another config (by another role) is opened as
+    shipyard makes its buckets (no direct get)."""
+    config = KeyValueConfig(bucket=bucket, history=history, replicas=replicas,
+                            description=description, storage=StorageType.FILE)
+    if not read_info:
+        try:
+            return await js.create_key_value(config)
+        except nats.js.errors.BadRequestError:  # there already, made with another config
+            return KeyValue(name=bucket, stream=KV_STREAM_TEMPLATE.format(bucket=bucket),
+                            pre=KV_PRE_TEMPLATE.format(bucket=bucket), js=js, direct=False)
     try:
         return await js.key_value(bucket)
     except nats.js.errors.BucketNotFoundError:
         pass
     try:
-        return await js.create_key_value(KeyValueConfig(
-            bucket=bucket, history=history, replicas=replicas, description=description,
-            storage=StorageType.FILE,
-        ))
+        return await js.create_key_value(config)
     except nats.js.errors.BadRequestError:
         return await js.key_value(bucket)  # created concurrently by another node
 

@@ -140,7 +140,8 @@ async def snapshot(kv: KeyValue, keys: str, timeout: float = 10.0) -> dict[str, 
     consumer reports nothing pending before the client has processed the messages the
     server already pushed, and a snapshot that trusted it came back empty under load
     (listings then showed no deployments for a moment, and a cache dropped every key).
-    A ``None`` before any entry is believed only if the stream holds no key of ``keys``.
+    A ``None`` before any entry is believed only if the watch's consumer has delivered
+    nothing and has nothing pending (no key of ``keys`` in the stream).
     """
     out: dict[str, tuple[int, bytes]] = {}
     watcher: Any = await natscompat.kv_watch(kv, keys)
@@ -149,7 +150,7 @@ async def snapshot(kv: KeyValue, keys: str, timeout: float = 10.0) -> dict[str, 
         with anyio.fail_after(timeout):
             async for entry in watcher:
                 if entry is None:
-                    if not seen and await natscompat.kv_subject_count(kv, keys) == 0:
+                    if not seen and await natscompat.kv_watch_matches_nothing(watcher):
                         break
                     continue
                 seen = True

@@ -12,6 +12,9 @@ Why each access is needed (nats-py 2.16):
 * ``js_client(js)`` (``JetStreamContext._nc``): the Object Store transfers publish chunks
   and pull them over the client's core API (un-acked windows, raw pull requests), and
   their callers hold only the JetStream context.
+* ``kv_watch_matches_nothing(watcher)`` (``KeyWatcher._sub``): the consumer of a watch,
+  to ask whether its filter matches any key when nats-py's end-of-replay marker comes
+  first (that marker can also come before messages already pushed).
 * ``kv_watch(kv, keys)`` (``KeyValue._name``, ``_stream``, ``_pre``, ``_js``, ``_direct``;
   ``PushSubscription._sub._jsi``: its ``_ccreq`` and ``recreate_consumer``): a KV watch
   whose consumer has a name, so its key filter is in the subject of the create request, where a NATS
@@ -75,11 +78,16 @@ def js_client(js: JetStreamContext) -> NATS:
     return nc
 
 
-async def kv_subject_count(kv: KeyValue, keys: str) -> int:
-    """How many keys matching ``keys`` (a subject filter) have a message in the bucket's
-    stream, live or a deletion marker: one stream-info request, no consumer."""
-    info = await kv._js.stream_info(kv._stream, subjects_filter=f"{kv._pre}{keys}")
-    return len(info.state.subjects or {})
+async def kv_watch_matches_nothing(watcher: KeyValue.KeyWatcher) -> bool:
+    """Whether a watch's consumer has delivered nothing and has nothing to deliver: no
+    key of its filter has a message, live or a deletion marker.  One consumer-info
+    request, on the watch's own consumer: a user that may watch only some keys may ask
+    it (stream info, which could tell the same, lists every key's name)."""
+    sub: JetStreamContext.PushSubscription | None = watcher._sub
+    if sub is None:
+        raise RuntimeError("the watch has no subscription (stopped?)")
+    info = await sub.consumer_info()
+    return not info.num_pending and not (info.delivered and info.delivered.consumer_seq)
 
 
 async def kv_watch(kv: KeyValue, keys: str) -> KeyValue.KeyWatcher:
