@@ -17,6 +17,8 @@ from nodes.design import DesignNode
 from nodes.runtime.calls import Caller
 from nodes.runtime.connection import close, connect
 from nodes.runtime.progress import STORING
+from nodes.runtime.requests import requester
+from protocol import subjects
 from protocol.api import CreateApiPackage, DeployApi
 from protocol.bundles import CreateBundle
 from protocol.deploy import CreateInfra, DeployBundle, ListDeployments
@@ -114,6 +116,16 @@ async def test_a_bundle_and_an_api_deploy_under_least_privilege_raise_no_violati
 
                         r = await wait_for(answered, timeout=20, message=f"{front} answers")
                         assert r.json()["result"]["prediction"] == "yes"
+                # A hedged copy goes to the node, which hands it to a worker: the worker
+                # answers a request its own connection never received.
+                gw = await connect(stack.settings("gateway"), name="gateway-copy")
+                try:
+                    msg = await requester(gw).request(
+                        subjects.api_hedge("churn-api", "predict"),
+                        b'{"features": {"x": 1}}', timeout=10)
+                finally:
+                    await close(gw)
+                assert b'"prediction":"yes"' in msg.data.replace(b" ", b""), msg
         finally:
             await close(nc)
         violations = [line for line in stack.server_log().splitlines()

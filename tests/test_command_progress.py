@@ -85,3 +85,17 @@ async def test_a_malformed_notice_is_counted_and_ignored_and_the_call_answers(
     assert done == Done(label="1 sent")
     assert caller.notices_dropped == len(garbage)
     assert seen == [CommandProgress(stage="stepping", done=1, total=1, unit="files")]
+
+
+def test_reply_tokens_are_random_subject_tokens_that_never_repeat() -> None:
+    """An API node may publish to any reply subject: it must not be able to tell the
+    token of a request it never saw from one it did."""
+    from nodes.runtime.requests import Tokens
+
+    tokens = Tokens()
+    drawn = [tokens.next() for _ in range(5000)]  # across batches of the OS's bytes
+    assert len(set(drawn)) == len(drawn)
+    for t in drawn[:50]:
+        assert subjects.token(t, "token") == t and len(t) == 12
+    # Consecutive tokens share no structure a counter would leave.
+    assert len({t[:6] for t in drawn[:100]}) > 90

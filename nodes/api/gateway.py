@@ -165,7 +165,7 @@ class _Hedge:
 
     def token(self) -> str:
         owner = self.owner
-        token = format(next(owner._ids), "x")
+        token = owner._tokens.next()
         self.tokens.append(token)
         owner._pending[token] = self.future
         owner._notices[token] = self

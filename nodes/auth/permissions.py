@@ -6,7 +6,12 @@ spelled below, the only place they are (JetStream API, KV and Object Store, inbo
 Rules every role follows:
 
 * Replies: ``allow_responses`` lets a responder answer the requests it received without
-  a publish permission on anyone's inbox.  Each identity subscribes only to its own inbox
+  a publish permission on anyone's inbox.  API nodes are the exception: a node and its
+  workers are separate connections, and one answers what another received (a hedged or
+  passed-on copy, the request of a worker that died), so their user may publish to any
+  reply subject (``_INBOX.*.*.*``, not deeper).  The tokens of shipyard's reply subjects
+  are random (``requests.Tokens``): a node cannot guess those of requests sent elsewhere.
+  Each identity subscribes only to its own inbox
   prefix (``_INBOX.<name>.>``, see ``keys.inbox_prefix``), so no one reads replies meant
   for another (for example the reply that carries a new API key's secret).
 * Reading a bucket or a stream: stream info, message get and direct get, consumers
@@ -251,7 +256,10 @@ def permissions_for(identity: Identity) -> Permissions:
         p.sub_allow += [subjects.API_ALL, SRV_ALL]
         # Its HTTP server sends requests to the service's queue group like a gateway.
         p.pub_allow += [subjects.API_ALL, subjects.infra_events("api", infra),
-                        subjects.api_working_all(ANY_REPLY_PREFIX), subjects.CAPTURE_ALL]
+                        subjects.api_working_all(ANY_REPLY_PREFIX), subjects.CAPTURE_ALL,
+                        # Answers to requests another of its connections received: a
+                        # hedged or passed-on copy a worker runs, a dead worker's request.
+                        ANY_REPLY_PREFIX + "*"]
     elif role == "gateway":
         p.read_kv(subjects.DEPLOY_BUCKET, subjects.API_KEYS_BUCKET)
         p.pub_allow.append(subjects.API_ALL)
