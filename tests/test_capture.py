@@ -45,6 +45,7 @@ from protocol.capture import (
     sampled,
 )
 from protocol.deploy import CreateInfra, ListDeployments
+from protocol.errors import Forbidden
 from tests.authstack import auth_stack
 from tests.helpers import Background, shipyard, shipyard_argv, wait_for, wait_until
 from tests.test_cli_hardening import _on_a_terminal
@@ -532,6 +533,26 @@ async def test_with_auth_api_nodes_publish_captures_viewers_read_them_deployers_
                                         timeout=2)
             await viewer.denied(subjects.api_endpoint("svc", "predict"))
             assert api.violations() == [] and deployer.violations() == []
+
+
+async def test_a_replay_by_an_identity_that_may_not_send_api_requests_fails_at_once(
+        tmp_path: Path) -> None:
+    """The server refuses a viewer's requests: the replay stops with that reason, instead
+    of waiting out every call's deadline and reporting them unanswered."""
+    with auth_stack(tmp_path, ("vera", "user", "viewer", None)) as s:
+        nc = await connect(s.settings("vera"), name="test-viewer")
+        try:
+            calls = [CapturedCall(id=f"r{i}", service="svc", endpoint="predict",
+                                  generation="v1", op="predict", ts=time.time(),
+                                  latency_s=0.001, status=200, node="api-1",
+                                  request=msgspec.Raw(b'{"x":1}'))
+                     for i in range(3)]
+            with anyio.fail_after(10), pytest.raises(Forbidden) as refused:
+                await replay(nc, calls, "v2", rate=100, timeout=60)
+        finally:
+            await nc.close()
+    assert "sy.api.v1.svc.predict" in str(refused.value)
+    assert "replay needs a deployer or admin identity" in str(refused.value)
 
 
 async def _read_as(nc: NATS) -> list[CapturedCall]:
