@@ -184,7 +184,8 @@ def key_revoke(service: str, key_id: str, nats_url: str | None) -> None:
                    "off). Default: unchanged (off for a new deployment).")
 @click.option("--redact", default=None, metavar="FIELD,...",
               help="Fields removed from captured requests and answers before they leave "
-                   "the API node (dotted paths reach nested fields; '' clears).")
+                   "the API node (dotted paths reach nested fields, in every item of a "
+                   "list on the way; '' clears).")
 @click.option("--max-error-rate", type=FloatRange(0.0, 1.0), default=None,
               help="Health is WARNING above this error rate over the last minute (0.01 is "
                    "1%), ERROR at 5 times it. Default: unchanged (0.05 for a new "
