@@ -136,8 +136,9 @@ class CapturedCall(msgspec.Struct, frozen=True, kw_only=True):
 
     ``request`` is what the endpoint's code was given: the features (predict), the list
     of each item's features (multi), the body (run; a JSON string of its text when it
-    was not JSON).  ``response`` is what it answered: the result, the list of results,
-    the response, or for a failure the error body ``{"error": {"code", "message"}}``.
+    was not JSON, with ``text`` set, so a replay sends the same bytes again).
+    ``response`` is what it answered: the result, the list of results, the response, or
+    for a failure the error body ``{"error": {"code", "message"}}``.
     Both are redacted; ``redacted`` names the request fields that were removed from this
     one, ``redact`` the service's setting when it was captured (replay removes the same
     fields from the new answer before comparing)."""
@@ -156,6 +157,7 @@ class CapturedCall(msgspec.Struct, frozen=True, kw_only=True):
     response: msgspec.Raw = msgspec.Raw(b"null")
     redacted: list[str] = []
     redact: list[str] = []
+    text: bool = False  # run: the body was not JSON, ``request`` is its text (sent as is)
     v: int = 1
 
 

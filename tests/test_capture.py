@@ -483,6 +483,26 @@ async def test_replay_against_a_changed_version_reports_the_differences(stack: S
     assert "nothing to replay" in empty.stderr and "Traceback" not in empty.stderr
 
 
+async def test_a_function_body_that_was_not_json_is_replayed_as_it_came(stack: Stack) -> None:
+    """A body that is not JSON is stored as its text: replay sends that text, not a JSON
+    string of it, so the same version answers the same (400, not 200 with an echo)."""
+    tag = uuid.uuid4().hex[:8]
+    since = time.time()
+    async with httpx.AsyncClient(timeout=10) as http:
+        plain = await http.post(f"{stack.http}/{CAP}/echo/run", content=f"plain {tag}")
+        quoted = await http.post(f"{stack.http}/{CAP}/echo/run", json=f"quoted {tag}")
+    assert (plain.status_code, quoted.status_code) == (400, 200)
+    async with _client(stack) as nc:
+        await _settle(nc, stack.settings, n=4)
+    mine = {bytes(c.request): c.text for c in await _captured(stack.settings, CAP, since=since,
+                                                       endpoint="echo")
+            if tag in bytes(c.request).decode()}
+    assert mine == {f'"plain {tag}"'.encode(): True, f'"quoted {tag}"'.encode(): False}
+    report = stack.cli_json("api", "replay", CAP, "--version", "v1", "--endpoint", "echo",
+                            "--since", f"{since:.3f}", "--rate", "200")
+    assert (report["replayed"], report["same"], report["differ"]) == (2, 2, 0), report
+
+
 async def test_the_capture_stream_is_bounded_by_size_and_age(stack: Stack) -> None:
     nc = await connect(stack.settings, name="test")
     try:

@@ -119,6 +119,8 @@ def request_of(call: CapturedCall) -> tuple[bytes, dict[str, str]]:
         headers[OP_HEADER] = OP_MULTI
         items = request if isinstance(request, list) else []
         return _encode({"items": [{"features": f} for f in items]}), headers
+    if call.text and isinstance(request, str):  # a body that was not JSON: as it came
+        return request.encode(), headers
     return bytes(call.request), headers
 
 
