@@ -14,7 +14,8 @@ otherwise at random.
 ``--redact a,b.c`` removes fields before anything leaves the worker: top-level keys of
 the request's features (each item's, for a multi request; the body, for a function
 endpoint) and of the answer (``result``, each of ``results``, ``response``); a dotted path
-reaches into nested objects (not into lists).  A removed field is gone: it is not
+reaches into nested objects, and into every object of a list on its way (``items.secret``
+removes each item's ``secret``).  A removed field is gone: it is not
 hashed, masked nor counted in the captured bytes.
 """
 
@@ -95,8 +96,8 @@ def sampled(request_id: str, fraction: float) -> bool:
 
 
 def redact(value: Any, paths: list[str]) -> list[str]:
-    """Remove ``paths`` from ``value`` (a decoded JSON object; anything else is left as it
-    is), in place; return the paths that were there."""
+    """Remove ``paths`` from ``value`` (decoded JSON: the objects in it, and in its lists;
+    anything else is left as it is), in place; return the paths that were there."""
     removed = []
     for path in paths:
         if _drop(value, path.split(".")):
@@ -105,14 +106,29 @@ def redact(value: Any, paths: list[str]) -> list[str]:
 
 
 def _drop(value: Any, parts: list[str]) -> bool:
+    level = [value]
     for part in parts[:-1]:
-        if not isinstance(value, dict):
-            return False
-        value = value.get(part)
-    if isinstance(value, dict) and parts[-1] in value:
-        del value[parts[-1]]
-        return True
-    return False
+        level = [obj.get(part) for obj in _objects(level)]
+    found = False
+    for obj in _objects(level):
+        if parts[-1] in obj:
+            del obj[parts[-1]]
+            found = True
+    return found
+
+
+def _objects(values: list[Any]) -> list[dict[str, Any]]:
+    """The objects among ``values``, those inside lists (at any depth) included, without
+    recursion (a list may be nested as deep as JSON lets it)."""
+    found: list[dict[str, Any]] = []
+    stack = list(reversed(values))
+    while stack:
+        value = stack.pop()
+        if isinstance(value, dict):
+            found.append(value)
+        elif isinstance(value, list):
+            stack.extend(reversed(value))
+    return found
 
 
 class CapturedCall(msgspec.Struct, frozen=True, kw_only=True):
@@ -120,8 +136,9 @@ class CapturedCall(msgspec.Struct, frozen=True, kw_only=True):
 
     ``request`` is what the endpoint's code was given: the features (predict), the list
     of each item's features (multi), the body (run; a JSON string of its text when it
-    was not JSON).  ``response`` is what it answered: the result, the list of results,
-    the response, or for a failure the error body ``{"error": {"code", "message"}}``.
+    was not JSON, with ``text`` set, so a replay sends the same bytes again).
+    ``response`` is what it answered: the result, the list of results, the response, or
+    for a failure the error body ``{"error": {"code", "message"}}``.
     Both are redacted; ``redacted`` names the request fields that were removed from this
     one, ``redact`` the service's setting when it was captured (replay removes the same
     fields from the new answer before comparing)."""
@@ -140,6 +157,7 @@ class CapturedCall(msgspec.Struct, frozen=True, kw_only=True):
     response: msgspec.Raw = msgspec.Raw(b"null")
     redacted: list[str] = []
     redact: list[str] = []
+    text: bool = False  # run: the body was not JSON, ``request`` is its text (sent as is)
     v: int = 1
 
 

@@ -45,6 +45,7 @@ from protocol.capture import (
     sampled,
 )
 from protocol.deploy import CreateInfra, ListDeployments
+from protocol.errors import Forbidden
 from tests.authstack import auth_stack
 from tests.helpers import Background, shipyard, shipyard_argv, wait_for, wait_until
 from tests.test_cli_hardening import _on_a_terminal
@@ -482,6 +483,26 @@ async def test_replay_against_a_changed_version_reports_the_differences(stack: S
     assert "nothing to replay" in empty.stderr and "Traceback" not in empty.stderr
 
 
+async def test_a_function_body_that_was_not_json_is_replayed_as_it_came(stack: Stack) -> None:
+    """A body that is not JSON is stored as its text: replay sends that text, not a JSON
+    string of it, so the same version answers the same (400, not 200 with an echo)."""
+    tag = uuid.uuid4().hex[:8]
+    since = time.time()
+    async with httpx.AsyncClient(timeout=10) as http:
+        plain = await http.post(f"{stack.http}/{CAP}/echo/run", content=f"plain {tag}")
+        quoted = await http.post(f"{stack.http}/{CAP}/echo/run", json=f"quoted {tag}")
+    assert (plain.status_code, quoted.status_code) == (400, 200)
+    async with _client(stack) as nc:
+        await _settle(nc, stack.settings, n=4)
+    mine = {bytes(c.request): c.text for c in await _captured(stack.settings, CAP, since=since,
+                                                       endpoint="echo")
+            if tag in bytes(c.request).decode()}
+    assert mine == {f'"plain {tag}"'.encode(): True, f'"quoted {tag}"'.encode(): False}
+    report = stack.cli_json("api", "replay", CAP, "--version", "v1", "--endpoint", "echo",
+                            "--since", f"{since:.3f}", "--rate", "200")
+    assert (report["replayed"], report["same"], report["differ"]) == (2, 2, 0), report
+
+
 async def test_the_capture_stream_is_bounded_by_size_and_age(stack: Stack) -> None:
     nc = await connect(stack.settings, name="test")
     try:
@@ -534,6 +555,26 @@ async def test_with_auth_api_nodes_publish_captures_viewers_read_them_deployers_
             assert api.violations() == [] and deployer.violations() == []
 
 
+async def test_a_replay_by_an_identity_that_may_not_send_api_requests_fails_at_once(
+        tmp_path: Path) -> None:
+    """The server refuses a viewer's requests: the replay stops with that reason, instead
+    of waiting out every call's deadline and reporting them unanswered."""
+    with auth_stack(tmp_path, ("vera", "user", "viewer", None)) as s:
+        nc = await connect(s.settings("vera"), name="test-viewer")
+        try:
+            calls = [CapturedCall(id=f"r{i}", service="svc", endpoint="predict",
+                                  generation="v1", op="predict", ts=time.time(),
+                                  latency_s=0.001, status=200, node="api-1",
+                                  request=msgspec.Raw(b'{"x":1}'))
+                     for i in range(3)]
+            with anyio.fail_after(10), pytest.raises(Forbidden) as refused:
+                await replay(nc, calls, "v2", rate=100, timeout=60)
+        finally:
+            await nc.close()
+    assert "sy.api.v1.svc.predict" in str(refused.value)
+    assert "replay needs a deployer or admin identity" in str(refused.value)
+
+
 async def _read_as(nc: NATS) -> list[CapturedCall]:
     found = await read_captures(nc, "svc", timeout=5)
     return [c for _, c in found.entries]
@@ -543,14 +584,30 @@ async def _read_as(nc: NATS) -> list[CapturedCall]:
 
 def test_redaction_removes_top_level_and_dotted_fields_and_says_which() -> None:
     value = {"email": "a", "card": {"number": "4111", "brand": "visa"}, "items": [{"pin": 1}]}
-    assert redact(value, ["email", "card.number", "card.cvv", "items.pin", "nope"]) == [
+    assert redact(value, ["email", "card.number", "card.cvv", "nope"]) == [
         "email", "card.number"]
-    assert value == {"card": {"brand": "visa"}, "items": [{"pin": 1}]}  # lists: untouched
+    assert value == {"card": {"brand": "visa"}, "items": [{"pin": 1}]}
     assert redact("not an object", ["email"]) == []
     assert parse_redact(" email, card.number ,email") == ["email", "card.number"]
     for bad in ("a..b", ".a", "a b", "x" * 300):
         with pytest.raises(ValueError, match="invalid field to redact"):
             parse_redact(bad)
+
+
+def test_redaction_reaches_into_every_object_of_a_list_on_the_path() -> None:
+    value = {"items": [{"secret": 1, "v": 1}, {"v": 2}, 3, [{"secret": 2}]],
+             "rows": [{"card": {"number": "4111", "brand": "visa"}}]}
+    assert redact(value, ["items.secret", "rows.card.number", "items.nope"]) == [
+        "items.secret", "rows.card.number"]
+    assert value == {"items": [{"v": 1}, {"v": 2}, 3, [{}]],
+                     "rows": [{"card": {"brand": "visa"}}]}
+    answer: Any = [{"email": "a", "ok": True}, {"email": "b"}]  # an answer that is a list
+    assert redact(answer, ["email"]) == ["email"]
+    assert answer == [{"ok": True}, {}]
+    deep: Any = [{"email": "a"}]
+    for _ in range(5000):  # deeper than Python's recursion limit
+        deep = [deep]
+    assert redact(deep, ["email"]) == ["email"]
 
 
 def test_deploys_keep_capture_settings_unless_they_change_them() -> None:

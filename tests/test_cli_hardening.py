@@ -122,6 +122,33 @@ def test_every_command_refuses_a_malformed_name_before_sending_it(
             args, captured.err)
 
 
+def _params(group: click.Group, prefix: str = "") -> list[tuple[str, click.Parameter]]:
+    found: list[tuple[str, click.Parameter]] = []
+    for name, command in group.commands.items():
+        if isinstance(command, click.Group):
+            found += _params(command, f"{prefix}{name} ")
+        found += [(f"{prefix}{name}", p) for p in command.params]
+    return found
+
+
+def test_every_number_option_refuses_nan_as_a_usage_error() -> None:
+    """``nan`` passes every comparison, so a plain range let it through to crash later
+    (``api replay --rate nan`` was a traceback); every float option refuses it."""
+    floats = [(path, p) for path, p in _params(cli) if isinstance(p.type, click.FloatRange)]
+    assert any(p.name == "rate" for _, p in floats)
+    for _, param in floats:
+        with pytest.raises(click.BadParameter, match="is not a number"):
+            param.type.convert("nan", param, None)
+
+
+def test_nan_for_a_rate_or_a_timeout_is_exit_2_without_a_traceback(unreachable: str) -> None:
+    for args in (["api", "replay", "s", "--version", "v1", "--rate", "nan"],
+                 ["api", "queries", "s", "--timeout", "NaN"]):
+        proc = shipyard("--nats", unreachable, *args, env=dict(os.environ))
+        assert proc.returncode == 2, (args, proc.stderr)
+        assert "is not a number" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
 def test_a_malformed_name_is_a_bad_request_exit_1_from_the_real_cli(
         cluster: dict[str, str], tmp_path: Path) -> None:
     """Real processes: one line, no traceback, and the nodes keep serving.  An API key for

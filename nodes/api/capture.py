@@ -248,28 +248,30 @@ class Capturer:
                 return self._wrap(p, op, _raw_request(op, p.payload), fast, [], paths)
         request: Any
         removed: list[str] = []
+        text = False
         if op == "multi":
             request = [_value(bytes(raw)) for raw in p.payload]
             for item in request:
                 removed += [r for r in redact(item, paths) if r not in removed]
         else:
-            request = _value(bytes(p.payload))
+            request, text = _decode(bytes(p.payload))
             removed = redact(request, paths)
         if p.status == 200:
             response = answer_of(op, p.answer, paths)
         else:
             code, message = p.answer
             response = {"error": {"code": code, "message": message}}
-        return self._wrap(p, op, _encode(request), _encode(response), removed, paths)
+        return self._wrap(p, op, _encode(request), _encode(response), removed, paths,
+                          text=text and op == "run")
 
     def _wrap(self, p: Pending, op: str, request: bytes, response: bytes, removed: list[str],
-              paths: list[str]) -> CapturedCall:
+              paths: list[str], *, text: bool = False) -> CapturedCall:
         return CapturedCall(id=p.request_id, service=p.service, endpoint=p.endpoint,
                             generation=p.generation, op=op, ts=p.ts,
                             latency_s=round(p.latency, 6), status=p.status, node=self.node,
                             worker=self.worker, request=msgspec.Raw(request),
                             response=msgspec.Raw(response), redacted=removed,
-                            redact=list(paths))
+                            redact=list(paths), text=text)
 
 
 def _raw_request(op: str, payload: Any) -> bytes:
@@ -292,10 +294,15 @@ def _raw_answer(op: str, body: bytes) -> bytes | None:
 
 def _value(raw: bytes) -> Any:
     """JSON ``raw`` decoded, or its text when it is not JSON (a malformed body)."""
+    return _decode(raw)[0]
+
+
+def _decode(raw: bytes) -> tuple[Any, bool]:
+    """(JSON ``raw`` decoded, False), or (its text, True) when it is not JSON."""
     try:
-        return _JSON.decode(raw)
+        return _JSON.decode(raw), False
     except (msgspec.DecodeError, RecursionError):
-        return raw.decode("utf-8", "replace")
+        return raw.decode("utf-8", "replace"), True
 
 
 def answer_of(op: str, body: bytes, paths: list[str]) -> Any:

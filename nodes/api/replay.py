@@ -30,9 +30,13 @@ import nats.errors
 from nats.aio.client import Client as NATS
 
 from nodes.api.capture import answer_of
+from nodes.auth.permissions import REPLAY_ROLE
+from nodes.runtime.connection import PublishDenied, denials_of
+from nodes.runtime.requests import requester
 from protocol import subjects
 from protocol.api import ERROR_CODE_HEADER, GENERATION_HEADER, OP_HEADER, OP_MULTI
 from protocol.capture import LATENCY_HEADER, REPLAY_HEADER, CapturedCall
+from protocol.errors import Forbidden
 
 MAX_IN_FLIGHT = 8
 MAX_EXAMPLES = 5
@@ -115,6 +119,8 @@ def request_of(call: CapturedCall) -> tuple[bytes, dict[str, str]]:
         headers[OP_HEADER] = OP_MULTI
         items = request if isinstance(request, list) else []
         return _encode({"items": [{"features": f} for f in items]}), headers
+    if call.text and isinstance(request, str):  # a body that was not JSON: as it came
+        return request.encode(), headers
     return bytes(call.request), headers
 
 
@@ -134,13 +140,16 @@ def _code(body: Any) -> Any:
 
 
 async def replay_one(nc: NATS, call: CapturedCall, version: str, timeout: float) -> Replayed:
+    """Send one call again; raises ``PublishDenied`` as soon as the NATS server refuses
+    this identity the request (instead of waiting out ``timeout``)."""
     body, headers = request_of(call)
     headers[GENERATION_HEADER] = version
     out = Replayed(call=call)
     t0 = time.perf_counter()
     try:
-        msg = await nc.request(subjects.api_endpoint(call.service, call.endpoint), body,
-                               timeout=timeout, headers=headers)
+        msg = await requester(nc).request(subjects.api_endpoint(call.service, call.endpoint),
+                                          body, timeout=timeout, headers=headers,
+                                          denials=denials_of(nc))
     except nats.errors.NoRespondersError:
         out.error = "no API node serves this endpoint"
         return out
@@ -169,15 +178,22 @@ async def replay_one(nc: NATS, call: CapturedCall, version: str, timeout: float)
 async def replay(nc: NATS, calls: list[CapturedCall], version: str, *, rate: float,
                  timeout: float = 10.0) -> ReplayReport:
     """Send every call again to ``version``, ``rate`` per second at most, in order of
-    start; a report of what came back."""
+    start; a report of what came back.  Raises ``Forbidden`` (and sends nothing more)
+    when this identity may not send API requests."""
     report = ReplayReport(service=calls[0].service if calls else "", version=version)
     slots: list[Replayed | None] = [None] * len(calls)
     limiter = anyio.CapacityLimiter(max(1, min(MAX_IN_FLIGHT, int(rate) or 1)))
     start = time.monotonic()
 
+    denied: list[PublishDenied] = []
+
     async def one(i: int, call: CapturedCall) -> None:
         async with limiter:
-            slots[i] = await replay_one(nc, call, version, timeout)
+            try:
+                slots[i] = await replay_one(nc, call, version, timeout)
+            except PublishDenied as exc:
+                denied.append(exc)
+                tg.cancel_scope.cancel()
 
     async with anyio.create_task_group() as tg:
         for i, call in enumerate(calls):
@@ -185,5 +201,9 @@ async def replay(nc: NATS, calls: list[CapturedCall], version: str, *, rate: flo
             if delay > 0:
                 await anyio.sleep(delay)
             tg.start_soon(one, i, call)
+    if denied:
+        raise Forbidden(f"this identity may not send API requests (the NATS server refused "
+                        f"a publish to {denied[0].subject}): replay needs a {REPLAY_ROLE} "
+                        "or admin identity", details={"reason": "nats_permission"})
     report.results = [r for r in slots if r is not None]
     return report

@@ -14,6 +14,7 @@ from nats.aio.msg import Msg
 
 from nodes.api.autoscale import ScaleSettings
 from nodes.api.httplimits import HttpLimits
+from nodes.cli.common import FloatRange
 from nodes.runtime.calls import Caller
 from nodes.runtime.supervisor import Child
 from protocol import subjects
@@ -35,10 +36,10 @@ _OPTIONS: list[tuple[str, dict[str, Any]]] = [
                            help="api: the most worker processes the node scales up to when "
                                 "requests queue or latency rises [default: the default "
                                 "--workers, at least --min-workers]")),
-    ("--scale-down-after", dict(type=click.FloatRange(min=0.1), default=None,
+    ("--scale-down-after", dict(type=FloatRange(min=0.1), default=None,
                                 help="api: seconds of quiet before the node retires "
                                      "workers [default: 60]")),
-    ("--latency-target", dict(type=click.FloatRange(min=0.001), default=None,
+    ("--latency-target", dict(type=FloatRange(min=0.001), default=None,
                               help="api: p99 seconds of worker latency over which a loaded "
                                    "node adds workers [default: none, load alone]")),
     ("--worker-memory", dict(type=click.IntRange(min=256), default=None,
@@ -51,13 +52,13 @@ _OPTIONS: list[tuple[str, dict[str, Any]]] = [
                               "(SO_REUSEPORT; 0: any free port) [default: 8080]")),
     ("--http-host", dict(default=None, help="api, gateway: HTTP address [default: 0.0.0.0]")),
     ("--no-http", dict(is_flag=True, default=False, help="api: serve NATS only.")),
-    ("--request-timeout", dict(type=click.FloatRange(min=0.01), default=None,
+    ("--request-timeout", dict(type=FloatRange(min=0.01), default=None,
                                help="api, gateway: seconds before a request is answered "
                                     "'timeout' [default: 30]")),
-    ("--queue-timeout", dict(type=click.FloatRange(min=0.001), default=None,
+    ("--queue-timeout", dict(type=FloatRange(min=0.001), default=None,
                              help="api: seconds a request may wait for a free worker before "
                                   "it is answered 'overloaded' [default: 1]")),
-    ("--retry-after", dict(type=click.FloatRange(min=0.01), default=None,
+    ("--retry-after", dict(type=FloatRange(min=0.01), default=None,
                            help="api, gateway: least seconds without a reply before a "
                                 "prediction is sent again [default: 0.25]")),
     ("--max-body", dict(type=click.IntRange(min=1), default=None,
@@ -65,20 +66,20 @@ _OPTIONS: list[tuple[str, dict[str, Any]]] = [
     ("--max-header-bytes", dict(type=click.IntRange(min=256), default=None,
                                 help="api, gateway: largest request line plus headers in "
                                      "bytes; over it: 431 [default: 16384]")),
-    ("--header-timeout", dict(type=click.FloatRange(min=0.01), default=None,
+    ("--header-timeout", dict(type=FloatRange(min=0.01), default=None,
                               help="api, gateway: seconds a client has to send a request's "
                                    "headers; then 408 and the connection is closed "
                                    "[default: 10]")),
-    ("--body-timeout", dict(type=click.FloatRange(min=0.01), default=None,
+    ("--body-timeout", dict(type=FloatRange(min=0.01), default=None,
                             help="api, gateway: seconds a client has to send a request's "
                                  "body after its headers; then 408 [default: 30]")),
-    ("--keep-alive", dict(type=click.FloatRange(min=0.01), default=None,
+    ("--keep-alive", dict(type=FloatRange(min=0.01), default=None,
                           help="api, gateway: seconds an idle connection is kept open "
                                "[default: 5]")),
     ("--max-connections", dict(type=click.IntRange(min=1), default=None,
                                help="api, gateway: open HTTP connections per node; beyond: "
                                     "503 at once [default: 1024]")),
-    ("--metrics-interval", dict(type=click.FloatRange(min=0.1), default=None,
+    ("--metrics-interval", dict(type=FloatRange(min=0.1), default=None,
                                 help="api: seconds between metrics reports [default: 5]")),
     ("--debug", dict(is_flag=True, default=False,
                      help="api: show user code tracebacks in error replies.")),

@@ -13,6 +13,7 @@ from rich.text import Text
 from nodes.cli import progress
 from nodes.cli.common import (
     EXIT_FAILED,
+    FloatRange,
     call,
     check_names,
     connected,
@@ -175,20 +176,21 @@ def key_revoke(service: str, key_id: str, nats_url: str | None) -> None:
               help="public, or api-key (requests need 'Authorization: Bearer KEY'). "
                    "Default: unchanged (public for a new deployment).")
 @click.option("--wait", is_flag=True, help="Wait until every online API node serves it.")
-@click.option("--timeout", type=click.FloatRange(min=0.1), default=120.0, show_default=True)
+@click.option("--timeout", type=FloatRange(min=0.1), default=120.0, show_default=True)
 @click.option("--if-revision", type=int, default=None,
               help="Only deploy if the deployment is still at this revision.")
-@click.option("--capture", type=click.FloatRange(0.0, 1.0), default=None, metavar="F",
+@click.option("--capture", type=FloatRange(0.0, 1.0), default=None, metavar="F",
               help="Capture this fraction of requests with their answers (0.1: 10%; 0: "
                    "off). Default: unchanged (off for a new deployment).")
 @click.option("--redact", default=None, metavar="FIELD,...",
               help="Fields removed from captured requests and answers before they leave "
-                   "the API node (dotted paths reach nested fields; '' clears).")
-@click.option("--max-error-rate", type=click.FloatRange(0.0, 1.0), default=None,
+                   "the API node (dotted paths reach nested fields, in every item of a "
+                   "list on the way; '' clears).")
+@click.option("--max-error-rate", type=FloatRange(0.0, 1.0), default=None,
               help="Health is WARNING above this error rate over the last minute (0.01 is "
                    "1%), ERROR at 5 times it. Default: unchanged (0.05 for a new "
                    "deployment).")
-@click.option("--max-p95-ms", type=click.FloatRange(0.0, 3_600_000.0, min_open=True),
+@click.option("--max-p95-ms", type=FloatRange(0.0, 3_600_000.0, min_open=True),
               default=None,
               help="Health is WARNING above this p95 latency in milliseconds over the last "
                    "minute. Default: unchanged (1000 for a new deployment).")

@@ -14,6 +14,7 @@ from nodes.api.replay import ReplayReport, replay
 from nodes.cli.audit import parse_time
 from nodes.cli.common import (
     EXIT_FAILED,
+    FloatRange,
     check_names,
     connected,
     err,
@@ -63,7 +64,7 @@ def _limits(fn: Any) -> Any:
         click.option("--limit", type=click.IntRange(1, MAX_LIMIT), default=100,
                      show_default=True, help="At most this many calls, oldest first."),
         click.option("--endpoint", default=None, help="Only this endpoint."),
-        click.option("--timeout", type=click.FloatRange(min=0.1), default=10.0,
+        click.option("--timeout", type=FloatRange(min=0.1), default=10.0,
                      show_default=True, help="Stop reading the stream after this long "
                                              "(replay: also each request's deadline)."),
     ]):
@@ -131,7 +132,7 @@ def api_queries(service: str, generation: str | None, since: str | None, limit: 
                    "service's API nodes (live, shadow, or weight 0).")
 @click.option("--generation", "generation", default=None, metavar="G",
               help="Only calls that version G answered.")
-@click.option("--rate", type=click.FloatRange(min=0.1, max=10_000), default=20.0,
+@click.option("--rate", type=FloatRange(min=0.1, max=10_000), default=20.0,
               show_default=True, help="Requests per second at most (live traffic shares "
                                       "the nodes).")
 @_limits

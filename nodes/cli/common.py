@@ -85,6 +85,18 @@ def json_option(fn: F) -> F:
                         help="Print JSON instead of a table.")(fn)
 
 
+class FloatRange(click.FloatRange):
+    """``click.FloatRange`` that also refuses ``nan`` (which passes every comparison, so a
+    range alone lets it through): a usage error, like any value out of range."""
+
+    def convert(self, value: Any, param: click.Parameter | None,
+                ctx: click.Context | None) -> Any:
+        rv = super().convert(value, param, ctx)
+        if rv != rv:
+            self.fail(f"{value!r} is not a number", param, ctx)
+        return rv
+
+
 def _token(what: str) -> Callable[[str], str]:
     return lambda value: subjects.token(value, what)
 

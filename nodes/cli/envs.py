@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 import click
 
 from nodes.cli.common import (
+    FloatRange,
     call,
     check_names,
     human_age,
@@ -54,10 +55,10 @@ _OPTIONS: list[tuple[str, dict[str, Any]]] = [
                         help="automation, api, design: use no package index, only "
                              "--find-links and wheels stored with the lock "
                              "[default: $SHIPYARD_NO_INDEX]")),
-    ("--env-build-timeout", dict(type=click.FloatRange(min=1), default=None, metavar="SECONDS",
+    ("--env-build-timeout", dict(type=FloatRange(min=1), default=None, metavar="SECONDS",
                                  help="automation, api, design: seconds a code environment "
                                       f"build may take [default: {DEFAULT_TIMEOUT_S:g}]")),
-    ("--env-grace", dict(type=click.FloatRange(min=0), default=None, metavar="SECONDS",
+    ("--env-grace", dict(type=FloatRange(min=0), default=None, metavar="SECONDS",
                          help="automation, api, design: seconds an environment nothing "
                               "uses is kept before it is removed "
                               f"[default: {DEFAULT_GRACE_S:g}]")),

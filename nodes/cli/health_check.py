@@ -30,6 +30,7 @@ from nodes.cli.common import (
     EXIT_OK,
     EXIT_USAGE,
     CliState,
+    FloatRange,
     check_names,
     connected,
     err,
@@ -49,7 +50,7 @@ from protocol.heartbeat import HEARTBEAT, Heartbeat
 @click.argument("role", type=click.Choice(sorted(ROLE_NAMES)))
 @click.option("--name", envvar="SHIPYARD_NODE_NAME", required=True,
               help="The node's name. [default: $SHIPYARD_NODE_NAME]")
-@click.option("--within", type=click.FloatRange(min=0.1, max=600.0), default=10.0,
+@click.option("--within", type=FloatRange(min=0.1, max=600.0), default=10.0,
               show_default=True, help="Seconds to wait for a heartbeat.")
 @nats_option
 @json_option

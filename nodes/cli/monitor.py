@@ -39,6 +39,7 @@ from rich.text import Text
 from nodes.cli.common import (
     CLI_CONNECT_TIMEOUT,
     STATUS_STYLE,
+    FloatRange,
     check_names,
     human_age,
     human_size,
@@ -323,11 +324,11 @@ def plain_text(s: Snapshot, width: int = 200) -> str:
 @click.option("--filter", "filter_text", metavar="KEY=VALUE[,...]", default=None,
               help="Narrow the view: infra=NAME, project=NAME (also an API service), "
                    "role=NAME, comma separated.")
-@click.option("--interval", type=click.FloatRange(min=0.1), default=2.0, show_default=True,
+@click.option("--interval", type=FloatRange(min=0.1), default=2.0, show_default=True,
               help="Seconds between snapshots when output is piped or --json.")
-@click.option("--poll", "poll_s", type=click.FloatRange(min=0.2), default=2.0,
+@click.option("--poll", "poll_s", type=FloatRange(min=0.2), default=2.0,
               show_default=True, help="Seconds between questions to the Deployer.")
-@click.option("--timeout", type=click.FloatRange(min=0.1), default=3.0, show_default=True,
+@click.option("--timeout", type=FloatRange(min=0.1), default=3.0, show_default=True,
               help="Seconds each question to the Deployer may take.")
 @click.option("--once", is_flag=True,
               help="Print one snapshot (after one Deployer round and one interval) and "

@@ -11,6 +11,7 @@ from rich.text import Text
 from nodes.cli import progress
 from nodes.cli.common import (
     EXIT_FAILED,
+    FloatRange,
     call,
     check_names,
     human_size,
@@ -238,7 +239,7 @@ def deploy() -> None:
 @click.argument("bundle_id")
 @click.option("--infra", required=True, help="Automation infrastructure.")
 @click.option("--wait", is_flag=True, help="Wait until every online node runs the bundle.")
-@click.option("--timeout", type=click.FloatRange(min=0.1), default=120.0, show_default=True,
+@click.option("--timeout", type=FloatRange(min=0.1), default=120.0, show_default=True,
               help="Seconds to wait with --wait.")
 @click.option("--if-revision", type=int, default=None,
               help="Only deploy if the deployment is still at this revision (see "
@@ -288,7 +289,7 @@ def _change(cmd: DeployBundle | RollbackBundle, verb: str, wait: bool, timeout: 
 @click.option("--to", "to", default=None, help="Bundle id to go back to (default: the "
                                                 "bundle that was deployed before).")
 @click.option("--wait", is_flag=True, help="Wait until every online node runs it.")
-@click.option("--timeout", type=click.FloatRange(min=0.1), default=120.0, show_default=True)
+@click.option("--timeout", type=FloatRange(min=0.1), default=120.0, show_default=True)
 @nats_option
 @json_option
 def rollback(target: tuple[str, ...], infra: str, to: str | None, wait: bool, timeout: float,

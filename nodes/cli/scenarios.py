@@ -14,6 +14,7 @@ from rich.text import Text
 from nodes.cli import progress
 from nodes.cli.common import (
     EXIT_FAILED,
+    FloatRange,
     call,
     check_names,
     connected,
@@ -65,7 +66,7 @@ def param_option(fn: Any) -> Any:
 
 
 def wait_options(fn: Any) -> Any:
-    fn = click.option("--timeout", type=click.FloatRange(min=0.1), default=3600.0,
+    fn = click.option("--timeout", type=FloatRange(min=0.1), default=3600.0,
                       show_default=True, help="Seconds to wait with --wait.")(fn)
     return click.option("--wait", is_flag=True,
                         help="Follow the run and exit 0 if it succeeds, 1 if not.")(fn)

@@ -40,6 +40,7 @@ from nodes.cli.apinodes import (
 from nodes.cli.common import (
     EXIT_FAILED,
     EXIT_OK,
+    FloatRange,
     err,
     home_option,
     nats_option,
@@ -111,7 +112,7 @@ def node() -> None:
 @click.option("--creds", metavar="FILE", default=None, type=click.Path(dir_okay=False),
               help="Credentials file of this node's identity ('shipyard auth node add'). "
                    "Default: $SHIPYARD_NATS_CREDS.")
-@click.option("--heartbeat-interval", type=click.FloatRange(MIN_INTERVAL_S, MAX_INTERVAL_S),
+@click.option("--heartbeat-interval", type=FloatRange(MIN_INTERVAL_S, MAX_INTERVAL_S),
               default=2.0, show_default=True, help="Seconds between heartbeats.")
 @click.option("--forget-after", metavar="DURATION", default="1d", show_default=True,
               help="deployer: forget nodes lost for this long (30s, 15m, 2h, 1d; 0: never).")
@@ -279,7 +280,7 @@ def _children(home: Path, url: str, *, automation: int, api: int,
               show_default=True, help="HTTP port for API services.")
 @click.option("--automation-nodes", type=click.IntRange(min=0), default=1, show_default=True)
 @click.option("--api-nodes", type=click.IntRange(min=0), default=1, show_default=True)
-@click.option("--heartbeat-interval", type=click.FloatRange(MIN_INTERVAL_S, MAX_INTERVAL_S),
+@click.option("--heartbeat-interval", type=FloatRange(MIN_INTERVAL_S, MAX_INTERVAL_S),
               default=2.0, show_default=True)
 @click.option("--workspace", type=click.Path(path_type=Path), default=Path("projects"),
               show_default=True, help="The Design node's workspace: one project per folder.")
