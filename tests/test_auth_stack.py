@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import httpx
+import pytest
 
 from nodes.api.gateway import GatewayNode
 from nodes.api.node import ApiNode
@@ -18,6 +19,7 @@ from nodes.runtime.calls import Caller
 from nodes.runtime.connection import close, connect
 from nodes.runtime.progress import STORING
 from nodes.runtime.requests import requester
+from nodes.runtime.settings import resolve
 from protocol import subjects
 from protocol.api import CreateApiPackage, DeployApi
 from protocol.bundles import CreateBundle
@@ -131,3 +133,47 @@ async def test_a_bundle_and_an_api_deploy_under_least_privilege_raise_no_violati
         violations = [line for line in stack.server_log().splitlines()
                       if "Violation" in line]
         assert violations == []
+
+
+
+async def test_an_api_nodes_workers_find_credentials_given_as_a_relative_path(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Workers run in another directory than the node: a ``--creds auth/creds/N.creds``
+    typed where the node was started must still be found by them."""
+    make_api_project(tmp_path / "ws", version="1")
+    with auth_stack(tmp_path) as stack:
+        monkeypatch.chdir(tmp_path)
+        relative = stack.store.creds_path("api-1").relative_to(tmp_path)
+        settings = resolve(stack.server.url, creds=str(relative), env={})
+        nc = await connect(stack.settings("admin"), name="admin")
+        try:
+            await publish_identities(nc, stack.store.identities())
+            admin = Caller(nc)
+            async with fleet() as f:
+                await f.start(DeployerNode(name="deployer", nats=stack.settings("deployer"),
+                                           heartbeat_interval=HB))
+                await f.start(DesignNode(name="design", nats=stack.settings("design"),
+                                         workspace=tmp_path / "ws",
+                                         data_dir=tmp_path / "design", heartbeat_interval=HB))
+                api = await f.start(ApiNode(name="api-1", infra="api", nats=settings,
+                                            data_dir=tmp_path / "api1", http_port=0,
+                                            http_host="127.0.0.1", heartbeat_interval=HB,
+                                            resync_interval=1.0, workers=1))
+                assert isinstance(api, ApiNode) and api.http is not None
+                await admin.call(CreateInfra(name="api", kind="api"))
+                await admin.call(CreateApiPackage(project="churn", service="churn-api",
+                                                  version="v1"), timeout=30)
+                await admin.call(DeployApi(service="churn-api", infra="api",
+                                           generations={"v1": 100}))
+                path = f"{api.http.url}/public/api/v1/churn-api/predict/predict"
+                async with httpx.AsyncClient(timeout=30) as http:
+
+                    async def answered() -> httpx.Response | None:
+                        r = await http.post(path, json={"features": {"x": 1}})
+                        return r if r.status_code == 200 else None
+
+                    r = await wait_for(answered, timeout=30, message="the worker serving")
+                assert r.json()["result"]["prediction"] == "yes"
+                assert api.pool.crashes == 0
+        finally:
+            await close(nc)

@@ -294,9 +294,24 @@ async def test_status_exits_1_naming_a_lost_node_and_a_failed_run_and_0_when_hea
                        for r in dep.reasons)
             text = await _cli(env, "status", "--infra", "prod")
             assert text.returncode == 1 and accepted.run_id in text.stdout, text.stderr
+            # The infra's row says which deployment made it ERROR, not just "-".
+            [row] = [line for line in text.stdout.splitlines() if line.startswith("prod ")]
+            assert "ERROR" in row and "bundle flows is ERROR" in row, text.stdout
         finally:
             edge.stop(signal.SIGKILL)
         await nc.close()
+
+
+async def test_status_without_a_deployer_exits_2_saying_health_is_unknown(
+        settings: NatsSettings, cli_env: dict[str, str]) -> None:
+    env = dict(cli_env, SHIPYARD_NATS_URL=settings.url)
+    for args in ((), ("--json",), ("--infra", "prod")):
+        proc = await _cli(env, "status", *args)
+        assert proc.returncode == 2, (args, proc.returncode, proc.stderr)
+        assert proc.stdout == ""
+        assert proc.stderr.startswith("shipyard: health unknown: no deployer node is "
+                                      "running"), proc.stderr
+        assert "Traceback" not in proc.stderr
 
 
 async def _infra_health(caller: Any, infra: str, health: str) -> bool:

@@ -15,12 +15,15 @@ import msgspec
 import pytest
 from rich.console import Console
 
-from nodes.cli.monitor import plain_text, render
+from nodes.cli.monitor import HISTORY_EVENTS, Feed, plain_text, render
 from nodes.cli.monitor_model import BadFilter, Filter, MonitorModel
+from nodes.runtime.connection import connect
 from nodes.runtime.embedded import EmbeddedNats
+from nodes.runtime.jetstream import ensure_events_stream, publish_event
+from nodes.runtime.settings import NatsSettings
 from protocol.api import ANY_GENERATION, LATENCY_BUCKETS_S, ApiMetricsReport, EndpointMetrics
 from protocol.deploy import DeploymentView, InfraCreatedEvent, NodeDeployment
-from protocol.events import NodeLost
+from protocol.events import NodeLost, NodeOnline
 from protocol.heartbeat import Heartbeat
 from protocol.registry import NodeInfo
 from protocol.scenarios import RunFinished, RunProgress, RunStarted, RunSummary
@@ -255,6 +258,30 @@ def test_the_view_draws_every_panel_and_caps_rows_on_a_terminal() -> None:
 
 
 # -- against a real stack -----------------------------------------------------------------
+
+async def test_a_filtered_view_opens_with_its_own_events_though_others_came_since(
+        settings: NatsSettings) -> None:
+    nc = await connect(settings, name="test")
+    try:
+        js = nc.jetstream()
+        await ensure_events_stream(js)
+        for i in range(3):
+            await publish_event(js, NodeOnline(node=f"edge-{i}", role="automation",
+                                               infra="edge", host="h", pid=i))
+        for i in range(HISTORY_EVENTS * 3):  # a busy infra's events, all after edge's
+            await publish_event(js, NodeOnline(node=f"prod-{i}", role="automation",
+                                               infra="prod", host="h", pid=i))
+        edge, _ = model("infra=edge")
+        await Feed(nc, edge).history()
+        assert [e.text.split()[1] for e in edge.events] == ["edge-0", "edge-1", "edge-2"]
+        # Unfiltered, the tail is the latest events, as many as the view shows.
+        everything, _ = model()
+        await Feed(nc, everything).history()
+        assert len(everything.events) == HISTORY_EVENTS
+        assert everything.events[-1].text.split()[1] == f"prod-{HISTORY_EVENTS * 3 - 1}"
+    finally:
+        await nc.close()
+
 
 def _snapshots(p: Background, since: int) -> list[dict[str, Any]]:
     out = []

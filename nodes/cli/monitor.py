@@ -24,6 +24,7 @@ import contextlib
 import datetime as dt
 import io
 import sys
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -60,7 +61,7 @@ from nodes.cli.monitor_model import (
 )
 from nodes.runtime.calls import Caller
 from nodes.runtime.connection import connect
-from nodes.runtime.events import read_events
+from nodes.runtime.events import StoredEvent, read_events
 from protocol import subjects
 from protocol.api import METRICS_REPORT, ApiMetricsReport
 from protocol.deploy import ListDeployments
@@ -72,7 +73,8 @@ from protocol.scenarios import ListRuns
 from protocol.stream import EVENT, describe_unknown
 
 REFRESH_PER_S = 2  # terminal redraws per second (a frame of 5,000 nodes: ~60 ms here)
-HISTORY_EVENTS = 30  # events read from the stream when the view opens
+HISTORY_EVENTS = 30  # events shown from the stream's history when the view opens
+FILTERED_HISTORY_EVENTS = 2_000  # read back through, with a filter, to find them
 RUNS_PER_PROJECT = 10
 TERMINAL_NODE_ROWS = 20  # nodes listed on a terminal (lost first); the rest are counted
 TERMINAL_EVENT_ROWS = 10
@@ -133,13 +135,20 @@ class Feed:
             self.dropped += 1
 
     async def history(self, last: int = HISTORY_EVENTS, timeout: float = 3.0) -> None:
-        """The last events already stored, so the tail is not empty when the view opens."""
+        """The last ``last`` events already stored that pass the filter, so the tail is
+        not empty when the view opens (with a filter, up to ``FILTERED_HISTORY_EVENTS``
+        are read to find them: other infras' events may be all the latest ones)."""
+        kept: deque[StoredEvent] = deque(maxlen=last)
+        read = FILTERED_HISTORY_EVENTS if self.model.filter.narrows else last
         with anyio.move_on_after(timeout), contextlib.suppress(Exception):
-            async for stored in read_events(self.nc, last=last):
-                if stored.event is not None:
-                    self.model.on_event(stored.event)
-                else:
-                    _unknown(self.model, stored.raw)
+            async for stored in read_events(self.nc, last=max(read, last)):
+                if stored.event is None or self.model.admits_event(stored.event):
+                    kept.append(stored)
+        for stored in kept:
+            if stored.event is not None:
+                self.model.on_event(stored.event)
+            else:
+                _unknown(self.model, stored.raw)
 
 
 def _unknown(model: MonitorModel, raw: bytes) -> None:

@@ -91,6 +91,10 @@ class Filter:
             values[key] = value
         return cls(**values)
 
+    @property
+    def narrows(self) -> bool:
+        return any(getattr(self, k) is not None for k in FILTER_KEYS)
+
     def describe(self) -> str:
         return ",".join(f"{k}={getattr(self, k)}" for k in FILTER_KEYS
                         if getattr(self, k) is not None) or "everything"
@@ -258,12 +262,16 @@ class MonitorModel:
                                  started_at=event.ts), keep_finished=True)
         elif isinstance(event, RunFinished):
             self._run(event.run)
+        if self.admits_event(event):
+            self.events.append(EventRow(ts=event.ts, kind=str(event.__struct_config__.tag or "?"),
+                                        text=event.summary()))
+
+    def admits_event(self, event: Event) -> bool:
+        """Whether ``event`` passes the filter (is shown in the tail)."""
         infra, project, role = _scope(event)
         if infra is None and isinstance(event, RunProgress) and event.run_id in self.runs:
             infra = self.runs[event.run_id].infra
-        if self.filter.admits(infra=infra, project=project, role=role):
-            self.events.append(EventRow(ts=event.ts, kind=str(event.__struct_config__.tag or "?"),
-                                        text=event.summary()))
+        return self.filter.admits(infra=infra, project=project, role=role)
 
     def on_unknown_event(self, ts: float, kind: str, text: str) -> None:
         """An event of a kind this release does not know: shown, never dropped."""

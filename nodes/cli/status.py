@@ -8,8 +8,10 @@ from rich.text import Text
 
 from nodes.cli.common import (
     EXIT_FAILED,
+    EXIT_USAGE,
     call,
     check_names,
+    err,
     json_option,
     nats_option,
     out,
@@ -19,8 +21,15 @@ from nodes.cli.common import (
     table,
     whoami,
 )
-from protocol.deploy import ERROR
-from protocol.health import AlertTested, GetHealth, HealthReport, SendTestAlert
+from protocol.deploy import ERROR, HEALTHY
+from protocol.errors import Timeout, Unavailable
+from protocol.health import (
+    AlertTested,
+    GetHealth,
+    HealthReport,
+    InfraHealth,
+    SendTestAlert,
+)
 
 
 def _health(value: str) -> Text:
@@ -36,6 +45,15 @@ def has_error(report: HealthReport) -> bool:
     return any(i.health == ERROR for i in report.infras) or report.health == ERROR
 
 
+def _infra_reasons(infra: InfraHealth) -> str:
+    """Its nodes' reasons, and one line per deployment that is not HEALTHY (whose own
+    reasons are in the deployments table below)."""
+    lines = [r for n in infra.nodes for r in n.reasons] if infra.nodes else infra.reasons[:1]
+    lines += [f"{d.kind} {d.name} is {d.health}" for d in infra.deployments
+              if d.health != HEALTHY]
+    return _reasons(lines)
+
+
 def render(report: HealthReport) -> None:
     out.print(Text.assemble("fleet: ", _health(report.health)))
     if not report.infras:
@@ -44,7 +62,7 @@ def render(report: HealthReport) -> None:
     table(["INFRA", "KIND", "STAGE", "HEALTH", "NODES", "REASONS"],
           [(i.name, i.kind or "-", i.stage or "-", _health(i.health),
             f"{sum(n.status == 'online' for n in i.nodes)}/{len(i.nodes)} online",
-            _reasons([r for n in i.nodes for r in n.reasons] if i.nodes else i.reasons[:1]))
+            _infra_reasons(i))
            for i in report.infras])
     deployments = report.deployments()
     if deployments:
@@ -62,10 +80,16 @@ def status_cmd(infra: str | None, nats_url: str | None, as_json: bool) -> None:
     """Health of every infrastructure, its nodes and deployments, with reasons.
 
     Exit code 1 when anything is ERROR (for cron jobs and CI), 0 otherwise (HEALTHY,
-    WARNING or UNKNOWN), 2 on a usage error or when NATS cannot be reached.
+    WARNING or UNKNOWN), 2 on a usage error or when NATS or the Deployer cannot be
+    reached (health is then not known, which is no ERROR of the fleet's).
     """
     check_names(infra=infra)
-    report: HealthReport = run(call, nats_url, GetHealth(infra=infra))
+    try:
+        report: HealthReport = run(call, nats_url, GetHealth(infra=infra))
+    except (Timeout, Unavailable) as exc:
+        err.print(f"shipyard: health unknown: {exc.message} (the Deployer judges health: "
+                  "is it running? shipyard up, or shipyard node start deployer)")
+        raise SystemExit(EXIT_USAGE) from None
     if as_json:
         print_json(report)
     else:

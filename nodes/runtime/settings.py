@@ -103,11 +103,17 @@ def read_stack_file(home: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
+def _absolute(path: str | None) -> str | None:
+    return os.path.abspath(path) if path else None
+
+
 def resolve(url: str | None = None, *, home: Path | None = None,
             env: dict[str, str] | None = None, creds: str | None = None) -> NatsSettings:
     """Build settings from an explicit URL, the environment and ``stack.json``.
 
-    Credentials: ``creds`` (``--creds``), else ``SHIPYARD_NATS_CREDS``."""
+    Credentials: ``creds`` (``--creds``), else ``SHIPYARD_NATS_CREDS``.  File paths are
+    made absolute here, against the directory the command runs in: processes a node
+    starts (an API node's workers) run elsewhere and read the same files."""
     env = dict(os.environ) if env is None else env
     stack = read_stack_file(home or Path(env.get("SHIPYARD_HOME", DEFAULT_HOME)))
     if url:
@@ -121,14 +127,14 @@ def resolve(url: str | None = None, *, home: Path | None = None,
     replicas = env.get("SHIPYARD_REPLICAS") or (stack or {}).get("replicas") or 1
     return NatsSettings(
         servers=servers,
-        creds_file=creds or env.get("SHIPYARD_NATS_CREDS") or None,
-        nkey_seed_file=env.get("SHIPYARD_NATS_NKEY") or None,
+        creds_file=_absolute(creds or env.get("SHIPYARD_NATS_CREDS")),
+        nkey_seed_file=_absolute(env.get("SHIPYARD_NATS_NKEY")),
         user=env.get("SHIPYARD_NATS_USER") or None,
         password=env.get("SHIPYARD_NATS_PASSWORD") or None,
         token=env.get("SHIPYARD_NATS_TOKEN") or None,
-        tls_ca_file=env.get("SHIPYARD_NATS_TLS_CA") or None,
-        tls_cert_file=env.get("SHIPYARD_NATS_TLS_CERT") or None,
-        tls_key_file=env.get("SHIPYARD_NATS_TLS_KEY") or None,
+        tls_ca_file=_absolute(env.get("SHIPYARD_NATS_TLS_CA")),
+        tls_cert_file=_absolute(env.get("SHIPYARD_NATS_TLS_CERT")),
+        tls_key_file=_absolute(env.get("SHIPYARD_NATS_TLS_KEY")),
         replicas=int(replicas),
         source=source,
     )
