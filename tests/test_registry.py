@@ -259,3 +259,47 @@ def test_records_loaded_from_kv_get_a_grace_period_and_a_bounded_interval() -> N
     assert [(type(e), e.node) for e in events] == [(NodeForgotten, "old")]
     clocks.advance(901.0)
     assert [(type(e), e.node) for e in reg.sweep()] == [(NodeLost, "ph")]
+
+
+def test_grace_judges_online_nodes_afresh_and_leaves_lost_ones_lost() -> None:
+    clocks = Clocks()
+    reg = clocks.registry()
+    reg.on_heartbeat(hb("up"))
+    reg.on_heartbeat(hb("down", pid=8))
+    clocks.advance(5.0)
+    assert {e.node for e in reg.sweep()} == {"up", "down"}  # both silent for 5 s
+    reg.on_heartbeat(hb("up", seq=2))
+    clocks.advance(10.0)  # the Deployer was stopped: "up" beat meanwhile, unread
+    reg.grace()
+    assert reg.sweep() == []
+    assert reg.get("down").status == "lost"  # type: ignore[union-attr]
+    clocks.advance(3.1)  # still silent three intervals after the grace: lost
+    assert [e.node for e in reg.sweep()] == ["up"]
+
+
+async def test_a_deployer_that_was_stopped_does_not_call_its_beating_nodes_lost(
+        settings: NatsSettings) -> None:
+    """The whole process stalls for 2.5 s (a paused VM), while a node's beats are due
+    every 0.1 s: when it runs again, it does not judge the node on beats it has not
+    read yet."""
+    nc = await connect(settings, name="t")
+    async with running(deployer(settings)), anyio.create_task_group() as tg:
+        seq = 0
+
+        async def keep_beating() -> None:
+            nonlocal seq
+            while True:
+                seq += 1
+                await beat(nc, "steady", seq=seq)
+                await anyio.sleep(0.1)
+
+        tg.start_soon(keep_beating)
+        await wait_for(lambda: _is(nc, "steady", "online"), message="steady registered")
+        time.sleep(2.5)  # noqa: ASYNC251 -- the fault: this whole process stops
+        after = seq
+        await wait_for(lambda: seq >= after + 10, message="ten more beats")
+        assert await _is(nc, "steady", "online")
+        tg.cancel_scope.cancel()
+    kinds = [type(e).__name__ for e in await events_for(nc, "steady")]
+    assert kinds == ["NodeOnline"], kinds
+    await nc.close()

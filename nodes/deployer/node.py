@@ -53,6 +53,11 @@ if TYPE_CHECKING:
     from nodes.deployer.dashboard.server import Dashboard
 
 EVENT_QUEUE = 10_000
+# A sweep this much later than due means this process did not run (stopped, or its VM
+# stalled): nodes get a fresh grace period instead of being judged on unread beats.  At
+# most once per STALL_COOLDOWN_S, so a loop that lags for good still judges its nodes.
+STALL_S = 2.0
+STALL_COOLDOWN_S = 30.0
 WRITE_RETRY_S = 0.5
 
 
@@ -204,8 +209,19 @@ class DeployerNode(Node):
             self.runs.kick()
 
     async def _sweeper(self) -> None:
+        last = self.registry.clock()
+        graced = -STALL_COOLDOWN_S
         while not self.stopping_requested:
             await anyio.sleep(self.sweep_interval)
+            now = self.registry.clock()
+            late, last = now - last - self.sweep_interval, now
+            if late > STALL_S and now - graced >= STALL_COOLDOWN_S:
+                graced = now
+                # This process was stopped (SIGSTOP, a stalled VM): beats sent meanwhile
+                # may be unread in the connection, so silence proves nothing yet.
+                self.log.warning("deployer stalled; judging nodes afresh", stalled_s=late)
+                self.registry.grace()
+                continue
             for event in self.registry.sweep():
                 await self._changed(event)
 

@@ -15,7 +15,8 @@ Pure state and rules here; ``nodes.deployer.node`` wires it to NATS.
   ``forget`` removes one on request; removed names are handed to the KV writer.
 * Records are written to KV on every transition and state change, not on every beat;
   a restarted Deployer loads them and gives every node a fresh grace period before
-  judging it, so a Deployer restart never declares a healthy fleet lost.
+  judging it, so a Deployer restart never declares a healthy fleet lost.  A Deployer
+  that was itself stopped for a while (its sweep comes late) does the same (``grace``).
 """
 
 from __future__ import annotations
@@ -148,6 +149,15 @@ class Registry:
         if rec.beat_at is not None:
             return round(max(0.0, now - rec.beat_at), 3)
         return round(max(0.0, wall - rec.info.last_seen), 3)
+
+    def grace(self) -> None:
+        """Judge every online node from now on, as after a restart: the Deployer itself
+        was stopped for a while (a paused process, a stalled VM), so the beats sent
+        meanwhile may be waiting, unread, in its connection."""
+        now = self.clock()
+        for rec in self.nodes.values():
+            if rec.info.status == ONLINE:
+                rec.judge_from = max(rec.judge_from, now)
 
     def sweep(self) -> list[NodeEvent]:
         """Mark silent nodes lost and forget long-lost ones; return their events."""
