@@ -419,6 +419,12 @@ async def test_deep_nesting_is_a_400_and_non_finite_results_a_500_on_every_endpo
                 assert "not a finite number" in error["message"]
         r = await s.http.post(url(node), json={"features": {"float": "1.5"}})
         assert r.status_code == 200 and r.json()["result"]["scores"] == [1.0, 1.5]
+        # A result larger than NATS carries: said at once, not a timeout at the deadline.
+        r = await s.http.post(url(node, "score", "run"), json={"big": 2_000_000})
+        assert r.status_code == 500, r.text
+        error = r.json()["error"]
+        assert error["code"] == "bad_result" and "max_payload" in error["message"], error
+        assert "the result is 20000" in error["message"], error
 
 
 async def test_a_deeply_nested_command_is_bad_request(settings: NatsSettings) -> None:

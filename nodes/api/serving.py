@@ -463,6 +463,9 @@ class Serving:
             page.start(time.monotonic(), reply)
             status, body = self._run(gen, name, op, payload)
             page.stop()
+            if status == 0 and len(body) > self.nc.max_payload - REPLY_HEADROOM:
+                message = too_large_result(len(body), self.nc.max_payload)
+                status, body = http_status("bad_result"), ("bad_result", message)
             elapsed = time.perf_counter() - t0
             self.service_time += (elapsed - self.service_time) * 0.2 if self.service_time \
                 else elapsed
@@ -529,6 +532,17 @@ class Serving:
 async def _turns(n: int) -> None:
     for _ in range(n):
         await asyncio.sleep(0)
+
+
+REPLY_HEADROOM = 1024  # bytes of a reply's payload limit kept for its headers
+
+
+def too_large_result(size: int, max_payload: int) -> str:
+    """The message of a result too large to send back over NATS (its requester would
+    otherwise wait out its deadline)."""
+    return (f"the result is {size} bytes, over the NATS server's largest message "
+            f"({max_payload} bytes, max_payload, less {REPLY_HEADROOM} for headers): "
+            "return less, or raise max_payload on the server")
 
 
 def overloaded_message(queue_timeout: float) -> str:
