@@ -107,7 +107,8 @@ def test_the_last_run_of_each_scenario_judges_a_project() -> None:
             _run("r5", "slow", "CANCELLED", 3.0)]
     health, reasons = runs_verdict(runs)
     assert health == ERROR
-    assert reasons == ["last run r3 of scenario report failed: ValueError: bad row 7"]
+    assert reasons == ["last run r3 of scenario report failed: ValueError: bad row 7 "
+                       "(its log: shipyard run logs r3)"]
     warned = _run("r6", "nightly", "WARNING", 4.0, steps=[
         StepSummary(index=0, kind="check", name="clean", outcome="WARNING",
                     message="row_count 3 < soft_min 4")])

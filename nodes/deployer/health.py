@@ -101,7 +101,8 @@ def runs_verdict(runs: Iterable[RunSummary]) -> Verdict:
         if run.outcome == "FAILED":
             health = ERROR
             reasons.append(f"last run {run.run_id} of scenario {scenario} failed: "
-                           f"{run.error or 'see its log'}")
+                           f"{run.error or 'no error message'} (its log: shipyard run logs "
+                           f"{run.run_id})")
         elif run.outcome == "WARNING":
             health = worst(health, WARNING)
             warned = [f"{s.name}: {s.message}" if s.message else s.name
@@ -139,6 +140,10 @@ class Traffic:
         return float("inf")
 
 
+# Where the thresholds are set, told beside every traffic reason.
+THRESHOLD_HINT = " (thresholds: shipyard deploy api ... --max-error-rate R --max-p95-ms MS)"
+
+
 def traffic_verdict(traffic: Traffic | None, *, max_error_rate: float,
                     max_p95_ms: float) -> Verdict:
     """API error rate and p95 latency against a deployment's thresholds."""
@@ -150,12 +155,14 @@ def traffic_verdict(traffic: Traffic | None, *, max_error_rate: float,
     if rate > max_error_rate:
         health = ERROR if rate >= min(1.0, max_error_rate * ERROR_FACTOR) else WARNING
         reasons.append(f"error rate {rate:.1%} over the {window} ({traffic.errors} of "
-                       f"{traffic.requests} requests) is above {max_error_rate:.1%}")
+                       f"{traffic.requests} requests) is above {max_error_rate:.1%}"
+                       f"{THRESHOLD_HINT}")
     p95 = traffic.p95_ms
     if p95 is not None and p95 > max_p95_ms:
         health = worst(health, WARNING)
         shown = "above the largest bucket" if p95 == float("inf") else f"{p95:g} ms"
-        reasons.append(f"p95 latency {shown} over the {window} is above {max_p95_ms:g} ms")
+        reasons.append(f"p95 latency {shown} over the {window} is above {max_p95_ms:g} ms"
+                       f"{THRESHOLD_HINT}")
     return health, reasons
 
 
