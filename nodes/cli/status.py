@@ -88,7 +88,8 @@ def status_cmd(infra: str | None, nats_url: str | None, as_json: bool) -> None:
         report: HealthReport = run(call, nats_url, GetHealth(infra=infra))
     except (Timeout, Unavailable) as exc:
         err.print(f"shipyard: health unknown: {exc.message} (the Deployer judges health: "
-                  "is it running? shipyard up, or shipyard node start deployer)")
+                  "is it running? shipyard up, or shipyard node start deployer)",
+                  markup=False)
         raise SystemExit(EXIT_USAGE) from None
     if as_json:
         print_json(report)
