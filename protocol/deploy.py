@@ -118,6 +118,7 @@ class NodeDeployment(msgspec.Struct, frozen=True, kw_only=True):
     running: str | None  # the bundle it actually runs
     activity: str = ""  # idle | fetching | verifying | unpacking | failed
     error: str = ""
+    degraded: str = ""  # why it runs the version but cannot serve it (API: no worker)
 
 
 class DeploymentView(Message, frozen=True, kw_only=True, tag="deployment"):

@@ -136,6 +136,7 @@ class ApiState(_State, frozen=True, kw_only=True, tag="api"):
     max_workers: int = 0
     worker_pids: list[int] = []
     worker_crashes: int = 0
+    ready_workers: int | None = None  # workers taking traffic now (None: not said)
     http: str | None = None  # the URL it serves HTTP on
     http_error: str = ""  # why HTTP is not served
     services: dict[str, ServiceState] = {}  # per service

@@ -78,6 +78,42 @@ def test_health_values_order_healthy_unknown_warning_error() -> None:
     assert worst(WARNING, ERROR, UNKNOWN) == ERROR
 
 
+def test_an_api_node_with_no_ready_worker_degrades_its_deployment() -> None:
+    """Its workers keep dying (a crash at start): it runs the version but answers
+    nothing, so it counts as a node that cannot serve."""
+    def health(*nodes: NodeDeployment) -> tuple[str, str, list[str]]:
+        return judge(want="v1", infra="api", role="api", verbs=("serves", "serving", "served"),
+                     pending=False, per_node=list(nodes))
+
+    ok = NodeDeployment(node="api-1", status=ONLINE, running="v1", activity="serving")
+    broken = NodeDeployment(node="api-2", status=ONLINE, running="v1", activity="serving",
+                            degraded="no worker process is ready to serve (7 crashed)")
+    state, h, reasons = health(ok, broken)
+    assert (state, h) == ("in_sync", WARNING)
+    assert reasons == ["api-2: no worker process is ready to serve (7 crashed)"]
+    assert health(broken)[1] == ERROR  # no node left that can answer
+
+
+def test_the_deployer_reads_a_node_without_ready_workers_as_degraded() -> None:
+    from nodes.deployer.api_deployments import _node_deployment
+    from protocol.api import ApiDeploymentRecord, ApiMapping
+    from protocol.registry import NodeInfo
+    from protocol.state import ApiState, ServiceState
+
+    def node(ready: int | None) -> NodeInfo:
+        state = ApiState(workers=2, ready_workers=ready, worker_crashes=3, services={
+            "shop": ServiceState(stage="serving", mapping="v1")})
+        return NodeInfo(name="api-1", role="api", infra="api", status=ONLINE, last_seen=0.0,
+                        first_seen=0.0, version="1", host="h", pid=1, uptime_s=1.0,
+                        interval_s=1.0, state=state)
+
+    rec = ApiDeploymentRecord(service="shop", infra="api",
+                              mapping=ApiMapping(generations={"v1": 100}), update_id="u")
+    assert "3 crashed" in _node_deployment(node(0), rec).degraded
+    assert _node_deployment(node(1), rec).degraded == ""
+    assert _node_deployment(node(None), rec).degraded == ""  # a node that does not say
+
+
 def test_node_liveness_and_activation_judge_a_deployment() -> None:
     def health(*nodes: NodeDeployment) -> tuple[str, list[str]]:
         _, h, reasons = judge(want="v1", infra="prod", role="automation",

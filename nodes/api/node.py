@@ -209,6 +209,7 @@ class ApiNode(Node):
                         min_workers=self.scaling.min_workers,
                         max_workers=self.scaling.max_workers,
                         worker_pids=self.pool.pids(), worker_crashes=self.pool.crashes,
+                        ready_workers=len(self.pool.serving),
                         http=self.http.url if self.http else None,
                         http_error=self.http.error if self.http else "",
                         services=dict(self.services),

@@ -446,8 +446,13 @@ def _node_deployment(n: NodeInfo, rec: ApiDeploymentRecord) -> NodeDeployment:
     error = ""
     if failed is not None and failed.update == rec.update_id:
         error = failed.reason or "refused"
+    degraded = ""
+    if isinstance(n.state, ApiState) and n.state.ready_workers == 0 and n.state.workers > 0 \
+            and st.stage == "serving":
+        degraded = (f"no worker process is ready to serve ({n.state.worker_crashes} crashed "
+                    f"since the node started; see its log)")
     return NodeDeployment(node=n.name, status=n.status, running=st.mapping,
-                          activity=st.stage, error=error)
+                          activity=st.stage, error=error, degraded=degraded)
 
 
 def _check_thresholds(max_error_rate: float | None, max_p95_ms: float | None) -> None:

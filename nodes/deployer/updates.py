@@ -109,6 +109,8 @@ def judge(*, want: str, infra: str, role: str, verbs: tuple[str, str, str], pend
                 for d in per_node if d.status != ONLINE]
     reasons += [f"{d.node} {verb} {d.running or 'nothing'}, not {want}"
                 + (f" ({d.activity})" if d.activity not in quiet else "") for d in behind]
+    degraded = [d for d in online if d.degraded and not d.error]
+    reasons += [f"{d.node}: {d.degraded}" for d in degraded]
     if failed:
         state = FAILED
     elif not online:
@@ -119,7 +121,8 @@ def judge(*, want: str, infra: str, role: str, verbs: tuple[str, str, str], pend
         state = UPDATING if pending or working else OUT_OF_SYNC
     else:
         state = IN_SYNC
-    return state, fleet_health(state, bool(online), reasons), reasons
+    # A node that cannot serve what it runs counts as no node: all of them, ERROR.
+    return state, fleet_health(state, len(online) > len(degraded), reasons), reasons
 
 
 def recent_updates(history: list[Update], now: float) -> list[tuple[Update, bool, bool]]:
