@@ -411,3 +411,52 @@ def test_monitor_shows_a_deployment_and_its_run_and_follows_the_fleet_across_res
         for p in procs:
             p.stop(signal.SIGTERM, timeout=10)
         server.stop()
+
+
+async def test_a_fleet_too_large_for_one_listing_still_opens_the_view(
+        tmp_path: Path) -> None:
+    """The first round asks for every node; when the Deployer's answer would pass the
+    server's max_payload (thousands of nodes; here a server with a small limit), the
+    monitor asks for the lost ones instead, and the deployments still load."""
+    from nodes.cli.monitor import poll_deployer
+    from nodes.deployer import DeployerNode
+    from nodes.runtime.calls import Caller
+    from protocol import subjects
+    from protocol.errors import TooLarge
+    from protocol.heartbeat import HEARTBEAT
+    from protocol.registry import ListNodes
+    from protocol.state import AutomationState
+    from tests.helpers import running, wait_for
+
+    conf = tmp_path / "small.conf"
+    conf.write_text("max_payload: 8192\n")
+    server = EmbeddedNats(tmp_path / "nats", port=-1, monitor_port=None, config_file=conf)
+    server.start()
+    try:
+        settings = NatsSettings(servers=(server.url,))
+        nc = await connect(settings, name="test")
+        async with running(DeployerNode(name="deployer", nats=settings,
+                                        heartbeat_interval=0.5)):
+            for i in range(40):
+                hb = Heartbeat(node=f"a-{i:02d}", role="automation", infra="prod",
+                               version="1", host="h", pid=100 + i, uptime_s=1.0,
+                               interval_s=60.0, seq=1, state=AutomationState())
+                await nc.publish(subjects.heartbeat("automation", hb.node),
+                                 HEARTBEAT.encode(hb))
+            caller = Caller(nc, sender="test")
+
+            async def too_large_to_list() -> bool:
+                try:
+                    await caller.call(ListNodes(), timeout=5.0)
+                except TooLarge:
+                    return True
+                return False
+
+            await wait_for(too_large_to_list, message="a listing over max_payload")
+            m, _ = model()
+            assert await poll_deployer(caller, m, 5.0, everyone=True) is True
+            assert m.deployer == "ok"
+            assert m.deployments == []  # asked, and answered, after the nodes
+        await nc.close()
+    finally:
+        server.stop()

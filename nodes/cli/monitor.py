@@ -65,7 +65,7 @@ from nodes.runtime.events import StoredEvent, read_events
 from protocol import subjects
 from protocol.api import METRICS_REPORT, ApiMetricsReport
 from protocol.deploy import ListDeployments
-from protocol.errors import DecodeError, OperationError
+from protocol.errors import DecodeError, OperationError, TooLarge
 from protocol.heartbeat import HEARTBEAT
 from protocol.registry import LOST, ListNodes
 from protocol.reports import REPORT
@@ -164,9 +164,18 @@ async def poll_deployer(caller: Caller, model: MonitorModel, timeout: float, *,
     the lost ones): whether it answered; never raises (the header says why not)."""
     f = model.filter
     try:
-        nodes = await caller.call(ListNodes(role=f.role, infra=f.infra,
-                                            status=None if everyone else LOST),
-                                  timeout=timeout)
+        try:
+            nodes = await caller.call(ListNodes(role=f.role, infra=f.infra,
+                                                status=None if everyone else LOST),
+                                      timeout=timeout)
+        except TooLarge:
+            if not everyone:
+                raise
+            # A fleet too large for one reply (thousands of nodes): the lost ones, and
+            # the online ones from their beats, as in every later round.
+            everyone = False
+            nodes = await caller.call(ListNodes(role=f.role, infra=f.infra, status=LOST),
+                                      timeout=timeout)
         model.on_nodes(nodes.nodes, everyone=everyone)
         deps = await caller.call(ListDeployments(project=f.project, infra=f.infra),
                                  timeout=timeout)
