@@ -202,38 +202,11 @@ def predict(features):
 def test_two_versions_loaded_at_once_each_import_their_own_helpers(tmp_path: Path) -> None:
     """A worker loads generations on threads, two services' at the same time: each
     version's ``import helpers`` finds its own file, never the other's."""
-    import threading
-    import types
-
-    from nodes.sandbox.usercode import Generation
-
     for version, value in (("v1", 1), ("v2", 2)):
         (tmp_path / version / "api").mkdir(parents=True)
         (tmp_path / version / "api" / "predict.py").write_text(MEETING_POINT)
         (tmp_path / version / "api" / "helpers.py").write_text(f"VALUE = {value}\n")
-    meeting = types.ModuleType("sy_test_meeting")
-    meeting.barrier = threading.Barrier(2)  # type: ignore[attr-defined]
-    sys.modules["sy_test_meeting"] = meeting
-    loaded: dict[str, Any] = {}
-
-    def load(version: str) -> None:
-        try:
-            loaded[version] = Generation(f"svc-{version}", version, tmp_path / version,
-                                         [("predict", "prediction", "api/predict.py",
-                                           "predict")])
-        except Exception as exc:
-            loaded[version] = exc
-
-    try:
-        threads = [threading.Thread(target=load, args=(v,)) for v in ("v1", "v2")]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(timeout=10)
-    finally:
-        del sys.modules["sy_test_meeting"]
-    answers = {v: g.endpoints["predict"].call({}) if isinstance(g, Generation) else repr(g)
-               for v, g in loaded.items()}
+    answers = _load_at_once({v: (f"svc-{v}", v, tmp_path / v) for v in ("v1", "v2")})
     assert answers == {"v1": 1, "v2": 2}
     assert "helpers" not in sys.modules
 
@@ -287,37 +260,45 @@ def test_two_services_whose_helpers_have_different_names_load_side_by_side(
         tmp_path: Path) -> None:
     """Each ``load()`` waits for the other's: both finish only if neither holds the
     other back."""
-    import threading
-    import types
-
-    from nodes.sandbox.usercode import Generation
-
     for service, value in (("a", 1), ("b", 2)):
         (tmp_path / service / "api").mkdir(parents=True)
         (tmp_path / service / "api" / "predict.py").write_text(
             LOAD_MEETING.format(helpers=f"helpers_{service}"))
         (tmp_path / service / "api" / f"helpers_{service}.py").write_text(f"VALUE = {value}\n")
+    answers = _load_at_once({n: (n, "v1", tmp_path / n) for n in ("a", "b")})
+    assert answers == {"a": 1, "b": 2}
+
+
+def _load_at_once(generations: dict[str, tuple[str, str, Path]]) -> dict[str, Any]:
+    """Load two generations (label: service, version, directory) on two threads at
+    once, their code meeting at ``sy_test_meeting.barrier``; each one's ``predict``
+    answer (or the error its load raised, as text)."""
+    import threading
+    import types
+
+    from nodes.sandbox.usercode import Generation
+
     meeting = types.ModuleType("sy_test_meeting")
-    meeting.barrier = threading.Barrier(2)  # type: ignore[attr-defined]
+    meeting.barrier = threading.Barrier(len(generations))  # type: ignore[attr-defined]
     sys.modules["sy_test_meeting"] = meeting
     loaded: dict[str, Any] = {}
 
-    def load(service: str) -> None:
+    def load(label: str) -> None:
+        service, version, directory = generations[label]
         try:
-            loaded[service] = Generation(service, "v1", tmp_path / service,
-                                         [("predict", "prediction", "api/predict.py",
-                                           "predict")])
+            loaded[label] = Generation(service, version, directory,
+                                       [("predict", "prediction", "api/predict.py",
+                                         "predict")])
         except Exception as exc:
-            loaded[service] = exc
+            loaded[label] = exc
 
     try:
-        threads = [threading.Thread(target=load, args=(s,)) for s in ("a", "b")]
+        threads = [threading.Thread(target=load, args=(label,)) for label in generations]
         for t in threads:
             t.start()
         for t in threads:
             t.join(timeout=10)
     finally:
         del sys.modules["sy_test_meeting"]
-    answers = {s: g.endpoints["predict"].call({}) if isinstance(g, Generation) else repr(g)
-               for s, g in loaded.items()}
-    assert answers == {"a": 1, "b": 2}
+    return {label: g.endpoints["predict"].call({}) if isinstance(g, Generation) else repr(g)
+            for label, g in loaded.items()}
