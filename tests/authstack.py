@@ -16,7 +16,7 @@ from nodes.auth.store import AuthStore
 from nodes.runtime.connection import close
 from nodes.runtime.embedded import EmbeddedNats
 from nodes.runtime.settings import NatsSettings
-from tests.helpers import wait_for
+from tests.helpers import Fleet, wait_for
 
 
 @dataclass
@@ -95,3 +95,17 @@ def auth_stack(root: Path, *identities: tuple[str, str, str, str | None],
         yield stack
     finally:
         stack.server.stop()
+
+
+async def start_control_plane(f: Fleet, stack: AuthStack, root: Path,
+                              heartbeat_interval: float) -> None:
+    """The Deployer and a Design node (workspace ``root/ws``), each as its own
+    identity."""
+    from nodes.deployer import DeployerNode
+    from nodes.design import DesignNode
+
+    await f.start(DeployerNode(name="deployer", nats=stack.settings("deployer"),
+                               heartbeat_interval=heartbeat_interval))
+    await f.start(DesignNode(name="design", nats=stack.settings("design"),
+                             workspace=root / "ws", data_dir=root / "design",
+                             heartbeat_interval=heartbeat_interval))

@@ -13,8 +13,6 @@ from nodes.api.gateway import GatewayNode
 from nodes.api.node import ApiNode
 from nodes.auth.registry import publish_identities
 from nodes.automation import AutomationNode
-from nodes.deployer import DeployerNode
-from nodes.design import DesignNode
 from nodes.runtime.calls import Caller
 from nodes.runtime.connection import close, connect
 from nodes.runtime.progress import STORING
@@ -27,7 +25,7 @@ from protocol.deploy import CreateInfra, DeployBundle, ListDeployments
 from protocol.progress import CommandProgress
 from protocol.scenarios import GetRunLog, ListRuns, RunScenario
 from tests.apiproject import make_api_project
-from tests.authstack import auth_stack
+from tests.authstack import auth_stack, start_control_plane
 from tests.helpers import fleet, wait_for
 from tests.projects import make_flow_project, make_project
 
@@ -45,11 +43,7 @@ async def test_a_bundle_and_an_api_deploy_under_least_privilege_raise_no_violati
             await publish_identities(nc, stack.store.identities())
             admin = Caller(nc)
             async with fleet() as f:
-                await f.start(DeployerNode(name="deployer", nats=stack.settings("deployer"),
-                                           heartbeat_interval=HB))
-                await f.start(DesignNode(name="design", nats=stack.settings("design"),
-                                         workspace=tmp_path / "ws",
-                                         data_dir=tmp_path / "design", heartbeat_interval=HB))
+                await start_control_plane(f, stack, tmp_path, HB)
                 await f.start(AutomationNode(name="automation-1", infra="automation",
                                              nats=stack.settings("automation-1"),
                                              data_dir=tmp_path / "a1", heartbeat_interval=HB,
@@ -150,11 +144,7 @@ async def test_an_api_nodes_workers_find_credentials_given_as_a_relative_path(
             await publish_identities(nc, stack.store.identities())
             admin = Caller(nc)
             async with fleet() as f:
-                await f.start(DeployerNode(name="deployer", nats=stack.settings("deployer"),
-                                           heartbeat_interval=HB))
-                await f.start(DesignNode(name="design", nats=stack.settings("design"),
-                                         workspace=tmp_path / "ws",
-                                         data_dir=tmp_path / "design", heartbeat_interval=HB))
+                await start_control_plane(f, stack, tmp_path, HB)
                 api = await f.start(ApiNode(name="api-1", infra="api", nats=settings,
                                             data_dir=tmp_path / "api1", http_port=0,
                                             http_host="127.0.0.1", heartbeat_interval=HB,

@@ -16,8 +16,6 @@ from nodes.auth.artifacts import ArtifactTrust, bundle_bytes, sign_bundle
 from nodes.auth.keys import Credentials, new_seed, public_key_of, read_credentials
 from nodes.auth.registry import publish_identities
 from nodes.automation import AutomationNode
-from nodes.deployer import DeployerNode
-from nodes.design import DesignNode
 from nodes.runtime.calls import Caller
 from nodes.runtime.connection import close, connect
 from protocol import subjects
@@ -27,7 +25,7 @@ from protocol.base import encode
 from protocol.bundles import BUNDLE_INFO, BundleInfo, CreateBundle, bundle_key
 from protocol.deploy import CreateInfra, DeployBundle, DeploymentView, ListDeployments
 from tests.apiproject import make_api_project
-from tests.authstack import auth_stack
+from tests.authstack import auth_stack, start_control_plane
 from tests.helpers import fleet, wait_for
 from tests.projects import make_project
 
@@ -61,11 +59,7 @@ async def test_an_artifact_not_signed_by_a_design_key_is_refused_and_the_old_one
             await publish_identities(nc, stack.store.identities())
             admin = Caller(nc)
             async with fleet() as f:
-                await f.start(DeployerNode(name="deployer", nats=stack.settings("deployer"),
-                                           heartbeat_interval=HB))
-                await f.start(DesignNode(name="design", nats=stack.settings("design"),
-                                         workspace=tmp_path / "ws",
-                                         data_dir=tmp_path / "design", heartbeat_interval=HB))
+                await start_control_plane(f, stack, tmp_path, HB)
                 auto = await f.start(AutomationNode(
                     name="automation-1", infra="automation",
                     nats=stack.settings("automation-1"), data_dir=tmp_path / "a1",
