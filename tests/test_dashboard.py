@@ -11,6 +11,7 @@ import anyio
 import httpx
 import msgspec
 import pytest
+from nats.aio.client import Client as NATS
 
 from nodes.deployer import DeployerNode
 from nodes.deployer.dashboard.access import (
@@ -44,6 +45,19 @@ from protocol.errors import BadRequest
 from tests.helpers import fleet, shipyard, wait_for
 
 
+async def _churn_v1_then_v2_on_prod(nc: NATS) -> Caller:
+    """Infra ``prod``, bundles v1 and v2 of ``churn`` recorded, deployed one after the
+    other (so there is something to roll back to); the caller that did it."""
+    caller = Caller(nc, sender="test")
+    await caller.call(CreateInfra(name="prod", kind="automation"))
+    kv = await ensure_kv(nc.jetstream(), subjects.BUNDLE_BUCKET)
+    for b in ("v1", "v2"):
+        await kv.put(bundle_key("churn", b), encode(BundleInfo(
+            id=b, project="churn", created_at=time.time(), created_by="design")))
+        await caller.call(DeployBundle(project="churn", bundle_id=b, infra="prod"))
+    return caller
+
+
 async def test_dashboard_needs_a_login_and_a_csrf_token_then_rolls_back_like_the_cli(
         settings: NatsSettings, tmp_path: Path) -> None:
     token = ensure_token_file(tmp_path / "dashboard.token", "ops")
@@ -54,13 +68,7 @@ async def test_dashboard_needs_a_login_and_a_csrf_token_then_rolls_back_like_the
         await f.start(deployer)
         nc = await connect(settings, name="test")
         try:
-            caller = Caller(nc, sender="test")
-            await caller.call(CreateInfra(name="prod", kind="automation"))
-            kv = await ensure_kv(nc.jetstream(), subjects.BUNDLE_BUCKET)
-            for b in ("v1", "v2"):
-                await kv.put(bundle_key("churn", b), encode(BundleInfo(
-                    id=b, project="churn", created_at=time.time(), created_by="design")))
-                await caller.call(DeployBundle(project="churn", bundle_id=b, infra="prod"))
+            caller = await _churn_v1_then_v2_on_prod(nc)
             assert deployer.dashboard is not None
             async with httpx.AsyncClient(base_url=deployer.dashboard.url, timeout=5) as http:
                 # Nothing but the login page, static files and /metrics without a session.
@@ -143,13 +151,7 @@ async def test_a_viewer_login_gets_a_read_only_page_and_its_clicks_are_refused(
         await f.start(deployer)
         nc = await connect(settings, name="test")
         try:
-            caller = Caller(nc, sender="test")
-            await caller.call(CreateInfra(name="prod", kind="automation"))
-            kv = await ensure_kv(nc.jetstream(), subjects.BUNDLE_BUCKET)
-            for b in ("v1", "v2"):
-                await kv.put(bundle_key("churn", b), encode(BundleInfo(
-                    id=b, project="churn", created_at=time.time(), created_by="design")))
-                await caller.call(DeployBundle(project="churn", bundle_id=b, infra="prod"))
+            caller = await _churn_v1_then_v2_on_prod(nc)
             assert deployer.dashboard is not None
             async with httpx.AsyncClient(base_url=deployer.dashboard.url, timeout=5) as http:
                 assert (await http.get("/login", params={"token": viewer})).status_code == 303
