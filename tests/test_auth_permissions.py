@@ -211,7 +211,11 @@ async def test_design_progress_reaches_a_requesters_inbox_and_nothing_else(
         await viewer.nc.subscribe(subjects.command_progress(reply), cb=on_msg)
         await viewer.nc.flush()
         await design.nc.publish(subjects.command_progress(reply), b"{}")
-        await wait_for(lambda: heard == [b"{}"], timeout=5, message="the notice delivered")
+        try:
+            await wait_for(lambda: heard == [b"{}"], message="the notice delivered")
+        except AssertionError as e:  # say what the server told either side
+            raise AssertionError(f"{e}; the viewer was told {viewer.errors}, "
+                                 f"the design node {design.errors}") from None
         # Only progress notices: not a reply nor a "working" notice on someone's inbox.
         await design.nc.publish(reply, b"forged")
         await design.denied(reply)
