@@ -24,6 +24,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from nodes.runtime import natscompat
+
 SUBJECT = "bench.prototype.echo"
 
 
@@ -34,7 +36,7 @@ async def echo(url: str) -> None:
         await msg.respond(b'{"result":{"prediction":1},"generation":"v1"}')
 
     await nc.subscribe(SUBJECT, queue="q", cb=respond)
-    await nc.flush()
+    await natscompat.flush(nc)
     print("READY", flush=True)
     await asyncio.Event().wait()
 

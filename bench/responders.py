@@ -14,6 +14,7 @@ from typing import Any, ClassVar
 import anyio
 import nats
 
+from nodes.runtime import natscompat
 from nodes.runtime.node import Node, handles
 from nodes.runtime.settings import NatsSettings
 from protocol.base import Command, Family, Message, Request
@@ -49,7 +50,7 @@ async def raw(url: str, subject: str, creds: str | None = None) -> None:
         await msg.respond(msg.data)
 
     await nc.subscribe(subject, queue="bench", cb=on_msg)
-    await nc.flush()
+    await natscompat.flush(nc)
     print("READY", flush=True)
     await anyio.sleep_forever()
 

@@ -18,6 +18,7 @@ from nats.aio.subscription import Subscription
 
 from nodes.api.autoscale import ScaleSettings
 from nodes.api.gateway import HedgingRequester
+from nodes.runtime import natscompat
 from nodes.runtime.connection import connect
 from nodes.runtime.settings import NatsSettings
 from protocol import subjects
@@ -55,7 +56,7 @@ async def test_a_queued_request_is_copied_only_after_the_wait_it_was_promised(
             await msg.respond(msg.data)
 
         await nc.subscribe(subject, queue="svc", cb=respond)
-        await nc.flush()
+        await natscompat.flush(nc)
         retries: list[int] = []
         requester = HedgingRequester(client)
         msg, first = await requester.hedged(
@@ -78,7 +79,7 @@ async def _copies(nc: NATS, into: list[str]) -> Subscription:
         into.append(msg.subject)
 
     sub = await nc.subscribe(subjects.api_service_prefix(SERVICE) + ".>", cb=seen)
-    await nc.flush()  # the server has the subscription before a request is sent
+    await natscompat.flush(nc)  # the server has the subscription before a request is sent
     return sub
 
 

@@ -23,7 +23,7 @@ from nodes.api import wire
 from nodes.api.gateway import HedgingRequester
 from nodes.api.node import ApiNode
 from nodes.cli.apinodes import api_node_extra
-from nodes.runtime import framing
+from nodes.runtime import framing, natscompat
 from nodes.runtime.connection import connect
 from nodes.runtime.settings import NatsSettings
 from protocol import subjects
@@ -76,7 +76,7 @@ async def _crash_alone(s: Stack, node: ApiNode, features: dict[str, Any]) -> htt
         copies.append(msg.subject)
 
     sub = await s.nc.subscribe(subjects.api_service_prefix(SERVICE) + ".>", cb=seen)
-    await s.nc.flush()  # the server has the subscription before the request is sent
+    await natscompat.flush(s.nc)  # the server has the subscription before the request is sent
 
     async def load() -> None:
         other.extend(await _other_stays_healthy(s, node, stop))
@@ -250,7 +250,7 @@ async def test_a_running_request_is_not_hedged_and_a_lost_one_is(settings: NatsS
             await msg.respond(msg.data)
 
         await nc.subscribe(subject, queue="svc", cb=respond)
-        await nc.flush()
+        await natscompat.flush(nc)
         retries: list[int] = []
         requester = HedgingRequester(client)
         msg, first = await requester.hedged(

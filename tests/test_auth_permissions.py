@@ -12,6 +12,7 @@ import pytest
 from nats.aio.msg import Msg
 from nats.js.api import StreamConfig
 
+from nodes.runtime import natscompat
 from nodes.runtime.jetstream import ensure_events_stream, ensure_kv
 from nodes.runtime.kvcache import snapshot
 from protocol import subjects
@@ -63,7 +64,7 @@ class Seen:
 async def _watch(admin: Conn, subject: str) -> Seen:
     seen = Seen()
     await admin.nc.subscribe(subject, cb=seen.on_msg)
-    await admin.nc.flush()
+    await natscompat.flush(admin.nc)
     return seen
 
 
@@ -89,7 +90,7 @@ async def test_a_node_cannot_publish_a_heartbeat_or_exit_report_as_another_node(
         await node.denied(spoofed_hb)
         await node.denied(exit_report.subject())
         await wait_for(lambda: own_hb in beats.subjects, message="the node's own heartbeat")
-        await admin.nc.flush()
+        await natscompat.flush(admin.nc)
         assert beats.subjects == [own_hb]
         assert reports.subjects == []
 
@@ -109,7 +110,7 @@ async def test_an_automation_node_cannot_write_desired_state_nor_command_the_dep
         deploy = subjects.command("deployer", "deploy.bundle")
         await node.nc.publish(deploy, b"{}")
         await node.denied(deploy)
-        await admin.nc.flush()
+        await natscompat.flush(admin.nc)
         assert await _desired(admin) == b'{"desired": "v1"}'
         assert commands.subjects == []
 
@@ -169,7 +170,7 @@ async def test_a_viewer_reads_state_but_cannot_deploy_write_or_delete(
         with pytest.raises(nats.errors.TimeoutError):
             await js.add_stream(StreamConfig(name="MINE", subjects=["mine.>"]))
         await viewer.denied("$JS.API.STREAM.CREATE.MINE")
-        await admin.nc.flush()
+        await natscompat.flush(admin.nc)
         assert commands.subjects == [listing]
         assert await _desired(admin) == b'{"desired": "v1"}'
         assert (await admin.nc.jetstream().stream_info(f"KV_{subjects.DEPLOY_BUCKET}")).state
@@ -209,7 +210,7 @@ async def test_design_progress_reaches_a_requesters_inbox_and_nothing_else(
             heard.append(msg.data)
 
         await viewer.nc.subscribe(subjects.command_progress(reply), cb=on_msg)
-        await viewer.nc.flush()
+        await natscompat.flush(viewer.nc)
         await design.nc.publish(subjects.command_progress(reply), b"{}")
         try:
             await wait_for(lambda: heard == [b"{}"], message="the notice delivered")
@@ -235,7 +236,7 @@ async def test_the_gateway_only_requests_apis_and_api_nodes_only_serve_them(
 
         await api.nc.subscribe(subjects.api_endpoint("svc", "predict"), queue="svc",
                                cb=answer)
-        await api.nc.flush()
+        await natscompat.flush(api.nc)
 
         async def answered() -> bytes | None:
             try:

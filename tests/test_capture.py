@@ -29,6 +29,7 @@ from nodes.api.replay import replay
 from nodes.api.usercode import OP_MULTI as OP_MULTI_CODE
 from nodes.api.usercode import OP_PREDICT, OP_RUN
 from nodes.cli.capture import replay_refusal
+from nodes.runtime import natscompat
 from nodes.runtime.calls import Caller
 from nodes.runtime.connection import connect
 from nodes.runtime.embedded import EmbeddedNats
@@ -525,7 +526,7 @@ async def test_with_auth_api_nodes_publish_captures_viewers_read_them_deployers_
                                 node="api-1", request=msgspec.Raw(b'{"x":1}'),
                                 response=msgspec.Raw(b'{"y":2}'))
             await api.nc.publish(subjects.capture("svc", "predict"), msgspec.json.encode(call))
-            await api.nc.flush()
+            await natscompat.flush(api.nc)
             found = await wait_for(lambda: _read_as(viewer.nc), timeout=10,
                                    message="the viewer reads the capture")
             assert [c.id for c in found] == ["r1"]
@@ -535,7 +536,7 @@ async def test_with_auth_api_nodes_publish_captures_viewers_read_them_deployers_
             async def answer(msg: Any) -> None:
                 await msg.respond(b"{}")
             await admin.nc.subscribe(subjects.api_endpoint("svc", "predict"), cb=answer)
-            await admin.nc.flush()
+            await natscompat.flush(admin.nc)
 
             async def replayed() -> bytes | None:
                 # A "no responders" answer already shows the publish was allowed (a denied

@@ -16,6 +16,7 @@ from nodes.deployer.dashboard.access import ensure_token_file
 from nodes.deployer.dashboard.config import DashboardConfig
 from nodes.deployer.metrics import HEALTH_VALUE
 from nodes.design import DesignNode
+from nodes.runtime import natscompat
 from nodes.runtime.calls import Caller
 from nodes.runtime.connection import close, connect
 from nodes.runtime.jetstream import publish_event
@@ -112,11 +113,11 @@ async def test_deployer_metrics_expose_fleet_health_traffic_and_runs_by_conventi
             # The second one brings a generation's first traffic, and requests queued
             # before any generation was picked (in flight, never counted as handled).
             await nc.publish("sy.rpt.metrics.api-9", encode(report("api-9", 10, 1)))
-            await nc.flush()
+            await natscompat.flush(nc)
             await wait_for(lambda: "api-9" in deployer.apis.reports, message="first report")
             await nc.publish("sy.rpt.metrics.api-9", encode(report(
                 "api-9", 30, 2, endpoint("v2", 8, 4), endpoint("*", 0, 0, inflight=3))))
-            await nc.flush()
+            await natscompat.flush(nc)
             await wait_for(lambda: deployer.apis.reports.get("api-9", (None, None))[1],
                            message="second report")
             await wait_for(lambda: "r1" in deployer.runs.runs, message="run folded")

@@ -16,6 +16,7 @@ from nats.aio.client import Client as NATS
 
 from nodes.deployer import DeployerNode
 from nodes.deployer.registry import Record
+from nodes.runtime import natscompat
 from nodes.runtime.calls import Caller
 from nodes.runtime.connection import ConnectionClosed, connect
 from nodes.runtime.embedded import EmbeddedNats
@@ -337,7 +338,7 @@ async def test_a_failing_handler_never_escapes_and_later_messages_are_handled(
     nc = await connect(settings, name="t")
     async with running(node):
         await node.subscribe_decoded("test.beats", HEARTBEAT, handler, kind="beat")
-        await node.nc.flush()
+        await natscompat.flush(node.nc)
         for name in ("boom", "boom", "ok"):
             await nc.publish("test.beats", HEARTBEAT.encode(heartbeat(name)))
         await nc.publish("test.beats", b"\xff\xfe not json")

@@ -267,7 +267,7 @@ class Serving:
                     handler=_from_micro(self._accept(server, name)),
                     metadata={"kind": ep.kind})
                 server.micro_endpoints[name] = natscompat.micro_endpoints(server.micro)[-1]
-        await self.nc.flush()
+        await natscompat.flush(self.nc)
 
     def _metadata(self, route: Route) -> dict[str, str]:
         return {"node": self.node, "worker": str(self.worker), "infra": self.infra,

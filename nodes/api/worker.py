@@ -46,6 +46,7 @@ from nodes.api.hosts import Host, HostError, RemoteGeneration
 from nodes.api.serving import Route, Serving, Waiting
 from nodes.api.usercode import Generation, Runnable
 from nodes.orphans import die_with_parent
+from nodes.runtime import natscompat
 from nodes.runtime.connection import connect
 from nodes.runtime.framing import FrameError, frame, read_frame
 from nodes.runtime.logs import configure_logging, get_logger
@@ -126,7 +127,7 @@ class Worker:
         assert self.serving is not None
         await self.serving.drain()  # answer what this worker had received, then go
         with anyio.move_on_after(2), contextlib.suppress(Exception):
-            await self.serving.nc.flush()
+            await natscompat.flush(self.serving.nc)
         os._exit(0)  # the node sees the exit and starts a fresh worker
 
     async def _control(self, reader: asyncio.StreamReader, tg: Any) -> None:

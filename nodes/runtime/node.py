@@ -50,6 +50,7 @@ from nats.js import JetStreamContext
 
 import nodes
 from nodes.auth.guard import verify_command
+from nodes.runtime import natscompat
 from nodes.runtime.audit import AuditRecorder
 from nodes.runtime.calls import Caller
 from nodes.runtime.connection import ConnectionClosed, ConnectionStats, close, connect
@@ -332,7 +333,7 @@ class Node:
             await self.started(tg)
             await self._subscribe()
         # Readiness means the server has every subscription, the role's too.
-        await self.nc.flush()
+        await natscompat.flush(self.nc)
         if self.lease is None:
             tg.start_soon(self._heartbeat_loop)
         else:
@@ -456,7 +457,7 @@ class Node:
         self._subs.clear()
         if self.nc.is_connected:
             try:
-                await self.nc.flush(timeout=1)
+                await natscompat.flush(self.nc, timeout=1)
             except Exception as exc:
                 self.log.debug("flush after unsubscribe failed", error=str(exc))
 

@@ -31,6 +31,7 @@ from hypothesis import strategies as st
 from nats.aio.client import Client as NATS
 
 import nodes
+from nodes.runtime import natscompat
 from protocol import subjects
 from protocol.base import Family, make_request
 from protocol.errors import BadName, DecodeError
@@ -259,7 +260,7 @@ async def test_junk_on_plain_subscriptions_leaves_nodes_and_registry_working(
         known = {n.name for n in (await stack.list_nodes(nc)).nodes}
         for sent in batch:
             await nc.publish(sent.subject, filled(stack, sent))
-        await nc.flush()
+        await natscompat.flush(nc)
         failures = await stack.problems(nc)
         if not failures:
             failures += await registry_problems(stack, nc, known, forged_names(batch, known))
@@ -332,8 +333,8 @@ async def test_memory_stays_bounded_under_junk(stack: FuzzStack) -> None:
             for i, (subject, payload) in enumerate(junk_stream(n, 16 * 1024, tag)):
                 await nc.publish(subject, payload)
                 if i % 100 == 0:
-                    await nc.flush()
-            await nc.flush()
+                    await natscompat.flush(nc)
+            await natscompat.flush(nc)
             stack.judge(await drained(stack, nc))
 
         await send(1000, "w")
