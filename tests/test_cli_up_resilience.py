@@ -48,9 +48,10 @@ def test_bad_port_options_are_usage_errors_before_anything_starts(
          f"--http-port: {p} is also --nats-port: each needs its own port"),
         (["--nats-port", str(p), "--monitor-port", str(p), "--http-port", str(free_port())],
          f"--monitor-port: {p} is also --nats-port"),
-        (["--nats-port", str(held_port)], f"port {held_port} is already in use on 127.0.0.1"),
-        (["--nats-port", "-1", "--monitor-port", str(held_port)],
-         f"--monitor-port: port {held_port} is already in use"),
+        (["--nats-port", str(held_port), "--http-port", str(free_port())],
+         f"port {held_port} is already in use on 127.0.0.1"),
+        (["--nats-port", "-1", "--monitor-port", str(held_port), "--http-port",
+          str(free_port())], f"--monitor-port: port {held_port} is already in use"),
     ]
     for args, needle in cases:
         proc = shipyard("up", *args, env=cli_env, cwd=tmp_path)
