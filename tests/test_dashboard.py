@@ -3,6 +3,7 @@ through the CLI's command path, the live feed's bounds, and its options."""
 
 from __future__ import annotations
 
+import base64
 import socket
 import time
 from pathlib import Path
@@ -16,7 +17,10 @@ from nats.aio.client import Client as NATS
 from nodes.deployer import DeployerNode
 from nodes.deployer.dashboard.access import (
     COOKIE,
+    MAX_LOGOUTS,
+    SESSION_TTL_S,
     Login,
+    Logins,
     TokenFileError,
     ensure_token_file,
     read_tokens,
@@ -191,6 +195,69 @@ def test_a_token_file_line_with_an_unknown_role_is_refused_not_read_as_a_deploye
     tokens.write_text(f"# logins\nops:{'o' * 24}\nvera:{'v' * 24}:viewer\n")
     assert read_tokens(tokens) == {"o" * 24: Login("ops", "deployer"),
                                    "v" * 24: Login("vera", "viewer")}
+
+
+def test_a_session_is_accepted_by_any_deployer_with_the_same_logins_until_it_expires(
+        ) -> None:
+    now = [1_000_000.0]
+    tokens = {"o" * 24: Login("ops", "deployer"), "v" * 24: Login("vera", "viewer")}
+    first = Logins(dict(tokens), clock=lambda: now[0])
+    assert first.login("x" * 24) is None
+    ops, vera = first.login("o" * 24), first.login("v" * 24)
+    assert ops is not None and vera is not None and ops.id != vera.id
+    # A restarted Deployer, or the standby, reads the same token file.
+    again = Logins(dict(reversed(tokens.items())), clock=lambda: now[0])
+    found = again.session(ops.id)
+    assert found == ops and (found.user, found.role) == ("ops", "deployer")
+    seen = again.session(vera.id)
+    assert seen is not None and (seen.user, seen.role, seen.csrf) == ("vera", "viewer",
+                                                                       vera.csrf)
+    assert len({ops.csrf, vera.csrf}) == 2
+    now[0] += SESSION_TTL_S + 1
+    assert again.session(ops.id) is None
+    # Changed logins: no session signed before is accepted.
+    now[0] -= SESSION_TTL_S
+    changed = Logins({"o" * 24: Login("ops", "viewer")}, clock=lambda: now[0])
+    assert changed.session(ops.id) is None and first.session(ops.id) is not None
+
+
+def test_a_forged_or_altered_session_cookie_is_refused() -> None:
+    logins = Logins({"o" * 24: Login("ops", "viewer")})
+    session = logins.login("o" * 24)
+    assert session is not None
+    version, payload, mac = session.id.split(".")
+    as_admin = base64.urlsafe_b64encode(
+        base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)).replace(
+            b'"viewer"', b'"admin"')).rstrip(b"=").decode()
+    for forged in (f"{version}.{as_admin}.{mac}", f"{version}.{payload}.{'A' * len(mac)}",
+                   f"s0.{payload}.{mac}", f"{version}.{payload}", "", "x" * 5000,
+                   f"{version}.{payload}.{mac}.", session.id[:-1]):
+        assert logins.session(forged) is None, forged
+    assert logins.session(session.id) == session
+
+
+def test_a_logged_out_session_is_refused_and_logouts_stay_bounded() -> None:
+    now = [1_000_000.0]
+    logins = Logins({"o" * 24: Login("ops")}, clock=lambda: now[0])
+    first = logins.login("o" * 24)
+    assert first is not None
+    logins.logout(first.id)
+    assert logins.session(first.id) is None
+    logins.logout("junk")  # not a session: nothing remembered
+    assert list(logins.ended) == [first.id]
+    sessions = []
+    for _ in range(MAX_LOGOUTS + 5):
+        session = logins.login("o" * 24)
+        assert session is not None
+        sessions.append(session)
+        logins.logout(session.id)
+    assert len(logins.ended) == MAX_LOGOUTS
+    assert all(logins.session(s.id) is None for s in sessions[-MAX_LOGOUTS:])
+    now[0] += SESSION_TTL_S + 1  # expired ones are forgotten at the next logout
+    last = logins.login("o" * 24)
+    assert last is not None
+    logins.logout(last.id)
+    assert list(logins.ended) == [last.id]
 
 
 async def test_live_feed_pushes_changes_and_drops_a_client_that_stops_reading() -> None:

@@ -235,20 +235,31 @@ def test_a_viewer_login_sees_why_the_page_is_read_only_and_cannot_roll_back(
         tab.context.close()
 
 
-def test_after_a_deployer_restart_the_page_asks_to_log_in_again_and_goes_live_again(
+def test_after_a_deployer_restart_the_page_goes_live_again_with_no_new_login(
         page: Any, stack: Stack) -> None:
     page.wait_for_selector("#live[data-state=live]")
+    csrf = page.evaluate('async () => (await (await fetch("/api/session")).json()).csrf')
     old = stack.node("deployer").pid
     stack.deployer_killed = True
     os.kill(old, signal.SIGKILL)
-    # ``up`` restarts it; its sessions were in the old process's memory: the page says so
-    # instead of showing stale data as "reconnecting" for ever.
-    page.wait_for_url("**/login?ended=1", timeout=30_000)
+    # ``up`` restarts it.  The session cookie is signed, not stored in the old process:
+    # the new one accepts it, and the page reconnects by itself.
+    page.wait_for_selector("#live[data-state=reconnecting]")
+    page.wait_for_selector("#live[data-state=live]", timeout=30_000)
+    page.wait_for_selector('tr[data-node="deployer"][data-status="online"]')
+    assert stack.node("deployer").pid != old  # the page is served by the new Deployer
+    assert page.evaluate("window.__sameDocument") is True and "/login" not in page.url
+    # Clicks carry the same CSRF token as before.
+    assert page.evaluate(
+        'async () => (await (await fetch("/api/session")).json()).csrf') == csrf
+    # A session that did end (here: the cookie is gone) sends the page to the login form,
+    # which says why.
+    page.context.clear_cookies()
+    page.evaluate("resume()")
+    page.wait_for_url("**/login?ended=1")
     assert "Your session has ended" in page.inner_text("body")
-    assert stack.node("deployer").pid != old
     page.goto(stack.login)
     page.wait_for_selector("#live[data-state=live]")
-    page.wait_for_selector('tr[data-node="deployer"][data-status="online"]')
 
 
 def test_after_the_nats_server_restarts_the_page_stays_live_without_a_reload(

@@ -7,11 +7,20 @@ Login: a token file (``NAME:TOKEN`` per line, mode 0600) names who may log in; a
 ``shipyard up`` writes ``HOME/dashboard.token`` with one line for ``admin`` (kept across restarts)
 and prints the login URL ``http://HOST:PORT/login?token=...``; a Deployer started alone
 makes ``.shipyard/nodes/<name>/dashboard.token`` with an ``operator`` line unless given
-one.  A login trades the token for a session cookie (HttpOnly, SameSite=Strict, random,
-12 hours) and the page gets a per-session CSRF token from ``/api/session`` that every
+one.  A login trades the token for a session cookie (HttpOnly, SameSite=Strict, 12
+hours) and the page gets a per-session CSRF token from ``/api/session`` that every
 POST must carry in ``X-CSRF-Token``: a cross-site page can neither send that header
 without a CORS preflight (never granted) nor read the token.  Everything but
 ``/login``, ``/static/`` and ``/metrics`` needs a session.
+
+Sessions are signed, not stored: the cookie carries the login, its role, its expiry and a
+random nonce, with an HMAC-SHA256 under a key derived from the token file (every token
+in it, which only the Deployers that serve the dashboard hold), and the CSRF token is an
+HMAC of the cookie.  So a session outlives its Deployer: a restarted Deployer, or the
+standby that takes over after a failover, accepts the open pages' cookies if it reads the
+same token file, and a page stays live through either.  Changing the token file (a login
+removed, a token changed) ends every session at the next start.  A logout is remembered
+by the Deployer that got it (the browser also drops the cookie) until the cookie expires.
 
 Acting: a click sends the same typed command the CLI sends (``RollbackBundle``,
 ``DeployBundle``, ``RollbackApi``, ``DeployApi``) on NATS, with ``by`` set to
@@ -24,6 +33,9 @@ Without those credentials on a stack with auth, the page is read-only and says w
 
 from __future__ import annotations
 
+import base64
+import binascii
+import hashlib
 import hmac
 import os
 import secrets
@@ -33,11 +45,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import msgspec
+
 from protocol import checks
 from protocol.auth import HUMAN_ROLES
 
 SESSION_TTL_S = 12 * 3600.0
-MAX_SESSIONS = 1000
+MAX_LOGOUTS = 1000  # logged-out cookies remembered until they expire (oldest forgotten first)
 COOKIE = "shipyard_session"
 TOKEN_FILE = "dashboard.token"
 DASHBOARD_IDENTITY = "dashboard"
@@ -103,16 +117,51 @@ class Session:
     role: str = DEFAULT_LOGIN_ROLE
 
 
+class _Signed(msgspec.Struct, array_like=True, frozen=True):
+    """What a session cookie carries, signed."""
+
+    user: str
+    role: str
+    expires: int  # Unix seconds
+    nonce: str
+
+
+_SIGNED = msgspec.json.Decoder(_Signed)
+COOKIE_VERSION = "s1"
+MAX_COOKIE = 512  # characters; a signed cookie is ~140
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def _unb64(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def session_key(tokens: dict[str, Login]) -> bytes:
+    """The key sessions are signed with: the same for every Deployer that reads the same
+    token file, and new when the file changes."""
+    material = "\n".join(sorted(f"{t}:{login.name}:{login.role}"
+                                for t, login in tokens.items()))
+    return hmac.new(b"shipyard dashboard sessions v1", material.encode(),
+                    hashlib.sha256).digest()
+
+
 @dataclass
 class Logins:
-    """Tokens that open a session, and the open sessions (bounded, oldest dropped)."""
+    """Tokens that open a session; sessions are signed cookies any Deployer with the
+    same token file accepts (``clock``: Unix seconds, injectable)."""
 
     tokens: dict[str, Login]
-    clock: Callable[[], float] = time.monotonic
-    sessions: OrderedDict[str, Session] = field(default_factory=OrderedDict)
+    clock: Callable[[], float] = time.time
+    ended: OrderedDict[str, float] = field(default_factory=OrderedDict)  # logged out
 
-    def _now(self) -> float:
-        return self.clock()
+    def __post_init__(self) -> None:
+        self._key = session_key(self.tokens)
+
+    def _mac(self, what: bytes) -> str:
+        return _b64(hmac.new(self._key, what, hashlib.sha256).digest())
 
     def user_of(self, token: str) -> Login | None:
         """Who logs in with ``token``, compared in constant time."""
@@ -126,28 +175,45 @@ class Logins:
         user = self.user_of(token)
         if user is None:
             return None
-        session = Session(id=secrets.token_urlsafe(32), user=user.name,
-                          csrf=secrets.token_urlsafe(24), expires=self._now() + SESSION_TTL_S,
-                          role=user.role)
-        self.sessions[session.id] = session
-        while len(self.sessions) > MAX_SESSIONS:
-            self.sessions.popitem(last=False)
-        return session
+        signed = _Signed(user=user.name, role=user.role,
+                         expires=int(self.clock() + SESSION_TTL_S),
+                         nonce=secrets.token_urlsafe(12))
+        body = f"{COOKIE_VERSION}.{_b64(msgspec.json.encode(signed))}"
+        return self._session(f"{body}.{self._mac(body.encode())}", signed)
+
+    def _session(self, sid: str, signed: _Signed) -> Session:
+        return Session(id=sid, user=signed.user, role=signed.role,
+                       expires=float(signed.expires),
+                       csrf=self._mac(b"csrf\0" + sid.encode())[:32])
 
     def session(self, sid: str | None) -> Session | None:
-        if not sid:
+        """The session of cookie value ``sid``: None unless this key signed it, it has
+        not expired, and it was not logged out here."""
+        if not sid or len(sid) > MAX_COOKIE or sid in self.ended:
             return None
-        session = self.sessions.get(sid)
-        if session is None:
+        version, _, rest = sid.partition(".")
+        payload, _, mac = rest.partition(".")
+        if version != COOKIE_VERSION or not hmac.compare_digest(
+                self._mac(f"{version}.{payload}".encode()), mac):
             return None
-        if session.expires < self._now():
-            del self.sessions[sid]
+        try:
+            signed = _SIGNED.decode(_unb64(payload))
+        except (binascii.Error, ValueError, msgspec.DecodeError):
+            return None  # signed by this key, so never expected; refused all the same
+        if signed.expires < self.clock():
             return None
-        return session
+        return self._session(sid, signed)
 
     def logout(self, sid: str | None) -> None:
-        if sid:
-            self.sessions.pop(sid, None)
+        session = self.session(sid)
+        if session is None or not sid:
+            return
+        self.ended[sid] = session.expires
+        now = self.clock()
+        for old, expires in list(self.ended.items()):  # oldest first; drop the expired
+            if expires >= now and len(self.ended) <= MAX_LOGOUTS:
+                break
+            del self.ended[old]
 
 
 def cookie_of(headers: list[tuple[bytes, bytes]]) -> str | None:

@@ -64,8 +64,8 @@ SECURITY = [
     (b"cache-control", b"no-store"),
 ]
 JSON = b"application/json"
-SESSION_ENDED = ("Your session has ended: sessions last 12 hours and end when the Deployer "
-                 "restarts. Log in again.")
+SESSION_ENDED = ("Your session has ended: sessions last 12 hours, and end when the "
+                 "dashboard's logins change. Log in again.")
 
 
 class ActionBody(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -221,7 +221,7 @@ class DashboardApp:
                 if user is None:
                     raise _error("unauthorized", "unknown bearer token")
                 # A bearer is not sent by browsers on their own: no CSRF check needed.
-                return Session(id="", user=user.name, csrf="", expires=time.monotonic() + 1,
+                return Session(id="", user=user.name, csrf="", expires=time.time() + 1,
                                role=user.role)
         return self.board.logins.session(cookie_of(headers))
 

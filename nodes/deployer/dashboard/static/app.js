@@ -298,8 +298,8 @@ function follow() {
   feed.onerror = () => {
     live.dataset.state = "reconnecting";
     live.textContent = "reconnecting";  // EventSource retries by itself after a network
-    // error, but gives up on an error status: a session that ended (the Deployer
-    // restarted) or too many pages open.
+    // error, but gives up on an error status: a session that ended (expired, or the
+    // logins changed) or too many pages open.
     if (feed.readyState === EventSource.CLOSED) setTimeout(resume, 2000);
   };
   for (const name of SECTIONS) {
