@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import sys
 import time
@@ -73,10 +74,13 @@ function = "echo"
 """ for svc in (CAP, QUIET, HALF))
 
 PREDICT = """\
+import time
+
 from helpers import THRESHOLD
 
 
 def predict(features):
+    time.sleep(float(features.get("sleep", 0)))
     x = float(features.get("x", 0))
     return {"label": "yes" if x > THRESHOLD else "no", "x": x, "token": "t-%s" % x,
             "detail": {"pin": 1234, "keep": True}}
@@ -434,6 +438,32 @@ async def test_queries_filter_by_generation_and_since(stack: Stack) -> None:
     assert all(r["time"].endswith("Z") and r["seq"] > 0 for r in rows)
     table = stack.cli("api", "queries", CAP, "--since", f"{since:.3f}", "--limit", "3").stdout
     assert table.count("api-1") == 3 and "200" in table and "first 3; more follow" in table
+
+
+async def test_replay_with_calls_left_unanswered_reports_them_and_exits_1(
+        stack: Stack) -> None:
+    tag = uuid.uuid4().hex[:8]
+    nc = await connect(stack.settings, name="test")
+    try:
+        since = time.time()
+        await _predict(nc, CAP, {"x": 3, "tag": tag})
+        await _predict(nc, CAP, {"x": 3, "tag": tag, "sleep": 1.0})  # longer than --timeout
+        await _settle(nc, stack.settings, n=4)
+    finally:
+        await nc.close()
+    args = ("api", "replay", CAP, "--version", "v2", "--since", f"{since:.3f}",
+            "--timeout", "0.5", "--rate", "200")
+    proc = stack.cli(*args, "--json", check=False)
+    assert proc.returncode == 1, (proc.stdout, proc.stderr)
+    report = json.loads(proc.stdout)
+    mine = [e for e in report["unanswered_examples"] if e["request"].get("tag") == tag]
+    assert [e["request"].get("sleep") for e in mine] == [1.0]
+    # (calls queued behind the slow one on the worker may time out too)
+    assert report["unanswered"] >= 1 and report["replayed"] > report["unanswered"]
+    text = stack.cli(*args, check=False)
+    assert text.returncode == 1 and re.search(r" [1-9]\d* unanswered", text.stdout), \
+        text.stdout
+    assert "unanswered: predict" in text.stdout and "Traceback" not in text.stderr
 
 
 async def test_replay_against_a_changed_version_reports_the_differences(stack: Stack) -> None:

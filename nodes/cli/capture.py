@@ -169,8 +169,10 @@ def api_replay(service: str, version: str, generation: str | None, rate: float,
     summary = result.summary()
     if as_json:
         print_json(summary)
-        return
-    _print_report(summary)
+    else:
+        _print_report(summary)
+    if summary["unanswered"]:  # answers that differ are a result; no answer is a failure
+        raise SystemExit(EXIT_FAILED)
 
 
 def _nothing_captured(service: str, since: str | None, generation: str | None,
