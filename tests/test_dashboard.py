@@ -231,7 +231,8 @@ def test_a_forged_or_altered_session_cookie_is_refused() -> None:
             b'"viewer"', b'"admin"')).rstrip(b"=").decode()
     for forged in (f"{version}.{as_admin}.{mac}", f"{version}.{payload}.{'A' * len(mac)}",
                    f"s0.{payload}.{mac}", f"{version}.{payload}", "", "x" * 5000,
-                   f"{version}.{payload}.{mac}.", session.id[:-1]):
+                   f"{version}.{payload}.{mac}.", session.id[:-1],
+                   f"{version}.{payload}.{'é' * len(mac)}", f"{version}.é.{mac}"):
         assert logins.session(forged) is None, forged
     assert logins.session(session.id) == session
 

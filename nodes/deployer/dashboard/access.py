@@ -193,8 +193,9 @@ class Logins:
             return None
         version, _, rest = sid.partition(".")
         payload, _, mac = rest.partition(".")
-        if version != COOKIE_VERSION or not hmac.compare_digest(
-                self._mac(f"{version}.{payload}".encode()), mac):
+        if version != COOKIE_VERSION or not hmac.compare_digest(  # bytes: any cookie text
+                self._mac(f"{version}.{payload}".encode()).encode(),
+                mac.encode("utf-8", "replace")):
             return None
         try:
             signed = _SIGNED.decode(_unb64(payload))
