@@ -20,7 +20,8 @@ HMAC of the cookie.  So a session outlives its Deployer: a restarted Deployer, o
 standby that takes over after a failover, accepts the open pages' cookies if it reads the
 same token file, and a page stays live through either.  Changing the token file (a login
 removed, a token changed) ends every session at the next start.  A logout is remembered
-by the Deployer that got it (the browser also drops the cookie) until the cookie expires.
+by the Deployer that got it (the browser also drops the cookie) until the cookie expires
+or that Deployer restarts.
 
 Acting: a click sends the same typed command the CLI sends (``RollbackBundle``,
 ``DeployBundle``, ``RollbackApi``, ``DeployApi``) on NATS, with ``by`` set to
