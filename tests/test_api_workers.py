@@ -221,6 +221,23 @@ async def test_a_process_that_user_code_starts_dies_with_its_worker(
                        timeout=30, message="worker replaced")
 
 
+async def test_with_debug_an_error_reply_carries_a_traceback_from_the_users_code(
+        settings: NatsSettings, tmp_path: Path) -> None:
+    make_api_project(tmp_path / "ws", version="1")
+    async with api_stack(settings, tmp_path) as s:
+        node = await s.api_node("api-1", debug=True)
+        await s.package("v1")
+        await s.deploy({"v1": 100})
+        r = await s.http.post(url(node), json={"features": {"boom": "x"}})
+        assert r.status_code == 500, r.text
+        message = r.json()["error"]["message"]
+        first, _, trace = message.partition("\n")
+        assert first == "ValueError: boom: x"
+        files = [line.split('"')[1] for line in trace.splitlines() if 'File "' in line]
+        # The worker's own frames (serving, the call wrapper) are not shown.
+        assert [Path(f).name for f in files] == ["predict.py"], message
+
+
 def test_worker_memory_is_an_api_node_option_in_megabytes() -> None:
     assert api_node_extra("api", {"worker_memory": 512}) == {"worker_memory_mb": 512,
                                                              "debug": False}

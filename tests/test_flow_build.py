@@ -204,6 +204,41 @@ async def test_params_reach_the_recipe_and_its_log_lines_reach_the_run_log(
     assert finished[0].outcome is Outcome.SUCCESS
 
 
+async def test_a_failing_recipes_traceback_starts_at_the_users_code(tmp_path: Path) -> None:
+    manifest = write_project(tmp_path, PIPELINE, {
+        # An import-time failure, through a helper module beside the recipe.
+        "recipes/clean.py": "from helper import boom\nboom()\n",
+        "recipes/helper.py": "def boom():\n    raise ValueError('deep in the helper')\n",
+    })
+    write(tmp_path / "data/raw.csv", RAW)
+    log_path = tmp_path / "logs/build.log"
+    async with open_flow(tmp_path, manifest) as flow:
+        result = await flow.build(["clean"], log=log_path)
+    assert result.outcome is Outcome.FAILED
+    lines = [line.split("[recipe clean] ", 1)[1] for line in read(log_path).splitlines()
+             if "[recipe clean] " in line]
+    start = lines.index("Traceback (most recent call last):")
+    files = [line.split('"')[1] for line in lines[start:] if line.lstrip().startswith("File ")]
+    # Not the job runner's frames nor the import machinery's: the user's, in order.
+    assert [Path(f).name for f in files] == ["clean.py", "helper.py"], lines
+    assert "ValueError: deep in the helper" in lines
+
+
+async def test_a_traceback_through_shipyards_api_keeps_the_frames_after_the_users(
+        tmp_path: Path) -> None:
+    manifest = write_project(tmp_path, PIPELINE, {
+        "recipes/clean.py": "def run(ctx):\n    ctx.metric('rows', 1, dataset='nope')\n"})
+    write(tmp_path / "data/raw.csv", RAW)
+    log_path = tmp_path / "logs/build.log"
+    async with open_flow(tmp_path, manifest) as flow:
+        result = await flow.build(["clean"], log=log_path)
+    assert result.outcome is Outcome.FAILED
+    traceback = read(log_path).split("Traceback (most recent call last):", 1)[1]
+    files = [line.split('"')[1] for line in traceback.splitlines() if 'File "' in line]
+    assert Path(files[0]).name == "clean.py" and len(files) >= 2, files
+    assert "nodes" in Path(files[-1]).parts  # where ctx.metric refused the dataset
+
+
 SHIPPED = """
 [datasets.raw]
 path = "data/raw.csv"

@@ -34,7 +34,6 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-import traceback
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -60,6 +59,7 @@ from nodes.api.usercode import (
 from nodes.api.wire import BusyPage, Serve
 from nodes.runtime import natscompat
 from nodes.runtime.logs import get_logger
+from nodes.sandbox.tracebacks import user_traceback
 from protocol import subjects
 from protocol.api import (
     DISPATCH_HEADER,
@@ -507,7 +507,7 @@ class Serving:
         except Exception as exc:
             message = f"{type(exc).__name__}: {exc}".rstrip(": ")
             if self.debug:
-                message += "\n" + traceback.format_exc()
+                message += "\n" + user_traceback(exc)
             return http_status("user_code"), ("user_code", message)
 
     def _shadow(self, service: str, name: str, gen: Runnable, op: int, payload: Any,

@@ -32,7 +32,6 @@ import signal
 import socket
 import sys
 import time
-import traceback
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -52,6 +51,7 @@ from nodes.runtime.framing import FrameError, frame, read_frame
 from nodes.runtime.logs import configure_logging, get_logger
 from nodes.runtime.settings import NatsSettings
 from nodes.sandbox.child import set_memory_limit
+from nodes.sandbox.tracebacks import user_traceback
 from protocol.api import ApiMapping
 from protocol.capture import CaptureSettings
 
@@ -169,7 +169,7 @@ class Worker:
         except Exception as exc:  # user code: report anything
             error = f"{type(exc).__name__}: {exc}".rstrip(": ")
             if self.config.get("debug"):
-                error += "\n" + traceback.format_exc()
+                error += "\n" + user_traceback(exc)
         self.send(wire.Loaded(service=msg.service, generation=msg.generation, error=error,
                               seconds=time.perf_counter() - t0))
 

@@ -17,7 +17,6 @@ import os
 import resource
 import signal
 import sys
-import traceback
 from pathlib import Path
 from types import ModuleType
 from typing import NoReturn
@@ -27,6 +26,7 @@ from .context import RecipeContext, ScriptContext
 from .measure import measure
 from .messages import JobSpec, Report
 from .orphans import die_with_parent
+from .tracebacks import user_traceback
 
 TRACEBACK_LINES = 20
 EXIT_FAILED = 1      # run(ctx) raised
@@ -133,7 +133,7 @@ def _execute(spec: JobSpec) -> Report:
 
 
 def _failure(exc: BaseException, memory_mb: int | None) -> Report:
-    lines = "".join(traceback.format_exception(exc)).rstrip("\n").splitlines()
+    lines = user_traceback(exc).rstrip("\n").splitlines()
     print("\n".join(lines), file=sys.stderr, flush=True)
     tail = lines[-TRACEBACK_LINES:]
     if isinstance(exc, MemoryError):

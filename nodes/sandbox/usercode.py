@@ -35,6 +35,8 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, Protocol
 
+from .tracebacks import user_traceback
+
 _MODULE_IDS = itertools.count(1)
 # ``sys.path`` and ``sys.modules`` belong to the process, and generations load on
 # threads (two services switching at once): two generations whose code has a module of
@@ -327,9 +329,7 @@ def call(gen: Generation, endpoint: str, op: int, payload: Any, codec: Codec) ->
 
 def describe(exc: BaseException, debug: bool) -> str:
     """How a failure of user code reads in an error reply."""
-    import traceback
-
     message = f"{type(exc).__name__}: {exc}".rstrip(": ")
     if debug:
-        message += "\n" + "".join(traceback.format_exception(exc))
+        message += "\n" + user_traceback(exc)
     return message
