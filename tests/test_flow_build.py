@@ -224,6 +224,23 @@ async def test_a_failing_recipes_traceback_starts_at_the_users_code(tmp_path: Pa
     assert "ValueError: deep in the helper" in lines
 
 
+async def test_a_syntax_error_is_shown_at_the_users_line_without_the_loaders_frames(
+        tmp_path: Path) -> None:
+    manifest = write_project(tmp_path, PIPELINE, {
+        "recipes/clean.py": "def run(ctx):\n    return (\n"})
+    write(tmp_path / "data/raw.csv", RAW)
+    log_path = tmp_path / "logs/build.log"
+    async with open_flow(tmp_path, manifest) as flow:
+        result = await flow.build(["clean"], log=log_path)
+    assert result.outcome is Outcome.FAILED and "SyntaxError" in (result.message or "")
+    lines = [line.split("[recipe clean] ", 1)[1] for line in read(log_path).splitlines()
+             if "[recipe clean] " in line]
+    files = [line.split('"')[1] for line in lines if line.lstrip().startswith("File ")]
+    assert [Path(f).name for f in files] == ["clean.py"], lines
+    assert "Traceback (most recent call last):" not in lines
+    assert any(line.startswith("SyntaxError: ") for line in lines), lines
+
+
 async def test_a_traceback_through_shipyards_api_keeps_the_frames_after_the_users(
         tmp_path: Path) -> None:
     manifest = write_project(tmp_path, PIPELINE, {

@@ -4,8 +4,9 @@ A recipe's or an endpoint's error used to print shipyard's own frames first (the
 runner, the module loader, ``<frozen importlib._bootstrap>``): nine lines of noise above
 the user's one line, in every run log.  ``user_traceback`` drops the leading frames that
 are shipyard's or the import machinery's; frames after the first of the user's stay, so
-a library the user called still shows in full.  When no frame is the user's (an error in
-shipyard itself), nothing is dropped.  Only the standard library is imported: this runs
+a library the user called still shows in full.  A syntax error in the user's file keeps
+no frame (the error names the file and line).  When no frame is the user's otherwise (an
+error in shipyard itself), nothing is dropped.  Only the standard library is imported: this runs
 inside job processes, under a code environment's interpreter too.
 """
 
@@ -28,6 +29,12 @@ def _trim(te: traceback.TracebackException, seen: set[int]) -> None:
     seen.add(id(te))
     frames = list(te.stack)
     first = next((i for i, f in enumerate(frames) if not _machinery(f.filename)), None)
+    if first is None:
+        # A syntax error in the user's file: every frame is the loader's, and the error
+        # itself names the file and line (``filename`` is set for syntax errors only).
+        where = getattr(te, "filename", None)
+        if where and not _machinery(where):
+            first = len(frames)
     if first:
         te.stack = traceback.StackSummary.from_list(frames[first:])
     for linked in (te.__cause__, te.__context__):
