@@ -12,11 +12,13 @@ from pathlib import Path
 import anyio
 from nats.aio.client import Client as NATS
 
+from nodes.auth.registry import publish_identities
 from nodes.auth.store import AuthStore
-from nodes.runtime.connection import close
+from nodes.runtime.calls import Caller
+from nodes.runtime.connection import close, connect
 from nodes.runtime.embedded import EmbeddedNats
 from nodes.runtime.settings import NatsSettings
-from tests.helpers import Fleet, wait_for
+from tests.helpers import Fleet, fleet, wait_for
 
 
 @dataclass
@@ -109,3 +111,19 @@ async def start_control_plane(f: Fleet, stack: AuthStack, root: Path,
     await f.start(DesignNode(name="design", nats=stack.settings("design"),
                              workspace=root / "ws", data_dir=root / "design",
                              heartbeat_interval=heartbeat_interval))
+
+
+@asynccontextmanager
+async def control_plane(stack: AuthStack, root: Path, heartbeat_interval: float,
+                        ) -> AsyncIterator[tuple[Caller, Fleet]]:
+    """As ``shipyard up`` starts a stack with auth: the identities published, the
+    Deployer and a Design node running (workspace ``root/ws``).  Yields the admin's
+    ``Caller`` and the fleet, for more nodes."""
+    nc = await connect(stack.settings("admin"), name="admin")
+    try:
+        await publish_identities(nc, stack.store.identities())
+        async with fleet() as f:
+            await start_control_plane(f, stack, root, heartbeat_interval)
+            yield Caller(nc), f
+    finally:
+        await close(nc)

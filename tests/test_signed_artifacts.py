@@ -14,10 +14,8 @@ import pytest
 from nodes.api.node import ApiNode
 from nodes.auth.artifacts import ArtifactTrust, bundle_bytes, sign_bundle
 from nodes.auth.keys import Credentials, new_seed, public_key_of, read_credentials
-from nodes.auth.registry import publish_identities
 from nodes.automation import AutomationNode
 from nodes.runtime.calls import Caller
-from nodes.runtime.connection import close, connect
 from protocol import subjects
 from protocol.api import API_PACKAGE_INFO, CreateApiPackage, DeployApi, package_key
 from protocol.auth import Identity
@@ -25,8 +23,8 @@ from protocol.base import encode
 from protocol.bundles import BUNDLE_INFO, BundleInfo, CreateBundle, bundle_key
 from protocol.deploy import CreateInfra, DeployBundle, DeploymentView, ListDeployments
 from tests.apiproject import make_api_project
-from tests.authstack import auth_stack, start_control_plane
-from tests.helpers import fleet, wait_for
+from tests.authstack import auth_stack, control_plane
+from tests.helpers import wait_for
 from tests.projects import make_project
 
 HB = 0.2
@@ -54,83 +52,76 @@ async def test_an_artifact_not_signed_by_a_design_key_is_refused_and_the_old_one
     make_project(tmp_path / "ws", "churn", version="1")
     make_api_project(tmp_path / "ws", version="1")
     with auth_stack(tmp_path) as stack:
-        nc = await connect(stack.settings("admin"), name="admin")
-        try:
-            await publish_identities(nc, stack.store.identities())
-            admin = Caller(nc)
-            async with fleet() as f:
-                await start_control_plane(f, stack, tmp_path, HB)
-                auto = await f.start(AutomationNode(
-                    name="automation-1", infra="automation",
-                    nats=stack.settings("automation-1"), data_dir=tmp_path / "a1",
-                    heartbeat_interval=HB, resync_interval=1.0))
-                await f.start(ApiNode(name="api-1", infra="api", nats=stack.settings("api-1"),
-                                      data_dir=tmp_path / "api1", http_port=0,
-                                      http_host="127.0.0.1", heartbeat_interval=HB,
-                                      resync_interval=1.0, metrics_interval=0.5, workers=1))
-                await admin.call(CreateInfra(name="automation", kind="automation"))
-                await admin.call(CreateInfra(name="api", kind="api"))
-                for version in ("v1", "v2"):
-                    await admin.call(CreateBundle(project="churn", bundle_id=version),
-                                     timeout=30)
-                    await admin.call(CreateApiPackage(project="churn", service="churn-api",
-                                                      version=version), timeout=30)
+        async with control_plane(stack, tmp_path, HB) as (admin, f):
+            auto = await f.start(AutomationNode(
+                name="automation-1", infra="automation",
+                nats=stack.settings("automation-1"), data_dir=tmp_path / "a1",
+                heartbeat_interval=HB, resync_interval=1.0))
+            await f.start(ApiNode(name="api-1", infra="api", nats=stack.settings("api-1"),
+                                  data_dir=tmp_path / "api1", http_port=0,
+                                  http_host="127.0.0.1", heartbeat_interval=HB,
+                                  resync_interval=1.0, metrics_interval=0.5, workers=1))
+            await admin.call(CreateInfra(name="automation", kind="automation"))
+            await admin.call(CreateInfra(name="api", kind="api"))
+            for version in ("v1", "v2"):
+                await admin.call(CreateBundle(project="churn", bundle_id=version),
+                                 timeout=30)
+                await admin.call(CreateApiPackage(project="churn", service="churn-api",
+                                                  version=version), timeout=30)
 
-                js = nc.jetstream()
-                bundles = await js.key_value(subjects.BUNDLE_BUCKET)
-                packages = await js.key_value(subjects.API_PACKAGE_BUCKET)
-                b2 = BUNDLE_INFO.decode((await bundles.get(bundle_key("churn", "v2"))).value)
-                p2 = API_PACKAGE_INFO.decode(
-                    (await packages.get(package_key("churn-api", "v2"))).value)
-                assert b2.signed_by == "design" and b2.signature
-                assert p2.signed_by == "design" and p2.signature
+            js = admin.nc.jetstream()
+            bundles = await js.key_value(subjects.BUNDLE_BUCKET)
+            packages = await js.key_value(subjects.API_PACKAGE_BUCKET)
+            b2 = BUNDLE_INFO.decode((await bundles.get(bundle_key("churn", "v2"))).value)
+            p2 = API_PACKAGE_INFO.decode(
+                (await packages.get(package_key("churn-api", "v2"))).value)
+            assert b2.signed_by == "design" and b2.signature
+            assert p2.signed_by == "design" and p2.signature
 
-                d1 = await admin.call(DeployBundle(project="churn", bundle_id="v1",
-                                                   infra="automation", by="admin"))
-                a1 = await admin.call(DeployApi(service="churn-api", infra="api",
-                                                generations={"v1": 100}))
-                assert d1.last_update is not None and a1.last_update is not None
-                await wait_for(lambda: _settled(admin, "automation", d1.last_update.id,
-                                                "succeeded"), timeout=60, message="bundle v1")
-                await wait_for(lambda: _settled(admin, "api", a1.last_update.id,
-                                                "succeeded"), timeout=60, message="api v1")
+            d1 = await admin.call(DeployBundle(project="churn", bundle_id="v1",
+                                               infra="automation", by="admin"))
+            a1 = await admin.call(DeployApi(service="churn-api", infra="api",
+                                            generations={"v1": 100}))
+            assert d1.last_update is not None and a1.last_update is not None
+            await wait_for(lambda: _settled(admin, "automation", d1.last_update.id,
+                                            "succeeded"), timeout=60, message="bundle v1")
+            await wait_for(lambda: _settled(admin, "api", a1.last_update.id,
+                                            "succeeded"), timeout=60, message="api v1")
 
-                # The bundle's record re-signed by a key that is not a Design node's (the
-                # admin's), every digest left as it is.
-                admin_seed = read_credentials(stack.store.creds_path("admin")).seed
-                resigned = msgspec.structs.replace(
-                    b2, signature=_sign_as(admin_seed, bundle_bytes(b2)), signed_by="admin")
-                await bundles.put(bundle_key("churn", "v2"), encode(resigned))
-                # The package's record claims the Design node with another record's
-                # signature.
-                tampered = msgspec.structs.replace(p2, signature=(
-                    API_PACKAGE_INFO.decode((await packages.get(
-                        package_key("churn-api", "v1"))).value).signature))
-                await packages.put(package_key("churn-api", "v2"), encode(tampered))
+            # The bundle's record re-signed by a key that is not a Design node's (the
+            # admin's), every digest left as it is.
+            admin_seed = read_credentials(stack.store.creds_path("admin")).seed
+            resigned = msgspec.structs.replace(
+                b2, signature=_sign_as(admin_seed, bundle_bytes(b2)), signed_by="admin")
+            await bundles.put(bundle_key("churn", "v2"), encode(resigned))
+            # The package's record claims the Design node with another record's
+            # signature.
+            tampered = msgspec.structs.replace(p2, signature=(
+                API_PACKAGE_INFO.decode((await packages.get(
+                    package_key("churn-api", "v1"))).value).signature))
+            await packages.put(package_key("churn-api", "v2"), encode(tampered))
 
-                d2 = await admin.call(DeployBundle(project="churn", bundle_id="v2",
-                                                   infra="automation", by="admin"))
-                a2 = await admin.call(DeployApi(service="churn-api", infra="api",
-                                                generations={"v2": 100}))
-                assert d2.last_update is not None and a2.last_update is not None
-                bad_bundle = await wait_for(
-                    lambda: _settled(admin, "automation", d2.last_update.id, "failed"),
-                    timeout=60, message="bundle v2 refused")
-                bad_api = await wait_for(
-                    lambda: _settled(admin, "api", a2.last_update.id, "failed"),
-                    timeout=60, message="api v2 refused")
+            d2 = await admin.call(DeployBundle(project="churn", bundle_id="v2",
+                                               infra="automation", by="admin"))
+            a2 = await admin.call(DeployApi(service="churn-api", infra="api",
+                                            generations={"v2": 100}))
+            assert d2.last_update is not None and a2.last_update is not None
+            bad_bundle = await wait_for(
+                lambda: _settled(admin, "automation", d2.last_update.id, "failed"),
+                timeout=60, message="bundle v2 refused")
+            bad_api = await wait_for(
+                lambda: _settled(admin, "api", a2.last_update.id, "failed"),
+                timeout=60, message="api v2 refused")
 
-                reasons = " ".join(bad_bundle.reasons)
-                assert f"bundle churn v2: {UNTRUSTED}" in reasons
-                assert "'admin' is a user of role admin" in reasons
-                assert [n.running for n in bad_bundle.nodes] == ["v1"]
-                assert auto.store.active("churn") == "v1"
-                reasons = " ".join(bad_api.reasons)
-                assert f"API package churn-api v2: {UNTRUSTED}" in reasons
-                assert "does not match the record" in reasons
-                assert [n.running for n in bad_api.nodes] == ["v1"]
-        finally:
-            await close(nc)
+            reasons = " ".join(bad_bundle.reasons)
+            assert f"bundle churn v2: {UNTRUSTED}" in reasons
+            assert "'admin' is a user of role admin" in reasons
+            assert [n.running for n in bad_bundle.nodes] == ["v1"]
+            assert auto.store.active("churn") == "v1"
+            reasons = " ".join(bad_api.reasons)
+            assert f"API package churn-api v2: {UNTRUSTED}" in reasons
+            assert "does not match the record" in reasons
+            assert [n.running for n in bad_api.nodes] == ["v1"]
 
 
 # -- the check itself ---------------------------------------------------------------------
