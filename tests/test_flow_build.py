@@ -204,54 +204,52 @@ async def test_params_reach_the_recipe_and_its_log_lines_reach_the_run_log(
     assert finished[0].outcome is Outcome.SUCCESS
 
 
-async def test_a_failing_recipes_traceback_starts_at_the_users_code(tmp_path: Path) -> None:
-    manifest = write_project(tmp_path, PIPELINE, {
-        # An import-time failure, through a helper module beside the recipe.
-        "recipes/clean.py": "from helper import boom\nboom()\n",
-        "recipes/helper.py": "def boom():\n    raise ValueError('deep in the helper')\n",
-    })
+async def _failed_clean(tmp_path: Path, files: dict[str, str]) -> tuple[str, list[str]]:
+    """Build ``clean`` from ``files``, which must fail: its message and the recipe's
+    log lines (without their timestamp and tag)."""
+    manifest = write_project(tmp_path, PIPELINE, files)
     write(tmp_path / "data/raw.csv", RAW)
     log_path = tmp_path / "logs/build.log"
     async with open_flow(tmp_path, manifest) as flow:
         result = await flow.build(["clean"], log=log_path)
     assert result.outcome is Outcome.FAILED
-    lines = [line.split("[recipe clean] ", 1)[1] for line in read(log_path).splitlines()
-             if "[recipe clean] " in line]
+    return result.message or "", [line.split("[recipe clean] ", 1)[1]
+                                  for line in read(log_path).splitlines()
+                                  if "[recipe clean] " in line]
+
+
+def _files_in(lines: list[str]) -> list[str]:
+    """The file of each frame of a printed traceback."""
+    return [line.split('"')[1] for line in lines if line.lstrip().startswith("File ")]
+
+
+async def test_a_failing_recipes_traceback_starts_at_the_users_code(tmp_path: Path) -> None:
+    _, lines = await _failed_clean(tmp_path, {
+        # An import-time failure, through a helper module beside the recipe.
+        "recipes/clean.py": "from helper import boom\nboom()\n",
+        "recipes/helper.py": "def boom():\n    raise ValueError('deep in the helper')\n",
+    })
     start = lines.index("Traceback (most recent call last):")
-    files = [line.split('"')[1] for line in lines[start:] if line.lstrip().startswith("File ")]
     # Not the job runner's frames nor the import machinery's: the user's, in order.
-    assert [Path(f).name for f in files] == ["clean.py", "helper.py"], lines
+    assert [Path(f).name for f in _files_in(lines[start:])] == ["clean.py", "helper.py"], lines
     assert "ValueError: deep in the helper" in lines
 
 
 async def test_a_syntax_error_is_shown_at_the_users_line_without_the_loaders_frames(
         tmp_path: Path) -> None:
-    manifest = write_project(tmp_path, PIPELINE, {
+    message, lines = await _failed_clean(tmp_path, {
         "recipes/clean.py": "def run(ctx):\n    return (\n"})
-    write(tmp_path / "data/raw.csv", RAW)
-    log_path = tmp_path / "logs/build.log"
-    async with open_flow(tmp_path, manifest) as flow:
-        result = await flow.build(["clean"], log=log_path)
-    assert result.outcome is Outcome.FAILED and "SyntaxError" in (result.message or "")
-    lines = [line.split("[recipe clean] ", 1)[1] for line in read(log_path).splitlines()
-             if "[recipe clean] " in line]
-    files = [line.split('"')[1] for line in lines if line.lstrip().startswith("File ")]
-    assert [Path(f).name for f in files] == ["clean.py"], lines
+    assert "SyntaxError" in message
+    assert [Path(f).name for f in _files_in(lines)] == ["clean.py"], lines
     assert "Traceback (most recent call last):" not in lines
     assert any(line.startswith("SyntaxError: ") for line in lines), lines
 
 
 async def test_a_traceback_through_shipyards_api_keeps_the_frames_after_the_users(
         tmp_path: Path) -> None:
-    manifest = write_project(tmp_path, PIPELINE, {
+    _, lines = await _failed_clean(tmp_path, {
         "recipes/clean.py": "def run(ctx):\n    ctx.metric('rows', 1, dataset='nope')\n"})
-    write(tmp_path / "data/raw.csv", RAW)
-    log_path = tmp_path / "logs/build.log"
-    async with open_flow(tmp_path, manifest) as flow:
-        result = await flow.build(["clean"], log=log_path)
-    assert result.outcome is Outcome.FAILED
-    traceback = read(log_path).split("Traceback (most recent call last):", 1)[1]
-    files = [line.split('"')[1] for line in traceback.splitlines() if 'File "' in line]
+    files = _files_in(lines[lines.index("Traceback (most recent call last):"):])
     assert Path(files[0]).name == "clean.py" and len(files) >= 2, files
     assert "nodes" in Path(files[-1]).parts  # where ctx.metric refused the dataset
 
