@@ -6,6 +6,8 @@ from __future__ import annotations
 import base64
 import socket
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import anyio
@@ -62,10 +64,11 @@ async def _churn_v1_then_v2_on_prod(nc: NATS) -> Caller:
     return caller
 
 
-async def test_dashboard_needs_a_login_and_a_csrf_token_then_rolls_back_like_the_cli(
-        settings: NatsSettings, tmp_path: Path) -> None:
-    token = ensure_token_file(tmp_path / "dashboard.token", "ops")
-    board = DashboardConfig(token_file=tmp_path / "dashboard.token", port=0)
+@asynccontextmanager
+async def _dashboard(settings: NatsSettings, board: DashboardConfig,
+                     ) -> AsyncIterator[tuple[Caller, httpx.AsyncClient]]:
+    """A Deployer serving the dashboard ``board``, churn v1 then v2 deployed on prod: a
+    caller, and an HTTP client on the dashboard."""
     async with fleet() as f:
         deployer = DeployerNode(name="deployer", nats=settings, heartbeat_interval=0.2,
                                 dashboard=board)
@@ -75,72 +78,80 @@ async def test_dashboard_needs_a_login_and_a_csrf_token_then_rolls_back_like_the
             caller = await _churn_v1_then_v2_on_prod(nc)
             assert deployer.dashboard is not None
             async with httpx.AsyncClient(base_url=deployer.dashboard.url, timeout=5) as http:
-                # Nothing but the login page, static files and /metrics without a session.
-                assert (await http.get("/api/state")).status_code == 401
-                page = await http.get("/")
-                assert page.status_code == 303 and page.headers["location"] == "/login"
-                assert (await http.get("/static/app.js")).status_code == 200
-                bad = await http.get("/login", params={"token": "x" * 32})
-                assert bad.status_code == 401 and COOKIE not in bad.cookies
-                denied = await http.post("/api/actions", json={
-                    "action": "rollback", "kind": "bundle", "infra": "prod", "name": "churn"})
-                assert denied.status_code == 401
-
-                good = await http.get("/login", params={"token": token})
-                assert good.status_code == 303
-                cookie = good.headers["set-cookie"]
-                assert "HttpOnly" in cookie and "SameSite=Strict" in cookie
-                page = await http.get("/")
-                assert page.status_code == 200 and b"/static/app.js" in page.content
-                assert "frame-ancestors 'none'" in page.headers["content-security-policy"]
-                assert page.headers["x-frame-options"] == "DENY"
-                session = (await http.get("/api/session")).json()
-                assert session["user"] == "ops" and session["can_act"] is True
-
-                body = {"action": "rollback", "kind": "bundle", "infra": "prod",
-                        "name": "churn"}
-                # A cross-site form could send the cookie, never the CSRF header.
-                no_csrf = await http.post("/api/actions", json=body)
-                assert no_csrf.status_code == 403
-                assert "X-CSRF-Token" in no_csrf.json()["error"]["message"]
-                wrong = await http.post("/api/actions", json=body,
-                                        headers={"X-CSRF-Token": "guess"})
-                assert wrong.status_code == 403
-                view = (await caller.call(ListDeployments(project="churn"))).deployments[0]
-                assert view.desired == "v2"  # nothing was done
-
-                csrf = {"X-CSRF-Token": session["csrf"]}
-                bad_body = await http.post("/api/actions", content=b'{"action": 1}',
-                                           headers=csrf)
-                assert bad_body.status_code == 400
-                assert "expected JSON" in bad_body.json()["error"]["message"]
-                unknown = await http.post("/api/actions", headers=csrf, json={
-                    **body, "name": "nope"})
-                assert unknown.status_code == 404
-                assert "not deployed" in unknown.json()["error"]["message"]
-
-                done = await http.post("/api/actions", json=body, headers=csrf)
-                assert done.status_code == 200, done.text
-                assert done.json()["deployment"]["desired"] == "v1"
-                history = await caller.call(GetHistory(project="churn", infra="prod"))
-                last = history.updates[-1]
-                assert (last.action, last.to_bundle, last.by) == ("rollback", "v1",
-                                                                  "dashboard:ops")
-
-                # Redeploy a listed version: the same DeployBundle the CLI sends.
-                again = await http.post("/api/actions", headers=csrf, json={
-                    "action": "deploy", "kind": "bundle", "infra": "prod", "name": "churn",
-                    "target": "v2"})
-                assert again.status_code == 200 and \
-                    again.json()["deployment"]["desired"] == "v2"
-                no_log = await http.get("/api/runs/r-404/log")
-                assert no_log.status_code == 404 and "unknown run" in no_log.text
-                state = (await http.get("/api/state")).json()
-                listed = state["deployments"][0]
-                assert [u["to_bundle"] for u in listed["history"]] == ["v2", "v1", "v2", "v1"]
-                assert listed["history"][1]["redeploy"] == "v1"
+                yield caller, http
         finally:
             await close(nc)
+
+
+async def test_dashboard_needs_a_login_and_a_csrf_token_then_rolls_back_like_the_cli(
+        settings: NatsSettings, tmp_path: Path) -> None:
+    token = ensure_token_file(tmp_path / "dashboard.token", "ops")
+    board = DashboardConfig(token_file=tmp_path / "dashboard.token", port=0)
+    async with _dashboard(settings, board) as (caller, http):
+        # Nothing but the login page, static files and /metrics without a session.
+        assert (await http.get("/api/state")).status_code == 401
+        page = await http.get("/")
+        assert page.status_code == 303 and page.headers["location"] == "/login"
+        assert (await http.get("/static/app.js")).status_code == 200
+        bad = await http.get("/login", params={"token": "x" * 32})
+        assert bad.status_code == 401 and COOKIE not in bad.cookies
+        denied = await http.post("/api/actions", json={
+            "action": "rollback", "kind": "bundle", "infra": "prod", "name": "churn"})
+        assert denied.status_code == 401
+
+        good = await http.get("/login", params={"token": token})
+        assert good.status_code == 303
+        cookie = good.headers["set-cookie"]
+        assert "HttpOnly" in cookie and "SameSite=Strict" in cookie
+        page = await http.get("/")
+        assert page.status_code == 200 and b"/static/app.js" in page.content
+        assert "frame-ancestors 'none'" in page.headers["content-security-policy"]
+        assert page.headers["x-frame-options"] == "DENY"
+        session = (await http.get("/api/session")).json()
+        assert session["user"] == "ops" and session["can_act"] is True
+
+        body = {"action": "rollback", "kind": "bundle", "infra": "prod",
+                "name": "churn"}
+        # A cross-site form could send the cookie, never the CSRF header.
+        no_csrf = await http.post("/api/actions", json=body)
+        assert no_csrf.status_code == 403
+        assert "X-CSRF-Token" in no_csrf.json()["error"]["message"]
+        wrong = await http.post("/api/actions", json=body,
+                                headers={"X-CSRF-Token": "guess"})
+        assert wrong.status_code == 403
+        view = (await caller.call(ListDeployments(project="churn"))).deployments[0]
+        assert view.desired == "v2"  # nothing was done
+
+        csrf = {"X-CSRF-Token": session["csrf"]}
+        bad_body = await http.post("/api/actions", content=b'{"action": 1}',
+                                   headers=csrf)
+        assert bad_body.status_code == 400
+        assert "expected JSON" in bad_body.json()["error"]["message"]
+        unknown = await http.post("/api/actions", headers=csrf, json={
+            **body, "name": "nope"})
+        assert unknown.status_code == 404
+        assert "not deployed" in unknown.json()["error"]["message"]
+
+        done = await http.post("/api/actions", json=body, headers=csrf)
+        assert done.status_code == 200, done.text
+        assert done.json()["deployment"]["desired"] == "v1"
+        history = await caller.call(GetHistory(project="churn", infra="prod"))
+        last = history.updates[-1]
+        assert (last.action, last.to_bundle, last.by) == ("rollback", "v1",
+                                                          "dashboard:ops")
+
+        # Redeploy a listed version: the same DeployBundle the CLI sends.
+        again = await http.post("/api/actions", headers=csrf, json={
+            "action": "deploy", "kind": "bundle", "infra": "prod", "name": "churn",
+            "target": "v2"})
+        assert again.status_code == 200 and \
+            again.json()["deployment"]["desired"] == "v2"
+        no_log = await http.get("/api/runs/r-404/log")
+        assert no_log.status_code == 404 and "unknown run" in no_log.text
+        state = (await http.get("/api/state")).json()
+        listed = state["deployments"][0]
+        assert [u["to_bundle"] for u in listed["history"]] == ["v2", "v1", "v2", "v1"]
+        assert listed["history"][1]["redeploy"] == "v1"
 
 
 async def test_a_viewer_login_gets_a_read_only_page_and_its_clicks_are_refused(
@@ -149,41 +160,31 @@ async def test_a_viewer_login_gets_a_read_only_page_and_its_clicks_are_refused(
     viewer, reviewer, ops = "v" * 24, "r" * 24, "o" * 24
     tokens.write_text(f"vera:{viewer}:viewer\nrita:{reviewer}:reviewer\nops:{ops}\n")
     board = DashboardConfig(token_file=tokens, port=0)
-    async with fleet() as f:
-        deployer = DeployerNode(name="deployer", nats=settings, heartbeat_interval=0.2,
-                                dashboard=board)
-        await f.start(deployer)
-        nc = await connect(settings, name="test")
-        try:
-            caller = await _churn_v1_then_v2_on_prod(nc)
-            assert deployer.dashboard is not None
-            async with httpx.AsyncClient(base_url=deployer.dashboard.url, timeout=5) as http:
-                assert (await http.get("/login", params={"token": viewer})).status_code == 303
-                session = (await http.get("/api/session")).json()
-                assert (session["user"], session["role"], session["can_act"]) == (
-                    "vera", "viewer", False)
-                assert "vera, a viewer" in session["why_not"]
-                assert "read-only" in session["why_not"]
-                csrf = {"X-CSRF-Token": session["csrf"]}
-                for body in ({"action": "rollback", "kind": "bundle", "infra": "prod",
-                              "name": "churn"},
-                             {"action": "deploy", "kind": "bundle", "infra": "prod",
-                              "name": "churn", "target": "v1"}):
-                    refused = await http.post("/api/actions", json=body, headers=csrf)
-                    assert refused.status_code == 403
-                    assert refused.json()["error"]["message"] == (
-                        f"vera is a viewer on this dashboard: {body['action']} needs role "
-                        "deployer")
-                for token, allowed in ((reviewer, False), (ops, True)):
-                    rollback = await http.post(
-                        "/api/actions", headers={"Authorization": f"Bearer {token}"},
-                        json={"action": "rollback", "kind": "bundle", "infra": "prod",
-                              "name": "churn"})
-                    assert rollback.status_code == (200 if allowed else 403), rollback.text
-            view = (await caller.call(ListDeployments(project="churn"))).deployments[0]
-            assert (view.desired, view.updated_by) == ("v1", "dashboard:ops")
-        finally:
-            await close(nc)
+    async with _dashboard(settings, board) as (caller, http):
+        assert (await http.get("/login", params={"token": viewer})).status_code == 303
+        session = (await http.get("/api/session")).json()
+        assert (session["user"], session["role"], session["can_act"]) == (
+            "vera", "viewer", False)
+        assert "vera, a viewer" in session["why_not"]
+        assert "read-only" in session["why_not"]
+        csrf = {"X-CSRF-Token": session["csrf"]}
+        for body in ({"action": "rollback", "kind": "bundle", "infra": "prod",
+                      "name": "churn"},
+                     {"action": "deploy", "kind": "bundle", "infra": "prod",
+                      "name": "churn", "target": "v1"}):
+            refused = await http.post("/api/actions", json=body, headers=csrf)
+            assert refused.status_code == 403
+            assert refused.json()["error"]["message"] == (
+                f"vera is a viewer on this dashboard: {body['action']} needs role "
+                "deployer")
+        for token, allowed in ((reviewer, False), (ops, True)):
+            rollback = await http.post(
+                "/api/actions", headers={"Authorization": f"Bearer {token}"},
+                json={"action": "rollback", "kind": "bundle", "infra": "prod",
+                      "name": "churn"})
+            assert rollback.status_code == (200 if allowed else 403), rollback.text
+        view = (await caller.call(ListDeployments(project="churn"))).deployments[0]
+        assert (view.desired, view.updated_by) == ("v1", "dashboard:ops")
 
 
 def test_a_token_file_line_with_an_unknown_role_is_refused_not_read_as_a_deployer(
