@@ -65,11 +65,24 @@ class Request(msgspec.Struct, Generic[T], frozen=True, kw_only=True):
 
 
 class Reply(msgspec.Struct, Generic[T], frozen=True, kw_only=True):
-    """Exactly one of ``ok`` (the reply body) or ``error`` is set."""
+    """Exactly one of ``ok`` (the reply body) or ``error`` is set.
+
+    ``re`` is the ``id`` of the request answered, so a requester that re-uses its reply
+    subjects (``nodes.runtime.requests``) can tell this reply from a late one to an
+    earlier request; None when the request's id could not be read.
+    """
 
     ok: T | None = None
     error: ErrorInfo | None = None
+    re: str | None = None
     v: int = SCHEMA_VERSION
+
+
+class RequestId(msgspec.Struct):
+    """Only the ``id`` of a request envelope: what a reply names when the rest of the
+    request could not be decoded."""
+
+    id: str
 
 
 # msgspec raises RecursionError (not DecodeError) for JSON nested deeper than the

@@ -93,7 +93,7 @@ _KEY_FAMILIES: list[tuple[str, Callable[..., str], dict[str, str]]] = [
     (subjects.LEASES_BUCKET, leases.lease_key, {}),
 ]
 
-_NOT_SUBJECTS = {"token", "api_queue_group"}
+_NOT_SUBJECTS = {"token", "api_queue_group", "hears_notices"}
 
 
 def _placeholder(name: str) -> str:

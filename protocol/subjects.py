@@ -186,6 +186,24 @@ def command_progress_all(reply_prefix: str) -> str:
     return f"{reply_prefix}*.{PROGRESS_TOKEN}"
 
 
+# -- reply subjects re-used one request at a time -----------------------------------------
+
+REUSED_REPLY_TOKEN = "p"
+
+
+def reused_reply(inbox: str, slot: str) -> str:
+    """A reply subject its requester re-uses, one request at a time
+    (``nodes.runtime.requests``): it hears only the reply, no notices."""
+    return f"{inbox}.{REUSED_REPLY_TOKEN}.{slot}"
+
+
+def hears_notices(reply: str) -> bool:
+    """Whether the requester of ``reply`` may listen for its notices (``.progress``): not
+    on a re-used reply subject."""
+    head, _, _slot = reply.rpartition(".")
+    return not head.endswith("." + REUSED_REPLY_TOKEN)
+
+
 # -- prediction capture -------------------------------------------------------------------
 
 CAPTURE_STREAM = "SY_CAPTURE"  # captured requests and answers, bounded by size and age

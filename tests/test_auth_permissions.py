@@ -261,6 +261,28 @@ async def test_the_gateway_only_requests_apis_and_api_nodes_only_serve_them(
         assert await _desired(admin) == b'{"desired": "v1"}'
 
 
+async def test_an_api_node_cannot_answer_on_a_callers_re_used_reply_subjects(
+        stack: AuthStack) -> None:
+    """An API node may publish to any request's own reply subject (it answers what its
+    other connections received), never to the re-used ones commands wait on: those only
+    a responder the server let answer the request reaches."""
+    async with stack.connect("admin") as admin, stack.connect("api-1") as api:
+        inbox = admin.nc.new_inbox()
+        heard: list[str] = []
+
+        async def on_msg(msg: Msg) -> None:
+            heard.append(msg.subject)
+
+        await admin.nc.subscribe(f"{inbox}.>", cb=on_msg)
+        await natscompat.flush(admin.nc)
+        slot = subjects.reused_reply(inbox, "1")
+        await api.nc.publish(f"{inbox}.token", b"")
+        await api.nc.publish(slot, b"forged")
+        await api.denied(slot)
+        assert len(api.violations()) == 1
+        await wait_for(lambda: heard == [f"{inbox}.token"], message="the allowed one delivered")
+
+
 async def test_nodes_cannot_rewrite_identities(stack: AuthStack) -> None:
     async with stack.connect("admin") as admin, stack.connect("deployer") as deployer:
         await _seed(admin)

@@ -67,6 +67,20 @@ async def test_the_requester_hands_on_notices_only_when_asked(settings: NatsSett
         await close(nc)
 
 
+async def test_a_call_that_does_not_ask_for_progress_is_sent_none(
+        settings: NatsSettings) -> None:
+    """Without ``on_progress`` a call waits on a re-used reply subject, where nothing
+    listens for notices: the node sends none (with auth on, the Design node may not
+    publish them there at all)."""
+    nc = await connect(settings, name="test")
+    try:
+        async with running(probe(settings)):
+            done = await Caller(nc).call(Steps(count=3), timeout=5)
+    finally:
+        await close(nc)
+    assert done == Done(label="0 sent")
+
+
 async def test_a_malformed_notice_is_counted_and_ignored_and_the_call_answers(
         settings: NatsSettings) -> None:
     nc = await connect(settings, name="test")

@@ -9,14 +9,17 @@ import anyio
 import anyio.lowlevel
 import pytest
 from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
 
 from nodes.deployer import DeployerNode
+from nodes.runtime import natscompat
 from nodes.runtime.calls import Caller
 from nodes.runtime.connection import CannotReachNats, connect
+from nodes.runtime.requests import pending_count
 from nodes.runtime.settings import NatsSettings
 from protocol import subjects
-from protocol.base import make_request
-from protocol.errors import BadRequest, Internal, NotFound, Unavailable
+from protocol.base import Reply, encode, make_request
+from protocol.errors import BadRequest, Internal, NotFound, Timeout, Unavailable
 from protocol.heartbeat import HEARTBEAT, Heartbeat
 from protocol.state import DeployerState, NoState
 from protocol.system import Echo, Ping
@@ -119,6 +122,8 @@ async def test_malformed_payload_gets_a_typed_error_and_the_node_keeps_serving(
             assert reply.error.code == "bad_request"
             assert "malformed 'work' request" in reply.error.message
             assert "expected" in reply.error.message
+            # The reply names the request's id when its bytes carry one.
+            assert reply.re == ("1" if payload.startswith(b"{") else None)
         # A body whose type does not match the subject's verb is refused too.
         msg = await nc.request(subjects.command("probe", "work"),
                                make_request(Boom()), timeout=2)
@@ -141,6 +146,61 @@ async def test_handler_exceptions_become_typed_error_replies(settings: NatsSetti
             await caller.call(Unhandled(), timeout=2)
         assert await caller.call(Echo(payload="ok"), node="p1", timeout=2)
     assert node.requests_failed == 3
+    await nc.close()
+
+
+async def test_a_call_takes_only_its_own_reply_on_a_re_used_reply_subject(
+        settings: NatsSettings) -> None:
+    """Calls re-use reply subjects one at a time.  A responder that answers a request
+    twice sends its second answer to a subject the next call now waits on: that call
+    still gets its own reply (the one naming its request id), not the stale one."""
+    nc = await client(settings)
+    responder = await client(settings)
+    replies: list[str] = []
+    stale: list[bytes] = []
+
+    async def answer(msg: Msg) -> None:
+        request = PROBE.requests.decode(msg.data)
+        assert isinstance(request.body, Work)
+        replies.append(msg.reply)
+        data = encode(Reply(ok=Done(label=request.body.label), re=request.id))
+        if stale:  # the first request's second answer goes first
+            await responder.publish(msg.reply, stale.pop())
+        else:
+            stale.append(data)
+        await responder.publish(msg.reply, data)
+
+    await responder.subscribe(subjects.command("probe", "work"), cb=answer)
+    await natscompat.flush(responder, 2)
+    caller = Caller(nc)
+    assert await caller.call(Work(label="first"), timeout=2) == Done(label="first")
+    assert await caller.call(Work(label="second"), timeout=2) == Done(label="second")
+    assert replies[0] == replies[1] and not stale  # the same subject, the stale reply sent
+    await responder.close()
+    await nc.close()
+
+
+async def test_a_late_reply_finds_no_one_after_its_call_timed_out(
+        settings: NatsSettings) -> None:
+    """A timed-out call's reply subject is not used again: its late reply cannot answer
+    a later call, and the later call is answered."""
+    node = probe(settings)
+    nc = await client(settings)
+    caller = Caller(nc)
+    seen: list[str] = []
+
+    async def watch(msg: Msg) -> None:
+        seen.append(msg.reply)
+
+    await nc.subscribe(subjects.command("probe", "work"), cb=watch)
+    async with running(node):
+        with pytest.raises(Timeout):
+            await caller.call(Work(label="slow", seconds=0.6), timeout=0.2)
+        late = caller.call(Work(label="after", seconds=0.8), timeout=3)
+        assert await late == Done(label="after")  # the slow reply came meanwhile
+        assert "slow" in node.finished_work
+    assert len(seen) == 2 and seen[0] != seen[1]
+    assert pending_count(nc) == 0
     await nc.close()
 
 

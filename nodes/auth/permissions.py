@@ -11,6 +11,9 @@ Rules every role follows:
   passed-on copy, the request of a worker that died), so their user may publish to any
   reply subject (``_INBOX.*.*.*``, not deeper).  The tokens of shipyard's reply subjects
   are random (``requests.Tokens``): a node cannot guess those of requests sent elsewhere.
+  The reply subjects commands re-use (``<inbox>.p.<slot>``, ``subjects.reused_reply``) are
+  one token deeper, out of that pattern's reach: only ``allow_responses`` opens them, to
+  the responder of the request.
   Each identity subscribes only to its own inbox
   prefix (``_INBOX.<name>.>``, see ``keys.inbox_prefix``), so no one reads replies meant
   for another (for example the reply that carries a new API key's secret).

@@ -22,7 +22,7 @@ from nodes.runtime.connection import PublishDenied, denials_of
 from nodes.runtime.logs import get_logger
 from nodes.runtime.requests import requester
 from protocol import subjects
-from protocol.base import Command, Family, make_request, tag_of
+from protocol.base import Command, Family, Reply, make_request, new_id, tag_of
 from protocol.errors import (
     DecodeError,
     Forbidden,
@@ -77,16 +77,35 @@ class Caller:
             subject = subjects.node_command(node, verb)
         else:
             subject = role_subject
+        request_id = request_id or new_id()
         if self._signer is not None and not family.direct:
             data = self._signer.request(subject, cmd, sender=self.sender,
                                         request_id=request_id)
         else:
             data = make_request(cmd, sender=self.sender, request_id=request_id,
                                 identity=self.identity)
+        replies = family.replies
+        decoded: list[Reply[Any]] = []
+
+        def accept(msg: Msg) -> bool:
+            """This request's reply, not a late or second one to an earlier request that
+            used the same reply subject (a reply without ``re`` is taken: its node could
+            not read the id, or predates ``re``)."""
+            if msg.data:
+                try:
+                    reply = replies.decode(msg.data, subject)
+                except DecodeError:
+                    return True  # raised below, as the answer
+                if reply.re is not None and reply.re != request_id:
+                    return False
+                decoded.append(reply)
+            return True
+
         try:
             msg = await self._requester.request(
                 subject, data, timeout=timeout, denials=self._denials,
-                on_progress=None if on_progress is None else self._notices(on_progress))
+                on_progress=None if on_progress is None else self._notices(on_progress),
+                accept=accept)
         except PublishDenied:
             raise Forbidden(f"the NATS server does not let this identity send {verb!r} "
                             f"(publish to {subject} refused): ask an admin for a role "
@@ -96,7 +115,7 @@ class Caller:
             raise Unavailable(f"{what}: nothing answers {subject}") from None
         except nats.errors.TimeoutError:
             raise Timeout(f"{family.role} did not answer {verb!r} within {timeout:g}s") from None
-        reply = family.replies.decode(msg.data, subject)
+        reply = decoded[0] if decoded else replies.decode(msg.data, subject)
         if reply.error is not None:
             raise error_from_wire(reply.error.code, reply.error.message, reply.error.details)
         result: Any = reply.ok

@@ -70,6 +70,7 @@ from protocol.base import (
     Family,
     Reply,
     Request,
+    RequestId,
     encode,
     new_id,
     tag_of,
@@ -134,6 +135,20 @@ def handles(command: type[Command[Any]]) -> Callable[[F], F]:
         return fn
 
     return mark
+
+
+_REQUEST_ID: Codec[RequestId] = Codec(RequestId)
+
+
+def _request_id(request: Request[Any] | None, data: bytes) -> str | None:
+    """The request id an error reply names: the decoded request's, else the id its bytes
+    carry when only the rest was malformed, else None."""
+    if request is not None:
+        return request.id
+    try:
+        return _REQUEST_ID.decode(data).id
+    except DecodeError:
+        return None
 
 
 class Node:
@@ -634,7 +649,7 @@ class Node:
                 verified = await verify_command(self, msg.subject, msg.data, expected)
                 signer = verified.name if verified is not None else None
             result = await handler(body, request)
-            data = encode(Reply(ok=result))
+            data = encode(Reply(ok=result, re=request.id))
             limit = self.nc.max_payload
             if len(data) > limit:  # publishing it would fail: the caller would only time out
                 raise TooLarge(f"the reply to {verb!r} is {len(data)} bytes, over the NATS "
@@ -646,13 +661,13 @@ class Node:
             if exc.code == "internal":
                 self.log.error("request failed", subject=msg.subject, error=exc.message)
             error = ErrorInfo(code=exc.code, message=exc.message, details=exc.details)
-            data = encode(Reply(error=error))
+            data = encode(Reply(error=error, re=_request_id(request, msg.data)))
         except Exception as exc:
             self.requests_failed += 1
             self.log.exception("handler raised", subject=msg.subject)
             err = Internal(f"{type(exc).__name__}: {exc}")
             error = ErrorInfo(code=err.code, message=err.message)
-            data = encode(Reply(error=error))
+            data = encode(Reply(error=error, re=_request_id(request, msg.data)))
         if self.audit is not None and not msg.subject.startswith(self._direct_prefix):
             self._record(msg.subject, verb, request, signer, error)
         try:

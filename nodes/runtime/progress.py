@@ -31,7 +31,8 @@ class ProgressNotices:
 
     def __init__(self, nc: NATS, reply: str, log: Any) -> None:
         self.nc = nc
-        self.subject = subjects.command_progress(reply) if reply else ""
+        self.subject = (subjects.command_progress(reply)
+                        if reply and subjects.hears_notices(reply) else "")
         self.log = log
         self.sent = 0
         self._stage: str | None = None

@@ -2,8 +2,28 @@
 
 nats-py's ``request`` pays per call for a random token (a ``getrandom`` syscall), an
 ``asyncio.wait_for`` and loop look-ups.  This keeps one reply subscription, names
-requests with a counter, and times them out with one timer handle each.  Request paths
-that run per user request (the HTTP gateway, node-to-node calls, the CLI) use it.
+requests with tokens drawn in batches, and times them out with one timer handle each.
+Request paths that run per user request (the HTTP gateway, node-to-node calls, the CLI)
+use it.
+
+Two kinds of reply subject:
+
+* ``<inbox>.<token>``, new for every request: where a reply may come from a process the
+  request was not sent to (an API node answers what another of its connections
+  received), and for requests that hear progress notices (``<reply>.progress``).
+* ``<inbox>.p.<slot>`` (``subjects.reused_reply``), re-used (``request(..., accept=...)``,
+  what ``Caller`` uses for commands without progress notices): one request at a time
+  per slot, the reply recognised by ``accept`` (the request id it names).  A slot whose
+  request timed out or failed is never used again, so a late reply to it finds no one;
+  ``accept`` turns away a second reply to an earlier request.  The slots are one token
+  deeper than the subjects an API node may publish to on its own (``_INBOX.*.*.*``,
+  ``nodes.auth.permissions``): only a responder the server let answer the request
+  reaches one.
+
+  Why: nats-server caches by subject, both its match of a subject against the
+  subscriptions and its check of a publisher's permissions.  A reply subject it has seen
+  costs a look-up; a new one per request costs a full match and, with auth on, a full
+  permission check of the responder's reply.  MEASURED
 """
 
 from __future__ import annotations
@@ -60,6 +80,10 @@ class Requester:
         self.nc = nc
         self._prefix = ""
         self._pending: dict[str, asyncio.Future[Msg]] = {}
+        self._slot_prefix = ""
+        self._slots: dict[str, tuple[asyncio.Future[Msg], Callable[[Msg], bool]]] = {}
+        self._free_slots: list[str] = []
+        self._slots_made = 0
         self._tokens = Tokens()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._lock = anyio.Lock()
@@ -71,7 +95,12 @@ class Requester:
             prefix = self.nc.new_inbox() + "."
             await self.nc.subscribe(prefix + "*", cb=self._on_reply,
                                     pending_msgs_limit=100_000)
+            inbox = prefix[:-1]
+            slot_prefix = subjects.reused_reply(inbox, "")
+            await self.nc.subscribe(subjects.reused_reply(inbox, "*"), cb=self._on_slot_reply,
+                                    pending_msgs_limit=100_000)
             self._loop = asyncio.get_running_loop()
+            self._slot_prefix = slot_prefix
             self._prefix = prefix
 
     async def _on_reply(self, msg: Msg) -> None:
@@ -79,13 +108,25 @@ class Requester:
         if future is not None and not future.done():
             future.set_result(msg)
 
+    async def _on_slot_reply(self, msg: Msg) -> None:
+        slot = msg.subject[len(self._slot_prefix):]
+        entry = self._slots.get(slot)
+        if entry is None:
+            return  # a slot retired after a timeout, or a reply already taken
+        future, accept = entry
+        if future.done() or not accept(msg):
+            return
+        del self._slots[slot]
+        future.set_result(msg)
+
     def fail_pending(self, exc: Exception) -> int:
         """Fail every request waiting for a reply (the connection dropped: a reply sent
         meanwhile is lost, so waiting out the deadline only delays the answer).  Returns
         how many were failed."""
         pending, self._pending = self._pending, {}
+        slots, self._slots = self._slots, {}
         failed = 0
-        for future in pending.values():
+        for future in [*pending.values(), *(future for future, _ in slots.values())]:
             if not future.done():
                 future.set_exception(exc)
                 failed += 1
@@ -96,10 +137,18 @@ class Requester:
         if future is not None and not future.done():
             future.set_exception(nats.errors.TimeoutError())
 
+    def _expire_slot(self, slot: str, future: asyncio.Future[Msg]) -> None:
+        entry = self._slots.get(slot)
+        if entry is not None and entry[0] is future:
+            del self._slots[slot]
+        if not future.done():
+            future.set_exception(nats.errors.TimeoutError())
+
     async def request(self, subject: str, payload: bytes, *, timeout: float,
                       headers: dict[str, str] | None = None,
                       denials: PublishDenials | None = None,
-                      on_progress: Callable[[Msg], Awaitable[None]] | None = None) -> Msg:
+                      on_progress: Callable[[Msg], Awaitable[None]] | None = None,
+                      accept: Callable[[Msg], bool] | None = None) -> Msg:
         """Send a request and wait for its reply.
 
         Raises ``nats.errors.NoRespondersError`` at once when nothing subscribes to
@@ -107,10 +156,16 @@ class Requester:
         ``denials`` (a connection opened with credentials), raises ``PublishDenied`` as
         soon as the server refuses the publish.  With ``on_progress``, the progress
         notices of this request (``subjects.command_progress`` of its reply subject) are
-        handed to it until the reply comes.
+        handed to it until the reply comes.  With ``accept`` (and no ``on_progress``),
+        the request goes out on a re-used reply subject and the reply is the first
+        message ``accept`` returns True for (it must recognise this request's reply:
+        the ``re`` of a ``protocol.base.Reply``).
         """
         if not self._prefix:
             await self._start()
+        if accept is not None and on_progress is None:
+            return await self._request_on_slot(subject, payload, timeout, headers, denials,
+                                               accept)
         loop = self._loop
         assert loop is not None
         token = self._tokens.next()
@@ -144,6 +199,42 @@ class Requester:
         return msg
 
 
+    async def _request_on_slot(self, subject: str, payload: bytes, timeout: float,
+                               headers: dict[str, str] | None,
+                               denials: PublishDenials | None,
+                               accept: Callable[[Msg], bool]) -> Msg:
+        loop = self._loop
+        assert loop is not None
+        if self._free_slots:
+            slot = self._free_slots.pop()
+        else:
+            self._slots_made += 1
+            slot = str(self._slots_made)
+        future: asyncio.Future[Msg] = loop.create_future()
+        self._slots[slot] = (future, accept)
+        timer = loop.call_later(timeout, self._expire_slot, slot, future)
+        if denials is not None:
+            denials.watch(subject, future)
+        answered = False
+        try:
+            await self.nc.publish(subject, payload, reply=self._slot_prefix + slot,
+                                  headers=headers)
+            msg = await future
+            answered = True
+        finally:
+            timer.cancel()
+            entry = self._slots.get(slot)
+            if entry is not None and entry[0] is future:
+                del self._slots[slot]
+            if denials is not None:
+                denials.unwatch(future)
+            if answered:  # its one reply came: no other will be taken for it
+                self._free_slots.append(slot)
+        if msg.headers and msg.headers.get("Status") == NO_RESPONDERS and not msg.data:
+            raise nats.errors.NoRespondersError
+        return msg
+
+
 _by_connection: weakref.WeakKeyDictionary[NATS, Requester] = weakref.WeakKeyDictionary()
 
 
@@ -157,5 +248,5 @@ def requester(nc: NATS) -> Requester:
 
 def pending_count(nc: NATS) -> int:
     r = _by_connection.get(nc)
-    return len(r._pending) if r else 0
+    return len(r._pending) + len(r._slots) if r else 0
 
