@@ -12,6 +12,12 @@ the responders in one queue group in other processes, exactly as API traffic flo
   every reply the API node's (``allow_responses``: the server tracks each reply subject
   it may answer), with the permission lists ``shipyard up`` generates.
 
+Each with two requesters: nats-py's ``request`` (a new reply subject per request) and
+shipyard's requester as ``Caller`` sends commands (``reuse``: one reply subject per
+request in flight, used again; ``nodes.runtime.requests``).  nats-server caches its
+subscription matches and a publisher's permission checks by subject, so the second
+shows what the server's checks cost when its caches can work.
+
 Reported per round (alternating, the order flipped each round): throughput at 64 in
 flight, sequential p50, and the CPU nats-server used per request.  The last is the
 number that says what the checks cost: it is read from the server's own counters, so
@@ -41,19 +47,24 @@ from bench.common import (
 )
 from bench.echo import sequential, throughput
 from nodes.runtime.connection import close, connect
+from nodes.runtime.requests import requester
 from protocol import subjects
 
 SUBJECT = subjects.api_endpoint("svc", "predict")
 PAYLOAD = b'{"features": {"x": 1}}' + b" " * 100
 RESPONDERS = (1, 2)
 METRICS = ("rps_64", "p50_us", "server_cpu_us")
+REQUESTERS = ("nats-py", "reuse")
 
 
 async def measure(url: str, creds: str | None, server_pid: int | None, n_seq: int,
-                  seconds: float) -> dict[str, Any]:
+                  seconds: float, reuse: bool = False) -> dict[str, Any]:
     nc = await connect(settings(url, creds), name="bench-natsperm")
+    lean = requester(nc)
     try:
         async def request() -> Any:
+            if reuse:
+                return await lean.request(SUBJECT, PAYLOAD, timeout=5, accept=_any_reply)
             return await nc.request(SUBJECT, PAYLOAD, timeout=5)
 
         await sequential(request, 200)  # warm up
@@ -69,14 +80,22 @@ async def measure(url: str, creds: str | None, server_pid: int | None, n_seq: in
             "server_cpu_us": round(cpu / served * 1e6, 2)}
 
 
+def _any_reply(msg: Any) -> bool:
+    return True  # one request per reply subject at a time, and only the echo answers
+
+
 def _round(url: str, auth: AuthServer | None, server_pid: int | None, n_resp: int,
-           n_seq: int, seconds: float) -> dict[str, Any]:
+           n_seq: int, seconds: float) -> dict[str, dict[str, Any]]:
+    """Both requesters, one after the other, against the same responders."""
     argvs = [python("-m", "bench.responders", "raw", url, SUBJECT,
                     *([auth.creds(f"api-{i + 1}")] if auth else []))
              for i in range(n_resp)]
+    creds = auth.creds("gateway") if auth else None
     with processes(argvs):
-        return anyio.run(measure, url, auth.creds("gateway") if auth else None, server_pid,
-                         n_seq, seconds, backend_options={"use_uvloop": True})
+        return {requester_kind: anyio.run(measure, url, creds, server_pid, n_seq, seconds,
+                                          requester_kind == "reuse",
+                                          backend_options={"use_uvloop": True})
+                for requester_kind in REQUESTERS}
 
 
 def run(quick: bool = False) -> dict[str, Any]:
@@ -85,26 +104,33 @@ def run(quick: bool = False) -> dict[str, Any]:
     results: dict[str, Any] = {"load_average_start": load_average(), "cases": []}
     with nats_server() as plain, auth_server(identities) as secured:
         for n_resp in RESPONDERS:
-            runs: dict[str, list[dict[str, Any]]] = {"off": [], "on": []}
+            runs: dict[str, dict[str, list[dict[str, Any]]]] = {
+                kind: {"off": [], "on": []} for kind in REQUESTERS}
             for r in range(rounds):
                 for mode in (("off", "on") if r % 2 == 0 else ("on", "off")):
                     if mode == "on":
-                        runs[mode].append(_round(secured.url, secured,
-                                                 pid_of(secured.server), n_resp, n_seq,
-                                                 seconds))
+                        got = _round(secured.url, secured, pid_of(secured.server), n_resp,
+                                     n_seq, seconds)
                     else:
-                        runs[mode].append(_round(plain.url, None, pid_of(plain), n_resp,
-                                                 n_seq, seconds))
-            case: dict[str, Any] = {"responders": n_resp, "runs": runs}
-            for mode in ("off", "on"):
-                case[mode] = {m: statistics.median(x[m] for x in runs[mode])
-                              for m in METRICS}
-            case["ratio"] = {m: round(case["on"][m] / case["off"][m], 3) for m in METRICS}
-            results["cases"].append(case)
+                        got = _round(plain.url, None, pid_of(plain), n_resp, n_seq, seconds)
+                    for kind in REQUESTERS:
+                        runs[kind][mode].append(got[kind])
+            for kind in REQUESTERS:
+                case: dict[str, Any] = {"responders": n_resp, "requester": kind,
+                                        "runs": runs[kind]}
+                for mode in ("off", "on"):
+                    case[mode] = {m: statistics.median(x[m] for x in runs[kind][mode])
+                                  for m in METRICS}
+                case["ratio"] = {m: round(case["on"][m] / case["off"][m], 3)
+                                 for m in METRICS}
+                results["cases"].append(case)
     results["load_average_end"] = load_average()
-    rows = [(c["responders"], *(f"{c['off'][m]:g} -> {c['on'][m]:g} ({c['ratio'][m]}x)"
-                                for m in METRICS)) for c in results["cases"]]
+    rows = [(c["responders"], c["requester"],
+             *(f"{c['off'][m]:g} -> {c['on'][m]:g} ({c['ratio'][m]}x)" for m in METRICS))
+            for c in results["cases"]]
     print_table("nats-server's permission checks on API request/reply: auth off -> on "
-                "(medians of alternating rounds)",
-                ["responders", "req/s @64", "seq p50 us", "server CPU us/req"], rows)
+                "(medians of alternating rounds; requester: nats-py's request, or one "
+                "re-using its reply subjects)",
+                ["responders", "requester", "req/s @64", "seq p50 us", "server CPU us/req"],
+                rows)
     return results

@@ -22,8 +22,11 @@ Two kinds of reply subject:
 
   Why: nats-server caches by subject, both its match of a subject against the
   subscriptions and its check of a publisher's permissions.  A reply subject it has seen
-  costs a look-up; a new one per request costs a full match and, with auth on, a full
-  permission check of the responder's reply.  MEASURED
+  costs it a look-up; a new one per request, a full match and, with auth on, a full
+  permission check of the reply.  Measured (``python -m bench natsperm``, no auth): 8.6
+  against 14.0 µs of server CPU a request with one responder, 20.8 against 29.5 with
+  two; with auth on, a control-plane responder's reply check adds ~1 µs instead of 2-6
+  (``python -m bench echo --auth``, bench/RESULTS.md).
 """
 
 from __future__ import annotations
