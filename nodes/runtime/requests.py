@@ -25,8 +25,8 @@ Two kinds of reply subject:
   costs it a look-up; a new one per request, a full match and, with auth on, a full
   permission check of the reply.  Measured (``python -m bench natsperm``, no auth): 8.6
   against 14.0 µs of server CPU a request with one responder, 20.8 against 29.5 with
-  two; with auth on, a control-plane responder's reply check adds ~1 µs instead of 2-6
-  (``python -m bench echo --auth``, bench/RESULTS.md).
+  two; with auth on, a control-plane responder's reply check adds ~1-2 µs instead of
+  3-4 (``python -m bench echo --auth``, bench/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -200,7 +200,6 @@ class Requester:
         if msg.headers and msg.headers.get("Status") == NO_RESPONDERS and not msg.data:
             raise nats.errors.NoRespondersError
         return msg
-
 
     async def _request_on_slot(self, subject: str, payload: bytes, timeout: float,
                                headers: dict[str, str] | None,
