@@ -19,7 +19,7 @@ from nodes.runtime.settings import NatsSettings
 from protocol import subjects
 from protocol.events import NodeForgotten, NodeLost, NodeOnline
 from protocol.heartbeat import HEARTBEAT, Heartbeat
-from protocol.registry import ListNodes, NodeInfo
+from protocol.registry import ListNodes, NodeInfo, registry_key
 from protocol.state import AutomationState
 from tests.helpers import running, wait_for
 from tests.probe import ProbeNode
@@ -133,6 +133,37 @@ async def test_registry_survives_a_deployer_restart(settings: NatsSettings) -> N
         await anyio.lowlevel.checkpoint()
     events = await events_for(nc, "keep-1")
     assert [type(e).__name__ for e in events] == ["NodeOnline"]
+    await nc.close()
+
+
+async def test_a_graceful_stop_waits_for_a_registry_write_in_flight(
+        settings: NatsSettings) -> None:
+    """A record the registry writer is storing when the Deployer is told to stop is
+    stored before the connection drains: the next Deployer lists the node."""
+    nc = await connect(settings, name="t")
+    node = deployer(settings)
+    entered, release = anyio.Event(), anyio.Event()
+    async with anyio.create_task_group() as tg:
+        await tg.start(node.serve)
+        real_put = node.kv.put
+
+        async def held_put(key: str, value: bytes, **kw: object) -> int:
+            if key == registry_key("late-1"):
+                entered.set()
+                await release.wait()
+            return await real_put(key, value, **kw)  # type: ignore[arg-type]
+
+        node.kv.put = held_put  # type: ignore[method-assign]
+        await beat(nc, "late-1", interval=5.0)
+        with anyio.fail_after(10):
+            await entered.wait()
+        node.stop()
+        # Let the write go once the last write pass of the stop waits behind it.
+        await wait_for(lambda: node._write_lock.statistics().tasks_waiting > 0,
+                       message="the stop's write pass waits for the writer's")
+        release.set()
+    async with running(deployer(settings)):
+        assert await status_of(nc, "late-1") == "online"
     await nc.close()
 
 

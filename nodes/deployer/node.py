@@ -113,6 +113,9 @@ class DeployerNode(Node):
         self._events_send, self._events_recv = anyio.create_memory_object_stream[Event](
             EVENT_QUEUE)
         self._dirty = anyio.Event()
+        # One write pass at a time: the last pass at stop waits for the writer's, whose
+        # records are already taken from the registry's dirty set while it writes them.
+        self._write_lock = anyio.Lock()
         self._events_done = anyio.Event()
         self.dashboard: Dashboard | None = None
         if dashboard is not None:  # imported here: every CLI command imports this module
@@ -278,6 +281,10 @@ class DeployerNode(Node):
         (a NATS timeout, say) is kept dirty for the next pass when ``retry``.  Returns
         False if anything is left for a retry.  Never raises.
         """
+        async with self._write_lock:
+            return await self._write_changes(retry=retry)
+
+    async def _write_changes(self, *, retry: bool) -> bool:
         ok = True
         for name in self.registry.take_removed():
             try:
