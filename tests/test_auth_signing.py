@@ -9,9 +9,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import anyio
 import msgspec
 import pytest
+from nats.aio.msg import Msg
 
+from nodes.api.gateway import Gateway
+from nodes.api.metrics import Metrics
 from nodes.auth.guard import CommandGuard, Refusal
 from nodes.auth.keys import Credentials, new_seed, public_key_of
 from nodes.auth.registry import publish_identities
@@ -19,8 +23,9 @@ from nodes.auth.signing import Signer
 from nodes.deployer import DeployerNode
 from nodes.runtime.calls import Caller
 from nodes.runtime.connection import close, connect, denials_of
+from nodes.runtime.requests import pending_count, requester
 from protocol import auth, subjects
-from protocol.api import HTTP_STATUS
+from protocol.api import HTTP_STATUS, ApiDeploymentRecord, ApiMapping
 from protocol.auth import Identity
 from protocol.base import Reply, make_request, tag_of
 from protocol.deploy import CreateInfra, DeployBundle, ListInfras
@@ -193,8 +198,8 @@ async def test_the_deployer_refuses_forged_revoked_unsigned_and_replayed_command
                 await dora.call(CreateInfra(name="stage", kind="automation"), timeout=30)
             assert info.value.details["reason"] == "nats_permission"
             assert time.monotonic() - started < 10  # not the request's timeout
-            denials = denials_of(dora_nc)
-            assert denials is not None and denials.watched == 0  # nothing left behind
+            assert denials_of(dora_nc) is not None
+            assert pending_count(dora_nc) == 0  # nothing left behind
             # Refused by the Deployer: a node identity sends no admin command.
             with pytest.raises(Forbidden, match="may not send this command"):
                 await Caller(govern_nc).call(CreateInfra(name="stage", kind="automation"),
@@ -244,6 +249,76 @@ async def test_the_deployer_refuses_forged_revoked_unsigned_and_replayed_command
 def _seed(stack: AuthStack, name: str) -> str:
     from nodes.auth.keys import read_credentials
     return read_credentials(stack.store.creds_path(name)).seed
+
+
+async def test_a_refused_publish_fails_only_the_requests_sent_to_that_subject(
+        stack: AuthStack) -> None:
+    """The server's refusal of one subject fails that call at once; a request to a
+    subject the identity may publish, in flight on the same connection, gets its reply."""
+    await _publish(stack)
+    allowed = subjects.command("deployer", tag_of(ListInfras))
+    admin_nc = await connect(stack.settings("admin"), name="admin")
+    dora_nc = await connect(stack.settings("dora"), name="dora")
+    try:
+        release = anyio.Event()
+        received = anyio.Event()
+
+        async def slow_answer(msg: Msg) -> None:
+            received.set()
+            await release.wait()
+            await msg.respond(b"late but allowed")
+
+        await admin_nc.subscribe(allowed, cb=slow_answer)
+        await admin_nc.flush()
+        replies: list[bytes] = []
+
+        async def allowed_request() -> None:
+            msg = await requester(dora_nc).request(allowed, b"{}", timeout=30,
+                                                  accept=lambda _: True)
+            replies.append(msg.data)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(allowed_request)
+            with anyio.fail_after(10):
+                await received.wait()
+            with anyio.fail_after(10), pytest.raises(Forbidden) as info:
+                await Caller(dora_nc).call(CreateInfra(name="stage", kind="automation"),
+                                           timeout=30)
+            assert info.value.details["reason"] == "nats_permission"
+            assert pending_count(dora_nc) == 1 and not replies  # still waiting
+            release.set()
+        assert replies == [b"late but allowed"]
+        assert pending_count(dora_nc) == 0
+    finally:
+        await close(dora_nc)
+        await close(admin_nc)
+
+
+@pytest.mark.parametrize("endpoint,action", [("predict", "predict"), ("score", "run")])
+async def test_a_gateway_whose_identity_may_not_request_apis_answers_503_at_once(
+        stack: AuthStack, endpoint: str, action: str) -> None:
+    """A prediction (hedged) or a function call through a gateway running with a
+    viewer's credentials: the server refuses the publish, and the HTTP answer says so
+    at once instead of after the gateway's timeout."""
+    await _publish(stack)
+    vera_nc = await connect(stack.settings("vera"), name="vera")
+    try:
+        gateway = Gateway(vera_nc, Metrics("gw", "gateway"), timeout=30.0)
+        kind = "prediction" if action == "predict" else "function"
+        gateway.services = {"svc": ApiDeploymentRecord(
+            service="svc", infra="api", mapping=ApiMapping(generations={"v1": 100}),
+            endpoints={endpoint: kind})}
+        with anyio.fail_after(10):
+            status, body = await gateway.handle("svc", endpoint, action, b"{}", None, None,
+                                                None)
+        assert status == 503
+        error = msgspec.json.decode(body)["error"]
+        assert error["code"] == "unavailable"
+        assert f"send requests to {subjects.api_endpoint('svc', endpoint)}" in error["message"]
+        assert "gateway or api credentials" in error["message"]
+        assert pending_count(vera_nc) == 0
+    finally:
+        await close(vera_nc)
 
 
 def test_signing_leaves_the_signature_verifiable_by_the_public_key_alone() -> None:

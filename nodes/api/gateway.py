@@ -40,6 +40,7 @@ from nodes.api.http import HttpServer
 from nodes.api.httplimits import HttpLimits
 from nodes.api.keys import KeyCache
 from nodes.api.metrics import Metrics
+from nodes.runtime.connection import PublishDenied
 from nodes.runtime.jetstream import ensure_kv
 from nodes.runtime.kvcache import Entry, KVCache
 from nodes.runtime.logs import get_logger
@@ -104,9 +105,9 @@ class HedgingRequester(Requester):
                     msg.headers.get("Status") == NO_RESPONDERS:
                 hedge.to_queue_group()  # no API node takes copies: the queue group does
                 return
-        future = self._pending.pop(token, None)
-        if future is not None and not future.done():
-            future.set_result(msg)
+        entry = self._pending.pop(token, None)
+        if entry is not None and not entry[0].done():
+            entry[0].set_result(msg)
 
     async def _on_working(self, msg: Msg) -> None:
         hedge = self._notices.get(msg.subject[len(self._prefix):msg.subject.rfind(".")])
@@ -125,7 +126,7 @@ class HedgingRequester(Requester):
         future: asyncio.Future[Msg] = loop.create_future()
         hedge = _Hedge(self, loop, future, subject, hedge_subject, payload, headers,
                        retry_after, on_retry)
-        first = hedge.token()
+        first = hedge.token(subject)
 
         def expire() -> None:
             if not future.done():
@@ -163,11 +164,11 @@ class _Hedge:
         self.copies = 0
         self.timer: asyncio.TimerHandle | None = None
 
-    def token(self) -> str:
+    def token(self, subject: str) -> str:
         owner = self.owner
         token = owner._tokens.next()
         self.tokens.append(token)
-        owner._pending[token] = self.future
+        owner._pending[token] = (self.future, subject)
         owner._notices[token] = self
         return token
 
@@ -198,7 +199,7 @@ class _Hedge:
             self._send(self.subject, False, count=False)
 
     def _send(self, subject: str, to_nodes: bool, *, count: bool = True) -> None:
-        token = self.token()
+        token = self.token(subject)
         if to_nodes:
             self.owner._fallbacks[token] = self
         if count and self.on_retry is not None:
@@ -345,6 +346,10 @@ class Gateway:
             return error_reply("unavailable", f"this node's NATS connection dropped while "
                                               f"the request was out ({type(exc).__name__}); "
                                               "try again shortly")
+        except PublishDenied as exc:  # its identity lacks the role: not the caller's fault
+            return error_reply("unavailable", f"the NATS server does not let this node's "
+                                              f"identity send requests to {exc.subject}: run "
+                                              "it with gateway or api credentials")
         hdrs = msg.headers
         if hdrs:
             code = hdrs.get(ERROR_CODE_HEADER)

@@ -31,7 +31,7 @@ from nats.aio.client import Client as NATS
 
 from nodes.api.capture import answer_of
 from nodes.auth.permissions import REPLAY_ROLE
-from nodes.runtime.connection import PublishDenied, denials_of
+from nodes.runtime.connection import PublishDenied
 from nodes.runtime.requests import requester
 from protocol import subjects
 from protocol.api import ERROR_CODE_HEADER, GENERATION_HEADER, OP_HEADER, OP_MULTI
@@ -148,8 +148,7 @@ async def replay_one(nc: NATS, call: CapturedCall, version: str, timeout: float)
     t0 = time.perf_counter()
     try:
         msg = await requester(nc).request(subjects.api_endpoint(call.service, call.endpoint),
-                                          body, timeout=timeout, headers=headers,
-                                          denials=denials_of(nc))
+                                          body, timeout=timeout, headers=headers)
     except nats.errors.NoRespondersError:
         out.error = "no API node serves this endpoint"
         return out

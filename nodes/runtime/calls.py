@@ -18,7 +18,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
 from nodes.auth.signing import signer_of
-from nodes.runtime.connection import PublishDenied, denials_of
+from nodes.runtime.connection import PublishDenied
 from nodes.runtime.logs import get_logger
 from nodes.runtime.requests import requester
 from protocol import subjects
@@ -56,7 +56,6 @@ class Caller:
         self.sender = sender
         self.identity = identity
         self._signer = signer_of(nc)  # set when nc was opened with shipyard credentials
-        self._denials = denials_of(nc)  # set when nc was opened with credentials
         self.notices_dropped = 0  # malformed progress notices ignored
 
     async def call(self, cmd: Command[R], *, timeout: float = DEFAULT_TIMEOUT,
@@ -103,7 +102,7 @@ class Caller:
 
         try:
             msg = await self._requester.request(
-                subject, data, timeout=timeout, denials=self._denials,
+                subject, data, timeout=timeout,
                 on_progress=None if on_progress is None else self._notices(on_progress),
                 accept=accept)
         except PublishDenied:

@@ -37,7 +37,6 @@ import contextlib
 import os
 import weakref
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING
 
 import anyio
 import nats.errors
@@ -46,10 +45,8 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
 from nodes.runtime import natscompat
+from nodes.runtime.connection import PublishDenied, denials_of
 from protocol import subjects
-
-if TYPE_CHECKING:
-    from nodes.runtime.connection import PublishDenials
 
 NO_RESPONDERS = "503"
 MAX_PENDING_NOTICES = 64  # progress notices waiting for their callback (more are dropped)
@@ -82,9 +79,11 @@ class Requester:
     def __init__(self, nc: NATS) -> None:
         self.nc = nc
         self._prefix = ""
-        self._pending: dict[str, asyncio.Future[Msg]] = {}
+        # Each request waiting for its reply, by token or slot, with the subject it was
+        # sent to (a publish the server refuses fails the requests sent there).
+        self._pending: dict[str, tuple[asyncio.Future[Msg], str]] = {}
         self._slot_prefix = ""
-        self._slots: dict[str, tuple[asyncio.Future[Msg], Callable[[Msg], bool]]] = {}
+        self._slots: dict[str, tuple[asyncio.Future[Msg], Callable[[Msg], bool], str]] = {}
         self._free_slots: list[str] = []
         self._slots_made = 0
         self._tokens = Tokens()
@@ -103,20 +102,25 @@ class Requester:
             await self.nc.subscribe(subjects.reused_reply(inbox, "*"), cb=self._on_slot_reply,
                                     pending_msgs_limit=100_000)
             self._loop = asyncio.get_running_loop()
+            # A connection opened with credentials tells of the publishes its server
+            # refused; the requests sent there fail at once, not at their timeout.
+            denials = denials_of(self.nc)
+            if denials is not None:
+                denials.listen(self._refused)
             self._slot_prefix = slot_prefix
             self._prefix = prefix
 
     async def _on_reply(self, msg: Msg) -> None:
-        future = self._pending.pop(msg.subject[len(self._prefix):], None)
-        if future is not None and not future.done():
-            future.set_result(msg)
+        entry = self._pending.pop(msg.subject[len(self._prefix):], None)
+        if entry is not None and not entry[0].done():
+            entry[0].set_result(msg)
 
     async def _on_slot_reply(self, msg: Msg) -> None:
         slot = msg.subject[len(self._slot_prefix):]
         entry = self._slots.get(slot)
         if entry is None:
             return  # a slot retired after a timeout, or a reply already taken
-        future, accept = entry
+        future, accept, _ = entry
         if future.done() or not accept(msg):
             return
         del self._slots[slot]
@@ -129,16 +133,28 @@ class Requester:
         pending, self._pending = self._pending, {}
         slots, self._slots = self._slots, {}
         failed = 0
-        for future in [*pending.values(), *(future for future, _ in slots.values())]:
+        for future in [*(f for f, _ in pending.values()), *(f for f, _, _ in slots.values())]:
             if not future.done():
                 future.set_exception(exc)
                 failed += 1
         return failed
 
+    def _refused(self, subject: str, exc: PublishDenied) -> int:
+        """Fail the requests sent to ``subject`` (lower-cased), whose publish the server
+        refused; returns how many.  Rare, so a scan: nothing is kept per request for it."""
+        waiting = [*self._pending.values(),
+                   *((future, sent_to) for future, _, sent_to in self._slots.values())]
+        failed = 0
+        for future, sent_to in waiting:
+            if sent_to.lower() == subject and not future.done():
+                future.set_exception(exc)
+                failed += 1
+        return failed
+
     def _expire(self, token: str) -> None:
-        future = self._pending.pop(token, None)
-        if future is not None and not future.done():
-            future.set_exception(nats.errors.TimeoutError())
+        entry = self._pending.pop(token, None)
+        if entry is not None and not entry[0].done():
+            entry[0].set_exception(nats.errors.TimeoutError())
 
     def _expire_slot(self, slot: str, future: asyncio.Future[Msg]) -> None:
         entry = self._slots.get(slot)
@@ -149,17 +165,16 @@ class Requester:
 
     async def request(self, subject: str, payload: bytes, *, timeout: float,
                       headers: dict[str, str] | None = None,
-                      denials: PublishDenials | None = None,
                       on_progress: Callable[[Msg], Awaitable[None]] | None = None,
                       accept: Callable[[Msg], bool] | None = None) -> Msg:
         """Send a request and wait for its reply.
 
         Raises ``nats.errors.NoRespondersError`` at once when nothing subscribes to
-        ``subject``, and ``nats.errors.TimeoutError`` after ``timeout`` seconds.  With
-        ``denials`` (a connection opened with credentials), raises ``PublishDenied`` as
-        soon as the server refuses the publish.  With ``on_progress``, the progress
-        notices of this request (``subjects.command_progress`` of its reply subject) are
-        handed to it until the reply comes.  With ``accept`` (and no ``on_progress``),
+        ``subject``, and ``nats.errors.TimeoutError`` after ``timeout`` seconds.  On a
+        connection opened with credentials, raises ``PublishDenied`` as soon as the
+        server refuses the publish.  With ``on_progress``, the progress notices of this
+        request (``subjects.command_progress`` of its reply subject) are handed to it
+        until the reply comes.  With ``accept`` (and no ``on_progress``),
         the request goes out on a re-used reply subject and the reply is the first
         message ``accept`` returns True for (it must recognise this request's reply:
         the ``re`` of a ``protocol.base.Reply``).
@@ -167,16 +182,13 @@ class Requester:
         if not self._prefix:
             await self._start()
         if accept is not None and on_progress is None:
-            return await self._request_on_slot(subject, payload, timeout, headers, denials,
-                                               accept)
+            return await self._request_on_slot(subject, payload, timeout, headers, accept)
         loop = self._loop
         assert loop is not None
         token = self._tokens.next()
         future: asyncio.Future[Msg] = loop.create_future()
-        self._pending[token] = future
+        self._pending[token] = (future, subject)
         timer = loop.call_later(timeout, self._expire, token)
-        if denials is not None:
-            denials.watch(subject, future)
         notices: Subscription | None = None
         try:
             if on_progress is not None:  # subscribed before the request can be seen
@@ -188,8 +200,6 @@ class Requester:
         finally:
             timer.cancel()
             self._pending.pop(token, None)
-            if denials is not None:
-                denials.unwatch(future)
             if notices is not None:
                 # The notices sent before the reply were received before it: hand them
                 # on (briefly: a callback that hangs only loses the rest), then stop.
@@ -203,7 +213,6 @@ class Requester:
 
     async def _request_on_slot(self, subject: str, payload: bytes, timeout: float,
                                headers: dict[str, str] | None,
-                               denials: PublishDenials | None,
                                accept: Callable[[Msg], bool]) -> Msg:
         loop = self._loop
         assert loop is not None
@@ -213,10 +222,8 @@ class Requester:
             self._slots_made += 1
             slot = str(self._slots_made)
         future: asyncio.Future[Msg] = loop.create_future()
-        self._slots[slot] = (future, accept)
+        self._slots[slot] = (future, accept, subject)
         timer = loop.call_later(timeout, self._expire_slot, slot, future)
-        if denials is not None:
-            denials.watch(subject, future)
         answered = False
         try:
             await self.nc.publish(subject, payload, reply=self._slot_prefix + slot,
@@ -228,8 +235,6 @@ class Requester:
             entry = self._slots.get(slot)
             if entry is not None and entry[0] is future:
                 del self._slots[slot]
-            if denials is not None:
-                denials.unwatch(future)
             if answered:  # its one reply came: no other will be taken for it
                 self._free_slots.append(slot)
         if msg.headers and msg.headers.get("Status") == NO_RESPONDERS and not msg.data:
