@@ -63,6 +63,7 @@ from bench.responders import BenchEcho
 from nodes.auth.signing import signer_of
 from nodes.runtime.calls import Caller
 from nodes.runtime.connection import connect, denials_of
+from nodes.runtime.embedded import EmbeddedNats
 from nodes.runtime.requests import requester
 from protocol import subjects
 from protocol.base import make_request
@@ -203,6 +204,42 @@ def _round(url: str, n_resp: int, n_seq: int, seconds: float,
                                           server_pid, pids))
 
 
+def _paired_round(plain: EmbeddedNats, secured: AuthServer, n_resp: int, n_seq: int,
+                  seconds: float, per: dict[str, dict[str, list[dict[str, Any]]]],
+                  flip: int) -> None:
+    """One measurement of every path on each server, the two of a path back to back
+    (a few seconds apart, the order alternating): the machine's load drifts over tens of
+    seconds here, so each pair sees the same load and their ratio cancels it.  The
+    responders of both servers stay up meanwhile (idle ones cost nothing)."""
+    subject = subjects.command("bench", "echo")
+    servers = {"off": (plain.url, None, pid_of(plain)),
+               "on": (secured.url, secured, pid_of(secured.server))}
+
+    def argvs(group: str, mode: str) -> list[list[str]]:
+        url, auth, _ = servers[mode]
+        out = []
+        for i in range(n_resp):
+            name = f"{group}-{i}"
+            target = subject if group == "raw" else name
+            kind = "raw" if group == "raw" else "node"
+            out.append(python("-m", "bench.responders", kind, url, target,
+                              *([auth.creds(name)] if auth else [])))
+        return out
+
+    n = 0
+    for group, kinds in (("raw", [k for k in AUTH_KINDS if k.startswith("raw")]),
+                         ("bench", [k for k in AUTH_KINDS if not k.startswith("raw")])):
+        with processes(argvs(group, "off")) as off, processes(argvs(group, "on")) as on:
+            pids = {"off": tuple(p.pid for p in off), "on": tuple(p.pid for p in on)}
+            for kind in kinds:
+                n += 1
+                for mode in (("off", "on") if (n + flip) % 2 == 0 else ("on", "off")):
+                    url, auth, server_pid = servers[mode]
+                    per[mode][kind].append(_measure(
+                        url, kind, n_seq, seconds, auth.admin if auth else None,
+                        1 if group == "raw" else n_resp, server_pid, pids[mode]))
+
+
 def run(quick: bool = False, auth: bool = False) -> dict[str, Any]:
     if auth:
         return run_auth(quick)
@@ -238,9 +275,10 @@ def run(quick: bool = False, auth: bool = False) -> dict[str, Any]:
 
 
 def run_auth(quick: bool = False) -> dict[str, Any]:
-    """Every path without auth and with auth on, rounds interleaved (the order flips
-    each round), on the same machine; the median of each metric and the ratio
-    auth/no-auth.  Unsigned paths are held to 5%, the signed one to added p50 < 1 ms."""
+    """Every path without auth and with auth on, on the same machine, the two
+    measurements of a path back to back in each round (``_paired_round``); the median
+    of each metric and the ratio auth/no-auth.  Unsigned paths are held to 5%, the
+    signed one to added p50 < 1 ms."""
     n_seq, seconds, rounds = (1000, 1.5, 1) if quick else (3000, 3.0, 5)
     identities = [(f"{p}-{i}", "deployer", "control") for p in ("raw", "bench")
                   for i in range(max(RESPONDERS))]
@@ -252,13 +290,7 @@ def run_auth(quick: bool = False) -> dict[str, Any]:
             per: dict[str, dict[str, list[dict[str, Any]]]] = {
                 mode: {k: [] for k in AUTH_KINDS} for mode in ("off", "on")}
             for r in range(rounds):
-                for mode in (("off", "on") if r % 2 == 0 else ("on", "off")):
-                    if mode == "on":
-                        _round(secured.url, n_resp, n_seq, seconds, per[mode], secured,
-                               AUTH_KINDS, pid_of(secured.server))
-                    else:
-                        _round(plain.url, n_resp, n_seq, seconds, per[mode],
-                               kinds=AUTH_KINDS, server_pid=pid_of(plain))
+                _paired_round(plain, secured, n_resp, n_seq, seconds, per, flip=r % 2)
             for kind in AUTH_KINDS:
                 case = {"responders": n_resp, "path": kind, "signed": kind not in UNSIGNED,
                         **auth_comparison(per["off"][kind], per["on"][kind],

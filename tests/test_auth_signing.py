@@ -294,7 +294,7 @@ async def test_a_refused_publish_fails_only_the_requests_sent_to_that_subject(
         await close(admin_nc)
 
 
-@pytest.mark.parametrize("endpoint,action", [("predict", "predict"), ("score", "run")])
+@pytest.mark.parametrize(("endpoint", "action"), [("predict", "predict"), ("score", "run")])
 async def test_a_gateway_whose_identity_may_not_request_apis_answers_503_at_once(
         stack: AuthStack, endpoint: str, action: str) -> None:
     """A prediction (hedged) or a function call through a gateway running with a
