@@ -119,18 +119,8 @@ async def throughput(request: Request, inflight: int, seconds: float) -> float:
     return done / (time.perf_counter() - t0)
 
 
-async def measure(url: str, kind: str, n_seq: int, seconds: float,
-                  creds: str | None = None, responders: int = 1,
-                  server_pid: int | None = None,
-                  responder_pids: tuple[int, ...] = ()) -> dict[str, Any]:
-    # As the CLI connects, with the same options with and without auth; with credentials
-    # the connection signs what Caller sends.
-    nc = await connect(settings(url, creds), name="bench")
-    if creds and signer_of(nc) is None:
-        raise RuntimeError(f"{creds} is not a shipyard identity: the runtime path would "
-                           "not sign")
-    if creds and denials_of(nc) is None:
-        raise RuntimeError("a connection with credentials has no publish-denial watch")
+def _request(nc: Any, kind: str, responders: int) -> Request:
+    """One request of path ``kind`` on ``nc``."""
     subject = subjects.command("bench", "echo")
     data = make_request(BenchEcho(payload=PAYLOAD), sender="bench")
     caller = Caller(nc, sender="bench")
@@ -152,8 +142,93 @@ async def measure(url: str, kind: str, n_seq: int, seconds: float,
     async def direct() -> Any:
         return await caller.call(echo, timeout=5, node=next(targets))
 
-    request = {"runtime": runtime, "direct": direct, "raw-lean": raw_lean,
-               "node-lean": raw_lean}.get(kind, raw)
+    return {"runtime": runtime, "direct": direct, "raw-lean": raw_lean,
+            "node-lean": raw_lean}.get(kind, raw)
+
+
+class Side:
+    """One server of a pair: where to connect, as whom, and whose CPU to count."""
+
+    def __init__(self, url: str, creds: str | None, server_pid: int | None,
+                 responder_pids: tuple[int, ...]) -> None:
+        self.url, self.creds = url, creds
+        self.server_pid, self.responder_pids = server_pid, responder_pids
+
+
+SLICE_S = 0.5  # one throughput slice of one mode (host load drifts over seconds)
+SEQ_CHUNK = 100  # sequential requests in one mode before the other's
+
+
+async def measure_pair(kind: str, n_seq: int, seconds: float, sides: dict[str, Side],
+                       responders: int, flip: int) -> dict[str, dict[str, Any]]:
+    """Path ``kind`` on both servers, in alternating slices: ``SEQ_CHUNK`` sequential
+    requests or ``SLICE_S`` of throughput in one mode, then the other (the first mode
+    alternating too).  Each mode gets ``n_seq`` requests and ``seconds`` in all, and
+    host load that drifts over seconds falls on both alike."""
+    modes = list(sides)
+    ncs: dict[str, Any] = {}
+    for mode, side in sides.items():
+        # As the CLI connects, with the same options with and without auth; with
+        # credentials the connection signs what Caller sends.
+        nc = ncs[mode] = await connect(settings(side.url, side.creds), name="bench")
+        if side.creds and signer_of(nc) is None:
+            raise RuntimeError(f"{side.creds} is not a shipyard identity: the runtime "
+                               "path would not sign")
+        if side.creds and denials_of(nc) is None:
+            raise RuntimeError("a connection with credentials has no publish-denial watch")
+    requests = {mode: _request(ncs[mode], kind, responders) for mode in modes}
+
+    def order(i: int) -> list[str]:
+        return modes if (i + flip) % 2 == 0 else modes[::-1]
+
+    for mode in modes:  # warm up
+        await sequential(requests[mode], 200)
+        await throughput(requests[mode], 64, 0.5)
+    lat: dict[str, list[float]] = {m: [] for m in modes}
+    for i in range(max(1, n_seq // SEQ_CHUNK)):
+        for mode in order(i):
+            lat[mode] += await sequential(requests[mode], SEQ_CHUNK)
+    done = dict.fromkeys(modes, 0.0)
+    spent = {m: {"elapsed": 0.0, "cpu": 0.0, "server": 0.0, "resp": 0.0} for m in modes}
+    for i in range(max(1, round(seconds / SLICE_S))):
+        for mode in order(i):
+            side, acc = sides[mode], spent[mode]
+            server0 = process_cpu_s(side.server_pid)
+            resp0 = sum(process_cpu_s(p) for p in side.responder_pids)
+            cpu0, t0 = time.process_time(), time.perf_counter()
+            rps = await throughput(requests[mode], 64, SLICE_S)
+            elapsed = time.perf_counter() - t0
+            acc["cpu"] += time.process_time() - cpu0
+            acc["elapsed"] += elapsed
+            acc["server"] += process_cpu_s(side.server_pid) - server0
+            acc["resp"] += sum(process_cpu_s(p) for p in side.responder_pids) - resp0
+            done[mode] += rps * elapsed
+    for nc in ncs.values():
+        await nc.close()
+    out = {}
+    for mode in modes:
+        acc, served = spent[mode], max(1.0, done[mode])
+        out[mode] = {**summary_us(lat[mode]), "rps_64": round(served / acc["elapsed"]),
+                     "cpu_us": round(acc["cpu"] / served * 1e6, 1),
+                     "server_cpu_us": round(acc["server"] / served * 1e6, 1),
+                     "stack_cpu_us": round((acc["cpu"] + acc["server"] + acc["resp"])
+                                           / served * 1e6, 1)}
+    return out
+
+
+async def measure(url: str, kind: str, n_seq: int, seconds: float,
+                  creds: str | None = None, responders: int = 1,
+                  server_pid: int | None = None,
+                  responder_pids: tuple[int, ...] = ()) -> dict[str, Any]:
+    # As the CLI connects, with the same options with and without auth; with credentials
+    # the connection signs what Caller sends.
+    nc = await connect(settings(url, creds), name="bench")
+    if creds and signer_of(nc) is None:
+        raise RuntimeError(f"{creds} is not a shipyard identity: the runtime path would "
+                           "not sign")
+    if creds and denials_of(nc) is None:
+        raise RuntimeError("a connection with credentials has no publish-denial watch")
+    request = _request(nc, kind, responders)
     await sequential(request, 200)  # warm up
     lat = await sequential(request, n_seq)
     await throughput(request, 64, 0.5)  # warm up
@@ -207,10 +282,10 @@ def _round(url: str, n_resp: int, n_seq: int, seconds: float,
 def _paired_round(plain: EmbeddedNats, secured: AuthServer, n_resp: int, n_seq: int,
                   seconds: float, per: dict[str, dict[str, list[dict[str, Any]]]],
                   flip: int) -> None:
-    """One measurement of every path on each server, the two of a path back to back
-    (a few seconds apart, the order alternating): the machine's load drifts over tens of
-    seconds here, so each pair sees the same load and their ratio cancels it.  The
-    responders of both servers stay up meanwhile (idle ones cost nothing)."""
+    """One measurement of every path on each server, the two of a path interleaved in
+    slices of half a second (``measure_pair``): this machine's load drifts over seconds
+    to minutes, so both sides of a pair see the same load and their ratio cancels it.
+    The responders of both servers stay up meanwhile (idle ones cost nothing)."""
     subject = subjects.command("bench", "echo")
     servers = {"off": (plain.url, None, pid_of(plain)),
                "on": (secured.url, secured, pid_of(secured.server))}
@@ -231,13 +306,15 @@ def _paired_round(plain: EmbeddedNats, secured: AuthServer, n_resp: int, n_seq: 
                          ("bench", [k for k in AUTH_KINDS if not k.startswith("raw")])):
         with processes(argvs(group, "off")) as off, processes(argvs(group, "on")) as on:
             pids = {"off": tuple(p.pid for p in off), "on": tuple(p.pid for p in on)}
+            sides = {mode: Side(url, auth.admin if auth else None, server_pid, pids[mode])
+                     for mode, (url, auth, server_pid) in servers.items()}
             for kind in kinds:
                 n += 1
-                for mode in (("off", "on") if (n + flip) % 2 == 0 else ("on", "off")):
-                    url, auth, server_pid = servers[mode]
-                    per[mode][kind].append(_measure(
-                        url, kind, n_seq, seconds, auth.admin if auth else None,
-                        1 if group == "raw" else n_resp, server_pid, pids[mode]))
+                pair = anyio.run(measure_pair, kind, n_seq, seconds, sides,
+                                 1 if group == "raw" else n_resp, (n + flip) % 2,
+                                 backend_options={"use_uvloop": True})
+                for mode, result in pair.items():
+                    per[mode][kind].append(result)
 
 
 def run(quick: bool = False, auth: bool = False) -> dict[str, Any]:
