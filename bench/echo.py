@@ -13,11 +13,13 @@ process:
 Reported: sequential p50/p99 latency and throughput with 64 requests in flight, for 1
 and 2 responder processes.  Target: runtime >= 0.85x raw throughput.
 
-``--auth`` (``python -m bench echo --auth``) runs every path twice in one run, rounds
-interleaved: on a server without auth, and on a server with auth on as ``shipyard up``
-configures it, where each responder process connects as its own node identity (role
-``deployer``: the bench role's subjects are not in any other role's permissions) and the
-load generator as the admin.  ``raw`` and ``node`` are also sent as shipyard's requester
+``--auth`` (``python -m bench echo --auth``) runs every path twice in one run: on a
+server without auth, and on a server with auth on as ``shipyard up`` configures it.
+There each responder process connects as its own node identity (role ``deployer``: the
+bench role's subjects are not in any other role's permissions) and the load generator
+as the admin.  The two servers are measured from one load generator in alternating
+half-second slices (``measure_pair``): this host's load drifts within seconds, more
+than the 5% to be told apart.  ``raw`` and ``node`` are also sent as shipyard's requester
 sends commands, each request in flight on a reply subject it re-uses
 (``raw-lean``, ``node-lean``; ``nodes.runtime.requests``).  Two targets, for two kinds
 of traffic:
@@ -217,66 +219,31 @@ async def measure_pair(kind: str, n_seq: int, seconds: float, sides: dict[str, S
 
 
 async def measure(url: str, kind: str, n_seq: int, seconds: float,
-                  creds: str | None = None, responders: int = 1,
-                  server_pid: int | None = None,
-                  responder_pids: tuple[int, ...] = ()) -> dict[str, Any]:
-    # As the CLI connects, with the same options with and without auth; with credentials
-    # the connection signs what Caller sends.
-    nc = await connect(settings(url, creds), name="bench")
-    if creds and signer_of(nc) is None:
-        raise RuntimeError(f"{creds} is not a shipyard identity: the runtime path would "
-                           "not sign")
-    if creds and denials_of(nc) is None:
-        raise RuntimeError("a connection with credentials has no publish-denial watch")
+                  responders: int = 1) -> dict[str, Any]:
+    """Path ``kind`` on one server: sequential latency, then throughput at 64 in flight."""
+    nc = await connect(settings(url), name="bench")
     request = _request(nc, kind, responders)
     await sequential(request, 200)  # warm up
     lat = await sequential(request, n_seq)
     await throughput(request, 64, 0.5)  # warm up
-    server0 = process_cpu_s(server_pid)
-    resp0 = sum(process_cpu_s(p) for p in responder_pids)
-    cpu0, t0 = time.process_time(), time.perf_counter()
     rps = await throughput(request, 64, seconds)
-    cpu, elapsed = time.process_time() - cpu0, time.perf_counter() - t0
-    server = process_cpu_s(server_pid) - server0
-    resp = sum(process_cpu_s(p) for p in responder_pids) - resp0
     await nc.close()
-    # CPU per request at 64 in flight, of the load generator (what the client side of a
-    # path costs), of nats-server (what auth's permission checks cost it) and of the
-    # whole stack (with the responders): far less exposed than throughput to other work
-    # on the machine, and what bounds throughput when every core is busy.
-    served = max(1.0, rps * elapsed)
-    return {**summary_us(lat), "rps_64": round(rps),
-            "cpu_us": round(cpu / served * 1e6, 1),
-            "server_cpu_us": round(server / served * 1e6, 1),
-            "stack_cpu_us": round((cpu + server + resp) / served * 1e6, 1)}
+    return {**summary_us(lat), "rps_64": round(rps)}
 
 
 def _round(url: str, n_resp: int, n_seq: int, seconds: float,
-           out: dict[str, list[dict[str, Any]]], auth: AuthServer | None = None,
-           kinds: tuple[str, ...] = KINDS, server_pid: int | None = None) -> None:
+           out: dict[str, list[dict[str, Any]]]) -> None:
     """One measurement of every path with ``n_resp`` responders, appended to ``out``."""
     subject = subjects.command("bench", "echo")
-
-    def creds(name: str) -> list[str]:
-        return [auth.creds(name)] if auth else []
-
-    raw_argvs = [python("-m", "bench.responders", "raw", url, subject, *creds(f"raw-{i}"))
-                 for i in range(n_resp)]
-    node_argvs = [python("-m", "bench.responders", "node", url, f"bench-{i}",
-                         *creds(f"bench-{i}")) for i in range(n_resp)]
-    admin = auth.admin if auth else None
-    with processes(raw_argvs) as procs:
-        pids = tuple(p.pid for p in procs)
-        for kind in kinds:
-            if kind.startswith("raw"):
-                out[kind].append(_measure(url, kind, n_seq, seconds, admin, 1, server_pid,
-                                          pids))
-    with processes(node_argvs) as procs:
-        pids = tuple(p.pid for p in procs)
-        for kind in kinds:
-            if not kind.startswith("raw"):
-                out[kind].append(_measure(url, kind, n_seq, seconds, admin, n_resp,
-                                          server_pid, pids))
+    raw_argvs = [python("-m", "bench.responders", "raw", url, subject) for _ in range(n_resp)]
+    node_argvs = [python("-m", "bench.responders", "node", url, f"bench-{i}")
+                  for i in range(n_resp)]
+    with processes(raw_argvs):
+        out["raw"].append(_measure(url, "raw", n_seq, seconds))
+    with processes(node_argvs):
+        for kind in KINDS:
+            if kind != "raw":
+                out[kind].append(_measure(url, kind, n_seq, seconds, n_resp))
 
 
 def _paired_round(plain: EmbeddedNats, secured: AuthServer, n_resp: int, n_seq: int,
@@ -410,11 +377,9 @@ def _any_reply(msg: Any) -> bool:
 
 
 def _measure(url: str, kind: str, n_seq: int, seconds: float,
-             creds: str | None = None, responders: int = 1,
-             server_pid: int | None = None,
-             responder_pids: tuple[int, ...] = ()) -> dict[str, Any]:
-    return anyio.run(measure, url, kind, n_seq, seconds, creds, responders, server_pid,
-                     responder_pids, backend_options={"use_uvloop": True})
+             responders: int = 1) -> dict[str, Any]:
+    return anyio.run(measure, url, kind, n_seq, seconds, responders,
+                     backend_options={"use_uvloop": True})
 
 
 def _median_case(cases: list[dict[str, Any]]) -> dict[str, Any]:
