@@ -40,6 +40,7 @@ of traffic:
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import time
 from collections.abc import Awaitable, Callable
@@ -65,7 +66,6 @@ from bench.responders import BenchEcho
 from nodes.auth.signing import signer_of
 from nodes.runtime.calls import Caller
 from nodes.runtime.connection import connect, denials_of
-from nodes.runtime.embedded import EmbeddedNats
 from nodes.runtime.requests import requester
 from protocol import subjects
 from protocol.base import make_request
@@ -246,7 +246,10 @@ def _round(url: str, n_resp: int, n_seq: int, seconds: float,
                 out[kind].append(_measure(url, kind, n_seq, seconds, n_resp))
 
 
-def _paired_round(plain: EmbeddedNats, secured: AuthServer, n_resp: int, n_seq: int,
+Server = tuple[str, AuthServer | None, int | None]  # url, its identities (auth on), pid
+
+
+def _paired_round(off_server: Server, on_server: Server, n_resp: int, n_seq: int,
                   seconds: float, per: dict[str, dict[str, list[dict[str, Any]]]],
                   flip: int) -> None:
     """One measurement of every path on each server, the two of a path interleaved in
@@ -254,8 +257,7 @@ def _paired_round(plain: EmbeddedNats, secured: AuthServer, n_resp: int, n_seq: 
     to minutes, so both sides of a pair see the same load and their ratio cancels it.
     The responders of both servers stay up meanwhile (idle ones cost nothing)."""
     subject = subjects.command("bench", "echo")
-    servers = {"off": (plain.url, None, pid_of(plain)),
-               "on": (secured.url, secured, pid_of(secured.server))}
+    servers = {"off": off_server, "on": on_server}
 
     def argvs(group: str, mode: str) -> list[list[str]]:
         url, auth, _ = servers[mode]
@@ -284,9 +286,9 @@ def _paired_round(plain: EmbeddedNats, secured: AuthServer, n_resp: int, n_seq: 
                     per[mode][kind].append(result)
 
 
-def run(quick: bool = False, auth: bool = False) -> dict[str, Any]:
+def run(quick: bool = False, auth: bool = False, control: bool = False) -> dict[str, Any]:
     if auth:
-        return run_auth(quick)
+        return run_auth(quick, control)
     n_seq, seconds, rounds = (1000, 1.5, 1) if quick else (3000, 3.0, 3)
     results: dict[str, Any] = {"target_ratio": TARGET, "payload_bytes": len(PAYLOAD), "cases": []}
     with nats_server() as server:
@@ -318,23 +320,37 @@ def run(quick: bool = False, auth: bool = False) -> dict[str, Any]:
     return results
 
 
-def run_auth(quick: bool = False) -> dict[str, Any]:
+def run_auth(quick: bool = False, control: bool = False) -> dict[str, Any]:
     """Every path without auth and with auth on, on the same machine, the two
-    measurements of a path back to back in each round (``_paired_round``); the median
+    measurements of a path interleaved in each round (``_paired_round``); the median
     of each metric and the ratio auth/no-auth.  Unsigned paths are held to 5%, the
-    signed one to added p50 < 1 ms."""
+    signed one to added p50 < 1 ms.
+
+    ``control``: the "on" side is a second server without auth (an A/A run).  Its
+    ratios differ from 1 only by the measurement's own noise: what a difference between
+    auth off and on must exceed to mean anything on this machine."""
     n_seq, seconds, rounds = (1000, 1.5, 1) if quick else (3000, 3.0, 5)
     identities = [(f"{p}-{i}", "deployer", "control") for p in ("raw", "bench")
                   for i in range(max(RESPONDERS))]
     results: dict[str, Any] = {"tolerance": AUTH_TOLERANCE, "payload_bytes": len(PAYLOAD),
                                "target_added_p50_us": TARGET_ADDED_P50_US,
                                "load_average_start": load_average(), "cases": []}
-    with nats_server() as plain, auth_server(identities) as secured:
+    with contextlib.ExitStack() as stack:
+        plain = stack.enter_context(nats_server())
+        if control:
+            twin = stack.enter_context(nats_server())
+            on_server: Server = (twin.url, None, pid_of(twin))
+        else:
+            secured = stack.enter_context(auth_server(identities))
+            on_server = (secured.url, secured, pid_of(secured.server))
+        off_server: Server = (plain.url, None, pid_of(plain))
+        results["control"] = control
         for n_resp in RESPONDERS:
             per: dict[str, dict[str, list[dict[str, Any]]]] = {
                 mode: {k: [] for k in AUTH_KINDS} for mode in ("off", "on")}
             for r in range(rounds):
-                _paired_round(plain, secured, n_resp, n_seq, seconds, per, flip=r % 2)
+                _paired_round(off_server, on_server, n_resp, n_seq, seconds, per,
+                              flip=r % 2)
             for kind in AUTH_KINDS:
                 case = {"responders": n_resp, "path": kind, "signed": kind not in UNSIGNED,
                         **auth_comparison(per["off"][kind], per["on"][kind],
@@ -349,15 +365,16 @@ def run_auth(quick: bool = False) -> dict[str, Any]:
                f"{'' if c['within'][m] else ', OUT'})" for m in METRICS),
              *(f"{c['off'][m]} -> {c['on'][m]} ({c['ratio'][m]}x)" for m in REPORTED))
             for c in unsigned]
-    print_table("echo, unsigned request/reply: auth off -> auth on (ratio on/off; OUT: "
-                "beyond 5%)", ["responders", "path", "req/s @64", "seq p50 us", "seq p99 us",
-                               "client CPU us/req", "server CPU us/req (reported)",
-                               "stack CPU us/req (reported)"], rows)
+    sides = "two servers without auth (A/A control)" if control else "auth off -> auth on"
+    print_table(f"echo, unsigned request/reply: {sides} (ratio on/off; OUT: beyond 5%)",
+                ["responders", "path", "req/s @64", "seq p50 us", "seq p99 us",
+                 "client CPU us/req", "server CPU us/req (reported)",
+                 "stack CPU us/req (reported)"], rows)
     rows = [(c["responders"], c["path"], f"{c['off']['p50_us']} -> {c['on']['p50_us']}",
              c["added_p50_us"], f"{c['off']['rps_64']} -> {c['on']['rps_64']} "
              f"({c['ratio']['rps_64']}x)", f"{c['off']['cpu_us']} -> {c['on']['cpu_us']}")
             for c in signed]
-    print_table("echo, signed command round trip (runtime): auth off -> auth on",
+    print_table(f"echo, signed command round trip (runtime): {sides}",
                 ["responders", "path", "seq p50 us", "added p50 us", "req/s @64",
                  "client CPU us/req"], rows)
     results["load_average_end"] = load_average()
