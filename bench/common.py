@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -186,6 +187,20 @@ def process_cpu_s(pid: int | None) -> float:
         return 0.0
     # After the command name: state is field 3, utime and stime are fields 14 and 15.
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def pin(pid: int | None, cpus: set[int]) -> None:
+    """Run every thread of process ``pid`` on ``cpus`` only (the threads it starts later
+    inherit it).  No-op for None or a process that is gone."""
+    if pid is None:
+        return
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return
+    for task in tasks:
+        with contextlib.suppress(OSError):
+            os.sched_setaffinity(int(task), cpus)
 
 
 def load_average() -> tuple[float, float, float]:

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import os
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -55,6 +56,7 @@ from bench.common import (
     load_average,
     nats_server,
     pid_of,
+    pin,
     print_table,
     process_cpu_s,
     processes,
@@ -157,6 +159,12 @@ class Side:
         self.server_pid, self.responder_pids = server_pid, responder_pids
 
 
+# Where the processes of an --auth run are: two cores, the load generator on one, the
+# servers and responders on the other.  Left to the scheduler, three busy processes on
+# two cores land differently from one process start to the next, and the p50 of two
+# identical servers differed by up to 24% (the A/A run in bench/RESULTS.md).
+PINNED = (os.cpu_count() or 1) >= 2 and hasattr(os, "sched_setaffinity")
+SERVER_CPUS, CLIENT_CPUS = {0}, {1}
 SLICE_S = 0.5  # one throughput slice of one mode (host load drifts over seconds)
 SEQ_CHUNK = 100  # sequential requests in one mode before the other's
 
@@ -275,6 +283,8 @@ def _paired_round(off_server: Server, on_server: Server, n_resp: int, n_seq: int
                          ("bench", [k for k in AUTH_KINDS if not k.startswith("raw")])):
         with processes(argvs(group, "off")) as off, processes(argvs(group, "on")) as on:
             pids = {"off": tuple(p.pid for p in off), "on": tuple(p.pid for p in on)}
+            for pid in (*pids["off"], *pids["on"]):
+                pin(pid, SERVER_CPUS)
             sides = {mode: Side(url, auth.admin if auth else None, server_pid, pids[mode])
                      for mode, (url, auth, server_pid) in servers.items()}
             for kind in kinds:
@@ -345,6 +355,14 @@ def run_auth(quick: bool = False, control: bool = False) -> dict[str, Any]:
             on_server = (secured.url, secured, pid_of(secured.server))
         off_server: Server = (plain.url, None, pid_of(plain))
         results["control"] = control
+        if PINNED:  # the same placement on both sides, every round
+            pin(off_server[2], SERVER_CPUS)
+            pin(on_server[2], SERVER_CPUS)
+            own_cpus = os.sched_getaffinity(0)
+            pin(os.getpid(), CLIENT_CPUS)
+            stack.callback(pin, os.getpid(), own_cpus)  # the next benchmark runs unpinned
+        results["placement"] = (f"servers and responders on CPU {min(SERVER_CPUS)}, the load "
+                                f"generator on CPU {min(CLIENT_CPUS)}") if PINNED else "any"
         for n_resp in RESPONDERS:
             per: dict[str, dict[str, list[dict[str, Any]]]] = {
                 mode: {k: [] for k in AUTH_KINDS} for mode in ("off", "on")}
