@@ -283,7 +283,7 @@ def _paired_round(off_server: Server, on_server: Server, n_resp: int, n_seq: int
                          ("bench", [k for k in AUTH_KINDS if not k.startswith("raw")])):
         with processes(argvs(group, "off")) as off, processes(argvs(group, "on")) as on:
             pids = {"off": tuple(p.pid for p in off), "on": tuple(p.pid for p in on)}
-            for pid in (*pids["off"], *pids["on"]):
+            for pid in (*pids["off"], *pids["on"]) if PINNED else ():
                 pin(pid, SERVER_CPUS)
             sides = {mode: Side(url, auth.admin if auth else None, server_pid, pids[mode])
                      for mode, (url, auth, server_pid) in servers.items()}
