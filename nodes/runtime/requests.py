@@ -141,7 +141,8 @@ class Requester:
 
     def _refused(self, subject: str, exc: PublishDenied) -> int:
         """Fail the requests sent to ``subject`` (lower-cased), whose publish the server
-        refused; returns how many.  Rare, so a scan: nothing is kept per request for it."""
+        refused; returns how many.  Rare, so a scan: a request does no work for it beyond
+        keeping its subject beside its future."""
         waiting = [*self._pending.values(),
                    *((future, sent_to) for future, _, sent_to in self._slots.values())]
         failed = 0
