@@ -152,6 +152,12 @@ def median_each(runs: Sequence[dict[str, Any]], metrics: Sequence[str]) -> dict[
     return {m: round(statistics.median(r[m] for r in runs), 3) for m in metrics}
 
 
+def within(metric: str, ratio: float, tolerance: float) -> bool:
+    """Whether ratio on/off of ``metric`` costs at most ``tolerance``: throughput
+    (``rps*``) no lower, the others (latency, CPU) no higher."""
+    return ratio >= 1 - tolerance if metric.startswith("rps") else ratio <= 1 + tolerance
+
+
 def auth_comparison(off: Sequence[dict[str, Any]], on: Sequence[dict[str, Any]],
                     metrics: Sequence[str], tolerance: float) -> dict[str, Any]:
     """Auth off against auth on: the median of each metric, the ratio on/off, and
@@ -164,8 +170,7 @@ def auth_comparison(off: Sequence[dict[str, Any]], on: Sequence[dict[str, Any]],
     # load that drifts between rounds than the ratio of medians (reported, not judged).
     paired = {m: round(statistics.median(y[m] / x[m] for x, y in zip(off, on, strict=True)), 3)
               for m in metrics}
-    ok = {m: ratio[m] >= 1 - tolerance if m.startswith("rps") else ratio[m] <= 1 + tolerance
-          for m in metrics}
+    ok = {m: within(m, ratio[m], tolerance) for m in metrics}
     return {"off": a, "on": b, "ratio": ratio, "paired_ratio": paired, "within": ok,
             "runs": {"off": list(off), "on": list(on)}}
 

@@ -17,9 +17,10 @@ and 2 responder processes.  Target: runtime >= 0.85x raw throughput.
 server without auth, and on a server with auth on as ``shipyard up`` configures it.
 There each responder process connects as its own node identity (role ``deployer``: the
 bench role's subjects are not in any other role's permissions) and the load generator
-as the admin.  The two servers are measured from one load generator in alternating
-half-second slices (``measure_pair``): this host's load drifts within seconds, more
-than the 5% to be told apart.  ``raw`` and ``node`` are also sent as shipyard's requester
+as the admin.  The two servers are measured from one load generator, alternating
+request by request and in quarter-second throughput slices (``measure_pair``): this
+host's load drifts within seconds, more than the 5% to be told apart.  Every ratio is
+printed with its 95% interval.  ``raw`` and ``node`` are also sent as shipyard's requester
 sends commands, each request in flight on a reply subject it re-uses
 (``raw-lean``, ``node-lean``; ``nodes.runtime.requests``).  Two targets, for two kinds
 of traffic:
@@ -43,18 +44,21 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
+import random
+import statistics
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
 
 from bench.common import (
     AuthServer,
-    auth_comparison,
     auth_server,
     load_average,
     nats_server,
+    percentile,
     pid_of,
     pin,
     print_table,
@@ -63,6 +67,7 @@ from bench.common import (
     python,
     settings,
     summary_us,
+    within,
 )
 from bench.responders import BenchEcho
 from nodes.auth.signing import signer_of
@@ -159,22 +164,65 @@ class Side:
         self.server_pid, self.responder_pids = server_pid, responder_pids
 
 
+# One throughput slice: requests served, seconds, and the CPU seconds of the load
+# generator, the nats-server and the responders meanwhile.
+Slice = tuple[float, float, float, float, float]
+
+
+@dataclass
+class Samples:
+    """What one side of a pair gathered: the latency of each sequential request and each
+    throughput slice.  The i-th of one side ran next to the i-th of the other: ``lat``
+    one request after the other, ``slices`` one slice after the other."""
+
+    lat: list[float] = field(default_factory=list)
+    slices: list[Slice] = field(default_factory=list)
+
+    @classmethod
+    def pool(cls, runs: Sequence[Samples]) -> Samples:
+        return cls([x for r in runs for x in r.lat], [x for r in runs for x in r.slices])
+
+    def figures(self) -> dict[str, float]:
+        """Latency percentiles of every request; throughput and CPU per request over
+        every slice (totals divided, so a slice weighs what it served)."""
+        ordered = sorted(self.lat)
+        n = len(ordered)
+
+        def pct(q: float) -> float:
+            return round(ordered[min(n - 1, round(q * (n - 1)))] * 1e6, 1)
+
+        served = max(1.0, sum(x[0] for x in self.slices))
+        elapsed, cpu, server, resp = (sum(x[i] for x in self.slices) for i in range(1, 5))
+        return {"p50_us": pct(0.5), "p99_us": pct(0.99),
+                "mean_us": round(statistics.fmean(ordered) * 1e6, 1),
+                "rps_64": round(served / max(elapsed, 1e-9)),
+                "cpu_us": round(cpu / served * 1e6, 2),
+                "server_cpu_us": round(server / served * 1e6, 2),
+                "stack_cpu_us": round((cpu + server + resp) / served * 1e6, 2)}
+
+
 # Where the processes of an --auth run are: two cores, the load generator on one, the
 # servers and responders on the other.  Left to the scheduler, three busy processes on
 # two cores land differently from one process start to the next, and the p50 of two
 # identical servers differed by up to 24% (the A/A run in bench/RESULTS.md).
 PINNED = (os.cpu_count() or 1) >= 2 and hasattr(os, "sched_setaffinity")
 SERVER_CPUS, CLIENT_CPUS = {0}, {1}
-SLICE_S = 0.5  # one throughput slice of one mode (host load drifts over seconds)
-SEQ_CHUNK = 100  # sequential requests in one mode before the other's
+# Throughput at 64 in flight settles into a pattern of batches for as long as a slice
+# lasts: slices of one mode vary by ~10% (SD) whether they last 0.25 or 2 s, so many
+# short slices measure it best (an A/A run's pooled ratio: ±1% with 20 s a side).
+SLICE_S = 0.25
+LAT_BLOCK = 100  # request pairs resampled together for the latency interval
+RESAMPLES = 300  # bootstrap resamples of the 95% interval of each ratio
 
 
 async def measure_pair(kind: str, n_seq: int, seconds: float, sides: dict[str, Side],
-                       responders: int, flip: int) -> dict[str, dict[str, Any]]:
-    """Path ``kind`` on both servers, in alternating slices: ``SEQ_CHUNK`` sequential
-    requests or ``SLICE_S`` of throughput in one mode, then the other (the first mode
-    alternating too).  Each mode gets ``n_seq`` requests and ``seconds`` in all, and
-    host load that drifts over seconds falls on both alike."""
+                       responders: int, flip: int) -> dict[str, Samples]:
+    """Path ``kind`` on both servers, alternating: one sequential request on one, then
+    one on the other; then ``SLICE_S`` of throughput on one, then the other (the first
+    mode alternating too).  Each mode gets ``n_seq`` requests and ``seconds`` in all.
+    The host's hiccups last milliseconds and its load drifts over seconds: both fall
+    on the two sides alike, and a p99 of identical servers agrees to ~3%, where chunks
+    of 100 requests left it ±15%."""
     modes = list(sides)
     ncs: dict[str, Any] = {}
     for mode, side in sides.items():
@@ -194,36 +242,55 @@ async def measure_pair(kind: str, n_seq: int, seconds: float, sides: dict[str, S
     for mode in modes:  # warm up
         await sequential(requests[mode], 200)
         await throughput(requests[mode], 64, 0.5)
-    lat: dict[str, list[float]] = {m: [] for m in modes}
-    for i in range(max(1, n_seq // SEQ_CHUNK)):
+    out = {m: Samples() for m in modes}
+    for i in range(n_seq):
         for mode in order(i):
-            lat[mode] += await sequential(requests[mode], SEQ_CHUNK)
-    done = dict.fromkeys(modes, 0.0)
-    spent = {m: {"elapsed": 0.0, "cpu": 0.0, "server": 0.0, "resp": 0.0} for m in modes}
+            t0 = time.perf_counter()
+            await requests[mode]()
+            out[mode].lat.append(time.perf_counter() - t0)
     for i in range(max(1, round(seconds / SLICE_S))):
         for mode in order(i):
-            side, acc = sides[mode], spent[mode]
+            side = sides[mode]
             server0 = process_cpu_s(side.server_pid)
             resp0 = sum(process_cpu_s(p) for p in side.responder_pids)
             cpu0, t0 = time.process_time(), time.perf_counter()
             rps = await throughput(requests[mode], 64, SLICE_S)
             elapsed = time.perf_counter() - t0
-            acc["cpu"] += time.process_time() - cpu0
-            acc["elapsed"] += elapsed
-            acc["server"] += process_cpu_s(side.server_pid) - server0
-            acc["resp"] += sum(process_cpu_s(p) for p in side.responder_pids) - resp0
-            done[mode] += rps * elapsed
+            out[mode].slices.append(
+                (rps * elapsed, elapsed, time.process_time() - cpu0,
+                 process_cpu_s(side.server_pid) - server0,
+                 sum(process_cpu_s(p) for p in side.responder_pids) - resp0))
     for nc in ncs.values():
         await nc.close()
-    out = {}
-    for mode in modes:
-        acc, served = spent[mode], max(1.0, done[mode])
-        out[mode] = {**summary_us(lat[mode]), "rps_64": round(served / acc["elapsed"]),
-                     "cpu_us": round(acc["cpu"] / served * 1e6, 1),
-                     "server_cpu_us": round(acc["server"] / served * 1e6, 1),
-                     "stack_cpu_us": round((acc["cpu"] + acc["server"] + acc["resp"])
-                                           / served * 1e6, 1)}
     return out
+
+
+def pooled_comparison(off_runs: Sequence[Samples], on_runs: Sequence[Samples],
+                      metrics: Sequence[str], tolerance: float) -> dict[str, Any]:
+    """Auth off against auth on over every round pooled: each side's figures, the ratio
+    on/off, its 95% interval (a paired bootstrap: blocks of ``LAT_BLOCK`` request pairs,
+    slice pairs), and whether auth costs at most ``tolerance``.  Each round's own
+    figures are kept, to show the spread."""
+    off, on = Samples.pool(off_runs), Samples.pool(on_runs)
+    a, b = off.figures(), on.figures()
+    ratio = {m: round(b[m] / a[m], 3) for m in metrics}
+    rng = random.Random(0)  # the same interval for the same samples
+    starts = range(0, len(off.lat), LAT_BLOCK)
+    boot: dict[str, list[float]] = {m: [] for m in metrics}
+    for _ in range(RESAMPLES):
+        lat = [i for s in rng.choices(starts, k=len(starts))
+               for i in range(s, min(s + LAT_BLOCK, len(off.lat)))]
+        sl = rng.choices(range(len(off.slices)), k=len(off.slices))
+        x = Samples([off.lat[i] for i in lat], [off.slices[j] for j in sl]).figures()
+        y = Samples([on.lat[i] for i in lat], [on.slices[j] for j in sl]).figures()
+        for m in metrics:
+            boot[m].append(y[m] / x[m])
+    interval = {m: [round(percentile(boot[m], 2.5), 3), round(percentile(boot[m], 97.5), 3)]
+                for m in metrics}
+    return {"off": a, "on": b, "ratio": ratio, "interval_95": interval,
+            "within": {m: within(m, ratio[m], tolerance) for m in metrics},
+            "runs": {"off": [r.figures() for r in off_runs],
+                     "on": [r.figures() for r in on_runs]}}
 
 
 async def measure(url: str, kind: str, n_seq: int, seconds: float,
@@ -258,12 +325,13 @@ Server = tuple[str, AuthServer | None, int | None]  # url, its identities (auth 
 
 
 def _paired_round(off_server: Server, on_server: Server, n_resp: int, n_seq: int,
-                  seconds: float, per: dict[str, dict[str, list[dict[str, Any]]]],
+                  seconds: float, per: dict[str, dict[str, list[Samples]]],
                   flip: int) -> None:
-    """One measurement of every path on each server, the two of a path interleaved in
-    slices of half a second (``measure_pair``): this machine's load drifts over seconds
-    to minutes, so both sides of a pair see the same load and their ratio cancels it.
-    The responders of both servers stay up meanwhile (idle ones cost nothing)."""
+    """One measurement of every path on each server, the two of a path interleaved
+    request by request and slice by slice (``measure_pair``): this machine's load drifts
+    over seconds to minutes, so both sides of a pair see the same load and their ratio
+    cancels it.  The responders of both servers stay up meanwhile (idle ones cost
+    nothing)."""
     subject = subjects.command("bench", "echo")
     servers = {"off": off_server, "on": on_server}
 
@@ -332,14 +400,14 @@ def run(quick: bool = False, auth: bool = False, control: bool = False) -> dict[
 
 def run_auth(quick: bool = False, control: bool = False) -> dict[str, Any]:
     """Every path without auth and with auth on, on the same machine, the two
-    measurements of a path interleaved in each round (``_paired_round``); the median
-    of each metric and the ratio auth/no-auth.  Unsigned paths are held to 5%, the
-    signed one to added p50 < 1 ms.
+    measurements of a path interleaved in each round (``_paired_round``); each metric
+    over every round pooled, and the ratio auth/no-auth with its 95% interval.
+    Unsigned paths are held to 5%, the signed one to added p50 < 1 ms.
 
     ``control``: the "on" side is a second server without auth (an A/A run).  Its
     ratios differ from 1 only by the measurement's own noise: what a difference between
     auth off and on must exceed to mean anything on this machine."""
-    n_seq, seconds, rounds = (1000, 1.5, 1) if quick else (3000, 3.0, 5)
+    n_seq, seconds, rounds = (1000, 1.5, 1) if quick else (3000, 4.0, 5)
     identities = [(f"{p}-{i}", "deployer", "control") for p in ("raw", "bench")
                   for i in range(max(RESPONDERS))]
     results: dict[str, Any] = {"tolerance": AUTH_TOLERANCE, "payload_bytes": len(PAYLOAD),
@@ -364,27 +432,30 @@ def run_auth(quick: bool = False, control: bool = False) -> dict[str, Any]:
         results["placement"] = (f"servers and responders on CPU {min(SERVER_CPUS)}, the load "
                                 f"generator on CPU {min(CLIENT_CPUS)}") if PINNED else "any"
         for n_resp in RESPONDERS:
-            per: dict[str, dict[str, list[dict[str, Any]]]] = {
+            per: dict[str, dict[str, list[Samples]]] = {
                 mode: {k: [] for k in AUTH_KINDS} for mode in ("off", "on")}
             for r in range(rounds):
                 _paired_round(off_server, on_server, n_resp, n_seq, seconds, per,
                               flip=r % 2)
             for kind in AUTH_KINDS:
                 case = {"responders": n_resp, "path": kind, "signed": kind not in UNSIGNED,
-                        **auth_comparison(per["off"][kind], per["on"][kind],
-                                          (*METRICS, *REPORTED), AUTH_TOLERANCE)}
+                        **pooled_comparison(per["off"][kind], per["on"][kind],
+                                            (*METRICS, *REPORTED), AUTH_TOLERANCE)}
                 case["added_p50_us"] = round(case["on"]["p50_us"] - case["off"]["p50_us"], 1)
                 results["cases"].append(case)
     unsigned = [c for c in results["cases"] if not c["signed"]]
     judged = [c for c in unsigned if c["path"] in JUDGED]
     signed = [c for c in results["cases"] if c["signed"]]
+    def cell(c: dict[str, Any], m: str) -> str:
+        lo, hi = c["interval_95"][m]
+        out = "" if m in REPORTED or c["within"][m] else ", OUT"
+        return f"{c['off'][m]} -> {c['on'][m]} ({c['ratio'][m]}x {lo}-{hi}{out})"
+
     rows = [(c["responders"], c["path"] + ("" if c["path"] in JUDGED else " (reported)"),
-             *(f"{c['off'][m]} -> {c['on'][m]} ({c['ratio'][m]}x"
-               f"{'' if c['within'][m] else ', OUT'})" for m in METRICS),
-             *(f"{c['off'][m]} -> {c['on'][m]} ({c['ratio'][m]}x)" for m in REPORTED))
-            for c in unsigned]
+             *(cell(c, m) for m in (*METRICS, *REPORTED))) for c in unsigned]
     sides = "two servers without auth (A/A control)" if control else "auth off -> auth on"
-    print_table(f"echo, unsigned request/reply: {sides} (ratio on/off; OUT: beyond 5%)",
+    print_table(f"echo, unsigned request/reply: {sides} (ratio on/off and its 95% "
+                "interval; OUT: beyond 5%)",
                 ["responders", "path", "req/s @64", "seq p50 us", "seq p99 us",
                  "client CPU us/req", "server CPU us/req (reported)",
                  "stack CPU us/req (reported)"], rows)
