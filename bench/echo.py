@@ -209,7 +209,7 @@ PINNED = (os.cpu_count() or 1) >= 2 and hasattr(os, "sched_setaffinity")
 SERVER_CPUS, CLIENT_CPUS = {0}, {1}
 # Throughput at 64 in flight settles into a pattern of batches for as long as a slice
 # lasts: slices of one mode vary by ~10% (SD) whether they last 0.25 or 2 s, so many
-# short slices measure it best (an A/A run's pooled ratio: ±1% with 20 s a side).
+# short slices measure it best (two identical servers: ±1-2.5% with 20-30 s a side).
 SLICE_S = 0.25
 LAT_BLOCK = 100  # request pairs resampled together for the latency interval
 RESAMPLES = 300  # bootstrap resamples of the 95% interval of each ratio
@@ -221,8 +221,8 @@ async def measure_pair(kind: str, n_seq: int, seconds: float, sides: dict[str, S
     one on the other; then ``SLICE_S`` of throughput on one, then the other (the first
     mode alternating too).  Each mode gets ``n_seq`` requests and ``seconds`` in all.
     The host's hiccups last milliseconds and its load drifts over seconds: both fall
-    on the two sides alike, and a p99 of identical servers agrees to ~3%, where chunks
-    of 100 requests left it ±15%."""
+    on the two sides alike: the p99 of two identical servers then moves by a few
+    percent, where chunks of 100 requests left it ±15% (bench/RESULTS.md)."""
     modes = list(sides)
     ncs: dict[str, Any] = {}
     for mode, side in sides.items():
@@ -407,7 +407,8 @@ def run_auth(quick: bool = False, control: bool = False) -> dict[str, Any]:
     ``control``: the "on" side is a second server without auth (an A/A run).  Its
     ratios differ from 1 only by the measurement's own noise: what a difference between
     auth off and on must exceed to mean anything on this machine."""
-    n_seq, seconds, rounds = (1000, 1.5, 1) if quick else (3000, 4.0, 5)
+    # 40,000 requests a side: a p99 (400 requests above it) to ~±4%; 15,000 left ±7%.
+    n_seq, seconds, rounds = (1000, 1.5, 1) if quick else (8000, 4.0, 5)
     identities = [(f"{p}-{i}", "deployer", "control") for p in ("raw", "bench")
                   for i in range(max(RESPONDERS))]
     results: dict[str, Any] = {"tolerance": AUTH_TOLERANCE, "payload_bytes": len(PAYLOAD),
