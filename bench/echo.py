@@ -220,8 +220,8 @@ async def measure_pair(kind: str, n_seq: int, seconds: float, sides: dict[str, S
     """Path ``kind`` on both servers, alternating: one sequential request on one, then
     one on the other; then ``SLICE_S`` of throughput on one, then the other (the first
     mode alternating too).  Each mode gets ``n_seq`` requests and ``seconds`` in all.
-    The host's hiccups last milliseconds and its load drifts over seconds: both fall
-    on the two sides alike: the p99 of two identical servers then moves by a few
+    The host's hiccups last milliseconds and its load drifts over seconds, and both
+    fall on the two sides alike: the p99 of two identical servers then moves by a few
     percent, where chunks of 100 requests left it ±15% (bench/RESULTS.md)."""
     modes = list(sides)
     ncs: dict[str, Any] = {}
@@ -447,6 +447,7 @@ def run_auth(quick: bool = False, control: bool = False) -> dict[str, Any]:
     unsigned = [c for c in results["cases"] if not c["signed"]]
     judged = [c for c in unsigned if c["path"] in JUDGED]
     signed = [c for c in results["cases"] if c["signed"]]
+
     def cell(c: dict[str, Any], m: str) -> str:
         lo, hi = c["interval_95"][m]
         out = "" if m in REPORTED or c["within"][m] else ", OUT"
